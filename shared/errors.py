@@ -1,0 +1,124 @@
+"""The one exception hierarchy of mmpipe, and the one table that maps it to HTTP and gRPC status codes.
+
+Every layer raises these; transports (gateway HTTP handlers, gRPC interceptors) translate them with
+`http_status` / `grpc_code_name` so the two wire protocols can never disagree. Bad input is always the
+client's fault (4xx / INVALID_ARGUMENT ...), never a 500.
+"""
+from __future__ import annotations
+
+
+class MMPipeError(Exception):
+    """Base class. `param` names the offending request field where one can be named."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidInputError(MMPipeError):
+    """The request is malformed: wrong shapes, unknown modality, bad base64, bad media_io_kwargs."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    error_type = "invalid_request_error"
+
+
+class LimitExceededError(InvalidInputError):
+    """More media items than `limit_mm_per_prompt` allows, a prompt longer than max_model_len, ..."""
+
+
+class MediaDecodeError(InvalidInputError):
+    """Media that could not be decoded (truncated, corrupt or of an unsupported format)."""
+
+
+class MediaFetchError(InvalidInputError):
+    """A media URL that could not be fetched (404, connection refused, too large)."""
+
+
+class MediaPolicyError(InvalidInputError):
+    """A fetch refused by policy: domain not allowed, redirect refused, path outside the allowed folder."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+    error_type = "permission_error"
+
+
+class MediaTimeoutError(MMPipeError):
+    """Fetching media took longer than the configured timeout."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    error_type = "timeout_error"
+
+
+class NotCachedError(InvalidInputError):
+    """A media item given only by UUID whose embedding is not in the cache."""
+
+
+class UnsupportedError(InvalidInputError):
+    """A feature the loaded model or configuration does not support (e.g. audio on an image-only model)."""
+
+
+class NotFoundError(MMPipeError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    error_type = "not_found_error"
+
+
+class AuthenticationError(MMPipeError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    error_type = "authentication_error"
+
+
+class OverloadedError(MMPipeError):
+    """A bounded queue is full: retry later."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    error_type = "rate_limit_error"
+
+
+class ServiceUnavailableError(MMPipeError):
+    """A stage is down or not ready: retryable."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    error_type = "service_unavailable"
+
+
+class CancelledError(MMPipeError):
+    """The request was cancelled (client went away)."""
+
+    http_status = 499
+    grpc_code = "CANCELLED"
+    error_type = "cancelled"
+
+
+# grpc code name -> exception class, for turning a remote error back into the same domain error.
+_BY_GRPC_CODE: dict[str, type[MMPipeError]] = {
+    "INVALID_ARGUMENT": InvalidInputError,
+    "PERMISSION_DENIED": MediaPolicyError,
+    "DEADLINE_EXCEEDED": MediaTimeoutError,
+    "NOT_FOUND": NotFoundError,
+    "UNAUTHENTICATED": AuthenticationError,
+    "RESOURCE_EXHAUSTED": OverloadedError,
+    "UNAVAILABLE": ServiceUnavailableError,
+    "CANCELLED": CancelledError,
+}
+
+
+def error_from_grpc_code(code_name: str, message: str) -> MMPipeError:
+    """Rebuild a domain error from a gRPC status seen on the client side of a stage call."""
+    return _BY_GRPC_CODE.get(code_name, MMPipeError)(message)
+
+
+def openai_error_body(err: MMPipeError) -> dict:
+    """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": err.message, "type": err.error_type, "param": err.param,
+                      "code": err.http_status}}

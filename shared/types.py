@@ -1,0 +1,161 @@
+"""Domain types passed between the stages: small dataclasses that carry plain, serialisable data.
+
+The three stage calls are
+    media (MediaItem) -> preprocess (ProcessedItem) -> encode (MMEmbedding) -> generate (EngineRequest)
+and each type here can be turned into bytes + JSON metadata (see `shared/cache/serde.py`), so a gRPC
+servicer can wrap every stage without knowing about torch objects.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+MODALITIES = ("image", "video", "audio")
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings, named as in vLLM's SamplingParams.
+
+    temperature == 0 means greedy. top_k <= 0 and top_p == 1 disable those filters.
+    """
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        from .errors import InvalidInputError  # local: keeps this module import-light
+
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
+        if self.temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.min_tokens < 0:
+            raise InvalidInputError(f"min_tokens must be >= 0, got {self.min_tokens}", param="min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidInputError("min_tokens must not exceed max_tokens", param="min_tokens")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise InvalidInputError("logprobs must be >= 0", param="logprobs")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class MediaItem:
+    """One decoded media item, ready for the model's processor.
+
+    data: image -> PIL.Image (RGB); video -> np.ndarray (T, H, W, 3) uint8; audio -> np.ndarray float32 mono
+    at `meta["sampling_rate"]`. `content_hash` is a full-length blake3 hex digest of the decoded content.
+    """
+
+    modality: str
+    data: Any
+    content_hash: str
+    uuid: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProcessedItem:
+    """The model-specific tensors for one item (pixel_values, grid sizes, mel features, ...).
+
+    `tensors` holds torch tensors keyed by the HF processor's output names; `meta` holds plain values
+    (num_tokens, grid_thw, second_per_grid_t, ...) that the encoder copies into the embedding's metadata.
+    """
+
+    modality: str
+    key: str
+    tensors: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MMEmbedding:
+    """The LM-ready embedding of one media item: `tensor` is (num_tokens, hidden).
+
+    `meta` carries what the LM side needs besides the features: `num_tokens` and, for M-RoPE models,
+    `grid_thw` (and `second_per_grid_t` for video, `audio_seqlen` for audio).
+    """
+
+    modality: str
+    tensor: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+@dataclass
+class EngineRequest:
+    """What the generator's engine needs for one sequence: no media, no strings.
+
+    prompt_token_ids: placeholders already expanded (one id per embedding row).
+    mm_embeds: (num_mm_tokens, hidden) rows written over the placeholder positions in order, or None.
+    mm_positions: flat indices of those positions in the prompt (same order as mm_embeds rows).
+    mrope_positions: (3, L) M-RoPE position ids for Qwen-VL style models, else None.
+    mrope_delta: added to the 1-D decode position for M-RoPE models (positions advance by one per step).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    mm_embeds: Any | None = None
+    mm_positions: Any | None = None
+    mrope_positions: Any | None = None
+    mrope_delta: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
