@@ -1,0 +1,1 @@
+"""`mmpipe` subcommands, one module each (add_parser + run); heavy imports stay inside `run`."""

@@ -1,0 +1,195 @@
+"""The offline Python API: `LLM(model).generate(...)` and `.chat(...)`, as on vLLM's multimodal inputs page.
+
+A facade only: it wires the shared cores together in one process (media loader -> resolver with the
+embedding cache -> adapter towers -> engine) and turns engine tokens into RequestOutputs. The services run
+the same cores, one stage per process.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from mmpipe.shared.chat.messages import parse_messages
+from mmpipe.shared.chat.templates import apply_template, load_template_arg, resolve_template
+from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.inputs.assemble import build_engine_request
+from mmpipe.shared.inputs.chat_items import chat_item_refs
+from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders, parse_items
+from mmpipe.shared.inputs.resolve import EmbeddingResolver
+from mmpipe.shared.types import CompletionOutput, EngineRequest, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """An offline multimodal LLM.
+
+    Args mirror vLLM's `LLM` where the meaning is the same. `mm_cache` chooses the embedding cache: "memory"
+    (an in-process LRU of `mm_cache_gb`), a "redis://..." URL (shared between processes), or None/"off".
+    `engine` is "mmpipe" (the paged continuous-batching engine) or "hf" (transformers' generate, the reference).
+    """
+
+    def __init__(self, model: str, *, limit_mm_per_prompt: dict[str, int] | None = None,
+                 media_io_kwargs: dict[str, dict] | None = None, enable_mm_embeds: bool = False,
+                 max_model_len: int | None = None, dtype: Any = "auto", device: str | None = "auto",
+                 allowed_local_media_path: str | None = None, allowed_media_domains: list[str] | None = None,
+                 chat_template: str | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
+                 mm_cache: str | None = "memory", mm_cache_gb: float = 2.0, engine: str = "mmpipe",
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, block_size: int = 16, enforce_eager: bool = False,
+                 trust_remote_code: bool = False):
+        from mmpipe.shared.cache.factory import make_cache
+        from mmpipe.shared.cache.keys import CacheKeyspace, model_fingerprint, settings_digest
+        from mmpipe.shared.media.loader import MediaLoader
+        from mmpipe.shared.media.policy import MediaPolicy
+        from mmpipe.shared.models.registry import load_adapter
+
+        self.adapter = load_adapter(model, dtype=dtype, device=device, mm_processor_kwargs=mm_processor_kwargs,
+                                    trust_remote_code=trust_remote_code)
+        self.tokenizer = self.adapter.tokenizer
+        self.model_name = model
+        self.limit_mm_per_prompt = dict(limit_mm_per_prompt or {})
+        self.enable_mm_embeds = enable_mm_embeds
+        self.max_model_len = max_model_len or _model_max_len(self.adapter)
+        self.chat_template = load_template_arg(chat_template)
+        policy = MediaPolicy.from_env(
+            allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
+            allowed_local_media_path=allowed_local_media_path)
+        loader = MediaLoader(policy, media_io_kwargs)
+        cache = make_cache(None if mm_cache in (None, "off", "none") else mm_cache,
+                           max_bytes=int(mm_cache_gb * (1 << 30)))
+        keyspace = CacheKeyspace(
+            model_fingerprint(model, self.adapter.model.config.to_dict()),
+            settings_digest({"adapter": self.adapter.settings(), "media_io_kwargs": media_io_kwargs or {}}))
+        self.resolver = EmbeddingResolver(self.adapter, loader, cache, keyspace)
+        self.eos_token_ids = _eos_ids(self.adapter)
+        self.engine = self._make_engine(engine, max_num_seqs=max_num_seqs,
+                                        max_num_batched_tokens=max_num_batched_tokens, kv_cache_blocks=kv_cache_blocks,
+                                        gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
+                                        enforce_eager=enforce_eager)
+        self._ids = itertools.count()
+
+    # ---- engine -----------------------------------------------------------------------------------
+    def _make_engine(self, kind: str, **kw: Any):
+        if kind == "hf":
+            from mmpipe.shared.hf_generate import HFGenerateEngine
+
+            return HFGenerateEngine(self.adapter.model)
+        if kind != "mmpipe":
+            raise InvalidInputError(f"unknown engine {kind!r}; use 'mmpipe' or 'hf'", param="engine")
+        from mmpipe.shared.engine import EngineConfig, LLMEngine
+
+        model = self.adapter.model
+        cfg = EngineConfig(block_size=kw["block_size"], num_kv_blocks=kw["kv_cache_blocks"],
+                           gpu_memory_utilization=kw["gpu_memory_utilization"], max_num_seqs=kw["max_num_seqs"],
+                           max_num_batched_tokens=kw["max_num_batched_tokens"], max_model_len=self.max_model_len,
+                           device=str(self.adapter.device), dtype=model.dtype,
+                           enable_cuda_graphs=not kw["enforce_eager"])
+        return LLMEngine(model, cfg)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Work counters: media loaded, items preprocessed/encoded, cache hits and misses."""
+        return self.resolver.stats.snapshot()
+
+    def _parse_options(self) -> ParseOptions:
+        return ParseOptions(modalities=self.adapter.modalities, limit_mm_per_prompt=self.limit_mm_per_prompt,
+                            enable_mm_embeds=self.enable_mm_embeds, cache_enabled=self.resolver.cache is not None,
+                            embeds_validator=self.adapter.embeds_from_user)
+
+    # ---- generate ---------------------------------------------------------------------------------
+    def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        batch = prompts if isinstance(prompts, list) else [prompts]
+        parsed = [self._parse_prompt(p) for p in batch]
+        return self._run(parsed, sampling_params, use_tqdm)
+
+    def _parse_prompt(self, prompt: Any) -> tuple[str | None, list[int], list[ItemRef]]:
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if not isinstance(prompt, dict):
+            raise InvalidInputError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'",
+                                    param="prompt")
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "multi_modal_uuids",
+                                 "mm_processor_kwargs"}
+        if unknown:
+            raise InvalidInputError(f"unknown prompt keys: {sorted(unknown)}", param="prompt")
+        refs = parse_items(prompt.get("multi_modal_data"), prompt.get("multi_modal_uuids"), self._parse_options())
+        text = prompt.get("prompt")
+        if "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+            if not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in ids):
+                raise InvalidInputError("prompt_token_ids must be token ids of this model", param="prompt_token_ids")
+        elif isinstance(text, str):
+            ids = self.tokenizer(text).input_ids
+        else:
+            raise InvalidInputError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'", param="prompt")
+        return text, ids, refs
+
+    def _check(self, ids: list[int], refs: list[ItemRef]) -> None:
+        pids = {m: self.adapter.placeholder_id(m) for m in self.adapter.modalities}
+        check_placeholders(ids, refs, pids, {m: self.adapter.placeholder_token(m) for m in pids})
+
+    def _run(self, parsed: list[tuple[str | None, list[int], list[ItemRef]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool) -> list[RequestOutput]:
+        sps = _per_prompt(sampling_params, len(parsed))
+        for _, ids, refs in parsed:  # every prompt is checked before any media is loaded or encoded
+            self._check(ids, refs)
+        embeddings = self.resolver.resolve([refs for _, _, refs in parsed])
+        reqs: list[EngineRequest] = []
+        for (text, ids, _), embs, sp in zip(parsed, embeddings, sps):
+            rid = str(next(self._ids))
+            reqs.append(build_engine_request(self.adapter, rid, ids, embs, sp, max_model_len=self.max_model_len,
+                                             eos_token_ids=self.eos_token_ids))
+        from mmpipe.shared.runner import run_to_completion
+
+        results = run_to_completion(self.engine, reqs, self.tokenizer, use_tqdm=use_tqdm)
+        outputs = []
+        for (text, ids, _), req in zip(parsed, reqs):
+            r = results[req.request_id]
+            outputs.append(RequestOutput(request_id=req.request_id, prompt=text, prompt_token_ids=req.prompt_token_ids,
+                                         outputs=[CompletionOutput(0, r.text, r.token_ids, r.finish_reason,
+                                                                   r.logprobs)]))
+        return outputs
+
+    # ---- chat -------------------------------------------------------------------------------------
+    def chat(self, messages: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if (isinstance(messages, list) and messages and isinstance(messages[0], list)) \
+            else [messages]
+        template = resolve_template(self.adapter.family, self.adapter.processor,
+                                    load_template_arg(chat_template) or self.chat_template)
+        parsed = []
+        for conv in conversations:
+            chat = parse_messages(conv)
+            text = apply_template(self.adapter.processor, template, chat.conversation,
+                                  add_generation_prompt=add_generation_prompt)
+            refs = chat_item_refs(chat.parts, self._parse_options())
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            parsed.append((text, ids, refs))
+        return self._run(parsed, sampling_params, use_tqdm)
+
+
+def _per_prompt(sp: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if sp is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(sp, list):
+        if len(sp) != n:
+            raise InvalidInputError(f"{len(sp)} sampling params for {n} prompts", param="sampling_params")
+        return sp
+    return [sp] * n
+
+
+def _eos_ids(adapter) -> list[int]:
+    gc = getattr(adapter.model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is None:
+        eos = adapter.tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def _model_max_len(adapter) -> int | None:
+    return getattr(adapter.text_config, "max_position_embeddings", None)
+

@@ -1,0 +1,1 @@
+"""OpenAI-style chat messages -> a templated prompt plus the ordered media parts it refers to."""

@@ -1,0 +1,82 @@
+"""Apply chat templates: the one passed in wins, else the model's own, else a built-in fallback per family.
+
+Fallbacks follow each family's published format, with one placeholder per media part. A model of a family
+without a fallback and without a template of its own gets a clear error naming --chat-template.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from mmpipe.shared.errors import InvalidInputError
+
+_CHATML_BODY = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}IMAGE"
+    "{% elif c['type'] == 'video' %}VIDEO"
+    "{% elif c['type'] == 'audio' %}AUDIO"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _chatml(image: str, video: str, audio: str) -> str:
+    return _CHATML_BODY.replace("IMAGE", image).replace("VIDEO", video).replace("AUDIO", audio)
+
+
+FALLBACK_TEMPLATES: dict[str, str] = {
+    "llava": (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}USER: {% elif m['role'] == 'system' %}{% else %}ASSISTANT: {% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{% if m['role'] == 'assistant' %}</s>{% else %} {% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
+    "qwen2_vl": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>", ""),
+    "qwen2_5_vl": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>", ""),
+    "qwen2_audio": _chatml("", "", "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"),
+    "llava_onevision": _chatml("<image>\n", "<video>\n", ""),
+    "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
+                            "<|audio_bos|><|AUDIO|><|audio_eos|>"),
+}
+
+
+def resolve_template(family: str, processor: Any, override: str | None) -> str:
+    if override:
+        return override
+    own = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # processors may hold several named templates
+        own = own.get("default") or next(iter(own.values()), None)
+    if own:
+        return own
+    if family in FALLBACK_TEMPLATES:
+        return FALLBACK_TEMPLATES[family]
+    raise InvalidInputError(f"the model has no chat template and mmpipe has no fallback for {family!r}; "
+                            f"pass one with chat_template= (--chat-template)", param="chat_template")
+
+
+def load_template_arg(value: str | None) -> str | None:
+    """--chat-template takes a file path or the template text itself (as vLLM does)."""
+    if value is None:
+        return None
+    import os
+
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def apply_template(processor: Any, template: str, conversation: list[dict[str, Any]], *,
+                   add_generation_prompt: bool = True) -> str:
+    try:
+        return processor.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                       add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
+        raise InvalidInputError(f"applying the chat template failed: {e}", param="messages") from e

@@ -1,0 +1,54 @@
+"""EngineConfig: the knobs of the generator engine (cache geometry, batch limits, device, backends)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one `LLMEngine`.
+
+    block_size: tokens per KV block. num_kv_blocks: fixed KV size in blocks; None sizes it from
+    `gpu_memory_utilization` after a warm-up on CUDA, or from `cpu_kv_cache_bytes` on the CPU.
+    max_num_seqs: sequences running at once. max_num_batched_tokens: tokens per step (the chunked-prefill budget).
+    max_model_len: prompt + output tokens of one sequence; None takes the model's max_position_embeddings,
+    and it is always capped by what the KV cache can hold, so one sequence alone can always run to the end.
+    attention_backend: "auto" (triton on CUDA, torch elsewhere), "torch" (reference) or "triton".
+    enable_cuda_graphs: capture decode steps as CUDA graphs (triton backend only).
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    enable_cuda_graphs: bool = True
+    attention_backend: str = "auto"
+    # CPU only, when num_kv_blocks is None: KV cache budget in bytes.
+    cpu_kv_cache_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def resolved_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.torch_device.type == "cuda" else "torch"

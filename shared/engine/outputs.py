@@ -1,0 +1,21 @@
+"""StepOutput: what `LLMEngine.step()` reports for one request after one step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one request in one step.
+
+    `new_token_ids` is empty for a request that finished without a new token (aborted). `logprobs` holds the
+    log-probability of each new token under the raw logits, when the request asked for logprobs.
+    `finish_reason` is "stop", "length" or "abort" once `finished`.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int

@@ -1,0 +1,142 @@
+"""Scheduler: iteration-level batching with chunked prefill, admission by free KV blocks and preemption.
+
+Every step it builds one mixed batch under the token budget (`max_num_batched_tokens`):
+  1. running sequences that decode (one token each), oldest first; a sequence that needs a new block when
+     none is free preempts the youngest running sequence (its blocks are freed and it is recomputed later);
+  2. running sequences still in prefill get the next chunk of their prompt from what is left of the budget;
+  3. waiting sequences are admitted, oldest first, while their whole prompt fits in the free blocks and the
+     budget and `max_num_seqs` allow (not in a step that had to preempt).
+Decodes come first in the batch, so the model runner can treat them as one block of one-token rows.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def end(self) -> int:
+        return self.seq.num_computed_tokens + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the last token: the step then samples the next one."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    num_decodes: int = 0  # the first `num_decodes` entries are one-token decodes
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.num_preemptions = 0
+
+    # ---- queue management ----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues for good and give its blocks back."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)  # first in line again: it had been admitted before the others
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. decodes, oldest first; grow block tables, preempting the youngest when blocks run out.
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        for seq in decoding:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted as a victim earlier in this loop
+                continue
+            need = seq.num_computed_tokens + 1
+            while not bm.can_allocate(seq, need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            bm.allocate(seq, need)
+            out.scheduled.append(ScheduledSeq(seq, 1))
+            budget -= 1
+        out.num_decodes = len(out.scheduled)
+
+        # 2. prefill chunks of running sequences (their prompt blocks were allocated at admission).
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_uncomputed_tokens > 1:
+                n = min(seq.num_uncomputed_tokens, budget)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+
+        # 3. admissions: whole prompt (plus recomputed output) must fit in the free blocks.
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                if not bm.can_allocate(seq, seq.num_tokens):
+                    break
+                self.waiting.popleft()
+                bm.allocate(seq, seq.num_tokens)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                n = min(seq.num_uncomputed_tokens, budget)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        return out

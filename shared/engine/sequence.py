@@ -1,0 +1,110 @@
+"""Sequence: the engine's mutable state of one request (tokens, progress, KV blocks, multimodal rows)."""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from mmpipe.shared.types import EngineRequest
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request inside the engine.
+
+    `token_ids` is prompt + generated tokens; `num_computed_tokens` of them have their K/V in the cache.
+    Preemption frees the blocks and resets `num_computed_tokens` to 0: the next prefill recomputes the prompt
+    and the generated tokens, with the same multimodal rows and positions, so the output continues unchanged.
+    """
+
+    def __init__(self, req: EngineRequest, *, max_model_len: int, eos_token_ids: list[int],
+                 generator: torch.Generator | None):
+        self.request_id = req.request_id
+        self.sampling = req.sampling
+        self.token_ids: list[int] = [int(t) for t in req.prompt_token_ids]
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.generator = generator
+        self.num_preemptions = 0
+
+        sp = req.sampling
+        # EOS ends a sequence unless ignore_eos; both EOS and stop ids are held back until min_tokens are out.
+        self.eos_token_ids = frozenset() if sp.ignore_eos else frozenset(int(t) for t in eos_token_ids)
+        self.stop_token_ids = frozenset(int(t) for t in (sp.stop_token_ids or []))
+        self.suppress_ids = sorted(self.eos_token_ids | self.stop_token_ids)
+        room = max_model_len - self.num_prompt_tokens
+        self.max_tokens = room if sp.max_tokens is None else min(sp.max_tokens, room)
+        self.max_model_len = max_model_len
+        self.want_logprobs = sp.logprobs is not None
+
+        # Multimodal rows, kept on the CPU side until a chunk needs them (they are moved per chunk).
+        self.mm_embeds: torch.Tensor | None = req.mm_embeds
+        self.mm_positions: torch.Tensor | None = None
+        if req.mm_embeds is not None:
+            pos = torch.as_tensor(req.mm_positions, dtype=torch.long).reshape(-1)
+            self.mm_positions = pos
+        # M-RoPE: (3, L) prompt positions; a token at index i >= L sits at i + delta on all three rows.
+        self.mrope_positions: torch.Tensor | None = None
+        self.mrope_delta = int(req.mrope_delta or 0)
+        if req.mrope_positions is not None:
+            self.mrope_positions = torch.as_tensor(req.mrope_positions, dtype=torch.long).reshape(3, -1)
+
+    # ---- sizes ---------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    # ---- model inputs for tokens [start, end) --------------------------------------------------------------
+    def position_ids(self, start: int, end: int, mrope: bool) -> torch.Tensor:
+        """(end-start,) positions, or (3, end-start) for an M-RoPE model."""
+        if not mrope:
+            return torch.arange(start, end, dtype=torch.long)
+        L = self.num_prompt_tokens
+        parts = []
+        if start < L:
+            if self.mrope_positions is not None:
+                parts.append(self.mrope_positions[:, start:min(end, L)])
+            else:  # text-only prompt on an M-RoPE model: all three rows are the 1-D positions
+                parts.append(torch.arange(start, min(end, L), dtype=torch.long).expand(3, -1))
+        if end > L:
+            tail = torch.arange(max(start, L), end, dtype=torch.long) + self.mrope_delta
+            parts.append(tail.expand(3, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def decode_position(self, index: int, mrope: bool) -> int:
+        """Position of a post-prompt token at `index` (the same on all three M-RoPE rows)."""
+        return index + self.mrope_delta if mrope else index
+
+    def mm_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(offsets within [start, end), embedding rows) of the multimodal rows that fall in the chunk."""
+        if self.mm_positions is None or start >= self.num_prompt_tokens:
+            return None
+        sel = (self.mm_positions >= start) & (self.mm_positions < end)
+        if not bool(sel.any()):
+            return None
+        idx = sel.nonzero(as_tuple=True)[0]
+        return self.mm_positions[idx] - start, self.mm_embeds[idx]

@@ -1,0 +1,71 @@
+"""A baseline engine on transformers' own `generate`: one request at a time, from scattered embeddings.
+
+It has the engine's interface (add_request / step / abort_request / has_unfinished_requests) so the offline
+API and the benchmarks can swap it in (`LLM(engine="hf")`) as the reference that mmpipe's engine is measured
+and checked against. It is not fast and is not meant to be.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from mmpipe.shared.types import EngineRequest
+
+
+@dataclass
+class HFStepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+
+
+class HFGenerateEngine:
+    def __init__(self, hf_model):
+        self.model = hf_model
+        self.waiting: OrderedDict[str, EngineRequest] = OrderedDict()
+
+    def add_request(self, req: EngineRequest) -> None:
+        self.waiting[req.request_id] = req
+
+    def abort_request(self, request_id: str) -> None:
+        self.waiting.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[HFStepOutput]:
+        if not self.waiting:
+            return []
+        rid, req = self.waiting.popitem(last=False)
+        m = self.model
+        dev = next(m.parameters()).device
+        ids = torch.tensor([req.prompt_token_ids], device=dev)
+        emb = m.get_input_embeddings()(ids)
+        if req.mm_embeds is not None:
+            emb[0, req.mm_positions.to(dev)] = req.mm_embeds.to(dev, emb.dtype)
+        kw = {}
+        if req.mrope_positions is not None:
+            kw["position_ids"] = req.mrope_positions.to(dev)[:, None, :]
+        sp = req.sampling
+        gen = dict(max_new_tokens=sp.max_tokens, min_new_tokens=sp.min_tokens or None,
+                   do_sample=not sp.greedy, output_scores=sp.logprobs is not None, return_dict_in_generate=True)
+        if not sp.greedy:
+            gen.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else None)
+            if sp.seed is not None:
+                torch.manual_seed(sp.seed)
+        eos = [] if sp.ignore_eos else list(req.eos_token_ids) + list(sp.stop_token_ids or [])
+        gen["eos_token_id"] = eos or None
+        out = m.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), **kw, **gen)
+        toks = out.sequences[0].tolist()
+        finished_by_eos = bool(toks) and toks[-1] in eos
+        logprobs = None
+        if sp.logprobs is not None:
+            logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, toks)]
+        return [HFStepOutput(rid, toks, logprobs, True, "stop" if finished_by_eos else "length",
+                             len(req.prompt_token_ids))]

@@ -1,0 +1,59 @@
+"""Expand placeholders and build the EngineRequest for one prompt (the generator side of the pipeline).
+
+Each placeholder token becomes `num_tokens` copies (one per embedding row), the rows are recorded with
+their flat prompt positions, and M-RoPE families get their (3, L) positions and rope delta. This is the
+same expansion the HF processor does on the prompt string, done on token ids so cached items need no pixels.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmpipe.shared.errors import LimitExceededError
+from mmpipe.shared.models.base import ModelAdapter
+from mmpipe.shared.types import EngineRequest, MMEmbedding, SamplingParams
+
+
+def expand_prompt(token_ids: list[int], embeddings: list[MMEmbedding], placeholder_ids: dict[str, int]
+                  ) -> tuple[list[int], list[int], list[MMEmbedding]]:
+    """Returns (expanded ids, flat positions of the mm rows, embeddings in prompt order)."""
+    by_id = {pid: m for m, pid in placeholder_ids.items()}
+    queues: dict[str, list[MMEmbedding]] = {m: [e for e in embeddings if e.modality == m] for m in placeholder_ids}
+    out: list[int] = []
+    positions: list[int] = []
+    ordered: list[MMEmbedding] = []
+    for t in token_ids:
+        m = by_id.get(t)
+        if m is None:
+            out.append(t)
+            continue
+        emb = queues[m].pop(0)
+        positions.extend(range(len(out), len(out) + emb.num_tokens))
+        out.extend([t] * emb.num_tokens)
+        ordered.append(emb)
+    return out, positions, ordered
+
+
+def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list[int],
+                         embeddings: list[MMEmbedding], sampling: SamplingParams, *,
+                         max_model_len: int | None = None, eos_token_ids: list[int] | None = None) -> EngineRequest:
+    ids, positions, ordered = expand_prompt(token_ids, embeddings, adapter.placeholder_ids())
+    if max_model_len is not None:
+        need = len(ids) + (sampling.max_tokens or 0) if sampling.max_tokens else len(ids) + 1
+        if len(ids) >= max_model_len or need > max_model_len:
+            raise LimitExceededError(
+                f"the prompt is {len(ids)} tokens after expanding media placeholders; with max_tokens="
+                f"{sampling.max_tokens} it needs {need} > max_model_len={max_model_len}", param="max_tokens")
+    mm = None
+    if ordered:
+        mm = torch.cat([e.tensor.reshape(-1, e.tensor.shape[-1]) for e in ordered], dim=0)
+    mrope = None
+    delta = 0
+    if adapter.uses_mrope:
+        # positions need each modality's items in their own order of appearance
+        pos_delta = adapter.mrope_positions(torch.tensor(ids, dtype=torch.long), ordered)
+        if pos_delta is not None:
+            mrope, delta = pos_delta
+    return EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling, mm_embeds=mm,
+                         mm_positions=torch.tensor(positions, dtype=torch.long) if positions else None,
+                         mrope_positions=mrope, mrope_delta=delta,
+                         eos_token_ids=list(eos_token_ids or []))

@@ -1,0 +1,125 @@
+"""Turn a batch of prompts' ItemRefs into embeddings: cache look-ups first, then load, preprocess, encode.
+
+Order of work, so that cached media costs nothing:
+  1. items with a UUID: look the UUID key up (no fetch, no decode); a UUID-only item that misses is an error;
+  2. other items: load (fetch + decode + hash), then look the content-hash key up;
+  3. misses: preprocess and encode in one batch per modality across the whole request batch (identical
+     items inside the batch are encoded once), then write to the cache.
+The same steps run in separate processes in the services (gateway: 1, ingest: 2, encoder: 3).
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mmpipe.shared.errors import NotCachedError
+from mmpipe.shared.inputs.parse import ItemRef
+from mmpipe.shared.models.base import ModelAdapter
+from mmpipe.shared.types import MediaItem, MMEmbedding
+
+
+@dataclass
+class ResolveStats:
+    """Counters an operator (and the tests) read to see which work ran."""
+
+    media_loaded: int = 0
+    items_preprocessed: int = 0
+    items_encoded: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+class EmbeddingResolver:
+    def __init__(self, adapter: ModelAdapter, loader: Any, cache: Any | None, keyspace: Any | None):
+        self.adapter = adapter
+        self.loader = loader
+        self.cache = cache
+        self.keyspace = keyspace
+        self.stats = ResolveStats()
+
+    def key_for(self, modality: str, *, uuid: str | None = None, content_hash: str | None = None,
+                tenant: str | None = None) -> str:
+        return self.keyspace.key(modality, uuid=uuid, content_hash=content_hash, tenant=tenant)
+
+    def load(self, ref: ItemRef) -> MediaItem:
+        item = self.loader.load(ref.modality, ref.source, target_sampling_rate=self.adapter.audio_sampling_rate)
+        self.stats.add(media_loaded=1)
+        return item
+
+    def resolve(self, batch: list[list[ItemRef]], *, tenant: str | None = None) -> list[list[MMEmbedding]]:
+        flat = [(p, i, ref) for p, refs in enumerate(batch) for i, ref in enumerate(refs)]
+        result: dict[tuple[int, int], MMEmbedding] = {}
+        keys: dict[tuple[int, int], str] = {}
+        use_cache = self.cache is not None
+
+        # 1. precomputed embeddings and UUID look-ups
+        uuid_lookups = []
+        for p, i, ref in flat:
+            if ref.is_embeds and ref.source is not None:
+                result[(p, i)] = ref.source
+                if use_cache and ref.uuid is not None:
+                    self.cache.put(self.key_for(ref.modality, uuid=ref.uuid, tenant=tenant), ref.source)
+            elif use_cache and ref.uuid is not None:
+                keys[(p, i)] = self.key_for(ref.modality, uuid=ref.uuid, tenant=tenant)
+                uuid_lookups.append((p, i, ref))
+        self._lookup(uuid_lookups, keys, result)
+        for p, i, ref in uuid_lookups:
+            if (p, i) not in result and ref.source is None:
+                raise NotCachedError(f"{ref.modality} item with uuid {ref.uuid!r} is not in the embedding cache; "
+                                     f"send the media together with the uuid once", param=ref.uuid)
+
+        # 2. load the rest, then look their content hashes up
+        loaded: dict[tuple[int, int], MediaItem] = {}
+        hash_lookups = []
+        for p, i, ref in flat:
+            if (p, i) in result:
+                continue
+            item = self.load(ref)
+            loaded[(p, i)] = item
+            if ref.uuid is None:
+                keys[(p, i)] = self.key_for(ref.modality, content_hash=item.content_hash) if use_cache else ""
+                hash_lookups.append((p, i, ref))
+        if use_cache:
+            self._lookup(hash_lookups, keys, result)
+
+        # 3. encode the misses, one batch per modality, identical items once
+        by_mod: dict[str, dict[str, list[tuple[int, int]]]] = defaultdict(dict)
+        for pi, item in loaded.items():
+            if pi in result:
+                continue
+            dedup = keys.get(pi) or item.content_hash
+            by_mod[item.modality].setdefault(dedup, []).append(pi)
+        for modality, groups in by_mod.items():
+            firsts = [loaded[g[0]] for g in groups.values()]
+            processed = [self.adapter.preprocess(it) for it in firsts]
+            self.stats.add(items_preprocessed=len(processed))
+            embs = self.adapter.encode(modality, processed)
+            self.stats.add(items_encoded=len(embs))
+            for (dedup, members), emb in zip(groups.items(), embs):
+                if use_cache:
+                    self.cache.put(keys[members[0]], emb)
+                for pi in members:
+                    result[pi] = emb
+        return [[result[(p, i)] for i in range(len(refs))] for p, refs in enumerate(batch)]
+
+    def _lookup(self, todo: list[tuple[int, int, ItemRef]], keys: dict, result: dict) -> None:
+        if not todo or self.cache is None:
+            return
+        got = self.cache.get_many([keys[(p, i)] for p, i, _ in todo])
+        hits = 0
+        for (p, i, ref), emb in zip(todo, got):
+            if emb is not None and emb.modality == ref.modality:
+                result[(p, i)] = emb
+                hits += 1
+        self.stats.add(cache_hits=hits, cache_misses=len(todo) - hits)

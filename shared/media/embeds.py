@@ -1,0 +1,105 @@
+"""Client-supplied embedding tensors (`image_embeds` / `audio_embeds` ...): base64 -> validated torch tensor.
+
+Owns: the ONLY deserialisation of user-supplied tensors. `torch.save` payloads are loaded with
+`weights_only=True` (a restricted unpickler: pickled code such as `os.system` via `__reduce__` cannot
+run), safetensors payloads with the safetensors parser; the result must be one dense float tensor of
+sane size with no NaN/Inf.
+Must not: call `torch.load` without `weights_only=True`, use `pickle` directly, or move tensors off the CPU.
+This is the one module in shared/media that imports torch at import time.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import torch
+
+from ..errors import InvalidInputError
+from .fetch import b64decode_strict
+
+ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    # Layout: 8-byte little-endian header length N, then N bytes of JSON starting with '{'.
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _load_safetensors(data: bytes, param: str) -> torch.Tensor:
+    from safetensors.torch import load as st_load
+
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        tensors = st_load(data)
+    except Exception as e:
+        raise InvalidInputError(f"{param}: invalid safetensors payload ({type(e).__name__}: {e})",
+                                param=param) from None
+    names = [k for k in header if k != "__metadata__"]
+    if len(tensors) != 1:
+        raise InvalidInputError(f"{param}: safetensors payload must hold exactly one tensor, found "
+                                f"{len(tensors)} ({names[:5]})", param=param)
+    return next(iter(tensors.values()))
+
+
+def _load_torch(data: bytes, param: str) -> torch.Tensor:
+    try:
+        # weights_only=True is the security boundary: only tensors, primitive containers and a short
+        # allow-list of torch types can be unpickled; any other global (os.system, eval, ...) is refused.
+        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise InvalidInputError(
+            f"{param}: not a loadable torch.save tensor or safetensors payload ({type(e).__name__}: {msg}); "
+            f"send base64 of torch.save(tensor) or of safetensors bytes", param=param) from None
+    if not isinstance(obj, torch.Tensor):
+        raise InvalidInputError(f"{param}: payload must be a single tensor, got {type(obj).__name__}",
+                                param=param)
+    return obj
+
+
+def decode_tensor_b64(s: str, *, param: str, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """Base64 of `torch.save(tensor)` or safetensors bytes -> a validated, dense, finite float CPU tensor.
+
+    Every failure is an InvalidInputError with `param` set (e.g. "image_embeds").
+    """
+    if not isinstance(s, str) or not s.strip():
+        raise InvalidInputError(f"{param} must be a non-empty base64 string", param=param)
+    if len(s) * 3 // 4 > max_bytes:  # before decoding: do not allocate an oversized payload at all
+        raise InvalidInputError(f"{param}: payload of about {len(s) * 3 // 4} bytes is larger than the limit "
+                                f"of {max_bytes} bytes", param=param)
+    data = b64decode_strict(s, what=param, param=param)
+    t = _load_safetensors(data, param) if _looks_like_safetensors(data) else _load_torch(data, param)
+    if type(t) is not torch.Tensor:
+        t = t.as_subclass(torch.Tensor)  # nn.Parameter and other subclasses: plain tensor semantics only
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        raise InvalidInputError(f"{param}: tensor must be dense (got layout {t.layout}"
+                                f"{', quantized' if t.is_quantized else ''})", param=param)
+    if t.dtype not in ALLOWED_DTYPES:
+        raise InvalidInputError(f"{param}: tensor dtype {t.dtype} is not allowed; use one of "
+                                f"{[str(d) for d in ALLOWED_DTYPES]}", param=param)
+    if t.ndim == 0 or t.numel() == 0:
+        raise InvalidInputError(f"{param}: tensor must be non-empty with at least one dimension, got shape "
+                                f"{tuple(t.shape)}", param=param)
+    if t.numel() * t.element_size() > max_bytes:
+        raise InvalidInputError(f"{param}: tensor of {t.numel() * t.element_size()} bytes exceeds the limit of "
+                                f"{max_bytes} bytes", param=param)
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidInputError(f"{param}: tensor contains NaN or Inf values", param=param)
+    # A view may keep a much larger pickled storage alive; own exactly our elements, with no grad.
+    return t.detach().contiguous().clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() \
+        else t.detach().contiguous()
+
+
+def encode_tensor_b64(t: torch.Tensor) -> str:
+    """Inverse of `decode_tensor_b64` (torch.save format), for clients and tests."""
+    if not isinstance(t, torch.Tensor):
+        raise InvalidInputError(f"expected a torch.Tensor, got {type(t).__name__}")
+    buf = io.BytesIO()
+    # clone(): torch.save writes a view's whole storage; send only this tensor's elements.
+    torch.save(t.detach().cpu().contiguous().clone(), buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,126 @@
+"""Image decoding and normalisation to RGB.
+
+Owns: validating image media_io_kwargs (`rgba_background_color`), decoding encoded bytes to a fully
+loaded RGB PIL image (pixel-count cap checked from the header BEFORE pixels are decoded, truncated or
+corrupt files refused), and alpha compositing of transparent images over the background colour.
+Must not: fetch anything, resize, or apply model-specific preprocessing (that is the processor's job).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
+
+DEFAULT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+IMAGE_IO_KEYS = ("rgba_background_color",)
+
+
+@dataclass(frozen=True)
+class ImageIOOptions:
+    """Validated image media_io_kwargs."""
+
+    rgba_background_color: tuple[int, int, int] = DEFAULT_BACKGROUND
+
+
+def parse_image_io_kwargs(d: dict[str, Any] | None) -> ImageIOOptions:
+    """Validate `media_io_kwargs["image"]`; InvalidInputError names the offending key/value."""
+    if d is None:
+        return ImageIOOptions()
+    if not isinstance(d, dict):
+        raise InvalidInputError(f"media_io_kwargs['image'] must be an object, got {type(d).__name__}",
+                                param="media_io_kwargs.image")
+    unknown = sorted(set(d) - set(IMAGE_IO_KEYS))
+    if unknown:
+        raise InvalidInputError(f"unknown image media_io_kwargs {unknown}; supported: {list(IMAGE_IO_KEYS)}",
+                                param="media_io_kwargs.image")
+    color = d.get("rgba_background_color", DEFAULT_BACKGROUND)
+    param = "media_io_kwargs.image.rgba_background_color"
+    if not isinstance(color, (list, tuple)) or len(color) != 3:
+        raise InvalidInputError(
+            f"rgba_background_color must be a list of 3 integers 0-255 (R, G, B), got {color!r}", param=param)
+    for c in color:
+        # bool is an int subclass, and 255.0 is not an int: both are refused so the colour is unambiguous.
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= 255:
+            raise InvalidInputError(
+                f"rgba_background_color must be 3 integers in 0-255, got {color!r} (bad value {c!r})",
+                param=param)
+    return ImageIOOptions(rgba_background_color=tuple(int(c) for c in color))  # type: ignore[arg-type]
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """LimitExceededError when width*height exceeds the decompression-bomb cap."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise LimitExceededError(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
+            f"send a smaller image")
+
+
+def decode_image(data: bytes, opts: ImageIOOptions | None = None, *, max_pixels: int | None = 100_000_000
+                 ) -> Image.Image:
+    """Decode encoded image bytes to a fully loaded RGB PIL image (first frame of animations)."""
+    opts = opts or ImageIOOptions()
+    if not data:
+        raise MediaDecodeError("image data is empty")
+    # PIL's own bomb check (process-global Image.MAX_IMAGE_PIXELS, 89M warns / 179M raises) still runs
+    # inside open(); we do not touch that global (other code shares it) and apply the policy's cap
+    # ourselves from the header below. Silencing its warning is skipped: catch_warnings is not thread-safe.
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise LimitExceededError(f"image refused as a decompression bomb: {e}") from None
+    except Exception as e:  # UnidentifiedImageError, SyntaxError from plugins, ...
+        raise MediaDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from None
+    # Header parsed, pixels not yet decoded: refuse huge images before allocating them.
+    check_pixels(img.width, img.height, max_pixels)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone flipped the process-global switch; we still must not accept truncated files silently.
+        raise MediaDecodeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled in this process; refusing "
+                               "to decode because truncated images would be silently accepted")
+    try:
+        img.load()  # full decode now: truncation / corrupt data raise here, not later inside a processor
+    except Exception as e:
+        raise MediaDecodeError(
+            f"image data is truncated or corrupt ({img.format or 'unknown'} {img.width}x{img.height}, "
+            f"{len(data)} bytes): {e}") from None
+    return normalize_image(img, opts)
+
+
+def normalize_image(img: Image.Image, opts: ImageIOOptions | None = None) -> Image.Image:
+    """Return an RGB image: transparent modes composited over the background, others converted, RGB as is."""
+    opts = opts or ImageIOOptions()
+    if not isinstance(img, Image.Image):
+        raise InvalidInputError(f"expected a PIL image, got {type(img).__name__}")
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:
+        # Palette/grayscale with a tRNS entry: expand to real alpha first, then composite like RGBA.
+        img, mode = img.convert("RGBA"), "RGBA"
+    elif mode == "PA":
+        img, mode = img.convert("RGBA"), "RGBA"
+    elif mode == "RGBa":  # premultiplied alpha: PIL un-premultiplies on conversion
+        img, mode = img.convert("RGBA"), "RGBA"
+    elif mode == "La":
+        img, mode = img.convert("LA"), "LA"
+    if mode in ("RGBA", "LA"):
+        return _composite(img, opts.rgba_background_color)
+    if mode.startswith("I;16"):
+        # PIL's convert("RGB") clips 16-bit values at 255 (nearly all white): scale to 8 bits instead.
+        arr = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def _composite(img: Image.Image, bg: tuple[int, int, int]) -> Image.Image:
+    """Alpha-composite over an opaque colour: out = round((fg*a + bg*(255-a)) / 255), exact in integers."""
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
+    a = rgba[..., 3:4]
+    fg = rgba[..., :3]
+    bgv = np.asarray(bg, dtype=np.uint32)
+    out = (fg * a + bgv * (255 - a) + 127) // 255  # +127: round half-down to nearest, no float error
+    return Image.fromarray(out.astype(np.uint8), "RGB")

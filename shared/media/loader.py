@@ -1,0 +1,175 @@
+"""The ingest core: any accepted media source -> one decoded, normalised, hashed `MediaItem`.
+
+Owns: dispatch on (modality, source type), applying the server's media_io_kwargs (validated once, at
+construction) and the MediaPolicy to every item, resampling audio to the model's rate, and computing
+`content_hash` over exactly the data handed to the processor (after compositing / sampling / resampling).
+Must not: run model processors, cache results, or import torch (tensors are handled by duck typing).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
+from ..types import MODALITIES, MediaItem
+from .audio import decode_audio, decode_input_audio, normalize_audio, resample
+from .fetch import fetch_bytes
+from .hashing import hash_audio, hash_image, hash_video
+from .image import ImageIOOptions, check_pixels, decode_image, normalize_image, parse_image_io_kwargs
+from .policy import MediaPolicy
+from .video import VideoIOOptions, _check_frame_budget, decode_video, normalize_video, parse_video_io_kwargs
+
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
+def _is_tensor(x: Any) -> bool:
+    return (type(x).__module__ or "").startswith("torch") and hasattr(x, "detach")
+
+
+class MediaLoader:
+    """Loads media items under one policy and one set of media_io_kwargs (thread-safe: no mutable state)."""
+
+    def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None):
+        self.policy = policy if policy is not None else MediaPolicy.from_env()
+        kw = media_io_kwargs
+        if isinstance(kw, str):  # the CLI flag is a JSON string, as in vLLM's --media-io-kwargs
+            try:
+                kw = json.loads(kw) if kw.strip() else None
+            except json.JSONDecodeError as e:
+                raise InvalidInputError(f"media_io_kwargs is not valid JSON: {e}", param="media_io_kwargs") from None
+        if kw is None:
+            kw = {}
+        if not isinstance(kw, dict):
+            raise InvalidInputError(f"media_io_kwargs must be an object keyed by modality, got {type(kw).__name__}",
+                                    param="media_io_kwargs")
+        unknown = sorted(set(kw) - set(MODALITIES))
+        if unknown:
+            raise InvalidInputError(f"unknown media_io_kwargs modality {unknown}; allowed keys: {list(MODALITIES)}",
+                                    param="media_io_kwargs")
+        self.image_opts: ImageIOOptions = parse_image_io_kwargs(kw.get("image"))
+        self.video_opts: VideoIOOptions = parse_video_io_kwargs(kw.get("video"))
+        audio_kw = kw.get("audio")
+        if audio_kw:  # no audio IO options exist yet: refuse rather than silently ignore them
+            raise InvalidInputError(f"unknown audio media_io_kwargs {sorted(audio_kw) if isinstance(audio_kw, dict) else audio_kw!r}; "
+                                    f"audio takes no options (the model's sampling rate is applied automatically)",
+                                    param="media_io_kwargs.audio")
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def load(self, modality: str, source: Any, *, target_sampling_rate: int | None = None,
+             uuid: str | None = None) -> MediaItem:
+        """Decode/validate `source` as `modality` ("image" | "video" | "audio").
+
+        source: URL (http(s), data:, file://) or local path string, raw bytes, or an in-memory object
+        (PIL image / HxWx3 array for images; (T,H,W,3) array, tensor or list of frames, optionally as a
+        (frames, {"fps": ...}) pair, for videos; (array, sampling_rate) for audio).
+        """
+        if modality not in MODALITIES:
+            raise InvalidInputError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}",
+                                    param="modality")
+        if source is None:
+            raise InvalidInputError(f"{modality} source is missing")
+        if modality == "image":
+            item = self._load_image(source)
+        elif modality == "video":
+            item = self._load_video(source)
+        else:
+            item = self._load_audio(source, target_sampling_rate)
+        item.uuid = uuid
+        return item
+
+    def load_audio(self, source: Any, target_sr: int | None = None, *, uuid: str | None = None) -> MediaItem:
+        """`load("audio", ...)` resampled to `target_sr` (the model's feature-extractor rate)."""
+        return self.load("audio", source, target_sampling_rate=target_sr, uuid=uuid)
+
+    def load_input_audio(self, data_b64: str, fmt: str, *, target_sampling_rate: int | None = None,
+                         uuid: str | None = None) -> MediaItem:
+        """An OpenAI `input_audio` part ({"data": base64, "format": ...}) -> audio MediaItem."""
+        wav, sr = decode_input_audio(data_b64, fmt, max_seconds=self.policy.max_audio_seconds,
+                                     max_bytes=self.policy.max_bytes)
+        item = self._finish_audio(wav, sr, target_sampling_rate)
+        item.uuid = uuid
+        return item
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _bytes_of(self, source: Any, modality: str) -> bytes | None:
+        """Encoded bytes for URL/path/bytes sources; None for in-memory objects."""
+        if isinstance(source, str):
+            return fetch_bytes(source, self.policy)
+        if isinstance(source, _BYTES_TYPES):
+            b = bytes(source)
+            if len(b) > self.policy.max_bytes:
+                raise LimitExceededError(f"{modality} data of {len(b)} bytes is larger than the media size cap "
+                                         f"of {self.policy.max_bytes} bytes")
+            return b
+        return None
+
+    def _load_image(self, source: Any) -> MediaItem:
+        data = self._bytes_of(source, "image")
+        if data is not None:
+            img = decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels)
+        elif isinstance(source, Image.Image):
+            check_pixels(source.width, source.height, self.policy.max_image_pixels)
+            try:
+                source.load()  # a lazily opened image may still be truncated on disk
+            except Exception as e:
+                raise MediaDecodeError(f"image could not be loaded: {e}") from None
+            img = normalize_image(source, self.image_opts)
+        elif isinstance(source, np.ndarray):
+            arr = source
+            if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+                raise InvalidInputError(f"image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), got "
+                                        f"{arr.dtype} {arr.shape}")
+            check_pixels(arr.shape[1], arr.shape[0], self.policy.max_image_pixels)
+            img = normalize_image(Image.fromarray(np.ascontiguousarray(arr)), self.image_opts)
+        else:
+            raise InvalidInputError(f"unsupported image source type {type(source).__name__}; send a URL, "
+                                    f"bytes or a PIL image")
+        return MediaItem("image", img, hash_image(img), meta={"width": img.width, "height": img.height})
+
+    def _load_video(self, source: Any) -> MediaItem:
+        data = self._bytes_of(source, "video")
+        if data is not None:
+            frames, meta = decode_video(data, self.video_opts, self.policy)
+            return MediaItem("video", frames, hash_video(frames), meta=meta)
+        given: dict[str, Any] = {}
+        if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], dict):
+            source, given = source  # (frames, metadata) as vLLM accepts for pre-decoded videos
+        if not (isinstance(source, (list, tuple, np.ndarray)) or _is_tensor(source)):
+            raise InvalidInputError(f"unsupported video source type {type(source).__name__}; send a URL, bytes, "
+                                    f"a (T, H, W, 3) uint8 array/tensor or a list of frames")
+        frames = normalize_video(source, max_frames=self.policy.max_video_frames,
+                                 max_pixels=self.policy.max_image_pixels)
+        t, h, w = (int(x) for x in frames.shape[:3])
+        _check_frame_budget(t, h, w, self.policy)
+        fps = given.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+            raise InvalidInputError(f"video metadata fps must be a number > 0, got {fps!r}")
+        meta = {"fps": float(fps) if fps else None, "sampled_fps": float(fps) if fps else None,
+                "duration_s": t / float(fps) if fps else None,
+                "frame_indices": list(given.get("frame_indices", range(t))), "total_num_frames": t,
+                "width": w, "height": h}
+        return MediaItem("video", frames, hash_video(frames), meta=meta)
+
+    def _load_audio(self, source: Any, target_sr: int | None) -> MediaItem:
+        data = self._bytes_of(source, "audio")
+        if data is not None:
+            wav, sr = decode_audio(data, max_seconds=self.policy.max_audio_seconds)
+        else:
+            wav, sr = normalize_audio(source, max_seconds=self.policy.max_audio_seconds)
+        return self._finish_audio(wav, sr, target_sr)
+
+    def _finish_audio(self, wav: np.ndarray, sr: int, target_sr: int | None) -> MediaItem:
+        orig = sr
+        if target_sr is not None:
+            if isinstance(target_sr, bool) or not isinstance(target_sr, (int, np.integer)) or target_sr <= 0:
+                raise InvalidInputError(f"target sampling rate must be a positive integer, got {target_sr!r}")
+            wav, sr = resample(wav, sr, int(target_sr)), int(target_sr)
+        # Hash AFTER resampling: the hash must describe exactly what the feature extractor sees.
+        meta = {"sampling_rate": sr, "orig_sampling_rate": orig, "duration_s": wav.shape[0] / sr,
+                "num_samples": int(wav.shape[0])}
+        return MediaItem("audio", wav, hash_audio(wav, sr), meta=meta)

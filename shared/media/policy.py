@@ -1,0 +1,150 @@
+"""The media fetch/decode policy: which sources may be read and how much of them.
+
+Owns: `MediaPolicy` (an immutable value object) and the ONE place that reads the media-related
+environment variables (`env_defaults`). Every fetch and decode in `shared/media` is checked against a
+policy passed in explicitly.
+Must not: do any I/O besides reading environment variables, or import heavy libraries.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import InvalidInputError
+
+MiB = 1024 * 1024
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_defaults() -> dict[str, Any]:
+    """Read the media environment variables (the only env access in shared/media).
+
+    MMPIPE_MEDIA_URL_ALLOW_REDIRECTS: "0"/"false"/"no"/"off" -> False, "1"/"true"/... -> True (default True).
+    MMPIPE_MEDIA_FETCH_TIMEOUT: seconds, float > 0 (default 10).
+    MMPIPE_MEDIA_MAX_BYTES: int > 0 (default 50 MiB).
+    A malformed value raises InvalidInputError naming the variable: a typo in a security setting must not
+    silently fall back to the permissive default.
+    """
+    out: dict[str, Any] = {"allow_redirects": True, "fetch_timeout_s": 10.0, "max_bytes": 50 * MiB}
+    raw = os.environ.get("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", "").strip().lower()
+    if raw:
+        if raw in _TRUE:
+            out["allow_redirects"] = True
+        elif raw in _FALSE:
+            out["allow_redirects"] = False
+        else:
+            raise InvalidInputError(
+                f"MMPIPE_MEDIA_URL_ALLOW_REDIRECTS={raw!r} is not a boolean; use 0/false or 1/true",
+                param="MMPIPE_MEDIA_URL_ALLOW_REDIRECTS")
+    raw = os.environ.get("MMPIPE_MEDIA_FETCH_TIMEOUT", "").strip()
+    if raw:
+        try:
+            out["fetch_timeout_s"] = float(raw)
+        except ValueError:
+            raise InvalidInputError(f"MMPIPE_MEDIA_FETCH_TIMEOUT={raw!r} is not a number of seconds",
+                                    param="MMPIPE_MEDIA_FETCH_TIMEOUT") from None
+    raw = os.environ.get("MMPIPE_MEDIA_MAX_BYTES", "").strip()
+    if raw:
+        try:
+            out["max_bytes"] = int(raw)
+        except ValueError:
+            raise InvalidInputError(f"MMPIPE_MEDIA_MAX_BYTES={raw!r} is not an integer byte count",
+                                    param="MMPIPE_MEDIA_MAX_BYTES") from None
+    return out
+
+
+def _env(name: str) -> Any:
+    # default_factory hook: a plain `MediaPolicy()` honours the operator's environment too, so a
+    # component that forgets `from_env` cannot silently re-enable redirects the operator turned off.
+    return field(default_factory=lambda: env_defaults()[name])
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, strip brackets and the trailing root dot, IDNA-encode: the form allow-lists compare."""
+    h = host.strip().lower().rstrip(".")
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    try:
+        h.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass  # left as is: it will then simply not match any (ascii) allow-list entry
+    return h
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What the media loader may fetch and how large decoded media may get.
+
+    allowed_media_domains: None = any host; otherwise an http(s) host must equal an entry or be a
+        subdomain of it (IP-literal entries match only exactly).
+    allow_redirects: follow 3xx at all (each hop is still checked against the allow-list).
+    allowed_local_media_path: folder whose files may be read; None = local files refused.
+    """
+
+    allowed_media_domains: tuple[str, ...] | None = None
+    allow_redirects: bool = _env("allow_redirects")
+    allowed_local_media_path: str | None = None
+    fetch_timeout_s: float = _env("fetch_timeout_s")
+    max_bytes: int = _env("max_bytes")
+    max_image_pixels: int = 100_000_000
+    max_video_frames: int = 1024
+    max_audio_seconds: float = 600.0
+    max_redirects: int = 5
+    # Not a user-facing knob in vLLM, but frames * H * W * 3 of a decoded video must be bounded too:
+    # 1024 4K frames would be 25 GB. 2 GiB is ~290 frames of 1080p.
+    max_video_decoded_bytes: int = 2 * 1024 * MiB
+
+    def __post_init__(self) -> None:
+        doms = self.allowed_media_domains
+        if doms is not None:
+            if isinstance(doms, str):  # a bare string would otherwise be iterated char by char
+                doms = (doms,)
+            norm = tuple(normalize_host(d) for d in doms if str(d).strip())
+            object.__setattr__(self, "allowed_media_domains", norm)
+        for name in ("fetch_timeout_s", "max_bytes", "max_image_pixels", "max_video_frames",
+                     "max_audio_seconds", "max_video_decoded_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise InvalidInputError(f"MediaPolicy.{name} must be a positive number, got {v!r}", param=name)
+        if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
+            raise InvalidInputError(f"MediaPolicy.max_redirects must be >= 0, got {self.max_redirects!r}",
+                                    param="max_redirects")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "MediaPolicy":
+        """Policy from the environment (see `env_defaults`), with explicit keyword overrides on top."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise InvalidInputError(f"unknown MediaPolicy field(s): {sorted(unknown)}")
+        return cls(**{**env_defaults(), **overrides})
+
+    def host_allowed(self, host: str) -> bool:
+        """True when `host` may be fetched: no allow-list, exact match, or a subdomain of an entry."""
+        if self.allowed_media_domains is None:
+            return True
+        h = normalize_host(host)
+        if not h:
+            return False
+        for d in self.allowed_media_domains:
+            if h == d:
+                return True
+            # "evil.127.0.0.1" is a DNS name anyone can own, not part of an IP: IP entries match exactly.
+            if not _is_ip(d) and h.endswith("." + d):
+                return True
+        return False

@@ -1,0 +1,183 @@
+"""The model adapter contract: everything mmpipe needs to know about one model family.
+
+An adapter says, for its family,
+  - which modalities it takes and which placeholder token stands for one item in a prompt,
+  - how to preprocess one decoded media item into model tensors (through the HF processor, so the pixels
+    and the placeholder count are exactly what `model.generate(**processor(...))` would see),
+  - how to run the towers on a batch of items into one (num_tokens, hidden) embedding per item,
+  - how to check user-supplied embeddings, and
+  - what extra LM inputs the prompt needs (M-RoPE positions for Qwen-VL style models).
+
+Adapters never fetch media, never touch the cache and never decode tokens: those are other layers' jobs.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from mmpipe.shared.errors import InvalidInputError, UnsupportedError
+from mmpipe.shared.types import MediaItem, MMEmbedding, ProcessedItem
+
+# Processor outputs that belong to the text side; everything else is a model input for the towers.
+_TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
+
+
+class ModelAdapter(ABC):
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    modalities: ClassVar[tuple[str, ...]]
+    # "image_text_to_text" -> AutoModelForImageTextToText, "multimodal_lm" -> AutoModelForMultimodalLM
+    auto_class: ClassVar[str] = "image_text_to_text"
+    uses_mrope: ClassVar[bool] = False
+    # processor call keyword for each modality
+    _processor_arg: ClassVar[dict[str, str]] = {"image": "images", "video": "videos", "audio": "audio"}
+
+    def __init__(self, model: Any, processor: Any, *, mm_processor_kwargs: dict[str, Any] | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
+        self.text_config = model.config.get_text_config()
+        self.hidden_size = int(self.text_config.hidden_size)
+
+    # ---- placeholders -------------------------------------------------------------------------
+    @abstractmethod
+    def placeholder_token(self, modality: str) -> str:
+        """The token string that stands for one item of `modality` in an (unexpanded) prompt."""
+
+    def placeholder_id(self, modality: str) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality)))
+
+    def placeholder_ids(self) -> dict[str, int]:
+        return {m: self.placeholder_id(m) for m in self.modalities}
+
+    def check_modality(self, modality: str) -> None:
+        if modality not in self.modalities:
+            raise UnsupportedError(
+                f"{self.family} models take {', '.join(self.modalities)} input; got {modality!r}",
+                param=modality)
+
+    # ---- media -> model tensors ----------------------------------------------------------------
+    @property
+    def audio_sampling_rate(self) -> int | None:
+        fe = getattr(self.processor, "feature_extractor", None)
+        return int(fe.sampling_rate) if fe is not None else None
+
+    def settings(self) -> dict[str, Any]:
+        """Every processor setting that changes an embedding: hashed into the cache key namespace."""
+        out: dict[str, Any] = {"family": self.family, "mm_processor_kwargs": self.mm_processor_kwargs}
+        for name in ("image_processor", "video_processor", "feature_extractor"):
+            sub = getattr(self.processor, name, None)
+            if sub is not None:
+                out[name] = sub.to_dict()
+        return out
+
+    def preprocess(self, item: MediaItem) -> ProcessedItem:
+        """One item through the HF processor with a one-placeholder prompt.
+
+        Processing items one by one gives the same tensors as processing them together (each item's rows
+        are independent); doing it per item is what lets a cached item skip this step.
+        """
+        self.check_modality(item.modality)
+        kwargs: dict[str, Any] = {self._processor_arg[item.modality]: [item.data]}
+        if item.modality == "audio":
+            kwargs["sampling_rate"] = self.audio_sampling_rate
+        # vLLM's mm_processor_kwargs: flat keywords the HF processor routes to its sub-processors.
+        kwargs.update(self.mm_processor_kwargs)
+        try:
+            out = self.processor(text=self.placeholder_token(item.modality), return_tensors="pt", **kwargs)
+        except (ValueError, TypeError, RuntimeError) as e:  # the processor's own validation of the item
+            raise InvalidInputError(f"could not preprocess {item.modality}: {e}", param=item.modality) from e
+        ids = out["input_ids"][0]
+        num_tokens = int((ids == self.placeholder_id(item.modality)).sum())
+        tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        meta = {"num_tokens": num_tokens}
+        meta.update(self._item_meta(item.modality, tensors))
+        return ProcessedItem(modality=item.modality, key=item.content_hash, tensors=tensors, meta=meta)
+
+    def _item_meta(self, modality: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Plain values the LM side needs later (grid sizes, ...); none by default."""
+        return {}
+
+    # ---- towers ---------------------------------------------------------------------------------
+    @abstractmethod
+    def _encode_batch(self, modality: str, items: list[ProcessedItem]) -> list[torch.Tensor]:
+        """Run the towers on items of one modality; one (num_tokens, hidden) tensor per item."""
+
+    @torch.inference_mode()
+    def encode(self, modality: str, items: list[ProcessedItem]) -> list[MMEmbedding]:
+        self.check_modality(modality)
+        if not items:
+            return []
+        feats = self._encode_batch(modality, items)
+        out = []
+        for it, f in zip(items, feats, strict=True):
+            if f.shape[0] != it.meta["num_tokens"]:
+                raise RuntimeError(f"{self.family}: tower gave {f.shape[0]} rows for an item with "
+                                   f"{it.meta['num_tokens']} placeholders")
+            out.append(MMEmbedding(modality=modality, tensor=f.detach(), meta=dict(it.meta)))
+        return out
+
+    def _cat(self, items: list[ProcessedItem], key: str) -> torch.Tensor:
+        dev = self.device
+        dt = self.model.dtype
+        ts = [it.tensors[key] for it in items]
+        t = torch.cat(ts, dim=0).to(dev)
+        return t.to(dt) if t.is_floating_point() else t
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- user-supplied embeddings ----------------------------------------------------------------
+    def embeds_from_user(self, modality: str, value: Any) -> list[MMEmbedding]:
+        """Validate precomputed embeddings: a tensor (num_items, feature_size, hidden), a list of
+        (feature_size, hidden) tensors, or the family's dict form. Returns one MMEmbedding per item."""
+        self.check_modality(modality)
+        if isinstance(value, dict):
+            return self._embeds_from_dict(modality, value)
+        tensors = _split_items(value, param=f"{modality}_embeds")
+        return [self._checked_embedding(modality, t, {}) for t in tensors]
+
+    def _embeds_from_dict(self, modality: str, value: dict) -> list[MMEmbedding]:
+        key = f"{modality}_embeds"
+        if key not in value:
+            raise InvalidInputError(f"embedding dict for {modality} needs the key {key!r}", param=key)
+        return [self._checked_embedding(modality, t, {}) for t in _split_items(value[key], param=key)]
+
+    def _checked_embedding(self, modality: str, t: torch.Tensor, meta: dict[str, Any]) -> MMEmbedding:
+        if t.ndim != 2:
+            raise InvalidInputError(f"{modality}_embeds item must be 2-D (feature_size, hidden), got shape "
+                                    f"{tuple(t.shape)}", param=f"{modality}_embeds")
+        if t.shape[1] != self.hidden_size:
+            raise InvalidInputError(f"{modality}_embeds hidden size is {t.shape[1]}, but this model's text "
+                                    f"hidden size is {self.hidden_size}", param=f"{modality}_embeds")
+        if t.shape[0] < 1:
+            raise InvalidInputError(f"{modality}_embeds item has no rows", param=f"{modality}_embeds")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise InvalidInputError(f"{modality}_embeds must be finite floating point values",
+                                    param=f"{modality}_embeds")
+        m = {"num_tokens": int(t.shape[0]), **meta}
+        return MMEmbedding(modality=modality, tensor=t.to(self.model.dtype), meta=m)
+
+    # ---- LM inputs ------------------------------------------------------------------------------
+    def mrope_positions(self, token_ids: torch.Tensor, embeddings: list[MMEmbedding]
+                        ) -> tuple[torch.Tensor, int] | None:
+        """(3, L) M-RoPE positions and the rope delta for one expanded prompt; None for 1-D RoPE models."""
+        return None
+
+
+def _split_items(value: Any, *, param: str) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 3:
+            return list(value.unbind(0))
+        if value.ndim == 2:
+            return [value]
+        raise InvalidInputError(f"{param} must be (num_items, feature_size, hidden) or (feature_size, hidden), "
+                                f"got shape {tuple(value.shape)}", param=param)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [v for v in value]
+    raise InvalidInputError(f"{param} must be a torch tensor or a list of tensors, got {type(value).__name__}",
+                            param=param)

@@ -1,0 +1,125 @@
+"""Qwen2-VL and Qwen2.5-VL (dynamic-resolution ViT, Qwen2 text model with 3-D M-RoPE): image and video.
+
+M-RoPE needs each item's (t, h, w) grid, so the grid travels in the embedding's metadata; the LM side
+rebuilds the position ids from the expanded prompt with the model's own `get_rope_index`. Without them
+generation silently falls back to 1-D positions and gives different tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.models._features import flatten_features, split_by_tokens
+from mmpipe.shared.models.base import ModelAdapter
+from mmpipe.shared.types import MMEmbedding, ProcessedItem
+
+
+class QwenVLBase(ModelAdapter):
+    """Shared by the Qwen vision families (and the Omni thinker's vision half)."""
+
+    uses_mrope = True
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def _grid_tokens(self, grid: list[int]) -> int:
+        t, h, w = grid
+        return t * h * w // (self.merge_size ** 2)
+
+    def _item_meta(self, modality: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if modality == "image":
+            return {"grid_thw": tensors["image_grid_thw"][0].tolist()}
+        if modality == "video":
+            meta: dict[str, Any] = {"grid_thw": tensors["video_grid_thw"][0].tolist()}
+            for k in ("second_per_grid_ts", "video_second_per_grid"):
+                if k in tensors:
+                    meta["second_per_grid_t"] = float(tensors[k][0])
+            return meta
+        return super()._item_meta(modality, tensors)
+
+    def _encode_vision(self, modality: str, items: list[ProcessedItem]) -> list[torch.Tensor]:
+        if modality == "image":
+            out = self.model.get_image_features(pixel_values=self._cat(items, "pixel_values"),
+                                                image_grid_thw=self._cat(items, "image_grid_thw"))
+        else:
+            out = self.model.get_video_features(pixel_values_videos=self._cat(items, "pixel_values_videos"),
+                                                video_grid_thw=self._cat(items, "video_grid_thw"))
+        return split_by_tokens(flatten_features(out.pooler_output), items)
+
+    def _embeds_from_dict(self, modality: str, value: dict) -> list[MMEmbedding]:
+        """vLLM's Qwen-VL form: {"image_embeds": (sum_tokens, hidden) or (n, F, hidden), "image_grid_thw": (n, 3)}."""
+        key, gkey = f"{modality}_embeds", f"{modality}_grid_thw"
+        if key not in value or gkey not in value:
+            raise InvalidInputError(f"{self.family} {modality} embeddings need both {key!r} and {gkey!r}", param=key)
+        emb, grid = value[key], torch.as_tensor(value[gkey])
+        if grid.ndim == 1:
+            grid = grid[None]
+        if grid.ndim != 2 or grid.shape[1] != 3 or (grid <= 0).any():
+            raise InvalidInputError(f"{gkey} must be (num_items, 3) positive ints, got {tuple(grid.shape)}", param=gkey)
+        sizes = [self._grid_tokens(g) for g in grid.tolist()]
+        if not isinstance(emb, torch.Tensor):
+            raise InvalidInputError(f"{key} must be a tensor", param=key)
+        if emb.ndim == 3:
+            emb = emb.reshape(-1, emb.shape[-1])
+        if emb.ndim != 2 or emb.shape[0] != sum(sizes):
+            raise InvalidInputError(
+                f"{key} has shape {tuple(emb.shape)} but {gkey}={grid.tolist()} needs {sum(sizes)} rows "
+                f"(t*h*w/{self.merge_size ** 2} per item)", param=key)
+        out = []
+        for t, g in zip(torch.split(emb, sizes), grid.tolist()):
+            meta: dict[str, Any] = {"grid_thw": [int(x) for x in g]}
+            if modality == "video":
+                meta["second_per_grid_t"] = float(value.get("second_per_grid_t", 1.0))
+            out.append(self._checked_embedding(modality, t, meta))
+        return out
+
+    def _checked_embedding(self, modality: str, t: torch.Tensor, meta: dict[str, Any]) -> MMEmbedding:
+        if "grid_thw" not in meta and modality in ("image", "video"):
+            raise InvalidInputError(
+                f"{self.family} needs {modality}_grid_thw with precomputed {modality} embeddings (M-RoPE positions "
+                f"depend on it): pass {{'{modality}_embeds': ..., '{modality}_grid_thw': ...}}",
+                param=f"{modality}_embeds")
+        return super()._checked_embedding(modality, t, meta)
+
+    def _grids(self, embeddings: list[MMEmbedding], modality: str) -> torch.Tensor | None:
+        g = [e.meta["grid_thw"] for e in embeddings if e.modality == modality]
+        return torch.tensor(g, dtype=torch.long) if g else None
+
+
+class Qwen2VLAdapter(QwenVLBase):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    modalities = ("image", "video")
+
+    def placeholder_token(self, modality: str) -> str:
+        self.check_modality(modality)
+        return self.processor.image_token if modality == "image" else self.processor.video_token
+
+    def _encode_batch(self, modality: str, items: list[ProcessedItem]) -> list[torch.Tensor]:
+        return self._encode_vision(modality, items)
+
+    def _rope_extra(self, embeddings: list[MMEmbedding]) -> dict[str, Any]:
+        return {}
+
+    def mrope_positions(self, token_ids: torch.Tensor, embeddings: list[MMEmbedding]) -> tuple[torch.Tensor, int]:
+        ids = token_ids.reshape(1, -1)
+        types = torch.zeros_like(ids, dtype=torch.int32)
+        types[ids == self.placeholder_id("image")] = 1
+        types[ids == self.placeholder_id("video")] = 2
+        pos, delta = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=self._grids(embeddings, "image"),
+            video_grid_thw=self._grids(embeddings, "video"), attention_mask=torch.ones_like(ids),
+            **self._rope_extra(embeddings))
+        return pos[:, 0], int(delta.reshape(-1)[0])
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+    def _rope_extra(self, embeddings: list[MMEmbedding]) -> dict[str, Any]:
+        s = [e.meta.get("second_per_grid_t", 1.0) for e in embeddings if e.modality == "video"]
+        return {"second_per_grid_ts": torch.tensor(s)} if s else {}

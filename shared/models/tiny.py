@@ -1,0 +1,581 @@
+"""Tiny random multimodal models, built offline, for tests, examples and CI.
+
+No weights can be downloaded on the build machines, so every test that needs a real model builds one here:
+a few hundred kilobytes of randomly initialised weights with the real architecture, a byte-level BPE
+tokenizer trained locally with the `tokenizers` library, the real image / video / audio processors and a
+chat template. The directory is written with `save_pretrained` and loads back with the ordinary Auto classes:
+
+    AutoProcessor.from_pretrained(path)
+    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision
+    AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*)
+
+`mmpipe_tiny.json` in the directory names the family and which Auto class loads it (`load_tiny_model` reads it).
+
+Text decoders use `initializer_range=0.2`, so greedy outputs visibly depend on the inputs (with the usual 0.02
+they barely do), and builds are seeded, so the same family always gives the same weights.
+
+The chat templates take string contents or lists of parts of type "text", "image", "video" and "audio"
+(whichever the family supports; another type raises), the roles system / user / assistant, and
+`add_generation_prompt`. Each media part becomes ONE placeholder token (plus its begin / end markers); the
+processor expands it to the real number of feature tokens.
+
+This module imports only the standard library at import time; torch and transformers are imported when a
+model is built or loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+__all__ = [
+    "TINY_FAMILIES",
+    "TINY_SPECS",
+    "TINY_INFO_FILE",
+    "TinyFamilySpec",
+    "build_tiny_model",
+    "default_tiny_dir",
+    "ensure_tiny_model",
+    "load_tiny_model",
+    "read_tiny_info",
+]
+
+TINY_INFO_FILE = "mmpipe_tiny.json"
+# Bump when a builder changes: cached models built by an older version are then rebuilt by ensure_tiny_model.
+TINY_BUILD_VERSION = 1
+
+LOADER_IMAGE_TEXT_TO_TEXT = "image_text_to_text"
+LOADER_MULTIMODAL_LM = "multimodal_lm"
+
+
+@dataclass(frozen=True)
+class TinyFamilySpec:
+    """What a tiny family supports: its loader, its modalities and the placeholder token of each modality.
+
+    `token_id_attrs` maps a modality to the attribute of `model.config` that holds its placeholder id.
+    """
+
+    family: str
+    loader: str
+    modalities: tuple[str, ...]
+    placeholders: Mapping[str, str]
+    token_id_attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+_TOKEN_ID_ATTRS = {"image": "image_token_id", "video": "video_token_id", "audio": "audio_token_id"}
+
+
+def _spec(family: str, loader: str, placeholders: Mapping[str, str]) -> TinyFamilySpec:
+    return TinyFamilySpec(
+        family=family,
+        loader=loader,
+        modalities=tuple(placeholders),
+        placeholders=dict(placeholders),
+        token_id_attrs={m: _TOKEN_ID_ATTRS[m] for m in placeholders},
+    )
+
+
+_QWEN_VL_PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
+
+TINY_SPECS: Mapping[str, TinyFamilySpec] = {
+    s.family: s
+    for s in (
+        _spec("llava", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
+        _spec("qwen2_vl", LOADER_IMAGE_TEXT_TO_TEXT, _QWEN_VL_PLACEHOLDERS),
+        _spec("qwen2_5_vl", LOADER_IMAGE_TEXT_TO_TEXT, _QWEN_VL_PLACEHOLDERS),
+        _spec("qwen2_audio", LOADER_MULTIMODAL_LM, {"audio": "<|AUDIO|>"}),
+        _spec("llava_onevision", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>", "video": "<video>"}),
+        _spec("qwen2_5_omni", LOADER_MULTIMODAL_LM, {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
+    )
+}
+TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
+
+# --------------------------------------------------------------------------------------------------------------
+# Sizes shared by every family. Vision inputs are 56 px (4x4 patches of 14 px); audio is 16 kHz, 16 mel bins.
+# --------------------------------------------------------------------------------------------------------------
+SEED = 0
+VOCAB_SIZE = 480
+PATCH = 14
+IMAGE_SIZE = 56
+SAMPLING_RATE = 16_000
+MEL_BINS = 16
+# Whisper-style encoders want exactly max_source_positions * 2 mel frames; at hop 160 / 16 kHz that is
+# 200 frames = 2 s, so the feature extractor pads / cuts every clip to chunk_length = 2 s.
+AUDIO_MAX_SOURCE_POSITIONS = 100
+AUDIO_CHUNK_SECONDS = 2
+_QWEN_VISION_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+
+_TOKENIZER_CORPUS = (
+    "system user assistant You are a helpful assistant. Answer the question briefly and clearly.",
+    "Describe the image. What is in this picture? Describe the video. What happens in the clip?",
+    "What's that sound? Listen to the audio and transcribe it. The quick brown fox jumps over the lazy dog.",
+    "USER: ASSISTANT: Picture Video Audio 0 1 2 3 4 5 6 7 8 9 10 100 , . ? ! : ; ' \" ( ) [ ] - / \n",
+    "a cat and a dog sit on a red chair in front of a blue wall; the colours, shapes and sizes differ.",
+    "There is a man walking down the street with a woman. They are talking about the weather today.",
+    "The people in the room are looking at the screen, where a small car drives along the road.",
+    "Please tell me how many objects you can see, where they are, and what they are doing now.",
+    "Hello, how are you? I am fine, thank you. Can you help me with this task? Yes, of course I can.",
+    "The music is loud and the bird is singing in the tree near the house, while water is running.",
+    "First, second, third: one, two, three, four, five, six, seven, eight, nine, ten frames per second.",
+    "It was a good day: the sun was bright, the sky was clear and the children played in the park.",
+    "This is a photo of a city at night with many lights, buildings, people, cars and a large bridge.",
+    "Summarize the text, translate it into French, and write a short story about the main character.",
+    "speech, noise, silence, voice, song, moving, frames, colour, colors, left, right, top, bottom, center",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chat templates
+# --------------------------------------------------------------------------------------------------------------
+def _content_block(media_markers: Mapping[str, str]) -> str:
+    """Jinja that renders `message['content']`: a string, or a list of text / media parts."""
+    branches = "".join(
+        f"{{%- elif part['type'] == '{kind}' -%}}{{{{- {json.dumps(marker)} -}}}}\n"
+        for kind, marker in media_markers.items()
+    )
+    return (
+        "{%- if message['content'] is string -%}{{- message['content'] -}}\n"
+        "{%- else -%}{%- for part in message['content'] -%}\n"
+        "{%- if part['type'] == 'text' -%}{{- part['text'] -}}\n"
+        f"{branches}"
+        "{%- else -%}{{- raise_exception('unsupported content part type: ' ~ part['type']) -}}\n"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}\n"
+    )
+
+
+_CHECK_ROLE = (
+    "{%- if message['role'] not in ('system', 'user', 'assistant') -%}"
+    "{{- raise_exception('unsupported role: ' ~ message['role']) -}}{%- endif -%}\n"
+)
+
+
+def chatml_template(media_markers: Mapping[str, str]) -> str:
+    """Qwen-style ChatML: `<|im_start|>role\\n...<|im_end|>\\n`, generation prompt `<|im_start|>assistant\\n`."""
+    return (
+        "{%- for message in messages -%}\n"
+        + _CHECK_ROLE
+        + "{{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}\n"
+        + _content_block(media_markers)
+        + "{{- '<|im_end|>\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}\n"
+    )
+
+
+def llava_template(media_markers: Mapping[str, str]) -> str:
+    """LLaVA-1.5 style: `system USER: <image>\\nquestion ASSISTANT: answer</s>`, generation prompt `ASSISTANT:`."""
+    return (
+        "{%- for message in messages -%}\n"
+        + _CHECK_ROLE
+        + "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}\n"
+        "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}{%- endif -%}\n"
+        + _content_block(media_markers)
+        + "{%- if message['role'] == 'assistant' -%}{{- '</s>' -}}{%- else -%}{{- ' ' -}}{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+def train_tokenizer(
+    special_tokens: Iterable[str],
+    *,
+    eos: str,
+    pad: str,
+    bos: str | None = None,
+    named_tokens: Mapping[str, str] | None = None,
+    vocab_size: int = VOCAB_SIZE,
+) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE on a fixed English corpus and wrap it as a transformers fast tokenizer.
+
+    `special_tokens` are never split. `named_tokens` (e.g. {"image_token": "<image>"}) become tokenizer
+    attributes (`tok.image_token`, `tok.image_token_id`), which the processors pick up.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    kwargs: dict[str, Any] = {"tokenizer_object": bpe, "eos_token": eos, "pad_token": pad}
+    if bos is not None:
+        kwargs["bos_token"] = bos
+    if named_tokens:
+        kwargs["extra_special_tokens"] = dict(named_tokens)
+    return PreTrainedTokenizerFast(**kwargs)
+
+
+def _text_config(tok: PreTrainedTokenizerFast, **overrides: Any) -> dict[str, Any]:
+    """A 2-layer, 64-wide decoder config with large init, so greedy tokens depend on the inputs."""
+    cfg: dict[str, Any] = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,  # None for the Qwen-style tokenizers (some configs default to 151643)
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+# head_dim = 64 / 4 = 16 -> 8 rotary frequencies, split over (t, h, w)
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
+def _qwen_vision_processors() -> tuple[Any, Any]:
+    """Qwen2-VL image and video processors sized for 56-112 px inputs (4-16 merged tokens per frame)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    common = dict(size=dict(_QWEN_VISION_SIZE), patch_size=PATCH, temporal_patch_size=2, merge_size=2)
+    image = Qwen2VLImageProcessor(**common)
+    video = Qwen2VLVideoProcessor(**common, do_sample_frames=False, cap_pixels_per_frame=True)
+    return image, video
+
+
+def _whisper_feature_extractor() -> Any:
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(
+        feature_size=MEL_BINS,
+        sampling_rate=SAMPLING_RATE,
+        hop_length=160,
+        chunk_length=AUDIO_CHUNK_SECONDS,
+        n_fft=400,
+    )
+
+
+def _audio_encoder_config(**overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(
+        num_mel_bins=MEL_BINS,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        d_model=32,
+        max_source_positions=AUDIO_MAX_SOURCE_POSITIONS,
+        initializer_range=0.2,  # with 0.02 the audio features barely move the greedy tokens
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def _qwen_vit_config(**overrides: Any) -> dict[str, Any]:
+    """Qwen2.5-VL / Omni windowed ViT: 2 blocks, the second with full attention."""
+    cfg: dict[str, Any] = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def _ids(tok: PreTrainedTokenizerFast, **tokens: str) -> dict[str, int]:
+    return {name: tok.convert_tokens_to_ids(t) for name, t in tokens.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One builder per family: each returns (model, processor), not yet saved.
+# --------------------------------------------------------------------------------------------------------------
+_Built = tuple["PreTrainedModel", "ProcessorMixin"]
+
+_CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _build_llava() -> _Built:
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
+                          named_tokens={"image_token": "<image>"})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_text_config(tok)),
+        image_token_index=tok.image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=llava_template({"image": "<image>\n"}))
+    return model, processor
+
+
+def _build_qwen_vl(version: str) -> _Built:
+    import transformers as tf
+
+    tok = train_tokenizer(_CHATML + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                          eos="<|im_end|>", pad="<|endoftext|>",
+                          named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    token_ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                     vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    text = _text_config(tok, rope_parameters=dict(_MROPE))
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=PATCH,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        model_cls, config_cls, processor_cls = (
+            tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig, tf.Qwen2VLProcessor)
+    else:
+        vision = _qwen_vit_config(tokens_per_second=2)
+        model_cls, config_cls, processor_cls = (
+            tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLProcessor)
+    model = model_cls(config_cls(text_config=text, vision_config=vision, **token_ids))
+    image_processor, video_processor = _qwen_vision_processors()
+    markers = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+               "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+    processor = processor_cls(image_processor=image_processor, video_processor=video_processor, tokenizer=tok,
+                              chat_template=chatml_template(markers))
+    return model, processor
+
+
+def _build_qwen2_vl() -> _Built:
+    return _build_qwen_vl("2")
+
+
+def _build_qwen2_5_vl() -> _Built:
+    return _build_qwen_vl("2.5")
+
+
+def _build_qwen2_audio() -> _Built:
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+    named = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+    tok = train_tokenizer(_CHATML + list(named.values()), eos="<|im_end|>", pad="<|endoftext|>",
+                          named_tokens=named)
+    config = Qwen2AudioConfig(
+        audio_config=_audio_encoder_config(),
+        text_config=_text_config(tok, model_type="qwen2"),
+        audio_token_index=tok.audio_token_id,
+    )
+    model = Qwen2AudioForConditionalGeneration(config)
+    processor = Qwen2AudioProcessor(
+        feature_extractor=_whisper_feature_extractor(), tokenizer=tok,
+        chat_template=chatml_template({"audio": "<|audio_bos|><|AUDIO|><|audio_eos|>\n"}))
+    return model, processor
+
+
+def _build_llava_onevision() -> _Built:
+    from transformers import (
+        LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+    )
+
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    tok = train_tokenizer(_CHATML + ["<image>", "<video>"], eos="<|im_end|>", pad="<|endoftext|>",
+                          named_tokens={"image_token": "<image>", "video_token": "<video>"})
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH,
+                           vision_use_head=False),
+        text_config=_text_config(tok, model_type="qwen2"),
+        image_token_index=tok.image_token_id,
+        video_token_index=tok.video_token_id,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tok,
+        num_image_tokens=(IMAGE_SIZE // PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=chatml_template({"image": "<image>\n", "video": "<video>\n"}),
+    )
+    return model, processor
+
+
+def _build_qwen2_5_omni() -> _Built:
+    """The Qwen2.5-Omni thinker (the text-generating half; no talker / token2wav).
+
+    Note: Qwen2_5OmniProcessor applies its own class-level video size (at least 128*28*28 px a frame) over the
+    video processor's, so a small video still gives ~144 tokens a frame pair unless the caller passes
+    `videos_kwargs={"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}}`.
+    """
+    from transformers import (
+        Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+    )
+
+    named = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+             "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+             "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+    tok = train_tokenizer(_CHATML + list(named.values()), eos="<|im_end|>", pad="<|endoftext|>",
+                          named_tokens=named)
+    ids = _ids(tok, **named)
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=_audio_encoder_config(n_window=50, output_dim=64),
+        vision_config=_qwen_vit_config(),
+        text_config=_text_config(tok, rope_parameters=dict(_MROPE)),
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        user_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+        initializer_range=0.2,  # the thinker initialises lm_head itself, from its own (not the text) config
+    )
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    image_processor, video_processor = _qwen_vision_processors()
+    markers = {"image": "<|vision_bos|><|IMAGE|><|vision_eos|>",
+               "video": "<|vision_bos|><|VIDEO|><|vision_eos|>",
+               "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>"}
+    processor = Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=video_processor,
+                                     feature_extractor=_whisper_feature_extractor(), tokenizer=tok,
+                                     chat_template=chatml_template(markers))
+    return model, processor
+
+
+_BUILDERS = {
+    "llava": _build_llava,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen2_audio": _build_qwen2_audio,
+    "llava_onevision": _build_llava_onevision,
+    "qwen2_5_omni": _build_qwen2_5_omni,
+}
+assert set(_BUILDERS) == set(TINY_FAMILIES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------------
+def _check_family(family: str) -> TinyFamilySpec:
+    try:
+        return TINY_SPECS[family]
+    except KeyError:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(TINY_FAMILIES)}") from None
+
+
+def build_tiny_model(family: str, out_dir: str | Path) -> Path:
+    """Build the tiny random model of `family` into `out_dir` (created if needed) and return its path.
+
+    Writes the model weights and config, generation_config (eos / pad ids), the processor with its tokenizer
+    and chat template, and `mmpipe_tiny.json` ({"family", "loader", ...}). Deterministic: the weights are
+    drawn from a fixed seed without disturbing the caller's global RNG state.
+    """
+    spec = _check_family(family)
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model, processor = _BUILDERS[family]()
+    model.eval()
+    tok = processor.tokenizer
+    tok.chat_template = processor.chat_template  # so a bare AutoTokenizer renders prompts the same way
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    if tok.bos_token_id is not None:
+        model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    info = {
+        "family": spec.family,
+        "loader": spec.loader,
+        "modalities": list(spec.modalities),
+        "placeholders": dict(spec.placeholders),
+        "version": TINY_BUILD_VERSION,
+    }
+    (out / TINY_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def read_tiny_info(path: str | Path) -> dict[str, Any]:
+    """The `mmpipe_tiny.json` of a tiny model directory."""
+    return json.loads((Path(path) / TINY_INFO_FILE).read_text())
+
+
+def load_tiny_model(path: str | Path) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load (model in eval mode, processor) from a tiny model directory with the Auto class it names."""
+    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
+
+    info = read_tiny_info(path)
+    model_cls = {LOADER_IMAGE_TEXT_TO_TEXT: AutoModelForImageTextToText,
+                 LOADER_MULTIMODAL_LM: AutoModelForMultimodalLM}[info["loader"]]
+    model = model_cls.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def default_tiny_dir(family: str) -> Path:
+    """Cache location of a tiny model: `$MMPIPE_CACHE_DIR/tiny/<family>`, by default under ~/.cache/mmpipe."""
+    _check_family(family)
+    root = os.environ.get("MMPIPE_CACHE_DIR") or Path.home() / ".cache" / "mmpipe"
+    return Path(root).expanduser() / "tiny" / family
+
+
+def _is_current(path: Path) -> bool:
+    try:
+        return read_tiny_info(path).get("version") == TINY_BUILD_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_tiny_model(family: str) -> Path:
+    """Return the cached tiny model of `family`, building it on first use.
+
+    The model is built into a temporary sibling directory and renamed into place, so a reader never sees a
+    half-written model and concurrent builders do not clash (the first rename wins). A directory written by
+    an older builder version is replaced.
+    """
+    target = default_tiny_dir(family)
+    if _is_current(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}.build-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry should read like any other directory
+    try:
+        build_tiny_model(family, tmp)
+        if target.exists() and not _is_current(target):
+            stale = Path(tempfile.mkdtemp(prefix=f".{family}.stale-", dir=target.parent))
+            os.replace(target, stale / family)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_current(target):  # lost a race to a builder whose result is unusable: surface the error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
