@@ -57,7 +57,7 @@ class LLM:
             allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
             allowed_local_media_path=allowed_local_media_path)
         loader = MediaLoader(policy, media_io_kwargs)
-        cache = make_cache(None if mm_cache in (None, "off", "none") else mm_cache,
+        cache = make_cache("off" if mm_cache is None else mm_cache,
                            max_bytes=int(mm_cache_gb * (1 << 30)))
         keyspace = CacheKeyspace(
             model_fingerprint(model, self.adapter.model.config.to_dict()),

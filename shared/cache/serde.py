@@ -199,12 +199,17 @@ def _parse(buf: Any, kind: str, allowed: Mapping[str, torch.dtype],
     if header.get("byteorder") != "little":
         raise _corrupt(f"byte order {header.get('byteorder')!r} is not supported")
     data_start = _align(_PREFIX.size + hlen)
-    out: dict[str, torch.Tensor] = {}
-    for ent in header.get("tensors", []):
+    entries = header.get("tensors")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise _corrupt("header has no valid tensor table")
+
+    # 1) Structure, from the header alone: dtypes, shapes against nbytes, byte ranges.
+    plan: list[tuple[str, torch.dtype, list[int], int, int, int, Any]] = []
+    for ent in entries:
         name, dname, shape = ent.get("name"), ent.get("dtype"), ent.get("shape")
         nbytes, off = ent.get("nbytes"), ent.get("offset")
         dtype = allowed.get(dname)
-        if dtype is None:
+        if not isinstance(name, str) or dtype is None:
             raise _corrupt(f"tensor {name!r} has unsupported dtype {dname!r}")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(nbytes, int) or not isinstance(off, int) or off < 0 or off % _ALIGN):
@@ -213,25 +218,35 @@ def _parse(buf: Any, kind: str, allowed: Mapping[str, torch.dtype],
         expect = math.prod(shape) * itemsize
         if expect != nbytes:
             raise _corrupt(f"tensor {name!r}: shape {shape} x {itemsize} bytes = {expect} != nbytes {nbytes}")
-        start = data_start + off
-        if start + nbytes > total:
-            raise _corrupt(f"tensor {name!r} needs bytes [{start}, {start + nbytes}) but the payload has "
-                           f"{total} (truncated?)")
+        plan.append((name, dtype, shape, itemsize, data_start + off, nbytes, ent.get("blake3")))
+
+    # 2) Length: the writer puts nothing after the last tensor, so any other length means the value is
+    #    not what we wrote (truncated, or two values glued together).
+    expected_total = max((start + n for _, _, _, _, start, n, _ in plan), default=data_start)
+    if total != expected_total:
+        raise _corrupt(f"payload is {total} bytes but its header describes {expected_total} (truncated?)")
+
+    # 3) Padding is covered by no checksum, so insist it is what the writer wrote (zeros): then every
+    #    changed byte of a payload raises instead of being silently ignored. At most 63 bytes a gap.
+    pos = _PREFIX.size + hlen  # end of the header
+    for start, end in sorted((p[4], p[4] + p[5]) for p in plan) or [(data_start, data_start)]:
+        if start < pos:
+            raise _corrupt("tensor byte ranges overlap")
+        if any(mv[pos:start]):
+            raise _corrupt("non-zero padding bytes")
+        pos = end
+
+    # 4) Content: checksums, then zero-copy views.
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, itemsize, start, nbytes, digest in plan:
         view = mv[start:start + nbytes]
-        if verify and blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest() != ent.get("blake3"):
+        if verify and blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest() != digest:
             raise _corrupt(f"tensor {name!r} checksum mismatch")
         if nbytes == 0:
-            t = torch.empty(shape, dtype=dtype)
+            out[name] = torch.empty(shape, dtype=dtype)  # frombuffer refuses empty ranges
         else:
             # Zero-copy: the tensor shares memory with `buf` and keeps it alive.
-            t = torch.frombuffer(mv, dtype=dtype, count=nbytes // itemsize, offset=start).view(shape)
-        out[name] = t
-    # The writer puts nothing after the last tensor, so any other length means the value is not what we
-    # wrote (truncated, or two values glued together).
-    expected_total = max((data_start + e["offset"] + e["nbytes"] for e in header.get("tensors", [])),
-                         default=data_start)
-    if total != expected_total:
-        raise _corrupt(f"payload is {total} bytes, header describes {expected_total}")
+            out[name] = torch.frombuffer(mv, dtype=dtype, count=nbytes // itemsize, offset=start).view(shape)
     return header, out
 
 

@@ -1,0 +1,34 @@
+"""The generator engine: continuous batching over a paged KV cache for the text decoder of HF multimodal
+models, fed with precomputed multimodal embedding rows.
+
+    from mmpipe.shared.engine import EngineConfig, LLMEngine, StepOutput
+    engine = LLMEngine(hf_model, EngineConfig(device="cuda", dtype=torch.bfloat16))
+
+Layout (nano-vllm style): config, sequence, block_manager, scheduler (what runs each step), model_runner
+(inputs, KV cache, CUDA graphs), decoder (our forward over the HF weights), attention/ (torch reference and
+Triton backends), kernels/ (CUDA only), sampler, detokenizer (stop strings), llm_engine (sync loop),
+async_engine (asyncio front with a background step thread).
+"""
+from __future__ import annotations
+
+from .config import EngineConfig
+from .outputs import StepOutput
+
+__all__ = ["EngineConfig", "LLMEngine", "StepOutput", "AsyncLLMEngine", "IncrementalDetokenizer"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import mmpipe.shared.engine` stays cheap for code that only needs the config or output types.
+    if name == "LLMEngine":
+        from .llm_engine import LLMEngine
+
+        return LLMEngine
+    if name == "AsyncLLMEngine":
+        from .async_engine import AsyncLLMEngine
+
+        return AsyncLLMEngine
+    if name == "IncrementalDetokenizer":
+        from .detokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer
+    raise AttributeError(name)

@@ -64,7 +64,7 @@ def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
         return _fetch_data_url(url, policy)
     if scheme == "file":
         return _read_local(_file_url_to_path(url), policy)
-    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+    if scheme == "":
         return _read_local(url, policy)
     raise MediaPolicyError(
         f"unsupported media URL scheme {scheme!r}: use http(s)://, data: (base64) or file:// "
@@ -110,7 +110,11 @@ def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
                     if not loc:
                         raise MediaFetchError(f"{redact_url(u)} answered HTTP {resp.status_code} without a "
                                               f"Location header")
-                    nxt = u.join(loc)
+                    try:
+                        nxt = u.join(loc)
+                    except Exception:  # httpx.InvalidURL is not an HTTPError: map it here, not as a 500
+                        raise MediaFetchError(f"{redact_url(u)} redirects to a malformed Location "
+                                              f"{loc[:80]!r}") from None
                     if not policy.allow_redirects:
                         raise MediaPolicyError(
                             f"{redact_url(u)} redirects (HTTP {resp.status_code}) to {redact_url(nxt)}, and "
@@ -119,9 +123,11 @@ def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
                     u = nxt
                     continue
                 if resp.status_code >= 400:
+                    hint = ("the media server failed; retry later" if resp.status_code >= 500
+                            else "check the URL and that it is publicly readable")
                     raise MediaFetchError(
                         f"fetching {redact_url(u)} failed: the server answered HTTP {resp.status_code} "
-                        f"{resp.reason_phrase}; check the URL and that it is publicly readable")
+                        f"{resp.reason_phrase}; {hint}")
                 if resp.status_code != 200:
                     raise MediaFetchError(f"fetching {redact_url(u)}: unexpected HTTP {resp.status_code}")
                 return _read_body(resp, u, policy, deadline)

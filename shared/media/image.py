@@ -18,6 +18,10 @@ from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
 
 DEFAULT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 IMAGE_IO_KEYS = ("rgba_background_color",)
+# Formats PIL may even try. Anything else (EPS shells out to Ghostscript, and dozens of rarely used
+# parsers widen the attack surface) is refused before a plugin looks at the bytes.
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "JPEG2000", "ICO", "PPM", "TGA",
+                         "QOI")
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,12 @@ def decode_image(data: bytes, opts: ImageIOOptions | None = None, *, max_pixels:
     # inside open(); we do not touch that global (other code shares it) and apply the policy's cap
     # ourselves from the header below. Silencing its warning is skipped: catch_warnings is not thread-safe.
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
         raise LimitExceededError(f"image refused as a decompression bomb: {e}") from None
     except Exception as e:  # UnidentifiedImageError, SyntaxError from plugins, ...
-        raise MediaDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from None
+        raise MediaDecodeError(f"cannot decode image ({len(data)} bytes): not a readable image in a supported "
+                               f"format ({', '.join(ALLOWED_IMAGE_FORMATS)}): {type(e).__name__}") from None
     # Header parsed, pixels not yet decoded: refuse huge images before allocating them.
     check_pixels(img.width, img.height, max_pixels)
     if ImageFile.LOAD_TRUNCATED_IMAGES:

@@ -20,7 +20,7 @@ from .fetch import fetch_bytes
 from .hashing import hash_audio, hash_image, hash_video
 from .image import ImageIOOptions, check_pixels, decode_image, normalize_image, parse_image_io_kwargs
 from .policy import MediaPolicy
-from .video import VideoIOOptions, _check_frame_budget, decode_video, normalize_video, parse_video_io_kwargs
+from .video import VideoIOOptions, check_frame_budget, decode_video, normalize_video, parse_video_io_kwargs
 
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
@@ -145,7 +145,7 @@ class MediaLoader:
         frames = normalize_video(source, max_frames=self.policy.max_video_frames,
                                  max_pixels=self.policy.max_image_pixels)
         t, h, w = (int(x) for x in frames.shape[:3])
-        _check_frame_budget(t, h, w, self.policy)
+        check_frame_budget(t, h, w, self.policy)
         fps = given.get("fps")
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
             raise InvalidInputError(f"video metadata fps must be a number > 0, got {fps!r}")

@@ -128,12 +128,17 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
         if total <= 0:
             raise MediaDecodeError("video has no frames")
         idx, rate = sample_indices(total, src_fps, opts, policy.max_video_frames)
-        try:
-            first = vr[int(idx[0])].asnumpy()
-        except Exception as e:
-            raise MediaDecodeError(f"cannot decode video frames: {type(e).__name__}: {e}") from None
-        h, w = int(first.shape[0]), int(first.shape[1])
-        _check_frame_budget(len(idx), h, w, policy)
+        # Frame size from the stream header, so a tiny file claiming 16k x 16k frames is refused before
+        # a single frame buffer is allocated; only if the probe fails do we decode one frame to learn it.
+        hw = _probe_size(path)
+        if hw is None:
+            try:
+                first = vr[int(idx[0])].asnumpy()
+            except Exception as e:
+                raise MediaDecodeError(f"cannot decode video frames: {type(e).__name__}: {e}") from None
+            hw = int(first.shape[0]), int(first.shape[1])
+        h, w = hw
+        check_frame_budget(len(idx), h, w, policy)
         try:
             frames = vr.get_batch(idx.tolist()).asnumpy()
         except Exception as e:
@@ -147,6 +152,7 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
         except OSError:
             pass
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    h, w = int(frames.shape[1]), int(frames.shape[2])  # what was actually decoded (rotation etc.)
     duration = total / src_fps if src_fps > 0 else None
     sampled_fps = rate if rate is not None else (len(idx) / duration if duration else None)
     meta = {"fps": src_fps or None, "sampled_fps": sampled_fps, "duration_s": duration,
@@ -154,7 +160,21 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
     return frames, meta
 
 
-def _check_frame_budget(t: int, h: int, w: int, policy: MediaPolicy) -> None:
+def _probe_size(path: str) -> tuple[int, int] | None:
+    """(height, width) of the first video stream from the container header via PyAV; None if unknown."""
+    try:
+        import av
+
+        with av.open(path, mode="r") as c:
+            if not c.streams.video:
+                return None
+            cc = c.streams.video[0].codec_context
+            return (int(cc.height), int(cc.width)) if cc.width and cc.height else None
+    except Exception:  # probing is best effort; decord's own error is the one reported
+        return None
+
+
+def check_frame_budget(t: int, h: int, w: int, policy: MediaPolicy) -> None:
     if h * w > policy.max_image_pixels:
         raise LimitExceededError(f"video frames are {w}x{h}, more than the limit of {policy.max_image_pixels} "
                                  f"pixels per frame")

@@ -33,7 +33,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Writes the new K/V of a layer into the paged cache and attends each query row to its sequence."""
+    """Attends each query row to its own sequence's K/V in the paged cache (the step's new K/V are already
+    written into the cache by the decoder's ops; k and v are passed too, for prefills with no cached prefix)."""
 
     name: str = "base"
 

@@ -1,6 +1,6 @@
-"""Reference attention in plain torch: index_copy into the paged cache, then per sequence gather its K/V
-from the blocks and run SDPA (GQA native, causal with the cached prefix as offset). Runs anywhere; CI tests
-the engine with it and the GPU kernels are checked against it."""
+"""Reference attention in plain torch: per sequence, gather its K/V from the paged cache and run SDPA (GQA
+native, causal with the cached prefix as offset). Also the reference KV write (index_copy into the slots).
+Runs anywhere; CI tests the engine with it and the GPU kernels are checked against it."""
 from __future__ import annotations
 
 import torch
@@ -46,7 +46,6 @@ class TorchRefBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         qsl, lens, bts = meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables_host
         bs = self.block_size

@@ -1,0 +1,381 @@
+"""Embedding cache in Redis, shared by every encoder/generator replica that points at the same server.
+
+Values are `serde.pack_embedding` payloads (checksummed header + raw tensor bytes).
+
+Write path, and why it is not a plain `redis.Redis().set(key, value)`: with hiredis installed, redis-py
+packs every command with `hiredis.pack_command`, which copies a 4.7 MB value several times; measured
+here that is 5 ms of the 6.6 ms a SET took on a warm buffer (20 ms on the machine of FACTS.md). redis-py's
+pure-Python packer instead hands large arguments to `sendall` untouched. This module therefore
+  * configures its connection pool with the pure-Python packer (hiredis still parses replies, which is
+    where it helps), and
+  * writes SETs itself on a pooled connection: the RESP header, the payload header and a memoryview of the
+    tensor go out with `send_packed_command`, so the tensor is never concatenated or copied (zero-copy),
+    and several SETs are pipelined into one round trip for `put_many` and the background writer.
+Numbers for each variant: `bench/cache_bench.py`.
+
+`put_async` queues writes for a background thread (bounded by item count and bytes; when full, writes
+are dropped and counted, because blocking the encoder would put the cache back on the request's
+critical path). `flush()` waits for the queue.
+
+Reads use MGET (in chunks, so one huge reply can't balloon the server's output buffer). Every value is
+validated by `unpack_embedding`; a corrupt value is deleted, counted and reported as a miss, never served.
+An evicted or expired entry is simply absent: a miss.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import PythonRespSerializer
+from redis.retry import Retry
+
+from ..errors import InvalidInputError, ServiceUnavailableError
+from ..types import MMEmbedding
+from .base import CacheStats, EmbeddingCache, _Counters
+from .lru import embedding_nbytes
+from .serde import CacheCorruptError, pack_embedding_parts, payload_nbytes, unpack_embedding
+
+__all__ = ["RedisEmbeddingCache", "redact_url"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_MGET_CHUNK = 16  # keys per MGET: 16 x 9.3 MB (a large Qwen2-VL image) is ~150 MB of reply at most
+_COALESCE_MAX = 64 * 1024  # small RESP pieces are joined; larger buffers go to sendall as they are
+_BATCH_MAX_BYTES = 64 * MiB  # bytes per pipelined write batch of the background writer
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ***, for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable redis url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _coalesce(chunks: Iterable[Any]) -> list[Any]:
+    """Join neighbouring small pieces so a pipelined write is a few large sendall calls."""
+    out: list[Any] = []
+    small: list[bytes] = []
+    size = 0
+    for c in chunks:
+        n = memoryview(c).nbytes
+        if n <= _COALESCE_MAX:
+            small.append(bytes(c))
+            size += n
+            if size > _COALESCE_MAX:
+                out.append(b"".join(small))
+                small, size = [], 0
+        else:
+            if small:
+                out.append(b"".join(small))
+                small, size = [], 0
+            out.append(c)
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
+class RedisEmbeddingCache(EmbeddingCache):
+    """Embedding cache on a Redis server (`redis://[:password@]host:port/db`, `rediss://`, `unix://`).
+
+    ttl_s: expiry of every entry (None: entries live until evicted by the server's maxmemory policy).
+    socket_timeout_s: per-operation socket timeout; connect_timeout_s defaults to it.
+    namespace: `clear()` deletes only keys starting with "<namespace>:" (see CacheKeyspace).
+    async_queue_size / async_max_pending_bytes: bounds of the `put_async` queue.
+    verify: check each value's blake3 checksum on read (about 0.3 ms per 4.7 MB).
+    """
+
+    def __init__(self, url: str, *, ttl_s: int | None = None, socket_timeout_s: float = 5.0,
+                 connect_timeout_s: float | None = None, namespace: str = "mmpipe",
+                 max_connections: int | None = None, async_queue_size: int = 64,
+                 async_max_pending_bytes: int = 512 * MiB, verify: bool = True):
+        if ttl_s is not None and (not isinstance(ttl_s, int) or ttl_s <= 0):
+            raise InvalidInputError(f"ttl_s must be a positive int or None, got {ttl_s!r}", param="ttl_s")
+        if not namespace or any(c in namespace for c in "*?[]\\:"):
+            raise InvalidInputError(f"invalid cache namespace {namespace!r}", param="namespace")
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.ttl_s = ttl_s
+        self.namespace = namespace
+        self.verify = verify
+        try:
+            self._pool = redis.ConnectionPool.from_url(
+                url,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=connect_timeout_s if connect_timeout_s is not None else socket_timeout_s,
+                # One immediate retry covers a pooled connection the server closed (restart, idle
+                # timeout); redis-py's default of several retries with backoff would turn "Redis is down"
+                # into seconds of waiting on every request.
+                retry=Retry(NoBackoff(), 1),
+                # See the module docstring: the pure-Python packer does not copy large values.
+                command_packer=PythonRespSerializer(6000, redis.connection.Encoder("utf-8", "strict", False).encode),
+                max_connections=max_connections,
+            )
+        except ValueError as e:
+            raise InvalidInputError(f"invalid Redis URL {self.safe_url!r}: {e}", param="cache") from e
+        self._r = redis.Redis(connection_pool=self._pool)
+        self._c = _Counters()
+        # background writer state
+        self._cv = threading.Condition()
+        self._queue: collections.deque[tuple[str, MMEmbedding, int]] = collections.deque()
+        self._queue_max = max(1, async_queue_size)
+        self._pending_bytes = 0
+        self._max_pending_bytes = async_max_pending_bytes
+        self._inflight = 0
+        self._worker: threading.Thread | None = None
+        self._closing = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisEmbeddingCache({self.safe_url!r}, ttl_s={self.ttl_s})"
+
+    # --- error mapping -----------------------------------------------------------------------------
+    @contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.exceptions.AuthenticationError as e:
+            raise ServiceUnavailableError(
+                f"Redis embedding cache at {self.safe_url}: authentication failed during {op} ({e}); "
+                f"put the right password in the URL (redis://:PASSWORD@host:port/db)") from e
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+            raise ServiceUnavailableError(
+                f"Redis embedding cache at {self.safe_url} is unreachable during {op}: {str(e).rstrip('.')}. "
+                f"Check that redis-server is running and reachable from here, or run with an in-process "
+                f"cache (--cache memory) or none (--cache off)") from e
+        except redis.exceptions.ResponseError as e:
+            raise ServiceUnavailableError(
+                f"Redis embedding cache at {self.safe_url} refused {op}: {e}") from e
+
+    def ping(self) -> bool:
+        """True when the server answers PING; raises ServiceUnavailableError (naming the URL) if not."""
+        with self._errors("PING"):
+            return bool(self._r.ping())
+
+    # --- reads -------------------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> list[MMEmbedding | None]:
+        keys = list(keys)
+        raw: list[bytes | None] = []
+        with self._errors("MGET"):
+            for i in range(0, len(keys), _MGET_CHUNK):
+                raw.extend(self._r.mget(keys[i:i + _MGET_CHUNK]))
+        out: list[MMEmbedding | None] = []
+        hits = misses = nread = 0
+        bad: list[str] = []
+        for key, val in zip(keys, raw):
+            if val is None:
+                misses += 1
+                out.append(None)
+                continue
+            nread += len(val)
+            try:
+                out.append(unpack_embedding(val, verify=self.verify))
+                hits += 1
+            except CacheCorruptError as e:
+                log.warning("dropping corrupt cache entry %s: %s", key, e)
+                bad.append(key)
+                misses += 1
+                out.append(None)
+        self._c.add(hits=hits, misses=misses, bytes_read=nread, corrupt=len(bad))
+        if bad:
+            try:
+                self._r.unlink(*bad)
+            except redis.exceptions.RedisError as e:  # the read succeeded; failing to clean up is not fatal
+                log.warning("could not delete corrupt cache entries: %s", e)
+                self._c.add(errors=1)
+        return out
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        keys = list(keys)
+        if not keys:
+            return []
+        with self._errors("EXISTS"):
+            pipe = self._r.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(k)
+            return [bool(n) for n in pipe.execute()]
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until `key` expires; None if it has no expiry or does not exist."""
+        with self._errors("PTTL"):
+            ms = self._r.pttl(key)
+        return ms / 1000.0 if ms is not None and ms >= 0 else None
+
+    # --- writes ------------------------------------------------------------------------------------
+    def _set_chunks(self, key: str, emb: MMEmbedding) -> tuple[list[Any], int]:
+        """RESP for `SET key <payload> [EX ttl]` as buffers; the tensor stays a memoryview."""
+        parts = pack_embedding_parts(emb)
+        n = payload_nbytes(parts)
+        k = key.encode("utf-8")
+        nargs = 5 if self.ttl_s else 3
+        head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (nargs, len(k), k, n)
+        tail = b"\r\n"
+        if self.ttl_s:
+            t = str(self.ttl_s).encode()
+            tail += b"$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(t), t)
+        return [head, *parts, tail], n
+
+    def _write(self, items: Sequence[tuple[str, MMEmbedding]]) -> None:
+        """Pipelined SETs on one pooled connection; raises ServiceUnavailableError on failure."""
+        if not items:
+            return
+        chunks: list[Any] = []
+        total = 0
+        for key, emb in items:
+            c, n = self._set_chunks(key, emb)
+            chunks.extend(c)
+            total += n
+        chunks = _coalesce(chunks)
+        for attempt in (0, 1):
+            conn = None
+            try:
+                with self._errors("SET"):
+                    conn = self._pool.get_connection()
+                    try:
+                        conn.send_packed_command(chunks)
+                        errors: list[Exception] = []
+                        # Read every reply even after an error reply, so the connection goes back to
+                        # the pool in sync with the server.
+                        for _ in items:
+                            try:
+                                conn.read_response()
+                            except redis.exceptions.ResponseError as e:
+                                errors.append(e)
+                    finally:
+                        self._pool.release(conn)
+                    if errors:
+                        raise errors[0]
+                break
+            except ServiceUnavailableError as e:
+                # A stale pooled connection fails once; SET is idempotent, so one retry on a fresh
+                # connection is safe. Server-side refusals (OOM, ...) are not retried.
+                if attempt == 0 and isinstance(e.__cause__, (redis.exceptions.ConnectionError, OSError)) \
+                        and not isinstance(e.__cause__, redis.exceptions.AuthenticationError):
+                    continue
+                raise
+        self._c.add(puts=len(items), bytes_written=total)
+
+    def put_many(self, items: Iterable[tuple[str, MMEmbedding]]) -> None:
+        items = list(items)
+        # Bounded batches keep one pipeline from holding hundreds of MB of references at once.
+        batch: list[tuple[str, MMEmbedding]] = []
+        size = 0
+        for key, emb in items:
+            batch.append((key, emb))
+            size += embedding_nbytes(emb)
+            if size >= _BATCH_MAX_BYTES:
+                self._write(batch)
+                batch, size = [], 0
+        self._write(batch)
+
+    def put_async(self, key: str, emb: MMEmbedding) -> None:
+        """Queue a write for the background thread and return at once.
+
+        If the queue is full (by count or bytes), the write is dropped and counted in stats().dropped:
+        a cache may lose writes, but must not stall the request that produced them.
+        """
+        n = embedding_nbytes(emb)
+        with self._cv:
+            if self._closing:
+                self._c.add(dropped=1)
+                return
+            if len(self._queue) >= self._queue_max or (
+                    self._queue and self._pending_bytes + n > self._max_pending_bytes):
+                self._c.add(dropped=1)
+                log.debug("cache write queue full, dropping %s", key)
+                return
+            self._queue.append((key, emb, n))
+            self._pending_bytes += n
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run_writer, name="mmpipe-cache-writer",
+                                                daemon=True)
+                self._worker.start()
+            self._cv.notify_all()
+
+    def _run_writer(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if not self._queue and self._closing:
+                    return
+                batch: list[tuple[str, MMEmbedding, int]] = []
+                size = 0
+                while self._queue and (not batch or size + self._queue[0][2] <= _BATCH_MAX_BYTES):
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    size += item[2]
+                self._inflight = len(batch)
+            try:
+                self._write([(k, e) for k, e, _ in batch])
+            except Exception as e:  # noqa: BLE001 - a background cache write must never kill the thread
+                self._c.add(errors=len(batch))
+                log.warning("background cache write of %d item(s) failed: %s", len(batch), e)
+            finally:
+                with self._cv:
+                    self._inflight = 0
+                    self._pending_bytes -= size
+                    self._cv.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._queue and not self._inflight, timeout=timeout_s)
+
+    def delete(self, key: str) -> None:
+        with self._errors("UNLINK"):
+            self._r.unlink(key)
+
+    def clear(self) -> None:
+        """Delete every key under "<namespace>:" (SCAN + UNLINK; other data in the db is left alone)."""
+        with self._errors("SCAN/UNLINK"):
+            batch: list[bytes] = []
+            for k in self._r.scan_iter(match=f"{self.namespace}:*", count=1000):
+                batch.append(k)
+                if len(batch) >= 1000:
+                    self._r.unlink(*batch)
+                    batch = []
+            if batch:
+                self._r.unlink(*batch)
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        """Local counters plus server-wide numbers when the server answers (else those stay None)."""
+        extra: dict[str, Any] = {}
+        try:
+            extra["entries"] = int(self._r.dbsize())
+            info = self._r.info()
+            extra["evictions"] = int(info.get("evicted_keys", 0))
+            extra["bytes_used"] = int(info.get("used_memory", 0))
+            extra["max_bytes"] = int(info.get("maxmemory", 0)) or None
+        except (redis.exceptions.RedisError, OSError):
+            pass
+        with self._cv:
+            pending = len(self._queue) + self._inflight
+        return self._c.snapshot(pending=pending, **extra)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what `put_async` queued (waiting at most `timeout_s`), stop the writer, disconnect."""
+        if self._closed:
+            return
+        self.flush(timeout_s)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout_s)
+        self._closed = True
+        self._pool.disconnect()

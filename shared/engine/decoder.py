@@ -1,0 +1,110 @@
+"""PagedDecoder: our own forward of an HF text decoder (Llama / Qwen2 / Qwen2-VL family) over a flat,
+variable-length batch, reusing the HF modules' weights in place (nothing is copied).
+
+It reads `model.model.language_model` (embed_tokens, layers, norm, rotary_emb) and `model.lm_head`. Rotary
+cos/sin come from the model's own `rotary_emb` (so M-RoPE sections are exact); positions are (T,) or, for
+M-RoPE models, (3, T). Attention goes through the paged KV cache via an attention backend.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpipe.shared.errors import UnsupportedError
+
+from .attention.base import AttentionBackend, AttentionMetadata
+
+
+def _find_text_decoder(hf_model: nn.Module) -> nn.Module:
+    inner = getattr(hf_model, "model", hf_model)
+    lm = getattr(inner, "language_model", None)
+    if lm is None and hasattr(inner, "layers"):
+        lm = inner  # a plain *ForCausalLM
+    if lm is None or not hasattr(lm, "layers"):
+        raise UnsupportedError(f"cannot find the text decoder of {type(hf_model).__name__}")
+    return lm
+
+
+class PagedDecoder:
+    def __init__(self, hf_model: nn.Module):
+        lm = _find_text_decoder(hf_model)
+        self.lm = lm
+        self.embed_tokens: nn.Embedding = lm.embed_tokens
+        self.layers = list(lm.layers)
+        self.norm = lm.norm
+        self.rotary_emb = lm.rotary_emb
+        self.lm_head = hf_model.lm_head if hasattr(hf_model, "lm_head") else hf_model.get_output_embeddings()
+        cfg = lm.config
+        attn0 = self.layers[0].self_attn
+        self.num_layers = len(self.layers)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(attn0.head_dim)
+        self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.hidden_size = int(cfg.hidden_size)
+        self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.max_position_embeddings = int(getattr(cfg, "max_position_embeddings", 4096))
+        self.hidden_act = getattr(cfg, "hidden_act", "silu")
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        section = getattr(self.rotary_emb, "mrope_section", None) or rope.get("mrope_section")
+        self.mrope_section: list[int] | None = list(section) if section else None
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise UnsupportedError("sliding-window attention layers are not supported by the engine")
+        module = sys.modules[type(attn0).__module__]
+        self.apply_rotary = getattr(module, "apply_rotary_pos_emb")
+        p = next(lm.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def is_mrope(self) -> bool:
+        return self.mrope_section is not None
+
+    # ---- pieces ----------------------------------------------------------------------------------------------
+    def rotary(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (T, head_dim) for positions (T,) or (3, T)."""
+        T = positions.shape[-1]
+        pid = positions.view(3, 1, T) if self.is_mrope else positions.view(1, T)
+        cos, sin = self.rotary_emb(like, pid)
+        if cos.dim() == 4:  # older transformers return per-row tables: pick the M-RoPE sections ourselves
+            sec = self.mrope_section * 2
+            cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(sec, dim=-1))], dim=-1)
+            sin = torch.cat([m[i % 3] for i, m in enumerate(sin.split(sec, dim=-1))], dim=-1)
+        return cos.reshape(T, -1), sin.reshape(T, -1)
+
+    def embed(self, input_ids: torch.Tensor, mm_index: torch.Tensor | None, mm_rows: torch.Tensor | None):
+        h = self.embed_tokens(input_ids)
+        if mm_index is not None:
+            h[mm_index] = mm_rows.to(h.dtype)  # the multimodal rows replace the placeholder embeddings
+        return h
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor, attn: AttentionBackend, ops: Any,
+                mm_index: torch.Tensor | None = None, mm_rows: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, vocab) at `logits_index` rows (all rows when None); kv_cache (2, layers, blocks, bs, KVH, D)."""
+        h = self.embed(input_ids, mm_index, mm_rows)
+        cos, sin = self.rotary(positions, h)
+        T = h.shape[0]
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = ops.add_norm(h, residual, layer.input_layernorm)
+            a = layer.self_attn
+            q = a.q_proj(x).view(T, H, D)
+            k = a.k_proj(x).view(T, KVH, D)
+            v = a.v_proj(x).view(T, KVH, D)
+            kc, vc = kv_cache[0, i], kv_cache[1, i]
+            q, k = ops.rope_and_cache(q, k, v, cos, sin, kc, vc, meta.slot_mapping)
+            o = attn.forward(q, k, v, kc, vc, meta)
+            h = a.o_proj(o.reshape(T, H * D))
+            x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
+            h = ops.mlp(x, layer.mlp)
+        if logits_index is not None:
+            h, residual = h[logits_index], residual[logits_index]
+        x, _ = ops.add_norm(h, residual, self.norm)
+        return self.lm_head(x)

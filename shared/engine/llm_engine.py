@@ -1,0 +1,155 @@
+"""LLMEngine: the synchronous engine loop. add_request / abort_request between steps, step() runs one batch.
+
+    engine = LLMEngine(hf_model, EngineConfig(device="cuda", dtype=torch.bfloat16))
+    engine.add_request(EngineRequest(...))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+
+Not thread-safe: one thread drives it (see async_engine.AsyncLLMEngine for the asyncio front).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from mmpipe.shared.errors import InvalidInputError, LimitExceededError
+from mmpipe.shared.types import EngineRequest, FinishReason
+
+from .block_manager import BlockManager, cdiv
+from .config import EngineConfig
+from .model_runner import ModelRunner
+from .outputs import StepOutput
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, hf_model: nn.Module, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(hf_model, self.config)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[StepOutput] = []  # finishes decided between steps (aborts)
+        gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+        self._default_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0}
+        info = self.kv_cache_info()
+        log.info("engine ready in %.1fs: KV cache %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d, "
+                 "backend %s, cuda graphs %s", time.perf_counter() - t0, info["num_blocks"], info["block_size"],
+                 info["bytes"] / 2**20, info["dtype"], info["max_model_len"], info["attention_backend"],
+                 info["cuda_graph_batch_sizes"] or "off")
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def validate_request(self, req: EngineRequest) -> None:
+        """Raise if `req` can never run (thread-safe: reads only immutable settings)."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise InvalidInputError("the prompt is empty", param="prompt")
+        if n > self.max_model_len:
+            raise LimitExceededError(f"the prompt has {n} tokens; this engine takes at most {self.max_model_len}",
+                                     param="prompt")
+        if cdiv(n, self.config.block_size) > self.runner.num_blocks:
+            raise LimitExceededError(f"the prompt ({n} tokens) does not fit in the KV cache", param="prompt")
+        vocab = self.runner.decoder.vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+            raise InvalidInputError("prompt token id out of the vocabulary", param="prompt_token_ids")
+        if req.mm_embeds is not None:
+            emb, pos = req.mm_embeds, req.mm_positions
+            if pos is None or emb.dim() != 2 or emb.shape[1] != self.runner.decoder.hidden_size:
+                raise InvalidInputError(f"mm_embeds must be (N, {self.runner.decoder.hidden_size}) with "
+                                        "mm_positions", param="mm_embeds")
+            pos = torch.as_tensor(pos).reshape(-1)
+            if pos.numel() != emb.shape[0] or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n)):
+                raise InvalidInputError("mm_positions must give one prompt index per mm_embeds row",
+                                        param="mm_positions")
+        if req.mrope_positions is not None and tuple(torch.as_tensor(req.mrope_positions).shape) != (3, n):
+            raise InvalidInputError(f"mrope_positions must be (3, {n})", param="mrope_positions")
+
+    def add_request(self, req: EngineRequest) -> None:
+        if req.request_id in self._seqs:
+            raise InvalidInputError(f"duplicate request id {req.request_id!r}", param="request_id")
+        self.validate_request(req)
+        gen = None
+        if req.sampling.seed is not None:
+            gen = torch.Generator(device=self.runner.device)
+            gen.manual_seed(int(req.sampling.seed))
+        seq = Sequence(req, max_model_len=self.max_model_len,
+                       eos_token_ids=list(req.eos_token_ids) or self._default_eos, generator=gen)
+        if seq.mm_embeds is not None:
+            # One upload (and cast) at admission, not one per chunk; the caller's tensor is left alone.
+            seq.mm_embeds = seq.mm_embeds.to(device=self.runner.device, dtype=self.runner.dtype)
+        self._seqs[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str, reason: str | FinishReason = FinishReason.ABORT) -> bool:
+        """Finish a request now and free its blocks; the next step() reports it (finished, `reason`).
+
+        Also how a caller ends a request on a stop string (reason "stop"). False if it is unknown or done."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        reason = reason.value if isinstance(reason, FinishReason) else str(reason)
+        self.scheduler.finish(seq, reason)
+        self._pending.append(StepOutput(request_id, [], [] if seq.want_logprobs else None, True, reason,
+                                        seq.num_prompt_tokens))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def num_waiting_requests(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running_requests(self) -> int:
+        return len(self.scheduler.running)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        sampled, result = self.runner.execute(sched)
+        self.stats["steps"] += 1
+        for sc in sched.scheduled:
+            if sc.seq.num_computed_tokens < sc.seq.num_prompt_tokens:
+                self.stats["prefill_tokens"] += sc.num_new_tokens
+            else:
+                self.stats["decode_tokens"] += sc.num_new_tokens
+            sc.seq.num_computed_tokens += sc.num_new_tokens
+        if result is None:
+            return outputs
+        for sc, tok, lp in zip(sampled, result.token_ids, result.logprobs):
+            seq = sc.seq
+            seq.token_ids.append(tok)
+            reason = self._check_stop(seq, tok)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(StepOutput(seq.request_id, [tok], [lp] if seq.want_logprobs else None,
+                                      reason is not None, reason, seq.num_prompt_tokens))
+        return outputs
+
+    @staticmethod
+    def _check_stop(seq: Sequence, tok: int) -> str | None:
+        n_out = seq.num_output_tokens
+        if n_out >= seq.sampling.min_tokens and (tok in seq.eos_token_ids or tok in seq.stop_token_ids):
+            return FinishReason.STOP.value
+        if n_out >= seq.max_tokens or seq.num_tokens >= seq.max_model_len:
+            return FinishReason.LENGTH.value
+        return None
+
+    def kv_cache_info(self) -> dict:
+        info = self.runner.kv_cache_info()
+        info["free_blocks"] = self.block_manager.num_free_blocks
+        info["num_preemptions"] = self.scheduler.num_preemptions
+        return info

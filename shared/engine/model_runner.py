@@ -1,0 +1,192 @@
+"""ModelRunner: owns the KV cache, turns a scheduled batch into flat model inputs, runs the decoder (eagerly
+or through a captured CUDA graph for pure-decode steps) and samples.
+
+KV cache: one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim) for all layers; a token
+at index i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attention import AttentionMetadata, create_backend
+from .block_manager import cdiv
+from .config import EngineConfig
+from .decoder import PagedDecoder
+from .sampler import Sampler, SamplerOutput
+from .scheduler import ScheduledSeq, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, hf_model: nn.Module, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device
+        self.decoder = PagedDecoder(hf_model)
+        d = self.decoder
+        if d.device.type != self.device.type or (self.device.index is not None and d.device != self.device):
+            raise ValueError(f"the model is on {d.device} but EngineConfig.device is {config.device}; "
+                             "load it there first (the engine never copies weights)")
+        if d.dtype != config.dtype:
+            raise ValueError(f"the model weights are {d.dtype} but EngineConfig.dtype is {config.dtype}")
+        self.dtype = config.dtype
+        self.block_size = config.block_size
+        self.mrope = d.is_mrope
+
+        backend = config.resolved_backend()
+        if backend == "triton" and self.device.type != "cuda":
+            raise ValueError("the triton attention backend needs a CUDA device")
+        self.backend_name = backend
+        self.attn = create_backend(backend, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
+                                   head_dim=d.head_dim, block_size=config.block_size, scale=d.scale)
+        if backend == "triton":
+            from .kernels.triton_ops import TritonOps
+
+            self.ops = TritonOps(d)
+        else:
+            from .ops import TorchOps
+
+            self.ops = TorchOps(d.apply_rotary)
+        self.sampler = Sampler()
+
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache")
+        self.num_blocks = num_blocks
+        self.kv_cache = torch.zeros(2, d.num_layers, num_blocks, config.block_size, d.num_kv_heads, d.head_dim,
+                                    dtype=self.dtype, device=self.device)
+        mml = config.max_model_len or d.max_position_embeddings
+        # Cap by the cache, so that one sequence alone can always run to its end (preemption never loops).
+        self.max_model_len = min(mml, num_blocks * config.block_size)
+        self.max_blocks_per_seq = cdiv(self.max_model_len, config.block_size) + 1
+
+        self.graphs = None
+        if backend == "triton" and config.enable_cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
+            self.graphs.capture()
+
+    # ---- sizing ----------------------------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        d = self.decoder
+        return 2 * d.num_layers * self.block_size * d.num_kv_heads * d.head_dim * torch.empty(
+            0, dtype=self.dtype).element_size()
+
+    def _auto_num_blocks(self) -> int:
+        cfg = self.config
+        mml = cfg.max_model_len or self.decoder.max_position_embeddings
+        if self.device.type != "cuda":
+            want = cfg.max_num_seqs * cdiv(mml, cfg.block_size)
+            return max(cdiv(mml, cfg.block_size), min(want, cfg.cpu_kv_cache_bytes // self.block_bytes()))
+        # CUDA: profile one full-budget prefill, then give what is left under the utilisation cap to the cache.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        # sampler temporaries at full batch (fp32 logits, softmax, sort, noise) and CUDA-graph pools
+        sampler = 6 * cfg.max_num_seqs * self.decoder.vocab_size * 4
+        reserve = sampler + 512 * 1024 * 1024
+        avail = int(total * cfg.gpu_memory_utilization) - peak - max(outside_torch, 0) - reserve
+        torch.cuda.empty_cache()
+        return max(0, avail // self.block_bytes())
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        n = min(self.config.max_num_batched_tokens, self.decoder.max_position_embeddings)
+        dummy_cache = torch.zeros(2, self.decoder.num_layers, 1, self.block_size, self.decoder.num_kv_heads,
+                                  self.decoder.head_dim, dtype=self.dtype, device=self.device)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        if self.mrope:
+            pos = pos.expand(3, -1).contiguous()
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+            num_decodes=0, query_start_loc_host=[0, n], seq_lens_host=[n], block_tables_host=[[0]])
+        self.decoder.forward(ids, pos, meta, dummy_cache, self.attn, self.ops,
+                             logits_index=torch.arange(min(n, self.config.max_num_seqs), device=self.device))
+        del dummy_cache
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def slot(self, seq_block_table: list[int], index: int) -> int:
+        bs = self.block_size
+        return seq_block_table[index // bs] * bs + index % bs
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
+        """Run one step; returns the entries that sampled a token, with their tokens (in the same order)."""
+        sampling = [sc for sc in sched.scheduled if sc.samples]
+        if (self.graphs is not None and sched.num_decodes == len(sched.scheduled)
+                and self.graphs.can_run(sched)):
+            logits = self.graphs.run(sched)
+        else:
+            logits = self._run_eager(sched)
+        if not sampling:
+            return [], None
+        return sampling, self.sampler(logits, [sc.seq for sc in sampling])
+
+    def _run_eager(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts: list[torch.Tensor] = []
+        slots: list[np.ndarray] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        mm_idx: list[torch.Tensor] = []
+        mm_rows: list[torch.Tensor] = []
+        logits_idx: list[int] = []
+        for sc in sched.scheduled:
+            seq, s, e = sc.seq, sc.start, sc.end
+            ids.extend(seq.token_ids[s:e])
+            pos_parts.append(seq.position_ids(s, e, self.mrope))
+            idx = np.arange(s, e)
+            bt = np.asarray(seq.block_table, dtype=np.int64)
+            slots.append(bt[idx // bs] * bs + idx % bs)
+            rows = seq.mm_rows(s, e)
+            if rows is not None:
+                mm_idx.append(rows[0] + qsl[-1])
+                mm_rows.append(rows[1])
+            qsl.append(qsl[-1] + (e - s))
+            seq_lens.append(e)
+            tables.append(seq.block_table)
+            if sc.samples:
+                logits_idx.append(qsl[-1] - 1)
+        dev = self.device
+        width = max(len(t) for t in tables)
+        bt_np = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            bt_np[i, :len(t)] = t
+        positions = torch.cat(pos_parts, dim=-1)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(bt_np).to(dev, non_blocking=True),
+            num_decodes=sched.num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens,
+            block_tables_host=tables)
+        return self.decoder.forward(
+            torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions.to(dev, non_blocking=True), meta, self.kv_cache, self.attn, self.ops,
+            mm_index=torch.cat(mm_idx).to(dev) if mm_idx else None,
+            mm_rows=torch.cat(mm_rows).to(dev) if mm_rows else None,
+            logits_index=torch.tensor(logits_idx, dtype=torch.long).to(dev) if logits_idx else
+            torch.zeros(0, dtype=torch.long, device=dev))
+
+    def kv_cache_info(self) -> dict:
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size,
+                "bytes": self.kv_cache.numel() * self.kv_cache.element_size(),
+                "block_bytes": self.block_bytes(), "max_model_len": self.max_model_len,
+                "dtype": str(self.dtype).replace("torch.", ""), "attention_backend": self.backend_name,
+                "cuda_graphs": self.graphs is not None,
+                "cuda_graph_batch_sizes": list(self.graphs.sizes) if self.graphs is not None else [],
+                "max_tokens_in_cache": self.num_blocks * self.block_size}

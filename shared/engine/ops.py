@@ -1,0 +1,34 @@
+"""TorchOps: the decoder's elementwise building blocks done by the HF modules themselves (exact HF numerics).
+
+The decoder calls `add_norm`, `rope_and_cache` and `mlp`; the CUDA variant (kernels/triton_ops.py) fuses
+each into one or two kernels over the same weights.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .attention.torch_ref import write_kv_torch
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, apply_rotary: Callable):
+        self.apply_rotary = apply_rotary  # the model module's own apply_rotary_pos_emb
+
+    def add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        """residual += h (or residual = h at the start), then norm(residual): HF's `residual + out`, then norm."""
+        residual = h if residual is None else residual + h
+        return norm(residual), residual
+
+    def rope_and_cache(self, q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
+        """Rotate q (T,H,D) and k (T,KVH,D) with cos/sin (T,D), write k and v into the cache slots."""
+        q, k = self.apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
+        write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
+
+    def mlp(self, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        return mlp(x)
