@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 MODEL  ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-slow test-gpu bench lint proto clean
+.PHONY: install run demo test test-slow test-gpu bench lint proto proto-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test-gpu: install
 
 bench: install
 	$(PY) bench/engine_bench.py --out BENCHMARKS.json
+
+# Python gRPC stubs of proto/mmpipe/v1/*.proto -> services/common/pb (mmpipe.services.common.pb), imports fixed.
+proto: install
+	$(PY) -m mmpipe.services.common.protogen
+
+# Regenerate into a temp dir and diff against the committed stubs (exit 1 when stale).
+proto-check: install
+	$(PY) -m mmpipe.services.common.protogen --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

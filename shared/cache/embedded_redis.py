@@ -110,8 +110,12 @@ class EmbeddedRedis:
             port = self.requested_port if self.requested_port is not None else free_port(self.host)
             logf = Path(self._dir.name) / "redis.log"
             with open(logf, "wb") as out:
-                self.proc = subprocess.Popen(self._args(binary, port, self._dir.name), stdout=out,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                try:
+                    self.proc = subprocess.Popen(self._args(binary, port, self._dir.name), stdout=out,
+                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                except OSError as e:
+                    self._cleanup_dir()
+                    raise ServiceUnavailableError(f"cannot run redis-server binary {binary}: {e}") from e
             deadline = time.monotonic() + self.startup_timeout_s
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

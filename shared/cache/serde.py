@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 import sys
 import warnings
@@ -80,11 +79,14 @@ TENSOR_DTYPES: dict[str, torch.dtype] = {
 }
 _NAME_OF = {v: k for k, v in TENSOR_DTYPES.items()}
 
-# torch.frombuffer over an immutable `bytes` warns once per process that the tensor is not writable.
-# Views over read-only payloads are intended here (zero-copy reads); the filter is limited to calls made
-# from this module so other code still sees the warning.
-warnings.filterwarnings("ignore", message=r"The given buffer is not writable", category=UserWarning,
-                        module=re.escape(__name__))
+# torch.frombuffer over an immutable `bytes` warns that the tensor is not writable. Views over read-only
+# payloads are intended here (zero-copy reads). torch emits that warning only once per process
+# (TORCH_WARN_ONCE), so trigger it here, at import time (single-threaded under the import lock), with
+# the warning ignored: a module-level filters entry would not survive callers, such as pytest, that
+# save and restore the warnings filters, and catch_warnings() around every call is not thread-safe.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
 
 class CacheCorruptError(MMPipeError):
