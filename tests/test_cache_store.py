@@ -451,6 +451,81 @@ def test_redis_unreachable_fails_fast_with_a_clear_error() -> None:
     c.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_redis_reads_with_resp2_and_resp3(redis_url: str, protocol: int) -> None:
+    """The raw MGET reader understands both protocol versions, misses, and empty / odd-sized values."""
+    raw = redis.Redis.from_url(redis_url)
+    with RedisEmbeddingCache(f"{redis_url}?protocol={protocol}") as c:
+        es = {"mmpipe:small": emb(1, 2), "mmpipe:big": emb(300, 1000, torch.float32),
+              "mmpipe:fp16": emb(7, 3, torch.float16)}
+        c.put_many(es.items())
+        raw.set("mmpipe:empty", b"")
+        for _ in range(3):  # the pooled connection must stay in sync across calls
+            got = c.get_many(["mmpipe:small", "mmpipe:nope", "mmpipe:big", "mmpipe:empty", "mmpipe:fp16"])
+            assert same(got[0], es["mmpipe:small"]) and got[1] is None and got[3] is None
+            assert same(got[2], es["mmpipe:big"]) and same(got[4], es["mmpipe:fp16"])
+            assert c.exists_many(["mmpipe:big", "mmpipe:nope"]) == [True, False]
+        big = got[2].tensor
+        big.add_(1)  # the raw reader's buffers are private and writable: no read-only views
+    raw.close()
+
+
+def test_redis_password_in_url() -> None:
+    with EmbeddedRedis(maxmemory=None, extra_args=("--requirepass", "pw0rd")) as srv:
+        good = srv.url.replace("redis://", "redis://:pw0rd@")
+        with RedisEmbeddingCache(good) as c:
+            c.put("mmpipe:p", emb())
+            assert same(c.get("mmpipe:p"), emb())
+        with RedisEmbeddingCache(srv.url.replace("redis://", "redis://:wrong@")) as bad:
+            with pytest.raises(ServiceUnavailableError, match="authentication failed") as ei:
+                bad.get("mmpipe:p")
+            assert "wrong" not in str(ei.value)
+        with RedisEmbeddingCache(srv.url) as anon, pytest.raises(ServiceUnavailableError):
+            anon.get("mmpipe:p")
+
+
+def test_redis_concurrent_clients_share_the_pool(redis_url: str) -> None:
+    """Threads reading and writing through one cache object keep every pooled connection in sync."""
+    with RedisEmbeddingCache(redis_url) as c:
+        es = [emb(32, 64, seed=i) for i in range(8)]
+        failures: list[str] = []
+
+        def worker(w: int) -> None:
+            for j in range(25):
+                k = f"mmpipe:c{(w + j) % 8}"
+                c.put(k, es[(w + j) % 8])
+                for key, g in zip([k, "mmpipe:none"], c.get_many([k, "mmpipe:none"])):
+                    if key == "mmpipe:none" and g is not None or key != "mmpipe:none" and not same(
+                            g, es[int(key[8:])]):
+                        failures.append(key)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+        assert c.stats().corrupt == 0
+
+
+def test_redis_recovers_after_server_restart() -> None:
+    """A pooled connection to a restarted server is stale; the next call reconnects instead of failing."""
+    srv = EmbeddedRedis(port=free_port(), maxmemory=None)
+    with srv, RedisEmbeddingCache(srv.url) as c:
+        c.put("mmpipe:r", emb())
+        assert same(c.get("mmpipe:r"), emb())
+        srv.stop()
+        srv.start()  # the pooled connection now points at a dead socket
+        assert c.get("mmpipe:r") is None  # the data went with the old process; not an error
+        c.put("mmpipe:r", emb())
+        srv.stop()
+        with pytest.raises(ServiceUnavailableError):
+            c.get("mmpipe:r")
+        srv.start()
+        c.put("mmpipe:r", emb())
+        assert same(c.get("mmpipe:r"), emb())
+
+
 def test_redact_url() -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("redis://user:pw@h/2") == "redis://user:***@h/2"

@@ -17,9 +17,11 @@ Numbers for each variant: `bench/cache_bench.py`.
 are dropped and counted, because blocking the encoder would put the cache back on the request's
 critical path). `flush()` waits for the queue.
 
-Reads use MGET (in chunks, so one huge reply can't balloon the server's output buffer). Every value is
-validated by `unpack_embedding`; a corrupt value is deleted, counted and reported as a miss, never served.
-An evicted or expired entry is simply absent: a miss.
+Reads use MGET (in chunks, so one huge reply can't balloon the server's output buffer), received by a
+small RESP reader straight into one torch buffer per value rather than through hiredis (which copies a
+large value two or three times): the embedding is then a zero-copy, writable view of that buffer. Every
+value is validated by `unpack_embedding`; a corrupt value is deleted, counted and reported as a miss,
+never served. An evicted or expired entry is simply absent: a miss.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import torch
 from redis.backoff import NoBackoff
-from redis.connection import PythonRespSerializer
+from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from ..errors import InvalidInputError, ServiceUnavailableError
@@ -88,6 +91,84 @@ def _coalesce(chunks: Iterable[Any]) -> list[Any]:
     return out
 
 
+class _BulkReader:
+    """Reads RESP replies straight off a socket, placing each bulk string in its own torch buffer.
+
+    Why not the hiredis parser: it receives into a small buffer, appends into its own growing buffer
+    and then copies into a `bytes`; for a 4.7 MB value that measured 2-3.5 ms against 0.8-1.5 ms for
+    receiving directly into the final (writable, 64-byte aligned) tensor memory. Only the reply shapes
+    MGET produces are understood: an array of bulk strings / nulls (RESP2 or RESP3), or an error.
+    """
+
+    __slots__ = ("sock", "buf", "start", "end")
+
+    def __init__(self, sock: Any):
+        self.sock = sock
+        self.buf = bytearray(64 * 1024)
+        self.start = self.end = 0
+
+    def _fill(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):
+            rest = self.end - self.start
+            self.buf[:rest] = self.buf[self.start:self.end]
+            self.start, self.end = 0, rest
+            if rest == len(self.buf):
+                raise redis.exceptions.InvalidResponse("RESP line longer than 64 KiB")
+        n = self.sock.recv_into(memoryview(self.buf)[self.end:])
+        if not n:
+            raise redis.exceptions.ConnectionError("connection closed by the server")
+        self.end += n
+
+    def line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n", self.start, self.end)
+            if i >= 0:
+                out = bytes(self.buf[self.start:i])
+                self.start = i + 2
+                return out
+            self._fill()
+
+    def read_into(self, mv: memoryview) -> None:
+        """Fill `mv` exactly: first from what is buffered, then by receiving into `mv` itself."""
+        n = len(mv)
+        have = min(self.end - self.start, n)
+        if have:
+            mv[:have] = self.buf[self.start:self.start + have]
+            self.start += have
+        while have < n:
+            got = self.sock.recv_into(mv[have:])
+            if not got:
+                raise redis.exceptions.ConnectionError("connection closed by the server")
+            have += got
+
+    def bulk_array(self) -> list[torch.Tensor | None]:
+        head = self.line()
+        if head[:1] == b"-":
+            raise redis.exceptions.ResponseError(head[1:].decode("utf-8", "replace"))
+        if head[:1] != b"*":
+            raise redis.exceptions.InvalidResponse(f"expected an array reply, got {head[:40]!r}")
+        out: list[torch.Tensor | None] = []
+        for _ in range(int(head[1:])):
+            item = self.line()
+            if item == b"_" or item == b"$-1":  # RESP3 / RESP2 null: a miss
+                out.append(None)
+                continue
+            if item[:1] != b"$":
+                raise redis.exceptions.InvalidResponse(f"expected a bulk string, got {item[:40]!r}")
+            n = int(item[1:])
+            t = torch.empty(n, dtype=torch.uint8)
+            if n:
+                self.read_into(memoryview(t.numpy()))
+            crlf = bytearray(2)
+            self.read_into(memoryview(crlf))
+            if crlf != b"\r\n":
+                raise redis.exceptions.InvalidResponse("bulk string not terminated by CRLF")
+            out.append(t)
+        return out
+
+
 class RedisEmbeddingCache(EmbeddingCache):
     """Embedding cache on a Redis server (`redis://[:password@]host:port/db`, `rediss://`, `unix://`).
 
@@ -115,14 +196,17 @@ class RedisEmbeddingCache(EmbeddingCache):
             self._pool = redis.ConnectionPool.from_url(
                 url,
                 socket_timeout=socket_timeout_s,
-                socket_connect_timeout=connect_timeout_s if connect_timeout_s is not None else socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s if connect_timeout_s is None else connect_timeout_s,
                 # One immediate retry covers a pooled connection the server closed (restart, idle
                 # timeout); redis-py's default of several retries with backoff would turn "Redis is down"
                 # into seconds of waiting on every request.
                 retry=Retry(NoBackoff(), 1),
                 # See the module docstring: the pure-Python packer does not copy large values.
-                command_packer=PythonRespSerializer(6000, redis.connection.Encoder("utf-8", "strict", False).encode),
+                command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),
                 max_connections=max_connections,
+                # For replies the hiredis parser still reads (EXISTS, INFO, the fallback path): 1 MiB
+                # reads instead of 64 KiB halved its time for a 4.7 MB value here.
+                socket_read_size=1 << 20,
             )
         except ValueError as e:
             raise InvalidInputError(f"invalid Redis URL {self.safe_url!r}: {e}", param="cache") from e
@@ -159,6 +243,9 @@ class RedisEmbeddingCache(EmbeddingCache):
         except redis.exceptions.ResponseError as e:
             raise ServiceUnavailableError(
                 f"Redis embedding cache at {self.safe_url} refused {op}: {e}") from e
+        except redis.exceptions.RedisError as e:  # protocol errors and the like
+            raise ServiceUnavailableError(
+                f"Redis embedding cache at {self.safe_url} failed during {op}: {e!r}") from e
 
     def ping(self) -> bool:
         """True when the server answers PING; raises ServiceUnavailableError (naming the URL) if not."""
@@ -168,10 +255,9 @@ class RedisEmbeddingCache(EmbeddingCache):
     # --- reads -------------------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> list[MMEmbedding | None]:
         keys = list(keys)
-        raw: list[bytes | None] = []
-        with self._errors("MGET"):
-            for i in range(0, len(keys), _MGET_CHUNK):
-                raw.extend(self._r.mget(keys[i:i + _MGET_CHUNK]))
+        raw: list[Any] = []
+        for i in range(0, len(keys), _MGET_CHUNK):
+            raw.extend(self._mget(keys[i:i + _MGET_CHUNK]))
         out: list[MMEmbedding | None] = []
         hits = misses = nread = 0
         bad: list[str] = []
@@ -182,7 +268,10 @@ class RedisEmbeddingCache(EmbeddingCache):
                 continue
             nread += len(val)
             try:
-                out.append(unpack_embedding(val, verify=self.verify))
+                # A tensor buffer from the raw reader, or bytes from the redis-py fallback; both are
+                # viewed, not copied.
+                buf = memoryview(val.numpy()) if isinstance(val, torch.Tensor) else val
+                out.append(unpack_embedding(buf, verify=self.verify))
                 hits += 1
             except CacheCorruptError as e:
                 log.warning("dropping corrupt cache entry %s: %s", key, e)
@@ -197,6 +286,37 @@ class RedisEmbeddingCache(EmbeddingCache):
                 log.warning("could not delete corrupt cache entries: %s", e)
                 self._c.add(errors=1)
         return out
+
+    def _mget(self, keys: list[str]) -> list[Any]:
+        """Values of `keys` (None for misses) via one MGET, received by `_BulkReader`."""
+        if not keys:
+            return []
+        for attempt in (0, 1):
+            try:
+                with self._errors("MGET"):
+                    conn = self._pool.get_connection()
+                    try:
+                        sock = getattr(conn, "_sock", None)
+                        if sock is None:  # a connection type we don't know: let redis-py do the read
+                            conn.send_command("MGET", *keys)
+                            return list(conn.read_response())
+                        conn.send_packed_command(conn.pack_command("MGET", *keys))
+                        try:
+                            return _BulkReader(sock).bulk_array()
+                        except BaseException:
+                            # We read past redis-py's parser; after any failure the stream position is
+                            # unknown, so the connection must not be reused.
+                            conn.disconnect()
+                            raise
+                    finally:
+                        self._pool.release(conn)
+            except ServiceUnavailableError as e:
+                # MGET is read-only: one retry on a fresh connection covers a stale pooled one.
+                if attempt == 0 and isinstance(e.__cause__, (redis.exceptions.ConnectionError, OSError)) \
+                        and not isinstance(e.__cause__, redis.exceptions.AuthenticationError):
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         keys = list(keys)

@@ -136,7 +136,8 @@ def _build(kind: str, tensors: Sequence[tuple[str, torch.Tensor]], meta: Mapping
         dname = _NAME_OF.get(t.dtype)
         if dname is None or dname not in allowed:
             raise UnsupportedError(
-                f"cannot serialise {kind} tensor {name!r} of dtype {t.dtype}; supported: {', '.join(allowed)}")
+                f"cannot serialise {kind} tensor {name!r} of dtype {t.dtype}; "
+                f"supported: {', '.join(allowed)}")
         mv = _tensor_bytes(t)
         entries.append({"name": name, "dtype": dname, "shape": list(t.shape), "offset": offset,
                         "nbytes": mv.nbytes,
@@ -289,7 +290,8 @@ def unpack_embedding(b: bytes | bytearray | memoryview, *, verify: bool = True) 
     return MMEmbedding(modality=modality, tensor=tensors["tensor"], meta=meta)
 
 
-def pack_tensors_parts(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> list[Any]:
+def pack_tensors_parts(tensors: Mapping[str, torch.Tensor],
+                       meta: Mapping[str, Any] | None = None) -> list[Any]:
     """Like `pack_tensors` but returns the pieces without concatenating them."""
     for name in tensors:
         if not isinstance(name, str):

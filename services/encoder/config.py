@@ -1,0 +1,49 @@
+"""EncoderConfig: everything the encoder service takes from its flags (`mmpipe encoder --help`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from mmpipe.services.common import cli_args as ca
+from mmpipe.services.common.grpc_server import ServerConfig
+
+DEFAULT_PORT = 50052
+
+
+@dataclass
+class EncoderConfig:
+    model: str
+    redis_url: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    dtype: str = "auto"
+    device: str = "auto"
+    media_io_kwargs: dict | None = None
+    mm_processor_kwargs: dict | None = None
+    trust_remote_code: bool = False
+    enable_mm_embeds: bool = False
+    max_batch_items: int = 16
+    batch_wait_ms: float = 5.0
+    cache_ttl_s: int | None = None
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        ca.add_server_args(p, default_port=DEFAULT_PORT)
+        ca.add_model_args(p)
+        ca.add_redis_arg(p)
+        g = p.add_argument_group("encoder")
+        g.add_argument("--enable-mm-embeds", action="store_true", default=ca.env_bool("ENABLE_MM_EMBEDS"),
+                       help="accept user-supplied embeddings (PutEmbeddings) (env MMPIPE_ENABLE_MM_EMBEDS)")
+        g.add_argument("--max-batch-items", type=int, default=ca.env_int("MAX_BATCH_ITEMS", 16),
+                       help="most items per tower batch (env MMPIPE_MAX_BATCH_ITEMS)")
+        g.add_argument("--batch-wait-ms", type=float, default=float(ca.env("BATCH_WAIT_MS", 5.0)),
+                       help="how long a batch waits for more items (env MMPIPE_BATCH_WAIT_MS)")
+        g.add_argument("--cache-ttl-s", type=int, default=ca.env_int("CACHE_TTL_S", 0) or None,
+                       help="expiry of cached embeddings; default: until evicted (env MMPIPE_CACHE_TTL_S)")
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "EncoderConfig":
+        return cls(model=a.model, redis_url=a.redis_url, server=ca.server_config(a), dtype=a.dtype, device=a.device,
+                   media_io_kwargs=ca.json_arg(a.media_io_kwargs, "media-io-kwargs"),
+                   mm_processor_kwargs=ca.json_arg(a.mm_processor_kwargs, "mm-processor-kwargs"),
+                   trust_remote_code=a.trust_remote_code, enable_mm_embeds=a.enable_mm_embeds,
+                   max_batch_items=a.max_batch_items, batch_wait_ms=a.batch_wait_ms, cache_ttl_s=a.cache_ttl_s)

@@ -1,0 +1,143 @@
+"""The gateway's configuration: one frozen object built from CLI flags, each with an `MMPIPE_*` env default.
+
+Flag names follow `vllm serve` where the meaning is the same (--host, --port, --api-key, --chat-template,
+--limit-mm-per-prompt, --enable-mm-embeds, --max-model-len, --allowed-media-domains,
+--allowed-local-media-path, --media-io-kwargs, --served-model-name). Stdlib only: `mmpipe gateway --help`
+must stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmpipe.shared.errors import InvalidInputError
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"MMPIPE_{name}", default)
+
+
+def _env_bool(name: str) -> bool:
+    return str(_env(name, "")).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _json_dict(value: str | None, flag: str) -> dict[str, Any]:
+    if value is None or not str(value).strip():
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{flag} must be a JSON object: {e}", param=flag) from None
+    if not isinstance(parsed, dict):
+        raise InvalidInputError(f"{flag} must be a JSON object, got {type(parsed).__name__}", param=flag)
+    return parsed
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str
+    served_model_names: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50050
+    ingest_addr: str = "127.0.0.1:50051"
+    encoder_addr: str = "127.0.0.1:50052"
+    generator_addr: str = "127.0.0.1:50053"
+    redis_url: str | None = None
+    api_key: str | None = None
+    chat_template: str | None = None
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    enable_mm_embeds: bool = False
+    max_model_len: int | None = None
+    allowed_media_domains: tuple[str, ...] | None = None
+    allowed_local_media_path: str | None = None
+    media_io_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Seconds a request may take end to end before it fails with 504.
+    request_timeout_s: float = 600.0
+    # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
+    max_concurrent_requests: int = 256
+    # Seconds a stage call may wait for a connection to a stage that is down before failing with 503.
+    stage_connect_timeout_s: float = 2.0
+    log_level: str = "info"
+
+    @property
+    def served_model_name(self) -> str:
+        """The name `/v1/models` lists and responses carry (vLLM: the first --served-model-name)."""
+        return self.served_model_names[0] if self.served_model_names else self.model
+
+    def accepts_model(self, name: str | None) -> bool:
+        return not name or name in (self.served_model_names or (self.model,))
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The gateway's flags; every default comes from the matching MMPIPE_* variable when set."""
+    p.add_argument("--model", default=_env("MODEL"), required=_env("MODEL") is None,
+                   help="model directory or hub id; only its tokenizer, processor and config are loaded "
+                        "[MMPIPE_MODEL]")
+    p.add_argument("--served-model-name", nargs="+", default=(_env("SERVED_MODEL_NAME") or "").split() or None,
+                   help="name(s) clients use in `model`; the first is listed by /v1/models (default: --model) "
+                        "[MMPIPE_SERVED_MODEL_NAME, space separated]")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="HTTP bind address [MMPIPE_HOST]")
+    p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="HTTP port [MMPIPE_PORT]")
+    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50050)),
+                   help="port of the public gRPC API, on --host [MMPIPE_GRPC_PORT]")
+    p.add_argument("--ingest-addr", default=_env("INGEST_ADDR", "127.0.0.1:50051"),
+                   help="host:port of the ingest service [MMPIPE_INGEST_ADDR]")
+    p.add_argument("--encoder-addr", default=_env("ENCODER_ADDR", "127.0.0.1:50052"),
+                   help="host:port of the encoder service [MMPIPE_ENCODER_ADDR]")
+    p.add_argument("--generator-addr", default=_env("GENERATOR_ADDR", "127.0.0.1:50053"),
+                   help="host:port of the generator service [MMPIPE_GENERATOR_ADDR]")
+    p.add_argument("--redis-url", default=_env("REDIS_URL"),
+                   help="the shared embedding cache; when set, /health also checks that it answers "
+                        "[MMPIPE_REDIS_URL]")
+    p.add_argument("--api-key", default=_env("API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* and on the gRPC API [MMPIPE_API_KEY]")
+    p.add_argument("--chat-template", default=_env("CHAT_TEMPLATE"),
+                   help="chat template file or inline Jinja text (default: the model's own) [MMPIPE_CHAT_TEMPLATE]")
+    p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT"),
+                   help='JSON, e.g. \'{"image": 2, "video": 1}\' [MMPIPE_LIMIT_MM_PER_PROMPT]')
+    p.add_argument("--enable-mm-embeds", action="store_true", default=_env_bool("ENABLE_MM_EMBEDS"),
+                   help="accept precomputed embeddings (image_embeds parts) [MMPIPE_ENABLE_MM_EMBEDS]")
+    p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", 0)) or None,
+                   help="context length (default: the model's) [MMPIPE_MAX_MODEL_LEN]")
+    p.add_argument("--allowed-media-domains", nargs="+", default=(_env("ALLOWED_MEDIA_DOMAINS") or "").split() or None,
+                   help="hosts media URLs may point at; the gateway refuses others before any stage work "
+                        "(ingest enforces its own list too) [MMPIPE_ALLOWED_MEDIA_DOMAINS, space separated]")
+    p.add_argument("--allowed-local-media-path", default=_env("ALLOWED_LOCAL_MEDIA_PATH"),
+                   help="folder file:// media may come from; without it file:// URLs are refused "
+                        "[MMPIPE_ALLOWED_LOCAL_MEDIA_PATH]")
+    p.add_argument("--media-io-kwargs", default=_env("MEDIA_IO_KWARGS"),
+                   help='JSON per modality, e.g. \'{"video": {"num_frames": 8}}\'; sent to ingest with every '
+                        'request [MMPIPE_MEDIA_IO_KWARGS]')
+    p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 600)),
+                   help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
+    p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
+                   help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                   choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    limits = _json_dict(args.limit_mm_per_prompt, "--limit-mm-per-prompt")
+    for k, v in limits.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise InvalidInputError(f"--limit-mm-per-prompt: {k!r} must be a non-negative integer, got {v!r}",
+                                    param="--limit-mm-per-prompt")
+    return GatewayConfig(
+        model=args.model,
+        served_model_names=tuple(args.served_model_name or ()),
+        host=args.host, port=args.port, grpc_port=args.grpc_port,
+        ingest_addr=args.ingest_addr, encoder_addr=args.encoder_addr, generator_addr=args.generator_addr,
+        redis_url=args.redis_url or None, api_key=args.api_key or None, chat_template=args.chat_template,
+        limit_mm_per_prompt=limits, enable_mm_embeds=bool(args.enable_mm_embeds),
+        max_model_len=args.max_model_len,
+        allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
+        allowed_local_media_path=args.allowed_local_media_path,
+        media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
+        request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,241 @@
+"""The gateway core: one request from domain input to a stream of generated text, for every transport.
+
+    check model -> prepare (template, tokens, limits, placeholders, policy) -> resolve media to cache keys
+    -> generator.Generate (streamed) -> incremental detokenisation (stop strings) -> Deltas
+
+The OpenAI HTTP routes and the public gRPC servicer both call `GatewayCore.chat` / `.completion` and only
+convert wire types; nothing here knows HTTP or gRPC. A started `GenerationStream` has already received
+its first token, so every failure before that (bad input, stage down, cache miss) is raised from
+`chat()` / `completion()` and can still become a proper status code; later failures end the stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mmpipe.shared.detokenizer import IncrementalDetokenizer
+from mmpipe.shared.errors import (
+    CancelledError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
+)
+
+from .config import GatewayConfig
+from .media import resolve_media
+from .metrics import RequestMetrics
+from .model_info import ModelInfo
+from .prepare import PreparedPrompt, Preparer
+from .stages import StageClients
+from .types import ChatInput, Completion, CompletionInput, Delta, RequestContext
+
+logger = logging.getLogger(__name__)
+
+
+class RequestTimeoutError(MediaTimeoutError):
+    """The whole request took longer than --request-timeout (504 / DEADLINE_EXCEEDED)."""
+
+
+class GatewayCore:
+    def __init__(self, cfg: GatewayConfig, info: ModelInfo, stages: StageClients):
+        self.cfg = cfg
+        self.info = info
+        self.stages = stages
+        self.preparer = Preparer(cfg, info)
+        self.in_flight = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.served_model_name
+
+    # ---- entry points --------------------------------------------------------------------------------
+    async def chat(self, inp: ChatInput, ctx: RequestContext) -> "GenerationStream":
+        return await self._start(ctx, inp.model, lambda: self.preparer.chat(inp))
+
+    async def completion(self, inp: CompletionInput, ctx: RequestContext) -> "GenerationStream":
+        return await self._start(ctx, inp.model, lambda: self.preparer.completion(inp))
+
+    async def _start(self, ctx: RequestContext, model: str | None, prepare) -> "GenerationStream":
+        metrics = RequestMetrics(self.model_name, ctx.endpoint)
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        admitted = False
+        try:
+            if not self.cfg.accepts_model(model):
+                raise NotFoundError(f"the model {model!r} does not exist; this server serves "
+                                    f"{self.model_name!r}", param="model")
+            if self.in_flight >= self.cfg.max_concurrent_requests:
+                raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
+                                      f"(--max-concurrent-requests); retry shortly")
+            self.in_flight += 1
+            admitted = True
+            # Templates and tokenisation are CPU work: off the event loop, so other requests keep streaming.
+            prepared: PreparedPrompt = await asyncio.to_thread(prepare)
+            stream = GenerationStream(self, prepared, ctx, metrics, deadline)
+            await _within(deadline, stream.start())
+            return stream
+        except BaseException as e:
+            if admitted:
+                self.in_flight -= 1
+            metrics.finish(_status_of(e))
+            raise
+
+    async def collect(self, stream: "GenerationStream") -> Completion:
+        """Drain a stream into one Completion (non-streaming responses)."""
+        async with stream:
+            async for _ in stream:
+                pass
+        return stream.result()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+
+class GenerationStream:
+    """The generated output of one request, as Deltas. Use `async with` so that leaving early (client gone,
+    error) cancels the generator call at once, freeing its slot in the generator's batch."""
+
+    def __init__(self, core: GatewayCore, prepared: PreparedPrompt, ctx: RequestContext,
+                 metrics: RequestMetrics, deadline: float):
+        self.core = core
+        self.prepared = prepared
+        self.ctx = ctx
+        self.metrics = metrics
+        self.deadline = deadline
+        self.detok = IncrementalDetokenizer(core.info.tokenizer, prepared.sampling)
+        self.want_logprobs = prepared.sampling.logprobs is not None
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if self.want_logprobs else None
+        self.prompt_tokens = 0
+        self.finish_reason: str | None = None
+        self._chunks: AsyncIterator[Any] | None = None
+        self._first: Any | None = None
+        self._closed = False
+        self._status = 200
+
+    @property
+    def request_id(self) -> str:
+        return self.ctx.request_id
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resolve media, start generating, and wait for the first token (so early errors still raise here)."""
+        core, p = self.core, self.prepared
+        for attempt in (0, 1):
+            refs = await resolve_media(core.stages, p.media, self.ctx, timeout=self._left(), model=core.model_name)
+            self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
+            try:
+                self._first = await self._chunks.__anext__()
+                return
+            except NotCachedError:
+                # An embedding was evicted between resolving and generating: resolve once more (ingest
+                # re-encodes what it has the payload of; a UUID-only item then fails with a clear 400).
+                await self._aclose_chunks()
+                if attempt == 1 or not p.media:
+                    raise
+                logger.info("request %s: an embedding was evicted before generation; resolving again",
+                            self.request_id)
+            except StopAsyncIteration:
+                raise MMPipeError("the generator ended the stream without output") from None
+
+    async def __aenter__(self) -> "GenerationStream":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._status = _status_of(exc)
+        await self.close()
+
+    async def close(self) -> None:
+        """Cancel the generator call if it is still running and record the request's metrics (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.finish_reason is None and self._status == 200:
+            self._status = 499  # left before the end: the client went away
+        await self._aclose_chunks()
+        self.core._release()
+        self.metrics.finish(self._status, prompt_tokens=self.prompt_tokens)
+
+    async def _aclose_chunks(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            await chunks.aclose()  # cancels the RPC: the generator aborts the request and frees its KV blocks
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeoutError(f"the request did not finish within {self.core.cfg.request_timeout_s:g} s "
+                                      f"(--request-timeout)")
+        return left
+
+    # ---- output --------------------------------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[Delta]:
+        try:
+            while self.finish_reason is None:
+                if self._first is not None:
+                    chunk, self._first = self._first, None
+                else:
+                    if self._chunks is None:
+                        raise CancelledError("the stream was closed")
+                    try:
+                        chunk = await _within(self.deadline, self._chunks.__anext__())
+                    except StopAsyncIteration:
+                        raise MMPipeError("the generator ended the stream before finishing the request") from None
+                delta = self._consume(chunk)
+                if delta is not None:
+                    yield delta
+        except BaseException as e:
+            self._status = _status_of(e)
+            raise
+        if self.finish_reason is not None:
+            await self._aclose_chunks()  # a stop string ends the request here, before the generator knows
+
+    def _consume(self, chunk: Any) -> Delta | None:
+        self.prompt_tokens = chunk.num_prompt_tokens or self.prompt_tokens
+        ids = list(chunk.token_ids)
+        lps = list(chunk.logprobs or []) if self.want_logprobs else None
+        before = len(self.token_ids)
+        stopped = self.detok.add_tokens(ids)
+        if stopped and self.detok.stop_token_count is not None:
+            # tokens after the one that completed the stop string are not part of the output (as offline)
+            keep = max(0, self.detok.stop_token_count - before)
+            ids = ids[:keep]
+            lps = lps[:keep] if lps is not None else None
+        self.token_ids.extend(ids)
+        if self.logprobs is not None and lps:
+            self.logprobs.extend(lps)
+        self.metrics.tokens(len(ids))
+        finished = stopped or chunk.finished
+        if finished:
+            self.finish_reason = "stop" if stopped else (chunk.finish_reason or "stop")
+        text = self.detok.take_new_text(finished=finished)
+        if not (text or ids or finished):
+            return None
+        return Delta(text=text, token_ids=ids, logprobs=lps, finish_reason=self.finish_reason)
+
+    def result(self) -> Completion:
+        return Completion(text=self.detok.output_text, token_ids=list(self.token_ids),
+                          logprobs=list(self.logprobs) if self.logprobs is not None else None,
+                          finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
+                          prompt_token_ids=list(self.prepared.prompt_token_ids))
+
+
+async def _within(deadline: float, aw):
+    """Await `aw`, failing with the request timeout error at the request's deadline."""
+    left = deadline - time.monotonic()
+    try:
+        return await asyncio.wait_for(aw, timeout=max(left, 0.001))
+    except TimeoutError:
+        raise RequestTimeoutError("the request did not finish within the request timeout "
+                                  "(--request-timeout)") from None
+
+
+def _status_of(e: BaseException) -> int:
+    if isinstance(e, MMPipeError):
+        return e.http_status
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        return 499
+    return 500

@@ -1,0 +1,69 @@
+"""Step 2 of a request: resolve its media items to cache keys, doing as little stage work as possible.
+
+Per item, in this order (the services' version of shared/inputs/resolve.py):
+  * a part with a uuid: one encoder Lookup for all of them; a hit skips ingest and the encoder entirely
+    (nothing is fetched); a UUID-only part (null payload) that misses is a 400 naming the uuid;
+  * `image_embeds` parts: the encoder's PutEmbeddings validates (shape, hidden size) and stores them;
+  * every other part: one Ingest call, which fetches, hashes, checks the cache by hash and only on a miss
+    preprocesses and encodes.
+Ingest and PutEmbeddings run concurrently. The result is one MediaRef per item, in prompt order.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from mmpipe.shared.errors import NotCachedError
+
+from .embeds import decode_user_embeds
+from .metrics import MM_CACHE_HITS, MM_CACHE_MISSES
+from .prepare import MediaSpec
+from .stages import StageClients
+from .types import MediaRef, RequestContext
+
+
+async def resolve_media(stages: StageClients, media: list[MediaSpec], ctx: RequestContext, *, timeout: float,
+                        model: str) -> list[MediaRef]:
+    if not media:
+        return []
+    refs: list[MediaRef | None] = [None] * len(media)
+    with_uuid = [i for i, m in enumerate(media) if m.uuid is not None]
+    found = await stages.lookup_uuids([(media[i].modality, media[i].uuid) for i in with_uuid], ctx, timeout)
+    for i, ref in zip(with_uuid, found):
+        if ref is not None:
+            refs[i] = ref
+        elif media[i].payload is None:
+            m = media[i]
+            raise NotCachedError(f"{m.modality} item with uuid {m.uuid!r} is not in the embedding cache; send the "
+                                 f"media together with the uuid once", param=m.uuid)
+    todo_ingest = [i for i, m in enumerate(media) if refs[i] is None and m.kind == "url"]
+    todo_embeds = [i for i, m in enumerate(media) if refs[i] is None and m.kind == "embeds"]
+    # Decoding the user's tensors is CPU work: keep it off the event loop.
+    packed = await asyncio.to_thread(lambda: [decode_user_embeds(media[i]) for i in todo_embeds]) \
+        if todo_embeds else []
+    ingested, stored = await _both(
+        stages.ingest([(media[i].modality, media[i].payload, media[i].uuid) for i in todo_ingest], ctx, timeout),
+        stages.put_embeddings([(media[i].modality, p, media[i].uuid) for i, p in zip(todo_embeds, packed)],
+                              ctx, timeout))
+    for i, ref in zip(todo_ingest, ingested):
+        refs[i] = ref
+    for i, ref in zip(todo_embeds, stored):
+        refs[i] = ref
+    out = [r for r in refs if r is not None]
+    assert len(out) == len(media), "every media item resolves to a ref or raises"
+    for r in out:
+        if r.how in ("uuid", "hash"):
+            MM_CACHE_HITS.labels(model, r.modality, r.how).inc()
+        elif r.how == "miss":
+            MM_CACHE_MISSES.labels(model, r.modality).inc()
+    return out
+
+
+async def _both(a, b):
+    """Await two stage calls concurrently; when one fails, cancel the other and raise the first error."""
+    ta, tb = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    try:
+        return await asyncio.gather(ta, tb)
+    except BaseException:
+        for t in (ta, tb):
+            t.cancel()
+        raise

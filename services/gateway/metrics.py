@@ -1,0 +1,80 @@
+"""The gateway's Prometheus metrics (prefix `mmpipe_gateway_`, base units, a `model` label, no colons).
+
+Both transports record through `RequestMetrics`, so HTTP and gRPC requests are counted the same way:
+`endpoint` is the HTTP path or `grpc:<Method>`, `status` the HTTP status code (the gRPC code's HTTP twin
+from the one errors table).
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUESTS = Counter("mmpipe_gateway_requests", "Requests finished, by endpoint and status code.",
+                   ("model", "endpoint", "status"))
+REQUEST_LATENCY = Histogram("mmpipe_gateway_request_duration_seconds", "End-to-end request latency.",
+                            ("model", "endpoint"), buckets=_LATENCY_BUCKETS)
+TTFT = Histogram("mmpipe_gateway_time_to_first_token_seconds",
+                 "Time from request arrival to the first generated token.", ("model",), buckets=_LATENCY_BUCKETS)
+TPOT = Histogram("mmpipe_gateway_time_per_output_token_seconds",
+                 "Mean time between generated tokens after the first, per request.", ("model",),
+                 buckets=_TPOT_BUCKETS)
+PROMPT_TOKENS = Counter("mmpipe_gateway_prompt_tokens", "Prompt tokens (after placeholder expansion).", ("model",))
+GENERATION_TOKENS = Counter("mmpipe_gateway_generation_tokens", "Generated tokens.", ("model",))
+IN_FLIGHT = Gauge("mmpipe_gateway_requests_in_flight", "Requests being served right now.", ("model",))
+MM_CACHE_HITS = Counter("mmpipe_gateway_mm_cache_hits",
+                        "Media items whose embedding was already cached, as seen by the gateway "
+                        "(how: uuid = look-up by UUID, hash = ingest found the content hash).",
+                        ("model", "modality", "how"))
+MM_CACHE_MISSES = Counter("mmpipe_gateway_mm_cache_misses",
+                          "Media items that had to be preprocessed and encoded.", ("model", "modality"))
+STAGE_ERRORS = Counter("mmpipe_gateway_stage_errors", "Failed stage calls, by stage and gRPC code.",
+                       ("stage", "code"))
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """Timing of one request: arrival, first token, last token; recorded once by `finish`."""
+
+    __slots__ = ("model", "endpoint", "start", "first_token_at", "last_token_at", "n_tokens", "_done")
+
+    def __init__(self, model: str, endpoint: str):
+        self.model = model
+        self.endpoint = endpoint
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.n_tokens = 0
+        self._done = False
+        IN_FLIGHT.labels(model).inc()
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            TTFT.labels(self.model).observe(now - self.start)
+        self.last_token_at = now
+        self.n_tokens += n
+
+    def finish(self, status: int, *, prompt_tokens: int = 0) -> None:
+        if self._done:
+            return
+        self._done = True
+        IN_FLIGHT.labels(self.model).dec()
+        REQUESTS.labels(self.model, self.endpoint, str(status)).inc()
+        REQUEST_LATENCY.labels(self.model, self.endpoint).observe(time.perf_counter() - self.start)
+        if prompt_tokens:
+            PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
+        if self.n_tokens:
+            GENERATION_TOKENS.labels(self.model).inc(self.n_tokens)
+        if self.n_tokens > 1 and self.first_token_at is not None and self.last_token_at is not None:
+            TPOT.labels(self.model).observe((self.last_token_at - self.first_token_at) / (self.n_tokens - 1))

@@ -1,0 +1,145 @@
+"""Step 1 of every request: check it and turn it into prompt token ids plus an ordered list of media items.
+
+Everything here is CPU-only and touches no stage and no media bytes: chat parsing (shared/chat), the chat
+template, tokenisation, vLLM's limits and placeholder rules (shared/inputs/parse.py) and the cheap part of
+the media policy (URL scheme, host allow-list, local folder), so that a bad request fails with a 4xx
+before any stage does any work. Tokenisation matches the offline `LLM` exactly: chat prompts without added
+special tokens, completion prompts with them.
+"""
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from mmpipe.shared.chat.messages import parse_messages
+from mmpipe.shared.chat.templates import apply_template
+from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError, UnsupportedError
+from mmpipe.shared.inputs.chat_items import input_audio_to_url
+from mmpipe.shared.inputs.parse import ItemRef, check_limits, check_placeholders
+from mmpipe.shared.media.policy import MediaPolicy, normalize_host
+from mmpipe.shared.types import SamplingParams
+
+from .config import GatewayConfig
+from .model_info import ModelInfo
+from .types import ChatInput, CompletionInput
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """One media part of a request, checked but not fetched. `payload` is a URL (url kinds), the raw
+    `image_embeds` value (embeds), or None for a UUID-only item."""
+
+    modality: str
+    kind: str  # "url" | "embeds"
+    payload: Any | None
+    uuid: str | None
+    index: int  # position among the request's media parts (for error messages)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    prompt_token_ids: list[int]
+    media: list[MediaSpec]
+    sampling: SamplingParams
+
+
+class Preparer:
+    def __init__(self, cfg: GatewayConfig, info: ModelInfo):
+        self.cfg = cfg
+        self.info = info
+        # Only what the gateway was configured with is pre-checked; ingest applies its own full policy
+        # (redirect hops, realpath of local files, byte caps) when it fetches.
+        self.policy = MediaPolicy.from_env(allowed_media_domains=cfg.allowed_media_domains,
+                                           allowed_local_media_path=cfg.allowed_local_media_path)
+
+    # ---- chat ----------------------------------------------------------------------------------------
+    def chat(self, inp: ChatInput) -> PreparedPrompt:
+        chat = parse_messages(inp.messages)
+        counts = Counter(p.modality for p in chat.parts)
+        for m in counts:
+            self.info.check_modality(m, param="messages")
+        check_limits(dict(counts), self.cfg.limit_mm_per_prompt)
+        media: list[MediaSpec] = []
+        for i, p in enumerate(chat.parts):
+            if p.kind == "embeds":
+                if not self.cfg.enable_mm_embeds:
+                    raise UnsupportedError("image_embeds parts need the server to run with --enable-mm-embeds",
+                                           param="image_embeds")
+                media.append(MediaSpec(p.modality, "embeds", p.payload, p.uuid, i))
+                continue
+            if p.kind == "object":  # image_pil: only meaningful in-process
+                raise InvalidInputError("image_pil parts are only accepted by the offline API; send image_url",
+                                        param="messages")
+            url = p.payload
+            if p.kind == "input_audio" and url is not None:
+                url = input_audio_to_url(url)
+            elif url is not None:
+                self.precheck_url(url, p.modality)
+            media.append(MediaSpec(p.modality, "url", url, p.uuid, i))
+        text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
+                              add_generation_prompt=inp.add_generation_prompt)
+        ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
+        self._check_prompt(ids, media, inp.sampling)
+        return PreparedPrompt(ids, media, inp.sampling)
+
+    # ---- completions -----------------------------------------------------------------------------------
+    def completion(self, inp: CompletionInput) -> PreparedPrompt:
+        if (inp.prompt is None) == (inp.prompt_token_ids is None):
+            raise InvalidInputError("give exactly one of prompt (text) or prompt token ids", param="prompt")
+        if inp.prompt is not None:
+            ids = self.info.tokenizer(inp.prompt).input_ids
+        else:
+            ids = list(inp.prompt_token_ids or [])
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.info.vocab_size]
+            if bad:
+                raise InvalidInputError(f"prompt token ids must be in [0, {self.info.vocab_size}); got {bad[:5]}",
+                                        param="prompt")
+        if not ids:
+            raise InvalidInputError("the prompt is empty", param="prompt")
+        self._check_prompt(ids, [], inp.sampling)
+        return PreparedPrompt(ids, [], inp.sampling)
+
+    # ---- shared checks -----------------------------------------------------------------------------------
+    def _check_prompt(self, ids: list[int], media: list[MediaSpec], sampling: SamplingParams) -> None:
+        refs = [ItemRef(modality=m.modality, index=m.index, source=m.payload, uuid=m.uuid) for m in media]
+        check_placeholders(ids, refs, self.info.placeholder_ids, self.info.placeholder_tokens)
+        limit = self.info.max_model_len
+        if limit is not None:
+            # Media placeholders only grow when expanded: an unexpanded prompt that is already too long
+            # can be refused here; the generator checks the expanded length.
+            need = len(ids) + (sampling.max_tokens or 1)
+            if len(ids) >= limit or need > limit:
+                raise LimitExceededError(
+                    f"the prompt has {len(ids)} tokens before media expansion; with max_tokens="
+                    f"{sampling.max_tokens} it needs at least {need} > max_model_len={limit}", param="max_tokens")
+
+    def precheck_url(self, url: str, modality: str) -> None:
+        if not isinstance(url, str) or not url.strip():
+            raise InvalidInputError(f"{modality} URL must be a non-empty string", param=f"{modality}_url")
+        parts = urllib.parse.urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme in ("http", "https"):
+            host = normalize_host(parts.hostname or "")
+            if not host:
+                raise InvalidInputError(f"{modality} URL has no host", param=f"{modality}_url")
+            if self.cfg.allowed_media_domains is not None and not self.policy.host_allowed(host):
+                raise MediaPolicyError(
+                    f"media URL host {host!r} is not in the allowed media domains "
+                    f"{list(self.policy.allowed_media_domains or ())} (--allowed-media-domains)",
+                    param=f"{modality}_url")
+        elif scheme in ("file", ""):
+            root = self.cfg.allowed_local_media_path
+            if root is None:
+                return  # ingest decides with its own --allowed-local-media-path
+            path = urllib.parse.unquote(parts.path) if scheme == "file" else url
+            full = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+            root_n = os.path.normpath(root)
+            if full != root_n and not full.startswith(root_n.rstrip(os.sep) + os.sep):
+                raise MediaPolicyError(f"local media path {path!r} is outside the allowed folder {root!r} "
+                                       f"(--allowed-local-media-path)", param=f"{modality}_url")
+        elif scheme != "data":
+            raise MediaPolicyError(f"unsupported media URL scheme {scheme!r}: use http(s)://, data: or file://",
+                                   param=f"{modality}_url")

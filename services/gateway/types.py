@@ -1,0 +1,78 @@
+"""Domain types of the gateway core: what the transports hand in and what the core streams back.
+
+Small dataclasses, no pydantic and no protobuf: the HTTP layer builds them from its pydantic models, the
+gRPC servicer from its protobuf messages, and both turn the results back into their own wire types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmpipe.shared.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who asks, for which endpoint (metrics label), under which request id (logs of every stage)."""
+
+    request_id: str
+    endpoint: str
+    tenant: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """One chat request. `messages` are OpenAI-shaped dicts (content parts as on vLLM's multimodal page)."""
+
+    messages: list[dict[str, Any]]
+    sampling: SamplingParams
+    model: str | None = None
+    chat_template: str | None = None
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class CompletionInput:
+    """One completion request: a text prompt or prompt token ids (exactly one)."""
+
+    sampling: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """A media item resolved to a cache key, as the generator needs it. `how`: uuid | hash | miss | embeds."""
+
+    key: str
+    modality: str
+    num_tokens: int
+    how: str
+    pb: Any = field(default=None, repr=False, compare=False)  # the stage's EmbeddingRef, passed on unchanged
+
+
+@dataclass
+class Delta:
+    """What one generation step added. `finish_reason` is set on the last delta only."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """The whole result of one request (non-streaming responses, tests)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None
+    prompt_tokens: int
+    prompt_token_ids: list[int]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)

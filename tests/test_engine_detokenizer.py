@@ -1,0 +1,73 @@
+"""IncrementalDetokenizer: incremental text equals a full decode; stop strings cut the text (or keep the stop
+string with include_stop_str_in_output) and are never partly streamed."""
+from __future__ import annotations
+
+import pytest
+
+from mmpipe.shared.engine.detokenizer import IncrementalDetokenizer
+from mmpipe.shared.types import SamplingParams
+
+from engine_helpers import get_case
+
+TEXT = "The quick brown fox jumps over the lazy dog. Hello, how are you? é ü 日本 ok"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_case("qwen2_vl").processor.tokenizer
+
+
+def feed(tok, sampling, ids, chunk=1):
+    det = IncrementalDetokenizer(tok, sampling)
+    deltas, n = [], 0
+    for i in range(0, len(ids), chunk):
+        deltas.append(det.add_tokens(ids[i:i + chunk]))
+        n = i + chunk
+        if det.stopped:
+            break
+    deltas.append(det.finish())
+    return det, deltas, n
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_incremental_text_equals_full_decode(tok, chunk):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    det, deltas, _ = feed(tok, SamplingParams(), ids, chunk)
+    assert "".join(deltas) == TEXT == det.text
+    assert not det.stopped and det.finish_reason is None
+    assert all("\ufffd" not in d for d in deltas)  # split multi-byte characters are never shown half
+
+
+def test_stop_string_truncates_and_reports_stop(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    det, deltas, n = feed(tok, SamplingParams(stop=["lazy dog", "zzz"]), ids)
+    assert det.stopped and det.finish_reason == "stop" and det.stop_reason == "lazy dog"
+    assert det.text == "The quick brown fox jumps over the " == "".join(deltas)
+    assert n < len(ids)  # the caller could stop generating right there
+    assert not any("lazy" in d for d in deltas)
+
+
+def test_include_stop_str_in_output(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    det, deltas, _ = feed(tok, SamplingParams(stop="fox", include_stop_str_in_output=True), ids)
+    assert det.text == "".join(deltas) == "The quick brown fox"
+
+
+def test_stop_string_inside_one_token_and_earliest_wins(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    det, _, _ = feed(tok, SamplingParams(stop=["over", "qu"]), ids, chunk=5)
+    assert det.text == "The " and det.stop_reason == "qu"
+
+
+def test_stop_strings_wait_for_min_tokens(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    det, _, _ = feed(tok, SamplingParams(stop=["The", "fox"], min_tokens=2), ids)
+    assert det.text == "The quick brown "
+
+
+def test_special_tokens_skipped(tok):
+    ids = tok.encode("Hello", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    det, deltas, _ = feed(tok, SamplingParams(), ids)
+    assert det.text == "Hello"
+    det, _, _ = feed(tok, SamplingParams(skip_special_tokens=False), ids)
+    assert det.text == "Hello<|im_end|>"
