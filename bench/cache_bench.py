@@ -6,19 +6,21 @@
 Default value: a (576, 4096) bf16 tensor, 4.7 MB. The loop rotates over `--items` distinct tensors and
 keys (16 x 4.7 MB = 75 MB, more than this CPU's 32 MB L3): repeating one value would measure
 cache-resident copies and look 2-3x faster than serving traffic does. Each variant runs
-`items x rounds` timed operations (bounded), after one untimed warm-up. Only loopback servers are
+`items x rounds` timed items (bounded), after one untimed warm-up call. Only loopback servers are
 accepted so a stray URL can't flood a shared Redis.
 
-Variants (W = write, R = read):
+Variants (W = write, R = read); within each group they take turns item by item:
   W redis-py default SET     redis.Redis().set(key, payload); hiredis installed -> hiredis.pack_command
   W redis-py pipeline x4     the same client, 4 SETs in one pipeline (per-item time reported)
   W redis-py py-packer SET   redis-py with its pure-Python RESP packer (large values are not copied)
   W raw socket sendmsg       RESP header + payload + CRLF in one sendmsg on a plain socket
   W cache.put                RedisEmbeddingCache.put end to end: pack (blake3) + zero-copy pooled write
+  W pack_embedding[_parts]   serialisation only: one joined bytes object vs the zero-copy parts list
   W cache.put_async          caller-visible latency of put_async (the write happens on a thread)
-  R redis-py GET             redis.Redis().get(key) -> bytes (hiredis parser)
+  R redis-py GET (bytes)     redis.Redis().get(key) -> bytes (hiredis parser); no unpack, no checksum
   R raw socket GET           GET read straight into a torch.empty buffer
   R cache.get                RedisEmbeddingCache.get end to end: MGET + checksum + zero-copy unpack
+  R same, redis-py reader    the same with raw_reads=False (hiredis parser, 1 MiB socket reads)
   R cache.get_many x4        4 keys in one MGET (per-item time reported)
 """
 from __future__ import annotations
@@ -38,28 +40,38 @@ from redis.connection import Encoder, PythonRespSerializer
 
 from mmpipe.shared.cache.embedded_redis import EmbeddedRedis
 from mmpipe.shared.cache.redis_store import RedisEmbeddingCache
-from mmpipe.shared.cache.serde import pack_embedding
+from mmpipe.shared.cache.serde import pack_embedding, pack_embedding_parts
 from mmpipe.shared.types import MMEmbedding
 
 
-def timed(fn: Callable[[int], Any], items: int, rounds: int, per_call_items: int = 1) -> list[float]:
-    """Seconds per item for each call of fn(i), i cycling over the items (warm-up call untimed)."""
-    fn(0)
-    out: list[float] = []
-    keep: list[Any] = []  # results stay alive for a round, as they would while a request uses them
+def interleaved(variants: dict[str, tuple[Callable[[int], Any], int]], items: int,
+                rounds: int) -> dict[str, list[float]]:
+    """Seconds per item for every variant, taking turns item by item.
+
+    variants: name -> (fn(i), items per call). Turn-taking matters on a small shared machine: a burst
+    of background load then slows every variant alike instead of whichever happened to be running.
+    Results are kept alive for a round, as a request would keep its embeddings, so allocations really
+    come from fresh memory. One untimed warm-up call per variant.
+    """
+    for fn, _ in variants.values():
+        fn(0)
+    out: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
-        keep.clear()
-        for i in range(0, items, per_call_items):
-            t0 = time.perf_counter()
-            keep.append(fn(i))
-            out.append((time.perf_counter() - t0) / per_call_items)
+        keep: list[Any] = []
+        for i in range(items):
+            for name, (fn, per_call) in variants.items():
+                if i % per_call or i + per_call > items:
+                    continue
+                t0 = time.perf_counter()
+                keep.append(fn(i))
+                out[name].append((time.perf_counter() - t0) / per_call)
     return out
 
 
 def report(name: str, secs: list[float], nbytes: int) -> None:
     med = statistics.median(secs)
     p90 = sorted(secs)[int(0.9 * (len(secs) - 1))]
-    print(f"{name:<28} median {med * 1e3:7.2f} ms   p90 {p90 * 1e3:7.2f} ms   "
+    print(f"{name:<28} median {med * 1e3:7.3f} ms   p90 {p90 * 1e3:7.3f} ms   "
           f"{nbytes / med / 1e6:8.0f} MB/s   (n={len(secs)})", flush=True)
 
 
@@ -129,25 +141,33 @@ def run(url: str, tokens: int, hidden: int, items: int, rounds: int) -> None:
     raw = RawConn(host, port)
     cache = RedisEmbeddingCache(url)
 
-    print("-- writes", flush=True)
-    report("W redis-py default SET",
-           timed(lambda i: default.set(keys[i], payloads[i]), items, rounds), nbytes)
+    slow_reader = RedisEmbeddingCache(url, raw_reads=False)
 
     def pipe4(i: int) -> None:
         p = default.pipeline(transaction=False)
-        for j in range(i, min(i + 4, items)):
+        for j in range(i, i + 4):
             p.set(keys[j], payloads[j])
         p.execute()
 
-    report("W redis-py pipeline x4", timed(pipe4, items, rounds, per_call_items=4), nbytes)
-    report("W redis-py py-packer SET",
-           timed(lambda i: pypack.set(keys[i], payloads[i]), items, rounds), nbytes)
-    report("W raw socket sendmsg", timed(lambda i: raw.set(keys[i], payloads[i]), items, rounds), nbytes)
-    report("W cache.put (pack+write)",
-           timed(lambda i: cache.put(keys[i].decode(), embs[i]), items, rounds), nbytes)
-    report("W pack_embedding alone", timed(lambda i: pack_embedding(embs[i]), items, rounds), nbytes)
+    print("-- writes (payload already packed unless noted)", flush=True)
+    res = interleaved({
+        "W redis-py default SET": (lambda i: default.set(keys[i], payloads[i]), 1),
+        "W redis-py pipeline x4": (pipe4, 4),
+        "W redis-py py-packer SET": (lambda i: pypack.set(keys[i], payloads[i]), 1),
+        "W raw socket sendmsg": (lambda i: raw.set(keys[i], payloads[i]), 1),
+        "W cache.put (pack+write)": (lambda i: cache.put(keys[i].decode(), embs[i]), 1),
+        "W pack_embedding alone": (lambda i: pack_embedding(embs[i]), 1),
+        "W pack_embedding_parts": (lambda i: pack_embedding_parts(embs[i]), 1),
+    }, items, rounds)
+    for name, secs in res.items():
+        report(name, secs, nbytes)
 
-    lat = timed(lambda i: cache.put_async(keys[i].decode(), embs[i]), items, rounds)
+    lat: list[float] = []
+    for _ in range(rounds):
+        for i in range(items):
+            t0 = time.perf_counter()
+            cache.put_async(keys[i].decode(), embs[i])
+            lat.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     cache.flush()
     report("W cache.put_async (caller)", lat, nbytes)
@@ -156,14 +176,16 @@ def run(url: str, tokens: int, hidden: int, items: int, rounds: int) -> None:
           f"dropped {s.dropped}, errors {s.errors}", flush=True)
 
     print("-- reads", flush=True)
-    report("R redis-py GET", timed(lambda i: default.get(keys[i]), items, rounds), nbytes)
-    report("R raw socket GET->tensor", timed(lambda i: raw.get(keys[i]), items, rounds), nbytes)
-    report("R cache.get (get+verify)", timed(lambda i: cache.get(keys[i].decode()), items, rounds), nbytes)
-
-    def many4(i: int) -> list[Any]:
-        return cache.get_many([k.decode() for k in keys[i:i + 4]])
-
-    report("R cache.get_many x4", timed(many4, items, rounds, per_call_items=4), nbytes)
+    res = interleaved({
+        "R redis-py GET (bytes)": (lambda i: default.get(keys[i]), 1),
+        "R raw socket GET->tensor": (lambda i: raw.get(keys[i]), 1),
+        "R cache.get (get+verify)": (lambda i: cache.get(keys[i].decode()), 1),
+        "R same, redis-py reader": (lambda i: slow_reader.get(keys[i].decode()), 1),
+        "R cache.get_many x4": (lambda i: cache.get_many([k.decode() for k in keys[i:i + 4]]), 4),
+    }, items, rounds)
+    for name, secs in res.items():
+        report(name, secs, nbytes)
+    slow_reader.close()
     got = cache.get(keys[0].decode())
     assert got is not None and torch.equal(got.tensor, embs[0].tensor), "benchmark read back wrong data"
 

@@ -78,6 +78,11 @@ SubcommandRef = str | Subcommand | ModuleType
 SUBCOMMANDS: dict[str, SubcommandRef] = {
     "tiny-model": TINY_MODEL,
     "demo": "mmpipe.commands.demo",
+    "ingest": "mmpipe.commands.ingest",
+    "encoder": "mmpipe.commands.encoder",
+    "generator": "mmpipe.commands.generator",
+    "gateway": "mmpipe.commands.gateway",
+    "serve": "mmpipe.commands.serve",
 }
 
 

@@ -147,8 +147,11 @@ class EngineRequest:
     prompt_token_ids: placeholders already expanded (one id per embedding row).
     mm_embeds: (num_mm_tokens, hidden) rows written over the placeholder positions in order, or None.
     mm_positions: flat indices of those positions in the prompt (same order as mm_embeds rows).
-    mrope_positions: (3, L) M-RoPE position ids for Qwen-VL style models, else None.
-    mrope_delta: added to the 1-D decode position for M-RoPE models (positions advance by one per step).
+    mrope_positions: (3, L) M-RoPE position ids for Qwen-VL style models, else None. Generated tokens
+        continue each row from the prompt's last position on that row, one step per token (what
+        transformers' generate does; vLLM instead continues all rows from max + 1).
+    mrope_delta: the model's rope delta (max position + 1 - L), kept for clients; used for decode positions
+        only when mrope_positions is not given.
     """
 
     request_id: str

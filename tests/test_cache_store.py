@@ -22,6 +22,7 @@ from mmpipe.shared.cache.lru import LRUEmbeddingCache
 from mmpipe.shared.cache.redis_store import RedisEmbeddingCache, redact_url
 from mmpipe.shared.cache.serde import (
     CacheCorruptError,
+    CacheVersionError,
     pack_embedding,
     pack_embedding_parts,
     pack_tensors,
@@ -134,19 +135,19 @@ def test_corrupt_error_is_a_domain_error_with_a_clear_message() -> None:
 
 
 def _reheader(b: bytes, edit) -> bytes:
-    """Rewrite the JSON header of payload `b` (re-signing it) so only the semantic check can object."""
+    """Rewrite the JSON header of payload `b` (re-signing it) so only the semantic checks can object."""
     magic, hlen, _ = struct.unpack_from("<4sI32s", b, 0)
     header = json.loads(b[40:40 + hlen])
     edit(header)
+    data = b[-(-(40 + hlen) // 64) * 64:]  # everything after the old header's alignment padding
     hb = json.dumps(header, separators=(",", ":")).encode()
-    assert len(hb) <= hlen, "test edit must not grow the header"
-    hb = hb + b" " * (hlen - len(hb))  # JSON allows trailing spaces; keeps the data offset unchanged
-    return struct.pack("<4sI32s", magic, hlen, blake3.blake3(hb).digest()) + hb + b[40 + hlen:]
+    head = struct.pack("<4sI32s", magic, len(hb), blake3.blake3(hb).digest()) + hb
+    return head + bytes(-len(head) % 64) + data
 
 
 def test_semantic_header_checks() -> None:
     b = pack_embedding(emb(4, 8))
-    with pytest.raises(CacheCorruptError, match="version"):
+    with pytest.raises(CacheVersionError, match="version 9"):
         unpack_embedding(_reheader(b, lambda h: h.update(v=9)))
     with pytest.raises(CacheCorruptError, match="nbytes"):
         unpack_embedding(_reheader(b, lambda h: h["tensors"][0].update(shape=[2, 8])))
@@ -154,6 +155,16 @@ def test_semantic_header_checks() -> None:
         unpack_embedding(pack_tensors({"tensor": torch.zeros(2)}))
     with pytest.raises(CacheCorruptError):
         unpack_tensors(b)
+    # Crafted headers (the header digest is a checksum anyone can recompute) still fail cleanly.
+    with pytest.raises(CacheCorruptError):
+        unpack_embedding(_reheader(b, lambda h: h["tensors"][0].update(shape=[1 << 60, 0])))
+    with pytest.raises(CacheCorruptError):
+        unpack_embedding(_reheader(b, lambda h: h["tensors"][0].update(shape=[0] * 40)))
+    with pytest.raises(CacheCorruptError):
+        unpack_embedding(_reheader(b, lambda h: h["tensors"][0].update(offset=-64)))
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(CacheCorruptError):
+        unpack_tensors(struct.pack("<4sI32s", b"MMPT", len(deep), blake3.blake3(deep).digest()) + deep)
     # Re-signed header, tensor bytes unchanged, but a different recorded digest: the data check catches it.
     with pytest.raises(CacheCorruptError, match="checksum"):
         unpack_embedding(_reheader(b, lambda h: h["tensors"][0].update(blake3="0" * 64)))
@@ -265,11 +276,16 @@ def test_lru_evicts_by_bytes_and_counts() -> None:
 def test_lru_clones_views_so_the_bound_is_true() -> None:
     batch = torch.randn(1000, 64)  # one encoder batch output
     item = MMEmbedding("image", batch[:4], {})
-    c = LRUEmbeddingCache(max_bytes=10_000)
+    c = LRUEmbeddingCache(max_bytes=100_000)
     c.put("k", item)
     got = c.get("k")
     assert torch.equal(got.tensor, batch[:4])
     assert got.tensor.untyped_storage().nbytes() == 4 * 64 * 4, "must not pin the whole batch buffer"
+    # A view with little waste around it is kept as is, and charged for all of its storage.
+    row = torch.randn(65, 64)[1:]  # 256 spare bytes
+    c.put("r", MMEmbedding("image", row, {}))
+    assert c.get("r").tensor.data_ptr() == row.data_ptr()
+    assert c.stats().bytes_used == 4 * 64 * 4 + 65 * 64 * 4
 
 
 def test_lru_returns_independent_meta_and_is_thread_safe() -> None:
@@ -415,10 +431,12 @@ def test_redis_corrupt_entry_is_a_miss_and_is_dropped(redis_url: str) -> None:
         raw.setrange("mmpipe:flip", n // 2, bytes([mid[0] ^ 0xFF]))
         raw.set("mmpipe:junk", b"not an embedding")
         raw.set("mmpipe:trunc", pack_embedding(e)[:-7])
-        got = c.get_many(["mmpipe:good", "mmpipe:flip", "mmpipe:junk", "mmpipe:trunc"])
-        assert same(got[0], e) and got[1:] == [None, None, None]
+        raw.set("mmpipe:future", _reheader(pack_embedding(e), lambda h: h.update(v=2)))
+        got = c.get_many(["mmpipe:good", "mmpipe:flip", "mmpipe:junk", "mmpipe:trunc", "mmpipe:future"])
+        assert same(got[0], e) and got[1:] == [None, None, None, None]
         assert c.stats().corrupt == 3
         assert raw.exists("mmpipe:flip", "mmpipe:junk", "mmpipe:trunc") == 0, "corrupt entries are deleted"
+        assert raw.exists("mmpipe:future") == 1, "a newer format is a miss here, not garbage to delete"
     raw.close()
 
 
@@ -452,10 +470,11 @@ def test_redis_unreachable_fails_fast_with_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
-def test_redis_reads_with_resp2_and_resp3(redis_url: str, protocol: int) -> None:
-    """The raw MGET reader understands both protocol versions, misses, and empty / odd-sized values."""
+@pytest.mark.parametrize("raw_reads", [True, False], ids=["raw-reader", "redis-py-reader"])
+def test_redis_reads_with_resp2_and_resp3(redis_url: str, protocol: int, raw_reads: bool) -> None:
+    """Both read paths understand both protocol versions, misses, and empty / odd-sized values."""
     raw = redis.Redis.from_url(redis_url)
-    with RedisEmbeddingCache(f"{redis_url}?protocol={protocol}") as c:
+    with RedisEmbeddingCache(f"{redis_url}?protocol={protocol}", raw_reads=raw_reads) as c:
         es = {"mmpipe:small": emb(1, 2), "mmpipe:big": emb(300, 1000, torch.float32),
               "mmpipe:fp16": emb(7, 3, torch.float16)}
         c.put_many(es.items())
@@ -465,8 +484,8 @@ def test_redis_reads_with_resp2_and_resp3(redis_url: str, protocol: int) -> None
             assert same(got[0], es["mmpipe:small"]) and got[1] is None and got[3] is None
             assert same(got[2], es["mmpipe:big"]) and same(got[4], es["mmpipe:fp16"])
             assert c.exists_many(["mmpipe:big", "mmpipe:nope"]) == [True, False]
-        big = got[2].tensor
-        big.add_(1)  # the raw reader's buffers are private and writable: no read-only views
+        if raw_reads:
+            got[2].tensor.add_(1)  # the raw reader's buffers are private and writable
     raw.close()
 
 
@@ -524,6 +543,32 @@ def test_redis_recovers_after_server_restart() -> None:
         srv.start()
         c.put("mmpipe:r", emb())
         assert same(c.get("mmpipe:r"), emb())
+
+
+def test_bulk_reader_skips_resp3_push_frames_and_splits_reads() -> None:
+    """Unsolicited RESP3 frames before the MGET reply are skipped; bytes arriving one at a time work."""
+    import socket
+
+    from mmpipe.shared.cache.redis_store import _BulkReader
+
+    a, b = socket.socketpair()
+    wire = (b">3\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\nfoo\r\n%1\r\n+k\r\n:1\r\n"
+            b"|1\r\n+x\r\n+y\r\n*4\r\n$3\r\nabc\r\n_\r\n$-1\r\n$0\r\n\r\n")
+
+    def trickle() -> None:
+        for i in range(len(wire)):
+            b.sendall(wire[i:i + 1])
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    got = _BulkReader(a).bulk_array()
+    t.join()
+    assert [None if g is None else bytes(g.numpy()) for g in got] == [b"abc", None, None, b""]
+    b.sendall(b"-ERR boom\r\n")
+    with pytest.raises(redis.exceptions.ResponseError, match="boom"):
+        _BulkReader(a).bulk_array()
+    a.close()
+    b.close()
 
 
 def test_redact_url() -> None:

@@ -7,10 +7,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from mmpipe.services.common.grpc_server import ServerConfig
 from mmpipe.shared.errors import InvalidInputError
+
+
+@dataclass
+class ServerConfig:
+    """What every stage server takes from the shared server flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    max_message_mb: int = 256
+    shutdown_grace_s: float = 30.0
+    log_level: str = "INFO"
 
 
 def env(name: str, default: Any = None) -> Any:

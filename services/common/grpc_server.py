@@ -16,13 +16,13 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmpipe.services.common.cli_args import ServerConfig
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from mmpipe.services.common.metrics import ServiceMetrics
 from mmpipe.shared.errors import MMPipeError, ServiceUnavailableError
@@ -32,18 +32,6 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 ERROR_CLASS_HEADER = "mmpipe-error-class"
 ERROR_PARAM_HEADER = "mmpipe-error-param"
-
-
-@dataclass
-class ServerConfig:
-    """What every stage server takes from its flags (see services/common/cli_args.py)."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    metrics_port: int = 0
-    max_message_mb: int = 256
-    shutdown_grace_s: float = 30.0
-    log_level: str = "INFO"
 
 
 def server_options(max_message_mb: int = 256) -> list[tuple[str, Any]]:

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from mmpipe.services.common import cli_args as ca
-from mmpipe.services.common.grpc_server import ServerConfig
+from mmpipe.services.common.cli_args import ServerConfig
 
 DEFAULT_PORT = 50052
 

@@ -59,8 +59,8 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
     max_concurrent_requests: int = 256
-    # Seconds a stage call may wait for a connection to a stage that is down before failing with 503.
-    stage_connect_timeout_s: float = 2.0
+    # On SIGTERM, seconds in-flight requests get to finish.
+    shutdown_grace_s: float = 30.0
     log_level: str = "info"
 
     @property
@@ -116,8 +116,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
     p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
+    p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
+                   help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                   choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
+                   type=str.lower, choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
     return p
 
 
@@ -139,5 +141,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allowed_local_media_path=args.allowed_local_media_path,
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
-        log_level=args.log_level,
+        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level,
     )

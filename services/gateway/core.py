@@ -19,6 +19,7 @@ from typing import Any
 from mmpipe.shared.detokenizer import IncrementalDetokenizer
 from mmpipe.shared.errors import (
     CancelledError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
+    ServiceUnavailableError,
 )
 
 from .config import GatewayConfig
@@ -59,6 +60,7 @@ class GatewayCore:
         metrics = RequestMetrics(self.model_name, ctx.endpoint)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         admitted = False
+        stream: GenerationStream | None = None
         try:
             if not self.cfg.accepts_model(model):
                 raise NotFoundError(f"the model {model!r} does not exist; this server serves "
@@ -74,6 +76,8 @@ class GatewayCore:
             await _within(deadline, stream.start())
             return stream
         except BaseException as e:
+            if stream is not None:
+                await stream._aclose_chunks()
             if admitted:
                 self.in_flight -= 1
             metrics.finish(_status_of(e))
@@ -126,12 +130,16 @@ class GenerationStream:
             try:
                 self._first = await self._chunks.__anext__()
                 return
-            except NotCachedError:
+            except (NotCachedError, NotFoundError) as e:
                 # An embedding was evicted between resolving and generating: resolve once more (ingest
                 # re-encodes what it has the payload of; a UUID-only item then fails with a clear 400).
                 await self._aclose_chunks()
-                if attempt == 1 or not p.media:
+                if not p.media:
                     raise
+                if attempt == 1:
+                    raise ServiceUnavailableError(f"embeddings were evicted from the cache before generation "
+                                                  f"twice ({e.message}); the cache is too small for the load, "
+                                                  f"retry shortly") from None
                 logger.info("request %s: an embedding was evicted before generation; resolving again",
                             self.request_id)
             except StopAsyncIteration:
@@ -227,7 +235,8 @@ async def _within(deadline: float, aw):
     """Await `aw`, failing with the request timeout error at the request's deadline."""
     left = deadline - time.monotonic()
     try:
-        return await asyncio.wait_for(aw, timeout=max(left, 0.001))
+        async with asyncio.timeout(max(left, 0.001)):  # no extra task per token, unlike wait_for
+            return await aw
     except TimeoutError:
         raise RequestTimeoutError("the request did not finish within the request timeout "
                                   "(--request-timeout)") from None

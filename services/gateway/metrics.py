@@ -1,8 +1,8 @@
 """The gateway's Prometheus metrics (prefix `mmpipe_gateway_`, base units, a `model` label, no colons).
 
-Both transports record through `RequestMetrics`, so HTTP and gRPC requests are counted the same way:
-`endpoint` is the HTTP path or `grpc:<Method>`, `status` the HTTP status code (the gRPC code's HTTP twin
-from the one errors table).
+The core times every request through `RequestMetrics` (latency, TTFT, TPOT, tokens, in flight); each
+transport counts its requests in `REQUESTS` with the status it actually answered: `endpoint` is the HTTP
+path or `grpc:<Method>`, `status` the HTTP status code or the gRPC code name.
 """
 from __future__ import annotations
 
@@ -70,7 +70,6 @@ class RequestMetrics:
             return
         self._done = True
         IN_FLIGHT.labels(self.model).dec()
-        REQUESTS.labels(self.model, self.endpoint, str(status)).inc()
         REQUEST_LATENCY.labels(self.model, self.endpoint).observe(time.perf_counter() - self.start)
         if prompt_tokens:
             PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
@@ -78,3 +77,7 @@ class RequestMetrics:
             GENERATION_TOKENS.labels(self.model).inc(self.n_tokens)
         if self.n_tokens > 1 and self.first_token_at is not None and self.last_token_at is not None:
             TPOT.labels(self.model).observe((self.last_token_at - self.first_token_at) / (self.n_tokens - 1))
+
+
+def count_request(model: str, endpoint: str, status: int | str) -> None:
+    REQUESTS.labels(model, endpoint, str(status)).inc()

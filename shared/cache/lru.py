@@ -16,6 +16,7 @@ from .base import CacheStats, EmbeddingCache, _Counters
 __all__ = ["LRUEmbeddingCache", "embedding_nbytes"]
 
 GiB = 1 << 30
+_MAX_VIEW_WASTE = 64 * 1024
 
 
 def embedding_nbytes(emb: MMEmbedding) -> int:
@@ -78,11 +79,13 @@ class LRUEmbeddingCache(EmbeddingCache):
         for key, emb in items:
             t = emb.tensor.detach()
             n = int(t.numel()) * int(t.element_size())
+            held = int(t.untyped_storage().nbytes())
             # A per-item slice of a batch output keeps the whole batch buffer alive; cloning makes the
-            # byte bound true at the cost of one copy of this item.
-            if t.untyped_storage().nbytes() > n:
-                t = t.clone()
-            prepared.append((key, MMEmbedding(emb.modality, t, dict(emb.meta)), n))
+            # byte bound true at the cost of one copy of this item. A view with little waste around it
+            # is kept as is and charged for its whole storage.
+            if held - n > _MAX_VIEW_WASTE:
+                t, held = t.clone(), n
+            prepared.append((key, MMEmbedding(emb.modality, t, dict(emb.meta)), max(n, held)))
         puts = written = 0
         with self._lock:
             for key, emb, n in prepared:

@@ -3,14 +3,15 @@
 Values are `serde.pack_embedding` payloads (checksummed header + raw tensor bytes).
 
 Write path, and why it is not a plain `redis.Redis().set(key, value)`: with hiredis installed, redis-py
-packs every command with `hiredis.pack_command`, which copies a 4.7 MB value several times; measured
-here that is 5 ms of the 6.6 ms a SET took on a warm buffer (20 ms on the machine of FACTS.md). redis-py's
-pure-Python packer instead hands large arguments to `sendall` untouched. This module therefore
-  * configures its connection pool with the pure-Python packer (hiredis still parses replies, which is
-    where it helps), and
+packs every command with `hiredis.pack_command`, which copies the whole 4.7 MB value (profiled: 5 ms of
+a 6.6 ms SET). With bench/cache_bench.py (16 distinct 4.7 MB values, 2-core machine) a default redis-py
+SET took 3.6 ms median / 6.4 ms p90, the pure-Python packer, which hands large arguments to `sendall`
+untouched, 0.95 / 1.2 ms. This module therefore
+  * configures its connection pool with the pure-Python packer (hiredis still parses replies), and
   * writes SETs itself on a pooled connection: the RESP header, the payload header and a memoryview of the
-    tensor go out with `send_packed_command`, so the tensor is never concatenated or copied (zero-copy),
-    and several SETs are pipelined into one round trip for `put_many` and the background writer.
+    tensor go out with `send_packed_command`, so the tensor is never concatenated or copied (joining
+    header and tensor into one `bytes` alone cost 1.0 ms median, 2.5 ms p90, mostly page faults on
+    fresh memory), and several SETs are pipelined into one round trip for `put_many` and the writer.
 Numbers for each variant: `bench/cache_bench.py`.
 
 `put_async` queues writes for a background thread (bounded by item count and bytes; when full, writes
@@ -42,7 +43,7 @@ from ..errors import InvalidInputError, ServiceUnavailableError
 from ..types import MMEmbedding
 from .base import CacheStats, EmbeddingCache, _Counters
 from .lru import embedding_nbytes
-from .serde import CacheCorruptError, pack_embedding_parts, payload_nbytes, unpack_embedding
+from .serde import CacheCorruptError, CacheVersionError, pack_embedding_parts, payload_nbytes, unpack_embedding
 
 __all__ = ["RedisEmbeddingCache", "redact_url"]
 
@@ -94,10 +95,12 @@ def _coalesce(chunks: Iterable[Any]) -> list[Any]:
 class _BulkReader:
     """Reads RESP replies straight off a socket, placing each bulk string in its own torch buffer.
 
-    Why not the hiredis parser: it receives into a small buffer, appends into its own growing buffer
-    and then copies into a `bytes`; for a 4.7 MB value that measured 2-3.5 ms against 0.8-1.5 ms for
-    receiving directly into the final (writable, 64-byte aligned) tensor memory. Only the reply shapes
-    MGET produces are understood: an array of bulk strings / nulls (RESP2 or RESP3), or an error.
+    Why not the hiredis parser: it receives into a buffer, appends into its own growing buffer and then
+    copies into a `bytes`. For a 4.7 MB value a plain GET measured 2.0-2.1 ms through redis-py against
+    1.45-1.8 ms received directly into the final (writable, 64-byte aligned) tensor memory, and
+    `get` end to end (with checksum) 2.4-2.5 ms against 2.7-2.9 ms (bench/cache_bench.py, interleaved).
+    Only the reply shapes MGET produces are understood: an array of bulk strings / nulls (RESP2 or
+    RESP3), or an error.
     """
 
     __slots__ = ("sock", "buf", "start", "end")
@@ -143,8 +146,26 @@ class _BulkReader:
                 raise redis.exceptions.ConnectionError("connection closed by the server")
             have += got
 
+    def _skip(self, head: bytes) -> None:
+        """Consume one RESP value whose first line is `head` (used for out-of-band RESP3 frames)."""
+        t = head[:1]
+        if t in (b"$", b"=", b"!"):
+            n = int(head[1:])
+            if n >= 0:
+                self.read_into(memoryview(bytearray(n + 2)))
+        elif t in (b"*", b">", b"~", b"%", b"|"):
+            n = int(head[1:])
+            for _ in range(max(n, 0) * (2 if t in (b"%", b"|") else 1)):
+                self._skip(self.line())
+        # every other type (+ - : _ , # ( ) is a single line, already consumed
+
     def bulk_array(self) -> list[torch.Tensor | None]:
         head = self.line()
+        # RESP3 may put push frames (">", e.g. maintenance notifications) or attributes ("|") before
+        # the reply; they are not ours to interpret here.
+        while head[:1] in (b">", b"|"):
+            self._skip(head)
+            head = self.line()
         if head[:1] == b"-":
             raise redis.exceptions.ResponseError(head[1:].decode("utf-8", "replace"))
         if head[:1] != b"*":
@@ -177,12 +198,15 @@ class RedisEmbeddingCache(EmbeddingCache):
     namespace: `clear()` deletes only keys starting with "<namespace>:" (see CacheKeyspace).
     async_queue_size / async_max_pending_bytes: bounds of the `put_async` queue.
     verify: check each value's blake3 checksum on read (about 0.3 ms per 4.7 MB).
+    raw_reads: receive MGET replies with `_BulkReader` on the pooled connection's socket (default);
+        False reads through redis-py's parser instead: slower for big values, but independent of
+        redis-py internals (it relies on the private `Connection._sock`), should a future version move it.
     """
 
     def __init__(self, url: str, *, ttl_s: int | None = None, socket_timeout_s: float = 5.0,
                  connect_timeout_s: float | None = None, namespace: str = "mmpipe",
                  max_connections: int | None = None, async_queue_size: int = 64,
-                 async_max_pending_bytes: int = 512 * MiB, verify: bool = True):
+                 async_max_pending_bytes: int = 512 * MiB, verify: bool = True, raw_reads: bool = True):
         if ttl_s is not None and (not isinstance(ttl_s, int) or ttl_s <= 0):
             raise InvalidInputError(f"ttl_s must be a positive int or None, got {ttl_s!r}", param="ttl_s")
         if not namespace or any(c in namespace for c in "*?[]\\:"):
@@ -192,6 +216,7 @@ class RedisEmbeddingCache(EmbeddingCache):
         self.ttl_s = ttl_s
         self.namespace = namespace
         self.verify = verify
+        self.raw_reads = raw_reads
         try:
             self._pool = redis.ConnectionPool.from_url(
                 url,
@@ -204,8 +229,8 @@ class RedisEmbeddingCache(EmbeddingCache):
                 # See the module docstring: the pure-Python packer does not copy large values.
                 command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),
                 max_connections=max_connections,
-                # For replies the hiredis parser still reads (EXISTS, INFO, the fallback path): 1 MiB
-                # reads instead of 64 KiB halved its time for a 4.7 MB value here.
+                # For replies the hiredis parser still reads (EXISTS, INFO, raw_reads=False): 1 MiB
+                # socket reads instead of 64 KiB cut a 4.7 MB GET from ~3.5 to ~2 ms here.
                 socket_read_size=1 << 20,
             )
         except ValueError as e:
@@ -273,6 +298,11 @@ class RedisEmbeddingCache(EmbeddingCache):
                 buf = memoryview(val.numpy()) if isinstance(val, torch.Tensor) else val
                 out.append(unpack_embedding(buf, verify=self.verify))
                 hits += 1
+            except CacheVersionError as e:
+                # Written by a replica with a newer format: a miss here, but valid for that replica.
+                log.debug("cache entry %s: %s", key, e)
+                misses += 1
+                out.append(None)
             except CacheCorruptError as e:
                 log.warning("dropping corrupt cache entry %s: %s", key, e)
                 bad.append(key)
@@ -296,8 +326,8 @@ class RedisEmbeddingCache(EmbeddingCache):
                 with self._errors("MGET"):
                     conn = self._pool.get_connection()
                     try:
-                        sock = getattr(conn, "_sock", None)
-                        if sock is None:  # a connection type we don't know: let redis-py do the read
+                        sock = getattr(conn, "_sock", None) if self.raw_reads else None
+                        if sock is None:  # asked for, or a connection type we don't know: redis-py reads
                             conn.send_command("MGET", *keys)
                             return list(conn.read_response())
                         conn.send_packed_command(conn.pack_command("MGET", *keys))

@@ -67,7 +67,7 @@ class PagedDecoder:
     def rotary(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (T, head_dim) for positions (T,) or (3, T)."""
         T = positions.shape[-1]
-        pid = positions.view(3, 1, T) if self.is_mrope else positions.view(1, T)
+        pid = positions.reshape(3, 1, T) if self.is_mrope else positions.reshape(1, T)
         cos, sin = self.rotary_emb(like, pid)
         if cos.dim() == 4:  # older transformers return per-row tables: pick the M-RoPE sections ourselves
             sec = self.mrope_section * 2

@@ -120,6 +120,7 @@ class LLMEngine:
             return outputs
         sampled, result = self.runner.execute(sched)
         self.stats["steps"] += 1
+        self.stats["graph_steps"] = self.runner.stats_graph_steps
         for sc in sched.scheduled:
             if sc.seq.num_computed_tokens < sc.seq.num_prompt_tokens:
                 self.stats["prefill_tokens"] += sc.num_new_tokens

@@ -65,6 +65,7 @@ class ModelRunner:
         self.max_blocks_per_seq = cdiv(self.max_model_len, config.block_size) + 1
 
         self.graphs = None
+        self.stats_graph_steps = 0
         if backend == "triton" and config.enable_cuda_graphs:
             from .cuda_graphs import DecodeGraphs
 

@@ -27,6 +27,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: (len(seqs), vocab) for the positions that sample."""
         n = len(seqs)
+        if all(s.sampling.temperature == 0.0 and not s.want_logprobs and
+               not (s.suppress_ids and s.num_output_tokens < s.sampling.min_tokens) for s in seqs):
+            # Plain greedy batch: argmax on the model's dtype (exact), no fp32 copy of the logits.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
         logits = logits.float()
         want_lp = [s.want_logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None

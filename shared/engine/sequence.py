@@ -51,11 +51,16 @@ class Sequence:
         if req.mm_embeds is not None:
             pos = torch.as_tensor(req.mm_positions, dtype=torch.long).reshape(-1)
             self.mm_positions = pos
-        # M-RoPE: (3, L) prompt positions; a token at index i >= L sits at i + delta on all three rows.
+        # M-RoPE: (3, L) prompt positions. A token at index i >= L sits at i + deltas[r] on row r, where
+        # each row continues from the prompt's LAST position on that row (transformers' generate advances
+        # every row by one per step from there; a prompt ending in image rows has unequal rows).
         self.mrope_positions: torch.Tensor | None = None
-        self.mrope_delta = int(req.mrope_delta or 0)
+        delta = int(req.mrope_delta or 0)
+        self.mrope_deltas: tuple[int, int, int] = (delta, delta, delta)
         if req.mrope_positions is not None:
             self.mrope_positions = torch.as_tensor(req.mrope_positions, dtype=torch.long).reshape(3, -1)
+            last = self.mrope_positions[:, -1] + 1 - self.mrope_positions.shape[1]
+            self.mrope_deltas = tuple(int(x) for x in last.tolist())  # type: ignore[assignment]
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     @property
@@ -91,13 +96,13 @@ class Sequence:
             else:  # text-only prompt on an M-RoPE model: all three rows are the 1-D positions
                 parts.append(torch.arange(start, min(end, L), dtype=torch.long).expand(3, -1))
         if end > L:
-            tail = torch.arange(max(start, L), end, dtype=torch.long) + self.mrope_delta
-            parts.append(tail.expand(3, -1))
+            tail = torch.arange(max(start, L), end, dtype=torch.long)
+            parts.append(tail[None, :] + torch.tensor(self.mrope_deltas, dtype=torch.long)[:, None])
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def decode_position(self, index: int, mrope: bool) -> int:
-        """Position of a post-prompt token at `index` (the same on all three M-RoPE rows)."""
-        return index + self.mrope_delta if mrope else index
+    def decode_positions(self, index: int, mrope: bool) -> tuple[int, ...]:
+        """Positions of a post-prompt token at `index`: one per M-RoPE row, or a 1-tuple."""
+        return tuple(index + d for d in self.mrope_deltas) if mrope else (index,)
 
     def mm_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(offsets within [start, end), embedding rows) of the multimodal rows that fall in the chunk."""

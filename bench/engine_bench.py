@@ -1,0 +1,376 @@
+"""Decode throughput of mmpipe's engine vs transformers on a Qwen2.5-VL-3B-sized text model (random bf16).
+
+    python bench/engine_bench.py --out results/engine_h100 [--concurrency 1,8,32,64,128] [--skip-compiled]
+
+Each request: a ~1,000-token prompt with one image's worth of embedding rows (256 random rows), exactly 128
+new tokens (ignore_eos). Reported per concurrency: output tok/s (all tokens / wall time, prefill included) and
+ms per decode step, for
+  (a) mmpipe's engine (LLMEngine on a Qwen2_5_VLForConditionalGeneration; M-RoPE positions, mm rows),
+  (b) transformers `generate` on static batches: dynamic cache, and static cache compiled
+      (cache_implementation="static", CompileConfig(fullgraph=True, mode="reduce-overhead")),
+  (c) transformers `generate_batch` (continuous batching) on the same prompts as token ids,
+and the roofline per step: (weight bytes + KV bytes read) / copy bandwidth measured in the same run.
+Writes <out>.json, <out>.md and <out>.png (if matplotlib is there).
+
+No download: the text model is a Qwen2ForCausalLM built from a config with random weights; the engine's
+entry point is a Qwen2_5_VLForConditionalGeneration built on the meta device whose text decoder and lm_head
+are those same modules (no weight copy), with its own M-RoPE rotary embedding.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEXT = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+            intermediate_size=11008, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            tie_word_embeddings=True)
+ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+MROPE_SECTION = [16, 24, 24]
+IMAGE_TOKEN_ID = 151655
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models and prompts
+# ---------------------------------------------------------------------------------------------------------------
+def build_models(layers: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    text = dict(TEXT, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        qcfg = Qwen2Config(**text, rope_parameters=dict(ROPE))
+        qcfg._attn_implementation = "sdpa"
+        hf = Qwen2ForCausalLM(qcfg).to(torch.bfloat16).eval()
+    vcfg = Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION)),
+                            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               out_hidden_size=text["hidden_size"]),
+                            image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=True)
+    with torch.device("meta"):
+        vl = Qwen2_5_VLForConditionalGeneration(vcfg).eval()
+    lm = vl.model.language_model
+    lm.embed_tokens, lm.layers, lm.norm = hf.model.embed_tokens, hf.model.layers, hf.model.norm
+    lm.rotary_emb = Qwen2_5_VLRotaryEmbedding(vcfg.text_config).to("cuda")
+    vl.lm_head = hf.lm_head
+    return hf, vl
+
+
+def make_prompts(n: int, prompt_len: int, image_tokens: int, hidden: int, seed: int = 0):
+    """Token ids with `image_tokens` placeholder rows (a square grid), random rows, synthetic M-RoPE positions."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(image_tokens ** 0.5)
+    rows = side * side
+    out = []
+    for i in range(n):
+        pre = 20 + (i % 7)
+        post = prompt_len - pre - rows
+        ids = torch.randint(0, 150000, (prompt_len,), generator=g)
+        ids[pre:pre + rows] = IMAGE_TOKEN_ID
+        emb = (torch.randn(rows, hidden, generator=g) * 0.02).to(torch.bfloat16)
+        grid_h = torch.arange(side).repeat_interleave(side)
+        grid_w = torch.arange(side).repeat(side)
+        img = torch.stack([torch.zeros(rows, dtype=torch.long), grid_h, grid_w]) + pre
+        tail = torch.arange(post) + pre + side
+        mpos = torch.cat([torch.arange(pre).expand(3, -1), img, tail.expand(3, -1)], dim=1)
+        delta = int(mpos.max()) + 1 - prompt_len
+        out.append(dict(ids=ids, emb=emb, mm_pos=torch.arange(pre, pre + rows), mpos=mpos, delta=delta))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    x = torch.empty(2 ** 31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        y.copy_(x)
+    e.record()
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 20 / (s.elapsed_time(e) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def weight_bytes(hf) -> int:
+    """Bytes a decode step must read: every weight once (tied embedding counted once, as the lm_head)."""
+    seen, total = set(), 0
+    for p in hf.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(layers: int) -> int:
+    return layers * 2 * TEXT["num_key_value_heads"] * (TEXT["hidden_size"] // TEXT["num_attention_heads"]) * 2
+
+
+def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks):
+    from mmpipe.shared.engine import EngineConfig, LLMEngine
+    from mmpipe.shared.types import EngineRequest, SamplingParams
+
+    t0 = time.perf_counter()
+    cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, max_num_seqs=max(concs), max_num_batched_tokens=2048,
+                       max_model_len=max_model_len, num_kv_blocks=kv_blocks)
+    engine = LLMEngine(vl, cfg)
+    info = engine.kv_cache_info()
+    log(f"[engine] ready in {time.perf_counter() - t0:.1f}s: {info}")
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    def req(i, p, s=sp):
+        return EngineRequest(f"r{i}", p["ids"].tolist(), s, mm_embeds=p["emb"], mm_positions=p["mm_pos"],
+                             mrope_positions=p["mpos"], mrope_delta=p["delta"])
+
+    # warm-up (eager prefill kernels, sampler)
+    for i in range(2):
+        engine.add_request(req(f"w{i}", prompts[i], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+
+    results = {}
+    for c in concs:
+        for i in range(c):
+            engine.add_request(req(f"c{c}-{i}", prompts[i]))
+        steps, n_out = [], 0
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            before = dict(engine.stats)
+            ts = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - ts
+            n_out += sum(len(o.new_token_ids) for o in outs)
+            pre = engine.stats["prefill_tokens"] - before["prefill_tokens"]
+            dec = engine.stats["decode_tokens"] - before["decode_tokens"]
+            graph = engine.stats["graph_steps"] - before["graph_steps"]
+            steps.append((dt, pre, dec, graph))
+        total = time.perf_counter() - t0
+        pure = [dt for dt, pre, dec, g in steps if pre == 0 and dec == c]
+        pure = pure[1:] or pure  # first step at a new size can pay a one-off cost
+        ms = 1e3 * statistics.median(pure) if pure else float("nan")
+        results[c] = dict(tok_s=n_out / total, ms_per_step=ms, total_s=total, steps=len(steps),
+                          decode_steps_at_c=len(pure), graph_steps=sum(s[3] for s in steps), out_tokens=n_out)
+        log(f"[engine] c={c}: {n_out / total:.0f} tok/s, {ms:.2f} ms/decode step ({len(pure)} steps at batch {c}),"
+            f" total {total:.2f}s, {len(steps)} steps")
+    info = engine.kv_cache_info()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results, info
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step's logits are ready."""
+
+    def __init__(self):
+        self.t: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.t.append(time.perf_counter())
+        return scores
+
+
+def bench_hf_generate(hf, prompts, concs, new_tokens, compiled: bool):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    results = {}
+    for c in concs:
+        ids = torch.stack([p["ids"] for p in prompts[:c]]).cuda()
+        am = torch.ones_like(ids)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+        if compiled:
+            from transformers.generation.configuration_utils import CompileConfig
+
+            gc_ = GenerationConfig(**kw, cache_implementation="static",
+                                   compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+        else:
+            gc_ = GenerationConfig(**kw)
+        runs = 2 if compiled else 1  # the first compiled run compiles
+        for r in range(runs):
+            clock = _StepClock()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, attention_mask=am, generation_config=gc_,
+                                  logits_processor=LogitsProcessorList([clock]))
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+            if compiled and r == 0:
+                log(f"[hf {'compiled' if compiled else 'dynamic'}] c={c}: first run (compile) {total:.1f}s")
+        n_new = (out.shape[1] - ids.shape[1]) * c
+        gaps = [b - a for a, b in zip(clock.t, clock.t[1:])]
+        ms = 1e3 * statistics.median(gaps) if gaps else float("nan")
+        results[c] = dict(tok_s=n_new / total, ms_per_step=ms, total_s=total, out_tokens=n_new)
+        log(f"[hf {'compiled' if compiled else 'dynamic'}] c={c}: {n_new / total:.0f} tok/s, {ms:.2f} ms/step, "
+            f"total {total:.2f}s")
+        del out
+        torch.cuda.empty_cache()
+        if compiled:
+            torch._dynamo.reset()
+    return results
+
+
+def bench_hf_generate_batch(hf, prompts, concs, new_tokens):
+    from transformers import GenerationConfig
+
+    results = {}
+    gc_ = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+    for c in concs:
+        inputs = [p["ids"].tolist() for p in prompts[:c]]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate_batch(inputs=inputs, generation_config=gc_)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        n_new = sum(len(r.generated_tokens) for r in out.values())
+        results[c] = dict(tok_s=n_new / total, ms_per_step=1e3 * total / new_tokens, total_s=total,
+                          out_tokens=n_new, note="ms_per_step = wall time / new tokens (prefill included)")
+        log(f"[hf generate_batch] c={c}: {n_new / total:.0f} tok/s, {1e3 * total / new_tokens:.1f} ms per token"
+            f" step (incl. prefill), total {total:.2f}s")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="path prefix for .json / .md / .png")
+    ap.add_argument("--concurrency", default="1,8,32,64,128")
+    ap.add_argument("--hf-concurrency", default=None, help="default: --concurrency")
+    ap.add_argument("--cb-concurrency", default=None, help="default: --concurrency")
+    ap.add_argument("--compiled-concurrency", default="1,64")
+    ap.add_argument("--prompt-len", type=int, default=1000)
+    ap.add_argument("--image-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--skip-hf", action="store_true", help="skip all transformers baselines")
+    ap.add_argument("--skip-compiled", action="store_true", help="skip (b) static cache + torch.compile")
+    ap.add_argument("--skip-cb", action="store_true", help="skip (c) generate_batch")
+    args = ap.parse_args(argv)
+    concs = [int(x) for x in args.concurrency.split(",")]
+    parse = lambda s: concs if s is None else [int(x) for x in s.split(",") if x]  # noqa: E731
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    import transformers
+
+    log(f"transformers {transformers.__version__}")
+    bw = copy_bandwidth()
+    log(f"copy bandwidth: {bw / 1e12:.2f} TB/s")
+    t0 = time.perf_counter()
+    hf, vl = build_models(args.layers)
+    log(f"models built in {time.perf_counter() - t0:.1f}s")
+    wbytes = weight_bytes(hf)
+    kvtok = kv_bytes_per_token(args.layers)
+    prompts = make_prompts(max(concs), args.prompt_len, args.image_tokens, TEXT["hidden_size"])
+    max_model_len = args.prompt_len + args.new_tokens + 16
+    blocks_per_seq = -(-max_model_len // 16)
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "transformers": transformers.__version__, "copy_bandwidth_Bps": bw, "weight_bytes": wbytes,
+                 "kv_bytes_per_token": kvtok, "args": vars(args), "roofline": {}}
+    for c in concs:
+        ctx = args.prompt_len + args.new_tokens / 2  # mean context over the decode steps
+        step_bytes = wbytes + c * ctx * kvtok
+        res["roofline"][c] = dict(ms_per_step=1e3 * step_bytes / bw, tok_s=c / (step_bytes / bw),
+                                  bytes_per_step=step_bytes)
+    res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len,
+                                                        max(concs) * blocks_per_seq + 64)
+    if not args.skip_hf:
+        res["hf_dynamic"] = bench_hf_generate(hf, prompts, parse(args.hf_concurrency), args.new_tokens, False)
+        if not args.skip_cb:
+            try:
+                res["hf_generate_batch"] = bench_hf_generate_batch(hf, prompts, parse(args.cb_concurrency),
+                                                                   args.new_tokens)
+            except Exception as e:  # noqa: BLE001 - a baseline failing must not lose the other numbers
+                log(f"[hf generate_batch] failed: {e!r}")
+                res["hf_generate_batch_error"] = repr(e)
+        if not args.skip_compiled:
+            try:
+                res["hf_static_compiled"] = bench_hf_generate(hf, prompts, parse(args.compiled_concurrency),
+                                                              args.new_tokens, True)
+            except Exception as e:  # noqa: BLE001
+                log(f"[hf compiled] failed: {e!r}")
+                res["hf_static_compiled_error"] = repr(e)
+    write_outputs(res, Path(args.out))
+
+
+def write_outputs(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    systems = [("engine", "mmpipe engine"), ("hf_dynamic", "HF generate, dynamic cache"),
+               ("hf_static_compiled", "HF generate, static cache + compile"),
+               ("hf_generate_batch", "HF generate_batch")]
+    concs = sorted(res["roofline"], key=int)
+    lines = [f"# Engine benchmark on {res['device']}",
+             "",
+             f"torch {res['torch']}, transformers {res['transformers']}; copy bandwidth "
+             f"{res['copy_bandwidth_Bps'] / 1e12:.2f} TB/s; weights {res['weight_bytes'] / 1e9:.2f} GB; "
+             f"KV {res['kv_bytes_per_token'] / 1024:.0f} KiB/token. Prompt {res['args']['prompt_len']} tokens "
+             f"({res['args']['image_tokens']} image rows), {res['args']['new_tokens']} new tokens.",
+             "",
+             "| concurrency | roofline ms/step | " + " | ".join(f"{n} tok/s | ms/step" for _, n in systems) +
+             " | engine % of roofline |",
+             "|---" * (3 + 2 * len(systems)) + "|"]
+    for c in concs:
+        roof = res["roofline"][c]["ms_per_step"]
+        row = [str(c), f"{roof:.2f}"]
+        for key, _ in systems:
+            r = res.get(key, {}).get(c) or res.get(key, {}).get(str(c))
+            row += [f"{r['tok_s']:.0f}", f"{r['ms_per_step']:.2f}"] if r else ["-", "-"]
+        e = res["engine"].get(c) or res["engine"].get(str(c))
+        row.append(f"{100 * roof / e['ms_per_step']:.0f}%" if e else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "tok/s: output tokens / wall time (prefill included). Engine ms/step: median wall time of a "
+              "decode step at the full batch (host work, CUDA graph replay and sampling included). HF generate "
+              "ms/step: median gap between decode steps. generate_batch ms/step: wall time / new tokens."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [int(c) for c in concs]
+    ax.plot(xs, [res["roofline"][c]["tok_s"] for c in concs], "k--", label="roofline (decode)")
+    for key, name in systems:
+        d = res.get(key)
+        if d:
+            pts = sorted((int(c), v["tok_s"]) for c, v in d.items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"Qwen2.5-VL-3B-sized text model, bf16, {res['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

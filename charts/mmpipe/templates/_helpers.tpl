@@ -1,0 +1,202 @@
+{{/* Names ------------------------------------------------------------------------------------------------ */}}
+{{- define "mmpipe.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "mmpipe.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* <fullname>-<component>, e.g. "demo-mmpipe-encoder". Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "mmpipe.componentName" -}}
+{{- printf "%s-%s" (include "mmpipe.fullname" .root | trunc 52 | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "mmpipe.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels ----------------------------------------------------------------------------------------------- */}}
+{{- define "mmpipe.labels" -}}
+helm.sh/chart: {{ include "mmpipe.chart" . }}
+app.kubernetes.io/name: {{ include "mmpipe.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mmpipe
+{{- end -}}
+
+{{/* Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "mmpipe.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mmpipe.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "mmpipe.componentLabels" -}}
+{{ include "mmpipe.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "mmpipe.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mmpipe.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Images ----------------------------------------------------------------------------------------------- */}}
+{{/* repository:tag of a component; tag defaults to "<appVersion>-<flavor>". Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "mmpipe.image" -}}
+{{- $img := merge (dict) (index .root.Values .component).image .root.Values.image -}}
+{{- $flavor := default "cpu" $img.flavor -}}
+{{- $tag := default (printf "%s-%s" .root.Chart.AppVersion $flavor) $img.tag -}}
+{{- printf "%s:%s" $img.repository $tag -}}
+{{- end -}}
+
+{{- define "mmpipe.imagePullPolicy" -}}
+{{- $img := merge (dict) (index .root.Values .component).image .root.Values.image -}}
+{{- default "IfNotPresent" $img.pullPolicy -}}
+{{- end -}}
+
+{{/* Addresses -------------------------------------------------------------------------------------------- */}}
+{{/* Fully qualified DNS name of a component's Service. */}}
+{{- define "mmpipe.serviceHost" -}}
+{{- printf "%s.%s.svc.%s" (include "mmpipe.componentName" .) .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* gRPC target of a stage service: dns:/// over the headless Service, so clients see every pod and balance
+     with round_robin. Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "mmpipe.grpcTarget" -}}
+{{- printf "dns:///%s:%d" (include "mmpipe.serviceHost" .) (int (index .root.Values .component).port) -}}
+{{- end -}}
+
+{{- define "mmpipe.redisHost" -}}
+{{- include "mmpipe.serviceHost" (dict "root" . "component" "redis") -}}
+{{- end -}}
+
+{{/* Secrets ---------------------------------------------------------------------------------------------- */}}
+{{- define "mmpipe.apiKeySecretName" -}}
+{{- default (printf "%s-api-key" (include "mmpipe.fullname" .)) .Values.apiKey.existingSecret -}}
+{{- end -}}
+
+{{- define "mmpipe.redisSecretName" -}}
+{{- default (printf "%s-redis" (include "mmpipe.fullname" .)) .Values.redis.auth.existingSecret -}}
+{{- end -}}
+
+{{/* A value kept across upgrades: the existing Secret's key if the release already has one, else `value`,
+     else a random string. `lookup` returns nothing under `helm template`, so renderings stay offline. */}}
+{{- define "mmpipe.secretValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- if and $existing (index ($existing.data | default dict) .key) -}}
+{{- index $existing.data .key -}}
+{{- else if .value -}}
+{{- .value | b64enc -}}
+{{- else -}}
+{{- randAlphaNum 32 | b64enc -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pods ------------------------------------------------------------------------------------------------- */}}
+{{- define "mmpipe.gpuCount" -}}
+{{- $c := index .root.Values .component -}}
+{{- if $c.gpu -}}{{ int $c.gpu.count }}{{- else -}}0{{- end -}}
+{{- end -}}
+
+{{/* Environment of every mmpipe container: the model, the shared settings, the cache. */}}
+{{- define "mmpipe.commonEnv" -}}
+{{- $v := .Values -}}
+- name: MMPIPE_MODEL
+  value: {{ ternary "/models/tiny" $v.model.name $v.model.tiny.enabled | quote }}
+{{- with $v.model.servedModelName }}
+- name: MMPIPE_SERVED_MODEL_NAME
+  value: {{ . | quote }}
+{{- end }}
+- name: MMPIPE_HOST
+  value: {{ $v.bindHost | quote }}
+- name: MMPIPE_LOG_LEVEL
+  value: {{ $v.logLevel | quote }}
+- name: MMPIPE_DTYPE
+  value: {{ $v.model.dtype | quote }}
+{{- if $v.model.maxModelLen }}
+- name: MMPIPE_MAX_MODEL_LEN
+  value: {{ $v.model.maxModelLen | quote }}
+{{- end }}
+{{- with $v.multimodal.limitMmPerPrompt }}
+- name: MMPIPE_LIMIT_MM_PER_PROMPT
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- with $v.multimodal.mediaIoKwargs }}
+- name: MMPIPE_MEDIA_IO_KWARGS
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- with $v.multimodal.allowedMediaDomains }}
+- name: MMPIPE_ALLOWED_MEDIA_DOMAINS
+  value: {{ join " " . | quote }}
+{{- end }}
+{{- with $v.multimodal.allowedLocalMediaPath }}
+- name: MMPIPE_ALLOWED_LOCAL_MEDIA_PATH
+  value: {{ . | quote }}
+{{- end }}
+{{- if $v.multimodal.enableMmEmbeds }}
+- name: MMPIPE_ENABLE_MM_EMBEDS
+  value: "1"
+{{- end }}
+{{- if $v.redis.enabled }}
+{{- if $v.redis.auth.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mmpipe.redisSecretName" . }}
+      key: {{ $v.redis.auth.secretKey }}
+- name: MMPIPE_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/%d" (include "mmpipe.redisHost" .) (int $v.redis.port) (int $v.redis.db) | quote }}
+{{- else }}
+- name: MMPIPE_REDIS_URL
+  value: {{ printf "redis://%s:%d/%d" (include "mmpipe.redisHost" .) (int $v.redis.port) (int $v.redis.db) | quote }}
+{{- end }}
+{{- else if $v.redis.externalUrlSecret.name }}
+- name: MMPIPE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.redis.externalUrlSecret.name }}
+      key: {{ $v.redis.externalUrlSecret.key }}
+{{- else if $v.redis.externalUrl }}
+- name: MMPIPE_REDIS_URL
+  value: {{ $v.redis.externalUrl | quote }}
+{{- end }}
+- name: HF_HOME
+  value: /models/hf
+- name: MMPIPE_CACHE_DIR
+  value: /models/mmpipe
+{{- if $v.model.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- with $v.model.hfTokenSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: HF_TOKEN
+{{- end }}
+# read-only root filesystem: every runtime cache goes to /tmp (an emptyDir)
+- name: HOME
+  value: /tmp
+- name: NUMBA_CACHE_DIR
+  value: /tmp/numba
+- name: TRITON_CACHE_DIR
+  value: /tmp/triton
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: /tmp/inductor
+{{- end -}}

@@ -1,0 +1,201 @@
+"""`mmpipe serve MODEL`: the whole stack on one machine, each part its own supervised process.
+
+Starts an embedded redis-server (unless --redis-url), then encoder, generator, ingest and gateway as
+`python -m mmpipe.cli <stage> ...` on the given or free ports, waits until each is healthy, restarts a child
+that dies (exponential backoff, same ports), and on Ctrl-C / SIGTERM stops the children (gateway first,
+encoder last, each given --shutdown-grace-s) and then Redis.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="run redis + ingest + encoder + generator + gateway on this machine",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = os.environ.get
+    p.add_argument("model", metavar="MODEL", help="model directory or hub id")
+    p.add_argument("--host", default=e("MMPIPE_HOST", "127.0.0.1"), help="gateway bind address")
+    p.add_argument("--port", type=int, default=int(e("MMPIPE_PORT", 8000)), help="gateway HTTP port")
+    p.add_argument("--grpc-port", type=int, default=int(e("MMPIPE_GRPC_PORT", 50050)), help="gateway gRPC port")
+    p.add_argument("--ingest-port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--encoder-port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--generator-port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--redis-url", default=e("MMPIPE_REDIS_URL"),
+                   help="use this Redis instead of starting an embedded redis-server")
+    p.add_argument("--redis-maxmemory", default="1gb", help="maxmemory of the embedded redis-server")
+    p.add_argument("--dtype", default=e("MMPIPE_DTYPE", "auto"))
+    p.add_argument("--device", default=e("MMPIPE_DEVICE", "auto"))
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--limit-mm-per-prompt", default=e("MMPIPE_LIMIT_MM_PER_PROMPT"), help="JSON")
+    p.add_argument("--media-io-kwargs", default=e("MMPIPE_MEDIA_IO_KWARGS"), help="JSON")
+    p.add_argument("--mm-processor-kwargs", default=e("MMPIPE_MM_PROCESSOR_KWARGS"), help="JSON")
+    p.add_argument("--allowed-media-domains", nargs="+", default=None)
+    p.add_argument("--allowed-local-media-path", default=e("MMPIPE_ALLOWED_LOCAL_MEDIA_PATH"))
+    p.add_argument("--enable-mm-embeds", action="store_true")
+    p.add_argument("--chat-template", default=None)
+    p.add_argument("--api-key", default=e("MMPIPE_API_KEY"))
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0)
+    p.add_argument("--startup-timeout-s", type=float, default=600.0)
+    p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
+    p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
+    return p
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    health: tuple[str, str]  # ("grpc", "host:port") or ("http", url)
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    last_start: float = 0.0
+    backoff_s: float = 1.0
+
+    def start(self) -> None:
+        self.last_start = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+
+    def stop(self, grace_s: float) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(grace_s + 5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def _healthy(kind: str, target: str) -> bool:
+    if kind == "http":
+        import urllib.request
+
+        try:
+            return urllib.request.urlopen(target, timeout=1).status == 200
+        except OSError:
+            return False
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _wait_healthy(child: Child, timeout_s: float, stop: threading.Event) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        if child.proc is not None and child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with status {child.proc.returncode} while starting")
+        if _healthy(*child.health):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} did not become healthy within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmpipe.shared.cache.embedded_redis import EmbeddedRedis, free_port
+
+    redis = None
+    redis_url = args.redis_url
+    if not redis_url:
+        redis = EmbeddedRedis(maxmemory=args.redis_maxmemory).start()
+        redis_url = redis.url
+        print(f"mmpipe serve: embedded redis-server at {redis_url}", flush=True)
+    ports = {n: getattr(args, f"{n}_port") or free_port() for n in ("encoder", "generator", "ingest")}
+    addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
+    py = [sys.executable, "-m", "mmpipe.cli"]
+
+    def stage(name: str, *extra: str) -> list[str]:
+        a = [*py, name, "--model", args.model, "--host", "127.0.0.1", "--port", str(ports[name]),
+             "--metrics-port", str(free_port()), "--log-level", args.log_level,
+             "--shutdown-grace-s", str(args.shutdown_grace_s)]
+        for flag in ("media_io_kwargs", "mm_processor_kwargs"):
+            if getattr(args, flag):
+                a += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        return a + list(extra)
+
+    dev = ["--dtype", args.dtype, "--device", args.device]
+    enc = stage("encoder", "--redis-url", redis_url, *dev, *(["--enable-mm-embeds"] if args.enable_mm_embeds else []))
+    gen = stage("generator", "--redis-url", redis_url, *dev,
+                *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []))
+    ing_extra = ["--encoder-addr", addr["encoder"]]
+    if args.allowed_media_domains:
+        ing_extra += ["--allowed-media-domains", *args.allowed_media_domains]
+    if args.allowed_local_media_path:
+        ing_extra += ["--allowed-local-media-path", args.allowed_local_media_path]
+    if args.limit_mm_per_prompt:
+        ing_extra += ["--limit-mm-per-prompt", args.limit_mm_per_prompt]
+    children = [Child("encoder", enc, ("grpc", addr["encoder"])),
+                Child("generator", gen, ("grpc", addr["generator"])),
+                Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]))]
+    if not args.no_gateway:
+        gw = [*py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
+              "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
+              "--generator-addr", addr["generator"], "--redis-url", redis_url,
+              "--shutdown-grace-s", str(args.shutdown_grace_s)]
+        for flag in ("limit_mm_per_prompt", "media_io_kwargs", "allowed_local_media_path", "chat_template",
+                     "api_key"):
+            if getattr(args, flag):
+                gw += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        if args.allowed_media_domains:
+            gw += ["--allowed-media-domains", *args.allowed_media_domains]
+        if args.enable_mm_embeds:
+            gw += ["--enable-mm-embeds"]
+        if args.max_model_len:
+            gw += ["--max-model-len", str(args.max_model_len)]
+        http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        children.append(Child("gateway", gw, ("http", f"http://{http_host}:{args.port}/health")))
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    status = 0
+    try:
+        for c in children[:3]:
+            c.start()
+        for c in children[:3]:
+            _wait_healthy(c, args.startup_timeout_s, stop)
+        if len(children) > 3:
+            children[3].start()
+            _wait_healthy(children[3], args.startup_timeout_s, stop)
+        if not stop.is_set():
+            where = (f"gateway listening on http://{args.host}:{args.port}/v1 (gRPC {args.host}:{args.grpc_port})"
+                     if not args.no_gateway else "no gateway")
+            print(f"mmpipe serve: ready; {where}; ingest {addr['ingest']}, encoder {addr['encoder']}, generator "
+                  f"{addr['generator']}. Ctrl-C stops everything.", flush=True)
+        while not stop.wait(0.5):
+            for c in children:
+                if c.proc is not None and c.proc.poll() is not None:
+                    if time.monotonic() - c.last_start > 60:
+                        c.backoff_s = 1.0  # it ran for a while: start the backoff over
+                    print(f"mmpipe serve: {c.name} exited with status {c.proc.returncode}; restarting in "
+                          f"{c.backoff_s:.0f}s", flush=True)
+                    if stop.wait(c.backoff_s):
+                        break
+                    c.backoff_s = min(c.backoff_s * 2, 30.0)
+                    c.restarts += 1
+                    c.start()
+    except RuntimeError as e:
+        print(f"mmpipe serve: {e}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        print("mmpipe serve: stopping", flush=True)
+        for c in reversed(children):  # gateway first, encoder last: callers go before the callees
+            c.stop(args.shutdown_grace_s)
+        if redis is not None:
+            redis.stop()
+    return status

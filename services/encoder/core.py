@@ -1,0 +1,205 @@
+"""The encoder's work, free of gRPC: encode processed items, store user embeddings, look keys up.
+
+Writes go to Redis before Encode returns (a generator handed the key must be able to read it); the write
+is pipelined and zero-copy (RedisEmbeddingCache.put_many). Look-ups read only payload headers (meta_peek).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from mmpipe.services.common.convert import EmbeddingRef, LookupItem
+from mmpipe.services.common.warmup import warmup_items
+from mmpipe.services.encoder.batcher import DynamicBatcher
+from mmpipe.services.encoder.keyspaces import Keyspaces
+from mmpipe.shared.cache.meta_peek import peek_headers
+from mmpipe.shared.cache.serde import CacheCorruptError, pack_embedding, unpack_tensors
+from mmpipe.shared.errors import InvalidInputError, MMPipeError, UnsupportedError
+from mmpipe.shared.types import MMEmbedding, ProcessedItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    key: str
+    modality: str
+    tensors: bytes
+    content_hash: str = ""
+    uuid: str = ""
+
+
+@dataclass(frozen=True)
+class EmbedsItem:
+    modality: str
+    tensors: bytes
+    uuid: str = ""
+
+
+def _ref(key: str, emb_or_header: Any, *, content_hash: str = "", uuid: str = "", hit: bool = False) -> EmbeddingRef:
+    if isinstance(emb_or_header, MMEmbedding):
+        meta, modality = dict(emb_or_header.meta), emb_or_header.modality
+        n = int(emb_or_header.tensor.shape[0])
+    else:
+        meta, modality = dict(emb_or_header.get("meta") or {}), emb_or_header.get("modality", "")
+        shapes = [t.get("shape") for t in emb_or_header.get("tensors", [])]
+        n = int(meta.get("num_tokens") or (shapes[0][0] if shapes and shapes[0] else 0))
+    return EmbeddingRef(key=key, modality=modality, num_tokens=n, meta=meta, content_hash=content_hash,
+                        cache_hit=hit, uuid=uuid)
+
+
+class EncoderCore:
+    def __init__(self, cfg, adapter, cache, redis_client, metrics):
+        self.cfg = cfg
+        self.adapter = adapter
+        self.cache = cache
+        self.redis = redis_client
+        self.keyspaces = Keyspaces(cfg.model, adapter, cfg.media_io_kwargs)
+        self.tower = ThreadPoolExecutor(1, thread_name_prefix="tower")  # one model, one thread
+        self.io = ThreadPoolExecutor(4, thread_name_prefix="redis-io")
+        m = metrics
+        self.m_batch = m.histogram("batch_size", "items per tower batch", (1, 2, 4, 8, 16, 32, 64), ("modality",))
+        self.m_encode_s = m.histogram("encode_duration_seconds", "tower time per batch",
+                                      (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), ("modality",))
+        self.m_items = m.counter("items_encoded", "items run through the towers", ("modality",))
+        self.m_queue = m.gauge("queue_depth", "items waiting for a tower batch")
+        self.m_lookups = m.counter("cache_lookups", "Lookup items by result", ("result",))
+        self.m_bytes_in = m.counter("received_bytes", "tensor payload bytes received", ("rpc",))
+        self.m_bytes_out = m.counter("cache_written_bytes", "embedding bytes written to the cache")
+        self.m_puts = m.counter("user_embeddings", "user-supplied embeddings stored", ("modality",))
+        self.model_label = m.model
+        self.batcher = DynamicBatcher(self._run_batch, max_items=cfg.max_batch_items, wait_ms=cfg.batch_wait_ms,
+                                      executor=self.tower, on_batch=self._on_batch,
+                                      on_queue=lambda d: self.m_queue.labels(self.model_label).set(d))
+
+    def _on_batch(self, modality: str, n: int, secs: float) -> None:
+        self.m_batch.labels(self.model_label, modality).observe(n)
+        self.m_encode_s.labels(self.model_label, modality).observe(secs)
+
+    # ---- Encode ----------------------------------------------------------------------------------------
+    def _run_batch(self, modality: str, items: list[ProcessedItem]) -> list[Any]:
+        """Tower thread: encode a batch; on failure, retry item by item so one bad item fails alone."""
+        try:
+            embs: list[Any] = self.adapter.encode(modality, items)
+        except MMPipeError:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the culprit
+            if len(items) == 1:
+                raise
+            embs = []
+            for it in items:
+                try:
+                    embs.extend(self.adapter.encode(modality, [it]))
+                except Exception as e:  # noqa: BLE001
+                    embs.append(e)
+        good = [(it.key, e) for it, e in zip(items, embs) if isinstance(e, MMEmbedding)]
+        self.m_items.labels(self.model_label, modality).inc(len(good))
+        return embs
+
+    def _decode_item(self, it: EncodeItem) -> ProcessedItem:
+        self.keyspaces.check_key(it.key)
+        self.adapter.check_modality(it.modality)
+        try:
+            tensors, meta = unpack_tensors(it.tensors)
+        except CacheCorruptError as e:
+            raise InvalidInputError(f"processed tensors of {it.modality} item: {e}", param="tensors") from None
+        if not isinstance(meta.get("num_tokens"), int) or meta["num_tokens"] < 1:
+            raise InvalidInputError("processed item meta needs num_tokens >= 1", param="tensors")
+        return ProcessedItem(modality=it.modality, key=it.key, tensors=tensors, meta=meta)
+
+    async def encode(self, items: list[EncodeItem]) -> list[EmbeddingRef]:
+        self.m_bytes_in.labels(self.model_label, "Encode").inc(sum(len(i.tensors) for i in items))
+        processed = [self._decode_item(it) for it in items]  # validate all before any work
+        embs = await asyncio.gather(*[self.batcher.submit(p.modality, p.key, p) for p in processed])
+        loop = asyncio.get_running_loop()
+        unique = {p.key: e for p, e in zip(processed, embs)}
+        nbytes = sum(e.tensor.numel() * e.tensor.element_size() for e in unique.values())
+        await loop.run_in_executor(self.io, self.cache.put_many, list(unique.items()))
+        self.m_bytes_out.labels(self.model_label).inc(nbytes)
+        return [_ref(it.key, e, content_hash=it.content_hash, uuid=it.uuid) for it, e in zip(items, embs)]
+
+    # ---- PutEmbeddings ---------------------------------------------------------------------------------
+    def _put_sync(self, items: list[EmbedsItem], tenant: str, kw_json: str) -> list[EmbeddingRef]:
+        if not self.cfg.enable_mm_embeds:
+            raise UnsupportedError("precomputed embeddings are disabled; start the encoder with --enable-mm-embeds",
+                                   param="embeds")
+        ks = self.keyspaces.get(kw_json)
+        out: list[tuple[str, MMEmbedding, str, str]] = []
+        for it in items:
+            try:
+                tensors, _ = unpack_tensors(it.tensors)
+            except CacheCorruptError as e:
+                raise InvalidInputError(f"{it.modality}_embeds payload: {e}", param=f"{it.modality}_embeds") from None
+            names = list(tensors)
+            if names == ["embeds"]:
+                value: Any = tensors["embeds"]
+            elif names and all(n.startswith("embeds.") for n in names):
+                value = [tensors[n] for n in names]
+            else:
+                value = tensors
+            embs = self.adapter.embeds_from_user(it.modality, value)
+            if it.uuid and len(embs) != 1:
+                raise InvalidInputError(f"a uuid names one item, but this {it.modality}_embeds input holds "
+                                        f"{len(embs)}", param="uuid")
+            for e in embs:
+                e = MMEmbedding(e.modality, e.tensor.contiguous(), e.meta)
+                h = blake3.blake3(pack_embedding(e)).hexdigest()
+                key = ks.key(e.modality, uuid=it.uuid, tenant=tenant or None) if it.uuid else \
+                    ks.key(e.modality, content_hash=h)
+                out.append((key, e, h, it.uuid))
+        self.cache.put_many([(k, e) for k, e, _, _ in out])
+        for _, e, _, _ in out:
+            self.m_puts.labels(self.model_label, e.modality).inc()
+        return [_ref(k, e, content_hash=h, uuid=u) for k, e, h, u in out]
+
+    async def put_embeddings(self, items: list[EmbedsItem], tenant: str, kw_json: str) -> list[EmbeddingRef]:
+        self.m_bytes_in.labels(self.model_label, "PutEmbeddings").inc(sum(len(i.tensors) for i in items))
+        return await asyncio.get_running_loop().run_in_executor(self.io, self._put_sync, items, tenant, kw_json)
+
+    # ---- Lookup ----------------------------------------------------------------------------------------
+    def _lookup_sync(self, items: list[LookupItem], tenant: str, kw_json: str) -> list[tuple[bool, EmbeddingRef]]:
+        ks = self.keyspaces.get(kw_json)
+        keys = []
+        for it in items:
+            if it.key:
+                self.keyspaces.check_key(it.key)
+                keys.append(it.key)
+            elif it.uuid:
+                keys.append(ks.key(it.modality, uuid=it.uuid, tenant=tenant or None))
+            elif it.content_hash:
+                keys.append(ks.key(it.modality, content_hash=it.content_hash))
+            else:
+                raise InvalidInputError("a lookup item needs a key, a uuid or a content_hash", param="items")
+        headers = peek_headers(self.redis, keys)
+        out = []
+        for it, k, h in zip(items, keys, headers):
+            if h is not None and it.modality and h.get("modality") != it.modality:
+                h = None
+            if h is None:
+                out.append((False, EmbeddingRef(key=k, modality=it.modality, content_hash=it.content_hash,
+                                                uuid=it.uuid)))
+            else:
+                out.append((True, _ref(k, h, content_hash=it.content_hash, uuid=it.uuid, hit=True)))
+        hits = sum(f for f, _ in out)
+        self.m_lookups.labels(self.model_label, "hit").inc(hits)
+        self.m_lookups.labels(self.model_label, "miss").inc(len(out) - hits)
+        return out
+
+    async def lookup(self, items: list[LookupItem], tenant: str, kw_json: str) -> list[tuple[bool, EmbeddingRef]]:
+        return await asyncio.get_running_loop().run_in_executor(self.io, self._lookup_sync, items, tenant, kw_json)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        for item in warmup_items(self.adapter):
+            self.adapter.encode(item.modality, [self.adapter.preprocess(item)])
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.tower.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+        self.cache.close()

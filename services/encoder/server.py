@@ -1,0 +1,59 @@
+"""Run the encoder service: `mmpipe encoder --model M --redis-url redis://... [flags]`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mmpipe.services.common.grpc_server import serve
+from mmpipe.services.common.logs import setup_logging
+from mmpipe.services.common.metrics import ServiceMetrics
+from mmpipe.services.common.pb import encoder_pb2, encoder_pb2_grpc
+from mmpipe.services.encoder.config import EncoderConfig
+
+log = logging.getLogger(__name__)
+
+
+async def run(cfg: EncoderConfig) -> None:
+    metrics = ServiceMetrics("encoder", cfg.model)
+    state: dict = {}
+
+    def register(server) -> list[str]:
+        from mmpipe.services.encoder.servicer import EncoderServicer
+
+        encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(lambda: state["core"]), server)
+        return [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name]
+
+    async def load() -> None:
+        def _load():
+            import redis
+
+            from mmpipe.services.encoder.core import EncoderCore
+            from mmpipe.shared.cache.redis_store import RedisEmbeddingCache
+            from transformers.utils.logging import disable_progress_bar
+
+            from mmpipe.shared.models.registry import load_adapter
+
+            cache = RedisEmbeddingCache(cfg.redis_url, ttl_s=cfg.cache_ttl_s)
+            cache.ping()
+            client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5.0)
+            disable_progress_bar()  # a tqdm bar is noise in JSON logs
+            adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                   mm_processor_kwargs=cfg.mm_processor_kwargs,
+                                   trust_remote_code=cfg.trust_remote_code)
+            core = EncoderCore(cfg, adapter, cache, client, metrics)
+            core.warmup()
+            return core
+
+        state["core"] = await asyncio.get_running_loop().run_in_executor(None, _load)
+
+    async def close() -> None:
+        if "core" in state:
+            await state["core"].close()
+
+    await serve(name="encoder", cfg=cfg.server, metrics=metrics, register=register, load=load, close=close)
+
+
+def main(cfg: EncoderConfig) -> int:
+    setup_logging("encoder", cfg.server.log_level)
+    asyncio.run(run(cfg))
+    return 0

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by the OpenAI endpoints: the app, errors, auth, request ids, SSE, health, metrics."""

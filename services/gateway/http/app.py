@@ -1,0 +1,64 @@
+"""The FastAPI app of the gateway: OpenAI routes, /health, /metrics, request ids, auth and error mapping."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..core import GatewayCore
+from ..metrics import render
+from ..openai.chat_completion.api_router import router as chat_router
+from ..openai.chat_completion.serving import OpenAIServingChat
+from ..openai.completion.api_router import router as completion_router
+from ..openai.completion.serving import OpenAIServingCompletion
+from ..openai.models.api_router import router as models_router
+from .errors import RETRY_AFTER_S, install_error_handlers
+from .request_id import RequestIdMiddleware
+
+logger = logging.getLogger(__name__)
+
+
+async def readiness(core: GatewayCore, redis: Any | None = None, timeout: float = 1.0) -> tuple[bool, dict]:
+    """Ready only when every stage answers SERVING on gRPC health (and the cache answers, when configured)."""
+    stages = await core.stages.health(timeout=timeout)
+    report: dict[str, Any] = {"stages": stages}
+    ok = all(s == "SERVING" for s in stages.values())
+    if redis is not None:
+        try:
+            await asyncio.wait_for(redis.ping(), timeout)
+            report["cache"] = "SERVING"
+        except Exception as e:  # any failure to answer means "not ready": report it, never raise
+            report["cache"] = f"UNAVAILABLE ({type(e).__name__})"
+            ok = False
+    return ok, report
+
+
+def build_app(core: GatewayCore, *, redis: Any | None = None) -> FastAPI:
+    app = FastAPI(title="mmpipe gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.core = core
+    app.state.cfg = core.cfg
+    app.state.serving_chat = OpenAIServingChat(core)
+    app.state.serving_completion = OpenAIServingCompletion(core)
+    install_error_handlers(app)
+    app.include_router(chat_router)
+    app.include_router(completion_router)
+    app.include_router(models_router)
+
+    @app.get("/health")
+    async def health(raw: Request) -> Response:
+        ok, report = await readiness(core, redis)
+        if ok:
+            return JSONResponse({"status": "ok", **report})
+        return JSONResponse({"status": "unavailable", **report}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = render()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(RequestIdMiddleware, model=core.model_name)
+    return app

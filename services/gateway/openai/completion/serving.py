@@ -1,0 +1,66 @@
+"""POST /v1/completions: the pydantic request -> CompletionInput -> core -> OpenAI response or SSE chunks."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, Response
+
+from ...core import GatewayCore, GenerationStream
+from ...http import sse
+from ...types import CompletionInput, RequestContext
+from ..protocol import UsageInfo
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+
+ENDPOINT = "/v1/completions"
+
+
+class OpenAIServingCompletion:
+    def __init__(self, core: GatewayCore):
+        self.core = core
+
+    async def create(self, req: CompletionRequest, request_id: str) -> Response:
+        text, ids = req.single_prompt()
+        inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model)
+        stream = await self.core.completion(inp, RequestContext(request_id=request_id, endpoint=ENDPOINT))
+        if req.stream:
+            return sse.EventStreamResponse(self._chunks(req, stream), on_close=stream.close)
+        r = await self.core.collect(stream)
+        choice = CompletionChoice(
+            text=r.text, finish_reason=r.finish_reason,
+            logprobs=self._logprobs(r.token_ids, r.logprobs, 0) if req.logprobs is not None else None,
+            token_ids=r.token_ids if req.return_token_ids else None,
+            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
+        resp = CompletionResponse(id=f"cmpl-{request_id}", created=int(time.time()), model=self.core.model_name,
+                                  choices=[choice], usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens))
+        return JSONResponse(resp.model_dump(exclude_none=True))
+
+    async def _chunks(self, req: CompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:
+        created, rid = int(time.time()), f"cmpl-{stream.request_id}"
+        offset = 0
+        async with stream:
+            first = True
+            async for d in stream:
+                choice = CompletionChoice(
+                    text=d.text, finish_reason=d.finish_reason,
+                    logprobs=self._logprobs(d.token_ids, d.logprobs, offset) if req.logprobs is not None else None,
+                    token_ids=d.token_ids if req.return_token_ids else None,
+                    prompt_token_ids=stream.prepared.prompt_token_ids if req.return_token_ids and first else None)
+                offset += len(d.text)
+                first = False
+                yield sse.event(CompletionResponse(id=rid, created=created, model=self.core.model_name,
+                                                   choices=[choice]))
+            if req.include_usage:
+                yield sse.event(CompletionResponse(id=rid, created=created, model=self.core.model_name, choices=[],
+                                                   usage=UsageInfo.of(stream.prompt_tokens, len(stream.token_ids))))
+
+    def _logprobs(self, ids: list[int], lps: list[float] | None, offset: int) -> CompletionLogprobs:
+        tok = self.core.info.tokenizer
+        out = CompletionLogprobs()
+        for t, lp in zip(ids, lps or []):
+            s = tok.decode([t])
+            out.tokens.append(s)
+            out.token_logprobs.append(lp)
+            out.text_offset.append(offset)
+            offset += len(s)
+        return out

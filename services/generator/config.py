@@ -1,0 +1,57 @@
+"""GeneratorConfig: everything the generator service takes from its flags (`mmpipe generator --help`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from mmpipe.services.common import cli_args as ca
+from mmpipe.services.common.cli_args import ServerConfig
+
+DEFAULT_PORT = 50053
+
+
+@dataclass
+class GeneratorConfig:
+    model: str
+    redis_url: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    dtype: str = "auto"
+    device: str = "auto"
+    mm_processor_kwargs: dict | None = None
+    trust_remote_code: bool = False
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_blocks: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    max_waiting: int = 1024
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        ca.add_server_args(p, default_port=DEFAULT_PORT)
+        ca.add_model_args(p)
+        ca.add_redis_arg(p)
+        g = p.add_argument_group("engine")
+        g.add_argument("--max-model-len", type=int, default=ca.env_int("MAX_MODEL_LEN", 0) or None,
+                       help="prompt + output tokens per sequence; default: the model's (env MMPIPE_MAX_MODEL_LEN)")
+        g.add_argument("--max-num-seqs", type=int, default=ca.env_int("MAX_NUM_SEQS", 64))
+        g.add_argument("--max-num-batched-tokens", type=int, default=ca.env_int("MAX_NUM_BATCHED_TOKENS", 2048))
+        g.add_argument("--kv-cache-blocks", type=int, default=ca.env_int("KV_CACHE_BLOCKS", 0) or None)
+        g.add_argument("--block-size", type=int, default=ca.env_int("BLOCK_SIZE", 16))
+        g.add_argument("--gpu-memory-utilization", type=float, default=float(ca.env("GPU_MEMORY_UTILIZATION", 0.9)))
+        g.add_argument("--enforce-eager", action="store_true", default=ca.env_bool("ENFORCE_EAGER"),
+                       help="no CUDA graphs")
+        g.add_argument("--max-waiting", type=int, default=ca.env_int("MAX_WAITING", 1024),
+                       help="requests queued before RESOURCE_EXHAUSTED (env MMPIPE_MAX_WAITING)")
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "GeneratorConfig":
+        return cls(model=a.model, redis_url=a.redis_url, server=ca.server_config(a), dtype=a.dtype, device=a.device,
+                   mm_processor_kwargs=ca.json_arg(a.mm_processor_kwargs, "mm-processor-kwargs"),
+                   trust_remote_code=a.trust_remote_code, max_model_len=a.max_model_len,
+                   max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                   kv_cache_blocks=a.kv_cache_blocks, block_size=a.block_size,
+                   gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
+                   max_waiting=a.max_waiting)

@@ -1,0 +1,141 @@
+"""The generator's work, free of gRPC: embedding keys + prompt ids -> a stream of TokenChunks.
+
+Embeddings are read from Redis (one MGET round trip for all keys, zero-copy views), the prompt is expanded
+and the EngineRequest built exactly as offline (build_engine_request), and AsyncLLMEngine runs it. Stop
+strings are applied here with the same IncrementalDetokenizer as the offline loop. Leaving the stream early
+(client cancelled) aborts the request in the engine, which frees its KV blocks at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter as Tally
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from mmpipe.services.common.convert import EmbeddingRef, TokenChunk
+from mmpipe.shared.detokenizer import IncrementalDetokenizer
+from mmpipe.shared.errors import InvalidInputError, NotFoundError
+from mmpipe.shared.inputs.assemble import build_engine_request
+from mmpipe.shared.types import EngineRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def eos_token_ids(adapter) -> list[int]:
+    """The same EOS ids the offline LLM uses: generation_config's, else the tokenizer's."""
+    eos = getattr(getattr(adapter.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = adapter.tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+class GeneratorCore:
+    def __init__(self, cfg, adapter, aengine, cache, metrics):
+        self.cfg = cfg
+        self.adapter = adapter
+        self.engine = aengine
+        self.cache = cache
+        self.tokenizer = adapter.tokenizer
+        self.max_model_len = cfg.max_model_len or getattr(adapter.text_config, "max_position_embeddings", None)
+        self.eos = eos_token_ids(adapter)
+        self.placeholders = adapter.placeholder_ids()
+        self.io = ThreadPoolExecutor(4, thread_name_prefix="redis-io")
+        m, self.ml = metrics, metrics.model
+        self.m_running = m.gauge("running_requests", "Generate streams open")
+        inner = aengine.engine
+        m.gauge("engine_running_requests", "sequences running in the engine").labels(self.ml).set_function(
+            inner.num_running_requests)
+        m.gauge("engine_waiting_requests", "sequences waiting in the engine").labels(self.ml).set_function(
+            inner.num_waiting_requests)
+        self.m_prompt = m.counter("prompt_tokens", "prompt tokens after placeholder expansion")
+        self.m_gen = m.counter("generation_tokens", "tokens generated")
+        self.m_finish = m.counter("finished_requests", "requests by finish reason", ("reason",))
+        self.m_ttft = m.histogram("time_to_first_token_seconds", "from request to first token", _TTFT_BUCKETS)
+        self.m_cache = m.counter("cache_reads", "embedding keys read from the cache", ("result",))
+        self.m_bytes = m.counter("cache_read_bytes", "embedding bytes read from the cache")
+
+    async def _fetch(self, refs: list[EmbeddingRef]):
+        if not refs:
+            return []
+        embs = await asyncio.get_running_loop().run_in_executor(self.io, self.cache.get_many, [r.key for r in refs])
+        missing = [r for r, e in zip(refs, embs) if e is None or (r.modality and e.modality != r.modality)]
+        self.m_cache.labels(self.ml, "hit").inc(len(refs) - len(missing))
+        if missing:
+            self.m_cache.labels(self.ml, "miss").inc(len(missing))
+            names = ", ".join(f"{r.modality} {r.uuid or r.key}" for r in missing[:4])
+            raise NotFoundError(f"{len(missing)} embedding(s) not in the cache (evicted or never stored): {names}; "
+                                f"ingest the media again")
+        self.m_bytes.labels(self.ml).inc(sum(e.tensor.numel() * e.tensor.element_size() for e in embs))
+        return embs
+
+    def _check_placeholders(self, ids: list[int], refs: list[EmbeddingRef]) -> None:
+        want = Tally(r.modality for r in refs)
+        have = Tally()
+        for m, pid in self.placeholders.items():
+            have[m] = sum(1 for t in ids if t == pid)
+        for m in set(want) | set(have):
+            if m not in self.placeholders:
+                raise InvalidInputError(f"this model takes no {m} input", param="embeddings")
+            if want[m] != have[m]:
+                raise InvalidInputError(f"the prompt has {have[m]} {m} placeholder(s) but {want[m]} {m} "
+                                        f"embedding(s) were given", param="embeddings")
+
+    async def generate(self, request_id: str, token_ids: list[int], refs: list[EmbeddingRef],
+                       sampling: SamplingParams, return_text: bool = False) -> AsyncIterator[TokenChunk]:
+        t0 = time.perf_counter()
+        if not request_id:
+            raise InvalidInputError("request_id is required", param="request_id")
+        if not token_ids:
+            raise InvalidInputError("the prompt is empty", param="prompt_token_ids")
+        self._check_placeholders(token_ids, refs)
+        embs = await self._fetch(refs)
+        req: EngineRequest = build_engine_request(self.adapter, request_id, list(token_ids), list(embs), sampling,
+                                                  max_model_len=self.max_model_len, eos_token_ids=self.eos)
+        n_prompt = len(req.prompt_token_ids)
+        self.m_prompt.labels(self.ml).inc(n_prompt)
+        detok = IncrementalDetokenizer(self.tokenizer, sampling) if (return_text or sampling.stop) else None
+        sent = 0
+        first = True
+        self.m_running.labels(self.ml).inc()
+        reason = "abort"
+        stream = self.engine.generate(req)
+        try:
+            async for out in stream:
+                new = list(out.new_token_ids)
+                lps = list(out.logprobs) if out.logprobs else None
+                finished, finish_reason = out.finished, out.finish_reason
+                if detok is not None and detok.add_tokens(new):
+                    keep = detok.stop_token_count - sent  # tokens after the one completing the stop string go
+                    new, lps = new[:keep], (lps[:keep] if lps else lps)
+                    finished, finish_reason = True, "stop"
+                sent += len(new)
+                text = detok.take_new_text(finished) if (detok is not None and return_text) else ""
+                if first and new:
+                    self.m_ttft.labels(self.ml).observe(time.perf_counter() - t0)
+                    first = False
+                self.m_gen.labels(self.ml).inc(len(new))
+                if finished:
+                    reason = finish_reason or "stop"
+                yield TokenChunk(new, lps, text, finished, finish_reason if finished else None, n_prompt)
+                if finished:
+                    return  # leaving the engine's stream early aborts the request (stop string case)
+        finally:
+            await stream.aclose()  # aborts the engine request if it is still running (cancel, stop string)
+            self.m_running.labels(self.ml).dec()
+            self.m_finish.labels(self.ml, reason).inc()
+
+    async def warmup(self) -> None:
+        ids = self.tokenizer("hello", add_special_tokens=False).input_ids or [0]
+        req = build_engine_request(self.adapter, "warmup", ids, [], SamplingParams(max_tokens=2, temperature=0.0),
+                                   max_model_len=self.max_model_len, eos_token_ids=self.eos)
+        async for _ in self.engine.generate(req):
+            pass
+
+    async def close(self) -> None:
+        await self.engine.shutdown_async(timeout=30)
+        self.io.shutdown(wait=True)
+        self.cache.close()

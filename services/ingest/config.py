@@ -1,0 +1,61 @@
+"""IngestConfig: everything the ingest service takes from its flags (`mmpipe ingest --help`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from mmpipe.services.common import cli_args as ca
+from mmpipe.services.common.cli_args import ServerConfig
+
+DEFAULT_PORT = 50051
+
+
+@dataclass
+class IngestConfig:
+    model: str
+    encoder_addr: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    media_io_kwargs: dict | None = None
+    mm_processor_kwargs: dict | None = None
+    trust_remote_code: bool = False
+    allowed_media_domains: list[str] | None = None
+    allowed_local_media_path: str | None = None
+    limit_mm_per_prompt: dict[str, int] | None = None
+    num_workers: int = 4
+    wire_dtype: str = "auto"
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        ca.add_server_args(p, default_port=DEFAULT_PORT)
+        ca.add_model_args(p)
+        g = p.add_argument_group("ingest")
+        g.add_argument("--encoder-addr", default=ca.env("ENCODER_ADDR"), required=ca.env("ENCODER_ADDR") is None,
+                       help="encoder service, host:port or dns:///name:port (env MMPIPE_ENCODER_ADDR)")
+        g.add_argument("--redis-url", default=ca.env("REDIS_URL"),
+                       help="accepted for symmetry with the other stages; ingest itself never talks to Redis")
+        g.add_argument("--allowed-media-domains", nargs="+", default=(ca.env("ALLOWED_MEDIA_DOMAINS") or None)
+                       and ca.env("ALLOWED_MEDIA_DOMAINS").split(","),
+                       help="only fetch media from these hosts (and their subdomains) (env MMPIPE_ALLOWED_MEDIA_DOMAINS, "
+                            "comma-separated)")
+        g.add_argument("--allowed-local-media-path", default=ca.env("ALLOWED_LOCAL_MEDIA_PATH"),
+                       help="folder whose files may be read via file:// URLs and paths (env "
+                            "MMPIPE_ALLOWED_LOCAL_MEDIA_PATH)")
+        g.add_argument("--limit-mm-per-prompt", default=ca.env("LIMIT_MM_PER_PROMPT"),
+                       help='JSON, e.g. \'{"image": 4, "video": 1}\': most items per request '
+                            "(env MMPIPE_LIMIT_MM_PER_PROMPT)")
+        g.add_argument("--num-workers", type=int, default=ca.env_int("INGEST_WORKERS", 4),
+                       help="threads fetching, decoding and preprocessing media (env MMPIPE_INGEST_WORKERS)")
+        g.add_argument("--wire-dtype", default=ca.env("WIRE_DTYPE", "auto"),
+                       help="dtype of floating tensors sent to the encoder: auto = float32, or the encoder's "
+                            "--dtype (bfloat16/float16) to halve the bytes; the encoder casts to its dtype anyway")
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "IngestConfig":
+        limits = ca.json_arg(a.limit_mm_per_prompt, "limit-mm-per-prompt")
+        return cls(model=a.model, encoder_addr=a.encoder_addr, server=ca.server_config(a),
+                   media_io_kwargs=ca.json_arg(a.media_io_kwargs, "media-io-kwargs"),
+                   mm_processor_kwargs=ca.json_arg(a.mm_processor_kwargs, "mm-processor-kwargs"),
+                   trust_remote_code=a.trust_remote_code, allowed_media_domains=a.allowed_media_domains,
+                   allowed_local_media_path=a.allowed_local_media_path,
+                   limit_mm_per_prompt={k: int(v) for k, v in limits.items()} if limits else None,
+                   num_workers=a.num_workers, wire_dtype=a.wire_dtype)

@@ -1,0 +1,188 @@
+"""The ingest stage's work, free of gRPC: media sources -> cache references.
+
+Order of work per request, so that cached media costs as little as possible:
+  1. items with a UUID: ask the encoder (Lookup) -> a hit needs no fetch at all; a UUID-only miss is an error;
+  2. the rest: fetch + decode + hash (thread pool; MediaLoader applies the MediaPolicy), then Lookup by hash;
+  3. misses: HF processor (CPU) once per distinct key, then one Encode call with all processed tensors.
+Only keys and metadata go back to the caller. The encoder owns the key layout (services/encoder/keyspaces.py),
+so ingest needs neither Redis nor the model weights (the adapter is loaded on the meta device).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter as Tally
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mmpipe.services.common.convert import EmbeddingRef, LookupItem, MediaSource
+from mmpipe.services.common.stage_clients import EncoderClient, ProcessedPayload
+from mmpipe.services.common.warmup import warmup_items
+from mmpipe.shared.cache.keys import canonical_json
+from mmpipe.shared.errors import InvalidInputError, LimitExceededError, NotCachedError
+from mmpipe.shared.media.loader import MediaLoader
+from mmpipe.shared.media.policy import MediaPolicy
+from mmpipe.shared.types import MediaItem
+
+log = logging.getLogger(__name__)
+
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_WIRE_CAST_KEYS = ("pixel_values", "pixel_values_videos", "input_features")
+
+
+class IngestCore:
+    def __init__(self, cfg, adapter, encoder: EncoderClient, metrics):
+        self.cfg = cfg
+        self.adapter = adapter
+        self.encoder = encoder
+        self.policy = MediaPolicy.from_env(
+            allowed_media_domains=tuple(cfg.allowed_media_domains) if cfg.allowed_media_domains else None,
+            allowed_local_media_path=cfg.allowed_local_media_path)
+        self.default_kw = cfg.media_io_kwargs or {}
+        self._loaders: dict[str, MediaLoader] = {canonical_json(self.default_kw): MediaLoader(self.policy,
+                                                                                                self.default_kw)}
+        self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="ingest")
+        self.wire_dtype = None
+        if cfg.wire_dtype not in ("auto", "float32", "fp32", None):
+            from mmpipe.shared.models.registry import resolve_dtype
+
+            self.wire_dtype = resolve_dtype(cfg.wire_dtype, "cpu")
+        m, self.ml = metrics, metrics.model
+        self.m_loaded = m.counter("media_loaded", "items fetched and decoded", ("modality",))
+        self.m_pre = m.counter("items_preprocessed", "items run through the HF processor", ("modality",))
+        self.m_lookup = m.counter("cache_lookups", "cache look-ups by result", ("result",))
+        self.m_in = m.counter("media_received_bytes", "encoded media bytes received inline")
+        self.m_out = m.counter("encoder_sent_bytes", "processed tensor bytes sent to the encoder")
+        self.m_stage = m.histogram("stage_duration_seconds", "time per ingest step", _STAGE_BUCKETS, ("stage",))
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _loader(self, kw_json: str) -> tuple[MediaLoader, str]:
+        """The loader for a request's media_io_kwargs, and the canonical JSON sent on to the encoder."""
+        if kw_json:
+            try:
+                kw = json.loads(kw_json)
+            except ValueError:
+                raise InvalidInputError("media_io_kwargs is not valid JSON", param="media_io_kwargs") from None
+        else:
+            kw = self.default_kw
+        norm = canonical_json(kw)
+        loader = self._loaders.get(norm)
+        if loader is None:
+            loader = MediaLoader(self.policy, kw)  # validates the kwargs (InvalidInputError)
+            if len(self._loaders) < 256:
+                self._loaders[norm] = loader
+        return loader, norm
+
+    def _check(self, items: list[MediaSource]) -> None:
+        for it in items:
+            self.adapter.check_modality(it.modality)
+            if it.source is None and not it.uuid:
+                raise InvalidInputError(f"{it.modality} item has neither a source nor a uuid", param="items")
+        limits = self.cfg.limit_mm_per_prompt or {}
+        for modality, n in Tally(it.modality for it in items).items():
+            if modality in limits and n > limits[modality]:
+                raise LimitExceededError(f"at most {limits[modality]} {modality} item(s) per prompt "
+                                         f"(--limit-mm-per-prompt), got {n}", param=modality)
+
+    def _load(self, loader: MediaLoader, it: MediaSource) -> MediaItem:
+        item = loader.load(it.modality, it.source, target_sampling_rate=self.adapter.audio_sampling_rate,
+                           uuid=it.uuid)
+        self.m_loaded.labels(self.ml, it.modality).inc()
+        return item
+
+    def _preprocess(self, item: MediaItem) -> bytes:
+        from mmpipe.shared.cache.serde import pack_tensors
+
+        p = self.adapter.preprocess(item)
+        self.m_pre.labels(self.ml, item.modality).inc()
+        tensors = p.tensors
+        if self.wire_dtype is not None:
+            tensors = {k: (v.to(self.wire_dtype) if k in _WIRE_CAST_KEYS and v.is_floating_point() else v)
+                       for k, v in tensors.items()}
+        return pack_tensors(tensors, p.meta)
+
+    async def _timed(self, stage: str, coro):
+        t0 = time.perf_counter()
+        try:
+            return await coro
+        finally:
+            self.m_stage.labels(self.ml, stage).observe(time.perf_counter() - t0)
+
+    # ---- the request -----------------------------------------------------------------------------------
+    async def ingest(self, items: list[MediaSource], *, tenant: str = "", kw_json: str = "",
+                     request_id: str | None = None) -> list[EmbeddingRef]:
+        self._check(items)
+        loader, norm_kw = self._loader(kw_json)
+        self.m_in.labels(self.ml).inc(sum(len(it.data) for it in items if it.data is not None))
+        loop = asyncio.get_running_loop()
+        result: dict[int, EmbeddingRef] = {}
+        keys: dict[int, str] = {}
+
+        # 1. UUID items: no fetch when cached
+        uuid_idx = [i for i, it in enumerate(items) if it.uuid]
+        if uuid_idx:
+            found = await self._timed("lookup", self.encoder.lookup(
+                [LookupItem(modality=items[i].modality, uuid=items[i].uuid) for i in uuid_idx],
+                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw))
+            self._count(found)
+            for i, (ok, ref) in zip(uuid_idx, found):
+                if ok:
+                    result[i] = ref
+                elif items[i].source is None:
+                    raise NotCachedError(f"{items[i].modality} item with uuid {items[i].uuid!r} is not in the "
+                                         f"embedding cache; send the media together with the uuid once",
+                                         param=items[i].uuid)
+                else:
+                    keys[i] = ref.key
+
+        # 2. fetch + decode + hash the rest, then look the hashes up
+        todo = [i for i in range(len(items)) if i not in result]
+        loaded_list = await self._timed("load", asyncio.gather(
+            *[loop.run_in_executor(self.pool, self._load, loader, items[i]) for i in todo]))
+        loaded = dict(zip(todo, loaded_list))
+        hash_idx = [i for i in todo if i not in keys]
+        if hash_idx:
+            found = await self._timed("lookup", self.encoder.lookup(
+                [LookupItem(modality=items[i].modality, content_hash=loaded[i].content_hash) for i in hash_idx],
+                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw))
+            self._count(found)
+            for i, (ok, ref) in zip(hash_idx, found):
+                if ok:
+                    result[i] = EmbeddingRef(**{**ref.__dict__, "content_hash": loaded[i].content_hash})
+                else:
+                    keys[i] = ref.key
+
+        # 3. misses: preprocess each distinct key once, encode them all in one call
+        misses = [i for i in todo if i not in result]
+        if misses:
+            first: dict[str, int] = {}
+            for i in misses:
+                first.setdefault(keys[i], i)
+            payloads = await self._timed("preprocess", asyncio.gather(
+                *[loop.run_in_executor(self.pool, self._preprocess, loaded[i]) for i in first.values()]))
+            self.m_out.labels(self.ml).inc(sum(len(p) for p in payloads))
+            refs = await self._timed("encode", self.encoder.encode(
+                [ProcessedPayload(key=k, modality=items[i].modality, tensors=p,
+                                  content_hash=loaded[i].content_hash, uuid=items[i].uuid or "")
+                 for (k, i), p in zip(first.items(), payloads)], request_id=request_id))
+            by_key = {r.key: r for r in refs}
+            for i in misses:
+                r = by_key[keys[i]]
+                result[i] = EmbeddingRef(**{**r.__dict__, "content_hash": loaded[i].content_hash,
+                                            "uuid": items[i].uuid or ""})
+        return [result[i] for i in range(len(items))]
+
+    def _count(self, found: list[tuple[bool, Any]]) -> None:
+        hits = sum(1 for ok, _ in found if ok)
+        self.m_lookup.labels(self.ml, "hit").inc(hits)
+        self.m_lookup.labels(self.ml, "miss").inc(len(found) - hits)
+
+    def warmup(self) -> None:
+        for item in warmup_items(self.adapter):
+            self.adapter.preprocess(item)
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        await self.encoder.close()

@@ -1,0 +1,54 @@
+"""`mmpipe serve`: the supervised stack starts, restarts a crashed child, and Ctrl-C stops everything."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from services_helpers import qwen2_vl_dir, wait_healthy  # noqa: F401
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _wait_line(path, pattern: str, timeout_s: float) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = re.search(pattern, path.read_text(errors="replace"))
+        if m:
+            return m
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} not seen; log:\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def test_serve_supervises_and_stops_cleanly(qwen2_vl_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mmpipe.cli", "serve", qwen2_vl_dir, "--no-gateway",
+                                 "--device", "cpu", "--shutdown-grace-s", "3"], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        m = _wait_line(log, r"ready; .*ingest (\S+), encoder (\S+), generator (\S+)\.", 120)
+        ingest, encoder, generator = m.groups()
+        kids = _children(proc.pid)
+        assert len(kids) == 4  # redis-server + three stages
+        # kill the encoder: serve restarts it on the same port
+        enc_pid = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "mmpipe.cli encoder"], capture_output=True,
+                                     text=True).stdout.split()[0])
+        os.kill(enc_pid, signal.SIGKILL)
+        _wait_line(log, r"encoder exited with status -9; restarting", 10)
+        wait_healthy(encoder, timeout_s=60)
+        for addr in (ingest, generator):
+            wait_healthy(addr, timeout_s=5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    time.sleep(0.2)
+    assert _children(proc.pid) == []
+    for k in kids:
+        assert not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
