@@ -17,6 +17,7 @@ class EngineConfig:
     and it is always capped by what the KV cache can hold, so one sequence alone can always run to the end.
     attention_backend: "auto" (triton on CUDA, torch elsewhere), "torch" (reference) or "triton".
     enable_cuda_graphs: capture decode steps as CUDA graphs (triton backend only).
+    pack_weights: see below (triton backend only; re-points the HF model's q/k/v and gate/up parameters).
     """
 
     block_size: int = 16
@@ -29,6 +30,9 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     enable_cuda_graphs: bool = True
     attention_backend: str = "auto"
+    # triton backend: move each layer's q/k/v and gate/up weights into one buffer each (the HF parameters
+    # become views of it; nothing is duplicated) so decode runs one GEMM instead of three / two.
+    pack_weights: bool = True
     # CPU only, when num_kv_blocks is None: KV cache budget in bytes.
     cpu_kv_cache_bytes: int = 256 * 1024 * 1024
 

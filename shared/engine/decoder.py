@@ -95,15 +95,14 @@ class PagedDecoder:
         for i, layer in enumerate(self.layers):
             x, residual = ops.add_norm(h, residual, layer.input_layernorm)
             a = layer.self_attn
-            q = a.q_proj(x).view(T, H, D)
-            k = a.k_proj(x).view(T, KVH, D)
-            v = a.v_proj(x).view(T, KVH, D)
+            q, k, v = ops.qkv(i, a, x)
+            q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
             kc, vc = kv_cache[0, i], kv_cache[1, i]
             q, k = ops.rope_and_cache(q, k, v, cos, sin, kc, vc, meta.slot_mapping)
             o = attn.forward(q, k, v, kc, vc, meta)
             h = a.o_proj(o.reshape(T, H * D))
             x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
-            h = ops.mlp(x, layer.mlp)
+            h = ops.mlp(i, x, layer.mlp)
         if logits_index is not None:
             h, residual = h[logits_index], residual[logits_index]
         x, _ = ops.add_norm(h, residual, self.norm)

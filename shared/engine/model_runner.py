@@ -46,7 +46,7 @@ class ModelRunner:
         if backend == "triton":
             from .kernels.triton_ops import TritonOps
 
-            self.ops = TritonOps(d)
+            self.ops = TritonOps(d, pack=config.pack_weights)
         else:
             from .ops import TorchOps
 
@@ -85,20 +85,28 @@ class ModelRunner:
             want = cfg.max_num_seqs * cdiv(mml, cfg.block_size)
             return max(cdiv(mml, cfg.block_size), min(want, cfg.cpu_kv_cache_bytes // self.block_bytes()))
         # CUDA: profile one full-budget prefill, then give what is left under the utilisation cap to the cache.
-        torch.cuda.synchronize(self.device)
+        # gpu_memory_utilization caps this process plus everything else on the GPU (vLLM's meaning).
+        dev = self.device
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
         self._profile_run()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        # sampler temporaries at full batch (fp32 logits, softmax, sort, noise) and CUDA-graph pools
-        sampler = 6 * cfg.max_num_seqs * self.decoder.vocab_size * 4
-        reserve = sampler + 512 * 1024 * 1024
-        avail = int(total * cfg.gpu_memory_utilization) - peak - max(outside_torch, 0) - reserve
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - base
         torch.cuda.empty_cache()
-        return max(0, avail // self.block_bytes())
+        free, total = torch.cuda.mem_get_info(dev)
+        # sampler temporaries at full batch (fp32 logits, softmax, sort, noise) and the CUDA-graph pool
+        reserve = 6 * cfg.max_num_seqs * self.decoder.vocab_size * 4 + 256 * 1024 * 1024
+        avail = int(total * cfg.gpu_memory_utilization) - (total - free) - activations - reserve
+        log.info("KV sizing: total %.1f GiB, in use %.1f GiB, activations %.2f GiB, reserve %.2f GiB -> %.1f GiB",
+                 total / 2**30, (total - free) / 2**30, activations / 2**30, reserve / 2**30, avail / 2**30)
+        if avail < self.block_bytes():
+            raise ValueError(
+                f"no memory left for the KV cache: {total / 2**30:.1f} GiB total, {(total - free) / 2**30:.1f} GiB "
+                f"in use, {activations / 2**30:.2f} GiB for activations, gpu_memory_utilization="
+                f"{cfg.gpu_memory_utilization}")
+        return avail // self.block_bytes()
 
     @torch.inference_mode()
     def _profile_run(self) -> None:

@@ -24,11 +24,14 @@ class TorchOps:
         residual = h if residual is None else residual + h
         return norm(residual), residual
 
+    def qkv(self, layer: int, attn: nn.Module, x: torch.Tensor):
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
     def rope_and_cache(self, q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
         """Rotate q (T,H,D) and k (T,KVH,D) with cos/sin (T,D), write k and v into the cache slots."""
         q, k = self.apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
         write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
         return q, k
 
-    def mlp(self, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+    def mlp(self, layer: int, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
         return mlp(x)

@@ -113,67 +113,90 @@ app.kubernetes.io/component: {{ .component }}
 {{- if $c.gpu -}}{{ int $c.gpu.count }}{{- else -}}0{{- end -}}
 {{- end -}}
 
-{{/* Environment of every mmpipe container: the model, the shared settings, the cache. */}}
-{{- define "mmpipe.commonEnv" -}}
-{{- $v := .Values -}}
+{{/* Environment of an mmpipe container, limited to what that service reads (each flag of `mmpipe <service>`
+     defaults to its MMPIPE_* variable). Settings that shape cache keys (model, dtype, media_io_kwargs) go to
+     every stage that has them, from the same values, so all stages compute the same keyspace.
+     Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "mmpipe.env" -}}
+{{- $v := .root.Values -}}
+{{- $comp := .component -}}
+{{- $c := index $v $comp -}}
+{{- $isStage := has $comp (list "ingest" "encoder" "generator") -}}
+{{- $gpus := include "mmpipe.gpuCount" . | int -}}
 - name: MMPIPE_MODEL
   value: {{ ternary "/models/tiny" $v.model.name $v.model.tiny.enabled | quote }}
-{{- with $v.model.servedModelName }}
-- name: MMPIPE_SERVED_MODEL_NAME
-  value: {{ . | quote }}
-{{- end }}
 - name: MMPIPE_HOST
   value: {{ $v.bindHost | quote }}
 - name: MMPIPE_LOG_LEVEL
   value: {{ $v.logLevel | quote }}
+{{- if eq $comp "gateway" }}
+- name: MMPIPE_PORT
+  value: {{ $c.httpPort | quote }}
+- name: MMPIPE_GRPC_PORT
+  value: {{ $c.grpcPort | quote }}
+- name: MMPIPE_INGEST_ADDR
+  value: {{ include "mmpipe.grpcTarget" (dict "root" .root "component" "ingest") | quote }}
+- name: MMPIPE_ENCODER_ADDR
+  value: {{ include "mmpipe.grpcTarget" (dict "root" .root "component" "encoder") | quote }}
+- name: MMPIPE_GENERATOR_ADDR
+  value: {{ include "mmpipe.grpcTarget" (dict "root" .root "component" "generator") | quote }}
+{{- with $v.model.servedModelName }}
+- name: MMPIPE_SERVED_MODEL_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- if $v.apiKey.enabled }}
+- name: MMPIPE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mmpipe.apiKeySecretName" .root }}
+      key: {{ $v.apiKey.secretKey }}
+{{- end }}
+{{- else }}
+- name: MMPIPE_PORT
+  value: {{ $c.port | quote }}
+- name: MMPIPE_METRICS_PORT
+  value: {{ $v.metrics.port | quote }}
 - name: MMPIPE_DTYPE
   value: {{ $v.model.dtype | quote }}
-{{- if $v.model.maxModelLen }}
+{{- end }}
+{{- if eq $comp "ingest" }}
+# ingest sends the processed tensors of cache misses to the encoder
+- name: MMPIPE_ENCODER_ADDR
+  value: {{ include "mmpipe.grpcTarget" (dict "root" .root "component" "encoder") | quote }}
+{{- end }}
+{{- if has $comp (list "encoder" "generator") }}
+- name: MMPIPE_DEVICE
+  value: {{ ternary "cuda" "cpu" (gt $gpus 0) | quote }}
+{{- end }}
+{{- if and $v.model.maxModelLen (has $comp (list "gateway" "generator")) }}
 - name: MMPIPE_MAX_MODEL_LEN
   value: {{ $v.model.maxModelLen | quote }}
-{{- end }}
-{{- with $v.multimodal.limitMmPerPrompt }}
-- name: MMPIPE_LIMIT_MM_PER_PROMPT
-  value: {{ toJson . | quote }}
 {{- end }}
 {{- with $v.multimodal.mediaIoKwargs }}
 - name: MMPIPE_MEDIA_IO_KWARGS
   value: {{ toJson . | quote }}
 {{- end }}
+{{- if has $comp (list "gateway" "ingest") }}
+{{- with $v.multimodal.limitMmPerPrompt }}
+- name: MMPIPE_LIMIT_MM_PER_PROMPT
+  value: {{ toJson . | quote }}
+{{- end }}
 {{- with $v.multimodal.allowedMediaDomains }}
+# the gateway splits this list on spaces, ingest on commas
 - name: MMPIPE_ALLOWED_MEDIA_DOMAINS
-  value: {{ join " " . | quote }}
+  value: {{ join (ternary " " "," (eq $comp "gateway")) . | quote }}
 {{- end }}
 {{- with $v.multimodal.allowedLocalMediaPath }}
 - name: MMPIPE_ALLOWED_LOCAL_MEDIA_PATH
   value: {{ . | quote }}
 {{- end }}
-{{- if $v.multimodal.enableMmEmbeds }}
+{{- end }}
+{{- if and $v.multimodal.enableMmEmbeds (has $comp (list "gateway" "encoder")) }}
 - name: MMPIPE_ENABLE_MM_EMBEDS
   value: "1"
 {{- end }}
-{{- if $v.redis.enabled }}
-{{- if $v.redis.auth.enabled }}
-- name: REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "mmpipe.redisSecretName" . }}
-      key: {{ $v.redis.auth.secretKey }}
-- name: MMPIPE_REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/%d" (include "mmpipe.redisHost" .) (int $v.redis.port) (int $v.redis.db) | quote }}
-{{- else }}
-- name: MMPIPE_REDIS_URL
-  value: {{ printf "redis://%s:%d/%d" (include "mmpipe.redisHost" .) (int $v.redis.port) (int $v.redis.db) | quote }}
-{{- end }}
-{{- else if $v.redis.externalUrlSecret.name }}
-- name: MMPIPE_REDIS_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ $v.redis.externalUrlSecret.name }}
-      key: {{ $v.redis.externalUrlSecret.key }}
-{{- else if $v.redis.externalUrl }}
-- name: MMPIPE_REDIS_URL
-  value: {{ $v.redis.externalUrl | quote }}
+{{- if ne $comp "ingest" }}
+{{- include "mmpipe.redisEnv" .root }}
 {{- end }}
 - name: HF_HOME
   value: /models/hf
@@ -199,4 +222,33 @@ app.kubernetes.io/component: {{ .component }}
   value: /tmp/triton
 - name: TORCHINDUCTOR_CACHE_DIR
   value: /tmp/inductor
+{{- end -}}
+
+{{/* MMPIPE_REDIS_URL; with auth, the password comes from the Secret through $(REDIS_PASSWORD), which
+     Kubernetes expands because REDIS_PASSWORD is defined first. */}}
+{{- define "mmpipe.redisEnv" -}}
+{{- $v := .Values -}}
+{{- if $v.redis.enabled }}
+{{- if $v.redis.auth.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mmpipe.redisSecretName" . }}
+      key: {{ $v.redis.auth.secretKey }}
+- name: MMPIPE_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/%d" (include "mmpipe.redisHost" .) (int $v.redis.port) (int $v.redis.db) | quote }}
+{{- else }}
+- name: MMPIPE_REDIS_URL
+  value: {{ printf "redis://%s:%d/%d" (include "mmpipe.redisHost" .) (int $v.redis.port) (int $v.redis.db) | quote }}
+{{- end }}
+{{- else if $v.redis.externalUrlSecret.name }}
+- name: MMPIPE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.redis.externalUrlSecret.name }}
+      key: {{ $v.redis.externalUrlSecret.key }}
+{{- else if $v.redis.externalUrl }}
+- name: MMPIPE_REDIS_URL
+  value: {{ $v.redis.externalUrl | quote }}
+{{- end }}
 {{- end -}}

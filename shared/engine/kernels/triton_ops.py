@@ -1,9 +1,15 @@
 """TritonOps: the decoder's elementwise steps as fused Triton kernels over the HF modules' weights
 (same interface as ops.TorchOps). Cuts a decode layer from ~30 small launches to ~12, which is what
-matters at small batch once the step runs as a CUDA graph."""
+matters at small batch once the step runs as a CUDA graph.
+
+With `pack=True` the q/k/v and gate/up weights of each layer are moved into one buffer each and the HF
+parameters are re-pointed to views of it: one GEMM instead of three (two), no second copy kept, and the
+HF model keeps working (its Linear modules read the same memory).
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .triton_fused import add_rmsnorm, rope_and_cache, silu_mul
@@ -16,19 +22,64 @@ def _eps(norm: nn.Module) -> float:
     return 1e-6
 
 
+def _pack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of `linears` along the output dim and re-point each module."""
+    w = torch.cat([m.weight.data for m in linears])
+    has_bias = [m.bias is not None for m in linears]
+    b = torch.cat([m.bias.data for m in linears]) if all(has_bias) else None
+    o = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = w[o:o + n]
+        if b is not None:
+            m.bias.data = b[o:o + n]
+        o += n
+    return w, b
+
+
 class TritonOps:
     name = "triton"
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, pack: bool = False):
         self.fuse_mlp = decoder.hidden_act in ("silu", "swish")
+        self.qkv_packed: list[tuple[torch.Tensor, torch.Tensor | None, list[int]]] = []
+        self.gate_up_packed: list[torch.Tensor] = []
+        if pack:
+            with torch.no_grad():
+                for layer in decoder.layers:
+                    a = layer.self_attn
+                    lins = [a.q_proj, a.k_proj, a.v_proj]
+                    if any(m.bias is not None for m in lins) and not all(m.bias is not None for m in lins):
+                        self.qkv_packed = []
+                        break
+                    w, b = _pack(lins)
+                    self.qkv_packed.append((w, b, [m.weight.shape[0] for m in lins]))
+                if self.fuse_mlp:
+                    for layer in decoder.layers:
+                        m = layer.mlp
+                        if m.gate_proj.bias is None and m.up_proj.bias is None:
+                            self.gate_up_packed.append(_pack([m.gate_proj, m.up_proj])[0])
+                    if len(self.gate_up_packed) != len(decoder.layers):
+                        self.gate_up_packed = []
+                torch.cuda.empty_cache()
 
     def add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
         return add_rmsnorm(h, residual, norm.weight, _eps(norm))
 
+    def qkv(self, layer: int, attn: nn.Module, x: torch.Tensor):
+        if self.qkv_packed:
+            w, b, sizes = self.qkv_packed[layer]
+            return F.linear(x, w, b).split(sizes, dim=-1)  # strided views; the kernels take strides
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
     def rope_and_cache(self, q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
         return rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
-    def mlp(self, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+    def mlp(self, layer: int, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
         if not self.fuse_mlp:
             return mlp(x)
+        if self.gate_up_packed:
+            gu = F.linear(x, self.gate_up_packed[layer])
+            inter = gu.shape[-1] // 2
+            return mlp.down_proj(silu_mul(gu[:, :inter], gu[:, inter:]))
         return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))

@@ -1,0 +1,150 @@
+"""Generates the Grafana dashboard: `python charts/mmpipe/hack/dashboard.py > charts/mmpipe/dashboards/mmpipe.json`.
+
+Panels over the services' Prometheus metrics (services/*/metrics, services/common/metrics.py) and the NVIDIA
+DCGM exporter (GPU memory, utilisation). Variables: datasource, namespace, model. tests/test_deploy_chart.py
+fails when the committed JSON is stale.
+"""
+from __future__ import annotations
+
+import json
+
+SEL = 'namespace=~"$namespace", model=~"$model"'
+RI = "$__rate_interval"
+
+
+def target(expr: str, legend: str, ref: str) -> dict:
+    return {"datasource": {"type": "prometheus", "uid": "${datasource}"}, "expr": expr, "legendFormat": legend,
+            "refId": ref}
+
+
+def panel(pid: int, title: str, targets: list[tuple[str, str]], unit: str, x: int, y: int, *, w: int = 12,
+          h: int = 8, description: str = "", stack: bool = False, max_: float | None = None) -> dict:
+    defaults: dict = {"unit": unit, "custom": {"fillOpacity": 10, "lineWidth": 1, "showPoints": "never",
+                                               "stacking": {"mode": "normal" if stack else "none"}}}
+    if max_ is not None:
+        defaults["max"] = max_
+    return {
+        "id": pid, "type": "timeseries", "title": title, "description": description,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
+        "targets": [target(e, l, chr(ord("A") + i)) for i, (e, l) in enumerate(targets)],
+    }
+
+
+def row(pid: int, title: str, y: int) -> dict:
+    return {"id": pid, "type": "row", "title": title, "collapsed": False, "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+            "panels": []}
+
+
+def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
+    group = f"le{', ' + by if by else ''}"
+    legend_by = f" {{{{{by}}}}}" if by else ""
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{SEL}}}[{RI}])))", f"p{int(q * 100)}{legend_by}")
+            for q in (0.5, 0.9, 0.99)]
+
+
+def build() -> dict:
+    p: list[dict] = []
+    y = 0
+    p.append(row(100, "Latency and throughput (gateway)", y)); y += 1
+    p.append(panel(1, "Time to first token (TTFT)", quantiles("mmpipe_gateway_time_to_first_token_seconds"), "s", 0, y,
+                   description="Request arrival to first generated token, at the gateway (includes ingest, "
+                               "encode and prefill)."))
+    p.append(panel(2, "Time per output token (TPOT)", quantiles("mmpipe_gateway_time_per_output_token_seconds"),
+                   "s", 12, y, description="Mean gap between tokens after the first, per request.")); y += 8
+    p.append(panel(3, "Requests per second by status", [
+        (f'sum by (status) (rate(mmpipe_gateway_requests_total{{{SEL}}}[{RI}]))', "{{status}}")], "reqps", 0, y,
+        stack=True))
+    p.append(panel(4, "Tokens per second", [
+        (f'sum(rate(mmpipe_gateway_generation_tokens_total{{{SEL}}}[{RI}]))', "generated"),
+        (f'sum(rate(mmpipe_gateway_prompt_tokens_total{{{SEL}}}[{RI}]))', "prompt")], "short", 12, y)); y += 8
+    p.append(panel(5, "End-to-end latency", quantiles("mmpipe_gateway_request_duration_seconds"), "s", 0, y))
+    p.append(panel(6, "Stage errors seen by the gateway", [
+        (f'sum by (stage, code) (rate(mmpipe_gateway_stage_errors_total{{namespace=~"$namespace"}}[{RI}]))',
+         "{{stage}} {{code}}")], "reqps", 12, y)); y += 8
+
+    p.append(row(101, "Embedding cache", y)); y += 1
+    hits = f'sum(rate(mmpipe_gateway_mm_cache_hits_total{{{SEL}}}[{RI}]))'
+    misses = f'sum(rate(mmpipe_gateway_mm_cache_misses_total{{{SEL}}}[{RI}]))'
+    p.append(panel(7, "Cache hit rate (media items)", [
+        (f"{hits} / clamp_min({hits} + {misses}, 1e-9)", "hit rate"),
+        (f'sum by (modality) (rate(mmpipe_gateway_mm_cache_hits_total{{{SEL}}}[{RI}])) / clamp_min('
+         f'sum by (modality) (rate(mmpipe_gateway_mm_cache_hits_total{{{SEL}}}[{RI}])) + '
+         f'sum by (modality) (rate(mmpipe_gateway_mm_cache_misses_total{{{SEL}}}[{RI}])), 1e-9)', "{{modality}}")],
+        "percentunit", 0, y, max_=1,
+        description="Share of media items whose embedding was already in Redis. Every hit is an encode the "
+                    "encoder did not run (docs/deploy.md: sizing)."))
+    p.append(panel(8, "Cache traffic (encoder writes, generator reads)", [
+        (f'sum(rate(mmpipe_encoder_cache_written_bytes_total{{{SEL}}}[{RI}]))', "encoder written"),
+        (f'sum(rate(mmpipe_generator_cache_read_bytes_total{{{SEL}}}[{RI}]))', "generator read"),
+        (f'sum by (result) (rate(mmpipe_generator_cache_reads_total{{{SEL}}}[{RI}]))', "generator reads {{result}}")],
+        "Bps", 12, y)); y += 8
+
+    p.append(row(102, "Queues and batches", y)); y += 1
+    p.append(panel(9, "Queue depth", [
+        (f'sum by (pod) (mmpipe_encoder_queue_depth{{{SEL}}})', "encoder queue {{pod}}"),
+        (f'sum by (pod) (mmpipe_generator_engine_waiting_requests{{{SEL}}})', "generator waiting {{pod}}"),
+        (f'sum(mmpipe_gateway_requests_in_flight{{{SEL}}})', "gateway in flight")], "short", 0, y,
+        description="Work waiting for a GPU. A growing generator queue means too few generator replicas or "
+                    "too little KV memory; a growing encoder queue, too few encoders (or a falling hit rate)."))
+    p.append(panel(10, "Batch sizes", [
+        (f'sum(rate(mmpipe_encoder_batch_size_sum{{{SEL}}}[{RI}])) / clamp_min(sum(rate(mmpipe_encoder_batch_size_count{{{SEL}}}[{RI}])), 1e-9)',
+         "encoder mean items per batch"),
+        (f'histogram_quantile(0.9, sum by (le) (rate(mmpipe_encoder_batch_size_bucket{{{SEL}}}[{RI}])))',
+         "encoder p90 items per batch"),
+        (f'sum by (pod) (mmpipe_generator_engine_running_requests{{{SEL}}})', "generator running (decode batch) {{pod}}")],
+        "short", 12, y)); y += 8
+    p.append(panel(11, "Stage RPC latency p99", [
+        (f'histogram_quantile(0.99, sum by (le, method) (rate(mmpipe_{svc}_request_duration_seconds_bucket{{{SEL}}}[{RI}])))',
+         f"{svc} {{{{method}}}}") for svc in ("ingest", "encoder", "generator")], "s", 0, y))
+    p.append(panel(12, "Stage RPCs per second by code", [
+        (f'sum by (code) (rate(mmpipe_{svc}_requests_total{{{SEL}}}[{RI}]))', f"{svc} {{{{code}}}}")
+        for svc in ("ingest", "encoder", "generator")], "reqps", 12, y)); y += 8
+
+    p.append(row(103, "GPUs (NVIDIA DCGM exporter)", y)); y += 1
+    gpu_sel = 'namespace=~"$namespace", pod=~".*-(encoder|generator)-.*"'
+    p.append(panel(13, "GPU memory used", [
+        (f"DCGM_FI_DEV_FB_USED{{{gpu_sel}}} * 1024 * 1024", "{{pod}} gpu{{gpu}}"),
+        (f"(DCGM_FI_DEV_FB_USED{{{gpu_sel}}} + DCGM_FI_DEV_FB_FREE{{{gpu_sel}}}) * 1024 * 1024", "{{pod}} gpu{{gpu}} total")],
+        "bytes", 0, y, description="DCGM_FI_DEV_FB_USED is in MiB. The generator pre-allocates its KV cache, so "
+                                   "its memory is flat by design; watch the encoder's."))
+    p.append(panel(14, "GPU utilisation", [
+        (f"DCGM_FI_DEV_GPU_UTIL{{{gpu_sel}}}", "{{pod}} gpu{{gpu}}")], "percent", 12, y, max_=100)); y += 8
+
+    return {
+        "title": "mmpipe",
+        "uid": "mmpipe-overview",
+        "description": "mmpipe multimodal serving: latency, throughput, embedding cache, queues, batches, GPUs.",
+        "tags": ["mmpipe", "llm", "inference"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "timezone": "",
+        "graphTooltip": 1,
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {"list": [
+            {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0},
+            {"name": "namespace", "label": "Namespace", "type": "query",
+             "datasource": {"type": "prometheus", "uid": "${datasource}"},
+             "query": {"query": "label_values(mmpipe_gateway_requests_in_flight, namespace)", "refId": "ns"},
+             "definition": "label_values(mmpipe_gateway_requests_in_flight, namespace)",
+             "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
+            {"name": "model", "label": "Model", "type": "query",
+             "datasource": {"type": "prometheus", "uid": "${datasource}"},
+             "query": {"query": 'label_values(mmpipe_gateway_requests_in_flight{namespace=~"$namespace"}, model)',
+                       "refId": "model"},
+             "definition": 'label_values(mmpipe_gateway_requests_in_flight{namespace=~"$namespace"}, model)',
+             "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
+        ]},
+        "panels": p,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(build(), indent=2))

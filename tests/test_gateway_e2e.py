@@ -1,0 +1,428 @@
+"""The gateway end to end: real stage processes, a real redis-server, the gateway process, the `openai` client.
+
+One stack for the module, on the tiny Qwen2.5-Omni thinker (image, video and audio in one model): the
+three stages from tests/services_helpers.py plus `mmpipe gateway` with an api key, a per-prompt limit,
+user embeddings enabled, 127.0.0.1 as the only media domain and a local media folder. Ingest runs with
+redirects off and a 2 MB download cap. Every content type must give the token ids of the offline `LLM`.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from services_helpers import StageStack, scrape, start_stage_process, wait_healthy
+
+from mmpipe.shared.cache.embedded_redis import free_port
+
+KEY = "sk-gateway-test"
+LIMITS = '{"image": 2, "video": 1, "audio": 1}'
+MAX_DOWNLOAD = 2_000_000
+GREEDY = dict(temperature=0.0, max_tokens=8)
+EXTRA = {"ignore_eos": True, "return_token_ids": True}
+
+
+# --- media -------------------------------------------------------------------------------------------------
+def png(seed: int) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (84, 112, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav(seed: int = 2) -> bytes:
+    import soundfile as sf
+
+    t = np.arange(16000) / 16000
+    a = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(seed).standard_normal(t.shape))
+    buf = io.BytesIO()
+    sf.write(buf, a.astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def data_url(b: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(b).decode()
+
+
+class _MediaHandler(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/redirect.png":
+            self.send_response(302)
+            self.send_header("Location", "/img.png")
+            self.end_headers()
+            return
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+# --- the stack ---------------------------------------------------------------------------------------------
+@dataclass
+class Gateway:
+    port: int
+    grpc_port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Env:
+    model: str
+    stack: StageStack
+    gw: Gateway
+    media_dir: Path
+    media_url: str
+    llm: object
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gw.url}/v1", api_key=KEY, max_retries=0, **kw)
+
+    def metric(self, stage: str, name: str, **labels) -> float:
+        return self.stack.metric(stage, name, **labels)
+
+    def gw_metric(self, name: str, **labels) -> float:
+        return scrape(f"{self.gw.url}/metrics", name, **labels)
+
+
+def start_gateway(model: str, addrs: dict[str, str], redis_url: str, media_dir: Path, log_dir: Path) -> Gateway:
+    port, gport = free_port(), free_port()
+    log = log_dir / f"gateway-{port}.log"
+    argv = [sys.executable, "-m", "mmpipe.cli", "gateway", "--model", model, "--served-model-name", "tiny",
+            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
+            "--ingest-addr", addrs["ingest"], "--encoder-addr", addrs["encoder"],
+            "--generator-addr", addrs["generator"], "--redis-url", redis_url, "--api-key", KEY,
+            "--limit-mm-per-prompt", LIMITS, "--enable-mm-embeds", "--allowed-media-domains", "127.0.0.1",
+            "--allowed-local-media-path", str(media_dir), "--shutdown-grace-s", "5"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    return Gateway(port, gport, proc, log)
+
+
+def wait_gateway(gw: Gateway, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and gw.proc.poll() is None:
+        try:
+            if httpx.get(f"{gw.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"gateway not healthy; log tail:\n{gw.log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def env(redis_server, tmp_path_factory):
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+    from offline_helpers import make_video, write_mp4
+
+    model = str(ensure_tiny_model("qwen2_5_omni"))
+    media_dir = tmp_path_factory.mktemp("gw-media")
+    write_mp4(media_dir / "clip.mp4", make_video(n=4, h=64, w=96, seed=1))
+    _MediaHandler.files = {"/img.png": png(7), "/audio.wav": wav(3), "/big.bin": b"\0" * (MAX_DOWNLOAD + 1)}
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _MediaHandler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    # Ingest reads these at start-up: redirects refused, downloads capped.
+    saved = {k: os.environ.get(k) for k in ("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", "MMPIPE_MEDIA_MAX_BYTES")}
+    os.environ.update(MMPIPE_MEDIA_URL_ALLOW_REDIRECTS="0", MMPIPE_MEDIA_MAX_BYTES=str(MAX_DOWNLOAD))
+    stack = StageStack(model, redis_server)
+    gw = None
+    try:
+        # Everything starts at once (the gateway waits for the stages itself): start-up is dominated by
+        # imports, which overlap on two cores better than they add up.
+        enc = start_stage_process("encoder", model, redis_server, extra=["--enable-mm-embeds"],
+                                  log_dir=stack.log_dir, wait=False)
+        gen = start_stage_process("generator", model, redis_server, log_dir=stack.log_dir, wait=False)
+        ing = start_stage_process("ingest", model, redis_server, encoder_addr=enc.addr, log_dir=stack.log_dir,
+                                  wait=False, extra=["--allowed-media-domains", "127.0.0.1",
+                                                     "--allowed-local-media-path", str(media_dir),
+                                                     "--limit-mm-per-prompt", LIMITS])
+        stack.procs = {"encoder": enc, "generator": gen, "ingest": ing}
+        gw = start_gateway(model, {s: p.addr for s, p in stack.procs.items()}, redis_server, media_dir,
+                           stack.log_dir)
+        from mmpipe import LLM
+
+        llm = LLM(model, device="cpu", allowed_local_media_path=str(media_dir), enable_mm_embeds=True)
+        for p in stack.procs.values():
+            wait_healthy(p.addr, 120, p.proc, p.log_path)
+        wait_gateway(gw)
+        yield Env(model, stack, gw, media_dir, f"http://127.0.0.1:{http.server_port}", llm)
+    finally:
+        if gw is not None:
+            gw.proc.send_signal(signal.SIGTERM)
+            try:
+                gw.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                gw.proc.kill()
+        stack.stop()
+        http.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def user(*parts) -> list[dict]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe it."}]}]
+
+
+def offline_ids(env: Env, messages) -> list[int]:
+    from mmpipe import SamplingParams
+
+    out = env.llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    return out[0].outputs[0].token_ids
+
+
+def gateway_ids(env: Env, messages, **kw) -> list[int]:
+    r = env.client().chat.completions.create(model="tiny", messages=messages, **GREEDY, extra_body=EXTRA, **kw)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    return r.choices[0].token_ids
+
+
+def embeds_part(env: Env, seed: int, hidden: int | None = None) -> dict:
+    import torch
+
+    from mmpipe.shared.media.embeds import encode_tensor_b64
+
+    h = hidden or env.llm.adapter.hidden_size
+    t = torch.randn(4, h, generator=torch.Generator().manual_seed(seed)) * 2
+    # grid (t, h, w) = 16 patches, merged 2x2: 4 rows. Integer metadata goes as a JSON list: the one safe
+    # tensor decoder (shared/media/embeds.py) only takes float tensors.
+    return {"type": "image_embeds", "image_embeds": {"image_embeds": encode_tensor_b64(t), "image_grid_thw": [[1, 4, 4]]}}
+
+
+# --- parity: every content type ------------------------------------------------------------------------------
+def test_every_content_type_matches_offline_llm(env):
+    audio_b64 = base64.b64encode(wav(4)).decode()
+    cases = {
+        "image_url data URL": [{"type": "image_url", "image_url": {"url": data_url(png(1))}}],
+        "image_url http URL": [{"type": "image_url", "image_url": {"url": f"{env.media_url}/img.png"}}],
+        "video_url local file": [{"type": "video_url", "video_url": {"url": f"file://{env.media_dir}/clip.mp4"}}],
+        "input_audio": [{"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}}],
+        "audio_url": [{"type": "audio_url", "audio_url": {"url": f"{env.media_url}/audio.wav"}}],
+        "image_embeds": [embeds_part(env, 1)],
+        "two image_embeds": [embeds_part(env, 2), embeds_part(env, 3)],
+        "image + video + audio": [{"type": "image_url", "image_url": {"url": data_url(png(5))}},
+                                  {"type": "video_url", "video_url": {"url": f"file://{env.media_dir}/clip.mp4"}},
+                                  {"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}}],
+    }
+    for name, parts in cases.items():
+        msgs = user(*parts)
+        assert gateway_ids(env, msgs) == offline_ids(env, msgs), name
+
+
+def test_completions_text_and_token_ids_match_offline(env):
+    from mmpipe import SamplingParams
+
+    ref = env.llm.generate("The quick brown fox", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                           use_tqdm=False)[0]
+    c = env.client()
+    r = c.completions.create(model="tiny", prompt="The quick brown fox", **GREEDY, extra_body=EXTRA)
+    assert r.choices[0].token_ids == ref.outputs[0].token_ids and r.choices[0].text == ref.outputs[0].text
+    r2 = c.completions.create(model="tiny", prompt=ref.prompt_token_ids, **GREEDY, extra_body=EXTRA)
+    assert r2.choices[0].token_ids == ref.outputs[0].token_ids
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="The quick brown fox", stream=True, **GREEDY, extra_body={"ignore_eos": True}))
+    assert streamed == ref.outputs[0].text
+
+
+# --- repeated media: no stage work --------------------------------------------------------------------------------
+def test_repeated_image_by_hash_and_by_uuid_skips_the_work(env):
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(11))}, "uuid": "cat-11"})
+    first = gateway_ids(env, msgs)
+    work = lambda: (env.metric("ingest", "mmpipe_ingest_items_preprocessed_total"),  # noqa: E731
+                    env.metric("encoder", "mmpipe_encoder_items_encoded_total"))
+    ingest_calls = lambda: env.metric("ingest", "mmpipe_ingest_requests_total", method="Ingest")  # noqa: E731
+    loaded = lambda: env.metric("ingest", "mmpipe_ingest_media_loaded_total")  # noqa: E731
+    before, calls, n_loaded = work(), ingest_calls(), loaded()
+    hits = env.gw_metric("mmpipe_gateway_mm_cache_hits_total", how="uuid")
+    # by UUID with the payload left out: nothing is fetched, ingest is not even called
+    only_uuid = user({"type": "image_url", "image_url": None, "uuid": "cat-11"})
+    assert gateway_ids(env, only_uuid) == first
+    assert work() == before and ingest_calls() == calls and loaded() == n_loaded
+    assert env.gw_metric("mmpipe_gateway_mm_cache_hits_total", how="uuid") == hits + 1
+    # by content hash: ingest loads and hashes it, but nothing is preprocessed or encoded again
+    plain = user({"type": "image_url", "image_url": {"url": data_url(png(12))}})
+    ids = gateway_ids(env, plain)
+    before = work()
+    assert gateway_ids(env, plain) == ids
+    assert work() == before
+    assert env.gw_metric("mmpipe_gateway_mm_cache_hits_total", how="hash") >= 1
+
+
+# --- clear 4xx, and the next good request succeeds -----------------------------------------------------------------
+def test_bad_inputs_are_clear_4xx_and_the_next_request_succeeds(env):
+    c = env.client()
+    good = user({"type": "image_url", "image_url": {"url": data_url(png(21))}})
+    bad = {
+        "uncached uuid": ([{"type": "image_url", "image_url": None, "uuid": "never-seen-42"}], 400, "never-seen-42"),
+        "malformed base64 tensor": ([{"type": "image_embeds", "image_embeds": {
+            "image_embeds": "%%%not base64", "image_grid_thw": "AAAA"}}], 400, "base64"),
+        "wrong hidden size": ([embeds_part(env, 4, hidden=env.llm.adapter.hidden_size + 1)], 400, "hidden size"),
+        "refused domain": ([{"type": "image_url", "image_url": {"url": "http://example.org/cat.png"}}], 403,
+                           "example.org"),
+        "redirect while redirects are off": (
+            [{"type": "image_url", "image_url": {"url": f"{env.media_url}/redirect.png"}}], 403, "redirect"),
+        "path outside the allowed folder": (
+            [{"type": "video_url", "video_url": {"url": f"file://{env.media_dir}/../../etc/passwd"}}], 403,
+            "outside"),
+        "oversized download": ([{"type": "image_url", "image_url": {"url": f"{env.media_url}/big.bin"}}], 400,
+                               "larger than"),
+        "too many items": ([{"type": "image_url", "image_url": {"url": data_url(png(s))}} for s in (1, 2, 3)],
+                           400, "at most 2"),
+    }
+    for name, (parts, status, needle) in bad.items():
+        with pytest.raises(openai.APIStatusError) as ei:
+            c.chat.completions.create(model="tiny", messages=user(*parts), **GREEDY)
+        assert ei.value.status_code == status, (name, ei.value.body)
+        assert needle in ei.value.body["message"], (name, ei.value.body)
+        assert gateway_ids(env, good), name  # the gateway and the stages are fine afterwards
+
+
+def test_api_key_and_request_id(env):
+    no_key = openai.OpenAI(base_url=f"{env.gw.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        no_key.models.list()
+    assert [m.id for m in env.client().models.list().data] == ["tiny"]
+    r = httpx.post(f"{env.gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
+                                                                  "X-Request-Id": "trace-me-1"},
+                   json={"model": "tiny", "messages": user(), "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-1"
+    assert r.json()["id"] == "chatcmpl-trace-me-1"
+
+
+# --- streaming and disconnects ---------------------------------------------------------------------------------------
+def test_streaming_matches_non_streaming(env):
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(31))}})
+    c = env.client()
+    full = c.chat.completions.create(model="tiny", messages=msgs, **GREEDY, extra_body=EXTRA)
+    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, stream=True, **GREEDY, extra_body=EXTRA,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    ids = [t for ch in chunks if ch.choices for t in (ch.choices[0].token_ids or [])]
+    assert text == full.choices[0].message.content and ids == full.choices[0].token_ids
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def _wait_for(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_client_disconnect_mid_stream_frees_the_generator_slot(env):
+    aborted = env.metric("generator", "mmpipe_generator_finished_requests_total", reason="abort")
+    generated = env.metric("generator", "mmpipe_generator_generation_tokens_total")
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", f"{env.gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "messages": user(), "max_tokens": 1900, "ignore_eos": True,
+                            "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: {") for line in got)
+    # the connection is closed: the gateway cancels the generator call, which aborts it in the engine
+    assert _wait_for(lambda: env.metric("generator", "mmpipe_generator_finished_requests_total", reason="abort")
+                     == aborted + 1), "the generator request was not aborted"
+    assert env.metric("generator", "mmpipe_generator_running_requests") == 0
+    assert env.metric("generator", "mmpipe_generator_generation_tokens_total") - generated < 1900
+    assert _wait_for(lambda: env.gw_metric("mmpipe_gateway_requests_in_flight") == 0)
+
+
+# --- the public gRPC API -----------------------------------------------------------------------------------------------
+def test_grpc_client_chat_and_generate(env):
+    from mmpipe.client import MMPipeClient
+    from mmpipe.shared.errors import AuthenticationError, NotCachedError
+
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(41))}})
+    ref = offline_ids(env, msgs)
+    with MMPipeClient(f"127.0.0.1:{env.gw.grpc_port}", api_key=KEY, timeout=60) as cl:
+        out = cl.chat(msgs, temperature=0.0, max_tokens=8, ignore_eos=True)
+        assert out.token_ids == ref and out.finish_reason == "length" and out.usage["completion_tokens"] == 8
+        chunks = list(cl.chat(msgs, stream=True, temperature=0.0, max_tokens=8, ignore_eos=True))
+        assert [t for ch in chunks for t in ch.token_ids] == ref and "".join(ch.text for ch in chunks) == out.text
+        gen = cl.generate("The quick brown fox", temperature=0.0, max_tokens=4, ignore_eos=True)
+        assert len(gen.token_ids) == 4
+        with pytest.raises(NotCachedError) as ei:
+            cl.chat(user({"type": "image_url", "image_url": None, "uuid": "grpc-unknown"}), max_tokens=2)
+        assert "grpc-unknown" in ei.value.message
+    with MMPipeClient(f"127.0.0.1:{env.gw.grpc_port}") as anon, pytest.raises(AuthenticationError):
+        anon.generate("hi", max_tokens=2)
+
+
+def test_gateway_grpc_health_and_reflection(env):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{env.gw.grpc_port}") as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="mmpipe.v1.Gateway"),
+                                                 timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    m = httpx.get(f"{env.gw.url}/metrics").text
+    for name in ("mmpipe_gateway_time_to_first_token_seconds_count", "mmpipe_gateway_time_per_output_token_seconds",
+                 "mmpipe_gateway_prompt_tokens_total", "mmpipe_gateway_generation_tokens_total",
+                 "mmpipe_gateway_requests_in_flight", "mmpipe_gateway_mm_cache_misses_total"):
+        assert name in m, name
+
+
+# --- faults (last: restarts the generator) ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_killing_the_generator_fails_in_flight_requests_fast_then_recovers(env):
+    c = env.client(timeout=60)
+
+    def long_request(_):
+        t0 = time.monotonic()
+        try:
+            c.chat.completions.create(model="tiny", messages=user(), max_tokens=1900, extra_body={"ignore_eos": True})
+            return "ok", time.monotonic() - t0
+        except openai.APIStatusError as e:
+            return e.status_code, time.monotonic() - t0
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(long_request, i) for i in range(4)]
+        assert _wait_for(lambda: env.metric("generator", "mmpipe_generator_running_requests") >= 1, 20)
+        killed_at = time.monotonic()
+        env.stack.procs["generator"].kill()
+        results = [f.result(timeout=30) for f in futures]
+    assert all(status == 503 for status, _ in results), results
+    assert time.monotonic() - killed_at < 10, "in-flight requests did not fail fast"
+    r = httpx.get(f"{env.gw.url}/health")
+    assert r.status_code == 503 and r.json()["stages"]["generator"] != "SERVING"
+    env.stack.restart("generator")
+    assert _wait_for(lambda: httpx.get(f"{env.gw.url}/health").status_code == 200, 20)
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(51))}})
+    assert gateway_ids(env, msgs) == offline_ids(env, msgs)
