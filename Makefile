@@ -1,5 +1,5 @@
 # mmpipe: two commands for a fresh machine (Python 3.11, pip, gcc):
-#   make run    create .venv, install, build a tiny model unless MODEL is set, run the demo
+#   make run    create .venv, install, build a tiny model unless MODEL is set, start the stack, ask it once
 #   make test   install and run the test suite (real redis-server, real processes, CPU only)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,10 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# the whole stack (embedded Redis + ingest, encoder, generator, gateway); one request; serves until Ctrl-C
 run: install
-	$(PY) -m mmpipe.cli demo $(if $(MODEL),--model $(MODEL),)
+	$(PY) -m mmpipe.cli quickstart $(if $(MODEL),--model $(MODEL),)
 
-demo: run
+# the offline API in one process: an image, a video and an audio clip through LLM.chat
+demo: install
+	$(PY) -m mmpipe.cli demo $(if $(MODEL),--model $(MODEL),)
 
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -124,16 +124,16 @@ def kv_bytes_per_token(layers: int) -> int:
     return layers * 2 * TEXT["num_key_value_heads"] * (TEXT["hidden_size"] // TEXT["num_attention_heads"]) * 2
 
 
-def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks):
+def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=True, profile=(), tag="engine"):
     from mmpipe.shared.engine import EngineConfig, LLMEngine
     from mmpipe.shared.types import EngineRequest, SamplingParams
 
     t0 = time.perf_counter()
     cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, max_num_seqs=max(concs), max_num_batched_tokens=2048,
-                       max_model_len=max_model_len, num_kv_blocks=kv_blocks)
+                       max_model_len=max_model_len, num_kv_blocks=kv_blocks, pack_weights=pack)
     engine = LLMEngine(vl, cfg)
     info = engine.kv_cache_info()
-    log(f"[engine] ready in {time.perf_counter() - t0:.1f}s: {info}")
+    log(f"[{tag}] ready in {time.perf_counter() - t0:.1f}s: {info}")
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def req(i, p, s=sp):
@@ -169,13 +169,94 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks):
         ms = 1e3 * statistics.median(pure) if pure else float("nan")
         results[c] = dict(tok_s=n_out / total, ms_per_step=ms, total_s=total, steps=len(steps),
                           decode_steps_at_c=len(pure), graph_steps=sum(s[3] for s in steps), out_tokens=n_out)
-        log(f"[engine] c={c}: {n_out / total:.0f} tok/s, {ms:.2f} ms/decode step ({len(pure)} steps at batch {c}),"
+        log(f"[{tag}] c={c}: {n_out / total:.0f} tok/s, {ms:.2f} ms/decode step ({len(pure)} steps at batch {c}),"
             f" total {total:.2f}s, {len(steps)} steps")
+    for c in profile:
+        results[f"profile_{c}"] = profile_engine(engine, lambda i: req(f"p{c}-{i}", prompts[i], SamplingParams(
+            max_tokens=new_tokens, temperature=0.0, ignore_eos=True)), c)
     info = engine.kv_cache_info()
     del engine
     gc.collect()
     torch.cuda.empty_cache()
     return results, info
+
+
+def profile_engine(engine, make_req, c):
+    """Where a decode step at batch c spends its time: host parts, GPU replay alone, top kernels."""
+    from collections import defaultdict
+
+    for i in range(c):
+        engine.add_request(make_req(i))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    r, g = engine.runner, engine.runner.graphs
+    spent: dict[str, list[float]] = defaultdict(list)
+
+    def timed(obj, name, key):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key].append(time.perf_counter() - t)
+            return out
+        setattr(obj, name, wrapper)
+        return fn
+
+    orig = [(engine.scheduler, "schedule", timed(engine.scheduler, "schedule", "schedule")),
+            (g, "_fill", timed(g, "_fill", "fill+h2d")),
+            (r, "sampler", r.sampler)]
+    sampler = r.sampler
+    def sample_timed(logits, seqs):
+        t = time.perf_counter()
+        out = sampler(logits, seqs)
+        spent["sample+sync"].append(time.perf_counter() - t)
+        return out
+    r.sampler = sample_timed
+    walls = []
+    for _ in range(12):
+        t = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t)
+    for obj, name, fn in orig:
+        setattr(obj, name, fn)
+    bucket = next(s for s in g.sizes if s >= c)
+    graph = g.graphs[bucket]
+    torch.cuda.synchronize()
+    s_, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s_.record()
+    for _ in range(20):
+        graph.replay()
+    e_.record()
+    torch.cuda.synchronize()
+    gpu_ms = s_.elapsed_time(e_) / 20
+    prof_rows = []
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+        ka = sorted(prof.key_averages(), key=lambda k: -getattr(k, "self_device_time_total",
+                                                                 getattr(k, "self_cuda_time_total", 0)))
+        for k in ka[:14]:
+            t_us = getattr(k, "self_device_time_total", getattr(k, "self_cuda_time_total", 0)) / 3
+            prof_rows.append((k.key[:90], k.count // 3, round(t_us, 1)))
+    except Exception as ex:  # noqa: BLE001
+        prof_rows.append((f"profiler failed: {ex!r}", 0, 0))
+    for rid in list(engine._seqs):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    out = {"wall_ms": 1e3 * statistics.median(walls), "gpu_replay_ms": gpu_ms, "bucket": bucket,
+           **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in spent.items()}, "top_kernels_us_per_step": prof_rows}
+    log(f"[profile c={c}] wall {out['wall_ms']:.2f} ms, graph replay alone {gpu_ms:.2f} ms, " +
+        ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in spent.items()))
+    for row in prof_rows:
+        log(f"    {row[2]:9.1f} us  x{row[1]:<4d} {row[0]}")
+    return out
 
 
 class _StepClock:
@@ -267,6 +348,8 @@ def main(argv=None):
     ap.add_argument("--skip-hf", action="store_true", help="skip all transformers baselines")
     ap.add_argument("--skip-compiled", action="store_true", help="skip (b) static cache + torch.compile")
     ap.add_argument("--skip-cb", action="store_true", help="skip (c) generate_batch")
+    ap.add_argument("--profile", default="", help="concurrencies to profile (host / GPU / kernels), e.g. 1,64")
+    ap.add_argument("--compare-pack", action="store_true", help="also run the engine without weight packing")
     args = ap.parse_args(argv)
     concs = [int(x) for x in args.concurrency.split(",")]
     parse = lambda s: concs if s is None else [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -294,8 +377,14 @@ def main(argv=None):
         step_bytes = wbytes + c * ctx * kvtok
         res["roofline"][c] = dict(ms_per_step=1e3 * step_bytes / bw, tok_s=c / (step_bytes / bw),
                                   bytes_per_step=step_bytes)
-    res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len,
-                                                        max(concs) * blocks_per_seq + 64)
+    blocks = max(concs) * blocks_per_seq + 64
+    if args.compare_pack:  # first: packing re-points the weights for good
+        res["engine_unpacked"], _ = bench_engine(vl, prompts, [c for c in concs if c in (1, 64)] or concs[:1],
+                                                 args.new_tokens, max_model_len, blocks, pack=False,
+                                                 tag="engine unpacked")
+    prof = [int(x) for x in args.profile.split(",") if x]
+    res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len, blocks,
+                                                        profile=prof)
     if not args.skip_hf:
         res["hf_dynamic"] = bench_hf_generate(hf, prompts, parse(args.hf_concurrency), args.new_tokens, False)
         if not args.skip_cb:
@@ -359,7 +448,7 @@ def write_outputs(res: dict, out: Path) -> None:
     for key, name in systems:
         d = res.get(key)
         if d:
-            pts = sorted((int(c), v["tok_s"]) for c, v in d.items())
+            pts = sorted((int(c), v["tok_s"]) for c, v in d.items() if str(c).isdigit())
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

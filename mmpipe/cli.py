@@ -78,6 +78,7 @@ SubcommandRef = str | Subcommand | ModuleType
 SUBCOMMANDS: dict[str, SubcommandRef] = {
     "tiny-model": TINY_MODEL,
     "demo": "mmpipe.commands.demo",
+    "quickstart": "mmpipe.commands.quickstart",
     "ingest": "mmpipe.commands.ingest",
     "encoder": "mmpipe.commands.encoder",
     "generator": "mmpipe.commands.generator",

@@ -176,6 +176,7 @@ def test_auto_kv_sizing_and_seeded_sampling_on_cuda():
     model = _models()["llama"].cuda()
     engine = LLMEngine(model, EngineConfig(device="cuda", gpu_memory_utilization=0.3, max_num_seqs=4))
     info = engine.kv_cache_info()
+    print("auto-sized KV cache:", info, torch.cuda.mem_get_info())
     assert info["num_blocks"] > 1000 and info["cuda_graphs"]
     ids = list(range(1, 30))
     sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7)

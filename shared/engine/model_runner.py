@@ -96,6 +96,8 @@ class ModelRunner:
         activations = torch.cuda.max_memory_allocated(dev) - base
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
+        if not 0 < free <= total:  # some virtualised GPUs report nonsense; trust torch's own accounting then
+            free = total - torch.cuda.memory_reserved(dev)
         # sampler temporaries at full batch (fp32 logits, softmax, sort, noise) and the CUDA-graph pool
         reserve = 6 * cfg.max_num_seqs * self.decoder.vocab_size * 4 + 256 * 1024 * 1024
         avail = int(total * cfg.gpu_memory_utilization) - (total - free) - activations - reserve

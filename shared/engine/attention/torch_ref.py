@@ -46,7 +46,7 @@ class TorchRefBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         qsl, lens, bts = meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables_host
         bs = self.block_size
         for i in range(meta.num_seqs):

@@ -26,7 +26,7 @@ class TritonPagedBackend(AttentionBackend):
         return self._choose(num_seqs, self.num_kv_heads, self.num_sms)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         nd = meta.num_decodes
         if nd:
             self._paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
