@@ -608,3 +608,15 @@ def test_service_cli_parses_the_rendered_environment(rendering: str, component: 
             assert got == json.loads(value), var
         else:
             assert str(got) == value, (var, got, value)
+
+
+def test_names_used_in_the_docs_walkthrough() -> None:
+    """docs/deploy.md and the README install release "mmpipe" and port-forward svc/mmpipe-gateway."""
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render({"apiKey": {"existingSecret": "mmpipe-api-key"}}, name="mmpipe", namespace="mmpipe")
+    objs = [d for p, t in out.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    assert "mmpipe-gateway" in by_kind(objs, "Service")
+    text = next(t for p, t in out.items() if p.endswith("NOTES.txt"))
+    assert "port-forward svc/mmpipe-gateway 8000:8000" in text and "secret mmpipe-api-key" in text
+    for doc in ("docs/deploy.md", "docs/README_deploy_section.md"):
+        assert "port-forward svc/mmpipe-gateway 8000:8000" in (ROOT / doc).read_text(), doc

@@ -303,3 +303,44 @@ def test_every_python_package_is_installed_by_a_non_editable_install() -> None:
             if "__pycache__" not in rel:
                 found.add(".".join((prefix, *rel)))
     assert not found - listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """The images install `-r pyproject.toml` (not the dev venv): a module the code imports must come from a
+    declared dependency or one of its own requirements, or the container fails at import time."""
+    import ast
+    import sys
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    todo = [Requirement(r).name for r in project["dependencies"]]
+    closure: set[str] = set()
+    while todo:
+        name = norm(todo.pop())
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [Requirement(r).name for r in reqs if "extra ==" not in r]
+    providers = metadata.packages_distributions()
+    local = {"mmpipe", "shared", "services"}
+    missing: dict[str, set[str]] = {}
+    for folder in ("mmpipe", "shared", "services"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                for mod in names:
+                    top = mod.split(".")[0]
+                    if top in local or top in sys.stdlib_module_names or top not in providers:
+                        continue  # local, stdlib, or not installed here (then other tests fail loudly)
+                    if not {norm(d) for d in providers[top]} & closure:
+                        missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    assert not missing, f"imported but not declared in pyproject dependencies: {missing}"

@@ -146,10 +146,11 @@ def test_engine_triton_graphs_match_hf(name):
     prompts = _prompts(mrope)
     N = 12
     refs = [_hf_greedy(model, *p, N) for p in prompts]
-    for cfg in (EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=16),
+    for cfg in (EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=16,
+                             num_kv_blocks=256),
                 EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=4,
                              max_num_batched_tokens=20, num_kv_blocks=64),
-                EngineConfig(device="cuda", attention_backend="torch", max_num_seqs=8)):
+                EngineConfig(device="cuda", attention_backend="torch", max_num_seqs=8, num_kv_blocks=256)):
         engine = LLMEngine(model, cfg)
         got = {str(i): [] for i in range(len(prompts))}
         reqs = [EngineRequest(str(i), ids.tolist(), SamplingParams(max_tokens=N, temperature=0.0), mm_embeds=emb,
@@ -168,11 +169,21 @@ def test_engine_triton_graphs_match_hf(name):
             assert engine.stats["graph_steps"] > 0
         info = engine.kv_cache_info()
         assert info["free_blocks"] == info["num_blocks"]
+        del engine
+        _free_gpu()
+
+
+def _free_gpu():
+    import gc
+
+    gc.collect()  # engines hold their KV cache and graph pool through a runner <-> graphs cycle
+    torch.cuda.empty_cache()
 
 
 def test_auto_kv_sizing_and_seeded_sampling_on_cuda():
     from mmpipe.shared.engine import EngineConfig, LLMEngine
 
+    _free_gpu()
     model = _models()["llama"].cuda()
     engine = LLMEngine(model, EngineConfig(device="cuda", gpu_memory_utilization=0.3, max_num_seqs=4))
     info = engine.kv_cache_info()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.media.policy import parse_domain_list
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -103,9 +104,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accept precomputed embeddings (image_embeds parts) [MMPIPE_ENABLE_MM_EMBEDS]")
     p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", 0)) or None,
                    help="context length (default: the model's) [MMPIPE_MAX_MODEL_LEN]")
-    p.add_argument("--allowed-media-domains", nargs="+", default=(_env("ALLOWED_MEDIA_DOMAINS") or "").split() or None,
+    p.add_argument("--allowed-media-domains", nargs="+", default=parse_domain_list(_env("ALLOWED_MEDIA_DOMAINS")),
                    help="hosts media URLs may point at; the gateway refuses others before any stage work "
-                        "(ingest enforces its own list too) [MMPIPE_ALLOWED_MEDIA_DOMAINS, space separated]")
+                        "(ingest enforces its own list too) [MMPIPE_ALLOWED_MEDIA_DOMAINS, comma or space separated]")
     p.add_argument("--allowed-local-media-path", default=_env("ALLOWED_LOCAL_MEDIA_PATH"),
                    help="folder file:// media may come from; without it file:// URLs are refused "
                         "[MMPIPE_ALLOWED_LOCAL_MEDIA_PATH]")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mmpipe.services.common import cli_args as ca
 from mmpipe.services.common.cli_args import ServerConfig
+from mmpipe.shared.media.policy import parse_domain_list
 
 DEFAULT_PORT = 50051
 
@@ -33,10 +34,9 @@ class IngestConfig:
                        help="encoder service, host:port or dns:///name:port (env MMPIPE_ENCODER_ADDR)")
         g.add_argument("--redis-url", default=ca.env("REDIS_URL"),
                        help="accepted for symmetry with the other stages; ingest itself never talks to Redis")
-        g.add_argument("--allowed-media-domains", nargs="+", default=(ca.env("ALLOWED_MEDIA_DOMAINS") or None)
-                       and ca.env("ALLOWED_MEDIA_DOMAINS").split(","),
+        g.add_argument("--allowed-media-domains", nargs="+", default=parse_domain_list(ca.env("ALLOWED_MEDIA_DOMAINS")),
                        help="only fetch media from these hosts (and their subdomains) (env MMPIPE_ALLOWED_MEDIA_DOMAINS, "
-                            "comma-separated)")
+                            "comma or space separated)")
         g.add_argument("--allowed-local-media-path", default=ca.env("ALLOWED_LOCAL_MEDIA_PATH"),
                        help="folder whose files may be read via file:// URLs and paths (env "
                             "MMPIPE_ALLOWED_LOCAL_MEDIA_PATH)")

@@ -47,6 +47,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
+        # what each staging row of the block table holds now: (sequence, blocks written); rows are rewritten
+        # only where the batch changed or a block was added (a full rewrite per step costs ~4 us a row)
+        self._row_owner: list[tuple[object, int] | None] = [None] * n
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def _views(self, bs: int):
@@ -87,8 +90,19 @@ class DecodeGraphs:
         h[self.o_slot:self.o_slot + B] = last_blocks * bsz + idx % bsz
         h[self.o_len:self.o_len + B] = idx + 1
         bt = h[self.o_bt:self.o_bt + n * self.width].reshape(n, self.width)
+        owners = self._row_owner
         for i, s in enumerate(seqs):
-            bt[i, :len(s.block_table)] = s.block_table
+            nb = len(s.block_table)
+            own = owners[i]
+            if own is not None and own[0] is s:
+                if own[1] == nb:
+                    continue
+                if own[1] < nb:
+                    bt[i, own[1]:nb] = s.block_table[own[1]:]
+                    owners[i] = (s, nb)
+                    continue
+            bt[i, :nb] = s.block_table
+            owners[i] = (s, nb)
         if bucket > B:  # padding rows write nothing and attend to nothing
             h[self.o_ids + B:self.o_ids + bucket] = 0
             for r in range(self.rows):
@@ -100,6 +114,7 @@ class DecodeGraphs:
 
     # ---- capture and replay ----------------------------------------------------------------------------------
     def _set_padding(self) -> None:
+        self._row_owner = [None] * self.max_bs
         h = self.host_np
         h[:] = 0
         h[self.o_slot:self.o_slot + self.max_bs] = -1

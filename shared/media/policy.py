@@ -148,3 +148,11 @@ class MediaPolicy:
             if not _is_ip(d) and h.endswith("." + d):
                 return True
         return False
+
+
+def parse_domain_list(value: str | None) -> list[str] | None:
+    """MMPIPE_ALLOWED_MEDIA_DOMAINS as every service reads it: comma and/or whitespace separated."""
+    import re
+
+    items = [d for d in re.split(r"[,\s]+", value or "") if d]
+    return items or None
