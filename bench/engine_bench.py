@@ -385,8 +385,10 @@ def main(argv=None):
     prof = [int(x) for x in args.profile.split(",") if x]
     res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len, blocks,
                                                         profile=prof)
+    write_outputs(res, Path(args.out))  # after each section: a later timeout loses nothing
     if not args.skip_hf:
         res["hf_dynamic"] = bench_hf_generate(hf, prompts, parse(args.hf_concurrency), args.new_tokens, False)
+        write_outputs(res, Path(args.out))
         if not args.skip_cb:
             try:
                 res["hf_generate_batch"] = bench_hf_generate_batch(hf, prompts, parse(args.cb_concurrency),
@@ -394,6 +396,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - a baseline failing must not lose the other numbers
                 log(f"[hf generate_batch] failed: {e!r}")
                 res["hf_generate_batch_error"] = repr(e)
+            write_outputs(res, Path(args.out))
         if not args.skip_compiled:
             try:
                 res["hf_static_compiled"] = bench_hf_generate(hf, prompts, parse(args.compiled_concurrency),
@@ -434,7 +437,7 @@ def write_outputs(res: dict, out: Path) -> None:
               "decode step at the full batch (host work, CUDA graph replay and sampling included). HF generate "
               "ms/step: median gap between decode steps. generate_batch ms/step: wall time / new tokens."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    log("\n".join(lines))
     try:
         import matplotlib
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,8 @@ RENDERINGS: dict[str, set[str]] = {
 def values_for(name: str) -> dict[str, Any]:
     if name == "default":
         return {}
+    if name.startswith("variant:"):
+        return VARIANTS[name.removeprefix("variant:")]
     return yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()) or {}
 
 
@@ -568,7 +571,7 @@ NON_FLAG_ENV = {"MMPIPE_CACHE_DIR", "MMPIPE_MEDIA_FETCH_TIMEOUT", "MMPIPE_MEDIA_
                 "MMPIPE_MEDIA_URL_ALLOW_REDIRECTS"}
 
 
-@pytest.mark.parametrize("rendering", ["default", "multi-replica-autoscaling"])
+@pytest.mark.parametrize("rendering", ["default", "multi-replica-autoscaling", "variant:everything on"])
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_service_cli_parses_the_rendered_environment(rendering: str, component: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -582,7 +585,7 @@ def test_service_cli_parses_the_rendered_environment(rendering: str, component: 
         pytest.skip(f"`mmpipe {component}` is not registered in mmpipe/cli.py yet")
     objs = objects(rendering)
     env = resolved_env(objs, container(deployments(objs)[component]))
-    for name in [k for k in list(__import__("os").environ) if k.startswith("MMPIPE_")]:
+    for name in [k for k in os.environ if k.startswith("MMPIPE_")]:
         monkeypatch.delenv(name)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -620,3 +623,35 @@ def test_names_used_in_the_docs_walkthrough() -> None:
     assert "port-forward svc/mmpipe-gateway 8000:8000" in text and "secret mmpipe-api-key" in text
     for doc in ("docs/deploy.md", "docs/README_deploy_section.md"):
         assert "port-forward svc/mmpipe-gateway 8000:8000" in (ROOT / doc).read_text(), doc
+
+
+VARIANTS = {
+    "redis without auth": {"redis": {"auth": {"enabled": False}}},
+    "external redis url": {"redis": {"enabled": False, "externalUrl": "rediss://:pw@redis.example.com:6380/2"}},
+    "redis persistence": {"redis": {"persistence": {"enabled": True, "storageClass": "fast"}}},
+    "mig slices": {"encoder": {"gpu": {"count": 1, "resource": "nvidia.com/mig-3g.40gb"}}},
+    "everything on": {"metrics": {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+                      "multimodal": {"enableMmEmbeds": True, "allowedLocalMediaPath": "/media"},
+                      "model": {"maxModelLen": 8192, "servedModelName": "qwen", "hfTokenSecret": "hf"},
+                      "imagePullSecrets": [{"name": "regcred"}], "gateway": {"service": {"type": "LoadBalancer"}}},
+    "everything off": {"apiKey": {"enabled": False}, "serviceAccount": {"create": False},
+                       **{c: {"pdb": {"enabled": False}} for c in COMPONENTS}},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_value_variants_render_valid_manifests(variant: str) -> None:
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(VARIANTS[variant], name=RELEASE, namespace=NAMESPACE)
+    objs = [d for p, t in out.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    for obj in objs:
+        if obj["kind"] not in CRD_KINDS:
+            kv_utils.validate(obj, K8S_VERSION, strict=True)
+    deps = deployments(objs)
+    if variant == "mig slices":
+        assert int(container(deps["encoder"])["resources"]["limits"]["nvidia.com/mig-3g.40gb"]) == 1
+    if variant == "external redis url":
+        assert not by_kind(objs, "StatefulSet")
+        assert env_of(container(deps["generator"]))["MMPIPE_REDIS_URL"]["value"].startswith("rediss://")
+    if variant == "redis without auth":
+        assert env_of(container(deps["encoder"]))["MMPIPE_REDIS_URL"]["value"].startswith("redis://demo-mmpipe-redis.")

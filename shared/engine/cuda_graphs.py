@@ -47,7 +47,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
-        # what each staging row of the block table holds now: (sequence, blocks written); rows are rewritten
+        # what each staging row of the block table holds now: (the sequence's block-table list, entries
+        # written); the list object changes when a sequence is preempted and re-admitted. Rows are rewritten
         # only where the batch changed or a block was added (a full rewrite per step costs ~4 us a row)
         self._row_owner: list[tuple[object, int] | None] = [None] * n
 
@@ -92,17 +93,18 @@ class DecodeGraphs:
         bt = h[self.o_bt:self.o_bt + n * self.width].reshape(n, self.width)
         owners = self._row_owner
         for i, s in enumerate(seqs):
-            nb = len(s.block_table)
+            table = s.block_table
+            nb = len(table)
             own = owners[i]
-            if own is not None and own[0] is s:
+            if own is not None and own[0] is table:
                 if own[1] == nb:
                     continue
                 if own[1] < nb:
-                    bt[i, own[1]:nb] = s.block_table[own[1]:]
-                    owners[i] = (s, nb)
+                    bt[i, own[1]:nb] = table[own[1]:]
+                    owners[i] = (table, nb)
                     continue
-            bt[i, :nb] = s.block_table
-            owners[i] = (s, nb)
+            bt[i, :nb] = table
+            owners[i] = (table, nb)
         if bucket > B:  # padding rows write nothing and attend to nothing
             h[self.o_ids + B:self.o_ids + bucket] = 0
             for r in range(self.rows):
