@@ -38,7 +38,7 @@ class LLM:
                  mm_cache: str | None = "memory", mm_cache_gb: float = 2.0, engine: str = "mmpipe",
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16, enforce_eager: bool = False,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, allow_private_media_urls: bool | None = None):
         from mmpipe.shared.cache.factory import make_cache
         from mmpipe.shared.cache.keys import CacheKeyspace, model_fingerprint, settings_digest
         from mmpipe.shared.media.loader import MediaLoader
@@ -55,7 +55,10 @@ class LLM:
         self.chat_template = load_template_arg(chat_template)
         policy = MediaPolicy.from_env(
             allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
-            allowed_local_media_path=allowed_local_media_path)
+            allowed_local_media_path=allowed_local_media_path,
+            # None: MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS decides (off unless set); http(s) media may then not
+            # reach loopback / private / link-local addresses (SSRF).
+            **({} if allow_private_media_urls is None else {"allow_private_networks": bool(allow_private_media_urls)}))
         loader = MediaLoader(policy, media_io_kwargs)
         cache = make_cache("off" if mm_cache is None else mm_cache,
                            max_bytes=int(mm_cache_gb * (1 << 30)))

@@ -621,7 +621,7 @@ def test_names_used_in_the_docs_walkthrough() -> None:
     assert "mmpipe-gateway" in by_kind(objs, "Service")
     text = next(t for p, t in out.items() if p.endswith("NOTES.txt"))
     assert "port-forward svc/mmpipe-gateway 8000:8000" in text and "secret mmpipe-api-key" in text
-    for doc in ("docs/deploy.md", "docs/README_deploy_section.md"):
+    for doc in ("docs/deploy.md", "README.md"):
         assert "port-forward svc/mmpipe-gateway 8000:8000" in (ROOT / doc).read_text(), doc
 
 

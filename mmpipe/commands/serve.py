@@ -39,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--mm-processor-kwargs", default=e("MMPIPE_MM_PROCESSOR_KWARGS"), help="JSON")
     p.add_argument("--allowed-media-domains", nargs="+", default=None)
     p.add_argument("--allowed-local-media-path", default=e("MMPIPE_ALLOWED_LOCAL_MEDIA_PATH"))
+    p.add_argument("--allow-private-media-urls", action="store_true",
+                   help="let media URLs reach loopback/private addresses (SSRF guard off; trusted deployments "
+                        "only); env MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS=1 reaches every stage too")
     p.add_argument("--enable-mm-embeds", action="store_true")
     p.add_argument("--chat-template", default=None)
     p.add_argument("--api-key", default=e("MMPIPE_API_KEY"))
@@ -139,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         ing_extra += ["--allowed-local-media-path", args.allowed_local_media_path]
     if args.limit_mm_per_prompt:
         ing_extra += ["--limit-mm-per-prompt", args.limit_mm_per_prompt]
+    if args.allow_private_media_urls:
+        ing_extra += ["--allow-private-media-urls"]
     children = [Child("encoder", enc, ("grpc", addr["encoder"])),
                 Child("generator", gen, ("grpc", addr["generator"])),
                 Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]))]
@@ -155,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             gw += ["--allowed-media-domains", *args.allowed_media_domains]
         if args.enable_mm_embeds:
             gw += ["--enable-mm-embeds"]
+        if args.allow_private_media_urls:
+            gw += ["--allow-private-media-urls"]
         if args.max_model_len:
             gw += ["--max-model-len", str(args.max_model_len)]
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
+                                        client_tls_from_args, server_tls_from_args)
 from mmpipe.shared.errors import InvalidInputError
 
 
@@ -21,8 +23,11 @@ class ServerConfig:
     port: int = 0
     metrics_port: int = 0
     max_message_mb: int = 256
+    # RPCs in progress at once (health checks included); beyond it gRPC answers RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 1024
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
+    tls: ServerTLS | None = None  # --tls-cert-file / --tls-key-file / --tls-ca-file (services/common/tls.py)
 
 
 def env(name: str, default: Any = None) -> Any:
@@ -50,9 +55,13 @@ def add_server_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
                    help="Prometheus /metrics HTTP port, 0 = off (env MMPIPE_METRICS_PORT)")
     g.add_argument("--max-message-mb", type=int, default=env_int("MAX_MESSAGE_MB", 256),
                    help="max gRPC message size in MiB, sent and received (env MMPIPE_MAX_MESSAGE_MB)")
+    g.add_argument("--max-concurrent-rpcs", type=int, default=env_int("MAX_CONCURRENT_RPCS", 1024),
+                   help="RPCs served at once; more get RESOURCE_EXHAUSTED at once, so memory stays bounded "
+                        "(env MMPIPE_MAX_CONCURRENT_RPCS)")
     g.add_argument("--shutdown-grace-s", type=float, default=float(env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight RPCs get to finish (env MMPIPE_SHUTDOWN_GRACE_S)")
     g.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env MMPIPE_LOG_LEVEL")
+    add_server_tls_args(p.add_argument_group("grpc tls (server)"))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -69,11 +78,46 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_redis_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=env("REDIS_URL"), required=env("REDIS_URL") is None,
                    help="the shared embedding cache, redis://host:port/db (env MMPIPE_REDIS_URL)")
+    add_redis_security_args(p)
+
+
+def add_redis_security_args(p: argparse.ArgumentParser) -> None:
+    """AUTH password (file or MMPIPE_REDIS_PASSWORD, never a flag: argv is visible in `ps`) and TLS files."""
+    g = p.add_argument_group("redis auth and tls")
+    g.add_argument("--redis-password-file", default=env("REDIS_PASSWORD_FILE"),
+                   help="file whose first line is the Redis password (env MMPIPE_REDIS_PASSWORD_FILE; or set "
+                        "MMPIPE_REDIS_PASSWORD; a password in the URL wins)")
+    g.add_argument("--redis-tls-ca-file", default=env("REDIS_TLS_CA_FILE"),
+                   help="CA that verifies the Redis server, for rediss:// URLs (env MMPIPE_REDIS_TLS_CA_FILE)")
+    g.add_argument("--redis-tls-cert-file", default=env("REDIS_TLS_CERT_FILE"),
+                   help="client certificate for Redis TLS (env MMPIPE_REDIS_TLS_CERT_FILE)")
+    g.add_argument("--redis-tls-key-file", default=env("REDIS_TLS_KEY_FILE"),
+                   help="its private key (env MMPIPE_REDIS_TLS_KEY_FILE)")
+
+
+def redis_options(a: argparse.Namespace):
+    """The RedisOptions of the parsed redis flags (reads the password file / MMPIPE_REDIS_PASSWORD)."""
+    from mmpipe.shared.cache.redis_options import RedisOptions
+
+    return RedisOptions.load(password_file=getattr(a, "redis_password_file", None),
+                             tls_ca_file=getattr(a, "redis_tls_ca_file", None),
+                             tls_cert_file=getattr(a, "redis_tls_cert_file", None),
+                             tls_key_file=getattr(a, "redis_tls_key_file", None))
+
+
+def add_stage_client_args(p: argparse.ArgumentParser) -> None:
+    """--stage-tls-*: how this service's channels to other stages use TLS / mTLS."""
+    add_client_tls_args(p.add_argument_group("grpc tls (client, to other stages)"))
+
+
+def stage_client_tls(a: argparse.Namespace) -> ClientTLS | None:
+    return client_tls_from_args(a)
 
 
 def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, max_message_mb=a.max_message_mb,
-                        shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level)
+                        max_concurrent_rpcs=getattr(a, "max_concurrent_rpcs", 1024),
+                        shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level, tls=server_tls_from_args(a))
 
 
 def json_arg(value: str | dict | None, name: str) -> dict | None:

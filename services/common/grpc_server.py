@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 ERROR_CLASS_HEADER = "mmpipe-error-class"
 ERROR_PARAM_HEADER = "mmpipe-error-param"
+RETRY_AFTER_HEADER = "retry-after"
+RETRY_AFTER_S = 1
 
 
 def server_options(max_message_mb: int = 256) -> list[tuple[str, Any]]:
@@ -141,6 +143,8 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
             code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
             log.info("%s failed: %s %s", method, code.name, e.message)
             md = [(ERROR_CLASS_HEADER, type(e).__name__)]
+            if e.grpc_code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+                md.append((RETRY_AFTER_HEADER, str(RETRY_AFTER_S)))  # retryable: say when, as HTTP does
             if e.param:
                 md.append((ERROR_PARAM_HEADER, str(e.param)))
             context.set_trailing_metadata(md)
@@ -174,19 +178,25 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
     server has stopped (flush caches, stop engines).
     """
     interceptor = StageInterceptor(metrics)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_mb))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_mb),
+                             maximum_concurrent_rpcs=getattr(cfg, "max_concurrent_rpcs", None) or None)
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for n in ["", *names]:
         await health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    tls = getattr(cfg, "tls", None)
+    if tls is not None:  # TLS, or mTLS with a CA file (services/common/tls.py)
+        port = server.add_secure_port(f"{cfg.host}:{cfg.port}", tls.credentials())
+    else:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     if port == 0:
         raise ServiceUnavailableError(f"{name}: could not bind {cfg.host}:{cfg.port}")
     await server.start()
     metrics.serve(cfg.host, cfg.metrics_port)
-    log.info("%s listening on %s:%d (metrics on :%s); loading", name, cfg.host, port, cfg.metrics_port or "off")
+    log.info("%s listening on %s:%d (%s; metrics on :%s); loading", name, cfg.host, port,
+             "plaintext" if tls is None else ("mTLS" if tls.mutual else "TLS"), cfg.metrics_port or "off")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

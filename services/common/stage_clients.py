@@ -26,6 +26,7 @@ from mmpipe.services.common.grpc_server import ERROR_CLASS_HEADER, ERROR_PARAM_H
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from mmpipe.services.common.pb import encoder_pb2, encoder_pb2_grpc, generator_pb2, generator_pb2_grpc
 from mmpipe.services.common.pb import ingest_pb2, ingest_pb2_grpc
+from mmpipe.services.common.tls import ClientTLS
 from mmpipe.shared import errors as _errors
 from mmpipe.shared.errors import MMPipeError, ServiceUnavailableError, error_from_grpc_code
 from mmpipe.shared.types import SamplingParams
@@ -33,9 +34,13 @@ from mmpipe.shared.types import SamplingParams
 __all__ = ["StageClients", "IngestClient", "EncoderClient", "GeneratorClient", "to_mmpipe_error", "make_channel"]
 
 
-def make_channel(target: str, max_message_mb: int = 256) -> grpc.aio.Channel:
-    """An insecure aio channel with the stage options (sizes, keepalive, fast reconnect, round_robin)."""
-    return grpc.aio.insecure_channel(target, options=channel_options(target, max_message_mb))
+def make_channel(target: str, max_message_mb: int = 256, tls: ClientTLS | None = None) -> grpc.aio.Channel:
+    """An aio channel with the stage options (sizes, keepalive, fast reconnect, round_robin): plaintext, or
+    TLS / mTLS with `tls` (--stage-tls-* flags, services/common/tls.py)."""
+    opts = channel_options(target, max_message_mb)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=opts)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=opts + tls.channel_options())
 
 
 def to_mmpipe_error(e: grpc.aio.AioRpcError, stage: str) -> MMPipeError:
@@ -193,11 +198,12 @@ class StageClients:
 
     @classmethod
     def connect(cls, *, ingest: str | None = None, encoder: str | None = None, generator: str | None = None,
-                max_message_mb: int = 256, timeout_s: float | None = None) -> "StageClients":
+                max_message_mb: int = 256, timeout_s: float | None = None,
+                tls: ClientTLS | None = None) -> "StageClients":
         """Clients for the given targets (host:port, or dns:///name:port for round-robin over replicas)."""
-        return cls(IngestClient(make_channel(ingest, max_message_mb), timeout_s) if ingest else None,
-                   EncoderClient(make_channel(encoder, max_message_mb), timeout_s) if encoder else None,
-                   GeneratorClient(make_channel(generator, max_message_mb), timeout_s) if generator else None)
+        return cls(IngestClient(make_channel(ingest, max_message_mb, tls), timeout_s) if ingest else None,
+                   EncoderClient(make_channel(encoder, max_message_mb, tls), timeout_s) if encoder else None,
+                   GeneratorClient(make_channel(generator, max_message_mb, tls), timeout_s) if generator else None)
 
     async def close(self) -> None:
         for c in (self.ingest, self.encoder, self.generator):

@@ -4,6 +4,9 @@ One queue per modality. A batch starts with the first queued item and closes whe
 `max_items` items or `wait_ms` have passed, whichever comes first; then `run_batch(modality, items)` runs
 in the (single) tower thread and each caller's future gets its own result. An item whose key is already
 being encoded joins that item's future instead of being encoded twice (single flight).
+
+The queues are bounded: with `max_queued` items waiting across all modalities, a new item is refused at once
+with OverloadedError (RESOURCE_EXHAUSTED, HTTP 429 at the gateway) instead of queueing without bound.
 """
 from __future__ import annotations
 
@@ -12,19 +15,22 @@ import logging
 import time
 from typing import Any, Callable
 
+from mmpipe.shared.errors import OverloadedError
+
 log = logging.getLogger(__name__)
 
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[str, list[Any]], list[Any]], *, max_items: int, wait_ms: float,
                  executor, on_batch: Callable[[str, int, float], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None):
+                 on_queue: Callable[[int], None] | None = None, max_queued: int = 1024):
         self.run_batch = run_batch
         self.max_items = max(1, max_items)
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self.executor = executor
         self.on_batch = on_batch
         self.on_queue = on_queue
+        self.max_queued = max(1, max_queued)
         self._queues: dict[str, asyncio.Queue] = {}
         self._workers: list[asyncio.Task] = []
         self._inflight: dict[str, asyncio.Future] = {}
@@ -36,6 +42,9 @@ class DynamicBatcher:
         fut = self._inflight.get(key)
         if fut is not None:
             return await asyncio.shield(fut)
+        if self.depth() >= self.max_queued:
+            raise OverloadedError(f"the encoder queue is full ({self.max_queued} items waiting, "
+                                  f"--max-queued-items); retry shortly")
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         fut.add_done_callback(lambda _f, k=key: self._inflight.pop(k, None))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mmpipe.services.common import cli_args as ca
 from mmpipe.services.common.cli_args import ServerConfig
+from mmpipe.shared.cache.redis_options import RedisOptions
 
 DEFAULT_PORT = 50052
 
@@ -23,7 +24,9 @@ class EncoderConfig:
     enable_mm_embeds: bool = False
     max_batch_items: int = 16
     batch_wait_ms: float = 5.0
+    max_queued_items: int = 1024
     cache_ttl_s: int | None = None
+    redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +40,9 @@ class EncoderConfig:
                        help="most items per tower batch (env MMPIPE_MAX_BATCH_ITEMS)")
         g.add_argument("--batch-wait-ms", type=float, default=float(ca.env("BATCH_WAIT_MS", 5.0)),
                        help="how long a batch waits for more items (env MMPIPE_BATCH_WAIT_MS)")
+        g.add_argument("--max-queued-items", type=int, default=ca.env_int("MAX_QUEUED_ITEMS", 1024),
+                       help="items waiting for a tower batch before Encode answers RESOURCE_EXHAUSTED "
+                            "(env MMPIPE_MAX_QUEUED_ITEMS)")
         g.add_argument("--cache-ttl-s", type=int, default=ca.env_int("CACHE_TTL_S", 0) or None,
                        help="expiry of cached embeddings; default: until evicted (env MMPIPE_CACHE_TTL_S)")
 
@@ -46,4 +52,6 @@ class EncoderConfig:
                    media_io_kwargs=ca.json_arg(a.media_io_kwargs, "media-io-kwargs"),
                    mm_processor_kwargs=ca.json_arg(a.mm_processor_kwargs, "mm-processor-kwargs"),
                    trust_remote_code=a.trust_remote_code, enable_mm_embeds=a.enable_mm_embeds,
-                   max_batch_items=a.max_batch_items, batch_wait_ms=a.batch_wait_ms, cache_ttl_s=a.cache_ttl_s)
+                   max_batch_items=a.max_batch_items, batch_wait_ms=a.batch_wait_ms, cache_ttl_s=a.cache_ttl_s,
+                   redis_options=ca.redis_options(a),
+                   max_queued_items=a.max_queued_items)

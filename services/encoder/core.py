@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import blake3
+import redis
 
 from mmpipe.services.common.convert import EmbeddingRef, LookupItem
 from mmpipe.services.common.warmup import warmup_items
@@ -19,7 +20,7 @@ from mmpipe.services.encoder.batcher import DynamicBatcher
 from mmpipe.services.encoder.keyspaces import Keyspaces
 from mmpipe.shared.cache.meta_peek import peek_headers
 from mmpipe.shared.cache.serde import CacheCorruptError, pack_embedding, unpack_tensors
-from mmpipe.shared.errors import InvalidInputError, MMPipeError, UnsupportedError
+from mmpipe.shared.errors import InvalidInputError, MMPipeError, ServiceUnavailableError, UnsupportedError
 from mmpipe.shared.types import MMEmbedding, ProcessedItem
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ class EncoderCore:
         self.model_label = m.model
         self.batcher = DynamicBatcher(self._run_batch, max_items=cfg.max_batch_items, wait_ms=cfg.batch_wait_ms,
                                       executor=self.tower, on_batch=self._on_batch,
-                                      on_queue=lambda d: self.m_queue.labels(self.model_label).set(d))
+                                      on_queue=lambda d: self.m_queue.labels(self.model_label).set(d),
+                                      max_queued=getattr(cfg, "max_queued_items", 1024))
 
     def _on_batch(self, modality: str, n: int, secs: float) -> None:
         self.m_batch.labels(self.model_label, modality).observe(n)
@@ -175,7 +177,11 @@ class EncoderCore:
                 keys.append(ks.key(it.modality, content_hash=it.content_hash))
             else:
                 raise InvalidInputError("a lookup item needs a key, a uuid or a content_hash", param="items")
-        headers = peek_headers(self.redis, keys)
+        try:
+            headers = peek_headers(self.redis, keys)
+        except (redis.exceptions.RedisError, OSError) as e:
+            # Redis down or restarting: a retryable UNAVAILABLE (the client retries), never an INTERNAL 500.
+            raise ServiceUnavailableError(f"the embedding cache is unreachable during Lookup: {e}") from e
         out = []
         for it, k, h in zip(items, keys, headers):
             if h is not None and it.modality and h.get("modality") != it.modality:

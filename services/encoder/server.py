@@ -33,9 +33,16 @@ async def run(cfg: EncoderConfig) -> None:
 
             from mmpipe.shared.models.registry import load_adapter
 
-            cache = RedisEmbeddingCache(cfg.redis_url, ttl_s=cfg.cache_ttl_s)
+            redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
+            cache = RedisEmbeddingCache(cfg.redis_url, ttl_s=cfg.cache_ttl_s, options=cfg.redis_options)
             cache.ping()
-            client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5.0)
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # Every Lookup call is bounded (connect and read) and retried once on a fresh connection, so a
+            # restarted Redis is reconnected to by the next call instead of failing or waiting seconds.
+            client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0,
+                                          retry=Retry(NoBackoff(), 1), **redis_kw)
             disable_progress_bar()  # a tqdm bar is noise in JSON logs
             adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                    mm_processor_kwargs=cfg.mm_processor_kwargs,

@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
+                                        client_tls_from_args, server_tls_from_args)
+from mmpipe.shared.cache.redis_options import RedisOptions
 from mmpipe.shared.errors import InvalidInputError
 from mmpipe.shared.media.policy import parse_domain_list
 
@@ -48,13 +51,24 @@ class GatewayConfig:
     encoder_addr: str = "127.0.0.1:50052"
     generator_addr: str = "127.0.0.1:50053"
     redis_url: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # one key, or several separated by commas
+    # Isolation (docs/security_isolation.md): every accepted key (--api-key list + --api-key-file), each its own
+    # tenant; the tenant header is honoured only with --trust-tenant-header (set by a trusted proxy).
+    api_keys: tuple[str, ...] = ()
+    trust_tenant_header: bool = False
+    tenant_header: str = "x-mmpipe-tenant"
+    tls: ServerTLS | None = None  # the public gRPC port (--tls-*); the HTTP port stays plaintext
+    stage_tls: ClientTLS | None = None  # channels to the stages (--stage-tls-*)
+    redis_options: RedisOptions | None = None  # the /health ping to Redis (--redis-password-file, ...)
     chat_template: str | None = None
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     enable_mm_embeds: bool = False
     max_model_len: int | None = None
     allowed_media_domains: tuple[str, ...] | None = None
     allowed_local_media_path: str | None = None
+    # Media URLs naming loopback / private / link-local IP literals are refused up front unless set
+    # (ingest checks every resolved address itself).
+    allow_private_media_urls: bool = False
     media_io_kwargs: dict[str, Any] = field(default_factory=dict)
     # Seconds a request may take end to end before it fails with 504.
     request_timeout_s: float = 600.0
@@ -63,6 +77,11 @@ class GatewayConfig:
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+
+    @property
+    def all_api_keys(self) -> tuple[str, ...]:
+        """Every key a client may present (empty: no authentication)."""
+        return tuple(dict.fromkeys(self.api_keys + split_api_keys(self.api_key)))
 
     @property
     def served_model_name(self) -> str:
@@ -95,7 +114,23 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the shared embedding cache; when set, /health also checks that it answers "
                         "[MMPIPE_REDIS_URL]")
     p.add_argument("--api-key", default=_env("API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* and on the gRPC API [MMPIPE_API_KEY]")
+                   help="require `Authorization: Bearer KEY` on /v1/* and on the gRPC API; several keys separated "
+                        "by commas, each its own tenant (prefer --api-key-file: argv is visible in `ps`) "
+                        "[MMPIPE_API_KEY]")
+    p.add_argument("--api-key-file", default=_env("API_KEY_FILE"),
+                   help="file with one API key per line (# comments), each its own tenant [MMPIPE_API_KEY_FILE]")
+    p.add_argument("--trust-tenant-header", action="store_true", default=_env_bool("TRUST_TENANT_HEADER"),
+                   help="take the tenant from the X-MMPipe-Tenant header; only behind a proxy that sets it and strips "
+                        "it from client requests [MMPIPE_TRUST_TENANT_HEADER]")
+    add_server_tls_args(p.add_argument_group("gRPC TLS of the public gRPC API"))
+    add_client_tls_args(p.add_argument_group("gRPC TLS to the stages"))
+    r = p.add_argument_group("redis auth and tls (the /health check)")
+    r.add_argument("--redis-password-file", default=_env("REDIS_PASSWORD_FILE"),
+                   help="file whose first line is the Redis password (or MMPIPE_REDIS_PASSWORD) "
+                        "[MMPIPE_REDIS_PASSWORD_FILE]")
+    r.add_argument("--redis-tls-ca-file", default=_env("REDIS_TLS_CA_FILE"), help="[MMPIPE_REDIS_TLS_CA_FILE]")
+    r.add_argument("--redis-tls-cert-file", default=_env("REDIS_TLS_CERT_FILE"), help="[MMPIPE_REDIS_TLS_CERT_FILE]")
+    r.add_argument("--redis-tls-key-file", default=_env("REDIS_TLS_KEY_FILE"), help="[MMPIPE_REDIS_TLS_KEY_FILE]")
     p.add_argument("--chat-template", default=_env("CHAT_TEMPLATE"),
                    help="chat template file or inline Jinja text (default: the model's own) [MMPIPE_CHAT_TEMPLATE]")
     p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT"),
@@ -110,6 +145,11 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-media-path", default=_env("ALLOWED_LOCAL_MEDIA_PATH"),
                    help="folder file:// media may come from; without it file:// URLs are refused "
                         "[MMPIPE_ALLOWED_LOCAL_MEDIA_PATH]")
+    p.add_argument("--allow-private-media-urls", action="store_true",
+                   default=_env_bool("MEDIA_ALLOW_PRIVATE_NETWORKS"),
+                   help="accept media URLs naming loopback, private, link-local or CGNAT addresses (refused by "
+                        "default: SSRF); give ingest the same flag. Trusted deployments only "
+                        "[MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS]")
     p.add_argument("--media-io-kwargs", default=_env("MEDIA_IO_KWARGS"),
                    help='JSON per modality, e.g. \'{"video": {"num_frames": 8}}\'; sent to ingest with every '
                         'request [MMPIPE_MEDIA_IO_KWARGS]')
@@ -124,6 +164,29 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def split_api_keys(value: str | None) -> tuple[str, ...]:
+    """`--api-key a,b` -> ("a", "b"); keys never contain commas or whitespace."""
+    return tuple(k.strip() for k in (value or "").split(",") if k.strip())
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(split_api_keys(args.api_key))
+    path = getattr(args, "api_key_file", None)
+    if path:
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise InvalidInputError(f"--api-key-file: cannot read {path}: {e.strerror or e}",
+                                    param="--api-key-file") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not keys:
+            raise InvalidInputError(f"--api-key-file {path} holds no key", param="--api-key-file")
+    for k in keys:
+        if any(c.isspace() or c == "," for c in k):
+            raise InvalidInputError("an API key may not contain whitespace or commas", param="--api-key")
+    return tuple(dict.fromkeys(keys))
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     limits = _json_dict(args.limit_mm_per_prompt, "--limit-mm-per-prompt")
     for k, v in limits.items():
@@ -135,11 +198,18 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         served_model_names=tuple(args.served_model_name or ()),
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         ingest_addr=args.ingest_addr, encoder_addr=args.encoder_addr, generator_addr=args.generator_addr,
-        redis_url=args.redis_url or None, api_key=args.api_key or None, chat_template=args.chat_template,
+        redis_url=args.redis_url or None, api_keys=_api_keys(args), chat_template=args.chat_template,
+        trust_tenant_header=bool(getattr(args, "trust_tenant_header", False)),
+        tls=server_tls_from_args(args), stage_tls=client_tls_from_args(args),
+        redis_options=RedisOptions.load(password_file=getattr(args, "redis_password_file", None),
+                                        tls_ca_file=getattr(args, "redis_tls_ca_file", None),
+                                        tls_cert_file=getattr(args, "redis_tls_cert_file", None),
+                                        tls_key_file=getattr(args, "redis_tls_key_file", None)),
         limit_mm_per_prompt=limits, enable_mm_embeds=bool(args.enable_mm_embeds),
         max_model_len=args.max_model_len,
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         allowed_local_media_path=args.allowed_local_media_path,
+        allow_private_media_urls=bool(args.allow_private_media_urls),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level,

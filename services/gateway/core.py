@@ -33,6 +33,10 @@ from .types import ChatInput, Completion, CompletionInput, Delta, RequestContext
 logger = logging.getLogger(__name__)
 
 
+# Pause before the one transparent retry of a stage that answered UNAVAILABLE (gRPC reconnects in 0.2-2 s).
+STAGE_RETRY_PAUSE_S = 0.5
+
+
 class RequestTimeoutError(MediaTimeoutError):
     """The whole request took longer than --request-timeout (504 / DEADLINE_EXCEEDED)."""
 
@@ -122,24 +126,42 @@ class GenerationStream:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Resolve media, start generating, and wait for the first token (so early errors still raise here)."""
+        """Resolve media, start generating, and wait for the first token (so early errors still raise here).
+
+        Two transparent retries, each at most once, both before any output exists: an embedding evicted
+        between resolving and generating is resolved again (ingest re-encodes it), and a stage that answers
+        UNAVAILABLE (restarting, Redis reconnecting) is asked again after a short pause; every call retried is
+        idempotent (Lookup, Ingest, Encode, PutEmbeddings, and Generate before its first token). A second
+        failure is a 503 with Retry-After."""
         core, p = self.core, self.prepared
-        for attempt in (0, 1):
-            refs = await resolve_media(core.stages, p.media, self.ctx, timeout=self._left(), model=core.model_name)
-            self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
+        evicted = unavailable = 0
+        while True:
             try:
+                refs = await resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
+                                           model=core.model_name)
+                self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
                 self._first = await self._chunks.__anext__()
                 return
+            except ServiceUnavailableError:
+                await self._aclose_chunks()
+                if unavailable:
+                    raise
+                unavailable += 1
+                logger.info("request %s: a stage was unavailable; retrying once", self.request_id)
+                await asyncio.sleep(min(STAGE_RETRY_PAUSE_S, self._left() / 2))
             except (NotCachedError, NotFoundError) as e:
+                if self._chunks is None:
+                    raise  # from resolving (a UUID-only item that is not cached): the client's 400
                 # An embedding was evicted between resolving and generating: resolve once more (ingest
                 # re-encodes what it has the payload of; a UUID-only item then fails with a clear 400).
                 await self._aclose_chunks()
                 if not p.media:
                     raise
-                if attempt == 1:
+                if evicted:
                     raise ServiceUnavailableError(f"embeddings were evicted from the cache before generation "
                                                   f"twice ({e.message}); the cache is too small for the load, "
                                                   f"retry shortly") from None
+                evicted += 1
                 logger.info("request %s: an embedding was evicted before generation; resolving again",
                             self.request_id)
             except StopAsyncIteration:

@@ -19,6 +19,7 @@ from mmpipe.shared.chat.templates import apply_template
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError, UnsupportedError
 from mmpipe.shared.inputs.chat_items import input_audio_to_url
 from mmpipe.shared.inputs.parse import ItemRef, check_limits, check_placeholders
+from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.types import SamplingParams
 
@@ -53,7 +54,9 @@ class Preparer:
         # Only what the gateway was configured with is pre-checked; ingest applies its own full policy
         # (redirect hops, realpath of local files, byte caps) when it fetches.
         self.policy = MediaPolicy.from_env(allowed_media_domains=cfg.allowed_media_domains,
-                                           allowed_local_media_path=cfg.allowed_local_media_path)
+                                           allowed_local_media_path=cfg.allowed_local_media_path,
+                                           **({"allow_private_networks": True}
+                                              if getattr(cfg, "allow_private_media_urls", False) else {}))
 
     # ---- chat ----------------------------------------------------------------------------------------
     def chat(self, inp: ChatInput) -> PreparedPrompt:
@@ -130,6 +133,12 @@ class Preparer:
                     f"media URL host {host!r} is not in the allowed media domains "
                     f"{list(self.policy.allowed_media_domains or ())} (--allowed-media-domains)",
                     param=f"{modality}_url")
+            ip = parse_ip_host(host)
+            if ip is not None:  # IP literals only: no DNS on the event loop; ingest checks resolved names
+                try:
+                    check_address(ip, allow_private=self.policy.allow_private_networks, host=host)
+                except MediaPolicyError as e:
+                    raise MediaPolicyError(e.message, param=f"{modality}_url") from None
         elif scheme in ("file", ""):
             root = self.cfg.allowed_local_media_path
             if root is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mmpipe.services.common import cli_args as ca
 from mmpipe.services.common.cli_args import ServerConfig
+from mmpipe.shared.cache.redis_options import RedisOptions
 
 DEFAULT_PORT = 50053
 
@@ -27,6 +28,7 @@ class GeneratorConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     max_waiting: int = 1024
+    redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -54,4 +56,4 @@ class GeneratorConfig:
                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                    kv_cache_blocks=a.kv_cache_blocks, block_size=a.block_size,
                    gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
-                   max_waiting=a.max_waiting)
+                   max_waiting=a.max_waiting, redis_options=ca.redis_options(a))

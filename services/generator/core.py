@@ -58,11 +58,41 @@ class GeneratorCore:
         self.m_cache = m.counter("cache_reads", "embedding keys read from the cache", ("result",))
         self.m_bytes = m.counter("cache_read_bytes", "embedding bytes read from the cache")
 
+    def _mismatch(self, ref: EmbeddingRef, emb) -> str | None:
+        """Why a stored embedding must not be used for `ref`, or None when it matches.
+
+        The serde checksum already proved the bytes are what was written; this proves they are what this
+        request expects: the key's modality, the ref's modality and num_tokens (what the gateway and ingest
+        were told), the payload's own meta, and the LM's hidden size. A mismatch is served as a miss
+        (the gateway re-resolves once, then answers 503), never as a wrong embedding."""
+        parts = ref.key.split(":")
+        key_modality = parts[4] if len(parts) > 5 and parts[5] in ("uuid", "hash") else None
+        t = emb.tensor
+        rows = int(t.shape[0]) if t.dim() >= 1 else -1
+        meta_n = emb.meta.get("num_tokens")
+        if key_modality is not None and emb.modality != key_modality:
+            return f"stored modality {emb.modality!r} under a {key_modality!r} key"
+        if ref.modality and emb.modality != ref.modality:
+            return f"stored modality {emb.modality!r}, expected {ref.modality!r}"
+        if t.dim() != 2 or t.shape[1] != self.adapter.hidden_size:
+            return f"stored shape {tuple(t.shape)}, expected (N, {self.adapter.hidden_size})"
+        if ref.num_tokens and rows != ref.num_tokens:
+            return f"stored {rows} tokens, expected {ref.num_tokens}"
+        if isinstance(meta_n, int) and meta_n != rows:
+            return f"stored meta says {meta_n} tokens, the tensor has {rows}"
+        return None
+
     async def _fetch(self, refs: list[EmbeddingRef]):
         if not refs:
             return []
         embs = await asyncio.get_running_loop().run_in_executor(self.io, self.cache.get_many, [r.key for r in refs])
-        missing = [r for r, e in zip(refs, embs) if e is None or (r.modality and e.modality != r.modality)]
+        missing = [r for r, e in zip(refs, embs) if e is None]
+        bad = [(r, why) for r, e in zip(refs, embs) if e is not None and (why := self._mismatch(r, e))]
+        if bad:
+            self.m_cache.labels(self.ml, "mismatch").inc(len(bad))
+            for r, why in bad:
+                log.warning("embedding %s does not match its request (%s): served as a miss", r.key, why)
+            missing += [r for r, _ in bad]
         self.m_cache.labels(self.ml, "hit").inc(len(refs) - len(missing))
         if missing:
             self.m_cache.labels(self.ml, "miss").inc(len(missing))

@@ -39,7 +39,7 @@ async def run(cfg: GeneratorConfig) -> None:
         from mmpipe.shared.models.registry import load_adapter
 
         def _load():
-            cache = RedisEmbeddingCache(cfg.redis_url)
+            cache = RedisEmbeddingCache(cfg.redis_url, options=cfg.redis_options)
             cache.ping()
             disable_progress_bar()  # a tqdm bar is noise in JSON logs
             adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mmpipe.services.common import cli_args as ca
 from mmpipe.services.common.cli_args import ServerConfig
+from mmpipe.services.common.tls import ClientTLS
 from mmpipe.shared.media.policy import parse_domain_list
 
 DEFAULT_PORT = 50051
@@ -21,9 +22,13 @@ class IngestConfig:
     trust_remote_code: bool = False
     allowed_media_domains: list[str] | None = None
     allowed_local_media_path: str | None = None
+    allow_private_media_urls: bool = False
     limit_mm_per_prompt: dict[str, int] | None = None
     num_workers: int = 4
     wire_dtype: str = "auto"
+    stage_tls: ClientTLS | None = None  # --stage-tls-*: the channel to the encoder
+    max_pending_items: int = 256
+    encoder_timeout_s: float = 60.0
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -40,14 +45,26 @@ class IngestConfig:
         g.add_argument("--allowed-local-media-path", default=ca.env("ALLOWED_LOCAL_MEDIA_PATH"),
                        help="folder whose files may be read via file:// URLs and paths (env "
                             "MMPIPE_ALLOWED_LOCAL_MEDIA_PATH)")
+        g.add_argument("--allow-private-media-urls", action="store_true",
+                       default=ca.env_bool("MEDIA_ALLOW_PRIVATE_NETWORKS"),
+                       help="let http(s) media URLs reach loopback, private, link-local and CGNAT addresses "
+                            "(refused by default: SSRF); cloud metadata endpoints stay refused. Trusted "
+                            "deployments only (env MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS)")
         g.add_argument("--limit-mm-per-prompt", default=ca.env("LIMIT_MM_PER_PROMPT"),
                        help='JSON, e.g. \'{"image": 4, "video": 1}\': most items per request '
                             "(env MMPIPE_LIMIT_MM_PER_PROMPT)")
         g.add_argument("--num-workers", type=int, default=ca.env_int("INGEST_WORKERS", 4),
                        help="threads fetching, decoding and preprocessing media (env MMPIPE_INGEST_WORKERS)")
+        g.add_argument("--max-pending-items", type=int, default=ca.env_int("MAX_PENDING_ITEMS", 256),
+                       help="media items in progress (queued for or running on the workers) before Ingest answers "
+                            "RESOURCE_EXHAUSTED (env MMPIPE_MAX_PENDING_ITEMS)")
+        g.add_argument("--encoder-timeout", type=float, default=float(ca.env("ENCODER_TIMEOUT", 60)),
+                       help="deadline in seconds of each Lookup / Encode call to the encoder, shortened to the "
+                            "caller's own deadline (env MMPIPE_ENCODER_TIMEOUT)")
         g.add_argument("--wire-dtype", default=ca.env("WIRE_DTYPE", "auto"),
                        help="dtype of floating tensors sent to the encoder: auto = float32, or the encoder's "
                             "--dtype (bfloat16/float16) to halve the bytes; the encoder casts to its dtype anyway")
+        ca.add_stage_client_args(p)
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "IngestConfig":
@@ -57,5 +74,7 @@ class IngestConfig:
                    mm_processor_kwargs=ca.json_arg(a.mm_processor_kwargs, "mm-processor-kwargs"),
                    trust_remote_code=a.trust_remote_code, allowed_media_domains=a.allowed_media_domains,
                    allowed_local_media_path=a.allowed_local_media_path,
+                   allow_private_media_urls=bool(a.allow_private_media_urls),
                    limit_mm_per_prompt={k: int(v) for k, v in limits.items()} if limits else None,
-                   num_workers=a.num_workers, wire_dtype=a.wire_dtype)
+                   num_workers=a.num_workers, wire_dtype=a.wire_dtype, stage_tls=ca.stage_client_tls(a), max_pending_items=a.max_pending_items,
+                   encoder_timeout_s=a.encoder_timeout)

@@ -21,7 +21,9 @@ from mmpipe.services.common.convert import EmbeddingRef, LookupItem, MediaSource
 from mmpipe.services.common.stage_clients import EncoderClient, ProcessedPayload
 from mmpipe.services.common.warmup import warmup_items
 from mmpipe.shared.cache.keys import canonical_json
-from mmpipe.shared.errors import InvalidInputError, LimitExceededError, NotCachedError
+from mmpipe.shared.errors import (
+    InvalidInputError, LimitExceededError, MediaTimeoutError, NotCachedError, OverloadedError,
+)
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
 from mmpipe.shared.types import MediaItem
@@ -39,11 +41,13 @@ class IngestCore:
         self.encoder = encoder
         self.policy = MediaPolicy.from_env(
             allowed_media_domains=tuple(cfg.allowed_media_domains) if cfg.allowed_media_domains else None,
-            allowed_local_media_path=cfg.allowed_local_media_path)
+            allowed_local_media_path=cfg.allowed_local_media_path,
+            **({"allow_private_networks": True} if getattr(cfg, "allow_private_media_urls", False) else {}))
         self.default_kw = cfg.media_io_kwargs or {}
         self._loaders: dict[str, MediaLoader] = {canonical_json(self.default_kw): MediaLoader(self.policy,
                                                                                                 self.default_kw)}
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="ingest")
+        self.pending = 0  # media items admitted and not finished (bounded by --max-pending-items)
         self.wire_dtype = None
         if cfg.wire_dtype not in ("auto", "float32", "fp32", None):
             from mmpipe.shared.models.registry import resolve_dtype
@@ -112,7 +116,33 @@ class IngestCore:
 
     # ---- the request -----------------------------------------------------------------------------------
     async def ingest(self, items: list[MediaSource], *, tenant: str = "", kw_json: str = "",
-                     request_id: str | None = None) -> list[EmbeddingRef]:
+                     request_id: str | None = None, timeout_s: float | None = None) -> list[EmbeddingRef]:
+        """Admit the request (a bounded number of items in progress: beyond it RESOURCE_EXHAUSTED at once, so
+        the worker pool's queue never grows without bound) and resolve it under one deadline: the caller's,
+        capped by --encoder-timeout, applied to every encoder call."""
+        n = max(1, len(items))
+        limit = getattr(self.cfg, "max_pending_items", 256)
+        if self.pending and self.pending + n > limit:
+            raise OverloadedError(f"ingest has {self.pending} media items in progress, its limit "
+                                  f"(--max-pending-items {limit}); retry shortly")
+        cap = getattr(self.cfg, "encoder_timeout_s", 60.0)
+        deadline = time.monotonic() + (min(timeout_s, cap) if timeout_s else cap)
+        self.pending += n
+        try:
+            return await self._ingest(items, tenant=tenant, kw_json=kw_json, request_id=request_id,
+                                      deadline=deadline)
+        finally:
+            self.pending -= n
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MediaTimeoutError("ingest ran out of time before calling the encoder (deadline exceeded)")
+        return left
+
+    async def _ingest(self, items: list[MediaSource], *, tenant: str, kw_json: str, request_id: str | None,
+                      deadline: float) -> list[EmbeddingRef]:
         self._check(items)
         loader, norm_kw = self._loader(kw_json)
         self.m_in.labels(self.ml).inc(sum(len(it.data) for it in items if it.data is not None))
@@ -125,7 +155,7 @@ class IngestCore:
         if uuid_idx:
             found = await self._timed("lookup", self.encoder.lookup(
                 [LookupItem(modality=items[i].modality, uuid=items[i].uuid) for i in uuid_idx],
-                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw))
+                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, timeout_s=self._left(deadline)))
             self._count(found)
             for i, (ok, ref) in zip(uuid_idx, found):
                 if ok:
@@ -146,7 +176,7 @@ class IngestCore:
         if hash_idx:
             found = await self._timed("lookup", self.encoder.lookup(
                 [LookupItem(modality=items[i].modality, content_hash=loaded[i].content_hash) for i in hash_idx],
-                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw))
+                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, timeout_s=self._left(deadline)))
             self._count(found)
             for i, (ok, ref) in zip(hash_idx, found):
                 if ok:
@@ -166,7 +196,8 @@ class IngestCore:
             refs = await self._timed("encode", self.encoder.encode(
                 [ProcessedPayload(key=k, modality=items[i].modality, tensors=p,
                                   content_hash=loaded[i].content_hash, uuid=items[i].uuid or "")
-                 for (k, i), p in zip(first.items(), payloads)], request_id=request_id))
+                 for (k, i), p in zip(first.items(), payloads)], request_id=request_id,
+                timeout_s=self._left(deadline)))
             by_key = {r.key: r for r in refs}
             for i in misses:
                 r = by_key[keys[i]]

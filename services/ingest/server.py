@@ -34,7 +34,7 @@ async def run(cfg: IngestConfig) -> None:
             return adapter
 
         adapter = await asyncio.get_running_loop().run_in_executor(None, _load)
-        encoder = EncoderClient(make_channel(cfg.encoder_addr, cfg.server.max_message_mb))
+        encoder = EncoderClient(make_channel(cfg.encoder_addr, cfg.server.max_message_mb, cfg.stage_tls))
         state["core"] = IngestCore(cfg, adapter, encoder, metrics)
 
     async def close() -> None:

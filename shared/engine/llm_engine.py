@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .model_runner import ModelRunner
 from .outputs import StepOutput
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Turn a media reference (http(s) URL, data: URL, file:// URL or local path) into bytes, under a policy.
 
 Owns: every byte that enters mmpipe from a URL or the local disk: the domain allow-list (checked on
-EVERY redirect hop, redirects followed manually), the byte cap (enforced while streaming, not after),
+EVERY redirect hop, redirects followed manually), the private-address (SSRF) refusal on the address each
+hop actually connects to (netguard.py), the byte cap (enforced while streaming, not after),
 the overall fetch deadline, and the local-folder confinement (realpath + post-open re-check).
 Must not: decode media, cache anything, or talk to any host the policy does not allow.
 """
@@ -15,30 +16,55 @@ import threading
 import time
 import urllib.parse
 
+import httpcore
 import httpx
 
 from ..errors import InvalidInputError, MediaFetchError, MediaPolicyError, MediaTimeoutError
+from .netguard import GuardedBackend, check_address, current_network, parse_ip_host
 from .policy import MediaPolicy, normalize_host
 
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 
-_client: httpx.Client | None = None
+_clients: dict[tuple[bool, int], httpx.Client] = {}
 _client_lock = threading.Lock()
 
 
-def _get_client() -> httpx.Client:
-    """One pooled client per process (httpx.Client is thread-safe); created lazily, never follows redirects.
+class _GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport with its connection pool dialling through `netguard.GuardedBackend`: every socket
+    goes to an address resolved once and checked (no DNS-rebinding window), whatever the hop."""
 
-    trust_env=False: HTTP(S)_PROXY / netrc from the environment must not silently route media fetches
-    (and their URLs' credentials) through a third party.
+    def __init__(self, backend: GuardedBackend):
+        super().__init__(trust_env=False)
+        ssl_context = self._pool._ssl_context  # httpx's default verified context (certifi), SNI = URL host
+        self._pool.close()
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, max_connections=100,
+                                             max_keepalive_connections=20, keepalive_expiry=5.0,
+                                             network_backend=backend)
+
+
+def _get_client(policy: MediaPolicy) -> httpx.Client:
+    """One pooled client per private-network setting (httpx.Client is thread-safe); never follows redirects.
+
+    Pooled connections are reused only under the same setting, so a socket opened to a private address for
+    a trusting caller can never serve a strict one. trust_env=False: HTTP(S)_PROXY / netrc from the
+    environment must not silently route media fetches (and their URLs' credentials) through a third party,
+    nor hand the address check to a proxy.
     """
-    global _client
-    if _client is None:
+    network, gen = current_network()
+    key = (policy.allow_private_networks, gen)
+    client = _clients.get(key)
+    if client is None:
         with _client_lock:
-            if _client is None:
-                _client = httpx.Client(follow_redirects=False, trust_env=False,
-                                       headers={"Accept-Encoding": "identity", "User-Agent": "mmpipe-media/0.1"})
-    return _client
+            client = _clients.get(key)
+            if client is None:
+                for k in [k for k in _clients if k[1] != gen]:  # a test override ended or began
+                    _clients.pop(k).close()
+                backend = GuardedBackend(allow_private=policy.allow_private_networks, network=network)
+                client = httpx.Client(follow_redirects=False, trust_env=False,
+                                      transport=_GuardedTransport(backend),
+                                      headers={"Accept-Encoding": "identity", "User-Agent": "mmpipe-media/0.1"})
+                _clients[key] = client
+    return client
 
 
 def redact_url(url: str | httpx.URL) -> str:
@@ -87,6 +113,11 @@ def _check_hop(u: httpx.URL, policy: MediaPolicy, *, hop: int) -> None:
             f"media {where} host {host!r} is not in the allowed media domains "
             f"{list(policy.allowed_media_domains or ())}; add it to --allowed-media-domains "
             f"(exact host or a parent domain) if it should be allowed")
+    ip = parse_ip_host(host)
+    if ip is not None:
+        # IP literals (any spelling, IPv4 embedded in IPv6 included) are refused before connecting; names
+        # are checked on the addresses they resolve to, at connect time (netguard.GuardedBackend).
+        check_address(ip, allow_private=policy.allow_private_networks, host=host)
 
 
 def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
@@ -97,7 +128,7 @@ def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
     # One deadline for the whole fetch (all hops + body): httpx timeouts are per operation, so a server
     # that drips one byte per second would otherwise never time out.
     deadline = time.monotonic() + policy.fetch_timeout_s
-    client = _get_client()
+    client = _get_client(policy)
     for hop in range(policy.max_redirects + 1):
         _check_hop(u, policy, hop=hop)  # checked BEFORE connecting, for the first URL and every redirect
         remaining = deadline - time.monotonic()

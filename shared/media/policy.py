@@ -20,26 +20,50 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+# Decode caps: defaults, and the variable that overrides each.
+_DECODE_CAPS: dict[str, Any] = {"max_image_pixels": 100_000_000, "max_video_frames": 1024,
+                                "max_video_seconds": 3600.0, "max_video_decoded_bytes": 2 * 1024 * MiB,
+                                "max_audio_seconds": 600.0}
+_CAP_ENV = {"max_image_pixels": "MMPIPE_MEDIA_MAX_IMAGE_PIXELS", "max_video_frames": "MMPIPE_MEDIA_MAX_VIDEO_FRAMES",
+            "max_video_seconds": "MMPIPE_MEDIA_MAX_VIDEO_SECONDS",
+            "max_video_decoded_bytes": "MMPIPE_MEDIA_MAX_VIDEO_DECODED_BYTES",
+            "max_audio_seconds": "MMPIPE_MEDIA_MAX_AUDIO_SECONDS"}
+
+
 def env_defaults() -> dict[str, Any]:
     """Read the media environment variables (the only env access in shared/media).
 
     MMPIPE_MEDIA_URL_ALLOW_REDIRECTS: "0"/"false"/"no"/"off" -> False, "1"/"true"/... -> True (default True).
     MMPIPE_MEDIA_FETCH_TIMEOUT: seconds, float > 0 (default 10).
     MMPIPE_MEDIA_MAX_BYTES: int > 0 (default 50 MiB).
+    MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS: boolean (default False): let http(s) media reach loopback, private,
+        link-local, CGNAT ... addresses (cloud metadata endpoints stay refused).
+    MMPIPE_MEDIA_MAX_IMAGE_PIXELS, MMPIPE_MEDIA_MAX_VIDEO_FRAMES, MMPIPE_MEDIA_MAX_VIDEO_SECONDS,
+    MMPIPE_MEDIA_MAX_VIDEO_DECODED_BYTES, MMPIPE_MEDIA_MAX_AUDIO_SECONDS: the decode caps (see MediaPolicy).
     A malformed value raises InvalidInputError naming the variable: a typo in a security setting must not
     silently fall back to the permissive default.
     """
-    out: dict[str, Any] = {"allow_redirects": True, "fetch_timeout_s": 10.0, "max_bytes": 50 * MiB}
-    raw = os.environ.get("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", "").strip().lower()
-    if raw:
-        if raw in _TRUE:
-            out["allow_redirects"] = True
-        elif raw in _FALSE:
-            out["allow_redirects"] = False
-        else:
-            raise InvalidInputError(
-                f"MMPIPE_MEDIA_URL_ALLOW_REDIRECTS={raw!r} is not a boolean; use 0/false or 1/true",
-                param="MMPIPE_MEDIA_URL_ALLOW_REDIRECTS")
+    out: dict[str, Any] = {"allow_redirects": True, "fetch_timeout_s": 10.0, "max_bytes": 50 * MiB,
+                           "allow_private_networks": False, **_DECODE_CAPS}
+    for key, var in (("allow_redirects", "MMPIPE_MEDIA_URL_ALLOW_REDIRECTS"),
+                     ("allow_private_networks", "MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS")):
+        raw = os.environ.get(var, "").strip().lower()
+        if raw:
+            if raw in _TRUE:
+                out[key] = True
+            elif raw in _FALSE:
+                out[key] = False
+            else:
+                raise InvalidInputError(f"{var}={raw!r} is not a boolean; use 0/false or 1/true", param=var)
+    for key, var in _CAP_ENV.items():
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            kind = type(_DECODE_CAPS[key])
+            try:
+                out[key] = kind(raw)
+            except ValueError:
+                raise InvalidInputError(f"{var}={raw!r} is not a{'n integer' if kind is int else ' number'}",
+                                        param=var) from None
     raw = os.environ.get("MMPIPE_MEDIA_FETCH_TIMEOUT", "").strip()
     if raw:
         try:
@@ -94,6 +118,10 @@ class MediaPolicy:
         subdomain of it (IP-literal entries match only exactly).
     allow_redirects: follow 3xx at all (each hop is still checked against the allow-list).
     allowed_local_media_path: folder whose files may be read; None = local files refused.
+    allow_private_networks: let http(s) media reach non-public addresses (loopback, RFC 1918, ULA,
+        link-local, CGNAT, ...; checked on the address actually connected to, every hop). Cloud metadata
+        endpoints stay refused. Off by default: only trusted deployments should turn it on.
+    max_video_seconds: longest video (from the container header) that is decoded at all.
     """
 
     allowed_media_domains: tuple[str, ...] | None = None
@@ -101,13 +129,15 @@ class MediaPolicy:
     allowed_local_media_path: str | None = None
     fetch_timeout_s: float = _env("fetch_timeout_s")
     max_bytes: int = _env("max_bytes")
-    max_image_pixels: int = 100_000_000
-    max_video_frames: int = 1024
-    max_audio_seconds: float = 600.0
+    max_image_pixels: int = _env("max_image_pixels")
+    max_video_frames: int = _env("max_video_frames")
+    max_audio_seconds: float = _env("max_audio_seconds")
     max_redirects: int = 5
     # Not a user-facing knob in vLLM, but frames * H * W * 3 of a decoded video must be bounded too:
     # 1024 4K frames would be 25 GB. 2 GiB is ~290 frames of 1080p.
-    max_video_decoded_bytes: int = 2 * 1024 * MiB
+    max_video_decoded_bytes: int = _env("max_video_decoded_bytes")
+    allow_private_networks: bool = _env("allow_private_networks")
+    max_video_seconds: float = _env("max_video_seconds")
 
     def __post_init__(self) -> None:
         doms = self.allowed_media_domains
@@ -117,10 +147,14 @@ class MediaPolicy:
             norm = tuple(normalize_host(d) for d in doms if str(d).strip())
             object.__setattr__(self, "allowed_media_domains", norm)
         for name in ("fetch_timeout_s", "max_bytes", "max_image_pixels", "max_video_frames",
-                     "max_audio_seconds", "max_video_decoded_bytes"):
+                     "max_audio_seconds", "max_video_decoded_bytes", "max_video_seconds"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise InvalidInputError(f"MediaPolicy.{name} must be a positive number, got {v!r}", param=name)
+        for name in ("allow_redirects", "allow_private_networks"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"MediaPolicy.{name} must be a bool, got {getattr(self, name)!r}",
+                                        param=name)
         if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
             raise InvalidInputError(f"MediaPolicy.max_redirects must be >= 0, got {self.max_redirects!r}",
                                     param="max_redirects")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ...http.auth import require_api_key
+from ...http.auth import request_tenant, require_api_key
 from ...http.cancel import until_disconnect
 from ...http.request_id import request_id
 from .protocol import ChatCompletionRequest
@@ -15,4 +15,5 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                                  rid: str = Depends(request_id)) -> Response:
-    return await until_disconnect(raw, raw.app.state.serving_chat.create(body, rid))
+    return await until_disconnect(raw, raw.app.state.serving_chat.create(body, rid,
+                                                                        tenant=request_tenant(raw)))
