@@ -42,6 +42,10 @@ import httpx
 
 MODEL_NAME = "tiny"
 DEFAULT_MIX = {"text": 0.3, "repeat_image": 0.3, "fresh_image": 0.2, "uuid": 0.2}
+# Kinds only asked for explicitly: "pool_image" rotates over a fixed set of POOL_SIZE images (tests compare
+# each answer with the offline LLM's for the same image).
+EXTRA_KINDS = ("pool_image",)
+POOL_SIZE = 6
 
 
 # --- targets ------------------------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class Mix:
     def __init__(self, weights: dict[str, float], *, max_tokens: int = 4, seed: int = 0,
                  uuid_name: str | None = None):
         self.weights = {k: v for k, v in weights.items() if v > 0}
-        unknown = set(self.weights) - set(DEFAULT_MIX)
+        unknown = set(self.weights) - set(DEFAULT_MIX) - set(EXTRA_KINDS)
         if unknown:
             raise ValueError(f"unknown request kinds {sorted(unknown)}; known: {sorted(DEFAULT_MIX)}")
         self.max_tokens = max_tokens
@@ -155,6 +159,7 @@ class Mix:
         self.fresh_seed = 1_000_000 + seed * 100_000
         self.repeat_url = data_url(png_bytes(7 + seed))
         self.uuid = uuid_name or f"load-{seed}-{os.getpid()}-{int(time.time())}"
+        self.pool = [data_url(png_bytes(500 + i, 112, 112)) for i in range(POOL_SIZE)]
 
     def register_body(self) -> dict:
         """The request that caches the image named by the uuid (sent once before the load)."""
@@ -163,7 +168,13 @@ class Mix:
 
     def next(self) -> tuple[str, dict]:
         kind = self.rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
+        if kind == "pool_image":
+            i = self.rng.randrange(len(self.pool))
+            return f"pool_image:{i}", self.pool_body(i)
         return kind, self.body(kind)
+
+    def pool_body(self, i: int) -> dict:
+        return chat_body([{"type": "image_url", "image_url": {"url": self.pool[i]}}], self.max_tokens)
 
     def body(self, kind: str) -> dict:
         if kind == "text":
@@ -228,7 +239,9 @@ async def closed_loop(target: Target, mix: Mix, concurrency: int, duration_s: fl
     """`concurrency` workers, each sending the next request when its last one is answered."""
     results: list[Result] = []
     end = time.monotonic() + duration_s
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # keepalive_expiry under uvicorn's 5 s keep-alive: never reuse a connection the server is closing
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4,
+                          keepalive_expiry=1.0)
     async with httpx.AsyncClient(limits=limits) as client:
         async def worker() -> None:
             while time.monotonic() < end and len(results) < max_requests:
@@ -249,7 +262,8 @@ async def open_loop(target: Target, mix: Mix, rate: float, duration_s: float, ti
     not_sent = 0
     tasks: set[asyncio.Task] = set()
     interval = 1.0 / max(rate, 1e-6)
-    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=min(max_in_flight, 64))
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=min(max_in_flight, 64),
+                          keepalive_expiry=1.0)
     async with httpx.AsyncClient(limits=limits) as client:
         async def one(kind: str, body: dict) -> None:
             r = await send(client, target, kind, body, timeout_s, keep_tokens)
@@ -312,14 +326,14 @@ def summarize(results: list[Result], duration_s: float, not_sent: int = 0) -> di
 
 @dataclass
 class LoadConfig:
-    ramp_levels: tuple[int, ...] = (1, 2, 4, 8)
+    ramp_levels: tuple[int, ...] = (1, 2, 4, 8, 16)
     ramp_step_s: float = 4.0
     overload: float = 2.0
     duration_s: float = 60.0
     timeout_s: float = 30.0
     max_requests: int = 20_000
     max_in_flight: int = 256
-    max_tokens: int = 4
+    max_tokens: int = 8
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     seed: int = 0
     rate: float | None = None  # skip the ramp and use this rate (requests/s) for the load phase
@@ -526,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=30.0)
     p.add_argument("--max-requests", type=int, default=20_000)
     p.add_argument("--max-in-flight", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--mix", default=json.dumps(DEFAULT_MIX), help="JSON weights of " + ", ".join(DEFAULT_MIX))
     p.add_argument("--out-dir", default="build/load")
     a = p.parse_args(argv)

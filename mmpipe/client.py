@@ -67,10 +67,22 @@ def _pb():
 
 class MMPipeClient:
     def __init__(self, target: str, *, api_key: str | None = None, timeout: float | None = None,
-                 max_message_mb: int = 256):
+                 max_message_mb: int = 256, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None, tls_server_name: str | None = None,
+                 tenant: str | None = None):
+        """tls_*: connect over TLS (verifying the gateway with `tls_ca_file`, or the system roots), presenting a
+        client certificate for mTLS; tenant: sent as x-mmpipe-tenant (honoured only by a gateway started with
+        --trust-tenant-header)."""
         n = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", n),
-                                                               ("grpc.max_receive_message_length", n)])
+        opts: list[tuple[str, Any]] = [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+        if tls_ca_file or tls_cert_file:
+            from mmpipe.services.common.tls import ClientTLS
+
+            tls = ClientTLS(tls_ca_file, tls_cert_file, tls_key_file, tls_server_name)
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=opts + tls.channel_options())
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self.tenant = tenant
         self._stub = _pb()[1].GatewayStub(self._channel)
         self.api_key = api_key
         self.timeout = timeout
@@ -116,6 +128,8 @@ class MMPipeClient:
             md.append(("authorization", f"Bearer {self.api_key}"))
         if request_id:
             md.append(("x-request-id", request_id))
+        if self.tenant:
+            md.append(("x-mmpipe-tenant", self.tenant))
         call = method(req, metadata=md, timeout=self.timeout)
         return _chunks(call)
 

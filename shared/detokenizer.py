@@ -1,9 +1,12 @@
-"""Incremental detokenization with stop strings, for the offline loop and for streaming servers.
+"""Incremental detokenization with stop strings: one implementation for the offline loop, the generator
+service and the gateway's streams.
 
-Decoding token by token is wrong for byte-level BPE (a character can span tokens), and decoding the whole
-sequence every step is quadratic; this keeps a prefix offset and only re-decodes a short tail. Stop strings
-are searched in the newly produced text plus enough of the old text to catch a stop string that straddles
-two steps. Text that could still turn out to be the start of a stop string is held back from streaming.
+Decoding token by token is wrong for byte-level BPE (a character can span tokens) and decoding the whole
+sequence every step is quadratic; this decodes a short window (a few tokens of context plus the new ones) and
+waits while the tail is an incomplete UTF-8 character. Stop strings are searched in the new text plus enough
+of the old to catch one that straddles two steps, only once `min_tokens` are out (as vLLM does). Text that
+could still turn out to be the start of a stop string is held back from streaming, so a stream never shows
+half a stop string.
 """
 from __future__ import annotations
 
@@ -11,68 +14,71 @@ from typing import Any
 
 from mmpipe.shared.types import SamplingParams
 
+# Tokens of context kept before the new ones when decoding a window (enough for any merge effects).
+_WINDOW = 6
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, sampling: SamplingParams):
+    def __init__(self, tokenizer: Any, sampling: SamplingParams, prompt_token_ids: list[int] | None = None):
         self.tokenizer = tokenizer
+        self.min_tokens = sampling.min_tokens
+        self.stops: list[str] = [s for s in (sampling.stop or []) if s]
         self.skip_special = sampling.skip_special_tokens
-        self.stops: list[str] = list(sampling.stop or [])
         self.include_stop = sampling.include_stop_str_in_output
-        self.token_ids: list[int] = []
-        self._text = ""  # all text decoded so far (before stop truncation)
-        self._prefix_offset = 0  # tokens before this are decoded into _text for good
-        self._read_offset = 0
+        self.token_ids: list[int] = []  # output tokens accepted (none after the one completing a stop string)
+        self.output_text = ""
         self.stopped = False
-        self.stop_token_count: int | None = None  # tokens kept when a stop string ended the sequence
-        self._final_text: str | None = None
-        self._streamed = 0  # characters handed out by `take_new_text`
+        self.stop_reason: str | None = None  # the stop string that matched
+        self._streamed = 0  # characters handed out by take_new_text
+        # A little prompt context makes the first output tokens decode as they would in the full text.
+        self._ids = list(prompt_token_ids[-_WINDOW:]) if prompt_token_ids else []
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._hold = max((len(s) for s in self.stops), default=1) - 1 if not self.include_stop else 0
+
+    @property
+    def stop_token_count(self) -> int | None:
+        """How many output tokens belong to the output when a stop string ended it (else None)."""
+        return len(self.token_ids) if self.stopped else None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False)
 
     def add_tokens(self, new_ids: list[int]) -> bool:
         """Feed new tokens; returns True once a stop string has ended the sequence."""
         for tid in new_ids:
             if self.stopped:
                 break
-            self.token_ids.append(tid)
-            prefix = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
-            full = self._decode(self.token_ids[self._prefix_offset:])
-            if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
-                continue
-            new = full[len(prefix):]
-            old_len = len(self._text)
-            self._text += new
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-            if self.stops and new:
-                self._check_stop(old_len)
+            self.token_ids.append(int(tid))
+            self._ids.append(int(tid))
+            prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+            full = self._decode(self._ids[self._prefix_offset:])
+            if len(full) <= len(prefix) or full.endswith("\ufffd"):
+                continue  # nothing printable yet, or an incomplete UTF-8 character: wait for the next token
+            before = len(self.output_text)
+            self.output_text += full[len(prefix):]
+            self._prefix_offset = max(self._read_offset, len(self._ids) - _WINDOW)
+            self._read_offset = len(self._ids)
+            self._check_stop(before)
         return self.stopped
 
-    def _check_stop(self, old_len: int) -> None:
-        longest = max(len(s) for s in self.stops)
-        start = max(0, old_len - longest + 1)
+    def _check_stop(self, before: int) -> None:
+        if not self.stops or len(self.token_ids) < self.min_tokens:
+            return
         best: tuple[int, str] | None = None
         for s in self.stops:
-            i = self._text.find(s, start)
-            if i != -1 and (best is None or i < best[0]):
+            i = self.output_text.find(s, max(0, before - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is not None:
             i, s = best
-            self._final_text = self._text[: i + len(s)] if self.include_stop else self._text[:i]
-            self.stopped = True
-            self.stop_token_count = len(self.token_ids)
-
-    @property
-    def output_text(self) -> str:
-        return self._final_text if self._final_text is not None else self._text
+            self.output_text = self.output_text[: i + len(s)] if self.include_stop else self.output_text[:i]
+            self.stopped, self.stop_reason = True, s
 
     def take_new_text(self, finished: bool = False) -> str:
         """Text not yet handed out, holding back a tail that may be the start of a stop string."""
-        text = self.output_text
-        end = len(text)
-        if not finished and not self.stopped and self.stops:
-            hold = max(len(s) for s in self.stops) - 1
-            end = max(self._streamed, end - hold)
-        chunk = text[self._streamed:end]
+        final = finished or self.stopped
+        end = len(self.output_text) if final else max(self._streamed, len(self.output_text) - self._hold)
+        chunk = self.output_text[self._streamed:end]
         self._streamed = end
         return chunk

@@ -121,7 +121,7 @@ def start_gateway(model: str, addrs: dict[str, str], redis_url: str, media_dir: 
             "--ingest-addr", addrs["ingest"], "--encoder-addr", addrs["encoder"],
             "--generator-addr", addrs["generator"], "--redis-url", redis_url, "--api-key", KEY,
             "--limit-mm-per-prompt", LIMITS, "--enable-mm-embeds", "--allowed-media-domains", "127.0.0.1",
-            "--allowed-local-media-path", str(media_dir), "--shutdown-grace-s", "5"]
+            "--allow-private-media-urls", "--allowed-local-media-path", str(media_dir), "--shutdown-grace-s", "5"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
@@ -163,7 +163,7 @@ def env(redis_server, tmp_path_factory):
                                   log_dir=stack.log_dir, wait=False)
         gen = start_stage_process("generator", model, redis_server, log_dir=stack.log_dir, wait=False)
         ing = start_stage_process("ingest", model, redis_server, encoder_addr=enc.addr, log_dir=stack.log_dir,
-                                  wait=False, extra=["--allowed-media-domains", "127.0.0.1",
+                                  wait=False, extra=["--allowed-media-domains", "127.0.0.1", "--allow-private-media-urls",
                                                      "--allowed-local-media-path", str(media_dir),
                                                      "--limit-mm-per-prompt", LIMITS])
         stack.procs = {"encoder": enc, "generator": gen, "ingest": ing}

@@ -143,6 +143,7 @@ def _pol(**kw) -> MediaPolicy:
     kw.setdefault("allowed_media_domains", ("127.0.0.1",))
     kw.setdefault("allow_redirects", True)
     kw.setdefault("fetch_timeout_s", 5.0)
+    kw.setdefault("allow_private_networks", True)  # the test server is on 127.0.0.1: opt in explicitly
     return MediaPolicy(**kw)
 
 
@@ -190,7 +191,7 @@ def test_redirect_refused_when_disabled_by_field(server):
 def test_redirect_refused_when_disabled_by_env(server, monkeypatch, value):
     base, files = server
     monkeypatch.setenv("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", value)
-    p = MediaPolicy.from_env(allowed_media_domains=("127.0.0.1",))
+    p = MediaPolicy.from_env(allowed_media_domains=("127.0.0.1",), allow_private_networks=True)
     assert p.allow_redirects is False
     assert MediaPolicy().allow_redirects is False  # a plain construction honours the env too
     with pytest.raises(MediaPolicyError, match="MMPIPE_MEDIA_URL_ALLOW_REDIRECTS"):

@@ -31,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--redis-url", default=e("MMPIPE_REDIS_URL"),
                    help="use this Redis instead of starting an embedded redis-server")
     p.add_argument("--redis-maxmemory", default="1gb", help="maxmemory of the embedded redis-server")
+    p.add_argument("--no-redis-auth", action="store_true",
+                   help="start the embedded redis-server without a password (by default it gets a random one, "
+                        "handed to the stages in MMPIPE_REDIS_PASSWORD, so no other local user can read the cache)")
     p.add_argument("--dtype", default=e("MMPIPE_DTYPE", "auto"))
     p.add_argument("--device", default=e("MMPIPE_DEVICE", "auto"))
     p.add_argument("--max-model-len", type=int, default=None)
@@ -49,7 +52,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
     p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
+    p.add_argument("--api-key-file", default=e("MMPIPE_API_KEY_FILE"),
+                   help="gateway API keys, one per line, each its own tenant")
+    p.add_argument("--trust-tenant-header", action="store_true",
+                   help="gateway: honour X-MMPipe-Tenant (only behind a trusted proxy that sets it)")
+    from mmpipe.services.common.tls import add_client_tls_args, add_server_tls_args
+
+    add_server_tls_args(p.add_argument_group("gRPC TLS of every stage and the gateway's gRPC API"))
+    add_client_tls_args(p.add_argument_group("gRPC TLS of the stage clients and health checks"))
     return p
+
+
+def start_embedded_redis(maxmemory: str, auth: bool = True):
+    """The embedded redis-server of `mmpipe serve`: with a random password unless auth=False.
+
+    Returns (server, url without password, password or None); the password reaches the stages in
+    MMPIPE_REDIS_PASSWORD, never on a command line (argv is visible to every local user)."""
+    import secrets
+
+    from mmpipe.shared.cache.embedded_redis import EmbeddedRedis
+
+    password = secrets.token_urlsafe(32) if auth else None
+    srv = EmbeddedRedis(maxmemory=maxmemory, password=password).start()
+    return srv, srv.url, password
 
 
 @dataclass
@@ -61,10 +86,12 @@ class Child:
     restarts: int = 0
     last_start: float = 0.0
     backoff_s: float = 1.0
+    env: dict[str, str] | None = None  # secrets (Redis password, API keys) go here, never into argv
+    tls: object | None = None  # a ClientTLS for the gRPC health check
 
     def start(self) -> None:
         self.last_start = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=self.env)
 
     def stop(self, grace_s: float) -> None:
         p = self.proc
@@ -78,7 +105,7 @@ class Child:
             p.wait(5)
 
 
-def _healthy(kind: str, target: str) -> bool:
+def _healthy(kind: str, target: str, tls=None) -> bool:
     if kind == "http":
         import urllib.request
 
@@ -90,7 +117,9 @@ def _healthy(kind: str, target: str) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(target) as ch:
+        ch = (grpc.secure_channel(target, tls.credentials(), options=tls.channel_options()) if tls is not None
+              else grpc.insecure_channel(target))
+        with ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
             return r.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -102,7 +131,7 @@ def _wait_healthy(child: Child, timeout_s: float, stop: threading.Event) -> None
     while not stop.is_set():
         if child.proc is not None and child.proc.poll() is not None:
             raise RuntimeError(f"{child.name} exited with status {child.proc.returncode} while starting")
-        if _healthy(*child.health):
+        if _healthy(*child.health, tls=child.tls):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{child.name} did not become healthy within {timeout_s:.0f}s")
@@ -110,14 +139,26 @@ def _wait_healthy(child: Child, timeout_s: float, stop: threading.Event) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpipe.shared.cache.embedded_redis import EmbeddedRedis, free_port
+    from mmpipe.shared.cache.embedded_redis import free_port
 
+    from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
+
+    server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
+    if server_tls is not None and client_tls is None:
+        print("mmpipe serve: with --tls-cert-file, also give --stage-tls-ca-file (and --stage-tls-cert-file / "
+              "--stage-tls-key-file with --tls-ca-file) so the stages and health checks can connect", file=sys.stderr)
+        return 2
+    tls_server_args = server_tls.args() if server_tls is not None else []
+    tls_client_args = client_tls.args() if client_tls is not None else []
+    child_env = dict(os.environ)
     redis = None
     redis_url = args.redis_url
     if not redis_url:
-        redis = EmbeddedRedis(maxmemory=args.redis_maxmemory).start()
-        redis_url = redis.url
-        print(f"mmpipe serve: embedded redis-server at {redis_url}", flush=True)
+        redis, redis_url, password = start_embedded_redis(args.redis_maxmemory, auth=not args.no_redis_auth)
+        if password is not None:
+            child_env["MMPIPE_REDIS_PASSWORD"] = password
+        print(f"mmpipe serve: embedded redis-server at {redis_url}"
+              f"{' (AUTH required; password in MMPIPE_REDIS_PASSWORD of the stages)' if password else ''}", flush=True)
     ports = {n: getattr(args, f"{n}_port") or free_port() for n in ("encoder", "generator", "ingest")}
     addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
     py = [sys.executable, "-m", "mmpipe.cli"]
@@ -125,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     def stage(name: str, *extra: str) -> list[str]:
         a = [*py, name, "--model", args.model, "--host", "127.0.0.1", "--port", str(ports[name]),
              "--metrics-port", str(free_port()), "--log-level", args.log_level,
-             "--shutdown-grace-s", str(args.shutdown_grace_s)]
+             "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args]
         for flag in ("media_io_kwargs", "mm_processor_kwargs"):
             if getattr(args, flag):
                 a += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
@@ -135,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     enc = stage("encoder", "--redis-url", redis_url, *dev, *(["--enable-mm-embeds"] if args.enable_mm_embeds else []))
     gen = stage("generator", "--redis-url", redis_url, *dev,
                 *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []))
-    ing_extra = ["--encoder-addr", addr["encoder"]]
+    ing_extra = ["--encoder-addr", addr["encoder"], *tls_client_args]
     if args.allowed_media_domains:
         ing_extra += ["--allowed-media-domains", *args.allowed_media_domains]
     if args.allowed_local_media_path:
@@ -144,16 +185,16 @@ def run(args: argparse.Namespace) -> int:
         ing_extra += ["--limit-mm-per-prompt", args.limit_mm_per_prompt]
     if args.allow_private_media_urls:
         ing_extra += ["--allow-private-media-urls"]
-    children = [Child("encoder", enc, ("grpc", addr["encoder"])),
-                Child("generator", gen, ("grpc", addr["generator"])),
-                Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]))]
+    children = [Child("encoder", enc, ("grpc", addr["encoder"]), env=child_env, tls=client_tls),
+                Child("generator", gen, ("grpc", addr["generator"]), env=child_env, tls=client_tls),
+                Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]), env=child_env, tls=client_tls)]
     if not args.no_gateway:
         gw = [*py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
               "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
               "--generator-addr", addr["generator"], "--redis-url", redis_url,
-              "--shutdown-grace-s", str(args.shutdown_grace_s)]
+              "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args]
         for flag in ("limit_mm_per_prompt", "media_io_kwargs", "allowed_local_media_path", "chat_template",
-                     "api_key"):
+                     "api_key_file"):
             if getattr(args, flag):
                 gw += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
         if args.allowed_media_domains:
@@ -165,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
         if args.max_model_len:
             gw += ["--max-model-len", str(args.max_model_len)]
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        children.append(Child("gateway", gw, ("http", f"http://{http_host}:{args.port}/health")))
+        if args.trust_tenant_header:
+            gw += ["--trust-tenant-header"]
+        gw_env = {**child_env, **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
+        children.append(Child("gateway", gw, ("http", f"http://{http_host}:{args.port}/health"), env=gw_env))
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

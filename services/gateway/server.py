@@ -59,12 +59,13 @@ async def serve(cfg: GatewayConfig) -> None:
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
                                    max_model_len=cfg.max_model_len)
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
-                          media_io_kwargs=cfg.media_io_kwargs)
+                          media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
     redis = None
     if cfg.redis_url:
         import redis.asyncio as aioredis
 
-        redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
+        redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, **redis_kw)
     core = GatewayCore(cfg, info, stages)
 
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -75,7 +76,10 @@ async def serve(cfg: GatewayConfig) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
-    if grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}") == 0:
+    grpc_addr = f"{cfg.host}:{cfg.grpc_port}"
+    bound = (grpc_server.add_secure_port(grpc_addr, cfg.tls.credentials()) if cfg.tls is not None
+             else grpc_server.add_insecure_port(grpc_addr))
+    if bound == 0:
         raise OSError(f"cannot bind the gRPC port {cfg.host}:{cfg.grpc_port}")
     await grpc_server.start()
 

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmpipe.services.common.convert import EmbeddingRef, LookupItem, MediaSource, TokenChunk
 from mmpipe.services.common.stage_clients import StageClients as _Clients
+from mmpipe.services.common.tls import ClientTLS
 from mmpipe.shared.errors import InvalidInputError
 from mmpipe.shared.types import SamplingParams
 
@@ -33,9 +34,10 @@ class StageClients:
     """The gateway's stage calls over long-lived channels (one per stage, reconnecting within ~2 s)."""
 
     def __init__(self, ingest_addr: str, encoder_addr: str, generator_addr: str, *,
-                 media_io_kwargs: dict[str, Any] | None = None):
+                 media_io_kwargs: dict[str, Any] | None = None, tls: ClientTLS | None = None):
         self.addrs = {"ingest": ingest_addr, "encoder": encoder_addr, "generator": generator_addr}
-        self.clients = _Clients.connect(ingest=ingest_addr, encoder=encoder_addr, generator=generator_addr)
+        self.clients = _Clients.connect(ingest=ingest_addr, encoder=encoder_addr, generator=generator_addr,
+                                        tls=tls)
         self.media_io_kwargs = dict(media_io_kwargs or {}) or None
         self._health = {s: health_pb2_grpc.HealthStub(getattr(self.clients, s).channel) for s in STAGES}
 

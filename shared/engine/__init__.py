@@ -6,7 +6,7 @@ models, fed with precomputed multimodal embedding rows.
 
 Layout (nano-vllm style): config, sequence, block_manager, scheduler (what runs each step), model_runner
 (inputs, KV cache, CUDA graphs), decoder (our forward over the HF weights), attention/ (torch reference and
-Triton backends), kernels/ (CUDA only), sampler, detokenizer (stop strings), llm_engine (sync loop),
+Triton backends), kernels/ (CUDA only), sampler, llm_engine (sync loop),
 async_engine (asyncio front with a background step thread).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from .config import EngineConfig
 from .outputs import StepOutput
 
-__all__ = ["EngineConfig", "LLMEngine", "StepOutput", "AsyncLLMEngine", "IncrementalDetokenizer"]
+__all__ = ["EngineConfig", "LLMEngine", "StepOutput", "AsyncLLMEngine"]
 
 
 def __getattr__(name: str):
@@ -27,8 +27,4 @@ def __getattr__(name: str):
         from .async_engine import AsyncLLMEngine
 
         return AsyncLLMEngine
-    if name == "IncrementalDetokenizer":
-        from .detokenizer import IncrementalDetokenizer
-
-        return IncrementalDetokenizer
     raise AttributeError(name)

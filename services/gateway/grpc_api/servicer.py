@@ -20,7 +20,7 @@ from mmpipe.shared.errors import AuthenticationError, InvalidInputError, MMPipeE
 from mmpipe.shared.types import SamplingParams
 
 from ..core import GatewayCore, GenerationStream
-from ..http.auth import check_api_key
+from ..http.auth import TENANT_HEADER, authenticate
 from ..http.request_id import HEADER as REQUEST_ID_HEADER
 from ..http.request_id import sane_request_id
 from ..metrics import count_request
@@ -116,8 +116,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         code = "OK"
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
-            check_api_key(self.core.cfg.api_key, md.get("authorization"))
-            stream: GenerationStream = await start(RequestContext(request_id=rid, endpoint=f"grpc:{method}"))
+            tenant = authenticate(self.core.cfg, md.get("authorization"), md.get(TENANT_HEADER))
+            stream: GenerationStream = await start(RequestContext(request_id=rid, endpoint=f"grpc:{method}",
+                                                                  tenant=tenant))
             async with stream:
                 async for d in stream:
                     msg = gateway_pb2.CompletionChunk(request_id=rid, text=d.text, token_ids=d.token_ids,

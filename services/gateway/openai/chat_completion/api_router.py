@@ -15,5 +15,5 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                                  rid: str = Depends(request_id)) -> Response:
-    return await until_disconnect(raw, raw.app.state.serving_chat.create(body, rid,
-                                                                        tenant=request_tenant(raw)))
+    serving = raw.app.state.serving_chat
+    return await until_disconnect(raw, serving.create(body, rid, tenant=request_tenant(raw)))

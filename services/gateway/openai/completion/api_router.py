@@ -14,5 +14,5 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, raw: Request, rid: str = Depends(request_id)) -> Response:
-    return await until_disconnect(raw, raw.app.state.serving_completion.create(
-        body, rid, tenant=request_tenant(raw)))
+    return await until_disconnect(raw, raw.app.state.serving_completion.create(body, rid,
+                                                                              tenant=request_tenant(raw)))

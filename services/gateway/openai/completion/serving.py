@@ -22,8 +22,8 @@ class OpenAIServingCompletion:
     async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None) -> Response:
         text, ids = req.single_prompt()
         inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model)
-        stream = await self.core.completion(inp, RequestContext(request_id=request_id, endpoint=ENDPOINT,
-                                                                           tenant=tenant))
+        ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant)
+        stream = await self.core.completion(inp, ctx)
         if req.stream:
             return sse.EventStreamResponse(self._chunks(req, stream), on_close=stream.close)
         r = await self.core.collect(stream)

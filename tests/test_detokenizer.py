@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmpipe.shared.engine.detokenizer import IncrementalDetokenizer
+from mmpipe.shared.detokenizer import IncrementalDetokenizer
 from mmpipe.shared.types import SamplingParams
 
 from engine_helpers import get_case
@@ -21,11 +21,12 @@ def feed(tok, sampling, ids, chunk=1):
     det = IncrementalDetokenizer(tok, sampling)
     deltas, n = [], 0
     for i in range(0, len(ids), chunk):
-        deltas.append(det.add_tokens(ids[i:i + chunk]))
+        det.add_tokens(ids[i:i + chunk])
+        deltas.append(det.take_new_text())
         n = i + chunk
         if det.stopped:
             break
-    deltas.append(det.finish())
+    deltas.append(det.take_new_text(finished=True))
     return det, deltas, n
 
 
@@ -33,16 +34,17 @@ def feed(tok, sampling, ids, chunk=1):
 def test_incremental_text_equals_full_decode(tok, chunk):
     ids = tok.encode(TEXT, add_special_tokens=False)
     det, deltas, _ = feed(tok, SamplingParams(), ids, chunk)
-    assert "".join(deltas) == TEXT == det.text
-    assert not det.stopped and det.finish_reason is None
+    assert "".join(deltas) == TEXT == det.output_text
+    assert not det.stopped and det.stop_reason is None
     assert all("\ufffd" not in d for d in deltas)  # split multi-byte characters are never shown half
 
 
 def test_stop_string_truncates_and_reports_stop(tok):
     ids = tok.encode(TEXT, add_special_tokens=False)
     det, deltas, n = feed(tok, SamplingParams(stop=["lazy dog", "zzz"]), ids)
-    assert det.stopped and det.finish_reason == "stop" and det.stop_reason == "lazy dog"
-    assert det.text == "The quick brown fox jumps over the " == "".join(deltas)
+    assert det.stopped and det.stop_reason == "lazy dog"
+    assert det.stop_token_count == len(det.token_ids) <= n
+    assert det.output_text == "The quick brown fox jumps over the " == "".join(deltas)
     assert n < len(ids)  # the caller could stop generating right there
     assert not any("lazy" in d for d in deltas)
 
@@ -50,24 +52,24 @@ def test_stop_string_truncates_and_reports_stop(tok):
 def test_include_stop_str_in_output(tok):
     ids = tok.encode(TEXT, add_special_tokens=False)
     det, deltas, _ = feed(tok, SamplingParams(stop="fox", include_stop_str_in_output=True), ids)
-    assert det.text == "".join(deltas) == "The quick brown fox"
+    assert det.output_text == "".join(deltas) == "The quick brown fox"
 
 
 def test_stop_string_inside_one_token_and_earliest_wins(tok):
     ids = tok.encode(TEXT, add_special_tokens=False)
     det, _, _ = feed(tok, SamplingParams(stop=["over", "qu"]), ids, chunk=5)
-    assert det.text == "The " and det.stop_reason == "qu"
+    assert det.output_text == "The " and det.stop_reason == "qu"
 
 
 def test_stop_strings_wait_for_min_tokens(tok):
     ids = tok.encode(TEXT, add_special_tokens=False)
     det, _, _ = feed(tok, SamplingParams(stop=["The", "fox"], min_tokens=2), ids)
-    assert det.text == "The quick brown "
+    assert det.output_text == "The quick brown "
 
 
 def test_special_tokens_skipped(tok):
     ids = tok.encode("Hello", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
     det, deltas, _ = feed(tok, SamplingParams(), ids)
-    assert det.text == "Hello"
+    assert det.output_text == "Hello"
     det, _, _ = feed(tok, SamplingParams(skip_special_tokens=False), ids)
-    assert det.text == "Hello<|im_end|>"
+    assert det.output_text == "Hello<|im_end|>"
