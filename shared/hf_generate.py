@@ -7,21 +7,11 @@ and checked against. It is not fast and is not meant to be.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
+from mmpipe.shared.engine.outputs import StepOutput
 from mmpipe.shared.types import EngineRequest
-
-
-@dataclass
-class HFStepOutput:
-    request_id: str
-    new_token_ids: list[int]
-    logprobs: list[float] | None
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
 
 
 class HFGenerateEngine:
@@ -39,7 +29,7 @@ class HFGenerateEngine:
         return bool(self.waiting)
 
     @torch.inference_mode()
-    def step(self) -> list[HFStepOutput]:
+    def step(self) -> list[StepOutput]:
         if not self.waiting:
             return []
         rid, req = self.waiting.popitem(last=False)
@@ -67,5 +57,5 @@ class HFGenerateEngine:
         logprobs = None
         if sp.logprobs is not None:
             logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, toks)]
-        return [HFStepOutput(rid, toks, logprobs, True, "stop" if finished_by_eos else "length",
+        return [StepOutput(rid, toks, logprobs, True, "stop" if finished_by_eos else "length",
                              len(req.prompt_token_ids))]

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from mmpipe.services.common.convert import EmbeddingRef, TokenChunk
 from mmpipe.shared.detokenizer import IncrementalDetokenizer
-from mmpipe.shared.errors import InvalidInputError, NotFoundError
+from mmpipe.shared.errors import InvalidInputError, MMPipeError, NotFoundError
 from mmpipe.shared.inputs.assemble import build_engine_request
 from mmpipe.shared.types import EngineRequest, SamplingParams
 
@@ -82,6 +82,13 @@ class GeneratorCore:
             return f"stored meta says {meta_n} tokens, the tensor has {rows}"
         return None
 
+    def _drop(self, keys: list[str]) -> None:
+        for k in keys:
+            try:
+                self.cache.delete(k)
+            except MMPipeError as e:  # best effort: the entry is not served either way
+                log.warning("could not drop mismatched embedding %s: %s", k, e.message)
+
     async def _fetch(self, refs: list[EmbeddingRef]):
         if not refs:
             return []
@@ -91,8 +98,11 @@ class GeneratorCore:
         if bad:
             self.m_cache.labels(self.ml, "mismatch").inc(len(bad))
             for r, why in bad:
-                log.warning("embedding %s does not match its request (%s): served as a miss", r.key, why)
+                log.warning("embedding %s does not match its request (%s): dropped, served as a miss", r.key, why)
             missing += [r for r, _ in bad]
+            # Dropped so the gateway's one re-resolve re-encodes it (a hash key) or reports it missing (a UUID):
+            # left in place, every Lookup would keep calling it a hit.
+            await asyncio.get_running_loop().run_in_executor(self.io, self._drop, [r.key for r, _ in bad])
         self.m_cache.labels(self.ml, "hit").inc(len(refs) - len(missing))
         if missing:
             self.m_cache.labels(self.ml, "miss").inc(len(missing))

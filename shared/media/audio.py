@@ -24,6 +24,18 @@ def _check_seconds(n_samples: int, sr: int, max_seconds: float | None) -> None:
                                  f"{max_seconds:g} s; send a shorter clip")
 
 
+# Beyond these the file is adversarial, not audio: 768 kHz is the highest rate any codec writes.
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
+
+
+def _check_header(sr: int, channels: int) -> None:
+    if not 0 < sr <= MAX_SAMPLE_RATE:
+        raise MediaDecodeError(f"audio declares a sampling rate of {sr} Hz (supported: 1-{MAX_SAMPLE_RATE})")
+    if not 0 < channels <= MAX_CHANNELS:
+        raise MediaDecodeError(f"audio declares {channels} channels (supported: 1-{MAX_CHANNELS})")
+
+
 def _to_mono(x: np.ndarray) -> np.ndarray:
     # (samples, channels) -> mean over channels: the same downmix as librosa's mono=True.
     if x.ndim == 2:
@@ -39,11 +51,16 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[np.n
 
     sf_error: Exception | None = None
     try:
-        # info() reads only the header: the duration cap is checked before the samples are decoded.
-        info = sf.info(io.BytesIO(data))
-        _check_seconds(int(info.frames), int(info.samplerate), max_seconds)
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except LimitExceededError:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr = int(f.samplerate)
+            _check_header(sr, int(f.channels))
+            # The header's frame count: the duration cap is checked before the samples are decoded.
+            _check_seconds(int(f.frames), sr, max_seconds)
+            # Header counts can lie (mp3 estimates, a forged Xing header): never decode more than the cap
+            # allows plus one frame, whatever the header said.
+            limit = int(max_seconds * sr) + 1 if max_seconds is not None and sr > 0 else -1
+            wav = f.read(frames=limit, dtype="float32", always_2d=True)
+    except (LimitExceededError, MediaDecodeError):
         raise
     except Exception as e:  # sf.LibsndfileError (RuntimeError), TypeError for odd headers, ...
         sf_error = e
@@ -71,6 +88,11 @@ def _decode_with_pyav(data: bytes, max_seconds: float | None, sf_error: Exceptio
                 raise MediaDecodeError("media contains no audio stream")
             stream = container.streams.audio[0]
             sr = int(stream.rate or stream.codec_context.sample_rate or 0)
+            _check_header(sr, int(stream.codec_context.channels or 1))
+            if max_seconds is not None and container.duration and container.duration / 1e6 > max_seconds:
+                # container.duration is in microseconds (AV_TIME_BASE): refuse before decoding anything.
+                raise LimitExceededError(f"audio is {container.duration / 1e6:.1f} s long, more than the limit "
+                                         f"of {max_seconds:g} s; send a shorter clip")
             # Packed float output at the native rate and layout; we downmix ourselves (mean), the same
             # way as the soundfile path, so one clip decodes identically through either backend.
             resampler = av.AudioResampler(format="flt", rate=sr)

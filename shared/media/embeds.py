@@ -2,7 +2,8 @@
 
 Owns: the ONLY deserialisation of user-supplied tensors. `torch.save` payloads are loaded with
 `weights_only=True` (a restricted unpickler: pickled code such as `os.system` via `__reduce__` cannot
-run), safetensors payloads with the safetensors parser; the result must be one dense float tensor of
+run) after the zip archive itself was checked (plain records only, total size capped: no zip bombs, no
+legacy format), safetensors payloads with the safetensors parser; the result must be one dense float tensor of
 sane size with no NaN/Inf.
 Must not: call `torch.load` without `weights_only=True`, use `pickle` directly, or move tensors off the CPU.
 This is the one module in shared/media that imports torch at import time.
@@ -46,7 +47,48 @@ def _load_safetensors(data: bytes, param: str) -> torch.Tensor:
     return next(iter(tensors.values()))
 
 
-def _load_torch(data: bytes, param: str) -> torch.Tensor:
+# torch.save archives hold data.pkl, a handful of small records and one record per storage.
+_MAX_ARCHIVE_ENTRIES = 64
+
+
+def _check_torch_archive(data: bytes, param: str, max_bytes: int) -> None:
+    """Refuse anything but a plain torch.save zip archive whose records add up to at most `max_bytes` (+ slack).
+
+    torch.save writes uncompressed (STORED) records, but torch.load also inflates DEFLATE records: a 200 KB
+    archive would otherwise expand into gigabytes before any size check on the tensor could run (zip bomb).
+    The pre-zip legacy format is refused too: it declares storage sizes in a header that torch allocates
+    before reading them.
+    """
+    import zipfile
+
+    if not data.startswith(b"PK\x03\x04"):
+        raise InvalidInputError(f"{param}: not a torch.save archive (zip) or safetensors payload; the legacy "
+                                f"(pre-1.6) torch.save format is not accepted", param=param)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError) as e:
+        raise InvalidInputError(f"{param}: corrupt torch.save archive ({type(e).__name__}: {e})", param=param) from None
+    if len(infos) > _MAX_ARCHIVE_ENTRIES:
+        raise InvalidInputError(f"{param}: torch.save archive has {len(infos)} entries (at most "
+                                f"{_MAX_ARCHIVE_ENTRIES}); send one tensor", param=param)
+    total = 0
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise InvalidInputError(f"{param}: torch.save archive entry {info.filename[:60]!r} is compressed; "
+                                    f"torch.save never compresses, so this is refused (zip bomb guard)",
+                                    param=param)
+        if info.file_size != info.compress_size:
+            raise InvalidInputError(f"{param}: torch.save archive entry {info.filename[:60]!r} declares "
+                                    f"inconsistent sizes", param=param)
+        total += info.file_size
+    if total > max_bytes + 64 * 1024:
+        raise InvalidInputError(f"{param}: torch.save archive holds {total} bytes, more than the limit of "
+                                f"{max_bytes} bytes", param=param)
+
+
+def _load_torch(data: bytes, param: str, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    _check_torch_archive(data, param, max_bytes)
     try:
         # weights_only=True is the security boundary: only tensors, primitive containers and a short
         # allow-list of torch types can be unpickled; any other global (os.system, eval, ...) is refused.
@@ -73,7 +115,7 @@ def decode_tensor_b64(s: str, *, param: str, max_bytes: int = DEFAULT_MAX_BYTES)
         raise InvalidInputError(f"{param}: payload of about {len(s) * 3 // 4} bytes is larger than the limit "
                                 f"of {max_bytes} bytes", param=param)
     data = b64decode_strict(s, what=param, param=param)
-    t = _load_safetensors(data, param) if _looks_like_safetensors(data) else _load_torch(data, param)
+    t = _load_safetensors(data, param) if _looks_like_safetensors(data) else _load_torch(data, param, max_bytes)
     if type(t) is not torch.Tensor:
         t = t.as_subclass(torch.Tensor)  # nn.Parameter and other subclasses: plain tensor semantics only
     if t.layout != torch.strided or t.is_quantized or t.is_nested:

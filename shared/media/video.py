@@ -1,7 +1,7 @@
 """Video decoding (decord), frame sampling, and normalisation of in-memory frame stacks.
 
-Owns: validating video media_io_kwargs (`num_frames`, `fps`), choosing which frames to decode, the frame
-and decoded-size caps, and turning lists of PIL images / arrays / tensors into one (T, H, W, 3) uint8 array.
+Owns: validating video media_io_kwargs (`num_frames`, `fps`), choosing which frames to decode, the duration,
+frame and decoded-size caps (checked from the container header before frames are decoded), and turning lists of PIL images / arrays / tensors into one (T, H, W, 3) uint8 array.
 Must not: fetch anything, resize frames, or import torch at module import time (tensors are detected by
 duck typing, so torch is only touched when the caller already passed a tensor).
 """
@@ -127,6 +127,12 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
                                    f"container/codec ({type(e).__name__})") from None
         if total <= 0:
             raise MediaDecodeError("video has no frames")
+        # Duration from the container index, before a single frame is decoded.
+        max_s = policy.max_video_seconds
+        if src_fps > 0 and total / src_fps > max_s:
+            raise LimitExceededError(f"video is {total / src_fps:.1f} s long ({total} frames at {src_fps:g} fps), "
+                                     f"more than the limit of {max_s:g} s (MMPIPE_MEDIA_MAX_VIDEO_SECONDS); "
+                                     f"send a shorter clip")
         idx, rate = sample_indices(total, src_fps, opts, policy.max_video_frames)
         # Frame size from the stream header, so a tiny file claiming 16k x 16k frames is refused before
         # a single frame buffer is allocated; only if the probe fails do we decode one frame to learn it.
