@@ -293,8 +293,11 @@ def test_gateway_max_concurrent_requests_gives_429_with_retry_after_and_hung_sta
         hole.close()
     assert second.status_code == 429 and second.headers["retry-after"], second.text
     assert "max-concurrent-requests" in second.json()["error"]["message"]
-    assert first.status_code == 504 and waited < 5, (first.status_code, first.text)  # the deadline, no hang
-    assert third.status_code == 504  # the slot was released
+    # a stage that never answers: a retryable 503 (gRPC gave up on the handshake) or the 504 of the request
+    # deadline, within the deadline, never a hang
+    assert first.status_code in (503, 504) and waited < 5, (first.status_code, first.text)
+    assert first.status_code == 504 or first.headers["retry-after"]
+    assert third.status_code in (503, 504)  # the slot was released: not a 429
 
 
 def test_encoder_batcher_queue_is_bounded():
