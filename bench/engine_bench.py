@@ -43,17 +43,21 @@ def log(*a):
 # ---------------------------------------------------------------------------------------------------------------
 # models and prompts
 # ---------------------------------------------------------------------------------------------------------------
-def build_models(layers: int):
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)  # CPU dry runs
+
+
+def build_models(layers: int, device: str = "cuda", dtype=torch.bfloat16, tiny: bool = False):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
 
-    text = dict(TEXT, num_hidden_layers=layers)
+    text = dict(TEXT, num_hidden_layers=layers, **(TINY if tiny else {}))
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         qcfg = Qwen2Config(**text, rope_parameters=dict(ROPE))
         qcfg._attn_implementation = "sdpa"
-        hf = Qwen2ForCausalLM(qcfg).to(torch.bfloat16).eval()
-    vcfg = Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION)),
+        hf = Qwen2ForCausalLM(qcfg).to(dtype).eval()
+    section = [2, 3, 3] if tiny else MROPE_SECTION  # sums to head_dim / 2
+    vcfg = Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=dict(ROPE, mrope_section=section)),
                             vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                                out_hidden_size=text["hidden_size"]),
                             image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=True)
@@ -61,7 +65,7 @@ def build_models(layers: int):
         vl = Qwen2_5_VLForConditionalGeneration(vcfg).eval()
     lm = vl.model.language_model
     lm.embed_tokens, lm.layers, lm.norm = hf.model.embed_tokens, hf.model.layers, hf.model.norm
-    lm.rotary_emb = Qwen2_5_VLRotaryEmbedding(vcfg.text_config).to("cuda")
+    lm.rotary_emb = Qwen2_5_VLRotaryEmbedding(vcfg.text_config).to(device)
     vl.lm_head = hf.lm_head
     return hf, vl
 

@@ -148,7 +148,7 @@ def chat_body(parts: list[dict], max_tokens: int) -> dict:
 class Mix:
     """Builds request bodies by kind; `kinds` weights them. Thread-safe enough for one event loop."""
 
-    def __init__(self, weights: dict[str, float], *, max_tokens: int = 4, seed: int = 0,
+    def __init__(self, weights: dict[str, float], *, max_tokens: int = 8, seed: int = 0,
                  uuid_name: str | None = None):
         self.weights = {k: v for k, v in weights.items() if v > 0}
         unknown = set(self.weights) - set(DEFAULT_MIX) - set(EXTRA_KINDS)

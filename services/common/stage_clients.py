@@ -40,6 +40,10 @@ def make_channel(target: str, max_message_mb: int = 256, tls: ClientTLS | None =
     opts = channel_options(target, max_message_mb)
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts)
+    # gRPC takes max(min_reconnect_backoff, current backoff) as the deadline of one connection attempt: the
+    # 200 ms of the plaintext options is too short for a TLS handshake with a busy peer ("timed out before
+    # receiving SETTINGS frame"). The backoff between attempts (initial/max) stays as it is.
+    opts = [o for o in opts if o[0] != "grpc.min_reconnect_backoff_ms"] + [("grpc.min_reconnect_backoff_ms", 5000)]
     return grpc.aio.secure_channel(target, tls.credentials(), options=opts + tls.channel_options())
 
 

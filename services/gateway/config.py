@@ -69,6 +69,9 @@ class GatewayConfig:
     # Media URLs naming loopback / private / link-local IP literals are refused up front unless set
     # (ingest checks every resolved address itself).
     allow_private_media_urls: bool = False
+    # A chat template sent WITH a request is Jinja the client wrote: sandboxed, but nested loops and string
+    # repetition can pin a CPU and gigabytes for as long as they like. Refused unless set (as vLLM does).
+    trust_request_chat_template: bool = False
     media_io_kwargs: dict[str, Any] = field(default_factory=dict)
     # Seconds a request may take end to end before it fails with 504.
     request_timeout_s: float = 600.0
@@ -150,6 +153,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accept media URLs naming loopback, private, link-local or CGNAT addresses (refused by "
                         "default: SSRF); give ingest the same flag. Trusted deployments only "
                         "[MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS]")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   default=_env_bool("TRUST_REQUEST_CHAT_TEMPLATE"),
+                   help="accept a chat_template sent in the request body (client-written Jinja: a CPU and memory "
+                        "DoS vector); refused by default [MMPIPE_TRUST_REQUEST_CHAT_TEMPLATE]")
     p.add_argument("--media-io-kwargs", default=_env("MEDIA_IO_KWARGS"),
                    help='JSON per modality, e.g. \'{"video": {"num_frames": 8}}\'; sent to ingest with every '
                         'request [MMPIPE_MEDIA_IO_KWARGS]')
@@ -210,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_private_media_urls=bool(args.allow_private_media_urls),
+        trust_request_chat_template=bool(args.trust_request_chat_template),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level,

@@ -60,6 +60,10 @@ class Preparer:
 
     # ---- chat ----------------------------------------------------------------------------------------
     def chat(self, inp: ChatInput) -> PreparedPrompt:
+        if inp.chat_template is not None and not getattr(self.cfg, "trust_request_chat_template", False):
+            raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
+                                    "template (start it with --trust-request-chat-template to accept "
+                                    "client-supplied templates)", param="chat_template")
         chat = parse_messages(inp.messages)
         counts = Counter(p.modality for p in chat.parts)
         for m in counts:
@@ -122,7 +126,11 @@ class Preparer:
     def precheck_url(self, url: str, modality: str) -> None:
         if not isinstance(url, str) or not url.strip():
             raise InvalidInputError(f"{modality} URL must be a non-empty string", param=f"{modality}_url")
-        parts = urllib.parse.urlsplit(url.strip())
+        try:
+            parts = urllib.parse.urlsplit(url.strip())
+            parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+        except ValueError as e:  # "http://[" -> "Invalid IPv6 URL": a 400, not a 500
+            raise InvalidInputError(f"malformed {modality} URL {url[:80]!r}: {e}", param=f"{modality}_url") from None
         scheme = parts.scheme.lower()
         if scheme in ("http", "https"):
             host = normalize_host(parts.hostname or "")

@@ -80,6 +80,15 @@ class GeneratorCore:
             return f"stored {rows} tokens, expected {ref.num_tokens}"
         if isinstance(meta_n, int) and meta_n != rows:
             return f"stored meta says {meta_n} tokens, the tensor has {rows}"
+        grid = emb.meta.get("grid_thw")
+        grid_tokens = getattr(self.adapter, "_grid_tokens", None)  # M-RoPE families: rows follow the grid
+        if grid is not None and grid_tokens is not None:
+            try:
+                want = grid_tokens(list(grid))
+            except (TypeError, ValueError):
+                return f"stored grid_thw {grid!r} is not (t, h, w)"
+            if want != rows:
+                return f"stored grid_thw {list(grid)} means {want} tokens, the tensor has {rows}"
         return None
 
     def _drop(self, keys: list[str]) -> None:

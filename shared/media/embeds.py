@@ -62,8 +62,8 @@ def _check_torch_archive(data: bytes, param: str, max_bytes: int) -> None:
     import zipfile
 
     if not data.startswith(b"PK\x03\x04"):
-        raise InvalidInputError(f"{param}: not a torch.save archive (zip) or safetensors payload; the legacy "
-                                f"(pre-1.6) torch.save format is not accepted", param=param)
+        raise InvalidInputError(f"{param}: not a loadable torch.save archive (zip) or safetensors payload; the "
+                                f"legacy (pre-1.6) torch.save format and raw pickles are not accepted", param=param)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = zf.infolist()

@@ -83,7 +83,10 @@ def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
     if not isinstance(url, str) or not url.strip():
         raise InvalidInputError("media URL must be a non-empty string")
     url = url.strip()
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as e:  # "http://[" -> "Invalid IPv6 URL": the client's fault, not a 500
+        raise InvalidInputError(f"malformed media URL {url[:80]!r}: {e}") from None
     if scheme in ("http", "https"):
         return _fetch_http(url, policy)
     if scheme == "data":
@@ -236,7 +239,10 @@ def b64decode_strict(s: str, *, what: str, param: str | None = None) -> bytes:
 # ----------------------------------------------------------------------------------------------- local
 
 def _file_url_to_path(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:
+        raise InvalidInputError(f"malformed file:// URL {url[:80]!r}: {e}") from None
     if parts.netloc not in ("", "localhost"):
         raise MediaPolicyError(f"file:// URL names host {parts.netloc!r}; only local files "
                                f"(file:///abs/path) can be read")

@@ -124,6 +124,8 @@ def address_class(ip: IPAddress) -> str | None:
             return f"{inner}, {emb[1]} form of {emb[0]}"
         if emb[1] == "IPv4-compatible IPv6":
             return "deprecated IPv4-compatible IPv6"
+        if emb[1] == "IPv4-mapped IPv6":
+            return None  # the connection goes to the (public) IPv4 address itself
     if ip in METADATA_ADDRESSES:
         return "cloud metadata endpoint"
     if ip.is_unspecified:

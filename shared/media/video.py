@@ -118,6 +118,10 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # decord trusts the container header: a 2 KB mp4 whose sample table claims 2^31 frames makes it
+        # throw std::bad_alloc, which aborts the whole process. PyAV (same FFmpeg, Python exceptions) reads
+        # the header first, and decord only ever sees files whose header is plausible.
+        probed_hw = _check_header(path, len(data), policy)
         try:
             vr = decord.VideoReader(path, num_threads=1)
             total = len(vr)
@@ -136,7 +140,7 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
         idx, rate = sample_indices(total, src_fps, opts, policy.max_video_frames)
         # Frame size from the stream header, so a tiny file claiming 16k x 16k frames is refused before
         # a single frame buffer is allocated; only if the probe fails do we decode one frame to learn it.
-        hw = _probe_size(path)
+        hw = probed_hw
         if hw is None:
             try:
                 first = vr[int(idx[0])].asnumpy()
@@ -166,18 +170,39 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
     return frames, meta
 
 
-def _probe_size(path: str) -> tuple[int, int] | None:
-    """(height, width) of the first video stream from the container header via PyAV; None if unknown."""
-    try:
-        import av
+def _check_header(path: str, nbytes: int, policy: MediaPolicy) -> tuple[int, int] | None:
+    """Read the first video stream's header with PyAV and refuse implausible or over-limit values before any
+    decoder allocates for them. Returns (height, width) when the header gives them."""
+    import av
 
+    try:
         with av.open(path, mode="r") as c:
             if not c.streams.video:
-                return None
-            cc = c.streams.video[0].codec_context
-            return (int(cc.height), int(cc.width)) if cc.width and cc.height else None
-    except Exception:  # probing is best effort; decord's own error is the one reported
-        return None
+                raise MediaDecodeError(f"media ({nbytes} bytes) contains no video stream")
+            st = c.streams.video[0]
+            cc = st.codec_context
+            frames = int(st.frames or 0)
+            w, h = int(cc.width or 0), int(cc.height or 0)
+            seconds = None
+            if st.duration and st.time_base:
+                seconds = float(st.duration * st.time_base)
+            elif c.duration:
+                seconds = c.duration / 1e6  # AV_TIME_BASE microseconds
+    except (MediaDecodeError, LimitExceededError):
+        raise
+    except Exception as e:  # av.error.InvalidDataError and friends
+        raise MediaDecodeError(f"cannot decode video ({nbytes} bytes): not a readable video container "
+                               f"({type(e).__name__})") from None
+    if frames > nbytes:  # every frame costs at least one byte of payload
+        raise MediaDecodeError(f"video header declares {frames} frames in a {nbytes}-byte file; it is corrupt")
+    if w < 0 or h < 0 or (w and h and w * h > policy.max_image_pixels):
+        raise LimitExceededError(f"video frames are {w}x{h}, more than the limit of {policy.max_image_pixels} "
+                                 f"pixels per frame")
+    if seconds is not None and seconds > policy.max_video_seconds:
+        raise LimitExceededError(f"video is {seconds:.1f} s long, more than the limit of "
+                                 f"{policy.max_video_seconds:g} s (MMPIPE_MEDIA_MAX_VIDEO_SECONDS); send a shorter "
+                                 f"clip")
+    return (h, w) if w and h else None
 
 
 def check_frame_budget(t: int, h: int, w: int, policy: MediaPolicy) -> None:
