@@ -31,6 +31,7 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=ci-long $(PY) -m pytest -q tests/test_hardening_fuzz.py $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)

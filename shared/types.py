@@ -59,6 +59,21 @@ class SamplingParams:
             raise InvalidInputError("min_tokens must not exceed max_tokens", param="min_tokens")
         if self.logprobs is not None and self.logprobs < 0:
             raise InvalidInputError("logprobs must be >= 0", param="logprobs")
+        # Wire ranges (proto/mmpipe/v1/common.proto): out-of-range values must be a 400 here, not a protobuf
+        # ValueError (a 500) when the request is handed to the generator.
+        u32, i32, i64 = (0, 2**32 - 1), (-2**31, 2**31 - 1), (-2**63, 2**63 - 1)
+        for name, (lo, hi) in (("max_tokens", u32), ("min_tokens", u32), ("logprobs", u32), ("top_k", i32),
+                               ("seed", i64)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+                raise InvalidInputError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}", param=name)
+        bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**32]
+        if bad:
+            raise InvalidInputError(f"stop_token_ids must be non-negative token ids, got {bad[:5]}",
+                                    param="stop_token_ids")
+        if self.temperature != self.temperature or self.temperature == float("inf"):
+            raise InvalidInputError(f"temperature must be a finite number, got {self.temperature}",
+                                    param="temperature")
 
     @property
     def greedy(self) -> bool:
