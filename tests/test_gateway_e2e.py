@@ -171,7 +171,8 @@ def env(redis_server, tmp_path_factory):
                            stack.log_dir)
         from mmpipe import LLM
 
-        llm = LLM(model, device="cpu", allowed_local_media_path=str(media_dir), enable_mm_embeds=True)
+        llm = LLM(model, device="cpu", allowed_local_media_path=str(media_dir), enable_mm_embeds=True,
+                  allow_private_media_urls=True)  # the media server is on 127.0.0.1
         for p in stack.procs.values():
             wait_healthy(p.addr, 120, p.proc, p.log_path)
         wait_gateway(gw)
