@@ -1,4 +1,4 @@
-"""Tenant isolation of UUID-keyed cache entries (docs/security_isolation.md), and the API-key checks.
+"""Tenant isolation of UUID-keyed cache entries (docs/security.md, "Isolation"), and the API-key checks.
 
 End to end through the real gateway with two API keys (one from --api-key, one from --api-key-file) over the
 real stage processes of `stage_stack` and their Redis:

@@ -52,7 +52,7 @@ class GatewayConfig:
     generator_addr: str = "127.0.0.1:50053"
     redis_url: str | None = None
     api_key: str | None = None  # one key, or several separated by commas
-    # Isolation (docs/security_isolation.md): every accepted key (--api-key list + --api-key-file), each its own
+    # Isolation (docs/security.md, "Isolation"): every accepted key (--api-key list + --api-key-file), each its own
     # tenant; the tenant header is honoured only with --trust-tenant-header (set by a trusted proxy).
     api_keys: tuple[str, ...] = ()
     trust_tenant_header: bool = False

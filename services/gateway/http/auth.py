@@ -4,7 +4,7 @@ Keys (--api-key, a comma-separated list, and --api-key-file) are compared in con
 token and every configured key are first hashed to 32 bytes, then compared with `hmac.compare_digest`, against
 every key without an early exit, so neither a key's length nor which key matched shows in the timing.
 
-The tenant namespaces UUID-keyed cache entries (docs/security_isolation.md):
+The tenant namespaces UUID-keyed cache entries (docs/security.md, "Isolation"):
   * with --trust-tenant-header, the `X-MMPipe-Tenant` header when present (a trusted proxy sets it);
   * else, with API keys, a stable id derived from the matched key: blake3 in key-derivation mode, so the id
     reveals nothing of the key, is the same on every gateway replica, and needs no shared secret;
