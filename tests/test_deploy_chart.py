@@ -309,7 +309,7 @@ def test_probes_use_grpc_health_on_the_grpc_port_and_http_health_on_the_gateway(
             http_port = container_port(c, "http")
             assert env["MMPIPE_PORT"]["value"] == str(http_port)
             assert env["MMPIPE_GRPC_PORT"]["value"] == str(grpc_port)
-            assert probes["readinessProbe"]["httpGet"]["path"] == "/health"
+            assert probes["readinessProbe"]["httpGet"]["path"] == "/ready"
             assert container_port(c, probes["readinessProbe"]["httpGet"]["port"]) == http_port
             # liveness must not follow the stages' health (the gateway's /health and gRPC health both do)
             assert container_port(c, probes["livenessProbe"]["tcpSocket"]["port"]) == http_port

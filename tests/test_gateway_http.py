@@ -174,3 +174,34 @@ def test_grpc_messages_become_the_same_domain_input():
     with pytest.raises(InvalidInputError):
         chat_input_from_pb(gateway_pb2.ChatRequest(messages=[gateway_pb2.ChatMessage(
             role="user", content=[gateway_pb2.ContentPart()])]))
+
+
+def test_ready_needs_only_the_generator(omni_dir, info):
+    """/ready (the load balancer's probe) is 200 "degraded" while ingest and encoder are down but the
+    generator serves; /health still says 503 until everything is up."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    import grpc
+
+    async def go():
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            down = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+            conf = GatewayConfig(model=omni_dir, served_model_names=("tiny",), api_key=KEY)
+            app = build_app(GatewayCore(conf, info, StageClients(*down, f"127.0.0.1:{port}")))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+                await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+                before = await c.get("/ready")
+                await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+                return before, await c.get("/ready"), await c.get("/health")
+        finally:
+            await server.stop(None)
+
+    before, ready, full = asyncio.run(go())
+    assert before.status_code == 503 and before.headers["retry-after"] == "1"
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    assert ready.json()["stages"]["generator"] == "SERVING" and ready.json()["stages"]["encoder"] == "UNAVAILABLE"
+    assert full.status_code == 503

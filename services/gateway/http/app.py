@@ -21,11 +21,13 @@ from .request_id import RequestIdMiddleware
 logger = logging.getLogger(__name__)
 
 
-async def readiness(core: GatewayCore, redis: Any | None = None, timeout: float = 1.0) -> tuple[bool, dict]:
-    """Ready only when every stage answers SERVING on gRPC health (and the cache answers, when configured)."""
+async def readiness(core: GatewayCore, redis: Any | None = None, timeout: float = 1.0, *,
+                    required: tuple[str, ...] | None = None) -> tuple[bool, dict]:
+    """Ready when the `required` stages (default: all) answer SERVING on gRPC health and the cache answers,
+    when configured. The report always lists every stage."""
     stages = await core.stages.health(timeout=timeout)
     report: dict[str, Any] = {"stages": stages}
-    ok = all(s == "SERVING" for s in stages.values())
+    ok = all(s == "SERVING" for name, s in stages.items() if required is None or name in required)
     if redis is not None:
         try:
             await asyncio.wait_for(redis.ping(), timeout)
@@ -52,6 +54,17 @@ def build_app(core: GatewayCore, *, redis: Any | None = None) -> FastAPI:
         ok, report = await readiness(core, redis)
         if ok:
             return JSONResponse({"status": "ok", **report})
+        return JSONResponse({"status": "unavailable", **report}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.get("/ready")
+    async def ready(raw: Request) -> Response:
+        # Load-balancer readiness: every request needs the generator, text-only requests need nothing else, so
+        # an ingest or encoder restart must not take every gateway out of rotation. /health stays "all up".
+        ok, report = await readiness(core, None, required=("generator",))
+        degraded = [s for s, v in report["stages"].items() if v != "SERVING"]
+        if ok:
+            return JSONResponse({"status": "degraded" if degraded else "ok", **report})
         return JSONResponse({"status": "unavailable", **report}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
 
