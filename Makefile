@@ -36,8 +36,15 @@ test-slow: install
 test-gpu: install
 	$(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)
 
+# GPU benchmarks (one CUDA GPU): offline decode (engine vs transformers) then online (Poisson arrivals);
+# results in bench/results/{engine_bench,online_bench}.{json,md,png}. Options pass through, e.g.
+#   make bench ENGINE_BENCH_ARGS="--profile 1,64 --profile-mixed 0,64" ONLINE_BENCH_ARGS="--rates 12,20,28"
+BENCH_OUT ?= bench/results
+ENGINE_BENCH_ARGS ?= --profile 1,64 --profile-mixed 0,64
+ONLINE_BENCH_ARGS ?=
 bench: install
-	$(PY) bench/engine_bench.py --out BENCHMARKS.json
+	$(PY) bench/engine_bench.py --out $(BENCH_OUT)/engine_bench $(ENGINE_BENCH_ARGS)
+	$(PY) bench/online_bench.py --out $(BENCH_OUT)/online_bench $(ONLINE_BENCH_ARGS)
 
 # Python gRPC stubs of proto/mmpipe/v1/*.proto -> services/common/pb (mmpipe.services.common.pb), imports fixed.
 proto: install

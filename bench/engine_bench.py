@@ -127,7 +127,8 @@ def kv_bytes_per_token(layers: int) -> int:
     return layers * 2 * TEXT["num_key_value_heads"] * (TEXT["hidden_size"] // TEXT["num_attention_heads"]) * 2
 
 
-def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=True, profile=(), tag="engine"):
+def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=True, profile=(), tag="engine",
+                 profile_mixed=()):
     from mmpipe.shared.engine import EngineConfig, LLMEngine
     from mmpipe.shared.types import EngineRequest, SamplingParams
 
@@ -177,6 +178,9 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
     for c in profile:
         results[f"profile_{c}"] = profile_engine(engine, lambda i: req(f"p{c}-{i}", prompts[i], SamplingParams(
             max_tokens=new_tokens, temperature=0.0, ignore_eos=True)), c)
+    for c in profile_mixed:
+        results[f"profile_mixed_{c}"] = profile_mixed_step(engine, lambda i, n=new_tokens: req(
+            f"m{c}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)), c)
     info = engine.kv_cache_info()
     del engine
     gc.collect()
@@ -258,6 +262,68 @@ def profile_engine(engine, make_req, c):
     log(f"[profile c={c}] wall {out['wall_ms']:.2f} ms, graph replay alone {gpu_ms:.2f} ms, " +
         ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in spent.items()))
     for row in prof_rows:
+        log(f"    {row[2]:9.1f} us  x{row[1]:<4d} {row[0]}")
+    return out
+
+
+def profile_mixed_step(engine, make_req, c, reps=4):
+    """A step that decodes c running requests and prefills one new ~1,000-token prompt (what every step looks
+    like online while requests keep arriving), against a pure prefill step of the same prompt: wall time,
+    host time until the forward is launched (input building), host time inside the forward (launches), GPU
+    time of the step (events)."""
+    r = engine.runner
+    for i in range(c):
+        engine.add_request(make_req(i))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    fwd = r.decoder.forward
+    spent = {}
+
+    def fwd_timed(*a, **k):
+        spent["prep_end"] = time.perf_counter()
+        out = fwd(*a, **k)
+        spent["fwd_end"] = time.perf_counter()
+        return out
+    r.decoder.forward = fwd_timed
+    rows = []
+    try:
+        for k in range(reps):
+            engine.add_request(make_req(c + k))
+            torch.cuda.synchronize()
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            ev0.record()
+            outs = engine.step()
+            ev1.record()
+            wall = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            rows.append(dict(wall_ms=1e3 * wall, prep_ms=1e3 * (spent["prep_end"] - t0),
+                             launch_ms=1e3 * (spent["fwd_end"] - spent["prep_end"]),
+                             gpu_ms=ev0.elapsed_time(ev1), decodes=sum(1 for o in outs if o.new_token_ids) - 1))
+        # kernels of one more such step
+        from torch.profiler import ProfilerActivity, profile
+
+        engine.add_request(make_req(c + reps))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        key = lambda k: getattr(k, "self_device_time_total", getattr(k, "self_cuda_time_total", 0))  # noqa: E731
+        kern = [(k.key[:90], k.count, round(key(k), 1)) for k in sorted(prof.key_averages(), key=lambda k: -key(k))[:12]]
+    finally:
+        r.decoder.forward = fwd
+    for rid in list(engine._seqs):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    out = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
+    out["note"] = (f"one step = {c} decodes + one new prompt's first chunk (up to max_num_batched_tokens), run "
+                   "eagerly; prep = host work before the forward, launch = host time inside the forward")
+    out["top_kernels_us"] = kern
+    log(f"[profile mixed c={c}] " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k not in ("note",
+                                                                                                  "top_kernels_us")))
+    for row in kern:
         log(f"    {row[2]:9.1f} us  x{row[1]:<4d} {row[0]}")
     return out
 
@@ -352,6 +418,8 @@ def main(argv=None):
     ap.add_argument("--skip-compiled", action="store_true", help="skip (b) static cache + torch.compile")
     ap.add_argument("--skip-cb", action="store_true", help="skip (c) generate_batch")
     ap.add_argument("--profile", default="", help="concurrencies to profile (host / GPU / kernels), e.g. 1,64")
+    ap.add_argument("--profile-mixed", default="", help="profile a decode+prefill step at these batch sizes "
+                    "(0 = a prefill alone), e.g. 0,64")
     ap.add_argument("--compare-pack", action="store_true", help="also run the engine without weight packing")
     args = ap.parse_args(argv)
     concs = [int(x) for x in args.concurrency.split(",")]
@@ -369,7 +437,7 @@ def main(argv=None):
     log(f"models built in {time.perf_counter() - t0:.1f}s")
     wbytes = weight_bytes(hf)
     kvtok = kv_bytes_per_token(args.layers)
-    prompts = make_prompts(max(concs), args.prompt_len, args.image_tokens, TEXT["hidden_size"])
+    prompts = make_prompts(max(concs + [8]), args.prompt_len, args.image_tokens, TEXT["hidden_size"])
     max_model_len = args.prompt_len + args.new_tokens + 16
     blocks_per_seq = -(-max_model_len // 16)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -386,8 +454,9 @@ def main(argv=None):
                                                  args.new_tokens, max_model_len, blocks, pack=False,
                                                  tag="engine unpacked")
     prof = [int(x) for x in args.profile.split(",") if x]
+    pm = [int(x) for x in args.profile_mixed.split(",") if x]
     res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len, blocks,
-                                                        profile=prof)
+                                                        profile=prof, profile_mixed=pm)
     write_outputs(res, Path(args.out))  # after each section: a later timeout loses nothing
     if not args.skip_hf:
         res["hf_dynamic"] = bench_hf_generate(hf, prompts, parse(args.hf_concurrency), args.new_tokens, False)

@@ -23,7 +23,7 @@ Sections (each can be skipped; results are written after each one, so a time-out
 
 A rate is SUSTAINED when (1) p99 TPOT < --tpot-slo-ms, (2) every request finished before the drain limit
 (--drain seconds after the last arrival), and (3) the queue did not grow: the median TTFT of the last third of
-the arrivals exceeds that of the first third by less than --ttft-growth-s. (1) alone is met by an overloaded
+the arrivals exceeds that of the first third by less than --ttft-growth-s. ((1) alone is met by an overloaded
 server too: a static batch or a full running batch decodes at the same speed however long the queue is; only
 TTFT shows the overload.) The report gives the highest sustained rate of each system and their ratio.
 """

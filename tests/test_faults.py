@@ -135,17 +135,36 @@ def test_redis_full_reencodes_and_never_serves_a_wrong_embedding(stack, llm):
         want[i] = llm.chat(msgs, sp, use_tqdm=False)[0].outputs[0].token_ids
     r = _redis(stack)
     r.flushall()
+    # measure one stored embedding, then leave room for about eight more beyond what Redis uses now (the filler below keeps it full): most
+    # writes evict another entry, often one a request has been handed but not read yet
+    assert _post(stack, mix.pool_body(0)).status_code == 200
+    entry = max(int(r.memory_usage(k) or 0) for k in r.keys("*"))
     base = int(r.info("memory")["used_memory"])
-    # room for about one embedding beyond what Redis uses itself: most writes evict another entry, often
-    # one a request has been handed but not read yet
     r.config_set("maxmemory-policy", "allkeys-lru")
-    r.config_set("maxmemory", str(base + 96 * 1024))
+    r.config_set("maxmemory", str(base + 8 * entry))
     evicted0 = int(r.info("stats")["evicted_keys"])
+    # another writer keeps the cache full (as other traffic would), so entries are evicted throughout the run,
+    # whatever Redis' memory accounting does with the few small embeddings of the tiny model
+    stop = threading.Event()
+
+    def filler() -> None:
+        i = 0
+        while not stop.wait(0.05) and i < 2000:
+            try:
+                r.set(f"filler:{i}", os.urandom(entry))
+            except Exception:  # OOM refusals are part of the scenario; keep filling
+                pass
+            i += 1
+
+    th = threading.Thread(target=filler, daemon=True)
+    th.start()
     try:
         report = lt.run_load(stack.target(), lt.LoadConfig(rate=10, duration_s=10, timeout_s=25, seed=2,
                                                            mix={"pool_image": 1}), keep_tokens=True)
         evicted = int(r.info("stats")["evicted_keys"]) - evicted0
     finally:
+        stop.set()
+        th.join(5)
         r.config_set("maxmemory", str(256 * 2**20))
     REPORTS["Redis full (maxmemory ~ one entry, allkeys-lru)"] = report
     ld = report["load"]

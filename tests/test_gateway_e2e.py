@@ -391,8 +391,14 @@ def test_gateway_grpc_health_and_reflection(env):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{env.gw.grpc_port}") as ch:
-        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="mmpipe.v1.Gateway"),
-                                                 timeout=5)
+        # the gateway's gRPC health follows the stages, which an earlier test may have just restarted:
+        # poll (bounded) instead of asserting on the first answer
+        stub, deadline = health_pb2_grpc.HealthStub(ch), time.monotonic() + 30
+        while True:
+            r = stub.Check(health_pb2.HealthCheckRequest(service="mmpipe.v1.Gateway"), timeout=5)
+            if r.status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
     m = httpx.get(f"{env.gw.url}/metrics").text
     for name in ("mmpipe_gateway_time_to_first_token_seconds_count", "mmpipe_gateway_time_per_output_token_seconds",
