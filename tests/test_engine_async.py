@@ -95,10 +95,23 @@ def test_bounded_queue_and_errors(case):
 
     async def main():
         long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
-        first = asyncio.create_task(collect(aengine, a.request("r0", long)))
-        await asyncio.sleep(0.3)  # r0 running; the next one waits, a third overflows
+        # r0 is running once its first token is out (no sleeps: CI machines are slow and busy) ...
+        r0 = aengine.generate(a.request("r0", long)).__aiter__()
+        head = await r0.__anext__()
+
+        async def rest() -> tuple[list[int], object]:
+            toks, last = list(head.new_token_ids), head
+            async for out in r0:
+                toks += out.new_token_ids
+                last = out
+            return toks, last
+
+        first = asyncio.create_task(rest())
+        # ... r1 then waits (max_num_seqs=1) in the one waiting slot, and a third request overflows
         second = asyncio.create_task(collect(aengine, a.request("r1", long)))
-        await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 10
+        while aengine.engine.num_waiting_requests() < 1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
         with pytest.raises(OverloadedError):
             await collect(aengine, a.request("r2"))
         with pytest.raises(LimitExceededError):
