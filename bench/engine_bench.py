@@ -128,12 +128,14 @@ def kv_bytes_per_token(layers: int) -> int:
 
 
 def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=True, profile=(), tag="engine",
-                 profile_mixed=()):
+                 profile_mixed=(), prefill_attn=(), profile_chunked=()):
     from mmpipe.shared.engine import EngineConfig, LLMEngine
     from mmpipe.shared.types import EngineRequest, SamplingParams
 
     t0 = time.perf_counter()
-    cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, max_num_seqs=max(concs), max_num_batched_tokens=2048,
+    # profile_mixed_step keeps c + 5 requests running at once: leave room for them
+    cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, max_num_seqs=max([*concs, *(c + 8 for c in profile_mixed)]),
+                       max_num_batched_tokens=2048,
                        max_model_len=max_model_len, num_kv_blocks=kv_blocks, pack_weights=pack)
     engine = LLMEngine(vl, cfg)
     info = engine.kv_cache_info()
@@ -178,9 +180,24 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
     for c in profile:
         results[f"profile_{c}"] = profile_engine(engine, lambda i: req(f"p{c}-{i}", prompts[i], SamplingParams(
             max_tokens=new_tokens, temperature=0.0, ignore_eos=True)), c)
-    for c in profile_mixed:
-        results[f"profile_mixed_{c}"] = profile_mixed_step(engine, lambda i, n=new_tokens: req(
-            f"m{c}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)), c)
+    attn = engine.runner.attn
+    impls = list(prefill_attn) or [getattr(attn, "prefill_impl", None)]
+    for impl in impls:  # A/B of the prefill attention path in one process (triton backend: "triton" / "sdpa")
+        if impl is not None:
+            attn.prefill_impl = impl
+        sfx = f"_{impl}" if prefill_attn else ""
+        for c in profile_mixed:
+            log(f"[profile mixed] prefill attention: {impl}")
+            results[f"profile_mixed_{c}{sfx}"] = profile_mixed_step(engine, lambda i, n=new_tokens, c=c: req(
+                f"m{c}{sfx}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=n, temperature=0.0,
+                                                                          ignore_eos=True)), c)
+        if profile_chunked:
+            log(f"[profile chunked] prefill attention: {impl}")
+            results[f"profile_chunked{sfx}"] = profile_chunked_prefill(engine, lambda i: req(
+                f"k{sfx}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=2, temperature=0.0,
+                                                                         ignore_eos=True)), profile_chunked)
+    if prefill_attn and hasattr(attn, "prefill_impl"):
+        attn.prefill_impl = impls[0]
     info = engine.kv_cache_info()
     del engine
     gc.collect()
@@ -306,11 +323,15 @@ def profile_mixed_step(engine, make_req, c, reps=4):
 
         engine.add_request(make_req(c + reps))
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             engine.step()
             torch.cuda.synchronize()
         key = lambda k: getattr(k, "self_device_time_total", getattr(k, "self_cuda_time_total", 0))  # noqa: E731
-        kern = [(k.key[:90], k.count, round(key(k), 1)) for k in sorted(prof.key_averages(), key=lambda k: -key(k))[:12]]
+        avgs = prof.key_averages()
+        kern = [(k.key[:90], k.count, round(key(k), 1)) for k in sorted(avgs, key=lambda k: -key(k))[:12]]
+        kernel_ms = sum(key(k) for k in avgs) / 1e3  # GPU busy time of the step (all kernels and copies)
+        cpu = [(k.key[:90], k.count, round(k.self_cpu_time_total, 1))
+               for k in sorted(avgs, key=lambda k: -k.self_cpu_time_total)[:8]]
     finally:
         r.decoder.forward = fwd
     for rid in list(engine._seqs):
@@ -320,11 +341,54 @@ def profile_mixed_step(engine, make_req, c, reps=4):
     out = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
     out["note"] = (f"one step = {c} decodes + one new prompt's first chunk (up to max_num_batched_tokens), run "
                    "eagerly; prep = host work before the forward, launch = host time inside the forward")
+    out["kernel_sum_ms"] = kernel_ms
     out["top_kernels_us"] = kern
-    log(f"[profile mixed c={c}] " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k not in ("note",
-                                                                                                  "top_kernels_us")))
+    out["top_cpu_ops_us"] = cpu
+    log(f"[profile mixed c={c}] " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k not in (
+        "note", "top_kernels_us", "top_cpu_ops_us")))
     for row in kern:
         log(f"    {row[2]:9.1f} us  x{row[1]:<4d} {row[0]}")
+    log("    host (self CPU time, under the profiler):")
+    for row in cpu:
+        log(f"    {row[2]:9.1f} us  x{row[1]:<4d} {row[0]}")
+    return out
+
+
+def profile_chunked_prefill(engine, make_req, budgets):
+    """Prefill one prompt alone under each token budget in `budgets`, so that it is split into chunks whose
+    lengths (and cached prefixes) differ from budget to budget: GPU time (events) and wall time of every step.
+    The first chunk of a prompt has no prefix; the others attend to a cached prefix. New shapes every time:
+    a backend that builds a plan per shape pays for it here."""
+    sch = engine.scheduler
+    saved = sch.max_num_batched_tokens
+    out = {}
+    try:
+        for j, b in enumerate(budgets):
+            sch.max_num_batched_tokens = b
+            engine.add_request(make_req(j))
+            seq = sch.waiting[-1]
+            steps = []
+            while seq.num_computed_tokens < seq.num_prompt_tokens:
+                n0 = seq.num_computed_tokens
+                torch.cuda.synchronize()
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
+                ev0.record()
+                engine.step()
+                ev1.record()
+                torch.cuda.synchronize()
+                steps.append(dict(prefix=n0, tokens=seq.num_computed_tokens - n0, gpu_ms=ev0.elapsed_time(ev1),
+                                  wall_ms=1e3 * (time.perf_counter() - t0)))
+            for rid in list(engine._seqs):
+                engine.abort_request(rid)
+            while engine.has_unfinished_requests():
+                engine.step()
+            tot = sum(x["gpu_ms"] for x in steps)
+            out[b] = dict(steps=steps, prompt_gpu_ms=tot)
+            log(f"[profile chunked] budget {b}: prompt prefilled in {len(steps)} steps, GPU {tot:.1f} ms: " +
+                ", ".join(f"{x['tokens']}@{x['prefix']} {x['gpu_ms']:.1f}" for x in steps))
+    finally:
+        sch.max_num_batched_tokens = saved
     return out
 
 
@@ -420,6 +484,10 @@ def main(argv=None):
     ap.add_argument("--profile", default="", help="concurrencies to profile (host / GPU / kernels), e.g. 1,64")
     ap.add_argument("--profile-mixed", default="", help="profile a decode+prefill step at these batch sizes "
                     "(0 = a prefill alone), e.g. 0,64")
+    ap.add_argument("--prefill-attn", default="", help="A/B the prefill attention of the triton backend in the "
+                    "profiles, e.g. sdpa,triton (sdpa = the previous per-sequence SDPA path)")
+    ap.add_argument("--profile-chunked", default="", help="prefill one prompt alone under each of these token "
+                    "budgets (chunks after a cached prefix, new shapes each time), e.g. 256,384,500,777,1000")
     ap.add_argument("--compare-pack", action="store_true", help="also run the engine without weight packing")
     args = ap.parse_args(argv)
     concs = [int(x) for x in args.concurrency.split(",")]
@@ -448,15 +516,18 @@ def main(argv=None):
         step_bytes = wbytes + c * ctx * kvtok
         res["roofline"][c] = dict(ms_per_step=1e3 * step_bytes / bw, tok_s=c / (step_bytes / bw),
                                   bytes_per_step=step_bytes)
-    blocks = max(concs) * blocks_per_seq + 64
+    pm = [int(x) for x in args.profile_mixed.split(",") if x]
+    blocks = max([*concs, *(c + 8 for c in pm)]) * blocks_per_seq + 64
     if args.compare_pack:  # first: packing re-points the weights for good
         res["engine_unpacked"], _ = bench_engine(vl, prompts, [c for c in concs if c in (1, 64)] or concs[:1],
                                                  args.new_tokens, max_model_len, blocks, pack=False,
                                                  tag="engine unpacked")
     prof = [int(x) for x in args.profile.split(",") if x]
-    pm = [int(x) for x in args.profile_mixed.split(",") if x]
     res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len, blocks,
-                                                        profile=prof, profile_mixed=pm)
+                                                        profile=prof, profile_mixed=pm,
+                                                        prefill_attn=[x for x in args.prefill_attn.split(",") if x],
+                                                        profile_chunked=[int(x) for x in
+                                                                         args.profile_chunked.split(",") if x])
     write_outputs(res, Path(args.out))  # after each section: a later timeout loses nothing
     if not args.skip_hf:
         res["hf_dynamic"] = bench_hf_generate(hf, prompts, parse(args.hf_concurrency), args.new_tokens, False)

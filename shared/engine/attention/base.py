@@ -22,6 +22,15 @@ class AttentionMetadata:
     query_start_loc_host: list[int]   # S + 1 entries
     seq_lens_host: list[int]
     block_tables_host: list[list[int]] | None = None
+    # Device copy of query_start_loc (S + 1,) int32, for kernels that take all prefill chunks in one launch;
+    # built lazily by the backend when the runner did not fill it (one H2D per step, shared by all layers).
+    query_start_loc: torch.Tensor | None = None
+
+    def query_start_loc_device(self, device: torch.device) -> torch.Tensor:
+        if self.query_start_loc is None:
+            self.query_start_loc = torch.tensor(self.query_start_loc_host, dtype=torch.int32).to(
+                device, non_blocking=True)
+        return self.query_start_loc
 
     @property
     def num_seqs(self) -> int:

@@ -1,6 +1,13 @@
-"""CUDA attention backend: the Triton split-K paged decode kernel for the one-token rows, SDPA per sequence
-for prefill chunks (GQA native; K/V gathered from the blocks only when a cached prefix exists)."""
+"""CUDA attention backend: the Triton split-K paged decode kernel for the one-token rows, and one Triton
+prefill kernel (kernels/triton_prefill.py) for all prefill chunks of the step: cached prefix read through the
+block table without a mask, the chunk itself causal, one online softmax. No gather, no dense mask and no
+per-shape plans, so chunks of any length after any prefix cost what their FLOPs cost.
+
+`prefill_impl = "sdpa"` (or MMPIPE_PREFILL_ATTN=sdpa) keeps the previous path, per-sequence SDPA with a gather
+and a boolean mask after a cached prefix, for A/B benchmarks."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -13,14 +20,19 @@ class TritonPagedBackend(AttentionBackend):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        if self.head_dim & (self.head_dim - 1):
-            raise ValueError(f"the triton backend needs a power-of-two head_dim, got {self.head_dim}")
+        if self.head_dim & (self.head_dim - 1) or self.head_dim < 16:
+            raise ValueError(f"the triton backend needs a power-of-two head_dim >= 16, got {self.head_dim}")
         from ..kernels.triton_attention import choose_num_splits, paged_decode
+        from ..kernels.triton_prefill import prefill_attention
 
         self._paged_decode = paged_decode
+        self._prefill = prefill_attention
         self._choose = choose_num_splits
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         self.num_sms = props.multi_processor_count
+        self.prefill_impl = os.environ.get("MMPIPE_PREFILL_ATTN", "triton")
+        if self.prefill_impl not in ("triton", "sdpa"):
+            raise ValueError(f"MMPIPE_PREFILL_ATTN must be triton or sdpa, got {self.prefill_impl!r}")
 
     def num_splits(self, num_seqs: int) -> int:
         return self._choose(num_seqs, self.num_kv_heads, self.num_sms)
@@ -31,7 +43,15 @@ class TritonPagedBackend(AttentionBackend):
         if nd:
             self._paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
                                self.num_splits(nd), out=out[:nd])
-        qsl, lens = meta.query_start_loc_host, meta.seq_lens_host
+        if nd == meta.num_seqs:
+            return out
+        qsl = meta.query_start_loc_host
+        if self.prefill_impl == "triton":
+            max_q = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
+            self._prefill(q, k, v, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
+                          meta.query_start_loc_device(q.device)[nd:], max_q, self.scale, out=out)
+            return out
+        lens = meta.seq_lens_host
         bs = self.block_size
         for i in range(nd, meta.num_seqs):
             s, e, ctx = qsl[i], qsl[i + 1], lens[i]

@@ -1,0 +1,133 @@
+"""Prefill attention alone on the GPU, per (chunk length, cached prefix) shape: the previous path (per-sequence
+SDPA; gather + boolean mask after a prefix) against the Triton prefill kernel, and which SDPA backends accept
+the first-chunk call (is_causal, enable_gqa) in bf16.
+
+For each shape: the first call's wall time (a new shape: plan building, if any), then the steady host time per
+call (no sync) and GPU time per call (events over 20 calls). Shapes of a 3B model: 16 q / 2 kv heads, head 128.
+
+    python bench/prefill_attn_probe.py --out bench/results/prefill_attn_probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmpipe.shared.engine.attention.torch_ref import attend_one
+from mmpipe.shared.engine.kernels.triton_prefill import prefill_attention
+
+SHAPES = [(1000, 0), (2048, 0), (731, 0), (500, 500), (1000, 1000), (137, 863), (731, 269), (389, 611),
+          (1523, 477), (64, 936)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=36, help="only scales the per-step estimate")
+    args = ap.parse_args(argv)
+    H, KVH, D, page = args.heads, args.kv_heads, args.head_dim, 16
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    nb = 600
+    kc = torch.randn(nb, page, KVH, D, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    scale = D ** -0.5
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": [], "backends": {}}
+
+    # which SDPA backends take the first-chunk call (what attend_one does when n == ctx)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(1, H, 1000, D, device=dev, dtype=dt)
+    k = torch.randn(1, KVH, 1000, D, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        for gqa in (True, False):
+            kk, vv = (k, v) if gqa else (k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1))
+            try:
+                with sdpa_kernel(b):
+                    F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+                    torch.cuda.synchronize()
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(20):
+                        F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+                    e1.record()
+                    torch.cuda.synchronize()
+                r = f"ok {e0.elapsed_time(e1) / 20 * 1e3:.1f} us"
+            except Exception as e:  # noqa: BLE001
+                r = f"refused: {str(e).splitlines()[0][:100]}"
+            res["backends"][f"{b.name} enable_gqa={gqa}"] = r
+            print(f"[sdpa first chunk 1000, bf16] {b.name:20s} enable_gqa={gqa}: {r}", flush=True)
+
+    perm = torch.randperm(nb, device=dev)
+    for n, pre in SHAPES:
+        ctx = n + pre
+        nblk = -(-ctx // page)
+        table = perm[:nblk].to(torch.int32)
+        qkv = torch.randn(n, (H + 2 * KVH) * D, device=dev, dtype=dt)
+        q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+        q, k, v = q.view(n, H, D), k.view(n, KVH, D), v.view(n, KVH, D)
+        # the chunk's own k / v go into the cache too (as rope_and_cache does)
+        slots = (table.long()[torch.arange(pre, ctx, device=dev) // page] * page + torch.arange(pre, ctx, device=dev) % page)
+        kc.view(-1, KVH, D)[slots] = k
+        vc.view(-1, KVH, D)[slots] = v
+        bt = table[None]
+        sl = torch.tensor([ctx], dtype=torch.int32, device=dev)
+        qsl = torch.tensor([0, n], dtype=torch.int32, device=dev)
+
+        def old():
+            if pre == 0:
+                kk, vv = k, v
+            else:
+                blocks = bt[0, :nblk].long()
+                kk = kc.index_select(0, blocks).flatten(0, 1)[:ctx]
+                vv = vc.index_select(0, blocks).flatten(0, 1)[:ctx]
+            return attend_one(q, kk, vv, scale)
+
+        def new():
+            return prefill_attention(q, k, v, kc, vc, bt, sl, qsl, n, scale)
+
+        row = {"n": n, "prefix": pre}
+        ref = None
+        for name, fn in (("sdpa_old", old), ("triton", new)):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            o = fn()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            host = (time.perf_counter() - t) / 20
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(20):
+                fn()
+            e1.record()
+            torch.cuda.synchronize()
+            gpu = e0.elapsed_time(e1) / 20
+            if ref is None:
+                ref = attend_one(q.float(), *(x.float() for x in (
+                    (kc.index_select(0, bt[0].long()).flatten(0, 1)[:ctx], vc.index_select(0, bt[0].long()).flatten(0, 1)[:ctx]))), scale)
+            err = ((o.float() - ref).norm() / ref.norm()).item()
+            flops = 4 * n * (pre + (n + 1) / 2) * D * H
+            row[name] = dict(first_call_ms=1e3 * first, host_us=1e6 * host, gpu_us=1e3 * gpu, rel_err=err,
+                             tflops=flops / (gpu * 1e-3) / 1e12, per_step_ms_x_layers=gpu * args.layers)
+            print(f"[attn n={n:5d} prefix={pre:5d}] {name:8s} first call {1e3 * first:8.2f} ms, host {1e6 * host:7.1f} us/call,"
+                  f" GPU {1e3 * gpu:7.1f} us/call ({flops / (gpu * 1e-3) / 1e12:5.1f} TFLOP/s), x{args.layers} layers "
+                  f"{gpu * args.layers:6.2f} ms, rel err vs fp32 {err:.2e}", flush=True)
+        res["shapes"].append(row)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Prefill attention in Triton: every prefill chunk of a step in one launch, over the paged cache.
+
+Sequence s owns query rows [qsl[s], qsl[s+1]) of the flat batch: the last n = qsl[s+1] - qsl[s] of its
+ctx = seq_lens[s] tokens. Its keys are
+  (a) the cached prefix, tokens [0, ctx - n), read from the paged cache through its block table: every query
+      sees all of them, so no mask;
+  (b) the chunk itself, tokens [ctx - n, ctx), read from the step's fresh k / v rows (rotary applied), causal.
+One flash-attention pass (online softmax, exp2) covers both, so there is no gather, no dense mask and no
+per-shape plan: lengths are read on the device, and the same compiled kernel serves any chunk / context
+lengths. Grid (query block, head, sequence); blocks past a sequence's chunk exit at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_update(s, nm, m_i, l_i, acc, v, IEEE: tl.constexpr):
+    s = tl.where(nm, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays empty
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
+                    out_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks start first
+    h = tl.program_id(1)
+    s_idx = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + s_idx)
+    n = tl.load(qsl_ptr + s_idx + 1) - q_start
+    if pid_m * BLOCK_M >= n:
+        return
+    ctx = tl.load(seq_lens_ptr + s_idx)
+    prefix = ctx - n
+    kvh = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    d = tl.arange(0, HEAD_DIM)
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=m_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # (a) the cached prefix, through the block table; visible to every query row
+    bt_row = block_tables_ptr + s_idx.to(tl.int64) * stride_bt
+    for n0 in range(0, prefix, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nm = offs_n < prefix
+        page = tl.load(bt_row + offs_n // PAGE, mask=nm, other=0).to(tl.int64)
+        off = page * stride_cb + (offs_n % PAGE).to(tl.int64) * stride_cs + kvh * stride_ch
+        k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+        m_i, l_i, acc = _online_update(s * qk_scale, nm[None, :], m_i, l_i, acc, v, IEEE)
+
+    # (b) the chunk itself, from the fresh k / v rows; causal (key j visible to query i when j <= i)
+    hi = tl.minimum(n, (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nm = offs_n < n
+        krow = (q_start + offs_n).to(tl.int64)
+        k = tl.load(k_ptr + krow[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=nm[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        v = tl.load(v_ptr + krow[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=nm[:, None], other=0.0)
+        vis = nm[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        m_i, l_i, acc = _online_update(s * qk_scale, vis, m_i, l_i, acc, v, IEEE)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor, max_query_len: int, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of S prefill chunks packed in q (T, H, D).
+
+    k, v (T, KVH, D): this step's rotated keys / values, rows aligned with q (unit stride on D; other strides
+    free). Caches (num_blocks, page, KVH, D) hold each sequence's cached prefix. block_tables (S, W) int32,
+    seq_lens (S,) int32 (prefix + chunk), query_start_loc (S + 1,) int32 with row offsets into q / k / v / out
+    (need not start at 0). max_query_len: the longest chunk (host int; sizes the grid only). Returns out (T, H, D):
+    only the rows of the chunks are written."""
+    T, H, D = q.shape
+    KVH = k.shape[1]
+    S = seq_lens.shape[0]
+    out = torch.empty_like(q) if out is None else out
+    if S == 0 or max_query_len == 0:
+        return out
+    ieee = q.dtype == torch.float32
+    block_m, block_n = (64, 64) if not ieee else (32, 32)
+    grid = (triton.cdiv(max_query_len, block_m), H, S)
+    _prefill_kernel[grid](
+        q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
+        num_warps=4, num_stages=2)
+    return out
