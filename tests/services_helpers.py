@@ -196,6 +196,60 @@ def scrape(url: str, metric: str, **labels: str) -> float:
     return total
 
 
+# --- the gateway as a real process ------------------------------------------------------------------------------
+@dataclass
+class GatewayProcess:
+    port: int
+    grpc_port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_addr(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_healthy(self, timeout_s: float = 120.0) -> None:
+        """Poll GET /health (bounded); a gateway that exits or never gets healthy raises with its log tail."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gateway not healthy; log tail:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_gateway_process(model: str, addrs: dict[str, str], log_dir: Path, extra_args: list[str],
+                          env: dict[str, str] | None = None) -> GatewayProcess:
+    """`mmpipe gateway` on free 127.0.0.1 ports in front of the given stage addresses."""
+    port, gport = free_port(), free_port()
+    log = Path(log_dir) / f"gateway-{port}.log"
+    argv = [sys.executable, "-m", "mmpipe.cli", "gateway", "--model", str(model), "--served-model-name", "tiny",
+            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
+            "--ingest-addr", addrs["ingest"], "--encoder-addr", addrs["encoder"],
+            "--generator-addr", addrs["generator"], *extra_args]
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+    return GatewayProcess(port, gport, proc, log)
+
+
 # --- pytest fixtures (import them into a test module: `from services_helpers import stage_stack, ...`) ---------
 import pytest  # noqa: E402
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +21,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from services_helpers import StageStack, scrape, start_stage_process, wait_healthy
+from services_helpers import (GatewayProcess, StageStack, scrape, start_gateway_process, start_stage_process,
+                             wait_healthy)
 
-from mmpipe.shared.cache.embedded_redis import free_port
+
 
 KEY = "sk-gateway-test"
 LIMITS = '{"image": 2, "video": 1, "audio": 1}'
@@ -83,22 +81,10 @@ class _MediaHandler(BaseHTTPRequestHandler):
 
 # --- the stack ---------------------------------------------------------------------------------------------
 @dataclass
-class Gateway:
-    port: int
-    grpc_port: int
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass
 class Env:
     model: str
     stack: StageStack
-    gw: Gateway
+    gw: GatewayProcess
     media_dir: Path
     media_url: str
     llm: object
@@ -113,31 +99,12 @@ class Env:
         return scrape(f"{self.gw.url}/metrics", name, **labels)
 
 
-def start_gateway(model: str, addrs: dict[str, str], redis_url: str, media_dir: Path, log_dir: Path) -> Gateway:
-    port, gport = free_port(), free_port()
-    log = log_dir / f"gateway-{port}.log"
-    argv = [sys.executable, "-m", "mmpipe.cli", "gateway", "--model", model, "--served-model-name", "tiny",
-            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
-            "--ingest-addr", addrs["ingest"], "--encoder-addr", addrs["encoder"],
-            "--generator-addr", addrs["generator"], "--redis-url", redis_url, "--api-key", KEY,
-            "--limit-mm-per-prompt", LIMITS, "--enable-mm-embeds", "--allowed-media-domains", "127.0.0.1",
-            "--allow-private-media-urls", "--allowed-local-media-path", str(media_dir), "--shutdown-grace-s", "5"]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    return Gateway(port, gport, proc, log)
-
-
-def wait_gateway(gw: Gateway, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and gw.proc.poll() is None:
-        try:
-            if httpx.get(f"{gw.url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"gateway not healthy; log tail:\n{gw.log.read_text(errors='replace')[-3000:]}")
+def start_gateway(model: str, addrs: dict[str, str], redis_url: str, media_dir: Path, log_dir: Path
+                  ) -> GatewayProcess:
+    return start_gateway_process(model, addrs, log_dir, [
+        "--redis-url", redis_url, "--api-key", KEY, "--limit-mm-per-prompt", LIMITS, "--enable-mm-embeds",
+        "--allowed-media-domains", "127.0.0.1", "--allow-private-media-urls", "--allowed-local-media-path",
+        str(media_dir), "--shutdown-grace-s", "5"])
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +142,11 @@ def env(redis_server, tmp_path_factory):
                   allow_private_media_urls=True)  # the media server is on 127.0.0.1
         for p in stack.procs.values():
             wait_healthy(p.addr, 120, p.proc, p.log_path)
-        wait_gateway(gw)
+        gw.wait_healthy()
         yield Env(model, stack, gw, media_dir, f"http://127.0.0.1:{http.server_port}", llm)
     finally:
         if gw is not None:
-            gw.proc.send_signal(signal.SIGTERM)
-            try:
-                gw.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                gw.proc.kill()
+            gw.stop()
         stack.stop()
         http.shutdown()
         for k, v in saved.items():

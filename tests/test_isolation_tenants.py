@@ -15,9 +15,6 @@ from __future__ import annotations
 import base64
 import hmac
 import io
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +23,10 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from services_helpers import qwen2_vl_dir, stage_stack  # noqa: F401  (fixtures)
+from services_helpers import GatewayProcess, qwen2_vl_dir, stage_stack, start_gateway_process  # noqa: F401
 from tls_helpers import Certs, certs  # noqa: F401  (fixture)
 
 from mmpipe.services.gateway.http import auth
-from mmpipe.shared.cache.embedded_redis import free_port
 
 KEY_A = "sk-tenant-a-0123456789"
 KEY_B = "sk-tenant-b-a-longer-key-9876543210"
@@ -134,51 +130,24 @@ def test_offline_llm_keeps_the_default_tenant(qwen2_vl_dir, redis_url) -> None: 
 
 
 # --- end to end: two API keys through the real gateway ------------------------------------------------------
-@dataclass
-class Gateway:
-    url: str
-    grpc_addr: str
-    proc: subprocess.Popen
-    log: Path
-
-
 @pytest.fixture(scope="module")
 def gateway(stage_stack, qwen2_vl_dir, certs: Certs, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("tenants")
     keyfile = d / "keys"
     keyfile.write_text(f"{KEY_B}\n")
-    port, gport = free_port(), free_port()
-    log = d / "gateway.log"
-    argv = [sys.executable, "-m", "mmpipe.cli", "gateway", "--model", qwen2_vl_dir, "--served-model-name", "tiny",
-            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
-            "--ingest-addr", stage_stack.ingest_addr, "--encoder-addr", stage_stack.encoder_addr,
-            "--generator-addr", stage_stack.generator_addr, "--api-key-file", str(keyfile),
-            "--tls-cert-file", certs.server_cert, "--tls-key-file", certs.server_key, "--shutdown-grace-s", "2"]
-    env = {**os.environ, "MMPIPE_API_KEY": KEY_A, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    gw = Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{gport}", proc, log)
+    addrs = {"ingest": stage_stack.ingest_addr, "encoder": stage_stack.encoder_addr,
+             "generator": stage_stack.generator_addr}
+    gw = start_gateway_process(qwen2_vl_dir, addrs, d, [
+        "--api-key-file", str(keyfile), "--tls-cert-file", certs.server_cert, "--tls-key-file", certs.server_key,
+        "--shutdown-grace-s", "2"], env={"MMPIPE_API_KEY": KEY_A})
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not healthy; log tail:\n{log.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{gw.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        gw.wait_healthy(90)
         yield gw
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        gw.stop()
 
 
-def _chat(gw: Gateway, key: str, url: str | None, uuid: str | None = None, headers: dict | None = None
+def _chat(gw: GatewayProcess, key: str, url: str | None, uuid: str | None = None, headers: dict | None = None
           ) -> httpx.Response:
     part: dict = {"type": "image_url", "image_url": {"url": url} if url else None}
     if uuid is not None:
@@ -194,7 +163,7 @@ def _uuid_entries(redis_url: str, uuid: str) -> dict[str, bytes]:
     return {k.decode(): r.get(k) for k in r.keys(f"*:image:uuid:*:{uuid}")}
 
 
-def test_a_uuid_is_private_to_its_tenant(gateway: Gateway, stage_stack, redis_server) -> None:  # noqa: F811
+def test_a_uuid_is_private_to_its_tenant(gateway: GatewayProcess, stage_stack, redis_server) -> None:  # noqa: F811
     uuid = f"x-{time.monotonic_ns()}"  # the session's Redis is shared: a uuid no other test uses
     a_img, b_img = _png(101), _png(202)
     assert _chat(gateway, KEY_A, a_img, uuid).status_code == 200, "A stores uuid x"
@@ -219,7 +188,7 @@ def test_a_uuid_is_private_to_its_tenant(gateway: Gateway, stage_stack, redis_se
     assert _uuid_entries(redis_server, uuid) == entries
 
 
-def test_content_hash_entries_are_shared(gateway: Gateway, stage_stack) -> None:  # noqa: F811
+def test_content_hash_entries_are_shared(gateway: GatewayProcess, stage_stack) -> None:  # noqa: F811
     def work() -> tuple[float, float]:
         return (stage_stack.metric("encoder", "mmpipe_encoder_items_encoded_total"),
                 stage_stack.metric("ingest", "mmpipe_ingest_items_preprocessed_total"))
@@ -234,7 +203,7 @@ def test_content_hash_entries_are_shared(gateway: Gateway, stage_stack) -> None:
     assert work() == before, "B's copy of the same content must be a cache hit by hash (no encoder work)"
 
 
-def test_grpc_api_over_tls_applies_the_same_tenant(gateway: Gateway, certs: Certs) -> None:  # noqa: F811
+def test_grpc_api_over_tls_applies_the_same_tenant(gateway: GatewayProcess, certs: Certs) -> None:  # noqa: F811
     from mmpipe.client import MMPipeClient
     from mmpipe.shared.errors import AuthenticationError, NotCachedError
 

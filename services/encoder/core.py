@@ -77,7 +77,7 @@ class EncoderCore:
         self.batcher = DynamicBatcher(self._run_batch, max_items=cfg.max_batch_items, wait_ms=cfg.batch_wait_ms,
                                       executor=self.tower, on_batch=self._on_batch,
                                       on_queue=lambda d: self.m_queue.labels(self.model_label).set(d),
-                                      max_queued=getattr(cfg, "max_queued_items", 1024))
+                                      max_queued=cfg.max_queued_items)
 
     def _on_batch(self, modality: str, n: int, secs: float) -> None:
         self.m_batch.labels(self.model_label, modality).observe(n)

@@ -206,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         ingest_addr=args.ingest_addr, encoder_addr=args.encoder_addr, generator_addr=args.generator_addr,
         redis_url=args.redis_url or None, api_keys=_api_keys(args), chat_template=args.chat_template,
-        trust_tenant_header=bool(getattr(args, "trust_tenant_header", False)),
+        trust_tenant_header=bool(args.trust_tenant_header),
         tls=server_tls_from_args(args), stage_tls=client_tls_from_args(args),
         redis_options=RedisOptions.load(password_file=getattr(args, "redis_password_file", None),
                                         tls_ca_file=getattr(args, "redis_tls_ca_file", None),

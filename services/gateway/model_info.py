@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmpipe.shared.chat.templates import load_template_arg, resolve_template
-from mmpipe.shared.errors import InvalidInputError, UnsupportedError
+from mmpipe.shared.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ class ModelInfo:
             raise InvalidInputError("the model has no chat template; start the gateway with --chat-template "
                                     "or send chat_template with the request", param="chat_template")
         return self.chat_template
-
-    def check_modality(self, modality: str, param: str) -> None:
-        if modality not in self.modalities:
-            raise UnsupportedError(f"this model does not take {modality} input (it takes "
-                                   f"{', '.join(self.modalities)})", param=param)
 
 
 def load_model_info(model: str, *, chat_template: str | None = None, max_model_len: int | None = None,

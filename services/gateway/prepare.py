@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from mmpipe.shared.chat.messages import parse_messages
 from mmpipe.shared.chat.templates import apply_template
-from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError, UnsupportedError
-from mmpipe.shared.inputs.chat_items import input_audio_to_url
-from mmpipe.shared.inputs.parse import ItemRef, check_limits, check_placeholders
+from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError
+from mmpipe.shared.inputs.chat_items import chat_item_refs
+from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders
 from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.types import SamplingParams
@@ -55,37 +54,31 @@ class Preparer:
         # (redirect hops, realpath of local files, byte caps) when it fetches.
         self.policy = MediaPolicy.from_env(allowed_media_domains=cfg.allowed_media_domains,
                                            allowed_local_media_path=cfg.allowed_local_media_path,
-                                           **({"allow_private_networks": True}
-                                              if getattr(cfg, "allow_private_media_urls", False) else {}))
+                                           **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
+
+
+    @property
+    def parse_options(self) -> ParseOptions:
+        # the offline API's rules; no embeds validator here: the encoder validates image_embeds
+        return ParseOptions(modalities=tuple(self.info.modalities), limit_mm_per_prompt=self.cfg.limit_mm_per_prompt,
+                            enable_mm_embeds=self.cfg.enable_mm_embeds, cache_enabled=True)
 
     # ---- chat ----------------------------------------------------------------------------------------
     def chat(self, inp: ChatInput) -> PreparedPrompt:
-        if inp.chat_template is not None and not getattr(self.cfg, "trust_request_chat_template", False):
+        if inp.chat_template is not None and not self.cfg.trust_request_chat_template:
             raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
         chat = parse_messages(inp.messages)
-        counts = Counter(p.modality for p in chat.parts)
-        for m in counts:
-            self.info.check_modality(m, param="messages")
-        check_limits(dict(counts), self.cfg.limit_mm_per_prompt)
+        refs = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
         media: list[MediaSpec] = []
-        for i, p in enumerate(chat.parts):
-            if p.kind == "embeds":
-                if not self.cfg.enable_mm_embeds:
-                    raise UnsupportedError("image_embeds parts need the server to run with --enable-mm-embeds",
-                                           param="image_embeds")
-                media.append(MediaSpec(p.modality, "embeds", p.payload, p.uuid, i))
-                continue
+        for i, (p, ref) in enumerate(zip(chat.parts, refs)):
             if p.kind == "object":  # image_pil: only meaningful in-process
                 raise InvalidInputError("image_pil parts are only accepted by the offline API; send image_url",
                                         param="messages")
-            url = p.payload
-            if p.kind == "input_audio" and url is not None:
-                url = input_audio_to_url(url)
-            elif url is not None:
-                self.precheck_url(url, p.modality)
-            media.append(MediaSpec(p.modality, "url", url, p.uuid, i))
+            if p.kind == "url" and ref.source is not None:
+                self.precheck_url(ref.source, p.modality)
+            media.append(MediaSpec(p.modality, "embeds" if ref.is_embeds else "url", ref.source, ref.uuid, i))
         text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
                               add_generation_prompt=inp.add_generation_prompt)
         ids = self.info.tokenizer(text, add_special_tokens=False).input_ids

@@ -42,7 +42,7 @@ class IngestCore:
         self.policy = MediaPolicy.from_env(
             allowed_media_domains=tuple(cfg.allowed_media_domains) if cfg.allowed_media_domains else None,
             allowed_local_media_path=cfg.allowed_local_media_path,
-            **({"allow_private_networks": True} if getattr(cfg, "allow_private_media_urls", False) else {}))
+            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
         self.default_kw = cfg.media_io_kwargs or {}
         self._loaders: dict[str, MediaLoader] = {canonical_json(self.default_kw): MediaLoader(self.policy,
                                                                                                 self.default_kw)}
@@ -121,11 +121,11 @@ class IngestCore:
         the worker pool's queue never grows without bound) and resolve it under one deadline: the caller's,
         capped by --encoder-timeout, applied to every encoder call."""
         n = max(1, len(items))
-        limit = getattr(self.cfg, "max_pending_items", 256)
+        limit = self.cfg.max_pending_items
         if self.pending and self.pending + n > limit:
             raise OverloadedError(f"ingest has {self.pending} media items in progress, its limit "
                                   f"(--max-pending-items {limit}); retry shortly")
-        cap = getattr(self.cfg, "encoder_timeout_s", 60.0)
+        cap = self.cfg.encoder_timeout_s
         deadline = time.monotonic() + (min(timeout_s, cap) if timeout_s else cap)
         self.pending += n
         try:

@@ -62,7 +62,7 @@ def check_api_key(expected: str | Sequence[str] | None, authorization: str | Non
 def authenticate(cfg, authorization: str | None, tenant_header: str | None) -> str | None:
     """Check the API key (401) and return the request's tenant (None: the default tenant)."""
     key = check_api_key(cfg.all_api_keys, authorization)
-    if getattr(cfg, "trust_tenant_header", False) and tenant_header is not None:
+    if cfg.trust_tenant_header and tenant_header is not None:
         if not _SANE_TENANT.fullmatch(tenant_header):
             raise InvalidInputError(f"the {TENANT_HEADER} header must be 1-128 characters of "
                                     f"[A-Za-z0-9._:@/+=-]", param=TENANT_HEADER)
