@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpipe.shared.engine.attention.torch_ref import attend_one
-from mmpipe.shared.engine.kernels.triton_prefill import prefill_attention
+from mmpipe.shared.engine.kernels.triton_prefill import prefill_attention, prefill_block_m, prefill_work
 
 SHAPES = [(1000, 0), (2048, 0), (731, 0), (500, 500), (1000, 1000), (137, 863), (731, 269), (389, 611),
           (1523, 477), (64, 936)]
@@ -90,8 +90,11 @@ def main(argv=None):
                 vv = vc.index_select(0, blocks).flatten(0, 1)[:ctx]
             return attend_one(q, kk, vv, scale)
 
+        work = tuple(torch.tensor(w, dtype=torch.int32, device=dev)
+                     for w in prefill_work([n], prefill_block_m(q.dtype)))
+
         def new():
-            return prefill_attention(q, k, v, kc, vc, bt, sl, qsl, n, scale)
+            return prefill_attention(q, k, v, kc, vc, bt, sl, qsl, work, scale)
 
         row = {"n": n, "prefix": pre}
         ref = None

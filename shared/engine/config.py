@@ -16,7 +16,9 @@ class EngineConfig:
     max_model_len: prompt + output tokens of one sequence; None takes the model's max_position_embeddings,
     and it is always capped by what the KV cache can hold, so one sequence alone can always run to the end.
     attention_backend: "auto" (triton on CUDA, torch elsewhere), "torch" (reference) or "triton".
-    enable_cuda_graphs: capture decode steps as CUDA graphs (triton backend only).
+    enable_cuda_graphs: capture decode steps as CUDA graphs (triton backend only), and steps with prefill
+    chunks too when mixed_graph_max_prefills > 0: such a step runs as a graph when it holds at most that many
+    chunks (more fall back to an eager step); 0 turns mixed-step graphs off.
     pack_weights: see below (triton backend only; re-points the HF model's q/k/v and gate/up parameters).
     """
 
@@ -29,6 +31,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     enable_cuda_graphs: bool = True
+    mixed_graph_max_prefills: int = 8
     attention_backend: str = "auto"
     # triton backend: move each layer's q/k/v and gate/up weights into one buffer each (the HF parameters
     # become views of it; nothing is duplicated) so decode runs one GEMM instead of three / two.
@@ -41,6 +44,8 @@ class EngineConfig:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.mixed_graph_max_prefills < 0:
+            raise ValueError("mixed_graph_max_prefills must be >= 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -1,14 +1,21 @@
-"""DecodeGraphs: pure-decode steps replayed as CUDA graphs at bucketed batch sizes (1, 2, 4, 8, then steps of
-16 up to max_num_seqs), captured largest first into one shared memory pool.
+"""CUDA graphs for engine steps, two kinds sharing one memory pool (built by the ModelRunner):
 
-All graph inputs live in one int32 device buffer (token ids, positions, slots, lengths, block tables) that is
-filled from one pinned host buffer with a single copy per step. Rows past the real batch are padding: slot -1
-(the KV write skips them) and length 0 (attention returns zeros), so they change nothing.
+- DecodeGraphs: pure-decode steps at bucketed batch sizes (1, 2, 4, 8, then steps of 16 up to max_num_seqs);
+- MixedGraphs (mixed_graphs.py): steps with prefill chunks (and the decodes riding along) at bucketed token
+  counts.
+
+Each kind keeps all its integer inputs (token ids, positions, slots, lengths, block tables, ...) in one int32
+device buffer filled from one pinned host buffer with a single copy per step. Padding rows write nothing
+(slot -1) and attend to nothing (length 0), so they change nothing. Graphs are captured largest first.
+
+On the CPU (the Triton interpreter, TRITON_INTERPRET=1) nothing is captured: `replay` runs the same static-shape
+forward eagerly on the same buffers, so CI tests the padding and fill logic of the CUDA path.
 """
 from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -27,41 +34,116 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-class DecodeGraphs:
-    def __init__(self, runner):
+class BlockTableRows:
+    """Host staging rows of the block table. A row is rewritten only where its sequence changed or got a new
+    block (a full rewrite per step costs ~4 us a row). The owner is the sequence's block-table list object,
+    which changes when a sequence is preempted and re-admitted."""
+
+    def __init__(self, rows: int):
+        self.owner: list[tuple[object, int] | None] = [None] * rows
+
+    def reset(self) -> None:
+        self.owner = [None] * len(self.owner)
+
+    def write(self, bt: np.ndarray, row: int, table: list[int]) -> None:
+        nb = len(table)
+        own = self.owner[row]
+        if own is not None and own[0] is table:
+            if own[1] == nb:
+                return
+            if own[1] < nb:
+                bt[row, own[1]:nb] = table[own[1]:]
+                self.owner[row] = (table, nb)
+                return
+        bt[row, :nb] = table
+        self.owner[row] = (table, nb)
+
+
+class StepGraphs(ABC):
+    """Common machinery: the int32 input buffer (named segments), capture into the shared pool, replay."""
+
+    kind = "step"
+
+    def __init__(self, runner, sizes: list[int], segments: dict[str, int], pool=None):
         self.runner = runner
-        self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
-        self.max_bs = self.sizes[-1]
-        self.width = runner.max_blocks_per_seq
-        n = self.max_bs
-        self.rows = 3 if runner.mrope else 1
-        # layout of the int32 input buffer
-        self.o_ids, self.o_pos = 0, n
-        self.o_slot = self.o_pos + self.rows * n
-        self.o_len = self.o_slot + n
-        self.o_bt = self.o_len + n
-        total = self.o_bt + n * self.width
-        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=True)
+        self.sizes = sizes
+        self.capture_enabled = runner.device.type == "cuda"
+        self.pool = pool
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, n in segments.items():
+            self.offsets[name] = total
+            total += n
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=self.capture_enabled)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(total, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
-        # what each staging row of the block table holds now: (the sequence's block-table list, entries
-        # written); the list object changes when a sequence is preempted and re-admitted. Rows are rewritten
-        # only where the batch changed or a block was added (a full rewrite per step costs ~4 us a row)
-        self._row_owner: list[tuple[object, int] | None] = [None] * n
+
+    def seg(self, name: str, n: int, buf: torch.Tensor | np.ndarray | None = None):
+        o = self.offsets[name]
+        return (self.dev if buf is None else buf)[o:o + n]
+
+    def upload(self, end: int) -> None:
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+
+    # ---- provided by each kind --------------------------------------------------------------------------------
+    @abstractmethod
+    def _forward(self, size: int) -> torch.Tensor:
+        """The step's forward at `size` over the static buffers; returns the logits buffer."""
+
+    @abstractmethod
+    def _set_padding(self) -> None:
+        """Fill the buffers with inputs that write nothing and attend to nothing."""
+
+    # ---- capture and replay ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self._set_padding()
+        if not self.capture_enabled:
+            return
+        t0 = time.perf_counter()
+        for size in self.sizes:  # warm-up: compiles every kernel variant, picks cuBLAS algorithms
+            self._forward(size)
+        torch.cuda.synchronize()
+        for size in reversed(self.sizes):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                out = self._forward(size)
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[size], self.outputs[size] = g, out
+        torch.cuda.synchronize()
+        log.info("captured %d %s CUDA graphs (sizes %s) in %.1fs", len(self.sizes), self.kind, self.sizes,
+                 time.perf_counter() - t0)
+
+    def replay(self, size: int) -> torch.Tensor:
+        if self.capture_enabled:
+            self.graphs[size].replay()
+            return self.outputs[size]
+        with torch.inference_mode():
+            return self._forward(size)
+
+
+class DecodeGraphs(StepGraphs):
+    kind = "decode"
+
+    def __init__(self, runner, pool=None):
+        sizes = graph_batch_sizes(runner.config.max_num_seqs)
+        n = sizes[-1]
+        self.max_bs = n
+        self.width = runner.max_blocks_per_seq
+        self.rows = 3 if runner.mrope else 1
+        super().__init__(runner, sizes, {"ids": n, "pos": self.rows * n, "slot": n, "len": n,
+                                         "bt": n * self.width}, pool)
+        self.tables = BlockTableRows(n)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def _views(self, bs: int):
-        d, n = self.dev, self.max_bs
-        ids = d[self.o_ids:self.o_ids + bs]
-        pos = d[self.o_pos:self.o_pos + self.rows * n].view(self.rows, n)[:, :bs]
-        pos = pos if self.rows == 3 else pos[0]
-        slots = d[self.o_slot:self.o_slot + bs]
-        lens = d[self.o_len:self.o_len + bs]
-        bt = d[self.o_bt:self.o_bt + n * self.width].view(n, self.width)[:bs]
-        return ids, pos, slots, lens, bt
+        n = self.max_bs
+        pos = self.seg("pos", self.rows * n).view(self.rows, n)[:, :bs]
+        return (self.seg("ids", bs), pos if self.rows == 3 else pos[0], self.seg("slot", bs),
+                self.seg("len", bs), self.seg("bt", n * self.width).view(n, self.width)[:bs])
 
     def _forward(self, bs: int) -> torch.Tensor:
         r = self.runner
@@ -71,79 +153,46 @@ class DecodeGraphs:
         return r.decoder.forward(ids, pos, meta, r.kv_cache, r.attn, r.ops)
 
     def can_run(self, sched: SchedulerOutput) -> bool:
-        if len(sched.scheduled) > self.max_bs:
+        if sched.num_decodes != len(sched.scheduled) or len(sched.scheduled) > self.max_bs:
             return False
         # true decodes only: the token is a generated one (no multimodal row, position = index + per-row delta)
         return all(sc.start >= sc.seq.num_prompt_tokens for sc in sched.scheduled)
 
     def _fill(self, sched: SchedulerOutput, bucket: int) -> None:
-        h, n, bsz = self.host_np, self.max_bs, self.runner.block_size
+        h, n, bsz, o = self.host_np, self.max_bs, self.runner.block_size, self.offsets
         B = len(sched.scheduled)
         seqs = [sc.seq for sc in sched.scheduled]
         idx = np.fromiter((sc.start for sc in sched.scheduled), dtype=np.int64, count=B)
-        h[self.o_ids:self.o_ids + B] = [s.token_ids[i] for s, i in zip(seqs, idx.tolist())]
+        h[o["ids"]:o["ids"] + B] = [s.token_ids[i] for s, i in zip(seqs, idx.tolist())]
         for r in range(self.rows):
             pos = idx + np.fromiter((s.mrope_deltas[r] for s in seqs), dtype=np.int64, count=B) if self.rows == 3 \
                 else idx
-            h[self.o_pos + r * n:self.o_pos + r * n + B] = pos
+            h[o["pos"] + r * n:o["pos"] + r * n + B] = pos
         last_blocks = np.fromiter((s.block_table[i // bsz] for s, i in zip(seqs, idx.tolist())), dtype=np.int64,
                                   count=B)
-        h[self.o_slot:self.o_slot + B] = last_blocks * bsz + idx % bsz
-        h[self.o_len:self.o_len + B] = idx + 1
-        bt = h[self.o_bt:self.o_bt + n * self.width].reshape(n, self.width)
-        owners = self._row_owner
+        h[o["slot"]:o["slot"] + B] = last_blocks * bsz + idx % bsz
+        h[o["len"]:o["len"] + B] = idx + 1
+        bt = self.seg("bt", n * self.width, h).reshape(n, self.width)
         for i, s in enumerate(seqs):
-            table = s.block_table
-            nb = len(table)
-            own = owners[i]
-            if own is not None and own[0] is table:
-                if own[1] == nb:
-                    continue
-                if own[1] < nb:
-                    bt[i, own[1]:nb] = table[own[1]:]
-                    owners[i] = (table, nb)
-                    continue
-            bt[i, :nb] = table
-            owners[i] = (table, nb)
+            self.tables.write(bt, i, s.block_table)
         if bucket > B:  # padding rows write nothing and attend to nothing
-            h[self.o_ids + B:self.o_ids + bucket] = 0
+            h[o["ids"] + B:o["ids"] + bucket] = 0
             for r in range(self.rows):
-                h[self.o_pos + r * n + B:self.o_pos + r * n + bucket] = 0
-            h[self.o_slot + B:self.o_slot + bucket] = -1
-            h[self.o_len + B:self.o_len + bucket] = 0
-        end = self.o_bt + bucket * self.width
-        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+                h[o["pos"] + r * n + B:o["pos"] + r * n + bucket] = 0
+            h[o["slot"] + B:o["slot"] + bucket] = -1
+            h[o["len"] + B:o["len"] + bucket] = 0
+        self.upload(o["bt"] + bucket * self.width)
 
-    # ---- capture and replay ----------------------------------------------------------------------------------
     def _set_padding(self) -> None:
-        self._row_owner = [None] * self.max_bs
-        h = self.host_np
-        h[:] = 0
-        h[self.o_slot:self.o_slot + self.max_bs] = -1
+        self.tables.reset()
+        self.host_np[:] = 0
+        self.seg("slot", self.max_bs, self.host_np)[:] = -1
         self.dev.copy_(self.host)
-
-    @torch.inference_mode()
-    def capture(self) -> None:
-        t0 = time.perf_counter()
-        self._set_padding()
-        for bs in self.sizes:  # warm-up: compiles every kernel variant (split counts differ per size)
-            self._forward(bs)
-        torch.cuda.synchronize()
-        for bs in reversed(self.sizes):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                out = self._forward(bs)
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[bs], self.outputs[bs] = g, out
-        torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch %s) in %.1fs", len(self.sizes), self.sizes,
-                 time.perf_counter() - t0)
 
     def run(self, sched: SchedulerOutput) -> torch.Tensor:
         B = len(sched.scheduled)
         bucket = next(s for s in self.sizes if s >= B)
         self._fill(sched, bucket)
-        self.graphs[bucket].replay()
+        out = self.replay(bucket)
         self.runner.stats_graph_steps += 1
-        return self.outputs[bucket][:B]
+        return out[:B]

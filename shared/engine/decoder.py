@@ -82,12 +82,15 @@ class PagedDecoder:
         return h
 
     # ---- forward ---------------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, attn: AttentionBackend, ops: Any,
                 mm_index: torch.Tensor | None = None, mm_rows: torch.Tensor | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (R, vocab) at `logits_index` rows (all rows when None); kv_cache (2, layers, blocks, bs, KVH, D)."""
-        h = self.embed(input_ids, mm_index, mm_rows)
+                logits_index: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, vocab) at `logits_index` rows (all rows when None); kv_cache (2, layers, blocks, bs, KVH, D).
+
+        `inputs_embeds` (T, hidden), when given, replaces the embedding of `input_ids` (and the mm rows)."""
+        h = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, mm_index, mm_rows)
         cos, sin = self.rotary(positions, h)
         T = h.shape[0]
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -104,6 +107,6 @@ class PagedDecoder:
             x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
             h = ops.mlp(i, x, layer.mlp)
         if logits_index is not None:
-            h, residual = h[logits_index], residual[logits_index]
+            h, residual = h.index_select(0, logits_index), residual.index_select(0, logits_index)
         x, _ = ops.add_norm(h, residual, self.norm)
         return self.lm_head(x)

@@ -41,7 +41,7 @@ class LLMEngine:
         self._pending: list[StepOutput] = []  # finishes decided between steps (aborts)
         gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
         self._default_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0, "mixed_graph_steps": 0}
         info = self.kv_cache_info()
         log.info("engine ready in %.1fs: KV cache %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d, "
                  "backend %s, cuda graphs %s", time.perf_counter() - t0, info["num_blocks"], info["block_size"],
@@ -121,6 +121,7 @@ class LLMEngine:
         sampled, result = self.runner.execute(sched)
         self.stats["steps"] += 1
         self.stats["graph_steps"] = self.runner.stats_graph_steps
+        self.stats["mixed_graph_steps"] = self.runner.stats_mixed_graph_steps
         for sc in sched.scheduled:
             if sc.seq.num_computed_tokens < sc.seq.num_prompt_tokens:
                 self.stats["prefill_tokens"] += sc.num_new_tokens

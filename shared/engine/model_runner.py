@@ -1,5 +1,6 @@
-"""ModelRunner: owns the KV cache, turns a scheduled batch into flat model inputs, runs the decoder (eagerly
-or through a captured CUDA graph for pure-decode steps) and samples.
+"""ModelRunner: owns the KV cache, turns a scheduled batch into flat model inputs, runs the decoder (through a
+captured CUDA graph: a decode graph for pure-decode steps, a mixed graph for steps with prefill chunks; eagerly
+when no graph fits) and samples.
 
 KV cache: one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim) for all layers; a token
 at index i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size.
@@ -7,6 +8,7 @@ at index i of a sequence lives in slot block_table[i // block_size] * block_size
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -38,8 +40,9 @@ class ModelRunner:
         self.mrope = d.is_mrope
 
         backend = config.resolved_backend()
-        if backend == "triton" and self.device.type != "cuda":
-            raise ValueError("the triton attention backend needs a CUDA device")
+        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, "
+                             "which runs the kernels in Triton's interpreter, slowly)")
         self.backend_name = backend
         self.attn = create_backend(backend, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
                                    head_dim=d.head_dim, block_size=config.block_size, scale=d.scale)
@@ -64,12 +67,18 @@ class ModelRunner:
         self.max_model_len = min(mml, num_blocks * config.block_size)
         self.max_blocks_per_seq = cdiv(self.max_model_len, config.block_size) + 1
 
-        self.graphs = None
-        self.stats_graph_steps = 0
+        self.graphs = self.mixed_graphs = None
+        self.stats_graph_steps = self.stats_mixed_graph_steps = 0
         if backend == "triton" and config.enable_cuda_graphs:
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self)
+            pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+            if config.mixed_graph_max_prefills and self.attn.prefill_impl == "triton":
+                from .mixed_graphs import MixedGraphs
+
+                self.mixed_graphs = MixedGraphs(self, config.mixed_graph_max_prefills, pool)
+                self.mixed_graphs.capture()  # the largest activations first, then the decode graphs share them
+            self.graphs = DecodeGraphs(self, pool)
             self.graphs.capture()
 
     # ---- sizing ----------------------------------------------------------------------------------------------
@@ -137,9 +146,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
         """Run one step; returns the entries that sampled a token, with their tokens (in the same order)."""
         sampling = [sc for sc in sched.scheduled if sc.samples]
-        if (self.graphs is not None and sched.num_decodes == len(sched.scheduled)
-                and self.graphs.can_run(sched)):
+        if self.graphs is not None and self.graphs.can_run(sched):
             logits = self.graphs.run(sched)
+        elif self.mixed_graphs is not None and self.mixed_graphs.can_run(sched):
+            logits = self.mixed_graphs.run(sched)
         else:
             logits = self._run_eager(sched)
         if not sampling:
@@ -200,4 +210,5 @@ class ModelRunner:
                 "dtype": str(self.dtype).replace("torch.", ""), "attention_backend": self.backend_name,
                 "cuda_graphs": self.graphs is not None,
                 "cuda_graph_batch_sizes": list(self.graphs.sizes) if self.graphs is not None else [],
+                "cuda_graph_token_sizes": list(self.mixed_graphs.sizes) if self.mixed_graphs is not None else [],
                 "max_tokens_in_cache": self.num_blocks * self.block_size}

@@ -18,13 +18,17 @@ class AttentionMetadata:
     seq_lens: torch.Tensor            # (S,) int32 context length incl. this step's tokens
     block_tables: torch.Tensor        # (S, max_blocks) int32
     num_decodes: int                  # leading one-token sequences
-    # Host copies for per-sequence prefill loops (no device syncs).
+    # Host copies for per-sequence prefill loops (no device syncs); empty in a CUDA graph's static step.
     query_start_loc_host: list[int]   # S + 1 entries
     seq_lens_host: list[int]
     block_tables_host: list[list[int]] | None = None
     # Device copy of query_start_loc (S + 1,) int32, for kernels that take all prefill chunks in one launch;
     # built lazily by the backend when the runner did not fill it (one H2D per step, shared by all layers).
     query_start_loc: torch.Tensor | None = None
+    # Prefill work list (sequence index, query block), two (N,) int32 device tensors, for backends that run
+    # every prefill chunk in one launch; built lazily by the backend when the runner did not fill it. A CUDA
+    # graph fills a fixed-length list whose unused entries have sequence -1.
+    prefill_work: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def query_start_loc_device(self, device: torch.device) -> torch.Tensor:
         if self.query_start_loc is None:
@@ -34,7 +38,7 @@ class AttentionMetadata:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.seq_lens_host)
+        return self.seq_lens.shape[0]
 
     @property
     def num_decode_tokens(self) -> int:

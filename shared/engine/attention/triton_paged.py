@@ -23,13 +23,16 @@ class TritonPagedBackend(AttentionBackend):
         if self.head_dim & (self.head_dim - 1) or self.head_dim < 16:
             raise ValueError(f"the triton backend needs a power-of-two head_dim >= 16, got {self.head_dim}")
         from ..kernels.triton_attention import choose_num_splits, paged_decode
-        from ..kernels.triton_prefill import prefill_attention
+        from ..kernels.triton_prefill import prefill_attention, prefill_block_m, prefill_work
 
         self._paged_decode = paged_decode
         self._prefill = prefill_attention
+        self._prefill_work = prefill_work
+        self._prefill_block_m = prefill_block_m
         self._choose = choose_num_splits
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        self.num_sms = props.multi_processor_count
+        # the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) runs without a GPU; its SM count is moot
+        self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                        if torch.cuda.is_available() else 8)
         self.prefill_impl = os.environ.get("MMPIPE_PREFILL_ATTN", "triton")
         if self.prefill_impl not in ("triton", "sdpa"):
             raise ValueError(f"MMPIPE_PREFILL_ATTN must be triton or sdpa, got {self.prefill_impl!r}")
@@ -47,9 +50,13 @@ class TritonPagedBackend(AttentionBackend):
             return out
         qsl = meta.query_start_loc_host
         if self.prefill_impl == "triton":
-            max_q = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
+            if meta.prefill_work is None:
+                seqs, blocks = self._prefill_work([qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs)],
+                                                  self._prefill_block_m(q.dtype))
+                meta.prefill_work = tuple(torch.tensor(w, dtype=torch.int32).to(q.device, non_blocking=True)
+                                          for w in (seqs, blocks))
             self._prefill(q, k, v, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
-                          meta.query_start_loc_device(q.device)[nd:], max_q, self.scale, out=out)
+                          meta.query_start_loc_device(q.device)[nd:], meta.prefill_work, self.scale, out=out)
             return out
         lens = meta.seq_lens_host
         bs = self.block_size

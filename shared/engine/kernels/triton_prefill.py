@@ -7,7 +7,11 @@ ctx = seq_lens[s] tokens. Its keys are
   (b) the chunk itself, tokens [ctx - n, ctx), read from the step's fresh k / v rows (rotary applied), causal.
 One flash-attention pass (online softmax, exp2) covers both, so there is no gather, no dense mask and no
 per-shape plan: lengths are read on the device, and the same compiled kernel serves any chunk / context
-lengths. Grid (query block, head, sequence); blocks past a sequence's chunk exit at once.
+lengths.
+
+Grid (work item, head). A work item is one (sequence, query block) pair from a device-side work list, so the
+grid has exactly as many live programs as the step has query blocks, and a CUDA graph can hold a list of
+fixed length whose unused entries (sequence -1) exit at once. `prefill_work` builds the list on the host.
 """
 from __future__ import annotations
 
@@ -36,14 +40,17 @@ def _online_update(s, nm, m_i, l_i, acc, v, IEEE: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                    out_ptr, qk_scale,
+                    work_seq_ptr, work_blk_ptr, out_ptr, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks start first
+    w = tl.program_id(0)
     h = tl.program_id(1)
-    s_idx = tl.program_id(2)
+    s_idx = tl.load(work_seq_ptr + w)
+    if s_idx < 0:
+        return
+    pid_m = tl.load(work_blk_ptr + w)
     q_start = tl.load(qsl_ptr + s_idx)
     n = tl.load(qsl_ptr + s_idx + 1) - q_start
     if pid_m * BLOCK_M >= n:
@@ -97,31 +104,44 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
              mask=m_mask[:, None])
 
 
+def prefill_block_m(dtype: torch.dtype) -> int:
+    """Query rows per program (a work item covers this many rows of one sequence's chunk)."""
+    return 32 if dtype == torch.float32 else 64
+
+
+def prefill_work(chunk_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """(sequence index, query block) of every work item, the last (longest-running) blocks first."""
+    items = [(i, m) for i, n in enumerate(chunk_lens) for m in range(-(-n // block_m))]
+    items.sort(key=lambda it: -it[1])
+    return [i for i, _ in items], [m for _, m in items]
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                      query_start_loc: torch.Tensor, max_query_len: int, scale: float,
+                      query_start_loc: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], scale: float,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of S prefill chunks packed in q (T, H, D).
 
     k, v (T, KVH, D): this step's rotated keys / values, rows aligned with q (unit stride on D; other strides
     free). Caches (num_blocks, page, KVH, D) hold each sequence's cached prefix. block_tables (S, W) int32,
     seq_lens (S,) int32 (prefix + chunk), query_start_loc (S + 1,) int32 with row offsets into q / k / v / out
-    (need not start at 0). max_query_len: the longest chunk (host int; sizes the grid only). Returns out (T, H, D):
+    (need not start at 0). work: two (N,) int32 device tensors, sequence index and query block of each work
+    item (`prefill_work` with `prefill_block_m(q.dtype)`; sequence -1: nothing to do). Returns out (T, H, D):
     only the rows of the chunks are written."""
     T, H, D = q.shape
     KVH = k.shape[1]
-    S = seq_lens.shape[0]
     out = torch.empty_like(q) if out is None else out
-    if S == 0 or max_query_len == 0:
+    work_seq, work_blk = work
+    if work_seq.shape[0] == 0:
         return out
     ieee = q.dtype == torch.float32
-    block_m, block_n = (64, 64) if not ieee else (32, 32)
-    grid = (triton.cdiv(max_query_len, block_m), H, S)
-    _prefill_kernel[grid](
-        q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+    block_m = prefill_block_m(q.dtype)
+    _prefill_kernel[(work_seq.shape[0], H)](
+        q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, work_seq, work_blk, out,
+        scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
+        GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_m, IEEE=ieee,
         num_warps=4, num_stages=2)
     return out

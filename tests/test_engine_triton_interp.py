@@ -1,0 +1,25 @@
+"""The engine's CUDA path (Triton kernels, decode and mixed-step CUDA-graph staging) on the CPU, through
+Triton's interpreter, token-identical to HF `generate`. The interpreter is chosen when triton is first
+imported, so the checks run in a subprocess (tests/triton_interp_engine.py) with TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+pytestmark = pytest.mark.timeout(600)
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])  # 1-D RoPE, and M-RoPE with image rows
+def test_cuda_path_in_triton_interpreter_matches_generate(family):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(HERE / "triton_interp_engine.py"), family], env=env, cwd=HERE.parent,
+                       capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
+    assert r.stdout.count(f"ok {family} /") == 4, r.stdout
