@@ -128,7 +128,7 @@ def kv_bytes_per_token(layers: int) -> int:
 
 
 def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=True, profile=(), tag="engine",
-                 profile_mixed=(), prefill_attn=(), profile_chunked=()):
+                 profile_mixed=(), prefill_attn=(), profile_chunked=(), mixed_graphs=()):
     from mmpipe.shared.engine import EngineConfig, LLMEngine
     from mmpipe.shared.types import EngineRequest, SamplingParams
 
@@ -180,24 +180,30 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
     for c in profile:
         results[f"profile_{c}"] = profile_engine(engine, lambda i: req(f"p{c}-{i}", prompts[i], SamplingParams(
             max_tokens=new_tokens, temperature=0.0, ignore_eos=True)), c)
-    attn = engine.runner.attn
-    impls = list(prefill_attn) or [getattr(attn, "prefill_impl", None)]
-    for impl in impls:  # A/B of the prefill attention path in one process (triton backend: "triton" / "sdpa")
+    runner, attn = engine.runner, engine.runner.attn
+    captured = runner.mixed_graphs
+    # A/B in one process: prefill attention ("triton" / "sdpa", the previous per-sequence SDPA path) and mixed
+    # steps as CUDA graphs or eager. The captured graphs hold the Triton prefill kernel, so sdpa runs eagerly.
+    modes = [(impl, mg) for impl in (list(prefill_attn) or [getattr(attn, "prefill_impl", None)])
+             for mg in (list(mixed_graphs) or [captured is not None]) if not (impl == "sdpa" and mg)]
+    for impl, mg in modes:
         if impl is not None:
             attn.prefill_impl = impl
-        sfx = f"_{impl}" if prefill_attn else ""
+        runner.mixed_graphs = captured if mg else None
+        sfx = (f"_{impl}" if prefill_attn else "") + (("_graph" if mg else "_eager") if mixed_graphs else "")
         for c in profile_mixed:
-            log(f"[profile mixed] prefill attention: {impl}")
+            log(f"[profile mixed] prefill attention: {impl}, mixed graphs: {mg}")
             results[f"profile_mixed_{c}{sfx}"] = profile_mixed_step(engine, lambda i, n=new_tokens, c=c: req(
                 f"m{c}{sfx}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=n, temperature=0.0,
                                                                           ignore_eos=True)), c)
         if profile_chunked:
-            log(f"[profile chunked] prefill attention: {impl}")
+            log(f"[profile chunked] prefill attention: {impl}, mixed graphs: {mg}")
             results[f"profile_chunked{sfx}"] = profile_chunked_prefill(engine, lambda i: req(
                 f"k{sfx}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=2, temperature=0.0,
                                                                          ignore_eos=True)), profile_chunked)
-    if prefill_attn and hasattr(attn, "prefill_impl"):
-        attn.prefill_impl = impls[0]
+    runner.mixed_graphs = captured
+    if modes and modes[0][0] is not None:
+        attn.prefill_impl = modes[0][0]
     info = engine.kv_cache_info()
     del engine
     gc.collect()
@@ -287,7 +293,8 @@ def profile_mixed_step(engine, make_req, c, reps=4):
     """A step that decodes c running requests and prefills one new ~1,000-token prompt (what every step looks
     like online while requests keep arriving), against a pure prefill step of the same prompt: wall time,
     host time until the forward is launched (input building), host time inside the forward (launches), GPU
-    time of the step (events)."""
+    time of the step (events). A step replayed as a mixed CUDA graph calls no forward: its host parts are
+    reported as None and `graph` is 1."""
     r = engine.runner
     for i in range(c):
         engine.add_request(make_req(i))
@@ -307,6 +314,8 @@ def profile_mixed_step(engine, make_req, c, reps=4):
     try:
         for k in range(reps):
             engine.add_request(make_req(c + k))
+            spent.clear()
+            graphs_before = engine.stats["mixed_graph_steps"]
             torch.cuda.synchronize()
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0 = time.perf_counter()
@@ -315,9 +324,11 @@ def profile_mixed_step(engine, make_req, c, reps=4):
             ev1.record()
             wall = time.perf_counter() - t0
             torch.cuda.synchronize()
-            rows.append(dict(wall_ms=1e3 * wall, prep_ms=1e3 * (spent["prep_end"] - t0),
-                             launch_ms=1e3 * (spent["fwd_end"] - spent["prep_end"]),
-                             gpu_ms=ev0.elapsed_time(ev1), decodes=sum(1 for o in outs if o.new_token_ids) - 1))
+            eager = "prep_end" in spent
+            rows.append(dict(wall_ms=1e3 * wall, prep_ms=1e3 * (spent["prep_end"] - t0) if eager else None,
+                             launch_ms=1e3 * (spent["fwd_end"] - spent["prep_end"]) if eager else None,
+                             gpu_ms=ev0.elapsed_time(ev1), decodes=sum(1 for o in outs if o.new_token_ids) - 1,
+                             graph=engine.stats["mixed_graph_steps"] - graphs_before))
         # kernels of one more such step
         from torch.profiler import ProfilerActivity, profile
 
@@ -338,13 +349,14 @@ def profile_mixed_step(engine, make_req, c, reps=4):
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
-    out = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
-    out["note"] = (f"one step = {c} decodes + one new prompt's first chunk (up to max_num_batched_tokens), run "
-                   "eagerly; prep = host work before the forward, launch = host time inside the forward")
+    out = {k: (statistics.median(x[k] for x in rows) if rows[0][k] is not None else None) for k in rows[0]}
+    out["note"] = (f"one step = {c} decodes + one new prompt's first chunk (up to max_num_batched_tokens); "
+                   "graph = 1 when it replayed a mixed CUDA graph; eager steps: prep = host work before the "
+                   "forward, launch = host time inside the forward")
     out["kernel_sum_ms"] = kernel_ms
     out["top_kernels_us"] = kern
     out["top_cpu_ops_us"] = cpu
-    log(f"[profile mixed c={c}] " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k not in (
+    log(f"[profile mixed c={c}] " + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in out.items() if k not in (
         "note", "top_kernels_us", "top_cpu_ops_us")))
     for row in kern:
         log(f"    {row[2]:9.1f} us  x{row[1]:<4d} {row[0]}")
@@ -488,6 +500,8 @@ def main(argv=None):
                     "profiles, e.g. sdpa,triton (sdpa = the previous per-sequence SDPA path)")
     ap.add_argument("--profile-chunked", default="", help="prefill one prompt alone under each of these token "
                     "budgets (chunks after a cached prefix, new shapes each time), e.g. 256,384,500,777,1000")
+    ap.add_argument("--mixed-graphs", default="", help="A/B steps with prefill chunks as CUDA graphs or eagerly "
+                    "in the profiles, e.g. off,on")
     ap.add_argument("--compare-pack", action="store_true", help="also run the engine without weight packing")
     args = ap.parse_args(argv)
     concs = [int(x) for x in args.concurrency.split(",")]
@@ -526,6 +540,7 @@ def main(argv=None):
     res["engine"], res["engine_kv_info"] = bench_engine(vl, prompts, concs, args.new_tokens, max_model_len, blocks,
                                                         profile=prof, profile_mixed=pm,
                                                         prefill_attn=[x for x in args.prefill_attn.split(",") if x],
+                                                        mixed_graphs=[x == "on" for x in args.mixed_graphs.split(",") if x],
                                                         profile_chunked=[int(x) for x in
                                                                          args.profile_chunked.split(",") if x])
     write_outputs(res, Path(args.out))  # after each section: a later timeout loses nothing

@@ -64,7 +64,7 @@ class StepGraphs(ABC):
 
     kind = "step"
 
-    def __init__(self, runner, sizes: list[int], segments: dict[str, int], pool=None):
+    def __init__(self, runner, sizes: list[int], segments: dict[str, int], logits_rows: int, pool=None):
         self.runner = runner
         self.sizes = sizes
         self.capture_enabled = runner.device.type == "cuda"
@@ -79,6 +79,8 @@ class StepGraphs(ABC):
         self.dev = torch.zeros(total, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # one logits buffer for every size (allocated outside the pool; 40 MB at 128 rows of a 152k vocab)
+        self.logits = torch.empty(logits_rows, runner.decoder.vocab_size, dtype=runner.dtype, device=runner.device)
 
     def seg(self, name: str, n: int, buf: torch.Tensor | np.ndarray | None = None):
         o = self.offsets[name]
@@ -135,7 +137,7 @@ class DecodeGraphs(StepGraphs):
         self.width = runner.max_blocks_per_seq
         self.rows = 3 if runner.mrope else 1
         super().__init__(runner, sizes, {"ids": n, "pos": self.rows * n, "slot": n, "len": n,
-                                         "bt": n * self.width}, pool)
+                                         "bt": n * self.width}, n, pool)
         self.tables = BlockTableRows(n)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class DecodeGraphs(StepGraphs):
         ids, pos, slots, lens, bt = self._views(bs)
         meta = AttentionMetadata(slot_mapping=slots, seq_lens=lens, block_tables=bt, num_decodes=bs,
                                  query_start_loc_host=list(range(bs + 1)), seq_lens_host=[1] * bs)
-        return r.decoder.forward(ids, pos, meta, r.kv_cache, r.attn, r.ops)
+        return r.decoder.forward(ids, pos, meta, r.kv_cache, r.attn, r.ops, logits_out=self.logits[:bs])
 
     def can_run(self, sched: SchedulerOutput) -> bool:
         if sched.num_decodes != len(sched.scheduled) or len(sched.scheduled) > self.max_bs:

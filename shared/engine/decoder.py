@@ -86,10 +86,12 @@ class PagedDecoder:
                 kv_cache: torch.Tensor, attn: AttentionBackend, ops: Any,
                 mm_index: torch.Tensor | None = None, mm_rows: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (R, vocab) at `logits_index` rows (all rows when None); kv_cache (2, layers, blocks, bs, KVH, D).
 
-        `inputs_embeds` (T, hidden), when given, replaces the embedding of `input_ids` (and the mm rows)."""
+        `inputs_embeds` (T, hidden), when given, replaces the embedding of `input_ids` (and the mm rows).
+        `logits_out` (R, vocab), when given, receives the logits: CUDA graphs of every size share one buffer
+        instead of each keeping its own in the graph pool."""
         h = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, mm_index, mm_rows)
         cos, sin = self.rotary(positions, h)
         T = h.shape[0]
@@ -109,4 +111,6 @@ class PagedDecoder:
         if logits_index is not None:
             h, residual = h.index_select(0, logits_index), residual.index_select(0, logits_index)
         x, _ = ops.add_norm(h, residual, self.norm)
-        return self.lm_head(x)
+        if logits_out is None or self.lm_head.bias is not None:
+            return self.lm_head(x)
+        return torch.mm(x, self.lm_head.weight.t(), out=logits_out)

@@ -52,7 +52,7 @@ class MixedGraphs(StepGraphs):
         self.rows = 3 if runner.mrope else 1
         S, W, Tm = self.max_decodes + max_prefills, cdiv(self.max_tokens, self.block_m) + max_prefills, sizes[-1]
         super().__init__(runner, sizes, {"ids": Tm, "pos": self.rows * Tm, "slot": Tm, "len": S, "qsl": S + 1,
-                                         "wseq": W, "wblk": W, "logits": S, "bt": S * self.width}, pool)
+                                         "wseq": W, "wblk": W, "logits": S, "bt": S * self.width}, S, pool)
         d = runner.decoder
         self.hidden = torch.zeros(Tm, d.hidden_size, dtype=runner.dtype, device=runner.device)
         self.tables = BlockTableRows(S)
@@ -76,7 +76,8 @@ class MixedGraphs(StepGraphs):
             query_start_loc_host=[], seq_lens_host=[], query_start_loc=self.seg("qsl", S + 1),
             prefill_work=(self.seg("wseq", W), self.seg("wblk", W)))
         return r.decoder.forward(None, pos if self.rows == 3 else pos[0], meta, r.kv_cache, r.attn, r.ops,
-                                 logits_index=self.seg("logits", S), inputs_embeds=self.hidden[:T])
+                                 logits_index=self.seg("logits", S), inputs_embeds=self.hidden[:T],
+                                 logits_out=self.logits[:S])
 
     def can_run(self, sched: SchedulerOutput) -> bool:
         return (len(sched.scheduled) - sched.num_decodes <= self.max_prefills
