@@ -6,6 +6,9 @@ For each shape: the first call's wall time (a new shape: plan building, if any),
 call (no sync) and GPU time per call (events over 20 calls). Shapes of a 3B model: 16 q / 2 kv heads, head 128.
 
     python bench/prefill_attn_probe.py --out bench/results/prefill_attn_probe.json
+    python bench/prefill_attn_probe.py --skip-old --tiles 64x64w4s2,128x64w8s3,128x32w4s3 --out ...
+
+`--tiles` times the Triton kernel at each (BLOCK_M x BLOCK_N, warps, stages) tile against the default one.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=36, help="only scales the per-step estimate")
+    ap.add_argument("--tiles", default="", help="Triton tiles to compare, e.g. 64x64w4s2,128x64w8s3")
+    ap.add_argument("--skip-old", action="store_true", help="skip the previous SDPA path")
     args = ap.parse_args(argv)
     H, KVH, D, page = args.heads, args.kv_heads, args.head_dim, 16
     dev, dt = "cuda", torch.bfloat16
@@ -90,15 +95,21 @@ def main(argv=None):
                 vv = vc.index_select(0, blocks).flatten(0, 1)[:ctx]
             return attend_one(q, kk, vv, scale)
 
-        work = tuple(torch.tensor(w, dtype=torch.int32, device=dev)
-                     for w in prefill_work([n], prefill_block_m(q.dtype)))
+        def triton_fn(tile=None):
+            work = tuple(torch.tensor(w, dtype=torch.int32, device=dev)
+                         for w in prefill_work([n], tile[0] if tile else prefill_block_m(q.dtype)))
+            return lambda: prefill_attention(q, k, v, kc, vc, bt, sl, qsl, work, scale, tile=tile)
 
-        def new():
-            return prefill_attention(q, k, v, kc, vc, bt, sl, qsl, work, scale)
+        variants = ([] if args.skip_old else [("sdpa_old", old)]) + [("triton", triton_fn())]
+        for spec in [x for x in args.tiles.split(",") if x]:
+            bm, rest = spec.split("x")
+            bn, rest = rest.split("w")
+            warps, stages = rest.split("s")
+            variants.append((f"triton_{spec}", triton_fn((int(bm), int(bn), int(warps), int(stages)))))
 
         row = {"n": n, "prefix": pre}
         ref = None
-        for name, fn in (("sdpa_old", old), ("triton", new)):
+        for name, fn in variants:
             torch.cuda.synchronize()
             t = time.perf_counter()
             o = fn()
@@ -123,7 +134,7 @@ def main(argv=None):
             flops = 4 * n * (pre + (n + 1) / 2) * D * H
             row[name] = dict(first_call_ms=1e3 * first, host_us=1e6 * host, gpu_us=1e3 * gpu, rel_err=err,
                              tflops=flops / (gpu * 1e-3) / 1e12, per_step_ms_x_layers=gpu * args.layers)
-            print(f"[attn n={n:5d} prefix={pre:5d}] {name:8s} first call {1e3 * first:8.2f} ms, host {1e6 * host:7.1f} us/call,"
+            print(f"[attn n={n:5d} prefix={pre:5d}] {name:18s} first call {1e3 * first:8.2f} ms, host {1e6 * host:7.1f} us/call,"
                   f" GPU {1e3 * gpu:7.1f} us/call ({flops / (gpu * 1e-3) / 1e12:5.1f} TFLOP/s), x{args.layers} layers "
                   f"{gpu * args.layers:6.2f} ms, rel err vs fp32 {err:.2e}", flush=True)
         res["shapes"].append(row)

@@ -104,9 +104,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
              mask=m_mask[:, None])
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per dtype; bench/prefill_attn_probe.py --tiles compares others.
+TILES = {torch.float32: (32, 32, 4, 2), torch.bfloat16: (64, 64, 4, 2), torch.float16: (64, 64, 4, 2)}
+
+
 def prefill_block_m(dtype: torch.dtype) -> int:
     """Query rows per program (a work item covers this many rows of one sequence's chunk)."""
-    return 32 if dtype == torch.float32 else 64
+    return TILES[dtype][0]
 
 
 def prefill_work(chunk_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
@@ -119,15 +123,16 @@ def prefill_work(chunk_lens: list[int], block_m: int) -> tuple[list[int], list[i
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None,
+                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Causal attention of S prefill chunks packed in q (T, H, D).
 
     k, v (T, KVH, D): this step's rotated keys / values, rows aligned with q (unit stride on D; other strides
     free). Caches (num_blocks, page, KVH, D) hold each sequence's cached prefix. block_tables (S, W) int32,
     seq_lens (S,) int32 (prefix + chunk), query_start_loc (S + 1,) int32 with row offsets into q / k / v / out
     (need not start at 0). work: two (N,) int32 device tensors, sequence index and query block of each work
-    item (`prefill_work` with `prefill_block_m(q.dtype)`; sequence -1: nothing to do). Returns out (T, H, D):
-    only the rows of the chunks are written."""
+    item (`prefill_work` with `prefill_block_m(q.dtype)`, or with tile[0] when `tile` overrides TILES;
+    sequence -1: nothing to do). Returns out (T, H, D): only the rows of the chunks are written."""
     T, H, D = q.shape
     KVH = k.shape[1]
     out = torch.empty_like(q) if out is None else out
@@ -135,13 +140,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     if work_seq.shape[0] == 0:
         return out
     ieee = q.dtype == torch.float32
-    block_m = prefill_block_m(q.dtype)
+    block_m, block_n, warps, stages = tile or TILES[q.dtype]
     _prefill_kernel[(work_seq.shape[0], H)](
         q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, work_seq, work_blk, out,
         scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_m, IEEE=ieee,
-        num_warps=4, num_stages=2)
+        GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
+        num_warps=warps, num_stages=stages)
     return out
