@@ -111,7 +111,7 @@ def make_engine(model, args, max_num_seqs: int):
     blocks = max_num_seqs * -(-prompt_max // 16) + 64
     cfg = EngineConfig(device=args.device, dtype=args.torch_dtype, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=args.max_batched_tokens, max_model_len=prompt_max,
-                       num_kv_blocks=blocks)
+                       num_kv_blocks=blocks, mixed_graph_max_prefills=args.mixed_graph_max_prefills)
     return LLMEngine(model, cfg)
 
 
@@ -395,6 +395,8 @@ def main(argv=None):
     ap.add_argument("--ttft-growth-s", type=float, default=2.0)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--mixed-graph-max-prefills", type=int, default=8,
+                    help="steps with at most this many prefill chunks replay as CUDA graphs; 0 = eager (A/B)")
     ap.add_argument("--prompt-len", type=int, default=1000)
     ap.add_argument("--image-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
