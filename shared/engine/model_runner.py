@@ -103,6 +103,8 @@ class ModelRunner:
         self._profile_run()
         torch.cuda.synchronize(dev)
         activations = torch.cuda.max_memory_allocated(dev) - base
+        if self.backend_name == "triton" and cfg.enable_cuda_graphs and cfg.mixed_graph_max_prefills:
+            activations *= 2  # the mixed graphs' pool holds one full-budget step, an eager fallback step another
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         if not 0 < free <= total:  # some virtualised GPUs report nonsense; trust torch's own accounting then
