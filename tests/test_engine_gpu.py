@@ -199,6 +199,8 @@ def test_engine_triton_graphs_match_hf(name):
                              num_kv_blocks=256),
                 EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=4,
                              max_num_batched_tokens=20, num_kv_blocks=64),
+                EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, num_kv_blocks=256,
+                             mixed_graph_max_prefills=0),
                 EngineConfig(device="cuda", attention_backend="torch", max_num_seqs=8, num_kv_blocks=256)):
         engine = LLMEngine(model, cfg)
         got = {str(i): [] for i in range(len(prompts))}
@@ -216,6 +218,7 @@ def test_engine_triton_graphs_match_hf(name):
             assert got[str(i)] == ref, (cfg, i)
         if cfg.attention_backend == "triton":
             assert engine.stats["graph_steps"] > 0
+            assert (engine.stats["mixed_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), engine.stats
         info = engine.kv_cache_info()
         assert info["free_blocks"] == info["num_blocks"]
         del engine
@@ -250,3 +253,102 @@ def test_auto_kv_sizing_and_seeded_sampling_on_cuda():
             toks += [t for o in engine.step() if o.request_id == f"x{mates}" for t in o.new_token_ids]
         outs.append(toks)
     assert outs[0] == outs[1] and len(outs[0]) == 10
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_skinny_gate_up_silu_matches_unfused(dtype, tol):
+    """The fused gate/up GEMV + SiLU-mul against the path it replaces (skinny_linear, then silu_mul): same sums
+    and roundings, so equal but for rare last-bit flips; and against a float64 torch reference."""
+    from mmpipe.shared.engine.kernels.triton_fused import silu_mul
+    from mmpipe.shared.engine.kernels.triton_gemv import skinny_gate_up_silu, skinny_linear
+
+    torch.manual_seed(0)
+    for inter, K in ((11008, 2048), (1000, 200)):
+        w = (torch.randn(2 * inter, K, device="cuda") * K ** -0.5).to(dtype)
+        for M in (1, 2, 3, 8, 16):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            got = skinny_gate_up_silu(x, w)
+            gu = (x.double() @ w.double().T).to(dtype)
+            g, u = gu[:, :inter], gu[:, inter:]
+            want = (torch.nn.functional.silu(g.float()).to(dtype).float() * u.float()).to(dtype)
+            assert _rel(got, want) < tol, (inter, K, M, _rel(got, want))
+            gu_t = skinny_linear(x, w, None, block_n=64, block_k=128, num_warps=4, num_stages=4)
+            old = silu_mul(gu_t[:, :inter], gu_t[:, inter:])
+            assert _rel(got, old) < tol, (inter, K, M)
+            if dtype == torch.bfloat16:
+                assert (got != old).float().mean().item() <= 0.01, (inter, K, M)
+
+
+def _decode_case(dtype, heads, kv_heads, head_dim, lens, page=16, nb=400, width=72, seed=0):
+    torch.manual_seed(seed)
+    kc = torch.randn(nb, page, kv_heads, head_dim, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    perm = torch.randperm(nb).tolist()
+    tables = [perm[(i * 37) % 300:(i * 37) % 300 + width] for i in range(len(lens))]
+    bt = torch.tensor(tables, dtype=torch.int32, device="cuda")
+    sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), heads, head_dim, device="cuda", dtype=dtype)
+    return q, kc, vc, bt, sl, tables
+
+
+def _check_decode(out, q, kc, vc, tables, lens, tol, what):
+    from mmpipe.shared.engine.attention.torch_ref import attend_one, gather_kv
+
+    D = q.shape[-1]
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.all(out[i] == 0), (what, i)
+            continue
+        ref = attend_one(q[i:i + 1].float(), gather_kv(kc, tables[i], n).float(), gather_kv(vc, tables[i], n).float(),
+                         D ** -0.5)[0]
+        assert _rel(out[i], ref) < tol, (what, i, n, _rel(out[i], ref))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 2, 128), (4, 2, 16), (8, 8, 64)])
+def test_paged_decode_fused_merge_matches_two_kernel(dtype, tol, heads, kv_heads, head_dim):
+    """The split merge inside the decode kernel (last split per (sequence, kv_head) merges, counter reset) against
+    the two-kernel path and the reference, over many launches with fresh q (a stale partial would show), with
+    length-0 rows, and the counters back at zero after every launch."""
+    from mmpipe.shared.engine.kernels import triton_attention as ta
+
+    lens = [1, 15, 16, 17, 300, 0, 1100, 64] * 8
+    q, kc, vc, bt, sl, tables = _decode_case(dtype, heads, kv_heads, head_dim, lens)
+    for splits in (2, 4, 8, 32):
+        for it in range(10):
+            q.normal_()
+            out = torch.full_like(q, float("nan"))
+            ta.paged_decode(q, kc, vc, bt, sl, head_dim ** -0.5, splits, out=out, fused_merge=True)
+            old = ta.paged_decode(q, kc, vc, bt, sl, head_dim ** -0.5, splits, fused_merge=False)
+            assert torch.all(ta.split_counters(q.device, 1) == 0), (splits, it)
+            assert _rel(out, old) < tol, (splits, it, _rel(out, old))
+            if it == 0:
+                _check_decode(out, q, kc, vc, tables, lens, tol, splits)
+
+
+def test_paged_decode_fused_merge_in_cuda_graph():
+    """paged_decode (fused merge) captured once, replayed with new lengths and queries written in place, as the
+    engine's decode graphs run it: padding rows (length 0) give zeros and the counters stay consistent."""
+    from mmpipe.shared.engine.kernels import triton_attention as ta
+
+    dtype, heads, kv_heads, head_dim, splits = torch.bfloat16, 16, 2, 128, 16
+    rounds = [[1, 17, 300, 0, 1100, 64, 0, 0], [0, 0, 5, 16, 1, 700, 33, 0], [1100, 1, 0, 2, 64, 15, 999, 300]]
+    q, kc, vc, bt, sl, tables = _decode_case(dtype, heads, kv_heads, head_dim, rounds[0])
+    out = torch.empty_like(q)
+    scale = head_dim ** -0.5
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # eager warm-up: compiles the kernel and allocates the counter buffer
+        ta.paged_decode(q, kc, vc, bt, sl, scale, splits, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ta.paged_decode(q, kc, vc, bt, sl, scale, splits, out=out)
+    for lens in rounds:
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.normal_()
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.all(ta.split_counters(q.device, 1) == 0)
+        _check_decode(out, q, kc, vc, tables, lens, 2e-2, lens)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .triton_fused import add_rmsnorm, rope_and_cache, silu_mul
-from .triton_gemv import skinny_linear
+from .triton_gemv import skinny_gate_up_silu
 
 # Rows up to which the packed gate/up projection runs through the Triton skinny GEMM instead of cuBLAS
 # (H100, bench/engine_gemv_probe.py: 32.9 vs 35.1 us at batch 1, 91% vs 85% of the copy bandwidth; for q/k/v,
@@ -87,9 +87,10 @@ class TritonOps:
         if self.gate_up_packed:
             w = self.gate_up_packed[layer]
             if x.shape[0] <= SKINNY_MAX_ROWS and x.stride(-1) == 1:
-                gu = skinny_linear(x, w, None, block_n=64, block_k=128, num_warps=4, num_stages=4)
-            else:
-                gu = F.linear(x, w)
+                # GEMV and silu(gate) * up in one launch; block_n=32 over a gate and an up tile moves what the
+                # unfused skinny_linear tile (block_n=64) moved per step, over as many programs
+                return mlp.down_proj(skinny_gate_up_silu(x, w, block_n=32, block_k=128, num_warps=4, num_stages=4))
+            gu = F.linear(x, w)
             inter = gu.shape[-1] // 2
             return mlp.down_proj(silu_mul(gu[:, :inter], gu[:, inter:]))
         return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))

@@ -1,0 +1,192 @@
+"""The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
+references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, paged decode with the split
+merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels.
+
+TRITON_INTERPRET must be set before triton is imported, so each test runs this file as a script in a fresh
+interpreter process; the script's checks assert and print their largest errors. The interpreter runs the
+programs of a grid one after another, so it checks the math and the counter bookkeeping of the fused merge,
+not its memory ordering between concurrent programs on a GPU (tests/test_engine_gpu.py covers that).
+
+The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton-lang/triton#11584, not
+supported yet), so the kernels built on tl.dot are checked in float16 as their 16-bit case (which also checks
+the rounding steps exactly: float16 casts round to nearest even there); the others in bfloat16, whose casts
+from float32 the interpreter truncates, so bfloat16 results are checked to a tolerance, not bit for bit."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = ("gate_up_silu", "paged_decode", "elementwise")
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_kernel_in_triton_interpreter(check):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), check], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{check}: ok" in r.stdout, r.stdout
+
+
+# ---- the checks, run in the subprocess --------------------------------------------------------------------------
+
+
+def _maxerr(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def _round_silu_mul(g, u):
+    """silu(g) * u with the unfused path's rounding: g, u in the model dtype, silu(g) rounded, then the product."""
+    import torch
+
+    a = torch.nn.functional.silu(g.float()).to(g.dtype)
+    return (a.float() * u.float()).to(g.dtype)
+
+
+def check_gate_up_silu():
+    import torch
+
+    from mmpipe.shared.engine.kernels.triton_fused import silu_mul
+    from mmpipe.shared.engine.kernels.triton_gemv import skinny_gate_up_silu, skinny_linear
+
+    torch.manual_seed(0)
+    worst = {}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+        for inter, K in ((96, 256), (80, 200)):  # I a multiple of block_n or not, K a multiple of block_k or not
+            w = (torch.randn(2 * inter, K) * K ** -0.5).to(dtype)
+            for M in range(1, 17):
+                x = torch.randn(M, K).to(dtype)
+                got = skinny_gate_up_silu(x, w, block_n=32, block_k=128)
+                assert got.shape == (M, inter) and got.dtype == dtype
+                gu = (x.double() @ w.double().T).to(dtype)  # exact sums, rounded once as a GEMM output is
+                want = _round_silu_mul(gu[:, :inter], gu[:, inter:])
+                err = _maxerr(got, want) / want.float().abs().max().item()
+                assert err < tol, (dtype, inter, K, M, err)
+                worst[f"{dtype} rel vs torch"] = max(worst.get(f"{dtype} rel vs torch", 0.0), err)
+                if M in (1, 8, 16):  # the unfused Triton path it replaces (skinny_linear, then silu_mul)
+                    gu_t = skinny_linear(x, w, None, block_n=64, block_k=128)
+                    old = silu_mul(gu_t[:, :inter], gu_t[:, inter:])
+                    e = _maxerr(got, old) / old.float().abs().max().item()
+                    assert e <= (1e-6 if dtype == torch.float32 else 2 ** -10), (dtype, inter, K, M, e)
+                    worst[f"{dtype} rel vs unfused"] = max(worst.get(f"{dtype} rel vs unfused", 0.0), e)
+                    if dtype == torch.float16:  # same sums, same roundings: equal but for a rare last-bit flip
+                        differ = (got != old).float().mean().item()
+                        assert differ <= 0.01, (inter, K, M, e, differ)
+                        worst["float16 share unequal"] = max(worst.get("float16 share unequal", 0.0), differ)
+        assert skinny_gate_up_silu(torch.randn(0, K).to(dtype), w).shape == (0, inter)
+    print("gate_up_silu max errors:", {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+def check_paged_decode():
+    import torch
+
+    from mmpipe.shared.engine.attention.torch_ref import attend_one, gather_kv
+    from mmpipe.shared.engine.kernels import triton_attention as ta
+
+    torch.manual_seed(0)
+    page, nb, width = 4, 64, 16
+    worst: dict[str, float] = {}
+    cpu = torch.device("cpu")
+    counters = ta.split_counters(cpu, 1)  # every fused call below must reuse this buffer and leave it zeroed
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+        for heads, kv_heads, head_dim in ((2, 2, 16), (4, 2, 32), (16, 2, 16)):  # GROUP 1, 2, 8
+            kc = torch.randn(nb, page, kv_heads, head_dim).to(dtype)
+            vc = torch.randn_like(kc)
+            perm = torch.randperm(nb).tolist()
+            tables = [perm[i * 13 % 48:i * 13 % 48 + width] for i in range(4)]
+            bt = torch.tensor(tables, dtype=torch.int32)
+            q = torch.randn(len(tables), heads, head_dim).to(dtype)
+            sl = torch.zeros(len(tables), dtype=torch.int32)
+            # two rounds of lengths through the same buffers, as a replayed CUDA graph sees them; 0 = padding
+            for lens in ([0, 1, 17, 63], [33, 0, 64, 5]):
+                sl.copy_(torch.tensor(lens, dtype=torch.int32))
+                refs = [attend_one(q[i:i + 1].double(), gather_kv(kc, tables[i], n).double(),
+                                   gather_kv(vc, tables[i], n).double(), head_dim ** -0.5)[0] if n else None
+                        for i, n in enumerate(lens)]
+                for splits, fused in ((1, True), (2, True), (3, True), (4, True), (8, True), (2, False), (8, False)):
+                    out = torch.full_like(q, float("nan"))
+                    ta.paged_decode(q, kc, vc, bt, sl, head_dim ** -0.5, splits, out=out, block_n=16,
+                                    fused_merge=fused)
+                    for i, n in enumerate(lens):
+                        if n == 0:
+                            assert torch.all(out[i] == 0), (splits, fused, i)
+                            continue
+                        err = _maxerr(out[i], refs[i]) / refs[i].abs().max().item()
+                        assert err < tol, (dtype, heads, kv_heads, splits, fused, i, n, err)
+                        key = f"{dtype} G{heads // kv_heads} {'fused' if fused else 'two-kernel'}"
+                        worst[key] = max(worst.get(key, 0.0), err)
+                    assert ta.split_counters(cpu, 1) is counters and torch.all(counters == 0), counters
+    assert counters.numel() == 1024
+    big = ta.split_counters(cpu, 5000)  # grown to the next power of two; the old buffer stays alive
+    assert big.numel() == 8192 and torch.all(big == 0) and ta.split_counters(cpu, 7) is big
+    assert [id(t) for t in ta._counters[cpu]] == [id(counters), id(big)]
+    print("paged_decode max rel errors:", {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+def check_elementwise():
+    import torch
+
+    from mmpipe.shared.engine.kernels.triton_fused import add_rmsnorm, rope_and_cache, silu_mul
+    from mmpipe.shared.engine.kernels.triton_gemv import skinny_linear
+
+    torch.manual_seed(0)
+    worst: dict[str, float] = {}
+
+    def note(name, dtype, got, want, tol):
+        err = _maxerr(got, want) / max(want.float().abs().max().item(), 1e-12)
+        assert err < tol, (name, dtype, err)
+        worst[f"{name} {dtype}"] = max(worst.get(f"{name} {dtype}", 0.0), err)
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        gemm_dtype = torch.float16 if dtype == torch.bfloat16 else dtype  # tl.dot: see the module docstring
+        x = torch.randn(5, 200).to(gemm_dtype)
+        w = (torch.randn(48, 200) * 0.1).to(gemm_dtype)
+        b = torch.randn(48).to(gemm_dtype)
+        for bias in (None, b):
+            want = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            note("skinny_linear", gemm_dtype, skinny_linear(x, w, bias, block_n=16, block_k=64), want, tol)
+        g, u = torch.randn(3, 300).to(dtype), torch.randn(3, 300).to(dtype)
+        note("silu_mul", dtype, silu_mul(g, u), _round_silu_mul(g, u), tol)
+        h, r = torch.randn(4, 96).to(dtype), torch.randn(4, 96).to(dtype)
+        nw = torch.randn(96).to(dtype)
+        for res in (None, r):
+            s = h if res is None else (h.float() + res.float()).to(dtype)
+            sf = s.float()
+            want = nw.float() * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float()
+            got, new_res = add_rmsnorm(h, None if res is None else res.clone(), nw, 1e-6)
+            note("add_rmsnorm", dtype, got, want, tol)
+            note("add_rmsnorm residual", dtype, new_res, s, tol)
+        T, H, KVH, D = 5, 4, 2, 16
+        q, k, v = (torch.randn(T, n, D).to(dtype) for n in (H, KVH, KVH))
+        cos, sin = torch.randn(T, D).to(dtype), torch.randn(T, D).to(dtype)
+
+        def rot(t):
+            t1, t2 = t.float()[..., :D // 2], t.float()[..., D // 2:]
+            return t.float() * cos.float()[:, None] + torch.cat([-t2, t1], -1) * sin.float()[:, None]
+        kc, vc = torch.zeros(4, 4, KVH, D).to(dtype), torch.zeros(4, 4, KVH, D).to(dtype)
+        slots = torch.tensor([3, 9, -1, 0, 15])
+        q2, k2 = rope_and_cache(q.clone(), k.clone(), v, cos, sin, kc, vc, slots)
+        note("rope q", dtype, q2, rot(q), tol)
+        note("rope k", dtype, k2, rot(k), tol)
+        flat_k, flat_v = kc.flatten(0, 1), vc.flatten(0, 1)
+        for t, slot in enumerate(slots.tolist()):
+            if slot >= 0:
+                assert torch.equal(flat_k[slot], k2[t]) and torch.equal(flat_v[slot], v[t])
+        written = set(s for s in slots.tolist() if s >= 0)
+        assert all(torch.all(flat_k[i] == 0) for i in range(16) if i not in written)
+    print("elementwise max rel errors:", {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (through pytest)"
+    for name in sys.argv[1:] or CHECKS:
+        globals()[f"check_{name}"]()
+        print(f"{name}: ok", flush=True)
