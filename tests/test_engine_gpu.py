@@ -339,11 +339,11 @@ def test_paged_decode_fused_merge_in_cuda_graph():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # eager warm-up: compiles the kernel and allocates the counter buffer
-        ta.paged_decode(q, kc, vc, bt, sl, scale, splits, out=out)
+        ta.paged_decode(q, kc, vc, bt, sl, scale, splits, out=out, fused_merge=True)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        ta.paged_decode(q, kc, vc, bt, sl, scale, splits, out=out)
+        ta.paged_decode(q, kc, vc, bt, sl, scale, splits, out=out, fused_merge=True)
     for lens in rounds:
         sl.copy_(torch.tensor(lens, dtype=torch.int32))
         q.normal_()
