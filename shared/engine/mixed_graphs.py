@@ -56,6 +56,7 @@ class MixedGraphs(StepGraphs):
         d = runner.decoder
         self.hidden = torch.zeros(Tm, d.hidden_size, dtype=runner.dtype, device=runner.device)
         self.tables = BlockTableRows(S)
+        self.last_size = 0  # bucket of the last replayed step (benchmarks time its graph alone)
 
     def _dims(self, T: int) -> tuple[int, int, int]:
         """(decode rows, sequence rows, work items) of bucket T."""
@@ -144,6 +145,7 @@ class MixedGraphs(StepGraphs):
         with torch.inference_mode():
             self.hidden[:t].copy_(r.decoder.embed(self.seg("ids", t), mm_index, mm_rows))
         out = self.replay(T)
+        self.last_size = T
         r.stats_mixed_graph_steps += 1
         return out[:n_logits]
 
