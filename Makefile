@@ -38,7 +38,7 @@ test-gpu: install
 
 # GPU benchmarks (one CUDA GPU): offline decode (engine vs transformers) then online (Poisson arrivals);
 # results in bench/results/{engine_bench,online_bench}.{json,md,png}. Options pass through, e.g.
-#   make bench ENGINE_BENCH_ARGS="--profile 1,64 --profile-mixed 0,64" ONLINE_BENCH_ARGS="--rates 12,20,28"
+#   make bench ENGINE_BENCH_ARGS="--profile 1,64 --profile-mixed 0,64" ONLINE_BENCH_ARGS="--rates 24,40,56"
 BENCH_OUT ?= bench/results
 ENGINE_BENCH_ARGS ?= --profile 1,64 --profile-mixed 0,64
 ONLINE_BENCH_ARGS ?=

@@ -385,15 +385,15 @@ def write_outputs(res: dict, out: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="path prefix for .json / .md")
-    ap.add_argument("--rates", default="16,24,32,40", help="mmpipe request rates (req/s)")
-    ap.add_argument("--baseline-rates", default="4,8,12,16", help="baseline request rates (req/s)")
+    ap.add_argument("--rates", default="24,40,56,64,72", help="mmpipe request rates (req/s)")
+    ap.add_argument("--baseline-rates", default="12,16,18,20", help="baseline request rates (req/s)")
     ap.add_argument("--baseline-variants", default="compiled,dynamic", help="'compiled', 'dynamic', or both")
     ap.add_argument("--baseline-max-batch", type=int, default=64)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate")
     ap.add_argument("--drain", type=float, default=20.0, help="seconds after the last arrival before giving up")
     ap.add_argument("--tpot-slo-ms", type=float, default=50.0)
     ap.add_argument("--ttft-growth-s", type=float, default=2.0)
-    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--mixed-graph-max-prefills", type=int, default=8,
                     help="steps with at most this many prefill chunks replay as CUDA graphs; 0 = eager (A/B)")
