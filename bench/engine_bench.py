@@ -211,6 +211,19 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
     return results, info
 
 
+def replay_ms(graph, n: int) -> float:
+    """GPU time of one replay of a captured CUDA graph (events over n replays after one warm replay)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    for _ in range(n):
+        graph.replay()
+    ev1.record()
+    torch.cuda.synchronize()
+    return ev0.elapsed_time(ev1) / n
+
+
 def profile_engine(engine, make_req, c):
     """Where a decode step at batch c spends its time: host parts, GPU replay alone, top kernels."""
     from collections import defaultdict
@@ -252,15 +265,7 @@ def profile_engine(engine, make_req, c):
     for obj, name, fn in orig:
         setattr(obj, name, fn)
     bucket = next(s for s in g.sizes if s >= c)
-    graph = g.graphs[bucket]
-    torch.cuda.synchronize()
-    s_, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s_.record()
-    for _ in range(20):
-        graph.replay()
-    e_.record()
-    torch.cuda.synchronize()
-    gpu_ms = s_.elapsed_time(e_) / 20
+    gpu_ms = replay_ms(g.graphs[bucket], 20)
     prof_rows = []
     try:
         from torch.profiler import ProfilerActivity, profile
@@ -343,20 +348,11 @@ def profile_mixed_step(engine, make_req, c, reps=4):
         kernel_ms = sum(key(k) for k in avgs) / 1e3  # GPU busy time of the step (all kernels and copies)
         cpu = [(k.key[:90], k.count, round(k.self_cpu_time_total, 1))
                for k in sorted(avgs, key=lambda k: -k.self_cpu_time_total)[:8]]
-        replay_ms = None
+        alone_ms = None
         mg = r.mixed_graphs
         if mg is not None and mg.capture_enabled and rows[-1]["graph"]:
             # the last step's graph alone, on its staged inputs (it rewrites the same KV slots with the same values)
-            g = mg.graphs[mg.last_size]
-            g.replay()
-            torch.cuda.synchronize()
-            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ev0.record()
-            for _ in range(10):
-                g.replay()
-            ev1.record()
-            torch.cuda.synchronize()
-            replay_ms = ev0.elapsed_time(ev1) / 10
+            alone_ms = replay_ms(mg.graphs[mg.last_size], 10)
     finally:
         r.decoder.forward = fwd
     for rid in list(engine._seqs):
@@ -368,7 +364,7 @@ def profile_mixed_step(engine, make_req, c, reps=4):
                    "graph = 1 when it replayed a mixed CUDA graph; eager steps: prep = host work before the "
                    "forward, launch = host time inside the forward")
     out["kernel_sum_ms"] = kernel_ms
-    out["graph_replay_alone_ms"] = replay_ms
+    out["graph_replay_alone_ms"] = alone_ms
     out["top_kernels_us"] = kern
     out["top_cpu_ops_us"] = cpu
     log(f"[profile mixed c={c}] " + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in out.items() if k not in (

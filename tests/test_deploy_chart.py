@@ -508,7 +508,9 @@ def test_grafana_dashboard_configmap_covers_the_key_signals(rendering: str) -> N
                    "mmpipe_gateway_requests_total", "mmpipe_gateway_mm_cache_hits_total",
                    "mmpipe_gateway_mm_cache_misses_total", "mmpipe_encoder_queue_depth",
                    "mmpipe_generator_engine_waiting_requests", "mmpipe_encoder_batch_size_bucket",
-                   "mmpipe_generator_engine_running_requests", "DCGM_FI_DEV_FB_USED"):
+                   "mmpipe_generator_engine_running_requests", "mmpipe_generator_engine_kv_cache_usage_ratio",
+                   "mmpipe_generator_engine_steps_total", "mmpipe_generator_engine_preemptions_total",
+                   "DCGM_FI_DEV_FB_USED"):
         assert metric in exprs, metric
 
 

@@ -238,6 +238,11 @@ def test_cancelled_stream_frees_the_request(stage_stack, offline_vl):
     assert s.metric("generator", "mmpipe_generator_engine_running_requests") == 0
     assert s.metric("generator", "mmpipe_generator_running_requests") == 0
     assert s.metric("generator", "mmpipe_generator_finished_requests_total", reason="abort") >= 1
+    # engine gauges an operator graphs: KV usage back to 0 once nothing runs; steps by kind (CPU: all eager)
+    assert s.metric("generator", "mmpipe_generator_engine_kv_cache_usage_ratio") == 0
+    assert s.metric("generator", "mmpipe_generator_engine_steps_total", kind="eager") > 0
+    assert s.metric("generator", "mmpipe_generator_engine_steps_total", kind="mixed_graph") == 0
+    assert s.metric("generator", "mmpipe_generator_engine_preemptions_total") == 0  # the default KV budget fits
 
 
 # --- a dead encoder: fail fast with UNAVAILABLE, recover after a restart -------------------------------------------

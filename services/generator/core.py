@@ -14,6 +14,8 @@ from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
+from prometheus_client.core import CounterMetricFamily
+
 from mmpipe.services.common.convert import EmbeddingRef, TokenChunk
 from mmpipe.shared.detokenizer import IncrementalDetokenizer
 from mmpipe.shared.errors import InvalidInputError, MMPipeError, NotFoundError
@@ -51,6 +53,10 @@ class GeneratorCore:
             inner.num_running_requests)
         m.gauge("engine_waiting_requests", "sequences waiting in the engine").labels(self.ml).set_function(
             inner.num_waiting_requests)
+        bm = inner.block_manager
+        m.gauge("engine_kv_cache_usage_ratio", "share of the KV cache blocks in use").labels(self.ml).set_function(
+            lambda: 1.0 - bm.num_free_blocks / max(1, bm.num_blocks))
+        m.registry.register(_EngineCounters(inner, self.ml))
         self.m_prompt = m.counter("prompt_tokens", "prompt tokens after placeholder expansion")
         self.m_gen = m.counter("generation_tokens", "tokens generated")
         self.m_finish = m.counter("finished_requests", "requests by finish reason", ("reason",))
@@ -188,3 +194,25 @@ class GeneratorCore:
         await self.engine.shutdown_async(timeout=30)
         self.io.shutdown(wait=True)
         self.cache.close()
+
+
+class _EngineCounters:
+    """Cumulative engine counters read at scrape time (the engine itself knows nothing of Prometheus):
+    steps by how they ran (decode_graph: a CUDA graph of decodes; mixed_graph: prefill chunks in a CUDA graph;
+    eager) and preemptions."""
+
+    def __init__(self, engine, model: str):
+        self.engine, self.model = engine, model
+
+    def collect(self):
+        st = self.engine.stats
+        steps = CounterMetricFamily("mmpipe_generator_engine_steps", "engine steps by how they ran",
+                                    labels=["model", "kind"])
+        steps.add_metric([self.model, "decode_graph"], st["graph_steps"])
+        steps.add_metric([self.model, "mixed_graph"], st["mixed_graph_steps"])
+        steps.add_metric([self.model, "eager"], st["steps"] - st["graph_steps"] - st["mixed_graph_steps"])
+        yield steps
+        pre = CounterMetricFamily("mmpipe_generator_engine_preemptions",
+                                  "sequences preempted to free KV blocks (recomputed later)", labels=["model"])
+        pre.add_metric([self.model], self.engine.scheduler.num_preemptions)
+        yield pre

@@ -103,6 +103,17 @@ def build() -> dict:
         (f'sum by (code) (rate(mmpipe_{svc}_requests_total{{{SEL}}}[{RI}]))', f"{svc} {{{{code}}}}")
         for svc in ("ingest", "encoder", "generator")], "reqps", 12, y)); y += 8
 
+    p.append(row(104, "Generator engine", y)); y += 1
+    p.append(panel(15, "KV cache in use", [
+        (f'max by (pod) (mmpipe_generator_engine_kv_cache_usage_ratio{{{SEL}}})', "{{pod}}")],
+        "percentunit", 0, y, max_=1, description="Near 1 with waiting requests: admission is limited by KV memory "
+                                                 "(raise gpu_memory_utilization or add replicas)."))
+    p.append(panel(16, "Engine steps per second by kind, and preemptions", [
+        (f'sum by (kind) (rate(mmpipe_generator_engine_steps_total{{{SEL}}}[{RI}]))', "steps {{kind}}"),
+        (f'sum (rate(mmpipe_generator_engine_preemptions_total{{{SEL}}}[{RI}]))', "preemptions")],
+        "short", 12, y, description="eager steps on a GPU mean steps no CUDA graph fits (over 8 prefill chunks or "
+                                    "--enforce-eager); preemptions mean the KV cache ran out.")); y += 8
+
     p.append(row(103, "GPUs (NVIDIA DCGM exporter)", y)); y += 1
     gpu_sel = 'namespace=~"$namespace", pod=~".*-(encoder|generator)-.*"'
     p.append(panel(13, "GPU memory used", [

@@ -18,6 +18,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot_acc(acc, x, w, IEEE: tl.constexpr):
+    """acc + x @ w^T, fp32 products exact in fp32 models (tf32 otherwise would change the numerics)."""
+    if IEEE:
+        return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(w))
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    IEEE: tl.constexpr):
@@ -34,10 +42,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
         km = (k0 + rk) < K
         w = tl.load(w_ptrs + k0, mask=nm[:, None] & km[None, :], other=0.0)
         x = tl.load(x_ptrs + k0, mask=mm[:, None] & km[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = _dot_acc(acc, x, w, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -81,12 +86,8 @@ def _skinny_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, strid
         wg = tl.load(g_ptrs + k0, mask=wm, other=0.0)
         wu = tl.load(u_ptrs + k0, mask=wm, other=0.0)
         x = tl.load(x_ptrs + k0, mask=mm[:, None] & km[None, :], other=0.0)
-        if IEEE:
-            acc_g += tl.dot(x, tl.trans(wg), input_precision="ieee")
-            acc_u += tl.dot(x, tl.trans(wu), input_precision="ieee")
-        else:
-            acc_g += tl.dot(x, tl.trans(wg))
-            acc_u += tl.dot(x, tl.trans(wu))
+        acc_g = _dot_acc(acc_g, x, wg, IEEE)
+        acc_u = _dot_acc(acc_u, x, wu, IEEE)
     dt = out_ptr.dtype.element_ty
     g = acc_g.to(dt).to(tl.float32)
     a = (g * tl.sigmoid(g)).to(dt)
