@@ -64,6 +64,11 @@ class UnsupportedError(InvalidInputError):
     """A feature the loaded model or configuration does not support (e.g. audio on an image-only model)."""
 
 
+class ModelLoadError(MMPipeError):
+    """The model's files cannot give a stage its weights: a needed tensor missing from the checkpoint, a shape
+    that does not match the config, a parameter no stage owns. The deployment's fault, never the client's."""
+
+
 class NotFoundError(MMPipeError):
     http_status = 404
     grpc_code = "NOT_FOUND"

@@ -113,6 +113,17 @@ def test_audio_tokens_match_offline(audio_stage_stack, qwen2_audio_dir):
     assert got == ref.outputs[0].token_ids
 
 
+# --- each GPU stage holds only its own weights -----------------------------------------------------------------
+def test_encoder_and_generator_each_hold_one_part(stage_stack, offline_vl):
+    from mmpipe.shared.models.registry import held_weights
+
+    full = held_weights(offline_vl.adapter).bytes
+    towers = stage_stack.metric("encoder", "mmpipe_encoder_weights_bytes")
+    lm = stage_stack.metric("generator", "mmpipe_generator_weights_bytes")
+    assert 0 < towers < full and 0 < lm < full
+    assert towers + lm == full  # the two stages together hold the model once
+
+
 # --- caching: repeated media does no work -----------------------------------------------------------------------
 def test_repeated_image_skips_processor_and_encoder(stage_stack):
     s = stage_stack

@@ -31,7 +31,7 @@ async def run(cfg: EncoderConfig) -> None:
             from mmpipe.shared.cache.redis_store import RedisEmbeddingCache
             from transformers.utils.logging import disable_progress_bar
 
-            from mmpipe.shared.models.registry import load_adapter
+            from mmpipe.shared.models.registry import held_weights, load_adapter
 
             redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
             cache = RedisEmbeddingCache(cfg.redis_url, ttl_s=cfg.cache_ttl_s, options=cfg.redis_options)
@@ -46,7 +46,10 @@ async def run(cfg: EncoderConfig) -> None:
             disable_progress_bar()  # a tqdm bar is noise in JSON logs
             adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                    mm_processor_kwargs=cfg.mm_processor_kwargs,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   trust_remote_code=cfg.trust_remote_code, part="towers")
+            held = held_weights(adapter)  # the towers only: the LM stays on the meta device
+            log.info("encoder %s", held)
+            metrics.gauge("weights_bytes", "bytes of model weights this stage holds").labels(cfg.model).set(held.bytes)
             core = EncoderCore(cfg, adapter, cache, client, metrics)
             core.warmup()
             return core

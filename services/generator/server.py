@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
 from mmpipe.services.common.metrics import ServiceMetrics
 from mmpipe.services.common.pb import generator_pb2, generator_pb2_grpc
 from mmpipe.services.generator.config import GeneratorConfig
+
+log = logging.getLogger(__name__)
 
 
 def _make_engine(cfg: GeneratorConfig, adapter, max_model_len):
@@ -36,14 +39,18 @@ async def run(cfg: GeneratorConfig) -> None:
         from mmpipe.shared.cache.redis_store import RedisEmbeddingCache
         from transformers.utils.logging import disable_progress_bar
 
-        from mmpipe.shared.models.registry import load_adapter
+        from mmpipe.shared.models.registry import held_weights, load_adapter
 
         def _load():
             cache = RedisEmbeddingCache(cfg.redis_url, options=cfg.redis_options)
             cache.ping()
             disable_progress_bar()  # a tqdm bar is noise in JSON logs
             adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                   mm_processor_kwargs=cfg.mm_processor_kwargs, trust_remote_code=cfg.trust_remote_code)
+                                   mm_processor_kwargs=cfg.mm_processor_kwargs, trust_remote_code=cfg.trust_remote_code,
+                                   part="lm")
+            held = held_weights(adapter)  # the LM only: the towers stay on the meta device
+            log.info("generator %s", held)
+            metrics.gauge("weights_bytes", "bytes of model weights this stage holds").labels(cfg.model).set(held.bytes)
             max_len = cfg.max_model_len or getattr(adapter.text_config, "max_position_embeddings", None)
             return cache, adapter, _make_engine(cfg, adapter, max_len)
 

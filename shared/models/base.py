@@ -5,8 +5,9 @@ An adapter says, for its family,
   - how to preprocess one decoded media item into model tensors (through the HF processor, so the pixels
     and the placeholder count are exactly what `model.generate(**processor(...))` would see),
   - how to run the towers on a batch of items into one (num_tokens, hidden) embedding per item,
-  - how to check user-supplied embeddings, and
-  - what extra LM inputs the prompt needs (M-RoPE positions for Qwen-VL style models).
+  - how to check user-supplied embeddings,
+  - what extra LM inputs the prompt needs (M-RoPE positions for Qwen-VL style models), and
+  - which modules hold each stage's weights (the encoder's towers, the generator's LM).
 
 Adapters never fetch media, never touch the cache and never decode tokens: those are other layers' jobs.
 """
@@ -33,14 +34,32 @@ class ModelAdapter(ABC):
     uses_mrope: ClassVar[bool] = False
     # processor call keyword for each modality
     _processor_arg: ClassVar[dict[str, str]] = {"image": "images", "video": "videos", "audio": "audio"}
+    # Module paths of the HF model (after transformers' key renames) whose weights each stage holds: the encoder
+    # loads "towers" (everything `encode` runs), the generator "lm" (what the engine reads). Every parameter
+    # belongs to exactly one of the two; shared/models/partial.py checks it at load.
+    tower_modules: ClassVar[tuple[str, ...]] = ()
+    lm_modules: ClassVar[tuple[str, ...]] = ("model.language_model", "lm_head")
 
-    def __init__(self, model: Any, processor: Any, *, mm_processor_kwargs: dict[str, Any] | None = None):
+    def __init__(self, model: Any, processor: Any, *, mm_processor_kwargs: dict[str, Any] | None = None,
+                 device: torch.device | str | None = None, part: str = "all"):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.text_config = model.config.get_text_config()
         self.hidden_size = int(self.text_config.hidden_size)
+        self.part = part
+        # Recorded, not read off the first parameter: on a one-stage model that one may be on the meta device.
+        self._device = torch.device(device) if device is not None else _held_device(model)
+
+    @classmethod
+    def part_modules(cls, part: str) -> tuple[str, ...]:
+        """The module paths holding `part`'s weights ("towers" or "lm")."""
+        if part == "towers":
+            return cls.tower_modules
+        if part == "lm":
+            return cls.lm_modules
+        raise UnsupportedError(f"unknown model part {part!r}; use towers or lm", param="part")
 
     # ---- placeholders -------------------------------------------------------------------------
     @abstractmethod
@@ -109,6 +128,8 @@ class ModelAdapter(ABC):
     @torch.inference_mode()
     def encode(self, modality: str, items: list[ProcessedItem]) -> list[MMEmbedding]:
         self.check_modality(modality)
+        if self.part == "lm":
+            raise UnsupportedError(f"this {self.family} model holds only the LM weights; encode runs in the encoder")
         if not items:
             return []
         feats = self._encode_batch(modality, items)
@@ -129,7 +150,8 @@ class ModelAdapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the weights this adapter holds live (meta for a preprocessing-only adapter)."""
+        return self._device
 
     # ---- user-supplied embeddings ----------------------------------------------------------------
     def embeds_from_user(self, modality: str, value: Any) -> list[MMEmbedding]:
@@ -167,6 +189,14 @@ class ModelAdapter(ABC):
                         ) -> tuple[torch.Tensor, int] | None:
         """(3, L) M-RoPE positions and the rope delta for one expanded prompt; None for 1-D RoPE models."""
         return None
+
+
+def _held_device(model: Any) -> torch.device:
+    """The device of the first parameter that is not on meta (meta when all are)."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("meta")
 
 
 def _split_items(value: Any, *, param: str) -> list[torch.Tensor]:

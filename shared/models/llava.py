@@ -12,6 +12,7 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
     modalities = ("image",)
+    tower_modules = ("model.vision_tower", "model.multi_modal_projector")
 
     def placeholder_token(self, modality: str) -> str:
         self.check_modality(modality)

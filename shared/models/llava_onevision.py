@@ -16,6 +16,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     modalities = ("image", "video")
+    tower_modules = ("model.vision_tower", "model.multi_modal_projector", "model.image_newline")
 
     def placeholder_token(self, modality: str) -> str:
         self.check_modality(modality)

@@ -19,6 +19,7 @@ class Qwen25OmniThinkerAdapter(QwenVLBase):
     model_types = ("qwen2_5_omni_thinker",)
     modalities = ("image", "video", "audio")
     auto_class = "multimodal_lm"
+    tower_modules = ("model.visual", "model.audio_tower")
 
     def placeholder_token(self, modality: str) -> str:
         self.check_modality(modality)

@@ -16,6 +16,7 @@ class Qwen2AudioAdapter(ModelAdapter):
     family = "qwen2_audio"
     model_types = ("qwen2_audio",)
     modalities = ("audio",)
+    tower_modules = ("model.audio_tower", "model.multi_modal_projector")
     auto_class = "multimodal_lm"
 
     def placeholder_token(self, modality: str) -> str:

@@ -20,6 +20,7 @@ class QwenVLBase(ModelAdapter):
     """Shared by the Qwen vision families (and the Omni thinker's vision half)."""
 
     uses_mrope = True
+    tower_modules = ("model.visual",)
 
     @property
     def merge_size(self) -> int:

@@ -1,7 +1,8 @@
 """Which adapter serves which HF `model_type`, and how a model directory or hub id is loaded.
 
-`load_adapter` is the one place that calls `from_pretrained`: a local path works offline, a hub id works
-wherever the hub is reachable.
+`load_adapter` is the one place that loads weights: all of them with `from_pretrained` (the offline LLM), or one
+stage's through shared/models/partial.py. A local path works offline, a hub id works wherever the hub is
+reachable.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mmpipe.shared.errors import UnsupportedError
 from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.models.llava import LlavaAdapter
 from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
+from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
 from mmpipe.shared.models.qwen_vl import Qwen25VLAdapter, Qwen2VLAdapter
@@ -59,18 +61,69 @@ def resolve_device(device: str | None) -> str:
 
 
 def load_adapter(model: str, *, dtype: Any = "auto", device: str | None = "auto",
-                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False) -> ModelAdapter:
-    """Load processor + model for `model` (local dir or hub id) and wrap them in the family's adapter."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
+                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False,
+                 part: str = "all") -> ModelAdapter:
+    """Load processor + model for `model` (local dir or hub id) and wrap them in the family's adapter.
+
+    `part`: "all" (the offline LLM: every weight, through `from_pretrained`), or one stage's weights only —
+    "towers" (the encoder) or "lm" (the generator) — read from the safetensors checkpoint into a model whose
+    other modules stay on the meta device (shared/models/partial.py)."""
+    from transformers import AutoConfig, AutoProcessor
 
     t0 = time.perf_counter()
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     cls = adapter_class_for(config.model_type)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    auto = AutoModelForMultimodalLM if cls.auto_class == "multimodal_lm" else AutoModelForImageTextToText
-    hf_model = auto.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(dev).eval()
+    auto = _auto_class(cls)
+    if part == "all":
+        hf_model = auto.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(dev).eval()
+    elif part in STAGE_PARTS:
+        hf_model = _load_stage_model(model, cls, config, part, torch_dtype, dev, trust_remote_code)
+    else:
+        raise UnsupportedError(f"unknown model part {part!r}; use all, {', '.join(STAGE_PARTS)}", param="part")
     processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-    adapter = cls(hf_model, processor, mm_processor_kwargs=mm_processor_kwargs)
-    logger.info("loaded %s (%s, %s on %s) in %.2f s", model, cls.family, torch_dtype, dev, time.perf_counter() - t0)
+    adapter = cls(hf_model, processor, mm_processor_kwargs=mm_processor_kwargs, device=_concrete(dev), part=part)
+    logger.info("loaded %s (%s, %s on %s) in %.2f s; %s", model, cls.family, torch_dtype, dev,
+                time.perf_counter() - t0, held_weights(adapter))
     return adapter
+
+
+def held_weights(adapter: ModelAdapter) -> HeldWeights:
+    """What `adapter`'s model holds: bytes off the meta device, its part and that part's modules."""
+    modules = adapter.part_modules(adapter.part) if adapter.part in STAGE_PARTS else ()
+    return HeldWeights(held_bytes(adapter.model), adapter.part, modules)
+
+
+def _concrete(device: str):
+    """`cuda` as the device tensors moved there land on (`cuda:N`), so the recorded device equals theirs."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _auto_class(cls: type[ModelAdapter]):
+    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
+
+    return AutoModelForMultimodalLM if cls.auto_class == "multimodal_lm" else AutoModelForImageTextToText
+
+
+def _load_stage_model(model: str, cls: type[ModelAdapter], config: Any, part: str, dtype: Any, device: str,
+                      trust_remote_code: bool):
+    """A meta-device skeleton of the model with only `part`'s weights read and placed on `device`."""
+    import torch
+    from transformers import GenerationConfig
+
+    with torch.device("meta"):
+        skeleton = _auto_class(cls).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    hf_model = load_part(model, skeleton, cls.part_modules(part),
+                         {p: cls.part_modules(p) for p in STAGE_PARTS}, _concrete(device)).eval()
+    # from_pretrained reads generation_config.json (the EOS ids the engine stops on); from_config cannot
+    try:
+        hf_model.generation_config = GenerationConfig.from_pretrained(model)
+    except OSError:  # no generation_config.json: keep the one derived from the model config, as from_pretrained
+        pass
+    return hf_model
