@@ -110,6 +110,7 @@ class EncoderCore:
             tensors, meta = unpack_tensors(it.tensors)
         except CacheCorruptError as e:
             raise InvalidInputError(f"processed tensors of {it.modality} item: {e}", param="tensors") from None
+        self.adapter.pixel_wire.check_payload(it.modality, tensors, self.adapter.model.dtype)
         if not isinstance(meta.get("num_tokens"), int) or meta["num_tokens"] < 1:
             raise InvalidInputError("processed item meta needs num_tokens >= 1", param="tensors")
         return ProcessedItem(modality=it.modality, key=it.key, tensors=tensors, meta=meta)

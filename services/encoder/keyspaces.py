@@ -6,6 +6,9 @@ share cache entries:
                   settings_digest({"adapter": adapter.settings(), "media_io_kwargs": media_io_kwargs or {}}))
 The config dict includes the dtype, so only an encoder with the same model, dtype and processor settings
 can read or write the same entries. Ingest never computes keys: it asks the encoder (Lookup).
+How the processed pixels reached the encoder (uint8 finished on the device, or float) is not in the key: the
+tower input is the same either way (shared/models/pixel_wire.py), and `settings()` already holds every
+processor setting the finishing step reads (rescale factor, mean, std, patch sizes).
 """
 from __future__ import annotations
 

@@ -62,8 +62,9 @@ class IngestConfig:
                        help="deadline in seconds of each Lookup / Encode call to the encoder, shortened to the "
                             "caller's own deadline (env MMPIPE_ENCODER_TIMEOUT)")
         g.add_argument("--wire-dtype", default=ca.env("WIRE_DTYPE", "auto"),
-                       help="dtype of floating tensors sent to the encoder: auto = float32, or the encoder's "
-                            "--dtype (bfloat16/float16) to halve the bytes; the encoder casts to its dtype anyway")
+                       help="dtype of floating tensors sent to the encoder (audio features, and pixels of "
+                            "processors without a compact uint8 form): auto = float32, or the encoder's --dtype "
+                            "(bfloat16/float16) to halve the bytes; the encoder refuses a narrower dtype than its own")
         ca.add_stage_client_args(p)
 
     @classmethod

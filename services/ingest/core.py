@@ -26,12 +26,12 @@ from mmpipe.shared.errors import (
 )
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
+from mmpipe.shared.models.pixel_wire import float_wire_dtype, wire_tensors
 from mmpipe.shared.types import MediaItem
 
 log = logging.getLogger(__name__)
 
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-_WIRE_CAST_KEYS = ("pixel_values", "pixel_values_videos", "input_features")
 
 
 class IngestCore:
@@ -48,11 +48,7 @@ class IngestCore:
                                                                                                 self.default_kw)}
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="ingest")
         self.pending = 0  # media items admitted and not finished (bounded by --max-pending-items)
-        self.wire_dtype = None
-        if cfg.wire_dtype not in ("auto", "float32", "fp32", None):
-            from mmpipe.shared.models.registry import resolve_dtype
-
-            self.wire_dtype = resolve_dtype(cfg.wire_dtype, "cpu")
+        self.wire_dtype = float_wire_dtype(cfg.wire_dtype)  # the float fallback's; uint8 pixels stay uint8
         m, self.ml = metrics, metrics.model
         self.m_loaded = m.counter("media_loaded", "items fetched and decoded", ("modality",))
         self.m_pre = m.counter("items_preprocessed", "items run through the HF processor", ("modality",))
@@ -101,11 +97,7 @@ class IngestCore:
 
         p = self.adapter.preprocess(item)
         self.m_pre.labels(self.ml, item.modality).inc()
-        tensors = p.tensors
-        if self.wire_dtype is not None:
-            tensors = {k: (v.to(self.wire_dtype) if k in _WIRE_CAST_KEYS and v.is_floating_point() else v)
-                       for k, v in tensors.items()}
-        return pack_tensors(tensors, p.meta)
+        return pack_tensors(wire_tensors(p.tensors, self.wire_dtype), p.meta)
 
     async def _timed(self, stage: str, coro):
         t0 = time.perf_counter()

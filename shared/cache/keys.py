@@ -8,7 +8,10 @@ Why each part is there:
     so old entries become unreachable instead of misread.
   * `model_fp` (weights id + config) and `settings` (every processor setting that changes the embedding:
     resize limits, fps, sampling rate, dtype, ...) keep two deployments from sharing an entry that only
-    one of them could have produced.
+    one of them could have produced. The form pixels take between ingest and the towers (uint8 normalised
+    on the encoder, or float; shared/models/pixel_wire.py) is deliberately NOT part of it: it does not change
+    the embedding (the finished uint8 form equals the processor's float output bit for bit, and the encoder
+    refuses float pixels narrower than its dtype), so both forms name and share the same entry.
   * UUID keys are per tenant: a UUID is a name chosen by a client, and two tenants may choose the same
     one for different media. Content-hash keys are shared across tenants on purpose (same bytes, same
     embedding), which also means one tenant can learn, by timing, that some content is cached.

@@ -14,11 +14,13 @@ Adapters never fetch media, never touch the cache and never decode tokens: those
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
+from mmpipe.shared.models.pixel_wire import PixelWire
 from mmpipe.shared.types import MediaItem, MMEmbedding, ProcessedItem
 
 # Processor outputs that belong to the text side; everything else is a model input for the towers.
@@ -105,6 +107,7 @@ class ModelAdapter(ABC):
             kwargs["sampling_rate"] = self.audio_sampling_rate
         # vLLM's mm_processor_kwargs: flat keywords the HF processor routes to its sub-processors.
         kwargs.update(self.mm_processor_kwargs)
+        kwargs = self.pixel_wire.processor_kwargs(item.modality, kwargs)  # uint8 pixels where exact
         try:
             out = self.processor(text=self.placeholder_token(item.modality), return_tensors="pt", **kwargs)
         except (ValueError, TypeError, RuntimeError) as e:  # the processor's own validation of the item
@@ -112,6 +115,7 @@ class ModelAdapter(ABC):
         ids = out["input_ids"][0]
         num_tokens = int((ids == self.placeholder_id(item.modality)).sum())
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        tensors = self.pixel_wire.compact(item.modality, tensors)
         meta = {"num_tokens": num_tokens}
         meta.update(self._item_meta(item.modality, tensors))
         return ProcessedItem(modality=item.modality, key=item.content_hash, tensors=tensors, meta=meta)
@@ -132,6 +136,8 @@ class ModelAdapter(ABC):
             raise UnsupportedError(f"this {self.family} model holds only the LM weights; encode runs in the encoder")
         if not items:
             return []
+        # uint8 pixels to the device first, normalised there, before any tower reads them
+        items = self.pixel_wire.on_device(modality, items, self.device, self.model.dtype)
         feats = self._encode_batch(modality, items)
         out = []
         for it, f in zip(items, feats, strict=True):
@@ -147,6 +153,11 @@ class ModelAdapter(ABC):
         ts = [it.tensors[key] for it in items]
         t = torch.cat(ts, dim=0).to(dev)
         return t.to(dt) if t.is_floating_point() else t
+
+    @cached_property
+    def pixel_wire(self) -> PixelWire:
+        """This model's compact ingest -> encoder pixel forms (shared/models/pixel_wire.py)."""
+        return PixelWire(self.processor, self.mm_processor_kwargs)
 
     @property
     def device(self) -> torch.device:
