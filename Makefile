@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 MODEL  ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-slow test-gpu bench lint proto proto-check clean
+.PHONY: install run demo test test-slow test-gpu bench bench-serve lint proto proto-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ ONLINE_BENCH_ARGS ?=
 bench: install
 	$(PY) bench/engine_bench.py --out $(BENCH_OUT)/engine_bench $(ENGINE_BENCH_ARGS)
 	$(PY) bench/online_bench.py --out $(BENCH_OUT)/online_bench $(ONLINE_BENCH_ARGS)
+
+# The whole served stack on one GPU (`mmpipe serve`: Redis + ingest + encoder + generator + gateway) driven through
+# the openai client at several concurrencies, beside the offline LLM, transformers generate and the tower alone;
+# builds a Qwen2.5-VL-3B-sized random model unless --model is given. Results in bench/results/serve_bench/.
+#   make bench-serve BENCH_SERVE_ARGS="--levels 8,32 --level-time-s 15"
+#   make bench-serve BENCH_SERVE_ARGS="--device cpu --levels 2 --requests 4"      # CPU smoke (a small model)
+BENCH_SERVE_ARGS ?=
+bench-serve: install
+	$(PY) bench/serve_bench.py --out $(BENCH_OUT)/serve_bench $(BENCH_SERVE_ARGS)
 
 # Python gRPC stubs of proto/mmpipe/v1/*.proto -> services/common/pb (mmpipe.services.common.pb), imports fixed.
 proto: install
