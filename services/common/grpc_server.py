@@ -170,12 +170,15 @@ async def _abort(context, code: grpc.StatusCode, message: str) -> None:
 
 async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
                 register: Callable[[grpc.aio.Server], list[str]],
-                load: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]] | None = None) -> None:
+                load: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]] | None = None,
+                alive: Callable[[], bool] | None = None, alive_period_s: float = 0.5) -> None:
     """Run one stage server until SIGTERM/SIGINT.
 
     register(server) adds the servicers and returns their full service names; load() loads the model and
     warms it up (health stays NOT_SERVING, RPCs get UNAVAILABLE, until it returns); close() runs after the
-    server has stopped (flush caches, stop engines).
+    server has stopped (flush caches, stop engines). alive(), checked every alive_period_s once ready, is the
+    liveness of what serves (the generator's engine loop): when it turns False, health turns NOT_SERVING for
+    good, so an orchestrator restarts the process.
     """
     interceptor = StageInterceptor(metrics)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_mb),
@@ -213,7 +216,12 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
         for n in ["", *names]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s ready on %s:%d", name, cfg.host, port)
+        watch = None
+        if alive is not None:
+            watch = asyncio.create_task(_watch_liveness(name, alive, alive_period_s, health_servicer, names))
         await stop_task
+        if watch is not None:
+            watch.cancel()
     else:
         load_task.cancel()
     log.info("%s shutting down: finishing in-flight RPCs (grace %.0f s)", name, cfg.shutdown_grace_s)
@@ -223,3 +231,12 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
     if close is not None:
         await close()
     log.info("%s stopped", name)
+
+
+async def _watch_liveness(name: str, alive: Callable[[], bool], period_s: float,
+                          health_servicer: health.aio.HealthServicer, names: list[str]) -> None:
+    while alive():
+        await asyncio.sleep(period_s)
+    log.error("%s: its engine is dead: health NOT_SERVING", name)
+    for n in ["", *names]:
+        await health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -28,6 +28,7 @@ class GeneratorConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     max_waiting: int = 1024
+    engine_process: bool = True  # the engine steps in its own process (engine_setup.py)
     redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
 
     @staticmethod
@@ -47,6 +48,11 @@ class GeneratorConfig:
                        help="no CUDA graphs")
         g.add_argument("--max-waiting", type=int, default=ca.env_int("MAX_WAITING", 1024),
                        help="requests queued before RESOURCE_EXHAUSTED (env MMPIPE_MAX_WAITING)")
+        g.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                       default=ca.env_bool("ENABLE_ENGINE_PROCESS", True),
+                       help="step the engine in its own process, so that it never waits on this process's GIL "
+                            "(gRPC, asyncio); --no-engine-process steps it in a thread here, for debugging "
+                            "(env MMPIPE_ENABLE_ENGINE_PROCESS, after vLLM's VLLM_ENABLE_V1_MULTIPROCESSING)")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "GeneratorConfig":
@@ -56,4 +62,5 @@ class GeneratorConfig:
                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                    kv_cache_blocks=a.kv_cache_blocks, block_size=a.block_size,
                    gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
-                   max_waiting=a.max_waiting, redis_options=ca.redis_options(a))
+                   max_waiting=a.max_waiting, engine_process=a.engine_process,
+                   redis_options=ca.redis_options(a))

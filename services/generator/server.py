@@ -13,17 +13,6 @@ from mmpipe.services.generator.config import GeneratorConfig
 log = logging.getLogger(__name__)
 
 
-def _make_engine(cfg: GeneratorConfig, adapter, max_model_len):
-    from mmpipe.shared.engine import AsyncLLMEngine, EngineConfig, LLMEngine
-
-    model = adapter.model
-    ecfg = EngineConfig(block_size=cfg.block_size, num_kv_blocks=cfg.kv_cache_blocks,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_num_seqs=cfg.max_num_seqs,
-                        max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=max_model_len,
-                        device=str(adapter.device), dtype=model.dtype, enable_cuda_graphs=not cfg.enforce_eager)
-    return AsyncLLMEngine(LLMEngine(model, ecfg), max_waiting=cfg.max_waiting)
-
-
 async def run(cfg: GeneratorConfig) -> None:
     metrics = ServiceMetrics("generator", cfg.model)
     state: dict = {}
@@ -36,23 +25,18 @@ async def run(cfg: GeneratorConfig) -> None:
 
     async def load() -> None:
         from mmpipe.services.generator.core import GeneratorCore
+        from mmpipe.services.generator.engine_setup import build_engine
         from mmpipe.shared.cache.redis_store import RedisEmbeddingCache
-        from transformers.utils.logging import disable_progress_bar
-
-        from mmpipe.shared.models.registry import held_weights, load_adapter
 
         def _load():
             cache = RedisEmbeddingCache(cfg.redis_url, options=cfg.redis_options)
             cache.ping()
-            disable_progress_bar()  # a tqdm bar is noise in JSON logs
-            adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                   mm_processor_kwargs=cfg.mm_processor_kwargs, trust_remote_code=cfg.trust_remote_code,
-                                   part="lm")
-            held = held_weights(adapter)  # the LM only: the towers stay on the meta device
-            log.info("generator %s", held)
-            metrics.gauge("weights_bytes", "bytes of model weights this stage holds").labels(cfg.model).set(held.bytes)
-            max_len = cfg.max_model_len or getattr(adapter.text_config, "max_position_embeddings", None)
-            return cache, adapter, _make_engine(cfg, adapter, max_len)
+            # the LM only (the towers stay on the meta device), held by the engine-core process by default
+            built = build_engine(cfg)
+            log.info("generator %s", built.weights)
+            metrics.gauge("weights_bytes", "bytes of model weights this stage holds").labels(cfg.model).set(
+                built.weights.bytes)
+            return cache, built.adapter, built.engine
 
         cache, adapter, aengine = await asyncio.get_running_loop().run_in_executor(None, _load)
         core = GeneratorCore(cfg, adapter, aengine, cache, metrics)
@@ -63,7 +47,11 @@ async def run(cfg: GeneratorConfig) -> None:
         if "core" in state:
             await state["core"].close()
 
-    await serve(name="generator", cfg=cfg.server, metrics=metrics, register=register, load=load, close=close)
+    def alive() -> bool:  # liveness: false once the engine loop (thread or process) is dead
+        return "core" not in state or state["core"].engine.is_alive()
+
+    await serve(name="generator", cfg=cfg.server, metrics=metrics, register=register, load=load, close=close,
+                alive=alive)
 
 
 def main(cfg: GeneratorConfig) -> int:

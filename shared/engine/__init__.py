@@ -7,14 +7,16 @@ models, fed with precomputed multimodal embedding rows.
 Layout (nano-vllm style): config, sequence, block_manager, scheduler (what runs each step), model_runner
 (inputs, KV cache, CUDA graphs), decoder (our forward over the HF weights), attention/ (torch reference and
 Triton backends), kernels/ (CUDA only), sampler, llm_engine (sync loop),
-async_engine (asyncio front with a background step thread).
+async_engine (asyncio front with a background step thread), core_process + core_client (the same loop in its
+own process, and its asyncio front; wire.py is their messages, streams.py the per-request queues both fronts
+share).
 """
 from __future__ import annotations
 
 from .config import EngineConfig
 from .outputs import StepOutput
 
-__all__ = ["EngineConfig", "LLMEngine", "StepOutput", "AsyncLLMEngine"]
+__all__ = ["EngineConfig", "LLMEngine", "StepOutput", "AsyncLLMEngine", "EngineCoreClient", "EngineCoreSpec"]
 
 
 def __getattr__(name: str):
@@ -27,4 +29,12 @@ def __getattr__(name: str):
         from .async_engine import AsyncLLMEngine
 
         return AsyncLLMEngine
+    if name == "EngineCoreClient":
+        from .core_client import EngineCoreClient
+
+        return EngineCoreClient
+    if name == "EngineCoreSpec":
+        from .core_process import EngineCoreSpec
+
+        return EngineCoreSpec
     raise AttributeError(name)
