@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mmpipe.shared.models._features import flatten_features, split_by_tokens
+from mmpipe.shared.models._features import split_by_tokens
 from mmpipe.shared.models.qwen_vl import QwenVLBase
 from mmpipe.shared.types import MMEmbedding, ProcessedItem
 
@@ -34,10 +34,16 @@ class Qwen25OmniThinkerAdapter(QwenVLBase):
     def _encode_batch(self, modality: str, items: list[ProcessedItem]) -> list[torch.Tensor]:
         if modality != "audio":
             return self._encode_vision(modality, items)
-        # Clips are padded to the same mel length by the feature extractor, so they stack.
-        out = self.model.get_audio_features(self._cat(items, "input_features"),
-                                            self._cat(items, "feature_attention_mask"))
-        return split_by_tokens(flatten_features(out.last_hidden_state), items)
+        # Clips are padded to the same mel length by the feature extractor, so they stack; our encoder forward
+        # (towers/omni_audio.py) takes the valid frames as transformers' get_audio_features selects them, with
+        # the clip lengths as host ints (no sync, one attention call per chunk length and layer).
+        from mmpipe.shared.models.towers.omni_audio import OmniAudioTower, find_audio_tower
+
+        feats = torch.cat([it.tensors["input_features"] for it in items], dim=0)
+        mask = torch.cat([it.tensors["feature_attention_mask"] for it in items], dim=0).bool()
+        lens = [int(n) for n in mask.sum(-1).tolist()]
+        valid = feats.permute(0, 2, 1)[mask].permute(1, 0)
+        return split_by_tokens(OmniAudioTower.of(find_audio_tower(self.model))(valid, lens), items)
 
     def _checked_embedding(self, modality: str, t: torch.Tensor, meta: dict[str, Any]) -> MMEmbedding:
         if modality == "audio" and "audio_seqlen" not in meta:

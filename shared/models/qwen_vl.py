@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mmpipe.shared.errors import InvalidInputError
-from mmpipe.shared.models._features import flatten_features, split_by_tokens
+from mmpipe.shared.models._features import split_by_tokens
 from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.types import MMEmbedding, ProcessedItem
 
@@ -42,13 +42,16 @@ class QwenVLBase(ModelAdapter):
         return super()._item_meta(modality, tensors)
 
     def _encode_vision(self, modality: str, items: list[ProcessedItem]) -> list[torch.Tensor]:
-        if modality == "image":
-            out = self.model.get_image_features(pixel_values=self._cat(items, "pixel_values"),
-                                                image_grid_thw=self._cat(items, "image_grid_thw"))
-        else:
-            out = self.model.get_video_features(pixel_values_videos=self._cat(items, "pixel_values_videos"),
-                                                video_grid_thw=self._cat(items, "video_grid_thw"))
-        return split_by_tokens(flatten_features(out.pooler_output), items)
+        """Items of any sizes in one forward of our tower (towers/qwen_vision.py) over the HF weights: grid
+        metadata once on the host, one batched attention call per layer, compiled on CUDA."""
+        from mmpipe.shared.models.towers.qwen_vision import QwenVisionTower, find_visual
+
+        key, gkey = ("pixel_values", "image_grid_thw") if modality == "image" else (
+            "pixel_values_videos", "video_grid_thw")
+        tower = QwenVisionTower.of(find_visual(self.model))
+        grids = [tuple(int(x) for x in g) for it in items for g in it.tensors[gkey].tolist()]  # host ints
+        pixels = torch.cat([it.tensors[key] for it in items], dim=0)
+        return split_by_tokens(tower(pixels, grids), items)
 
     def _embeds_from_dict(self, modality: str, value: dict) -> list[MMEmbedding]:
         """vLLM's Qwen-VL form: {"image_embeds": (sum_tokens, hidden) or (n, F, hidden), "image_grid_thw": (n, 3)}."""
