@@ -1,16 +1,24 @@
-"""Incremental detokenization with stop strings: one implementation for the offline loop, the generator
-service and the gateway's streams.
+"""Incremental detokenization with stop strings: one implementation for the offline loop and the generator
+service (which streams the text; the gateway only forwards it).
 
 Decoding token by token is wrong for byte-level BPE (a character can span tokens) and decoding the whole
-sequence every step is quadratic; this decodes a short window (a few tokens of context plus the new ones) and
-waits while the tail is an incomplete UTF-8 character. Stop strings are searched in the new text plus enough
-of the old to catch one that straddles two steps, only once `min_tokens` are out (as vLLM does). Text that
-could still turn out to be the start of a stop string is held back from streaming, so a stream never shows
-half a stop string.
+sequence every step is quadratic. With a fast tokenizer (a `tokenizers.Tokenizer` behind it, every HF "fast"
+tokenizer) the Rust incremental decoder `tokenizers.decoders.DecodeStream` does this in one call per token: it
+keeps prefix/read offsets, decodes a short window and returns nothing while the tail is an incomplete UTF-8
+character, with the same decoder pipeline and special-token skipping as `tokenizer.decode(...,
+clean_up_tokenization_spaces=False)`. Other tokenizers take the same algorithm in Python (a window of a few
+tokens of context, decoded through `tokenizer.decode`).
+
+Stop strings are searched in the new text plus enough of the old to catch one that straddles two steps, only
+once `min_tokens` are out (as vLLM does). Text that could still turn out to be the start of a stop string is
+held back from streaming, so a stream never shows half a stop string.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from mmpipe.shared.types import SamplingParams
 
@@ -31,9 +39,15 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None  # the stop string that matched
         self._streamed = 0  # characters handed out by take_new_text
         # A little prompt context makes the first output tokens decode as they would in the full text.
-        self._ids = list(prompt_token_ids[-_WINDOW:]) if prompt_token_ids else []
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
+        context = list(prompt_token_ids[-_WINDOW:]) if prompt_token_ids else []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend: Tokenizer | None = backend if isinstance(backend, Tokenizer) else None
+        if self._backend is not None:
+            self._stream = DecodeStream(context or None, skip_special_tokens=self.skip_special)
+        else:
+            self._ids = context
+            self._prefix_offset = 0
+            self._read_offset = len(self._ids)
         self._hold = max((len(s) for s in self.stops), default=1) - 1 if not self.include_stop else 0
 
     @property
@@ -41,26 +55,33 @@ class IncrementalDetokenizer:
         """How many output tokens belong to the output when a stop string ended it (else None)."""
         return len(self.token_ids) if self.stopped else None
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False)
-
     def add_tokens(self, new_ids: list[int]) -> bool:
         """Feed new tokens; returns True once a stop string has ended the sequence."""
         for tid in new_ids:
             if self.stopped:
                 break
-            self.token_ids.append(int(tid))
-            self._ids.append(int(tid))
-            prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
-            full = self._decode(self._ids[self._prefix_offset:])
-            if len(full) <= len(prefix) or full.endswith("\ufffd"):
-                continue  # nothing printable yet, or an incomplete UTF-8 character: wait for the next token
-            before = len(self.output_text)
-            self.output_text += full[len(prefix):]
-            self._prefix_offset = max(self._read_offset, len(self._ids) - _WINDOW)
-            self._read_offset = len(self._ids)
-            self._check_stop(before)
+            tid = int(tid)
+            self.token_ids.append(tid)
+            text = self._stream.step(self._backend, tid) if self._backend is not None else self._window_step(tid)
+            if text:
+                before = len(self.output_text)
+                self.output_text += text
+                self._check_stop(before)
         return self.stopped
+
+    def _window_step(self, tid: int) -> str | None:
+        """The Python fallback of DecodeStream.step for tokenizers without a Rust backend."""
+        self._ids.append(tid)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None  # nothing printable yet, or an incomplete UTF-8 character: wait for the next token
+        self._prefix_offset = max(self._read_offset, len(self._ids) - _WINDOW)
+        self._read_offset = len(self._ids)
+        return full[len(prefix):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False)
 
     def _check_stop(self, before: int) -> None:
         if not self.stops or len(self.token_ids) < self.min_tokens:

@@ -73,3 +73,37 @@ def test_special_tokens_skipped(tok):
     assert det.output_text == "Hello"
     det, _, _ = feed(tok, SamplingParams(skip_special_tokens=False), ids)
     assert det.output_text == "Hello<|im_end|>"
+
+
+class _DecodeOnly:
+    """The tokenizer seen through `decode` alone, as a tokenizer without a Rust backend offers it: this takes
+    the detokenizer's Python window path instead of `tokenizers.decoders.DecodeStream`."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_rust_decode_stream_equals_the_python_window(family, skip):
+    """DecodeStream (the fast path) and the windowed `decode` (the fallback) give the same text, token by token,
+    on random token sequences: split multi-byte characters, special tokens, byte soup that is not UTF-8."""
+    import random
+
+    tok = get_case(family).processor.tokenizer
+    assert IncrementalDetokenizer(tok, SamplingParams())._backend is not None  # fast tokenizers take DecodeStream
+    rng = random.Random(7)
+    sp = SamplingParams(skip_special_tokens=skip)
+    for _ in range(150):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        fast, slow = IncrementalDetokenizer(tok, sp), IncrementalDetokenizer(_DecodeOnly(tok), sp)
+        assert slow._backend is None
+        for t in ids:
+            fast.add_tokens([t])
+            slow.add_tokens([t])
+            assert fast.take_new_text() == slow.take_new_text(), ids
+        assert fast.output_text == slow.output_text
+    text_ids = tok.encode(TEXT, add_special_tokens=False)
+    fast = IncrementalDetokenizer(tok, sp)
+    fast.add_tokens(text_ids)
+    assert fast.output_text == tok.decode(text_ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)

@@ -1,7 +1,8 @@
 """`mmpipe gateway`: run the OpenAI-compatible HTTP API and the public gRPC API in front of the stages.
 
 Loads only the model's tokenizer, processor and config (no weights). Flags are named as in `vllm serve`
-and default to their MMPIPE_* environment variables.
+and default to their MMPIPE_* environment variables. With --api-server-count N, N gateway processes serve the
+same ports (services/gateway/workers.py).
 """
 from __future__ import annotations
 
@@ -31,5 +32,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmpipe gateway: error: {e.message}")
         return 2
     setup_logging("gateway", cfg.log_level)
+    if cfg.api_server_count > 1:
+        from mmpipe.services.gateway.workers import run_workers
+
+        return run_workers(cfg)
     asyncio.run(serve(cfg))
     return 0

@@ -51,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
+    p.add_argument("--api-server-count", type=int, default=int(e("MMPIPE_API_SERVER_COUNT", 1)),
+                   help="gateway processes serving --port and --grpc-port (vLLM's flag; metrics merged on /metrics)")
     p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
     p.add_argument("--api-key-file", default=e("MMPIPE_API_KEY_FILE"),
                    help="gateway API keys, one per line, each its own tenant")
@@ -205,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             gw += ["--allow-private-media-urls"]
         if args.max_model_len:
             gw += ["--max-model-len", str(args.max_model_len)]
+        if args.api_server_count != 1:
+            gw += ["--api-server-count", str(args.api_server_count)]
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         if args.trust_tenant_header:
             gw += ["--trust-tenant-header"]

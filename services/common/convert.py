@@ -49,16 +49,18 @@ def _plain(o: Any) -> Any:
 
 @dataclass(frozen=True)
 class MediaSource:
-    """One media item for ingest: exactly one of url / data / path, or none for a UUID-only item."""
+    """One media item for ingest: exactly one of url / data / path, or none for a UUID-only item. `key`: the
+    caller already looked `uuid` up and missed; store under this key (see MediaInput.key)."""
 
     modality: str
     url: str | None = None
     data: bytes | None = None
     path: str | None = None
     uuid: str | None = None
+    key: str | None = None
 
     def to_pb(self) -> ingest_pb2.MediaInput:
-        pb = ingest_pb2.MediaInput(modality=self.modality, uuid=self.uuid or "")
+        pb = ingest_pb2.MediaInput(modality=self.modality, uuid=self.uuid or "", key=self.key or "")
         if self.url is not None:
             pb.url = self.url
         elif self.data is not None:
@@ -72,7 +74,7 @@ class MediaSource:
         which = pb.WhichOneof("source")
         return cls(modality=pb.modality, url=pb.url if which == "url" else None,
                    data=pb.data if which == "data" else None, path=pb.path if which == "path" else None,
-                   uuid=pb.uuid or None)
+                   uuid=pb.uuid or None, key=pb.key or None)
 
     @property
     def source(self) -> Any:

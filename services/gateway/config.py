@@ -80,6 +80,8 @@ class GatewayConfig:
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    # Gateway processes serving the one HTTP (and gRPC) port (services/gateway/workers.py); 1: this process.
+    api_server_count: int = 1
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:
@@ -166,6 +168,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
+    p.add_argument("--api-server-count", type=int, default=int(_env("API_SERVER_COUNT", 1)),
+                   help="gateway processes serving the one --port and --grpc-port (vLLM's flag); their metrics are "
+                        "merged on /metrics, process metrics labelled by worker [MMPIPE_API_SERVER_COUNT]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    type=str.lower, choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
     return p
@@ -200,6 +205,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise InvalidInputError(f"--limit-mm-per-prompt: {k!r} must be a non-negative integer, got {v!r}",
                                     param="--limit-mm-per-prompt")
+    count = getattr(args, "api_server_count", 1)
+    if not isinstance(count, int) or count < 1:
+        raise InvalidInputError(f"--api-server-count must be at least 1, got {count!r}", param="--api-server-count")
     return GatewayConfig(
         model=args.model,
         served_model_names=tuple(args.served_model_name or ()),
@@ -220,5 +228,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         trust_request_chat_template=bool(args.trust_request_chat_template),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
-        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level,
+        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
     )

@@ -1,7 +1,10 @@
 """The gateway core: one request from domain input to a stream of generated text, for every transport.
 
     check model -> prepare (template, tokens, limits, placeholders, policy) -> resolve media to cache keys
-    -> generator.Generate (streamed) -> incremental detokenisation (stop strings) -> Deltas
+    -> generator.Generate (streamed token ids + text deltas) -> Deltas
+
+The generator owns detokenisation and stop strings (shared/detokenizer.py, as the offline loop): it streams
+text deltas, cuts the tokens after a stop string and ends the stream itself, so the gateway only forwards.
 
 The OpenAI HTTP routes and the public gRPC servicer both call `GatewayCore.chat` / `.completion` and only
 convert wire types; nothing here knows HTTP or gRPC. A started `GenerationStream` has already received
@@ -16,7 +19,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mmpipe.shared.detokenizer import IncrementalDetokenizer
 from mmpipe.shared.errors import (
     CancelledError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
     ServiceUnavailableError,
@@ -35,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 # Pause before the one transparent retry of a stage that answered UNAVAILABLE (gRPC reconnects in 0.2-2 s).
 STAGE_RETRY_PAUSE_S = 0.5
+# The Generate call carries the request's deadline; when gRPC ends it this close to that deadline (clocks and
+# scheduling differ by a little), it is the request timeout (504), not a stage failure (503).
+DEADLINE_SLACK_S = 0.05
 
 
 class RequestTimeoutError(MediaTimeoutError):
@@ -109,9 +114,9 @@ class GenerationStream:
         self.ctx = ctx
         self.metrics = metrics
         self.deadline = deadline
-        self.detok = IncrementalDetokenizer(core.info.tokenizer, prepared.sampling)
         self.want_logprobs = prepared.sampling.logprobs is not None
         self.token_ids: list[int] = []
+        self._text: list[str] = []
         self.logprobs: list[float] | None = [] if self.want_logprobs else None
         self.prompt_tokens = 0
         self.finish_reason: str | None = None
@@ -210,10 +215,17 @@ class GenerationStream:
                 else:
                     if self._chunks is None:
                         raise CancelledError("the stream was closed")
+                    # No per-token timer: the Generate call itself carries the request's deadline.
                     try:
-                        chunk = await _within(self.deadline, self._chunks.__anext__())
+                        chunk = await self._chunks.__anext__()
                     except StopAsyncIteration:
                         raise MMPipeError("the generator ended the stream before finishing the request") from None
+                    except ServiceUnavailableError:
+                        if self.deadline - time.monotonic() < DEADLINE_SLACK_S:
+                            raise RequestTimeoutError(f"the request did not finish within "
+                                                      f"{self.core.cfg.request_timeout_s:g} s (--request-timeout)"
+                                                      ) from None
+                        raise
                 delta = self._consume(chunk)
                 if delta is not None:
                     yield delta
@@ -221,33 +233,33 @@ class GenerationStream:
             self._status = _status_of(e)
             raise
         if self.finish_reason is not None:
-            await self._aclose_chunks()  # a stop string ends the request here, before the generator knows
+            await self._aclose_chunks()  # the last message has come: this only releases the call
 
     def _consume(self, chunk: Any) -> Delta | None:
+        """One Generate message as a Delta: its tokens, logprobs and the generator's text, unchanged."""
         self.prompt_tokens = chunk.num_prompt_tokens or self.prompt_tokens
-        ids = list(chunk.token_ids)
-        lps = list(chunk.logprobs or []) if self.want_logprobs else None
-        before = len(self.token_ids)
-        stopped = self.detok.add_tokens(ids)
-        if stopped and self.detok.stop_token_count is not None:
-            # tokens after the one that completed the stop string are not part of the output (as offline)
-            keep = max(0, self.detok.stop_token_count - before)
-            ids = ids[:keep]
-            lps = lps[:keep] if lps is not None else None
+        ids = chunk.token_ids
+        lps = (chunk.logprobs or []) if self.want_logprobs else None
         self.token_ids.extend(ids)
         if self.logprobs is not None and lps:
             self.logprobs.extend(lps)
         self.metrics.tokens(len(ids))
-        finished = stopped or chunk.finished
-        if finished:
-            self.finish_reason = "stop" if stopped else (chunk.finish_reason or "stop")
-        text = self.detok.take_new_text(finished=finished)
-        if not (text or ids or finished):
+        text = chunk.text
+        if text:
+            self._text.append(text)
+        if chunk.finished:
+            self.finish_reason = chunk.finish_reason or "stop"
+        elif not (text or ids):
             return None
         return Delta(text=text, token_ids=ids, logprobs=lps, finish_reason=self.finish_reason)
 
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return "".join(self._text)
+
     def result(self) -> Completion:
-        return Completion(text=self.detok.output_text, token_ids=list(self.token_ids),
+        return Completion(text=self.text, token_ids=list(self.token_ids),
                           logprobs=list(self.logprobs) if self.logprobs is not None else None,
                           finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
                           prompt_token_ids=list(self.prepared.prompt_token_ids))

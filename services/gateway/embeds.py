@@ -11,16 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.inputs.parse import ItemRef
 
-from .prepare import MediaSpec
 
-
-def decode_user_embeds(spec: MediaSpec) -> Any:
+def decode_user_embeds(item: ItemRef) -> Any:
     """A part's payload (base64 tensor, or a dict of base64 tensors / nested lists) as tensor(s)."""
     from mmpipe.shared.media.embeds import decode_tensor_b64
 
-    param = f"{spec.modality}_embeds"
-    payload = spec.payload
+    param = f"{item.modality}_embeds"
+    payload = item.source
     if isinstance(payload, str):
         return decode_tensor_b64(payload, param=param)
     if isinstance(payload, dict):
@@ -28,7 +27,7 @@ def decode_user_embeds(spec: MediaSpec) -> Any:
             raise InvalidInputError(f"{param} dict is empty", param=param)
         return {str(k): _field(v, f"{param}.{k}") for k, v in payload.items()}
     raise InvalidInputError(f"{param} must be a base64 tensor or a dict of them (e.g. {{'{param}': ..., "
-                            f"'{spec.modality}_grid_thw': ...}}), got {type(payload).__name__}", param=param)
+                            f"'{item.modality}_grid_thw': ...}}), got {type(payload).__name__}", param=param)
 
 
 def _field(value: Any, param: str) -> Any:

@@ -1,47 +1,53 @@
 """Step 2 of a request: resolve its media items to cache keys, doing as little stage work as possible.
 
 Per item, in this order (the services' version of shared/inputs/resolve.py):
-  * a part with a uuid: one encoder Lookup for all of them; a hit skips ingest and the encoder entirely
-    (nothing is fetched); a UUID-only part (null payload) that misses is a 400 naming the uuid;
+  * a part with a uuid: one encoder Lookup for all of them, under the one UUID rule of the stages
+    (services/common/uuids.py): a hit skips ingest and the encoder entirely (nothing is fetched); a UUID-only
+    part (null payload) that misses is a 400 naming the uuid; a miss with a payload goes on to ingest together
+    with the key the look-up named, so ingest does not look it up again;
   * `image_embeds` parts: the encoder's PutEmbeddings validates (shape, hidden size) and stores them;
   * every other part: one Ingest call, which fetches, hashes, checks the cache by hash and only on a miss
     preprocesses and encodes.
-Ingest and PutEmbeddings run concurrently. The result is one MediaRef per item, in prompt order.
+Ingest and PutEmbeddings run concurrently. The items are the `ItemRef`s the shared chat rules made; the result
+is one MediaRef per item, in prompt order.
 """
 from __future__ import annotations
 
 import asyncio
 
-from mmpipe.shared.errors import NotCachedError
+from mmpipe.services.common.convert import MediaSource
+from mmpipe.services.common.uuids import UuidItem, apply_uuid_lookup
+from mmpipe.shared.inputs.parse import ItemRef
 
 from .embeds import decode_user_embeds
 from .metrics import MM_CACHE_HITS, MM_CACHE_MISSES
-from .prepare import MediaSpec
 from .stages import StageClients
 from .types import MediaRef, RequestContext
 
 
-async def resolve_media(stages: StageClients, media: list[MediaSpec], ctx: RequestContext, *, timeout: float,
+async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: RequestContext, *, timeout: float,
                         model: str) -> list[MediaRef]:
     if not media:
         return []
     refs: list[MediaRef | None] = [None] * len(media)
+    miss_keys: dict[int, str] = {}
     with_uuid = [i for i, m in enumerate(media) if m.uuid is not None]
-    found = await stages.lookup_uuids([(media[i].modality, media[i].uuid) for i in with_uuid], ctx, timeout)
-    for i, ref in zip(with_uuid, found):
-        if ref is not None:
-            refs[i] = ref
-        elif media[i].payload is None:
-            m = media[i]
-            raise NotCachedError(f"{m.modality} item with uuid {m.uuid!r} is not in the embedding cache; send the "
-                                 f"media together with the uuid once", param=m.uuid)
-    todo_ingest = [i for i, m in enumerate(media) if refs[i] is None and m.kind == "url"]
-    todo_embeds = [i for i, m in enumerate(media) if refs[i] is None and m.kind == "embeds"]
+    if with_uuid:
+        items = [UuidItem(media[i].modality, media[i].uuid or "", media[i].source is not None) for i in with_uuid]
+        found = await stages.lookup_uuids([(it.modality, it.uuid) for it in items], ctx, timeout)
+        for i, o in zip(with_uuid, apply_uuid_lookup(items, found)):
+            if o.ref is not None:
+                refs[i] = MediaRef.of(o.ref, "uuid")
+            else:
+                miss_keys[i] = o.key
+    todo_ingest = [i for i, m in enumerate(media) if refs[i] is None and not m.is_embeds]
+    todo_embeds = [i for i, m in enumerate(media) if refs[i] is None and m.is_embeds]
     # Decoding the user's tensors is CPU work: keep it off the event loop.
     packed = await asyncio.to_thread(lambda: [decode_user_embeds(media[i]) for i in todo_embeds]) \
         if todo_embeds else []
     ingested, stored = await _both(
-        stages.ingest([(media[i].modality, media[i].payload, media[i].uuid) for i in todo_ingest], ctx, timeout),
+        stages.ingest([MediaSource(media[i].modality, url=media[i].source, uuid=media[i].uuid,
+                                   key=miss_keys.get(i)) for i in todo_ingest], ctx, timeout),
         stages.put_embeddings([(media[i].modality, p, media[i].uuid) for i, p in zip(todo_embeds, packed)],
                               ctx, timeout))
     for i, ref in zip(todo_ingest, ingested):

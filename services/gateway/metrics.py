@@ -3,12 +3,20 @@
 The core times every request through `RequestMetrics` (latency, TTFT, TPOT, tokens, in flight); each
 transport counts its requests in `REQUESTS` with the status it actually answered: `endpoint` is the HTTP
 path or `grpc:<Method>`, `status` the HTTP status code or the gRPC code name.
+
+With --api-server-count N > 1 (services/gateway/workers.py) the workers run in Prometheus multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR): `render` merges every worker's metrics (gauges: the sum over live workers) and adds
+each live worker's process metrics with a `worker` label, so one scrape of any worker sees the whole gateway.
 """
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.process_collector import ProcessCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -24,7 +32,8 @@ TPOT = Histogram("mmpipe_gateway_time_per_output_token_seconds",
                  buckets=_TPOT_BUCKETS)
 PROMPT_TOKENS = Counter("mmpipe_gateway_prompt_tokens", "Prompt tokens (after placeholder expansion).", ("model",))
 GENERATION_TOKENS = Counter("mmpipe_gateway_generation_tokens", "Generated tokens.", ("model",))
-IN_FLIGHT = Gauge("mmpipe_gateway_requests_in_flight", "Requests being served right now.", ("model",))
+IN_FLIGHT = Gauge("mmpipe_gateway_requests_in_flight", "Requests being served right now.", ("model",),
+                  multiprocess_mode="livesum")
 MM_CACHE_HITS = Counter("mmpipe_gateway_mm_cache_hits",
                         "Media items whose embedding was already cached, as seen by the gateway "
                         "(how: uuid = look-up by UUID, hash = ingest found the content hash).",
@@ -36,8 +45,34 @@ STAGE_ERRORS = Counter("mmpipe_gateway_stage_errors", "Failed stage calls, by st
 
 
 def render() -> tuple[bytes, str]:
-    """The exposition text and its content type."""
-    return generate_latest(), CONTENT_TYPE_LATEST
+    """The exposition text and its content type (all workers' metrics with --api-server-count > 1)."""
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not mp_dir:
+        return generate_latest(), CONTENT_TYPE_LATEST
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=mp_dir)
+    registry.register(WorkerProcessCollector(mp_dir))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class WorkerProcessCollector:
+    """`process_*` metrics of every live gateway worker (read from /proc), labelled with the worker's index."""
+
+    def __init__(self, mp_dir: str):
+        self.mp_dir = mp_dir
+
+    def collect(self) -> Iterable[Metric]:
+        from .workers import worker_pids
+
+        merged: dict[str, Metric] = {}
+        for index, pid in sorted(worker_pids(self.mp_dir).items()):
+            for fam in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                out = merged.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+                for smp in fam.samples:
+                    out.add_sample(smp.name, {**smp.labels, "worker": index}, smp.value)
+        return list(merged.values())
 
 
 class RequestMetrics:

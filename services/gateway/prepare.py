@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
-
 from mmpipe.shared.chat.messages import parse_messages
 from mmpipe.shared.chat.templates import apply_template
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError
@@ -28,21 +26,13 @@ from .types import ChatInput, CompletionInput
 
 
 @dataclass(frozen=True)
-class MediaSpec:
-    """One media part of a request, checked but not fetched. `payload` is a URL (url kinds), the raw
-    `image_embeds` value (embeds), or None for a UUID-only item."""
-
-    modality: str
-    kind: str  # "url" | "embeds"
-    payload: Any | None
-    uuid: str | None
-    index: int  # position among the request's media parts (for error messages)
-
-
-@dataclass(frozen=True)
 class PreparedPrompt:
+    """A checked request: the prompt's token ids (one placeholder per item), its media items as the shared
+    chat rules made them (`ItemRef`: modality, per-modality index, source = URL / raw `image_embeds` value /
+    None for UUID-only, uuid, is_embeds; the one shape from here to the stage protos), and the sampling."""
+
     prompt_token_ids: list[int]
-    media: list[MediaSpec]
+    media: list[ItemRef]
     sampling: SamplingParams
 
 
@@ -70,15 +60,13 @@ class Preparer:
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
         chat = parse_messages(inp.messages)
-        refs = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
-        media: list[MediaSpec] = []
-        for i, (p, ref) in enumerate(zip(chat.parts, refs)):
+        media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
+        for p, ref in zip(chat.parts, media):
             if p.kind == "object":  # image_pil: only meaningful in-process
                 raise InvalidInputError("image_pil parts are only accepted by the offline API; send image_url",
                                         param="messages")
             if p.kind == "url" and ref.source is not None:
                 self.precheck_url(ref.source, p.modality)
-            media.append(MediaSpec(p.modality, "embeds" if ref.is_embeds else "url", ref.source, ref.uuid, i))
         text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
                               add_generation_prompt=inp.add_generation_prompt)
         ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
@@ -103,9 +91,8 @@ class Preparer:
         return PreparedPrompt(ids, [], inp.sampling)
 
     # ---- shared checks -----------------------------------------------------------------------------------
-    def _check_prompt(self, ids: list[int], media: list[MediaSpec], sampling: SamplingParams) -> None:
-        refs = [ItemRef(modality=m.modality, index=m.index, source=m.payload, uuid=m.uuid) for m in media]
-        check_placeholders(ids, refs, self.info.placeholder_ids, self.info.placeholder_tokens)
+    def _check_prompt(self, ids: list[int], media: list[ItemRef], sampling: SamplingParams) -> None:
+        check_placeholders(ids, media, self.info.placeholder_ids, self.info.placeholder_tokens)
         limit = self.info.max_model_len
         if limit is not None:
             # Media placeholders only grow when expanded: an unexpanded prompt that is already too long

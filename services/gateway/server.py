@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from typing import Any
 
 import grpc
@@ -54,7 +55,9 @@ async def _follow_stage_health(core: GatewayCore, servicer: health.aio.HealthSer
         await asyncio.sleep(HEALTH_POLL_S)
 
 
-async def serve(cfg: GatewayConfig) -> None:
+async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None, worker: int | None = None) -> None:
+    """Serve until SIGTERM / SIGINT. `http_socket`: a listening socket to accept on instead of binding --port
+    (one of --api-server-count workers, which share the parent's socket); `worker`: that worker's index."""
     shutdown_grace_s = cfg.shutdown_grace_s
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
                                    max_model_len=cfg.max_model_len)
@@ -83,7 +86,7 @@ async def serve(cfg: GatewayConfig) -> None:
         raise OSError(f"cannot bind the gRPC port {cfg.host}:{cfg.grpc_port}")
     await grpc_server.start()
 
-    app = build_app(core, redis=redis)
+    app = build_app(core, redis=redis, worker=worker)
     http = _Uvicorn(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                                    lifespan="off", timeout_graceful_shutdown=int(shutdown_grace_s)))
     stop = asyncio.Event()
@@ -91,7 +94,7 @@ async def serve(cfg: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(_follow_stage_health(core, health_servicer, redis))
-    http_task = asyncio.create_task(http.serve())
+    http_task = asyncio.create_task(http.serve(sockets=[http_socket] if http_socket is not None else None))
     logger.info("gateway for %s: HTTP on http://%s:%d, gRPC on %s:%d, stages ingest=%s encoder=%s generator=%s",
                 cfg.served_model_name, cfg.host, cfg.port, cfg.host, cfg.grpc_port, cfg.ingest_addr,
                 cfg.encoder_addr, cfg.generator_addr)

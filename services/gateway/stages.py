@@ -8,6 +8,7 @@ table. This module only adds what the gateway needs on top: (modality, uuid) loo
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,10 +27,6 @@ from .types import MediaRef, RequestContext
 STAGES = ("ingest", "encoder", "generator")
 
 
-def _ref(r: EmbeddingRef, how: str) -> MediaRef:
-    return MediaRef(key=r.key, modality=r.modality, num_tokens=r.num_tokens, how=how, pb=r)
-
-
 class StageClients:
     """The gateway's stage calls over long-lived channels (one per stage, reconnecting within ~2 s)."""
 
@@ -39,6 +36,7 @@ class StageClients:
         self.clients = _Clients.connect(ingest=ingest_addr, encoder=encoder_addr, generator=generator_addr,
                                         tls=tls)
         self.media_io_kwargs = dict(media_io_kwargs or {}) or None
+        self._kw_json = json.dumps(self.media_io_kwargs) if self.media_io_kwargs else ""
         self._health = {s: health_pb2_grpc.HealthStub(getattr(self.clients, s).channel) for s in STAGES}
 
     async def close(self) -> None:
@@ -53,14 +51,14 @@ class StageClients:
 
     # ---- encoder: look-ups and user embeddings -----------------------------------------------------
     async def lookup_uuids(self, items: list[tuple[str, str]], ctx: RequestContext, timeout: float
-                           ) -> list[MediaRef | None]:
-        """(modality, uuid) -> the cached item's ref, or None when it is not cached. No tensors move."""
+                           ) -> list[tuple[bool, EmbeddingRef]]:
+        """(modality, uuid) -> (found, the cached item's ref or, on a miss, the key to store it under). No
+        tensors move; services/common/uuids.py decides what a result means."""
         if not items:
             return []
-        found = await self._counted("encoder", self.clients.encoder.lookup(
+        return await self._counted("encoder", self.clients.encoder.lookup(
             [LookupItem(modality=m, uuid=u) for m, u in items], request_id=ctx.request_id,
-            tenant=ctx.tenant or "", media_io_kwargs=self.media_io_kwargs, timeout_s=timeout))
-        return [_ref(r, "uuid") if ok else None for ok, r in found]
+            tenant=ctx.tenant or "", media_io_kwargs=self._kw_json, timeout_s=timeout))
 
     async def put_embeddings(self, items: list[tuple[str, Any, str | None]], ctx: RequestContext,
                              timeout: float) -> list[MediaRef]:
@@ -73,25 +71,25 @@ class StageClients:
         if len(refs) != len(items):
             raise InvalidInputError(f"{len(items)} image_embeds part(s) held {len(refs)} embedding items; each "
                                     f"part must hold exactly one item (use one part per item)", param="image_embeds")
-        return [_ref(r, "embeds") for r in refs]
+        return [MediaRef.of(r, "embeds") for r in refs]
 
     # ---- ingest ------------------------------------------------------------------------------------
-    async def ingest(self, items: list[tuple[str, str, str | None]], ctx: RequestContext, timeout: float
-                     ) -> list[MediaRef]:
-        """(modality, url, uuid) -> refs; ingest hashes, checks the cache, and encodes only misses."""
+    async def ingest(self, items: list[MediaSource], ctx: RequestContext, timeout: float) -> list[MediaRef]:
+        """Media items -> refs; ingest hashes, checks the cache, and encodes only misses."""
         if not items:
             return []
         refs = await self._counted("ingest", self.clients.ingest.ingest(
-            [MediaSource(modality=m, url=url, uuid=u) for m, url, u in items], request_id=ctx.request_id,
-            tenant=ctx.tenant or "", media_io_kwargs=self.media_io_kwargs, timeout_s=timeout))
-        return [_ref(r, "hash" if r.cache_hit else "miss") for r in refs]
+            items, request_id=ctx.request_id, tenant=ctx.tenant or "", media_io_kwargs=self.media_io_kwargs,
+            timeout_s=timeout))
+        return [MediaRef.of(r, "hash" if r.cache_hit else "miss") for r in refs]
 
     # ---- generator ---------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], refs: list[MediaRef], sampling: SamplingParams,
                  ctx: RequestContext, timeout: float) -> AsyncIterator[TokenChunk]:
-        """The token stream; `aclose()` it to cancel the call (the generator frees the batch slot)."""
+        """The token stream with the generator's text deltas (it detokenises and applies stop strings);
+        `aclose()` it to cancel the call (the generator frees the batch slot)."""
         return self.clients.generator.generate(ctx.request_id, prompt_token_ids, [r.pb for r in refs], sampling,
-                                               return_text=False, timeout_s=timeout)
+                                               return_text=True, timeout_s=timeout)
 
     # ---- health ------------------------------------------------------------------------------------
     async def health(self, timeout: float = 1.0) -> dict[str, str]:

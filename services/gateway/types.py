@@ -51,10 +51,16 @@ class MediaRef:
     how: str
     pb: Any = field(default=None, repr=False, compare=False)  # the stage's EmbeddingRef, passed on unchanged
 
+    @classmethod
+    def of(cls, ref: Any, how: str) -> "MediaRef":
+        """A stage's EmbeddingRef (services/common/convert.py) and how the gateway got it."""
+        return cls(key=ref.key, modality=ref.modality, num_tokens=ref.num_tokens, how=how, pb=ref)
+
 
 @dataclass
 class Delta:
-    """What one generation step added. `finish_reason` is set on the last delta only."""
+    """What one generation step added: the generator's text delta (it detokenises and applies stop strings),
+    the token ids, their logprobs. `finish_reason` is set on the last delta only."""
 
     text: str
     token_ids: list[int]

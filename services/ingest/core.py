@@ -1,7 +1,9 @@
 """The ingest stage's work, free of gRPC: media sources -> cache references.
 
 Order of work per request, so that cached media costs as little as possible:
-  1. items with a UUID: ask the encoder (Lookup) -> a hit needs no fetch at all; a UUID-only miss is an error;
+  1. items with a UUID: ask the encoder (Lookup) -> a hit needs no fetch at all; a UUID-only miss is an error
+     (services/common/uuids.py, the rule the gateway applies too); an item that comes with the key of its
+     caller's own missed look-up is not looked up again;
   2. the rest: fetch + decode + hash (thread pool; MediaLoader applies the MediaPolicy), then Lookup by hash;
   3. misses: HF processor (CPU) once per distinct key, then one Encode call with all processed tensors.
 Only keys and metadata go back to the caller. The encoder owns the key layout (services/encoder/keyspaces.py),
@@ -19,10 +21,11 @@ from typing import Any
 
 from mmpipe.services.common.convert import EmbeddingRef, LookupItem, MediaSource
 from mmpipe.services.common.stage_clients import EncoderClient, ProcessedPayload
+from mmpipe.services.common.uuids import UuidItem, apply_uuid_lookup
 from mmpipe.services.common.warmup import warmup_items
 from mmpipe.shared.cache.keys import canonical_json
 from mmpipe.shared.errors import (
-    InvalidInputError, LimitExceededError, MediaTimeoutError, NotCachedError, OverloadedError,
+    InvalidInputError, LimitExceededError, MediaTimeoutError, OverloadedError,
 )
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
@@ -80,6 +83,9 @@ class IngestCore:
             self.adapter.check_modality(it.modality)
             if it.source is None and not it.uuid:
                 raise InvalidInputError(f"{it.modality} item has neither a source nor a uuid", param="items")
+            if it.key and (not it.uuid or it.source is None):
+                raise InvalidInputError(f"{it.modality} item has a key but no uuid or no source (a key is only for "
+                                        f"a uuid that its caller looked up and missed)", param="items")
         limits = self.cfg.limit_mm_per_prompt or {}
         for modality, n in Tally(it.modality for it in items).items():
             if modality in limits and n > limits[modality]:
@@ -142,22 +148,24 @@ class IngestCore:
         result: dict[int, EmbeddingRef] = {}
         keys: dict[int, str] = {}
 
-        # 1. UUID items: no fetch when cached
-        uuid_idx = [i for i, it in enumerate(items) if it.uuid]
+        # 1. UUID items: no fetch when cached. One look-up per UUID: an item whose caller already looked it up
+        #    and missed (the gateway) comes with the key that look-up named, and is not asked about again.
+        for i, it in enumerate(items):
+            if it.key:
+                keys[i] = it.key
+        uuid_idx = [i for i, it in enumerate(items) if it.uuid and not it.key]
         if uuid_idx:
             found = await self._timed("lookup", self.encoder.lookup(
                 [LookupItem(modality=items[i].modality, uuid=items[i].uuid) for i in uuid_idx],
                 request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, timeout_s=self._left(deadline)))
             self._count(found)
-            for i, (ok, ref) in zip(uuid_idx, found):
-                if ok:
-                    result[i] = ref
-                elif items[i].source is None:
-                    raise NotCachedError(f"{items[i].modality} item with uuid {items[i].uuid!r} is not in the "
-                                         f"embedding cache; send the media together with the uuid once",
-                                         param=items[i].uuid)
+            outcomes = apply_uuid_lookup([UuidItem(items[i].modality, items[i].uuid or "", items[i].source is not None)
+                                          for i in uuid_idx], found)
+            for i, o in zip(uuid_idx, outcomes):
+                if o.ref is not None:
+                    result[i] = o.ref
                 else:
-                    keys[i] = ref.key
+                    keys[i] = o.key
 
         # 2. fetch + decode + hash the rest, then look the hashes up
         todo = [i for i in range(len(items)) if i not in result]

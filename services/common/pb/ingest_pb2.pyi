@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MediaInput(_message.Message):
-    __slots__ = ("modality", "url", "data", "path", "uuid")
+    __slots__ = ("modality", "url", "data", "path", "uuid", "key")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     modality: str
     url: str
     data: bytes
     path: str
     uuid: str
-    def __init__(self, modality: _Optional[str] = ..., url: _Optional[str] = ..., data: _Optional[bytes] = ..., path: _Optional[str] = ..., uuid: _Optional[str] = ...) -> None: ...
+    key: str
+    def __init__(self, modality: _Optional[str] = ..., url: _Optional[str] = ..., data: _Optional[bytes] = ..., path: _Optional[str] = ..., uuid: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
     __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json")

@@ -38,7 +38,9 @@ async def readiness(core: GatewayCore, redis: Any | None = None, timeout: float 
     return ok, report
 
 
-def build_app(core: GatewayCore, *, redis: Any | None = None) -> FastAPI:
+def build_app(core: GatewayCore, *, redis: Any | None = None, worker: int | None = None) -> FastAPI:
+    """The app over one core; `worker`: this process's index among --api-server-count workers (None: the only
+    one), sent back in the X-MMPipe-Gateway-Worker header so load spread and logs can be matched up."""
     app = FastAPI(title="mmpipe gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.core = core
     app.state.cfg = core.cfg
@@ -73,5 +75,5 @@ def build_app(core: GatewayCore, *, redis: Any | None = None) -> FastAPI:
         body, content_type = render()
         return Response(body, media_type=content_type)
 
-    app.add_middleware(RequestIdMiddleware, model=core.model_name)
+    app.add_middleware(RequestIdMiddleware, model=core.model_name, worker=worker)
     return app

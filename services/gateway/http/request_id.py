@@ -1,8 +1,8 @@
 """Request ids and request counting: one pure ASGI middleware around every HTTP request.
 
 Takes `X-Request-Id` from the client (when sane) or makes one, logs with it, returns it in the response
-header, and counts the request by path and the status code actually sent (including 400s from request
-validation and 401s, which never reach the core). Pure ASGI, not BaseHTTPMiddleware, which would break
+header (with the worker's index under --api-server-count > 1), and counts the request by path and the status
+code actually sent (including 400s from request validation and 401s, which never reach the core). Pure ASGI, not BaseHTTPMiddleware, which would break
 disconnect detection of streaming responses. The stage clients forward the id in `x-request-id` metadata.
 """
 from __future__ import annotations
@@ -31,10 +31,14 @@ def sane_request_id(value: str | None) -> str:
     return value if value and _SANE.fullmatch(value) else new_request_id()
 
 
+WORKER_HEADER = "x-mmpipe-gateway-worker"
+
+
 class RequestIdMiddleware:
-    def __init__(self, app: Any, model: str):
+    def __init__(self, app: Any, model: str, worker: int | None = None):
         self.app = app
         self.model = model
+        self._extra = [(WORKER_HEADER.encode(), str(worker).encode())] if worker is not None else []
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -49,7 +53,7 @@ class RequestIdMiddleware:
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message["headers"] = [*message.get("headers", ()), (HEADER.encode(), rid.encode())]
+                message["headers"] = [*message.get("headers", ()), (HEADER.encode(), rid.encode()), *self._extra]
             await send(message)
 
         try:

@@ -1,4 +1,7 @@
-"""POST /v1/chat/completions: the pydantic request -> ChatInput -> core -> OpenAI response or SSE chunks."""
+"""POST /v1/chat/completions: the pydantic request -> ChatInput -> core -> OpenAI response or SSE chunks.
+
+Stream chunks have the shape of protocol.ChatCompletionStreamResponse (exclude_none) but are written by
+http/sse.ChunkEvents, without building a pydantic model per token."""
 from __future__ import annotations
 
 import time
@@ -9,11 +12,10 @@ from fastapi.responses import JSONResponse, Response
 
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
-from ...types import ChatInput, Completion, Delta, RequestContext
+from ...types import ChatInput, Completion, RequestContext
 from ..protocol import UsageInfo
 from .protocol import (
-    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
-    ChatCompletionStreamResponse, ChatMessage, ChoiceLogprobs, DeltaMessage, TokenLogprob,
+    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs, TokenLogprob,
 )
 
 ENDPOINT = "/v1/chat/completions"
@@ -46,28 +48,38 @@ class OpenAIServingChat:
 
     # ---- streaming -----------------------------------------------------------------------------------
     async def _chunks(self, req: ChatCompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:
-        created, rid = int(time.time()), f"chatcmpl-{stream.request_id}"
+        events = sse.ChunkEvents(f"chatcmpl-{stream.request_id}", "chat.completion.chunk", int(time.time()),
+                                 self.core.model_name)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        want_lps, want_ids = req.logprobs, req.return_token_ids
 
-        def chunk(choices: list[ChatCompletionStreamChoice], **kw: Any) -> str:
-            if continuous and "usage" not in kw:
-                kw["usage"] = UsageInfo.of(stream.prompt_tokens, len(stream.token_ids))
-            return sse.event(ChatCompletionStreamResponse(id=rid, created=created, model=self.core.model_name,
-                                                          choices=choices, **kw))
+        def now_usage() -> dict[str, int] | None:
+            return sse.usage(stream.prompt_tokens, len(stream.token_ids)) if continuous else None
 
         async with stream:
-            first = ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))
-            yield chunk([first], prompt_token_ids=stream.prepared.prompt_token_ids if req.return_token_ids else None)
+            yield events.event({"index": 0, "delta": {"role": "assistant", "content": ""}}, usage=now_usage(),
+                               prompt_token_ids=stream.prepared.prompt_token_ids if want_ids else None)
             async for d in stream:
-                yield chunk([self._stream_choice(req, d)])
+                # ChatCompletionStreamChoice's fields in order, None ones left out (exclude_none)
+                choice: dict[str, Any] = {"index": 0, "delta": {"content": d.text}}
+                if want_lps:
+                    choice["logprobs"] = {"content": self._logprob_entries(d.token_ids, d.logprobs)}
+                if d.finish_reason is not None:
+                    choice["finish_reason"] = d.finish_reason
+                if want_ids:
+                    choice["token_ids"] = d.token_ids
+                yield events.event(choice, usage=now_usage())
             if req.include_usage:
-                yield chunk([], usage=UsageInfo.of(stream.prompt_tokens, len(stream.token_ids)))
+                yield events.event(None, usage=sse.usage(stream.prompt_tokens, len(stream.token_ids)))
 
-    def _stream_choice(self, req: ChatCompletionRequest, d: Delta) -> ChatCompletionStreamChoice:
-        return ChatCompletionStreamChoice(
-            delta=DeltaMessage(content=d.text), finish_reason=d.finish_reason,
-            logprobs=self._logprobs(d.token_ids, d.logprobs) if req.logprobs else None,
-            token_ids=d.token_ids if req.return_token_ids else None)
+    def _logprob_entries(self, ids: list[int], lps: list[float] | None) -> list[dict[str, Any]]:
+        """TokenLogprob dicts as JSON: the token's text, its logprob, its UTF-8 bytes, no alternatives."""
+        tok = self.core.info.tokenizer
+        out = []
+        for t, lp in zip(ids, lps or []):
+            s = tok.decode([t])
+            out.append({"token": s, "logprob": sse.finite(lp), "bytes": list(s.encode("utf-8")), "top_logprobs": []})
+        return out
 
     def _logprobs(self, ids: list[int], lps: list[float] | None) -> ChoiceLogprobs:
         tok = self.core.info.tokenizer

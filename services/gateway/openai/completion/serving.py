@@ -1,8 +1,12 @@
-"""POST /v1/completions: the pydantic request -> CompletionInput -> core -> OpenAI response or SSE chunks."""
+"""POST /v1/completions: the pydantic request -> CompletionInput -> core -> OpenAI response or SSE chunks.
+
+Stream chunks have the shape of protocol.CompletionResponse (exclude_none) but are written by
+http/sse.ChunkEvents, without building a pydantic model per token."""
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
@@ -37,23 +41,30 @@ class OpenAIServingCompletion:
         return JSONResponse(resp.model_dump(exclude_none=True))
 
     async def _chunks(self, req: CompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:
-        created, rid = int(time.time()), f"cmpl-{stream.request_id}"
+        events = sse.ChunkEvents(f"cmpl-{stream.request_id}", "text_completion", int(time.time()),
+                                 self.core.model_name)
         offset = 0
         async with stream:
             first = True
             async for d in stream:
-                choice = CompletionChoice(
-                    text=d.text, finish_reason=d.finish_reason,
-                    logprobs=self._logprobs(d.token_ids, d.logprobs, offset) if req.logprobs is not None else None,
-                    token_ids=d.token_ids if req.return_token_ids else None,
-                    prompt_token_ids=stream.prepared.prompt_token_ids if req.return_token_ids and first else None)
+                # CompletionChoice's fields in order, None ones left out (exclude_none)
+                choice: dict[str, Any] = {"index": 0, "text": d.text}
+                if req.logprobs is not None:
+                    lp = self._logprobs(d.token_ids, d.logprobs, offset)
+                    choice["logprobs"] = {"tokens": lp.tokens,
+                                          "token_logprobs": [sse.finite(x) for x in lp.token_logprobs],
+                                          "text_offset": lp.text_offset}
+                if d.finish_reason is not None:
+                    choice["finish_reason"] = d.finish_reason
+                if req.return_token_ids:
+                    choice["token_ids"] = d.token_ids
+                    if first:
+                        choice["prompt_token_ids"] = stream.prepared.prompt_token_ids
                 offset += len(d.text)
                 first = False
-                yield sse.event(CompletionResponse(id=rid, created=created, model=self.core.model_name,
-                                                   choices=[choice]))
+                yield events.event(choice)
             if req.include_usage:
-                yield sse.event(CompletionResponse(id=rid, created=created, model=self.core.model_name, choices=[],
-                                                   usage=UsageInfo.of(stream.prompt_tokens, len(stream.token_ids))))
+                yield events.event(None, usage=sse.usage(stream.prompt_tokens, len(stream.token_ids)))
 
     def _logprobs(self, ids: list[int], lps: list[float] | None, offset: int) -> CompletionLogprobs:
         tok = self.core.info.tokenizer
