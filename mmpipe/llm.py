@@ -28,6 +28,8 @@ class LLM:
     Args mirror vLLM's `LLM` where the meaning is the same. `mm_cache` chooses the embedding cache: "memory"
     (an in-process LRU of `mm_cache_gb`), a "redis://..." URL (shared between processes), or None/"off".
     `engine` is "mmpipe" (the paged continuous-batching engine) or "hf" (transformers' generate, the reference).
+    `enable_prefix_caching` (mmpipe engine): reuse the KV of prompt prefixes seen before, media included (keyed
+    by each item's embedding cache key); `RequestOutput.num_cached_tokens` says how many prompt tokens it served.
     """
 
     def __init__(self, model: str, *, limit_mm_per_prompt: dict[str, int] | None = None,
@@ -38,7 +40,8 @@ class LLM:
                  mm_cache: str | None = "memory", mm_cache_gb: float = 2.0, engine: str = "mmpipe",
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16, enforce_eager: bool = False,
-                 trust_remote_code: bool = False, allow_private_media_urls: bool | None = None):
+                 trust_remote_code: bool = False, allow_private_media_urls: bool | None = None,
+                 enable_prefix_caching: bool = True):
         from mmpipe.shared.cache.factory import make_cache
         from mmpipe.shared.cache.keys import CacheKeyspace, model_fingerprint, settings_digest
         from mmpipe.shared.media.loader import MediaLoader
@@ -70,7 +73,8 @@ class LLM:
         self.engine = self._make_engine(engine, max_num_seqs=max_num_seqs,
                                         max_num_batched_tokens=max_num_batched_tokens, kv_cache_blocks=kv_cache_blocks,
                                         gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
-                                        enforce_eager=enforce_eager)
+                                        enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
+                                        prefix_cache_namespace=keyspace.prefix)
         self._ids = itertools.count()
 
     # ---- engine -----------------------------------------------------------------------------------
@@ -88,7 +92,9 @@ class LLM:
                            gpu_memory_utilization=kw["gpu_memory_utilization"], max_num_seqs=kw["max_num_seqs"],
                            max_num_batched_tokens=kw["max_num_batched_tokens"], max_model_len=self.max_model_len,
                            device=str(self.adapter.device), dtype=model.dtype,
-                           enable_cuda_graphs=not kw["enforce_eager"])
+                           enable_cuda_graphs=not kw["enforce_eager"],
+                           enable_prefix_caching=kw["enable_prefix_caching"],
+                           prefix_cache_namespace=kw["prefix_cache_namespace"])
         return LLMEngine(model, cfg)
 
     @property
@@ -139,12 +145,13 @@ class LLM:
         sps = _per_prompt(sampling_params, len(parsed))
         for _, ids, refs in parsed:  # every prompt is checked before any media is loaded or encoded
             self._check(ids, refs)
-        embeddings = self.resolver.resolve([refs for _, _, refs in parsed])
+        resolved = self.resolver.resolve_keyed([refs for _, _, refs in parsed])
         reqs: list[EngineRequest] = []
-        for (text, ids, _), embs, sp in zip(parsed, embeddings, sps):
+        for (text, ids, _), items, sp in zip(parsed, resolved, sps):
             rid = str(next(self._ids))
-            reqs.append(build_engine_request(self.adapter, rid, ids, embs, sp, max_model_len=self.max_model_len,
-                                             eos_token_ids=self.eos_token_ids))
+            reqs.append(build_engine_request(self.adapter, rid, ids, [e for e, _ in items], sp,
+                                             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+                                             mm_keys=[k for _, k in items]))
         from mmpipe.shared.runner import run_to_completion
 
         results = run_to_completion(self.engine, reqs, self.tokenizer, use_tqdm=use_tqdm)
@@ -153,7 +160,8 @@ class LLM:
             r = results[req.request_id]
             outputs.append(RequestOutput(request_id=req.request_id, prompt=text, prompt_token_ids=req.prompt_token_ids,
                                          outputs=[CompletionOutput(0, r.text, r.token_ids, r.finish_reason,
-                                                                   r.logprobs)]))
+                                                                   r.logprobs)],
+                                         num_cached_tokens=r.num_cached_tokens))
         return outputs
 
     # ---- chat -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class FinishedSequence:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
 def run_to_completion(engine: Any, requests: list[EngineRequest], tokenizer: Any, *,
@@ -39,6 +40,7 @@ def run_to_completion(engine: Any, requests: list[EngineRequest], tokenizer: Any
                 if rid not in pending:
                     continue
                 res = results[rid]
+                res.num_cached_tokens = out.num_cached_tokens
                 res.token_ids.extend(out.new_token_ids)
                 if res.logprobs is not None and out.logprobs:
                     res.logprobs.extend(out.logprobs)

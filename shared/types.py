@@ -103,6 +103,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    # prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -155,6 +157,22 @@ class MMEmbedding:
         return int(self.tensor.shape[0])
 
 
+@dataclass(frozen=True)
+class MMSpan:
+    """One media item's place in an expanded prompt, for the engine's prefix cache.
+
+    The item's `length` embedding rows sit at prompt positions [offset, offset + length), taken in order from
+    `EngineRequest.mm_embeds`. `key` names the rows: the embedding's cache key (content-hash key, or the
+    tenant-scoped UUID key; both include the model fingerprint and the settings digest), or None when the
+    item has no identity (precomputed embeddings without a UUID): a KV block that holds its rows, and every
+    block after it, is then never shared.
+    """
+
+    offset: int
+    length: int
+    key: str | None
+
+
 @dataclass
 class EngineRequest:
     """What the generator's engine needs for one sequence: no media, no strings.
@@ -167,6 +185,9 @@ class EngineRequest:
         transformers' generate does; vLLM instead continues all rows from max + 1).
     mrope_delta: the model's rope delta (max position + 1 - L), kept for clients; used for decode positions
         only when mrope_positions is not given.
+    mm_spans: one MMSpan per media item in row order (their rows, concatenated, are exactly mm_embeds and
+        their positions exactly mm_positions); empty means the items are unnamed, so prefix caching stops at
+        the first multimodal row.
     """
 
     request_id: str
@@ -177,3 +198,4 @@ class EngineRequest:
     mrope_positions: Any | None = None
     mrope_delta: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
+    mm_spans: list[MMSpan] = field(default_factory=list)

@@ -7,6 +7,7 @@ arrival / abort schedule and collects tokens per request.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpipe.shared.types import EngineRequest, SamplingParams
+from mmpipe.shared.types import EngineRequest, MMSpan, SamplingParams
 
 REF_TOKENS = 16  # HF reference length; greedy references are prefix-consistent, so shorter runs truncate it
 
@@ -58,6 +59,22 @@ class Prompt:
         return dataclasses.replace(req, **overrides)
 
     eos: list[int] = field(default_factory=list)
+
+    def mm_spans(self, keys: list[str | None] | None = None) -> list[MMSpan]:
+        """One MMSpan per contiguous run of media rows (one run per item in these prompts), keyed by `keys` or
+        by a hash of the item's rows (its content, as the embedding cache's content-hash key would be)."""
+        if self.mm_positions is None:
+            return []
+        pos = self.mm_positions.tolist()
+        runs, start = [], 0
+        for i in range(1, len(pos) + 1):
+            if i == len(pos) or pos[i] != pos[i - 1] + 1:
+                runs.append((start, i))
+                start = i
+        if keys is None:
+            keys = ["test:hash:" + hashlib.blake2b(self.mm_embeds[a:b].contiguous().numpy().tobytes(),
+                                                   digest_size=32).hexdigest() for a, b in runs]
+        return [MMSpan(offset=pos[a], length=b - a, key=k) for (a, b), k in zip(runs, keys)]
 
 
 @dataclass
@@ -188,35 +205,39 @@ def _load(path: Path):
 
 
 @torch.no_grad()
+def build_prompt(family: str, model, processor, messages: list[dict], media: dict) -> Prompt:
+    """One Prompt from chat messages and the processor's media kwargs ({"images": [...], "videos": [...]}),
+    with its embedding rows, M-RoPE positions and the HF greedy reference."""
+    cfg = model.config
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, return_tensors="pt", **_processor_kwargs(family, media))
+    ids = inputs["input_ids"]
+    feats = _features(family, model, inputs)
+    pos_list, rows = [], []
+    for modality, f in feats.items():
+        tid = getattr(cfg, f"{modality}_token_id")
+        p = (ids[0] == tid).nonzero(as_tuple=True)[0]
+        assert p.numel() == f.shape[0], (family, modality, p.numel(), f.shape)
+        pos_list.append(p)
+        rows.append(f)
+    mrope, delta = _mrope(family, model, inputs)
+    ref = model.generate(**inputs, max_new_tokens=REF_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
+    if hasattr(model.model, "rope_deltas"):
+        model.model.rope_deltas = None  # generate caches it; the next prompt must recompute
+    return Prompt(inputs=inputs, token_ids=ids[0].tolist(), mm_embeds=torch.cat(rows) if rows else None,
+                  mm_positions=torch.cat(pos_list) if pos_list else None, mrope_positions=mrope, mrope_delta=delta,
+                  ref=_strip(ref, eos), eos=eos)
+
+
+@torch.no_grad()
 def build_case(family: str, out_dir: Path) -> Case:
     from mmpipe.shared.models.tiny import build_tiny_model
 
     model, processor = _load(build_tiny_model(family, out_dir))
-    cfg = model.config
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    prompts = []
-    for content, media in _media_parts(family):
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        inputs = processor(text=text, return_tensors="pt", **_processor_kwargs(family, media))
-        ids = inputs["input_ids"]
-        feats = _features(family, model, inputs)
-        pos_list, rows = [], []
-        for modality, f in feats.items():
-            tid = getattr(cfg, f"{modality}_token_id")
-            p = (ids[0] == tid).nonzero(as_tuple=True)[0]
-            assert p.numel() == f.shape[0], (family, modality, p.numel(), f.shape)
-            pos_list.append(p)
-            rows.append(f)
-        mrope, delta = _mrope(family, model, inputs)
-        ref = model.generate(**inputs, max_new_tokens=REF_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
-        if hasattr(model.model, "rope_deltas"):
-            model.model.rope_deltas = None  # generate caches it; the next prompt must recompute
-        prompts.append(Prompt(inputs=inputs, token_ids=ids[0].tolist(),
-                              mm_embeds=torch.cat(rows) if rows else None,
-                              mm_positions=torch.cat(pos_list) if pos_list else None,
-                              mrope_positions=mrope, mrope_delta=delta, ref=_strip(ref, eos), eos=eos))
+    prompts = [build_prompt(family, model, processor, [{"role": "user", "content": content}], media)
+               for content, media in _media_parts(family)]
     return Case(family, model, processor, prompts)
 
 
@@ -237,6 +258,7 @@ class RunResult:
     logprobs: dict[str, list[float]]
     finish: dict[str, str | None]
     steps: int
+    cached: dict[str, int] = field(default_factory=dict)  # num_cached_tokens reported per request
 
 
 def run_engine(engine, arrivals: dict[int, list[EngineRequest]], aborts: dict[int, list[str]] | None = None,
@@ -246,6 +268,7 @@ def run_engine(engine, arrivals: dict[int, list[EngineRequest]], aborts: dict[in
     tokens: dict[str, list[int]] = {}
     lps: dict[str, list[float]] = {}
     finish: dict[str, str | None] = {}
+    cached: dict[str, int] = {}
     last = max(list(arrivals) + list(aborts) + [0])
     step = 0
     while step <= last or engine.has_unfinished_requests():
@@ -257,13 +280,14 @@ def run_engine(engine, arrivals: dict[int, list[EngineRequest]], aborts: dict[in
         for out in engine.step():
             assert finish[out.request_id] is None, f"output after finish for {out.request_id}"
             tokens[out.request_id] += out.new_token_ids
+            cached[out.request_id] = out.num_cached_tokens
             if out.logprobs is not None:
                 lps[out.request_id] += out.logprobs
             if out.finished:
                 finish[out.request_id] = out.finish_reason
         step += 1
         assert step < max_steps, "engine did not finish"
-    return RunResult(tokens, lps, finish, step)
+    return RunResult(tokens, lps, finish, step, cached)
 
 
 # --------------------------------------------------------------------------------------------------------------

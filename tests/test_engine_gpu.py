@@ -225,6 +225,62 @@ def test_engine_triton_graphs_match_hf(name):
         _free_gpu()
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
+def test_engine_prefix_cache_on_cuda(name):
+    """Prefix-cache hits through the CUDA path: each prompt again in the same step as itself (the prefill
+    kernel reads blocks written in that step) and once more later (decode and mixed graphs over shared blocks);
+    a copy with other image rows under another key stops before the image. Greedy, fp32, against HF."""
+    from mmpipe.shared.engine import EngineConfig, LLMEngine
+    from mmpipe.shared.types import MMSpan
+
+    model = _models()[name].cuda()
+    prompts = _prompts(name == "qwen2_vl")
+    N = 12
+    refs = [_hf_greedy(model, *p, N) for p in prompts]
+    ids0, emb0, pos0, mp0, d0 = prompts[0]
+    other = (ids0, emb0.flip(0), pos0, mp0, d0)
+    ref_other = _hf_greedy(model, *other, N)
+    bs = 4
+    # (config, whether every block is still cached when the later copies come: not under the tight budget)
+    for cfg, roomy in ((EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=bs,
+                                     num_kv_blocks=256), True),
+                       (EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=bs,
+                                     max_num_batched_tokens=20, num_kv_blocks=96), False)):
+        engine = LLMEngine(model, cfg)
+
+        def request(rid, p, key):
+            ids, emb, pos, mp, d = p
+            return EngineRequest(rid, ids.tolist(), SamplingParams(max_tokens=N, temperature=0.0), mm_embeds=emb,
+                                 mm_positions=pos, mrope_positions=mp, mrope_delta=d, eos_token_ids=[],
+                                 mm_spans=[MMSpan(int(pos[0]), len(pos), key)])
+
+        arrivals = {0: [request(f"{i}{c}", p, f"img{i}") for i, p in enumerate(prompts) for c in "ab"],
+                    6: [request(f"{i}c", p, f"img{i}") for i, p in enumerate(prompts)] + [
+                        request("other", other, "img-other")]}
+        got, cached = {}, {}
+        step = 0
+        while step <= 6 or engine.has_unfinished_requests():
+            for r in arrivals.get(step, []):
+                engine.add_request(r)
+                got[r.request_id] = []
+            for o in engine.step():
+                got[o.request_id] += o.new_token_ids
+                cached[o.request_id] = o.num_cached_tokens
+            step += 1
+        for i, (ids, _, pos, _, _) in enumerate(prompts):
+            for c in "abc":
+                assert got[f"{i}{c}"] == refs[i], (cfg, i, c)
+            assert not roomy or cached[f"{i}c"] == (len(ids) - 1) // bs * bs, (cfg, i, cached)
+        assert got["other"] == ref_other, cfg
+        assert not roomy or cached["other"] == int(pos0[0]) // bs * bs, cached
+        assert engine.stats["prefix_cache_hits"] > 0, engine.stats
+        assert engine.stats["graph_steps"] > 0 and engine.stats["mixed_graph_steps"] > 0, engine.stats
+        info = engine.kv_cache_info()
+        assert info["free_blocks"] == info["num_blocks"]
+        del engine
+        _free_gpu()
+
+
 def _free_gpu():
     import gc
 

@@ -3,8 +3,10 @@
 The triton backend's kernels run in Triton's interpreter, and the CUDA-graph classes run their static-shape
 forward eagerly on the same buffers they would capture, so this checks the kernels, the graph input staging
 and the padding against HF `generate`, for each family named on the command line: staggered arrivals,
-chunked prefill cutting through the first image / audio span, preemption with recompute, and mixed-step
-graphs off (decode graphs only) and all graphs off. Exits non-zero on the first mismatch."""
+chunked prefill cutting through the first image / audio span, preemption with recompute, mixed-step
+graphs off (decode graphs only) and all graphs off (prefix caching on, the default, in all of them), and
+prefix-cache hits: a prompt repeated in the same step (the prefill kernel reads blocks written in that step)
+and again later, on the graphs' static staging. Exits non-zero on the first mismatch."""
 from __future__ import annotations
 
 import os
@@ -35,6 +37,7 @@ def check(family: str) -> None:
             max_num_batched_tokens=64),
         "decode graphs only": EngineConfig(attention_backend="triton", max_num_seqs=4, mixed_graph_max_prefills=0),
         "no graphs": EngineConfig(attention_backend="triton", max_num_seqs=4, enable_cuda_graphs=False),
+        "prefix cache hits": EngineConfig(attention_backend="triton", max_num_seqs=4, block_size=4),
     }
     for name, cfg in configs.items():
         engine = LLMEngine(case.model, cfg)
@@ -43,7 +46,14 @@ def check(family: str) -> None:
         if "preemption" in name:
             arrivals = {0: [a.request("a"), b.request("b", SamplingParams(max_tokens=9, temperature=0.0)),
                             c.request("c")]}
+        if "prefix" in name:  # a (its media keyed) again in a's step and later: whole-prompt hits
+            arrivals[0] = [a.request(rid, mm_spans=a.mm_spans()) for rid in ("a", "a2")]
+            arrivals[4] = [a.request("a3", mm_spans=a.mm_spans())]
         res = run_engine(engine, arrivals)
+        if "prefix" in name:
+            hit = (len(a.token_ids) - 1) // 4 * 4
+            assert res.cached["a"] == 0 and res.cached["a2"] == res.cached["a3"] == hit, (family, res.cached)
+            assert res.tokens["a2"] == res.tokens["a3"] == a.ref, (family, name)
         for rid, p, k in (("a", a, None), ("b", b, 9), ("c", c, None)):
             want = p.ref if k is None else p.ref[:k]
             assert res.tokens[rid] == want, f"{family} / {name} / {rid}: {res.tokens[rid]} != {want}"

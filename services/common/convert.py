@@ -110,17 +110,19 @@ class TokenChunk:
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served from the generator's prefix cache
 
     def to_pb(self) -> generator_pb2.GenerateTokensResponse:
         return generator_pb2.GenerateTokensResponse(
             token_ids=self.token_ids, logprobs=self.logprobs or [], text=self.text, finished=self.finished,
-            finish_reason=self.finish_reason or "", num_prompt_tokens=self.num_prompt_tokens)
+            finish_reason=self.finish_reason or "", num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=self.num_cached_tokens)
 
     @classmethod
     def from_pb(cls, pb: generator_pb2.GenerateTokensResponse) -> "TokenChunk":
         return cls(token_ids=list(pb.token_ids), logprobs=list(pb.logprobs) or None, text=pb.text,
                    finished=pb.finished, finish_reason=pb.finish_reason or None,
-                   num_prompt_tokens=pb.num_prompt_tokens)
+                   num_prompt_tokens=pb.num_prompt_tokens, num_cached_tokens=pb.num_cached_tokens)
 
 
 def sampling_to_pb(sp: SamplingParams) -> common_pb2.SamplingConfig:

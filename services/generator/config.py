@@ -27,6 +27,7 @@ class GeneratorConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    enable_prefix_caching: bool = True
     max_waiting: int = 1024
     engine_process: bool = True  # the engine steps in its own process (engine_setup.py)
     redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
@@ -46,6 +47,10 @@ class GeneratorConfig:
         g.add_argument("--gpu-memory-utilization", type=float, default=float(ca.env("GPU_MEMORY_UTILIZATION", 0.9)))
         g.add_argument("--enforce-eager", action="store_true", default=ca.env_bool("ENFORCE_EAGER"),
                        help="no CUDA graphs")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=ca.env_bool("ENABLE_PREFIX_CACHING", True),
+                       help="reuse the KV cache of shared prompt prefixes, media included (default on; env "
+                            "MMPIPE_ENABLE_PREFIX_CACHING)")
         g.add_argument("--max-waiting", type=int, default=ca.env_int("MAX_WAITING", 1024),
                        help="requests queued before RESOURCE_EXHAUSTED (env MMPIPE_MAX_WAITING)")
         g.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
@@ -62,5 +67,5 @@ class GeneratorConfig:
                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                    kv_cache_blocks=a.kv_cache_blocks, block_size=a.block_size,
                    gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
-                   max_waiting=a.max_waiting, engine_process=a.engine_process,
-                   redis_options=ca.redis_options(a))
+                   enable_prefix_caching=a.enable_prefix_caching, max_waiting=a.max_waiting,
+                   engine_process=a.engine_process, redis_options=ca.redis_options(a))

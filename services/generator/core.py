@@ -14,7 +14,7 @@ from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mmpipe.services.common.convert import EmbeddingRef, TokenChunk
 from mmpipe.shared.detokenizer import IncrementalDetokenizer
@@ -149,7 +149,8 @@ class GeneratorCore:
         self._check_placeholders(token_ids, refs)
         embs = await self._fetch(refs)
         req: EngineRequest = build_engine_request(self.adapter, request_id, list(token_ids), list(embs), sampling,
-                                                  max_model_len=self.max_model_len, eos_token_ids=self.eos)
+                                                  max_model_len=self.max_model_len, eos_token_ids=self.eos,
+                                                  mm_keys=[r.key for r in refs])
         n_prompt = len(req.prompt_token_ids)
         self.m_prompt.labels(self.ml).inc(n_prompt)
         detok = IncrementalDetokenizer(self.tokenizer, sampling) if (return_text or sampling.stop) else None
@@ -175,7 +176,8 @@ class GeneratorCore:
                 self.m_gen.labels(self.ml).inc(len(new))
                 if finished:
                     reason = finish_reason or "stop"
-                yield TokenChunk(new, lps, text, finished, finish_reason if finished else None, n_prompt)
+                yield TokenChunk(new, lps, text, finished, finish_reason if finished else None, n_prompt,
+                                 out.num_cached_tokens)
                 if finished:
                     return  # leaving the engine's stream early aborts the request (stop string case)
         finally:
@@ -199,7 +201,7 @@ class GeneratorCore:
 class _EngineCounters:
     """Cumulative engine counters read at scrape time (the engine itself knows nothing of Prometheus):
     steps by how they ran (decode_graph: a CUDA graph of decodes; mixed_graph: prefill chunks in a CUDA graph;
-    eager) and preemptions."""
+    eager), preemptions, and the prefix cache's queries, hits and cached blocks (from `engine.stats`)."""
 
     def __init__(self, engine, model: str):
         self.engine, self.model = engine, model
@@ -216,3 +218,13 @@ class _EngineCounters:
                                   "sequences preempted to free KV blocks (recomputed later)", labels=["model"])
         pre.add_metric([self.model], self.engine.scheduler.num_preemptions)
         yield pre
+        # prefix cache: hit rate = hits / queries (prompt tokens at admission), and blocks holding a key now
+        for name, key, doc in (("queries_tokens", "prefix_cache_queries", "prompt tokens looked up (admissions)"),
+                               ("hits_tokens", "prefix_cache_hits", "prompt tokens served from the prefix cache")):
+            c = CounterMetricFamily(f"mmpipe_generator_prefix_cache_{name}", doc, labels=["model"])
+            c.add_metric([self.model], st[key])
+            yield c
+        blocks = GaugeMetricFamily("mmpipe_generator_prefix_cache_cached_blocks",
+                                   "KV blocks holding a reusable prefix (in use or evictable)", labels=["model"])
+        blocks.add_metric([self.model], st["prefix_cache_cached_blocks"])
+        yield blocks

@@ -20,6 +20,9 @@ class EngineConfig:
     chunks too when mixed_graph_max_prefills > 0: such a step runs as a graph when it holds at most that many
     chunks (more fall back to an eager step); 0 turns mixed-step graphs off.
     pack_weights: see below (triton backend only; re-points the HF model's q/k/v and gate/up parameters).
+    enable_prefix_caching: reuse the K/V of full blocks whose tokens, positions and media items equal those of a
+    block computed before (block_manager.py); prefix_cache_namespace goes into every block key (name the model
+    and its settings there when keys are compared across engines, e.g. by a router).
     """
 
     block_size: int = 16
@@ -38,6 +41,8 @@ class EngineConfig:
     pack_weights: bool = True
     # CPU only, when num_kv_blocks is None: KV cache budget in bytes.
     cpu_kv_cache_bytes: int = 256 * 1024 * 1024
+    enable_prefix_caching: bool = True
+    prefix_cache_namespace: str = ""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

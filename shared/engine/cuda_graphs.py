@@ -5,7 +5,8 @@
   counts.
 
 Each kind keeps all its integer inputs (token ids, positions, slots, lengths, block tables, ...) in one int32
-device buffer filled from one pinned host buffer with a single copy per step. Padding rows write nothing
+device buffer filled from one pinned host buffer with a single copy per step; the host buffer's segments are
+filled by the engine's one staging function (staging.py), as `StepBuffers` views. Padding rows write nothing
 (slot -1) and attend to nothing (length 0), so they change nothing. Graphs are captured largest first.
 
 On the CPU (the Triton interpreter, TRITON_INTERPRET=1) nothing is captured: `replay` runs the same static-shape
@@ -22,6 +23,7 @@ import torch
 
 from .attention.base import AttentionMetadata
 from .scheduler import SchedulerOutput
+from .staging import BlockTableRows, StepBuffers, stage_step
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +34,6 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     if sizes[-1] != max_num_seqs:
         sizes.append(max_num_seqs)
     return sizes
-
-
-class BlockTableRows:
-    """Host staging rows of the block table. A row is rewritten only where its sequence changed or got a new
-    block (a full rewrite per step costs ~4 us a row). The owner is the sequence's block-table list object,
-    which changes when a sequence is preempted and re-admitted."""
-
-    def __init__(self, rows: int):
-        self.owner: list[tuple[object, int] | None] = [None] * rows
-
-    def reset(self) -> None:
-        self.owner = [None] * len(self.owner)
-
-    def write(self, bt: np.ndarray, row: int, table: list[int]) -> None:
-        nb = len(table)
-        own = self.owner[row]
-        if own is not None and own[0] is table:
-            if own[1] == nb:
-                return
-            if own[1] < nb:
-                bt[row, own[1]:nb] = table[own[1]:]
-                self.owner[row] = (table, nb)
-                return
-        bt[row, :nb] = table
-        self.owner[row] = (table, nb)
 
 
 class StepGraphs(ABC):
@@ -77,6 +54,9 @@ class StepGraphs(ABC):
         self.host = torch.zeros(total, dtype=torch.int32, pin_memory=self.capture_enabled)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(total, dtype=torch.int32, device=runner.device)
+        # the pinned host buffer is rewritten only once the previous step's copy out of it has run (a step
+        # that samples nothing does not wait for the GPU, so the next one could otherwise overwrite it early)
+        self.uploaded = torch.cuda.Event() if self.capture_enabled else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         # one logits buffer for every size (allocated outside the pool; 40 MB at 128 rows of a 152k vocab)
@@ -88,6 +68,13 @@ class StepGraphs(ABC):
 
     def upload(self, end: int) -> None:
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        if self.uploaded is not None:
+            self.uploaded.record()
+
+    def host_ready(self) -> None:
+        """Wait (normally not at all) until the last upload has read the host buffer."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
 
     # ---- provided by each kind --------------------------------------------------------------------------------
     @abstractmethod
@@ -136,8 +123,8 @@ class DecodeGraphs(StepGraphs):
         self.max_bs = n
         self.width = runner.max_blocks_per_seq
         self.rows = 3 if runner.mrope else 1
-        super().__init__(runner, sizes, {"ids": n, "pos": self.rows * n, "slot": n, "len": n,
-                                         "bt": n * self.width}, n, pool)
+        super().__init__(runner, sizes, {"ids": n, "pos": self.rows * n, "slot": n, "len": n, "qsl": n + 1,
+                                         "logits": n, "bt": n * self.width}, n, pool)
         self.tables = BlockTableRows(n)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
@@ -147,6 +134,12 @@ class DecodeGraphs(StepGraphs):
         return (self.seg("ids", bs), pos if self.rows == 3 else pos[0], self.seg("slot", bs),
                 self.seg("len", bs), self.seg("bt", n * self.width).view(n, self.width)[:bs])
 
+    def _buffers(self) -> StepBuffers:
+        h, n = self.host_np, self.max_bs
+        return StepBuffers(ids=self.seg("ids", n, h), pos=self.seg("pos", self.rows * n, h).reshape(self.rows, n),
+                           slot=self.seg("slot", n, h), lens=self.seg("len", n, h), qsl=self.seg("qsl", n + 1, h),
+                           logits=self.seg("logits", n, h), bt=self.seg("bt", n * self.width, h).reshape(n, self.width))
+
     def _forward(self, bs: int) -> torch.Tensor:
         r = self.runner
         ids, pos, slots, lens, bt = self._views(bs)
@@ -155,35 +148,20 @@ class DecodeGraphs(StepGraphs):
         return r.decoder.forward(ids, pos, meta, r.kv_cache, r.attn, r.ops, logits_out=self.logits[:bs])
 
     def can_run(self, sched: SchedulerOutput) -> bool:
-        if sched.num_decodes != len(sched.scheduled) or len(sched.scheduled) > self.max_bs:
-            return False
         # true decodes only: the token is a generated one (no multimodal row, position = index + per-row delta)
-        return all(sc.start >= sc.seq.num_prompt_tokens for sc in sched.scheduled)
+        return (sched.num_decodes == len(sched.scheduled) <= self.max_bs) and not sched.num_prompt_decodes
 
     def _fill(self, sched: SchedulerOutput, bucket: int) -> None:
-        h, n, bsz, o = self.host_np, self.max_bs, self.runner.block_size, self.offsets
         B = len(sched.scheduled)
-        seqs = [sc.seq for sc in sched.scheduled]
-        idx = np.fromiter((sc.start for sc in sched.scheduled), dtype=np.int64, count=B)
-        h[o["ids"]:o["ids"] + B] = [s.token_ids[i] for s, i in zip(seqs, idx.tolist())]
-        for r in range(self.rows):
-            pos = idx + np.fromiter((s.mrope_deltas[r] for s in seqs), dtype=np.int64, count=B) if self.rows == 3 \
-                else idx
-            h[o["pos"] + r * n:o["pos"] + r * n + B] = pos
-        last_blocks = np.fromiter((s.block_table[i // bsz] for s, i in zip(seqs, idx.tolist())), dtype=np.int64,
-                                  count=B)
-        h[o["slot"]:o["slot"] + B] = last_blocks * bsz + idx % bsz
-        h[o["len"]:o["len"] + B] = idx + 1
-        bt = self.seg("bt", n * self.width, h).reshape(n, self.width)
-        for i, s in enumerate(seqs):
-            self.tables.write(bt, i, s.block_table)
+        self.host_ready()
+        buf = self._buffers()
+        stage_step(sched, buf, self.tables, block_size=self.runner.block_size, chunk_row=B)
         if bucket > B:  # padding rows write nothing and attend to nothing
-            h[o["ids"] + B:o["ids"] + bucket] = 0
-            for r in range(self.rows):
-                h[o["pos"] + r * n + B:o["pos"] + r * n + bucket] = 0
-            h[o["slot"] + B:o["slot"] + bucket] = -1
-            h[o["len"] + B:o["len"] + bucket] = 0
-        self.upload(o["bt"] + bucket * self.width)
+            buf.ids[B:bucket] = 0
+            buf.pos[:, B:bucket] = 0
+            buf.slot[B:bucket] = -1
+            buf.lens[B:bucket] = 0
+        self.upload(self.offsets["bt"] + bucket * self.width)
 
     def _set_padding(self) -> None:
         self.tables.reset()

@@ -34,14 +34,20 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.runner = ModelRunner(hf_model, self.config)
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          enable_prefix_caching=self.config.enable_prefix_caching,
+                                          namespace=self.config.prefix_cache_namespace, mrope=self.runner.mrope)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # finishes decided between steps (aborts)
         gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
         self._default_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0, "mixed_graph_steps": 0}
+        # cumulative counters, plus the prefix cache's: prompt tokens looked up and found (first admissions),
+        # blocks evicted, and blocks holding a key now (a gauge)
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0, "mixed_graph_steps": 0,
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_evictions": 0,
+                      "prefix_cache_cached_blocks": 0}
         info = self.kv_cache_info()
         log.info("engine ready in %.1fs: KV cache %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d, "
                  "backend %s, cuda graphs %s", time.perf_counter() - t0, info["num_blocks"], info["block_size"],
@@ -73,6 +79,26 @@ class LLMEngine:
                                         param="mm_positions")
         if req.mrope_positions is not None and tuple(torch.as_tensor(req.mrope_positions).shape) != (3, n):
             raise InvalidInputError(f"mrope_positions must be (3, {n})", param="mrope_positions")
+        if req.mm_spans:
+            self._validate_spans(req)
+
+    @staticmethod
+    def _validate_spans(req: EngineRequest) -> None:
+        """The spans must describe exactly the rows and positions given: a span's key names those rows in the
+        prefix cache, so a span that pointed elsewhere could hand one prompt's K/V to another."""
+        if req.mm_embeds is None:
+            raise InvalidInputError("mm_spans without mm_embeds", param="mm_spans")
+        end = 0
+        for sp in req.mm_spans:
+            if sp.length < 1 or sp.offset < end:
+                raise InvalidInputError("mm_spans must be non-empty, in prompt order and disjoint", param="mm_spans")
+            end = sp.offset + sp.length
+        if end > len(req.prompt_token_ids):
+            raise InvalidInputError("mm_spans run past the prompt", param="mm_spans")
+        want = torch.cat([torch.arange(sp.offset, sp.offset + sp.length) for sp in req.mm_spans])
+        pos = torch.as_tensor(req.mm_positions).reshape(-1).long()
+        if pos.shape != want.shape or not torch.equal(pos, want):
+            raise InvalidInputError("mm_spans must cover exactly the mm_positions, in row order", param="mm_spans")
 
     def add_request(self, req: EngineRequest) -> None:
         if req.request_id in self._seqs:
@@ -100,7 +126,7 @@ class LLMEngine:
         reason = reason.value if isinstance(reason, FinishReason) else str(reason)
         self.scheduler.finish(seq, reason)
         self._pending.append(StepOutput(request_id, [], [] if seq.want_logprobs else None, True, reason,
-                                        seq.num_prompt_tokens))
+                                        seq.num_prompt_tokens, seq.num_cached_tokens))
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -120,8 +146,13 @@ class LLMEngine:
             return outputs
         sampled, result = self.runner.execute(sched)
         self.stats["steps"] += 1
-        self.stats["graph_steps"] = self.runner.stats_graph_steps
-        self.stats["mixed_graph_steps"] = self.runner.stats_mixed_graph_steps
+        st, bm = self.stats, self.block_manager
+        st["graph_steps"] = self.runner.stats_graph_steps
+        st["mixed_graph_steps"] = self.runner.stats_mixed_graph_steps
+        st["prefix_cache_queries"] = bm.num_queried_tokens
+        st["prefix_cache_hits"] = bm.num_hit_tokens
+        st["prefix_cache_evictions"] = bm.num_evicted_blocks
+        st["prefix_cache_cached_blocks"] = bm.num_cached_blocks
         for sc in sched.scheduled:
             if sc.seq.num_computed_tokens < sc.seq.num_prompt_tokens:
                 self.stats["prefill_tokens"] += sc.num_new_tokens
@@ -138,7 +169,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.request_id, None)
             outputs.append(StepOutput(seq.request_id, [tok], [lp] if seq.want_logprobs else None,
-                                      reason is not None, reason, seq.num_prompt_tokens))
+                                      reason is not None, reason, seq.num_prompt_tokens, seq.num_cached_tokens))
         return outputs
 
     @staticmethod
@@ -154,4 +185,6 @@ class LLMEngine:
         info = self.runner.kv_cache_info()
         info["free_blocks"] = self.block_manager.num_free_blocks
         info["num_preemptions"] = self.scheduler.num_preemptions
+        info["prefix_caching"] = self.block_manager.enable_prefix_caching
+        info["cached_blocks"] = self.block_manager.num_cached_blocks
         return info

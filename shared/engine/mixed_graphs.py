@@ -16,14 +16,14 @@ buffer before the replay: that is two kernels, and the multimodal scatter's size
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .attention.base import AttentionMetadata
 from .block_manager import cdiv
-from .cuda_graphs import BlockTableRows, StepGraphs
+from .cuda_graphs import StepGraphs
 from .kernels.triton_prefill import prefill_block_m, prefill_work
 from .scheduler import SchedulerOutput
+from .staging import BlockTableRows, StagedStep, StepBuffers, stage_step
 
 
 def mixed_token_sizes(max_tokens: int) -> list[int]:
@@ -84,70 +84,44 @@ class MixedGraphs(StepGraphs):
         return (len(sched.scheduled) - sched.num_decodes <= self.max_prefills
                 and sched.num_tokens <= self.max_tokens)
 
-    def _fill(self, sched: SchedulerOutput, T: int) -> tuple[int, int, list]:
-        """Stage the step's inputs for bucket T; returns (tokens, sampling rows, multimodal pieces)."""
-        h, bsz, mrope = self.host_np, self.runner.block_size, self.rows == 3
+    def _fill(self, sched: SchedulerOutput, T: int) -> StagedStep:
+        """Stage the step's inputs for bucket T and pad the rest of the bucket."""
+        h = self.host_np
         D, S, W = self._dims(T)
-        ids, slot, lens = self.seg("ids", T, h), self.seg("slot", T, h), self.seg("len", S, h)
-        qsl, logits = self.seg("qsl", S + 1, h), self.seg("logits", S, h)
-        pos = self._positions(T, h)
-        bt = self.seg("bt", S * self.width, h).reshape(S, self.width)
-        nd = sched.num_decodes
-        t = n_logits = 0
-        mm, chunk_lens = [], []
-        for j, sc in enumerate(sched.scheduled):
-            seq, s, e = sc.seq, sc.start, sc.end
-            row = j if j < nd else D + (j - nd)
-            if j >= nd:
-                qsl[row] = t
-                chunk_lens.append(e - s)
-            if e - s == 1 and s >= seq.num_prompt_tokens:  # a generated token: no table lookups needed
-                ids[t] = seq.token_ids[s]
-                pos[:, t] = [s + dl for dl in seq.mrope_deltas] if mrope else s
-                slot[t] = seq.block_table[s // bsz] * bsz + s % bsz
-            else:
-                ids[t:t + e - s] = seq.token_ids[s:e]
-                pos[:, t:t + e - s] = seq.position_ids(s, e, mrope).numpy()
-                idx = np.arange(s, e)
-                slot[t:t + e - s] = np.asarray(seq.block_table, dtype=np.int64)[idx // bsz] * bsz + idx % bsz
-                rows = seq.mm_rows(s, e)
-                if rows is not None:
-                    mm.append((rows[0] + t, rows[1]))
-            lens[row] = e
-            self.tables.write(bt, row, seq.block_table)
-            t += e - s
-            if sc.samples:
-                logits[n_logits] = t - 1
-                n_logits += 1
-        p = len(chunk_lens)
-        lens[nd:D] = 0
-        lens[D + p:S] = 0
-        qsl[D + p:S + 1] = t
-        ids[t:T] = 0
-        pos[:, t:T] = 0
-        slot[t:T] = -1
-        wseq, wblk = prefill_work(chunk_lens, self.block_m)
+        self.host_ready()
+        buf = StepBuffers(ids=self.seg("ids", T, h), pos=self._positions(T, h), slot=self.seg("slot", T, h),
+                          lens=self.seg("len", S, h), qsl=self.seg("qsl", S + 1, h),
+                          logits=self.seg("logits", S, h), bt=self.seg("bt", S * self.width, h).reshape(S, self.width))
+        st = stage_step(sched, buf, self.tables, block_size=self.runner.block_size, chunk_row=D)
+        t, p, nd = st.num_tokens, len(st.chunk_lens), sched.num_decodes
+        buf.lens[nd:D] = 0
+        buf.lens[D + p:S] = 0
+        buf.qsl[D + p:S + 1] = t
+        buf.ids[t:T] = 0
+        buf.pos[:, t:T] = 0
+        buf.slot[t:T] = -1
+        wseq, wblk = prefill_work(st.chunk_lens, self.block_m)
         self.seg("wseq", W, h)[:len(wseq)] = wseq
         self.seg("wseq", W, h)[len(wseq):] = -1
         self.seg("wblk", W, h)[:len(wblk)] = wblk
-        logits[n_logits:] = 0
+        buf.logits[st.num_logits:] = 0
         self.upload(self.offsets["bt"] + S * self.width)
-        return t, n_logits, mm
+        return st
 
     def run(self, sched: SchedulerOutput) -> torch.Tensor:
         n = sched.num_tokens
         T = next(s for s in self.sizes if s >= n)
-        t, n_logits, mm = self._fill(sched, T)
+        st = self._fill(sched, T)
         r = self.runner
         dev = r.device
-        mm_index = torch.cat([m[0] for m in mm]).to(dev) if mm else None
-        mm_rows = torch.cat([m[1] for m in mm]).to(dev) if mm else None
+        mm_index = torch.cat(st.mm_index).to(dev) if st.mm_index else None
+        mm_rows = torch.cat(st.mm_rows).to(dev) if st.mm_rows else None
         with torch.inference_mode():
-            self.hidden[:t].copy_(r.decoder.embed(self.seg("ids", t), mm_index, mm_rows))
+            self.hidden[:st.num_tokens].copy_(r.decoder.embed(self.seg("ids", st.num_tokens), mm_index, mm_rows))
         out = self.replay(T)
         self.last_size = T
         r.stats_mixed_graph_steps += 1
-        return out[:n_logits]
+        return out[:st.num_logits]
 
     def _set_padding(self) -> None:
         self.tables.reset()

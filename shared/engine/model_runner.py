@@ -1,6 +1,6 @@
-"""ModelRunner: owns the KV cache, turns a scheduled batch into flat model inputs, runs the decoder (through a
-captured CUDA graph: a decode graph for pure-decode steps, a mixed graph for steps with prefill chunks; eagerly
-when no graph fits) and samples.
+"""ModelRunner: owns the KV cache, stages a scheduled batch as flat model inputs (staging.py, shared with the
+CUDA graphs), runs the decoder (through a captured CUDA graph: a decode graph for pure-decode steps, a mixed
+graph for steps with prefill chunks; eagerly when no graph fits) and samples.
 
 KV cache: one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim) for all layers; a token
 at index i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size.
@@ -20,6 +20,7 @@ from .config import EngineConfig
 from .decoder import PagedDecoder
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledSeq, SchedulerOutput
+from .staging import BlockTableRows, StepBuffers, stage_step
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ class ModelRunner:
         # Cap by the cache, so that one sequence alone can always run to its end (preemption never loops).
         self.max_model_len = min(mml, num_blocks * config.block_size)
         self.max_blocks_per_seq = cdiv(self.max_model_len, config.block_size) + 1
+        # host staging of eager steps (pageable: each upload has consumed its source when it returns)
+        T, S, rows = config.max_num_batched_tokens, config.max_num_seqs, 3 if self.mrope else 1
+        i32 = np.int32
+        self.eager_buffers = StepBuffers(
+            ids=np.zeros(T, i32), pos=np.zeros((rows, T), i32), slot=np.zeros(T, i32), lens=np.zeros(S, i32),
+            qsl=np.zeros(S + 1, i32), logits=np.zeros(S, i32), bt=np.zeros((S, self.max_blocks_per_seq), i32))
+        self.eager_tables = BlockTableRows(S)
 
         self.graphs = self.mixed_graphs = None
         self.stats_graph_steps = self.stats_mixed_graph_steps = 0
@@ -140,10 +148,6 @@ class ModelRunner:
         del dummy_cache
 
     # ---- one step --------------------------------------------------------------------------------------------
-    def slot(self, seq_block_table: list[int], index: int) -> int:
-        bs = self.block_size
-        return seq_block_table[index // bs] * bs + index % bs
-
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
         """Run one step; returns the entries that sampled a token, with their tokens (in the same order)."""
@@ -159,51 +163,25 @@ class ModelRunner:
         return sampling, self.sampler(logits, [sc.seq for sc in sampling])
 
     def _run_eager(self, sched: SchedulerOutput) -> torch.Tensor | None:
-        bs = self.block_size
-        ids: list[int] = []
-        pos_parts: list[torch.Tensor] = []
-        slots: list[np.ndarray] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        mm_idx: list[torch.Tensor] = []
-        mm_rows: list[torch.Tensor] = []
-        logits_idx: list[int] = []
-        for sc in sched.scheduled:
-            seq, s, e = sc.seq, sc.start, sc.end
-            ids.extend(seq.token_ids[s:e])
-            pos_parts.append(seq.position_ids(s, e, self.mrope))
-            idx = np.arange(s, e)
-            bt = np.asarray(seq.block_table, dtype=np.int64)
-            slots.append(bt[idx // bs] * bs + idx % bs)
-            rows = seq.mm_rows(s, e)
-            if rows is not None:
-                mm_idx.append(rows[0] + qsl[-1])
-                mm_rows.append(rows[1])
-            qsl.append(qsl[-1] + (e - s))
-            seq_lens.append(e)
-            tables.append(seq.block_table)
-            if sc.samples:
-                logits_idx.append(qsl[-1] - 1)
-        dev = self.device
+        buf = self.eager_buffers
+        st = stage_step(sched, buf, self.eager_tables, block_size=self.block_size, chunk_row=sched.num_decodes)
+        T, S, dev = st.num_tokens, st.num_rows, self.device
+        tables = [sc.seq.block_table for sc in sched.scheduled]
         width = max(len(t) for t in tables)
-        bt_np = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            bt_np[i, :len(t)] = t
-        positions = torch.cat(pos_parts, dim=-1)
+
+        def up(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(bt_np).to(dev, non_blocking=True),
-            num_decodes=sched.num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens,
+            slot_mapping=up(buf.slot[:T]), seq_lens=up(buf.lens[:S]),
+            block_tables=up(np.ascontiguousarray(buf.bt[:S, :width])), num_decodes=sched.num_decodes,
+            query_start_loc_host=buf.qsl[:S + 1].tolist(), seq_lens_host=buf.lens[:S].tolist(),
             block_tables_host=tables)
         return self.decoder.forward(
-            torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions.to(dev, non_blocking=True), meta, self.kv_cache, self.attn, self.ops,
-            mm_index=torch.cat(mm_idx).to(dev) if mm_idx else None,
-            mm_rows=torch.cat(mm_rows).to(dev) if mm_rows else None,
-            logits_index=torch.tensor(logits_idx, dtype=torch.long).to(dev) if logits_idx else
-            torch.zeros(0, dtype=torch.long, device=dev))
+            up(buf.ids[:T]), up(buf.pos[:, :T] if self.mrope else buf.pos[0, :T]), meta, self.kv_cache, self.attn,
+            self.ops, mm_index=torch.cat(st.mm_index).to(dev) if st.mm_index else None,
+            mm_rows=torch.cat(st.mm_rows).to(dev) if st.mm_rows else None,
+            logits_index=up(buf.logits[:st.num_logits]))
 
     def kv_cache_info(self) -> dict:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size,

@@ -5,8 +5,10 @@ Every step it builds one mixed batch under the token budget (`max_num_batched_to
      none is free preempts the youngest running sequence (its blocks are freed and it is recomputed later);
   2. running sequences still in prefill get the next chunk of their prompt from what is left of the budget;
   3. waiting sequences are admitted, oldest first, while their whole prompt fits in the free blocks and the
-     budget and `max_num_seqs` allow (not in a step that had to preempt).
+     budget and `max_num_seqs` allow (not in a step that had to preempt). With prefix caching, admission takes
+     the longest cached prefix first, and the prefill starts after it.
 Decodes come first in the batch, so the model runner can treat them as one block of one-token rows.
+Every scheduled entry registers the full blocks it completes with the block manager's prefix cache.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     num_decodes: int = 0  # the first `num_decodes` entries are one-token decodes
+    # decodes whose token is still a prompt token (a chunk stopped one short of the prompt's end): they need
+    # the prompt's positions and maybe a multimodal row, so the decode graphs do not take such a step
+    num_prompt_decodes: int = 0
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -95,6 +100,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        bs, caching = bm.block_size, bm.enable_prefix_caching
 
         # 1. decodes, oldest first; grow block tables, preempting the youngest when blocks run out.
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
@@ -113,6 +119,10 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             bm.allocate(seq, need)
+            if caching and need % bs == 0:  # this token fills its block
+                bm.commit(seq, need)
+            if need <= seq.num_prompt_tokens:
+                out.num_prompt_decodes += 1
             out.scheduled.append(ScheduledSeq(seq, 1))
             budget -= 1
         out.num_decodes = len(out.scheduled)
@@ -123,20 +133,22 @@ class Scheduler:
                 break
             if seq.num_uncomputed_tokens > 1:
                 n = min(seq.num_uncomputed_tokens, budget)
+                bm.commit(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
 
-        # 3. admissions: whole prompt (plus recomputed output) must fit in the free blocks.
+        # 3. admissions: whole prompt (plus recomputed output) must fit in the free blocks, after its cached
+        # prefix (at least one token is always left to compute).
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                if not bm.can_allocate(seq, seq.num_tokens):
+                if not bm.allocate_prompt(seq):
                     break
                 self.waiting.popleft()
-                bm.allocate(seq, seq.num_tokens)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 n = min(seq.num_uncomputed_tokens, budget)
+                bm.commit(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         return out

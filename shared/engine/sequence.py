@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
 import torch
 
-from mmpipe.shared.types import EngineRequest
+from mmpipe.shared.types import EngineRequest, MMSpan
+
+from .block_hash import block_key
+
+_NO_LIMIT = 1 << 62
 
 
 class SequenceStatus(enum.Enum):
@@ -19,7 +24,13 @@ class Sequence:
 
     `token_ids` is prompt + generated tokens; `num_computed_tokens` of them have their K/V in the cache.
     Preemption frees the blocks and resets `num_computed_tokens` to 0: the next prefill recomputes the prompt
-    and the generated tokens, with the same multimodal rows and positions, so the output continues unchanged.
+    and the generated tokens (after whatever prefix the cache still holds), with the same multimodal rows and
+    positions, so the output continues unchanged.
+
+    Prefix caching: `block_hashes` are the keys of its full blocks (block_hash.py), computed once per block and
+    kept across preemptions (they depend on content only); `num_committed_blocks` of its table are registered
+    in (or were taken from) the block manager's cache; tokens at and after `hash_limit` (the first row of an
+    unnamed media item) are never keyed.
     """
 
     def __init__(self, req: EngineRequest, *, max_model_len: int, eos_token_ids: list[int],
@@ -34,6 +45,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator = generator
         self.num_preemptions = 0
+        self.block_hashes: list[bytes] = []
+        self.num_committed_blocks = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the first admission
+        self.admitted = False
 
         sp = req.sampling
         # EOS ends a sequence unless ignore_eos; both EOS and stop ids are held back until min_tokens are out.
@@ -48,9 +63,20 @@ class Sequence:
         # Multimodal rows, kept on the CPU side until a chunk needs them (they are moved per chunk).
         self.mm_embeds: torch.Tensor | None = req.mm_embeds
         self.mm_positions: torch.Tensor | None = None
+        # Media items in prompt order, as (start, length, key): what a block key holds for the rows in it.
+        self.mm_spans: list[tuple[int, int, str]] = []
+        self.hash_limit = _NO_LIMIT  # generated tokens are keyed too
         if req.mm_embeds is not None:
             pos = torch.as_tensor(req.mm_positions, dtype=torch.long).reshape(-1)
             self.mm_positions = pos
+            spans: list[MMSpan] = sorted(req.mm_spans, key=lambda m: m.offset)
+            if not spans and pos.numel():  # unnamed rows: nothing from the first one on is shareable
+                self.hash_limit = int(pos.min())
+            for span in spans:
+                if span.key is None:
+                    self.hash_limit = min(self.hash_limit, span.offset)
+                else:
+                    self.mm_spans.append((span.offset, span.length, span.key))
         # M-RoPE: (3, L) prompt positions. A token at index i >= L sits at i + deltas[r] on row r, where
         # each row continues from the prompt's LAST position on that row (transformers' generate advances
         # every row by one per step from there; a prompt ending in image rows has unequal rows).
@@ -61,6 +87,7 @@ class Sequence:
             self.mrope_positions = torch.as_tensor(req.mrope_positions, dtype=torch.long).reshape(3, -1)
             last = self.mrope_positions[:, -1] + 1 - self.mrope_positions.shape[1]
             self.mrope_deltas = tuple(int(x) for x in last.tolist())  # type: ignore[assignment]
+        self._mrope_i32: np.ndarray | None = None  # (3, L) int32 positions for block keys, built on first use
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     @property
@@ -113,3 +140,23 @@ class Sequence:
             return None
         idx = sel.nonzero(as_tuple=True)[0]
         return self.mm_positions[idx] - start, self.mm_embeds[idx]
+
+    # ---- prefix-cache keys -----------------------------------------------------------------------------------
+    def block_key(self, parent: bytes, index: int, block_size: int, mrope: bool) -> bytes:
+        """Key of full block `index` (tokens [index * block_size, (index + 1) * block_size)) after `parent`."""
+        a, b = index * block_size, (index + 1) * block_size
+        positions = self._position_bytes(a, b) if mrope else b""
+        media = [(key, off - a, n) for off, n, key in self.mm_spans if off < b and off + n > a]
+        return block_key(parent, self.token_ids[a:b], positions, media)
+
+    def _position_bytes(self, a: int, b: int) -> bytes:
+        L = self.num_prompt_tokens
+        if self._mrope_i32 is None:
+            src = self.mrope_positions if self.mrope_positions is not None else \
+                torch.arange(L, dtype=torch.long).expand(3, -1)
+            self._mrope_i32 = np.ascontiguousarray(src.numpy(), dtype="<i4")
+        if b <= L:
+            return self._mrope_i32[:, a:b].tobytes()
+        tail = np.arange(max(a, L), b, dtype="<i4")[None, :] + np.asarray(self.mrope_deltas, dtype="<i4")[:, None]
+        return np.concatenate([self._mrope_i32[:, a:L], tail], axis=1).astype("<i4").tobytes() if a < L \
+            else tail.astype("<i4").tobytes()

@@ -1,42 +1,61 @@
 """Expand placeholders and build the EngineRequest for one prompt (the generator side of the pipeline).
 
 Each placeholder token becomes `num_tokens` copies (one per embedding row), the rows are recorded with
-their flat prompt positions, and M-RoPE families get their (3, L) positions and rope delta. This is the
-same expansion the HF processor does on the prompt string, done on token ids so cached items need no pixels.
+their flat prompt positions, each item with its span and cache key (what the engine's prefix cache keys its
+blocks by), and M-RoPE families get their (3, L) positions and rope delta. This is the same expansion the HF
+processor does on the prompt string, done on token ids so cached items need no pixels.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from mmpipe.shared.errors import LimitExceededError
+from mmpipe.shared.errors import InvalidInputError, LimitExceededError
 from mmpipe.shared.models.base import ModelAdapter
-from mmpipe.shared.types import EngineRequest, MMEmbedding, SamplingParams
+from mmpipe.shared.types import EngineRequest, MMEmbedding, MMSpan, SamplingParams
 
 
-def expand_prompt(token_ids: list[int], embeddings: list[MMEmbedding], placeholder_ids: dict[str, int]
-                  ) -> tuple[list[int], list[int], list[MMEmbedding]]:
-    """Returns (expanded ids, flat positions of the mm rows, embeddings in prompt order)."""
+class ExpandedPrompt(NamedTuple):
+    token_ids: list[int]            # placeholders expanded
+    positions: list[int]            # flat prompt positions of the mm rows, in row order
+    ordered: list[MMEmbedding]      # the embeddings in prompt order
+    spans: list[MMSpan]             # per item in prompt order: its positions and its cache key
+
+
+def expand_prompt(token_ids: list[int], embeddings: list[MMEmbedding], placeholder_ids: dict[str, int],
+                  keys: list[str | None] | None = None) -> ExpandedPrompt:
+    """`embeddings` are in prompt order per modality; `keys[i]` is the cache key of `embeddings[i]` (None: the
+    item has none)."""
+    if keys is not None and len(keys) != len(embeddings):
+        raise InvalidInputError(f"{len(keys)} embedding keys for {len(embeddings)} embeddings", param="embeddings")
+    keyed = list(zip(embeddings, keys if keys is not None else [None] * len(embeddings)))
     by_id = {pid: m for m, pid in placeholder_ids.items()}
-    queues: dict[str, list[MMEmbedding]] = {m: [e for e in embeddings if e.modality == m] for m in placeholder_ids}
+    queues = {m: [ek for ek in keyed if ek[0].modality == m] for m in placeholder_ids}
     out: list[int] = []
     positions: list[int] = []
     ordered: list[MMEmbedding] = []
+    spans: list[MMSpan] = []
     for t in token_ids:
         m = by_id.get(t)
         if m is None:
             out.append(t)
             continue
-        emb = queues[m].pop(0)
+        emb, key = queues[m].pop(0)
+        spans.append(MMSpan(offset=len(out), length=emb.num_tokens, key=key))
         positions.extend(range(len(out), len(out) + emb.num_tokens))
         out.extend([t] * emb.num_tokens)
         ordered.append(emb)
-    return out, positions, ordered
+    return ExpandedPrompt(out, positions, ordered, spans)
 
 
 def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list[int],
                          embeddings: list[MMEmbedding], sampling: SamplingParams, *,
-                         max_model_len: int | None = None, eos_token_ids: list[int] | None = None) -> EngineRequest:
-    ids, positions, ordered = expand_prompt(token_ids, embeddings, adapter.placeholder_ids())
+                         max_model_len: int | None = None, eos_token_ids: list[int] | None = None,
+                         mm_keys: list[str | None] | None = None) -> EngineRequest:
+    """`mm_keys` (parallel to `embeddings`): each item's embedding cache key, the identity its KV blocks are
+    shared under (the key must name exactly these rows: it is the key they were read or stored under)."""
+    ids, positions, ordered, spans = expand_prompt(token_ids, embeddings, adapter.placeholder_ids(), mm_keys)
     if max_model_len is not None:
         need = len(ids) + (sampling.max_tokens or 0) if sampling.max_tokens else len(ids) + 1
         if len(ids) >= max_model_len or need > max_model_len:
@@ -56,4 +75,4 @@ def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list
     return EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling, mm_embeds=mm,
                          mm_positions=torch.tensor(positions, dtype=torch.long) if positions else None,
                          mrope_positions=mrope, mrope_delta=delta,
-                         eos_token_ids=list(eos_token_ids or []))
+                         eos_token_ids=list(eos_token_ids or []), mm_spans=spans)

@@ -58,6 +58,13 @@ class EmbeddingResolver:
         return item
 
     def resolve(self, batch: list[list[ItemRef]], *, tenant: str | None = None) -> list[list[MMEmbedding]]:
+        return [[emb for emb, _ in items] for items in self.resolve_keyed(batch, tenant=tenant)]
+
+    def resolve_keyed(self, batch: list[list[ItemRef]], *, tenant: str | None = None
+                      ) -> list[list[tuple[MMEmbedding, str | None]]]:
+        """`resolve`, with each embedding's identity: the cache key it was read or stored under (with the
+        cache off, the content-hash key it would have), or None for precomputed embeddings without a UUID.
+        The engine's prefix cache shares KV blocks under these keys."""
         flat = [(p, i, ref) for p, refs in enumerate(batch) for i, ref in enumerate(refs)]
         result: dict[tuple[int, int], MMEmbedding] = {}
         keys: dict[tuple[int, int], str] = {}
@@ -111,7 +118,16 @@ class EmbeddingResolver:
                     self.cache.put(keys[members[0]], emb)
                 for pi in members:
                     result[pi] = emb
-        return [[result[(p, i)] for i in range(len(refs))] for p, refs in enumerate(batch)]
+
+        def identity(pi: tuple[int, int]) -> str | None:
+            if keys.get(pi):
+                return keys[pi]
+            item = loaded.get(pi)
+            if item is None or self.keyspace is None:
+                return None
+            return self.key_for(item.modality, content_hash=item.content_hash)
+
+        return [[(result[(p, i)], identity((p, i))) for i in range(len(refs))] for p, refs in enumerate(batch)]
 
     def _lookup(self, todo: list[tuple[int, int, ItemRef]], keys: dict, result: dict) -> None:
         if not todo or self.cache is None:

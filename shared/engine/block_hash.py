@@ -1,0 +1,57 @@
+"""Prefix-cache keys of KV blocks: a chained hash of everything a full block's K/V depend on.
+
+    key(block i) = H(key(block i-1), token ids of block i, [M-RoPE positions of block i], media in block i)
+    key(block -1) = root_key(namespace, block_size, mrope)
+
+K/V at a position are a function of the tokens and embedding rows at and before it and of the positions, so
+two blocks with the same key hold the same K/V: the chain covers everything before the block, the block's
+own inputs cover the rest. Media rows enter through their item's key (the embedding cache key: a content
+hash or a tenant-scoped UUID, with the model fingerprint and the processor-settings digest in it, so
+`mm_processor_kwargs` and the tenant are part of it) plus where the item sits relative to the block, which
+fixes which of its rows land where. M-RoPE positions are hashed as they are (they follow from the same
+inputs, the items' grids included, but hashing them makes that a fact instead of an argument, and it keeps
+generated tokens, whose positions continue from the prompt's last one, apart from prompt tokens whose
+positions would differ).
+
+Pure Python (hashlib, struct): no torch, so a router can compute the same keys. Digests are 32-byte
+BLAKE2b, so a collision (two different blocks with one key) is not a practical concern and tokens are not
+compared on a hit.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Iterable, Sequence
+
+KEY_BYTES = 32
+_LAYOUT = b"mmpipe-kv-block:v1"
+_MEDIA = struct.Struct("<iiI")  # item start relative to the block, item length, key length
+
+
+def root_key(namespace: str, block_size: int, mrope: bool) -> bytes:
+    """The parent of a sequence's first block: separates models/settings, block sizes and position kinds."""
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    h.update(_LAYOUT)
+    h.update(struct.pack("<IB", block_size, 1 if mrope else 0))
+    h.update(namespace.encode("utf-8"))
+    return h.digest()
+
+
+def block_key(parent: bytes, token_ids: Sequence[int], positions: bytes = b"",
+              media: Iterable[tuple[str, int, int]] = ()) -> bytes:
+    """Key of one full block.
+
+    parent: the previous block's key (or the root). token_ids: the block's `block_size` ids. positions: the
+    block's M-RoPE positions as little-endian int32 (3, block_size), empty for 1-D RoPE (there the position is
+    the index, fixed by the chain). media: (item key, item start - block start, item length) of each item
+    with rows in the block. Every part is fixed-length or length-prefixed, so distinct inputs never
+    serialise alike.
+    """
+    h = hashlib.blake2b(parent, digest_size=KEY_BYTES)
+    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
+    h.update(positions)
+    for key, rel_start, length in media:
+        kb = key.encode("utf-8")
+        h.update(_MEDIA.pack(rel_start, length, len(kb)))
+        h.update(kb)
+    return h.digest()
