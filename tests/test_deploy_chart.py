@@ -510,6 +510,8 @@ def test_grafana_dashboard_configmap_covers_the_key_signals(rendering: str) -> N
                    "mmpipe_generator_engine_waiting_requests", "mmpipe_encoder_batch_size_bucket",
                    "mmpipe_generator_engine_running_requests", "mmpipe_generator_engine_kv_cache_usage_ratio",
                    "mmpipe_generator_engine_steps_total", "mmpipe_generator_engine_preemptions_total",
+                   *(f"mmpipe_{stage}_step_duration_seconds_bucket" for stage in
+                     ("gateway", "ingest", "encoder", "generator")), "mmpipe_encoder_encode_duration_seconds_bucket",
                    "DCGM_FI_DEV_FB_USED"):
         assert metric in exprs, metric
 

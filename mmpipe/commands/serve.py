@@ -54,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--api-server-count", type=int, default=int(e("MMPIPE_API_SERVER_COUNT", 1)),
                    help="gateway processes serving --port and --grpc-port (vLLM's flag; metrics merged on /metrics)")
     p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
+    p.add_argument("--otlp-traces-endpoint", default=e("MMPIPE_OTLP_TRACES_ENDPOINT") or None,
+                   help="OpenTelemetry spans of every stage and the gateway over OTLP/HTTP to this URL (vLLM's flag), "
+                        "e.g. http://127.0.0.1:4318/v1/traces; passed to every child")
     p.add_argument("--api-key-file", default=e("MMPIPE_API_KEY_FILE"),
                    help="gateway API keys, one per line, each its own tenant")
     p.add_argument("--trust-tenant-header", action="store_true",
@@ -164,11 +167,12 @@ def run(args: argparse.Namespace) -> int:
     ports = {n: getattr(args, f"{n}_port") or free_port() for n in ("encoder", "generator", "ingest")}
     addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
     py = [sys.executable, "-m", "mmpipe.cli"]
+    trace_args = ["--otlp-traces-endpoint", args.otlp_traces_endpoint] if args.otlp_traces_endpoint else []
 
     def stage(name: str, *extra: str) -> list[str]:
         a = [*py, name, "--model", args.model, "--host", "127.0.0.1", "--port", str(ports[name]),
              "--metrics-port", str(free_port()), "--log-level", args.log_level,
-             "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args]
+             "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *trace_args]
         for flag in ("media_io_kwargs", "mm_processor_kwargs"):
             if getattr(args, flag):
                 a += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         gw = [*py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
               "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
               "--generator-addr", addr["generator"], "--redis-url", redis_url,
-              "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args]
+              "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args]
         for flag in ("limit_mm_per_prompt", "media_io_kwargs", "allowed_local_media_path", "chat_template",
                      "api_key_file"):
             if getattr(args, flag):

@@ -28,6 +28,7 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
     tls: ServerTLS | None = None  # --tls-cert-file / --tls-key-file / --tls-ca-file (services/common/tls.py)
+    otlp_traces_endpoint: str | None = None  # --otlp-traces-endpoint: spans over OTLP/HTTP (services/common/tracing.py)
 
 
 def env(name: str, default: Any = None) -> Any:
@@ -61,7 +62,16 @@ def add_server_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     g.add_argument("--shutdown-grace-s", type=float, default=float(env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight RPCs get to finish (env MMPIPE_SHUTDOWN_GRACE_S)")
     g.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env MMPIPE_LOG_LEVEL")
+    add_tracing_arg(g)
     add_server_tls_args(p.add_argument_group("grpc tls (server)"))
+
+
+def add_tracing_arg(g) -> None:
+    """--otlp-traces-endpoint (vLLM's flag), on every stage, the gateway and `mmpipe serve`."""
+    g.add_argument("--otlp-traces-endpoint", default=env("OTLP_TRACES_ENDPOINT") or None,
+                   help="send OpenTelemetry spans of every request over OTLP/HTTP to this URL, e.g. "
+                        "http://collector:4318/v1/traces (W3C traceparent links the stages); default: no tracing "
+                        "(env MMPIPE_OTLP_TRACES_ENDPOINT)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -117,7 +127,8 @@ def stage_client_tls(a: argparse.Namespace) -> ClientTLS | None:
 def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, max_message_mb=a.max_message_mb,
                         max_concurrent_rpcs=getattr(a, "max_concurrent_rpcs", 1024),
-                        shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level, tls=server_tls_from_args(a))
+                        shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level, tls=server_tls_from_args(a),
+                        otlp_traces_endpoint=getattr(a, "otlp_traces_endpoint", None))
 
 
 def json_arg(value: str | dict | None, name: str) -> dict | None:

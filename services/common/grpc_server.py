@@ -4,11 +4,12 @@
     fails on real tensors), keepalive, reconnect backoff, round_robin for dns:/// targets.
   * `StageInterceptor`: maps `MMPipeError` to its gRPC code with its message (never INTERNAL for bad
     input; the error class travels in trailing metadata so clients rebuild the same exception), counts
-    requests / latency per RPC, sets the request id (metadata `x-request-id`) for the JSON logs, and
+    requests / latency per RPC, sets the request id (metadata `x-request-id`) for the JSON logs, opens the
+    RPC's SERVER span under the caller's `traceparent` when tracing is on (services/common/tracing.py), and
     answers UNAVAILABLE until the service is ready.
   * `serve(...)`: health (SERVING only after `load` has run, which loads the model and does a tiny
-    forward), reflection, Prometheus on --metrics-port, SIGTERM/SIGINT -> NOT_SERVING, stop accepting,
-    finish in-flight RPCs within the grace period.
+    forward), reflection, Prometheus on --metrics-port, spans to --otlp-traces-endpoint, SIGTERM/SIGINT ->
+    NOT_SERVING, stop accepting, finish in-flight RPCs within the grace period, flush the spans.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmpipe.services.common import tracing
 from mmpipe.services.common.cli_args import ServerConfig
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from mmpipe.services.common.metrics import ServiceMetrics
@@ -81,11 +83,13 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
             return handler  # health and reflection: no metrics, no readiness gate
         method = details.method.rsplit("/", 1)[-1]
         rid = _metadata_value(details.invocation_metadata, REQUEST_ID_HEADER)
+        trace = _trace_headers(details) if tracing.enabled() else None
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary(request, context):
                 t0, token = self._enter(rid)
+                span = tracing.start_server(details.method, *trace, request_id=rid) if trace else None
                 code = "OK"
                 try:
                     self._check_ready()
@@ -95,6 +99,7 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
                     await self._fail(e, context, method)
                     raise
                 finally:
+                    _end_span(span, code)
                     self._exit(method, code, t0, token)
 
             return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
@@ -104,6 +109,7 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 t0, token = self._enter(rid)
+                span = tracing.start_server(details.method, *trace, request_id=rid) if trace else None
                 code = "OK"
                 try:
                     self._check_ready()
@@ -114,6 +120,7 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
                     await self._fail(e, context, method)
                     raise
                 finally:
+                    _end_span(span, code)
                     self._exit(method, code, t0, token)
 
             return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
@@ -153,6 +160,18 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
         await _abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
 
+def _trace_headers(details) -> tuple[str | None, str | None]:
+    """The caller's W3C trace context, read beside x-request-id (written by stage_clients._metadata)."""
+    md = details.invocation_metadata
+    return (_metadata_value(md, tracing.TRACEPARENT_HEADER), _metadata_value(md, tracing.TRACESTATE_HEADER))
+
+
+def _end_span(span: tracing.OpenSpan | None, code: str) -> None:
+    if span is not None:
+        status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+        span.end(error=None if code == "OK" else code, **{"rpc.grpc.status_code": status.value[0]})
+
+
 def _code_name(e: BaseException, context) -> str:
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"
@@ -180,6 +199,7 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
     liveness of what serves (the generator's engine loop): when it turns False, health turns NOT_SERVING for
     good, so an orchestrator restarts the process.
     """
+    tracing.setup(metrics.service, getattr(cfg, "otlp_traces_endpoint", None))
     interceptor = StageInterceptor(metrics)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_mb),
                              maximum_concurrent_rpcs=getattr(cfg, "max_concurrent_rpcs", None) or None)
@@ -230,6 +250,7 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
     await server.stop(cfg.shutdown_grace_s)
     if close is not None:
         await close()
+    tracing.shutdown()  # the spans still queued go out before the process ends
     log.info("%s stopped", name)
 
 

@@ -3,8 +3,9 @@
 Each client converts domain types to protobuf and back and turns gRPC failures into the same `MMPipeError`
 the server raised (the class name travels in trailing metadata; otherwise `error_from_grpc_code`).
 UNAVAILABLE and a client-side DEADLINE_EXCEEDED become `ServiceUnavailableError` (retryable, HTTP 503).
-Calls never wait for a stage to come up (`wait_for_ready` is off): a stage that is down fails the call
-at once instead of hanging it.
+Every call carries the request id (`x-request-id`) and, with tracing on, the current span's `traceparent`
+(`_metadata`). Calls never wait for a stage to come up (`wait_for_ready` is off): a stage that is down fails
+the call at once instead of hanging it.
 
     clients = StageClients.connect(ingest="127.0.0.1:7001", encoder="127.0.0.1:7002",
                                    generator="127.0.0.1:7003")
@@ -21,6 +22,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
+from mmpipe.services.common import tracing
 from mmpipe.services.common.convert import (EmbeddingRef, LookupItem, MediaSource, TokenChunk, sampling_to_pb)
 from mmpipe.services.common.grpc_server import ERROR_CLASS_HEADER, ERROR_PARAM_HEADER, channel_options
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
@@ -68,8 +70,13 @@ def to_mmpipe_error(e: grpc.aio.AioRpcError, stage: str) -> MMPipeError:
 
 
 def _metadata(request_id: str | None) -> tuple[tuple[str, str], ...]:
+    """Every stage call's metadata: `x-request-id` and, when tracing, the current span's W3C `traceparent`
+    (read by the callee's StageInterceptor, services/common/grpc_server.py)."""
     rid = request_id or REQUEST_ID.get()
-    return ((REQUEST_ID_HEADER, rid),) if rid else ()
+    md = [(REQUEST_ID_HEADER, rid)] if rid else []
+    if tracing.enabled():
+        tracing.inject(md)
+    return tuple(md)
 
 
 class _Client:

@@ -2,11 +2,18 @@
 
 Writes go to Redis before Encode returns (a generator handed the key must be able to read it); the write
 is pipelined and zero-copy (RedisEmbeddingCache.put_many). Look-ups read only payload headers (meta_peek).
+
+Timing (services/common/steps.py): mmpipe_encoder_step_duration_seconds{step} has each item's queue (submitted
+until its tower batch starts), each batch's finish (uint8 pixels to the device and normalised) and each Encode's
+cache_write; the tower of each batch stays mmpipe_encoder_encode_duration_seconds{modality}. On CUDA both batch
+steps end with a device sync, so the tower's time is the tower's and not the cache write's (the next batch's
+host-to-device copy would wait for it anyway).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +21,7 @@ from typing import Any
 import blake3
 import redis
 
+from mmpipe.services.common import tracing
 from mmpipe.services.common.convert import EmbeddingRef, LookupItem
 from mmpipe.services.common.warmup import warmup_items
 from mmpipe.services.encoder.batcher import DynamicBatcher
@@ -33,6 +41,24 @@ class EncodeItem:
     tensors: bytes
     content_hash: str = ""
     uuid: str = ""
+
+
+@dataclass(frozen=True)
+class _BatchTimes:
+    """When one tower batch ran (time.perf_counter): started, pixels finished on the device, tower done."""
+
+    start: float
+    finished: float
+    end: float
+
+
+def _device_clock(device: Any) -> float:
+    """time.perf_counter once the work queued on `device` has run (CUDA kernels are asynchronous)."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -73,21 +99,25 @@ class EncoderCore:
         self.m_bytes_in = m.counter("received_bytes", "tensor payload bytes received", ("rpc",))
         self.m_bytes_out = m.counter("cache_written_bytes", "embedding bytes written to the cache")
         self.m_puts = m.counter("user_embeddings", "user-supplied embeddings stored", ("modality",))
+        self.steps = m.steps()
         self.model_label = m.model
         self.batcher = DynamicBatcher(self._run_batch, max_items=cfg.max_batch_items, wait_ms=cfg.batch_wait_ms,
                                       executor=self.tower, on_batch=self._on_batch,
                                       on_queue=lambda d: self.m_queue.labels(self.model_label).set(d),
                                       max_queued=cfg.max_queued_items)
 
-    def _on_batch(self, modality: str, n: int, secs: float) -> None:
+    def _on_batch(self, modality: str, n: int, _secs: float) -> None:
         self.m_batch.labels(self.model_label, modality).observe(n)
-        self.m_encode_s.labels(self.model_label, modality).observe(secs)
 
     # ---- Encode ----------------------------------------------------------------------------------------
     def _run_batch(self, modality: str, items: list[ProcessedItem]) -> list[Any]:
-        """Tower thread: encode a batch; on failure, retry item by item so one bad item fails alone."""
+        """Tower thread: finish the pixels and encode a batch; on failure, retry item by item so one bad item
+        fails alone. Each result is (embedding, _BatchTimes) or that item's exception."""
+        t0 = t1 = time.perf_counter()
         try:
-            embs: list[Any] = self.adapter.encode(modality, items)
+            finished = self.adapter.finish(modality, items)
+            t1 = _device_clock(self.adapter.device)
+            embs: list[Any] = self.adapter.encode(modality, finished)
         except MMPipeError:
             raise
         except Exception:  # noqa: BLE001 - isolate the culprit
@@ -99,9 +129,23 @@ class EncoderCore:
                     embs.extend(self.adapter.encode(modality, [it]))
                 except Exception as e:  # noqa: BLE001
                     embs.append(e)
+        t2 = _device_clock(self.adapter.device)
+        self.steps.record("finish", t0, t1, span=False)  # per batch; each request's trace gets its own (encode)
+        self.m_encode_s.labels(self.model_label, modality).observe(t2 - t1)
         good = [(it.key, e) for it, e in zip(items, embs) if isinstance(e, MMEmbedding)]
         self.m_items.labels(self.model_label, modality).inc(len(good))
-        return embs
+        times = _BatchTimes(t0, t1, t2)
+        return [e if isinstance(e, BaseException) else (e, times) for e in embs]
+
+    def _batch_steps(self, submitted: float, times: list[_BatchTimes]) -> None:
+        """Each item's wait for its tower batch; with tracing, this request's spans of the batches it was in."""
+        for t in times:
+            self.steps.observe("queue", t.start - submitted)
+        if tracing.enabled():
+            for t in {id(t): t for t in times}.values():
+                tracing.record("queue", submitted, t.start)
+                tracing.record("finish", t.start, t.finished)
+                tracing.record("tower", t.finished, t.end)
 
     def _decode_item(self, it: EncodeItem) -> ProcessedItem:
         self.keyspaces.check_key(it.key)
@@ -118,11 +162,14 @@ class EncoderCore:
     async def encode(self, items: list[EncodeItem]) -> list[EmbeddingRef]:
         self.m_bytes_in.labels(self.model_label, "Encode").inc(sum(len(i.tensors) for i in items))
         processed = [self._decode_item(it) for it in items]  # validate all before any work
-        embs = await asyncio.gather(*[self.batcher.submit(p.modality, p.key, p) for p in processed])
+        submitted = time.perf_counter()
+        results = await asyncio.gather(*[self.batcher.submit(p.modality, p.key, p) for p in processed])
+        embs = [e for e, _ in results]
+        self._batch_steps(submitted, [t for _, t in results])
         loop = asyncio.get_running_loop()
         unique = {p.key: e for p, e in zip(processed, embs)}
         nbytes = sum(e.tensor.numel() * e.tensor.element_size() for e in unique.values())
-        await loop.run_in_executor(self.io, self.cache.put_many, list(unique.items()))
+        await self.steps.timed("cache_write", loop.run_in_executor(self.io, self.cache.put_many, list(unique.items())))
         self.m_bytes_out.labels(self.model_label).inc(nbytes)
         return [_ref(it.key, e, content_hash=it.content_hash, uuid=it.uuid) for it, e in zip(items, embs)]
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpipe.services.common.cli_args import add_tracing_arg
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
                                         client_tls_from_args, server_tls_from_args)
 from mmpipe.shared.cache.redis_options import RedisOptions
@@ -82,6 +83,8 @@ class GatewayConfig:
     log_level: str = "info"
     # Gateway processes serving the one HTTP (and gRPC) port (services/gateway/workers.py); 1: this process.
     api_server_count: int = 1
+    # OTLP/HTTP URL for the request spans (services/common/tracing.py); None: no tracing.
+    otlp_traces_endpoint: str | None = None
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:
@@ -173,6 +176,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "merged on /metrics, process metrics labelled by worker [MMPIPE_API_SERVER_COUNT]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    type=str.lower, choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
+    add_tracing_arg(p)
     return p
 
 
@@ -229,4 +233,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
+        otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
     )

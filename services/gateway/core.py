@@ -10,6 +10,11 @@ The OpenAI HTTP routes and the public gRPC servicer both call `GatewayCore.chat`
 convert wire types; nothing here knows HTTP or gRPC. A started `GenerationStream` has already received
 its first token, so every failure before that (bad input, stage down, cache miss) is raised from
 `chat()` / `completion()` and can still become a proper status code; later failures end the stream.
+
+Steps (mmpipe_gateway_step_duration_seconds, services/common/steps.py): parse, template and tokenize in
+`prepare.py`, resolve (media to cache keys) and first_token (the Generate call until its first message) here.
+With tracing on, each request is one span from arrival to its last byte, with a child span per step; the stage
+calls made inside it carry its `traceparent`, so the stages' spans join the same trace.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mmpipe.services.common import tracing
 from mmpipe.shared.errors import (
     CancelledError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
     ServiceUnavailableError,
@@ -52,6 +58,7 @@ class GatewayCore:
         self.info = info
         self.stages = stages
         self.preparer = Preparer(cfg, info)
+        self.steps = self.preparer.steps
         self.in_flight = 0
 
     @property
@@ -67,6 +74,9 @@ class GatewayCore:
 
     async def _start(self, ctx: RequestContext, model: str | None, prepare) -> "GenerationStream":
         metrics = RequestMetrics(self.model_name, ctx.endpoint)
+        # current while this task starts the request (steps, stage calls); ended by metrics.finish
+        metrics.span = tracing.start_request(ctx.endpoint, request_id=ctx.request_id, **{
+            "gen_ai.request.model": self.model_name}) if tracing.enabled() else None
         deadline = time.monotonic() + self.cfg.request_timeout_s
         admitted = False
         stream: GenerationStream | None = None
@@ -91,6 +101,9 @@ class GatewayCore:
                 self.in_flight -= 1
             metrics.finish(_status_of(e))
             raise
+        finally:
+            if metrics.span is not None:
+                metrics.span.detach()  # the stream goes on in the caller's task; the span with it
 
     async def collect(self, stream: "GenerationStream") -> Completion:
         """Drain a stream into one Completion (non-streaming responses)."""
@@ -142,10 +155,11 @@ class GenerationStream:
         evicted = unavailable = 0
         while True:
             try:
-                refs = await resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
-                                           model=core.model_name)
+                resolving = resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
+                                          model=core.model_name)
+                refs = await (core.steps.timed("resolve", resolving) if p.media else resolving)
                 self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
-                self._first = await self._chunks.__anext__()
+                self._first = await core.steps.timed("first_token", self._chunks.__anext__())
                 return
             except ServiceUnavailableError:
                 await self._aclose_chunks()

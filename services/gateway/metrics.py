@@ -1,8 +1,10 @@
 """The gateway's Prometheus metrics (prefix `mmpipe_gateway_`, base units, a `model` label, no colons).
 
-The core times every request through `RequestMetrics` (latency, TTFT, TPOT, tokens, in flight); each
-transport counts its requests in `REQUESTS` with the status it actually answered: `endpoint` is the HTTP
-path or `grpc:<Method>`, `status` the HTTP status code or the gRPC code name.
+The core times every request through `RequestMetrics` (latency, TTFT, TPOT, tokens, in flight, and the request's
+span when tracing), and its steps in `STEP_DURATION` (parse, template, tokenize, resolve, first_token: the scheme
+of every stage, services/common/steps.py); each transport counts its requests in `REQUESTS` with the status it
+actually answered: `endpoint` is the HTTP path or `grpc:<Method>`, `status` the HTTP status code or the gRPC code
+name.
 
 With --api-server-count N > 1 (services/gateway/workers.py) the workers run in Prometheus multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR): `render` merges every worker's metrics (gauges: the sum over live workers) and adds
@@ -17,6 +19,8 @@ from collections.abc import Iterable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
+
+from mmpipe.services.common.steps import STEP_BUCKETS, STEP_DOC
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -40,6 +44,7 @@ MM_CACHE_HITS = Counter("mmpipe_gateway_mm_cache_hits",
                         ("model", "modality", "how"))
 MM_CACHE_MISSES = Counter("mmpipe_gateway_mm_cache_misses",
                           "Media items that had to be preprocessed and encoded.", ("model", "modality"))
+STEP_DURATION = Histogram("mmpipe_gateway_step_duration_seconds", STEP_DOC, ("model", "step"), buckets=STEP_BUCKETS)
 STAGE_ERRORS = Counter("mmpipe_gateway_stage_errors", "Failed stage calls, by stage and gRPC code.",
                        ("stage", "code"))
 
@@ -78,7 +83,7 @@ class WorkerProcessCollector:
 class RequestMetrics:
     """Timing of one request: arrival, first token, last token; recorded once by `finish`."""
 
-    __slots__ = ("model", "endpoint", "start", "first_token_at", "last_token_at", "n_tokens", "_done")
+    __slots__ = ("model", "endpoint", "start", "first_token_at", "last_token_at", "n_tokens", "_done", "span")
 
     def __init__(self, model: str, endpoint: str):
         self.model = model
@@ -88,6 +93,7 @@ class RequestMetrics:
         self.last_token_at: float | None = None
         self.n_tokens = 0
         self._done = False
+        self.span = None  # the request's tracing.OpenSpan, ended with the request (tracing on)
         IN_FLIGHT.labels(model).inc()
 
     def tokens(self, n: int) -> None:
@@ -112,6 +118,10 @@ class RequestMetrics:
             GENERATION_TOKENS.labels(self.model).inc(self.n_tokens)
         if self.n_tokens > 1 and self.first_token_at is not None and self.last_token_at is not None:
             TPOT.labels(self.model).observe((self.last_token_at - self.first_token_at) / (self.n_tokens - 1))
+        if self.span is not None:
+            self.span.end(error=None if status < 400 else str(status), **{
+                "http.response.status_code": status, "gen_ai.usage.input_tokens": prompt_tokens,
+                "gen_ai.usage.output_tokens": self.n_tokens})
 
 
 def count_request(model: str, endpoint: str, status: int | str) -> None:

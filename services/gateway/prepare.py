@@ -4,13 +4,17 @@ Everything here is CPU-only and touches no stage and no media bytes: chat parsin
 template, tokenisation, vLLM's limits and placeholder rules (shared/inputs/parse.py) and the cheap part of
 the media policy (URL scheme, host allow-list, local folder), so that a bad request fails with a 4xx
 before any stage does any work. Tokenisation matches the offline `LLM` exactly: chat prompts without added
-special tokens, completion prompts with them.
+special tokens, completion prompts with them. Each part is a step of mmpipe_gateway_step_duration_seconds
+(parse, template, tokenize; services/common/steps.py), and a span when tracing.
 """
 from __future__ import annotations
 
 import os
+import time
 import urllib.parse
 from dataclasses import dataclass
+
+from mmpipe.services.common.steps import StepTimer
 from mmpipe.shared.chat.messages import parse_messages
 from mmpipe.shared.chat.templates import apply_template
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError
@@ -21,6 +25,7 @@ from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.types import SamplingParams
 
 from .config import GatewayConfig
+from .metrics import STEP_DURATION
 from .model_info import ModelInfo
 from .types import ChatInput, CompletionInput
 
@@ -45,6 +50,7 @@ class Preparer:
         self.policy = MediaPolicy.from_env(allowed_media_domains=cfg.allowed_media_domains,
                                            allowed_local_media_path=cfg.allowed_local_media_path,
                                            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
+        self.steps = StepTimer(STEP_DURATION, cfg.served_model_name)
 
 
     @property
@@ -59,6 +65,7 @@ class Preparer:
             raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
+        t = time.perf_counter()
         chat = parse_messages(inp.messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
         for p, ref in zip(chat.parts, media):
@@ -67,10 +74,13 @@ class Preparer:
                                         param="messages")
             if p.kind == "url" and ref.source is not None:
                 self.precheck_url(ref.source, p.modality)
+        t = self._step("parse", t)
         text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
                               add_generation_prompt=inp.add_generation_prompt)
+        t = self._step("template", t)
         ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
         self._check_prompt(ids, media, inp.sampling)
+        self._step("tokenize", t)
         return PreparedPrompt(ids, media, inp.sampling)
 
     # ---- completions -----------------------------------------------------------------------------------
@@ -78,7 +88,9 @@ class Preparer:
         if (inp.prompt is None) == (inp.prompt_token_ids is None):
             raise InvalidInputError("give exactly one of prompt (text) or prompt token ids", param="prompt")
         if inp.prompt is not None:
+            t = time.perf_counter()
             ids = self.info.tokenizer(inp.prompt).input_ids
+            self._step("tokenize", t)
         else:
             ids = list(inp.prompt_token_ids or [])
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.info.vocab_size]
@@ -91,6 +103,11 @@ class Preparer:
         return PreparedPrompt(ids, [], inp.sampling)
 
     # ---- shared checks -----------------------------------------------------------------------------------
+    def _step(self, step: str, t0: float) -> float:
+        """Record a step that began at `t0` and return now, when the next one begins."""
+        self.steps.since(step, t0)
+        return time.perf_counter()
+
     def _check_prompt(self, ids: list[int], media: list[ItemRef], sampling: SamplingParams) -> None:
         check_placeholders(ids, media, self.info.placeholder_ids, self.info.placeholder_tokens)
         limit = self.info.max_model_len

@@ -18,6 +18,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmpipe.services.common import tracing
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
 
 from .config import GatewayConfig
@@ -59,6 +60,7 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     """Serve until SIGTERM / SIGINT. `http_socket`: a listening socket to accept on instead of binding --port
     (one of --api-server-count workers, which share the parent's socket); `worker`: that worker's index."""
     shutdown_grace_s = cfg.shutdown_grace_s
+    tracing.setup("gateway", cfg.otlp_traces_endpoint)
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
                                    max_model_len=cfg.max_model_len)
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
@@ -109,6 +111,7 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     await stages.close()
     if redis is not None:
         await redis.aclose()
+    tracing.shutdown()  # the spans still queued go out before the process ends
     if http_task.done() and not http_task.cancelled() and http_task.exception() is not None:
         raise http_task.exception()  # e.g. the HTTP port was taken
     logger.info("gateway stopped")

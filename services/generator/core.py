@@ -3,7 +3,9 @@
 Embeddings are read from Redis (one MGET round trip for all keys, zero-copy views), the prompt is expanded
 and the EngineRequest built exactly as offline (build_engine_request), and AsyncLLMEngine runs it. Stop
 strings are applied here with the same IncrementalDetokenizer as the offline loop. Leaving the stream early
-(client cancelled) aborts the request in the engine, which frees its KV blocks at the next step.
+(client cancelled) aborts the request in the engine, which frees its KV blocks at the next step. Steps of a
+request are timed into mmpipe_generator_step_duration_seconds{step} (services/common/steps.py): fetch, build, and
+from the engine's own clock (shared/engine/timing.py) queue and prefill.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class GeneratorCore:
         self.m_ttft = m.histogram("time_to_first_token_seconds", "from request to first token", _TTFT_BUCKETS)
         self.m_cache = m.counter("cache_reads", "embedding keys read from the cache", ("result",))
         self.m_bytes = m.counter("cache_read_bytes", "embedding bytes read from the cache")
+        self.steps = m.steps()
 
     def _mismatch(self, ref: EmbeddingRef, emb) -> str | None:
         """Why a stored embedding must not be used for `ref`, or None when it matches.
@@ -107,7 +110,8 @@ class GeneratorCore:
     async def _fetch(self, refs: list[EmbeddingRef]):
         if not refs:
             return []
-        embs = await asyncio.get_running_loop().run_in_executor(self.io, self.cache.get_many, [r.key for r in refs])
+        embs = await self.steps.timed("fetch", asyncio.get_running_loop().run_in_executor(
+            self.io, self.cache.get_many, [r.key for r in refs]))
         missing = [r for r, e in zip(refs, embs) if e is None]
         bad = [(r, why) for r, e in zip(refs, embs) if e is not None and (why := self._mismatch(r, e))]
         if bad:
@@ -148,9 +152,11 @@ class GeneratorCore:
             raise InvalidInputError("the prompt is empty", param="prompt_token_ids")
         self._check_placeholders(token_ids, refs)
         embs = await self._fetch(refs)
+        t_build = time.perf_counter()
         req: EngineRequest = build_engine_request(self.adapter, request_id, list(token_ids), list(embs), sampling,
                                                   max_model_len=self.max_model_len, eos_token_ids=self.eos,
                                                   mm_keys=[r.key for r in refs])
+        self.steps.since("build", t_build)
         n_prompt = len(req.prompt_token_ids)
         self.m_prompt.labels(self.ml).inc(n_prompt)
         detok = IncrementalDetokenizer(self.tokenizer, sampling) if (return_text or sampling.stop) else None
@@ -158,6 +164,7 @@ class GeneratorCore:
         first = True
         self.m_running.labels(self.ml).inc()
         reason = "abort"
+        submitted = time.monotonic()  # the engine's clock (timing.py)
         stream = self.engine.generate(req)
         try:
             async for out in stream:
@@ -171,7 +178,7 @@ class GeneratorCore:
                 sent += len(new)
                 text = detok.take_new_text(finished) if (detok is not None and return_text) else ""
                 if first and new:
-                    self.m_ttft.labels(self.ml).observe(time.perf_counter() - t0)
+                    self._first_token(request_id, t0, submitted)
                     first = False
                 self.m_gen.labels(self.ml).inc(len(new))
                 if finished:
@@ -184,6 +191,16 @@ class GeneratorCore:
             await stream.aclose()  # aborts the engine request if it is still running (cancel, stop string)
             self.m_running.labels(self.ml).dec()
             self.m_finish.labels(self.ml, reason).inc()
+
+    def _first_token(self, request_id: str, t0: float, submitted: float) -> None:
+        """Time to first token, and the engine's part of it as its stepper clocked it: queue (handed to the
+        engine until first scheduled) and prefill (until the step that sampled the first token ended)."""
+        self.m_ttft.labels(self.ml).observe(time.perf_counter() - t0)
+        times = self.engine.first_token_timing(request_id)
+        if times is not None:
+            scheduled, sampled = times
+            self.steps.record("queue", submitted, scheduled, clock=time.monotonic)
+            self.steps.record("prefill", scheduled, sampled, clock=time.monotonic)
 
     async def warmup(self) -> None:
         ids = self.tokenizer("hello", add_special_tokens=False).input_ids or [0]

@@ -7,11 +7,14 @@ Order of work per request, so that cached media costs as little as possible:
   2. the rest: fetch + decode + hash (thread pool; MediaLoader applies the MediaPolicy), then Lookup by hash;
   3. misses: HF processor (CPU) once per distinct key, then one Encode call with all processed tensors.
 Only keys and metadata go back to the caller. The encoder owns the key layout (services/encoder/keyspaces.py),
-so ingest needs neither Redis nor the model weights (the adapter is loaded on the meta device).
+so ingest needs neither Redis nor the model weights (the adapter is loaded on the meta device). Each step is
+timed into mmpipe_ingest_step_duration_seconds{step} (fetch, decode, hash per item; load, lookup, preprocess,
+encode per request; services/common/steps.py), and is a span when tracing.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -33,8 +36,6 @@ from mmpipe.shared.models.pixel_wire import float_wire_dtype, wire_tensors
 from mmpipe.shared.types import MediaItem
 
 log = logging.getLogger(__name__)
-
-_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class IngestCore:
@@ -58,7 +59,7 @@ class IngestCore:
         self.m_lookup = m.counter("cache_lookups", "cache look-ups by result", ("result",))
         self.m_in = m.counter("media_received_bytes", "encoded media bytes received inline")
         self.m_out = m.counter("encoder_sent_bytes", "processed tensor bytes sent to the encoder")
-        self.m_stage = m.histogram("stage_duration_seconds", "time per ingest step", _STAGE_BUCKETS, ("stage",))
+        self.steps = m.steps()
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _loader(self, kw_json: str) -> tuple[MediaLoader, str]:
@@ -93,8 +94,11 @@ class IngestCore:
                                          f"(--limit-mm-per-prompt), got {n}", param=modality)
 
     def _load(self, loader: MediaLoader, it: MediaSource) -> MediaItem:
+        laps: list[tuple[str, float, float]] = []  # fetch, decode, hash
         item = loader.load(it.modality, it.source, target_sampling_rate=self.adapter.audio_sampling_rate,
-                           uuid=it.uuid)
+                           uuid=it.uuid, timings=laps)
+        for step, start, end in laps:
+            self.steps.record(step, start, end)
         self.m_loaded.labels(self.ml, it.modality).inc()
         return item
 
@@ -105,12 +109,14 @@ class IngestCore:
         self.m_pre.labels(self.ml, item.modality).inc()
         return pack_tensors(wire_tensors(p.tensors, self.wire_dtype), p.meta)
 
-    async def _timed(self, stage: str, coro):
-        t0 = time.perf_counter()
-        try:
-            return await coro
-        finally:
-            self.m_stage.labels(self.ml, stage).observe(time.perf_counter() - t0)
+    async def _load_all(self, loader: MediaLoader, items: list[MediaSource]) -> list[MediaItem]:
+        loop = asyncio.get_running_loop()
+        # in the caller's context: each item's spans are children of the "load" step, its logs carry the request id
+        return await asyncio.gather(*[loop.run_in_executor(self.pool, contextvars.copy_context().run, self._load,
+                                                           loader, it) for it in items])
+
+    async def _timed(self, step: str, coro):
+        return await self.steps.timed(step, coro)
 
     # ---- the request -----------------------------------------------------------------------------------
     async def ingest(self, items: list[MediaSource], *, tenant: str = "", kw_json: str = "",
@@ -169,8 +175,7 @@ class IngestCore:
 
         # 2. fetch + decode + hash the rest, then look the hashes up
         todo = [i for i in range(len(items)) if i not in result]
-        loaded_list = await self._timed("load", asyncio.gather(
-            *[loop.run_in_executor(self.pool, self._load, loader, items[i]) for i in todo]))
+        loaded_list = await self._timed("load", self._load_all(loader, [items[i] for i in todo]))
         loaded = dict(zip(todo, loaded_list))
         hash_idx = [i for i in todo if i not in keys]
         if hash_idx:

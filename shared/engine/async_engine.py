@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from mmpipe.shared.errors import MMPipeError, OverloadedError, ServiceUnavailableError
@@ -28,6 +29,7 @@ from mmpipe.shared.types import EngineRequest
 from .llm_engine import LLMEngine
 from .outputs import StepOutput
 from .streams import StreamTable
+from .timing import FirstTokenClock, FirstTokenTimes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class AsyncLLMEngine:
         self._stop = False
         self._error: BaseException | None = None
         self._pending_adds = 0
+        self._clock = FirstTokenClock()  # when each request was first scheduled and sampled (timing.py)
+        self._first_tokens = FirstTokenTimes()
         self._thread = threading.Thread(target=self._run, name="mmpipe-engine", daemon=True)
         self._thread.start()
 
@@ -61,13 +65,20 @@ class AsyncLLMEngine:
             raise ServiceUnavailableError("the generator engine is not accepting requests")
         self.engine.validate_request(req)  # LimitExceededError / InvalidInputError right here
         stream = self._streams.open(req.request_id, self._admit)
+        self._first_tokens.open(req.request_id)
         self._post("add", req)
         outs = self._streams.iterate(stream, self.abort)
         try:
             async for out in outs:
                 yield out
         finally:
+            self._first_tokens.close(req.request_id)
             await outs.aclose()  # closing this generator must abort the request now, not when it is collected
+
+    def first_token_timing(self, request_id: str) -> tuple[float, float] | None:
+        """(first scheduled, first token sampled) on time.monotonic(), once that first token has been delivered
+        to the request's stream; taken once. None before that, or when the request is unknown."""
+        return self._first_tokens.take(request_id)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe, idempotent); its stream ends with finish_reason "abort"."""
@@ -109,6 +120,8 @@ class AsyncLLMEngine:
                     self.engine.add_request(req)
                 except MMPipeError as e:
                     self._streams.deliver(req.request_id, e)
+                    continue
+                self._clock.added(req.request_id)
             else:
                 self.engine.abort_request(str(payload))
 
@@ -118,7 +131,12 @@ class AsyncLLMEngine:
                 self._wake.clear()
                 self._drain_commands()
                 if self.engine.has_unfinished_requests():
-                    self._streams.deliver_step(self.engine.step())
+                    started = time.monotonic()
+                    outputs = self.engine.step()
+                    firsts = self._clock.stepped(self.engine, outputs, started, time.monotonic())
+                    if firsts:
+                        self._first_tokens.note(firsts)
+                    self._streams.deliver_step(outputs)
                     continue
                 if self._stop and not self._commands:
                     return

@@ -9,7 +9,8 @@ The engine steps in a child process (spawned, never forked: CUDA) that loads the
 (core_process.py); this process keeps only the streams. Requests go out through a sender thread (a large
 embedding never blocks the event loop, even while the core is busy), and one reader thread takes each step's
 StepBatch and wakes each event loop once for all its streams (streams.StreamTable). `engine` is a
-RemoteEngineView: the counters the service's metrics read, as of the core's latest step.
+RemoteEngineView: the counters the service's metrics read, as of the core's latest step. `first_token_timing`
+says when a request was first scheduled and got its first token (timing.py), as AsyncLLMEngine's does.
 
 Supervision: when the core dies (a step raised, it was killed, it ran out of memory), the reader sees its
 connection close, `is_alive()` turns False (the service's health follows it) and every open stream, and every
@@ -37,6 +38,7 @@ from . import wire
 from .core_process import EngineCoreSpec, run_engine_core
 from .outputs import StepOutput
 from .streams import StreamTable
+from .timing import FirstTokenTimes
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class EngineCoreClient:
         # Runs before multiprocessing's own exit hook, which would otherwise wait for the child forever.
         atexit.register(self._stop_at_exit)
         self._streams = StreamTable()
+        self._first_tokens = FirstTokenTimes()
         self._accepting = True
         self._alive = True
         self._closing = False
@@ -122,13 +125,20 @@ class EngineCoreClient:
         if not self._alive:  # died between the check and the registration: fail_all did not see this stream
             self._streams.close(req.request_id)
             raise ServiceUnavailableError(self._death_message())
+        self._first_tokens.open(req.request_id)
         self._outbox.put(("add", req))
         outs = self._streams.iterate(stream, self.abort)
         try:
             async for out in outs:
                 yield out
         finally:
+            self._first_tokens.close(req.request_id)
             await outs.aclose()  # closing this generator must abort the request now, not when it is collected
+
+    def first_token_timing(self, request_id: str) -> tuple[float, float] | None:
+        """(first scheduled, first token sampled) on time.monotonic(), once that first token has been delivered
+        to the request's stream; taken once. None before that, or when the request is unknown."""
+        return self._first_tokens.take(request_id)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe, idempotent); its stream ends with finish_reason "abort"."""
@@ -201,6 +211,8 @@ class EngineCoreClient:
                 break
             if kind == "step":
                 engine.update(body.snapshot)
+                if body.first_tokens:  # before the outputs, so a consumer that sees the token finds its times
+                    self._first_tokens.note(body.first_tokens)
                 streams.deliver_step(body.outputs())
             elif kind == "error":
                 streams.deliver(*wire.error_from(body))

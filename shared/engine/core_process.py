@@ -5,7 +5,8 @@ the one that steps the engine, so the steps never wait for that process's GIL. H
 
   * the main thread builds the engine (`spec.load` loads the model, here and nowhere else) and then only
     steps it: between steps it applies the adds and aborts that arrived, and after each step it queues ONE
-    StepBatch holding the outputs of every request in that step and the engine's counters;
+    StepBatch holding the outputs of every request in that step and the engine's counters (and, for each
+    request whose first token it sampled, when that request was first scheduled: timing.FirstTokenClock);
   * an input thread reads the connection (requests arrive while a step runs, so a large embedding never
     waits for the step to end, and the front never blocks on a full socket);
   * an output thread pickles and writes the batches, so a slow reader never stalls the step loop.
@@ -22,6 +23,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -34,6 +36,7 @@ from mmpipe.shared.errors import MMPipeError, ServiceUnavailableError
 from . import wire
 from .config import EngineConfig
 from .llm_engine import LLMEngine
+from .timing import FirstTokenClock
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class EngineCore:
         self._outbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._stopping = False  # "shutdown": finish what runs, take nothing new
         self._front_gone = False
+        self._clock = FirstTokenClock()
 
     def snapshot(self) -> wire.EngineSnapshot:
         e = self.engine
@@ -118,8 +122,10 @@ class EngineCore:
             if self._front_gone:
                 return  # nobody is left to read the tokens; the process's exit frees everything
             if engine.has_unfinished_requests():
+                started = time.monotonic()
                 outputs = engine.step()
-                self._outbox.put(("step", (outputs, self.snapshot())))  # encoded by the output thread
+                firsts = self._clock.stepped(engine, outputs, started, time.monotonic())
+                self._outbox.put(("step", (outputs, self.snapshot(), firsts)))  # encoded by the output thread
                 continue
             if self._stopping:
                 return
@@ -138,6 +144,8 @@ class EngineCore:
                     self.engine.add_request(req)
                 except MMPipeError as e:  # the request's fault (too long, bad shapes): that stream fails
                     self._outbox.put(("error", wire.error_body(req.request_id, e)))
+                    continue
+                self._clock.added(req.request_id)
             elif kind == "abort":
                 for rid in payload:
                     self.engine.abort_request(rid)

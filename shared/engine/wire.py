@@ -9,8 +9,8 @@ a file-descriptor server thread per process).
 
 Kinds, front -> core: "add" (an EngineRequest), "abort" (request ids), "shutdown".
 Kinds, core -> front: "ready" (CoreInfo), "failed" (the engine could not be built), "step" (one StepBatch per
-engine step: the outputs of ALL requests in that step plus the engine's counters), "error" (a request the
-engine refused), "dead" (the step loop died).
+engine step: the outputs of ALL requests in that step plus the engine's counters, and the first-token times of
+the requests whose first token it sampled), "error" (a request the engine refused), "dead" (the step loop died).
 
 Pickle is used for headers only, between two processes of the same installation started by the front, so it
 decodes nothing from outside.
@@ -62,14 +62,18 @@ class CoreInfo:
 
 @dataclass
 class StepBatch:
-    """One engine step: a row of StepOutput fields per request that got an output, and the engine's state."""
+    """One engine step: a row of StepOutput fields per request that got an output, the engine's state, and
+    (request id, first scheduled, first token) of each request whose first token this step sampled
+    (timing.FirstTokenClock; usually empty)."""
 
     rows: list[tuple]
     snapshot: EngineSnapshot
+    first_tokens: list[tuple[str, float, float]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, outputs: list[StepOutput], snapshot: EngineSnapshot) -> "StepBatch":
-        return cls([_output_row(o) for o in outputs], snapshot)
+    def of(cls, outputs: list[StepOutput], snapshot: EngineSnapshot,
+           first_tokens: list[tuple[str, float, float]] | None = None) -> "StepBatch":
+        return cls([_output_row(o) for o in outputs], snapshot, first_tokens or [])
 
     def outputs(self) -> list[StepOutput]:
         return [StepOutput(*row) for row in self.rows]

@@ -8,6 +8,7 @@ Must not: run model processors, cache results, or import torch (tensors are hand
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,22 @@ _BYTES_TYPES = (bytes, bytearray, memoryview)
 
 def _is_tensor(x: Any) -> bool:
     return (type(x).__module__ or "").startswith("torch") and hasattr(x, "detach")
+
+
+class _Laps:
+    """Consecutive (step, start, end) time.perf_counter readings into `out`; nothing at all when it is None."""
+
+    __slots__ = ("out", "t")
+
+    def __init__(self, out: list[tuple[str, float, float]] | None):
+        self.out = out
+        self.t = time.perf_counter() if out is not None else 0.0
+
+    def lap(self, step: str) -> None:
+        if self.out is not None:
+            now = time.perf_counter()
+            self.out.append((step, self.t, now))
+            self.t = now
 
 
 class MediaLoader:
@@ -60,24 +77,28 @@ class MediaLoader:
     # ------------------------------------------------------------------------------------------ public
 
     def load(self, modality: str, source: Any, *, target_sampling_rate: int | None = None,
-             uuid: str | None = None) -> MediaItem:
+             uuid: str | None = None, timings: list[tuple[str, float, float]] | None = None) -> MediaItem:
         """Decode/validate `source` as `modality` ("image" | "video" | "audio").
 
         source: URL (http(s), data:, file://) or local path string, raw bytes, or an in-memory object
         (PIL image / HxWx3 array for images; (T,H,W,3) array, tensor or list of frames, optionally as a
         (frames, {"fps": ...}) pair, for videos; (array, sampling_rate) for audio).
+        timings: when given, gets ("fetch" | "decode" | "hash", start, end) in time.perf_counter seconds, in
+        that order (fetch: the encoded bytes, from the URL or the caller; decode: to the normalised pixels,
+        frames or resampled samples; hash: the content hash).
         """
         if modality not in MODALITIES:
             raise InvalidInputError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}",
                                     param="modality")
         if source is None:
             raise InvalidInputError(f"{modality} source is missing")
+        laps = _Laps(timings)
         if modality == "image":
-            item = self._load_image(source)
+            item = self._load_image(source, laps)
         elif modality == "video":
-            item = self._load_video(source)
+            item = self._load_video(source, laps)
         else:
-            item = self._load_audio(source, target_sampling_rate)
+            item = self._load_audio(source, target_sampling_rate, laps)
         item.uuid = uuid
         return item
 
@@ -108,8 +129,9 @@ class MediaLoader:
             return b
         return None
 
-    def _load_image(self, source: Any) -> MediaItem:
+    def _load_image(self, source: Any, laps: _Laps) -> MediaItem:
         data = self._bytes_of(source, "image")
+        laps.lap("fetch")
         if data is not None:
             img = decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels)
         elif isinstance(source, Image.Image):
@@ -129,13 +151,20 @@ class MediaLoader:
         else:
             raise InvalidInputError(f"unsupported image source type {type(source).__name__}; send a URL, "
                                     f"bytes or a PIL image")
-        return MediaItem("image", img, hash_image(img), meta={"width": img.width, "height": img.height})
+        laps.lap("decode")
+        digest = hash_image(img)
+        laps.lap("hash")
+        return MediaItem("image", img, digest, meta={"width": img.width, "height": img.height})
 
-    def _load_video(self, source: Any) -> MediaItem:
+    def _load_video(self, source: Any, laps: _Laps) -> MediaItem:
         data = self._bytes_of(source, "video")
+        laps.lap("fetch")
         if data is not None:
             frames, meta = decode_video(data, self.video_opts, self.policy)
-            return MediaItem("video", frames, hash_video(frames), meta=meta)
+            laps.lap("decode")
+            digest = hash_video(frames)
+            laps.lap("hash")
+            return MediaItem("video", frames, digest, meta=meta)
         given: dict[str, Any] = {}
         if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], dict):
             source, given = source  # (frames, metadata) as vLLM accepts for pre-decoded videos
@@ -153,17 +182,22 @@ class MediaLoader:
                 "duration_s": t / float(fps) if fps else None,
                 "frame_indices": list(given.get("frame_indices", range(t))), "total_num_frames": t,
                 "width": w, "height": h}
-        return MediaItem("video", frames, hash_video(frames), meta=meta)
+        laps.lap("decode")
+        digest = hash_video(frames)
+        laps.lap("hash")
+        return MediaItem("video", frames, digest, meta=meta)
 
-    def _load_audio(self, source: Any, target_sr: int | None) -> MediaItem:
+    def _load_audio(self, source: Any, target_sr: int | None, laps: _Laps) -> MediaItem:
         data = self._bytes_of(source, "audio")
+        laps.lap("fetch")
         if data is not None:
             wav, sr = decode_audio(data, max_seconds=self.policy.max_audio_seconds)
         else:
             wav, sr = normalize_audio(source, max_seconds=self.policy.max_audio_seconds)
-        return self._finish_audio(wav, sr, target_sr)
+        return self._finish_audio(wav, sr, target_sr, laps)
 
-    def _finish_audio(self, wav: np.ndarray, sr: int, target_sr: int | None) -> MediaItem:
+    def _finish_audio(self, wav: np.ndarray, sr: int, target_sr: int | None,
+                      laps: _Laps | None = None) -> MediaItem:
         orig = sr
         if target_sr is not None:
             if isinstance(target_sr, bool) or not isinstance(target_sr, (int, np.integer)) or target_sr <= 0:
@@ -172,4 +206,8 @@ class MediaLoader:
         # Hash AFTER resampling: the hash must describe exactly what the feature extractor sees.
         meta = {"sampling_rate": sr, "orig_sampling_rate": orig, "duration_s": wav.shape[0] / sr,
                 "num_samples": int(wav.shape[0])}
-        return MediaItem("audio", wav, hash_audio(wav, sr), meta=meta)
+        laps = laps or _Laps(None)
+        laps.lap("decode")
+        digest = hash_audio(wav, sr)
+        laps.lap("hash")
+        return MediaItem("audio", wav, digest, meta=meta)

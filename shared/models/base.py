@@ -136,8 +136,7 @@ class ModelAdapter(ABC):
             raise UnsupportedError(f"this {self.family} model holds only the LM weights; encode runs in the encoder")
         if not items:
             return []
-        # uint8 pixels to the device first, normalised there, before any tower reads them
-        items = self.pixel_wire.on_device(modality, items, self.device, self.model.dtype)
+        items = self.finish(modality, items)  # uint8 pixels to the device first, before any tower reads them
         feats = self._encode_batch(modality, items)
         out = []
         for it, f in zip(items, feats, strict=True):
@@ -146,6 +145,12 @@ class ModelAdapter(ABC):
                                    f"{it.meta['num_tokens']} placeholders")
             out.append(MMEmbedding(modality=modality, tensor=f.detach(), meta=dict(it.meta)))
         return out
+
+    def finish(self, modality: str, items: list[ProcessedItem]) -> list[ProcessedItem]:
+        """The first part of `encode`: compact uint8 pixels copied to this adapter's device and normalised there
+        (shared/models/pixel_wire.py); items already finished, and float items, pass through unchanged. Public
+        so that the encoder service can time it apart from the tower."""
+        return self.pixel_wire.on_device(modality, items, self.device, self.model.dtype)
 
     def _cat(self, items: list[ProcessedItem], key: str) -> torch.Tensor:
         dev = self.device

@@ -45,6 +45,29 @@ def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
             for q in (0.5, 0.9, 0.99)]
 
 
+def p50_p99(metric: str, by: str, legend: str = "") -> list[tuple[str, str]]:
+    """p50 and p99 of a histogram per value of label `by` (legend: that value, or `legend` when given)."""
+    name = legend or f"{{{{{by}}}}}"
+    return [(f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{SEL}}}[{RI}])))",
+             f"p{int(q * 100)} {name}") for q in (0.5, 0.99)]
+
+
+# The steps of each stage (services/common/steps.py) and what each panel adds beside them.
+STAGE_STEPS = (
+    ("gateway", "Gateway: parse, template, tokenize, resolve (media), first_token (Generate to its first message)", [],
+     "The gateway's part of TTFT: CPU steps (parse, template, tokenize), then waiting for the stages."),
+    ("ingest", "Ingest: fetch, decode, hash (per item); load, lookup, preprocess, encode (per request)", [],
+     "Per item in the worker threads (fetch, decode, hash), per request around them; encode is the Encode call."),
+    ("encoder", "Encoder: queue (per item), finish (per batch), tower (per batch), cache_write",
+     p50_p99("mmpipe_encoder_encode_duration_seconds", "modality", "tower {{modality}}"),
+     "queue growing with load: too few encoders or a batch window too long; tower: the GPU."),
+    ("generator", "Generator: fetch, build, queue, prefill, and its time to first token",
+     p50_p99("mmpipe_generator_time_to_first_token_seconds", "model", "first token"),
+     "queue: waiting in the engine before the first scheduled step (KV memory, max_num_seqs); prefill: the "
+     "step that sampled the first token."),
+)
+
+
 def build() -> dict:
     p: list[dict] = []
     y = 0
@@ -64,6 +87,13 @@ def build() -> dict:
     p.append(panel(6, "Stage errors seen by the gateway", [
         (f'sum by (stage, code) (rate(mmpipe_gateway_stage_errors_total{{namespace=~"$namespace"}}[{RI}]))',
          "{{stage}} {{code}}")], "reqps", 12, y)); y += 8
+
+    p.append(row(105, "Per-stage time (where a request's time goes: p50 and p99 per step)", y)); y += 1
+    for i, (stage, title, extra, description) in enumerate(STAGE_STEPS):
+        p.append(panel(17 + i, title, p50_p99(f"mmpipe_{stage}_step_duration_seconds", "step") + extra, "s",
+                       12 * (i % 2), y, description=description))
+        if i % 2:
+            y += 8
 
     p.append(row(101, "Embedding cache", y)); y += 1
     hits = f'sum(rate(mmpipe_gateway_mm_cache_hits_total{{{SEL}}}[{RI}]))'
@@ -127,7 +157,8 @@ def build() -> dict:
     return {
         "title": "mmpipe",
         "uid": "mmpipe-overview",
-        "description": "mmpipe multimodal serving: latency, throughput, embedding cache, queues, batches, GPUs.",
+        "description": "mmpipe multimodal serving: latency, throughput, per-stage time, embedding cache, queues, "
+                       "batches, GPUs.",
         "tags": ["mmpipe", "llm", "inference"],
         "editable": True,
         "schemaVersion": 39,
