@@ -1,9 +1,10 @@
 """mmpipe: a multimodal LLM serving pipeline. The offline API: `from mmpipe import LLM, SamplingParams`."""
 from __future__ import annotations
 
+from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.types import CompletionOutput, RequestOutput, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

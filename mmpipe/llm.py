@@ -12,7 +12,7 @@ from typing import Any
 
 from mmpipe.shared.chat.messages import parse_messages
 from mmpipe.shared.chat.templates import apply_template, load_template_arg, resolve_template
-from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.inputs.assemble import build_engine_request
 from mmpipe.shared.inputs.chat_items import chat_item_refs
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders, parse_items
@@ -94,7 +94,7 @@ class LLM:
                            device=str(self.adapter.device), dtype=model.dtype,
                            enable_cuda_graphs=not kw["enforce_eager"],
                            enable_prefix_caching=kw["enable_prefix_caching"],
-                           prefix_cache_namespace=kw["prefix_cache_namespace"])
+                           prefix_cache_namespace=kw["prefix_cache_namespace"], tokenizer=self.tokenizer)
         return LLMEngine(model, cfg)
 
     @property
@@ -124,6 +124,9 @@ class LLM:
                                  "mm_processor_kwargs"}
         if unknown:
             raise InvalidInputError(f"unknown prompt keys: {sorted(unknown)}", param="prompt")
+        if prompt.get("mm_processor_kwargs"):  # would change the media's tokens: refused, never dropped
+            raise UnsupportedError("per-prompt mm_processor_kwargs are not supported yet; set them on LLM(...)",
+                                   param="mm_processor_kwargs")
         refs = parse_items(prompt.get("multi_modal_data"), prompt.get("multi_modal_uuids"), self._parse_options())
         text = prompt.get("prompt")
         if "prompt_token_ids" in prompt:
@@ -136,6 +139,12 @@ class LLM:
             raise InvalidInputError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'", param="prompt")
         return text, ids, refs
 
+    def _grammars(self):
+        structured = getattr(getattr(self.engine, "runner", None), "structured", None)
+        if structured is None:
+            raise UnsupportedError("structured outputs need engine='mmpipe'", param="structured_outputs")
+        return structured.compiler
+
     def _check(self, ids: list[int], refs: list[ItemRef]) -> None:
         pids = {m: self.adapter.placeholder_id(m) for m in self.adapter.modalities}
         check_placeholders(ids, refs, pids, {m: self.adapter.placeholder_token(m) for m in pids})
@@ -145,6 +154,9 @@ class LLM:
         sps = _per_prompt(sampling_params, len(parsed))
         for _, ids, refs in parsed:  # every prompt is checked before any media is loaded or encoded
             self._check(ids, refs)
+        for sp in sps:  # grammars too: compiled once here, into the cache the engine compiles from
+            if sp.structured_outputs is not None:
+                self._grammars().compile(sp.structured_outputs)
         resolved = self.resolver.resolve_keyed([refs for _, _, refs in parsed])
         reqs: list[EngineRequest] = []
         for (text, ids, _), items, sp in zip(parsed, resolved, sps):

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from .structured.params import StructuredOutputsParams
+
 MODALITIES = ("image", "video", "audio")
 
 
@@ -39,10 +41,13 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # constrain the output to a JSON schema / regex / choice / grammar (a dict is taken as its fields)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError  # local: keeps this module import-light
 
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

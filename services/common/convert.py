@@ -11,6 +11,7 @@ from typing import Any
 
 from mmpipe.services.common.pb import common_pb2, encoder_pb2, generator_pb2, ingest_pb2
 from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.types import SamplingParams
 
 
@@ -137,14 +138,25 @@ def sampling_to_pb(sp: SamplingParams) -> common_pb2.SamplingConfig:
         pb.seed = sp.seed
     if sp.logprobs is not None:
         pb.logprobs = sp.logprobs
+    so = sp.structured_outputs
+    if so is not None:
+        pb.structured_outputs.CopyFrom(common_pb2.StructuredOutputs(
+            json=json.dumps(so.json, separators=(",", ":")) if so.json is not None else "", regex=so.regex or "",
+            choice=list(so.choice or []), grammar=so.grammar or "", json_object=bool(so.json_object)))
     return pb
 
 
 def sampling_from_pb(pb: common_pb2.SamplingConfig) -> SamplingParams:
-    """Validates as SamplingParams does (InvalidInputError on bad values)."""
-    kw: dict[str, Any] = {"min_tokens": pb.min_tokens, "stop": list(pb.stop),
+    """Validates as SamplingParams does (InvalidInputError on bad values). An unset max_tokens stays None (what is
+    left of the context), not the offline SamplingParams default."""
+    kw: dict[str, Any] = {"max_tokens": None, "min_tokens": pb.min_tokens, "stop": list(pb.stop),
                           "stop_token_ids": list(pb.stop_token_ids), "ignore_eos": pb.ignore_eos,
                           "include_stop_str_in_output": pb.include_stop_str_in_output}
+    if pb.HasField("structured_outputs"):
+        so = pb.structured_outputs
+        kw["structured_outputs"] = StructuredOutputsParams(
+            json=so.json or None, regex=so.regex or None, choice=list(so.choice) or None, grammar=so.grammar or None,
+            json_object=so.json_object or None)
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "skip_special_tokens"):
         if pb.HasField(name):
             kw[name] = getattr(pb, name)

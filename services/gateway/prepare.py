@@ -22,6 +22,7 @@ from mmpipe.shared.inputs.chat_items import chat_item_refs
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders
 from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
+from mmpipe.shared.structured.grammar import GrammarCompiler
 from mmpipe.shared.types import SamplingParams
 
 from .config import GatewayConfig
@@ -51,6 +52,9 @@ class Preparer:
                                            allowed_local_media_path=cfg.allowed_local_media_path,
                                            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
         self.steps = StepTimer(STEP_DURATION, cfg.served_model_name)
+        # structured outputs: every grammar is compiled against the tokenizer here, once per spec (cached), so
+        # an invalid or unsupported one is a 400 before any stage works; the generator compiles it again
+        self.grammars = GrammarCompiler(info.tokenizer, info.vocab_size)
 
 
     @property
@@ -65,6 +69,7 @@ class Preparer:
             raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
+        self._check_grammar(inp.sampling)
         t = time.perf_counter()
         chat = parse_messages(inp.messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
@@ -87,6 +92,7 @@ class Preparer:
     def completion(self, inp: CompletionInput) -> PreparedPrompt:
         if (inp.prompt is None) == (inp.prompt_token_ids is None):
             raise InvalidInputError("give exactly one of prompt (text) or prompt token ids", param="prompt")
+        self._check_grammar(inp.sampling)
         if inp.prompt is not None:
             t = time.perf_counter()
             ids = self.info.tokenizer(inp.prompt).input_ids
@@ -107,6 +113,10 @@ class Preparer:
         """Record a step that began at `t0` and return now, when the next one begins."""
         self.steps.since(step, t0)
         return time.perf_counter()
+
+    def _check_grammar(self, sampling: SamplingParams) -> None:
+        if sampling.structured_outputs is not None:
+            self.grammars.compile(sampling.structured_outputs)
 
     def _check_prompt(self, ids: list[int], media: list[ItemRef], sampling: SamplingParams) -> None:
         check_placeholders(ids, media, self.info.placeholder_ids, self.info.placeholder_tokens)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,6 +44,9 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 256 * 1024 * 1024
     enable_prefix_caching: bool = True
     prefix_cache_namespace: str = ""
+    # structured outputs: the tokenizer the grammars are compiled against (a path, or a tokenizer object
+    # in-process); None takes the model's name_or_path
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

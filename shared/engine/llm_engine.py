@@ -113,6 +113,7 @@ class LLMEngine:
         if seq.mm_embeds is not None:
             # One upload (and cast) at admission, not one per chunk; the caller's tensor is left alone.
             seq.mm_embeds = seq.mm_embeds.to(device=self.runner.device, dtype=self.runner.dtype)
+        self.runner.structured.add(seq)  # compiles its grammar, if any (InvalidInputError: refused)
         self._seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -165,6 +166,8 @@ class LLMEngine:
             seq = sc.seq
             seq.token_ids.append(tok)
             reason = self._check_stop(seq, tok)
+            if reason is None and seq.grammar is not None and self.runner.structured.advance(seq, tok):
+                reason = FinishReason.STOP.value  # the grammar is complete
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.request_id, None)

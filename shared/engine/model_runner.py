@@ -18,6 +18,8 @@ from .attention import AttentionMetadata, create_backend
 from .block_manager import cdiv
 from .config import EngineConfig
 from .decoder import PagedDecoder
+from mmpipe.shared.structured.masks import StructuredOutputs
+
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .staging import BlockTableRows, StepBuffers, stage_step
@@ -56,6 +58,9 @@ class ModelRunner:
 
             self.ops = TorchOps(d.apply_rotary)
         self.sampler = Sampler()
+        # grammars of structured-outputs requests; the tokenizer loads on the first one
+        self.structured = StructuredOutputs(config.tokenizer or getattr(hf_model, "name_or_path", None) or None,
+                                            d.vocab_size)
 
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         if num_blocks < 1:
@@ -160,7 +165,9 @@ class ModelRunner:
             logits = self._run_eager(sched)
         if not sampling:
             return [], None
-        return sampling, self.sampler(logits, [sc.seq for sc in sampling])
+        seqs = [sc.seq for sc in sampling]
+        # the forward is in flight on a GPU: the grammar masks are computed on the host meanwhile
+        return sampling, self.sampler(logits, seqs, self.structured.fill(seqs))
 
     def _run_eager(self, sched: SchedulerOutput) -> torch.Tensor | None:
         buf = self.eager_buffers

@@ -7,12 +7,18 @@ logits (before temperature and filters) at the chosen token.
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p exactly and needs
 one random number per vocabulary entry, generated per row for seeded rows.
+
+Structured outputs: a GrammarMask (shared/structured/masks.py) sets the disallowed tokens of its rows to -inf
+before everything else (after the raw logprobs); rows without a grammar are not touched, so they sample as if
+alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from mmpipe.shared.structured.masks import GrammarMask, apply_grammar_mask
 
 from .sequence import Sequence
 
@@ -24,9 +30,12 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: (len(seqs), vocab) for the positions that sample."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], mask: GrammarMask | None = None) -> SamplerOutput:
+        """logits: (len(seqs), vocab) for the positions that sample; mask: the grammar rows' allowed tokens."""
         n = len(seqs)
+        if mask is not None and not any(s.want_logprobs for s in seqs):
+            logits = apply_grammar_mask(logits, mask)
+            mask = None
         if all(s.sampling.temperature == 0.0 and not s.want_logprobs and
                not (s.suppress_ids and s.num_output_tokens < s.sampling.min_tokens) for s in seqs):
             # Plain greedy batch: argmax on the model's dtype (exact), no fp32 copy of the logits.
@@ -34,6 +43,8 @@ class Sampler:
         logits = logits.float()
         want_lp = [s.want_logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        if mask is not None:
+            logits = apply_grammar_mask(logits, mask)
 
         # min_tokens: hold back EOS and stop ids (masking a copy keeps the raw logits for logprobs).
         masked = False

@@ -49,6 +49,7 @@ class Sequence:
         self.num_committed_blocks = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the first admission
         self.admitted = False
+        self.grammar = None  # llguidance matcher of a structured-outputs request (structured/masks.py)
 
         sp = req.sampling
         # EOS ends a sequence unless ignore_eos; both EOS and stop ids are held back until min_tokens are out.

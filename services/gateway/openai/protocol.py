@@ -1,8 +1,10 @@
 """Pydantic models shared by the OpenAI endpoints: sampling fields, usage, errors, stream options.
 
 Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, return_token_ids). Unknown fields are
-accepted and ignored, as vLLM does, so newer clients keep working.
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, return_token_ids, structured_outputs).
+A field that would change what the answer means and is not implemented (`UNIMPLEMENTED`) is a 400 naming it,
+never silently dropped; other unknown fields are ignored with a warning, as vLLM does, so newer clients keep
+working.
 """
 from __future__ import annotations
 
@@ -11,10 +13,43 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mmpipe.shared.errors import UnsupportedError
+from mmpipe.shared.errors import InvalidInputError, UnsupportedError
+from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.types import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def _set(v: Any) -> bool:
+    return v not in (None, False, 0, "", [], {})
+
+
+# Fields of OpenAI's API or vLLM's that change the answer and that mmpipe does not implement: a request that
+# sets one (to anything but its neutral value) is refused, naming the field.
+UNIMPLEMENTED: dict[str, Any] = {
+    "tools": _set, "functions": _set, "function_call": _set,
+    "tool_choice": lambda v: _set(v) and v not in ("none", "auto"),
+    "logit_bias": _set, "min_p": _set, "prompt_logprobs": lambda v: v is not None, "bad_words": _set,
+    "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
+    "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
+    "mm_processor_kwargs": _set, "media_io_kwargs": _set, "chat_template_kwargs": _set, "documents": _set,
+    "continue_final_message": _set, "prediction": _set, "audio": _set,
+    "modalities": lambda v: _set(v) and v != ["text"],
+    "guided_json": _set, "guided_regex": _set, "guided_choice": _set, "guided_grammar": _set,
+    "guided_json_object": _set, "guided_decoding_backend": _set, "structural_tag": _set,
+}
+_HINTS = {"guided_json": "use structured_outputs={'json': ...} or response_format",
+          "guided_regex": "use structured_outputs={'regex': ...}", "guided_choice": "use structured_outputs={'choice': ...}",
+          "guided_grammar": "use structured_outputs={'grammar': ...}",
+          "guided_json_object": "use response_format={'type': 'json_object'}"}
+
+
+def refuse_unimplemented(fields: dict[str, Any]) -> None:
+    for name, is_set in UNIMPLEMENTED.items():
+        if name in fields and is_set(fields[name]):
+            hint = _HINTS.get(name)
+            raise UnsupportedError(f"{name} is not supported by this server" + (f" ({hint})" if hint else ""),
+                                   param=name)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -23,7 +58,9 @@ class OpenAIBaseModel(BaseModel):
     @model_validator(mode="after")
     def _log_extra(self) -> "OpenAIBaseModel":
         if self.model_extra:
-            logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
+            ignored = sorted(set(self.model_extra) - set(UNIMPLEMENTED))
+            if ignored:
+                logger.warning("ignoring unknown request fields: %s", ignored)
         return self
 
 
@@ -56,8 +93,38 @@ class SamplingFields(OpenAIBaseModel):
     # vLLM extension: return prompt and completion token ids in the response
     return_token_ids: bool = False
     user: str | None = None
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs extra (json, regex, choice,
+    # grammar, json_object); kept as plain JSON here and checked in structured_outputs_params()
+    response_format: Any = None
+    structured_outputs: Any = None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and not isinstance(rf, dict):
+            raise InvalidInputError("response_format must be an object", param="response_format")
+        kind = (rf or {}).get("type", "text")
+        if rf is not None and kind not in ("text", "json_object", "json_schema"):
+            raise UnsupportedError(f"response_format type {kind!r} is not supported (use text, json_object or "
+                                   "json_schema)", param="response_format.type")
+        if so is not None and kind != "text":
+            raise InvalidInputError("give response_format or structured_outputs, not both", param="structured_outputs")
+        if so is not None:
+            return StructuredOutputsParams.of(so)
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            js = rf.get("json_schema")  # type: ignore[union-attr]
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                raise InvalidInputError("response_format.json_schema must be an object with a JSON schema under "
+                                        "'schema'", param="response_format.json_schema")
+            out = StructuredOutputsParams(json=js.get("schema", {}))
+            out._param = "response_format.json_schema.schema"  # errors name the field the client sent
+            return out
+        return None
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        refuse_unimplemented({**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
+                                                             if k in type(self).model_fields}})
         if self.n != 1:
             raise UnsupportedError("only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -72,7 +139,8 @@ class SamplingFields(OpenAIBaseModel):
             top_k=0 if self.top_k is None or self.top_k < 0 else self.top_k,
             min_tokens=self.min_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured_outputs_params())
 
     @property
     def include_usage(self) -> bool:
