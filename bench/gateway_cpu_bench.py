@@ -2,6 +2,7 @@
 
     python bench/gateway_cpu_bench.py                               # tiny qwen2_vl on the CPU, 50 requests
     python bench/gateway_cpu_bench.py --requests 100 --concurrency 4 --api-server-count 2
+    python bench/gateway_cpu_bench.py --stream-interval 4             # the generator sends 4 tokens a message
     python bench/gateway_cpu_bench.py --profile /tmp/gw-prof         # also py-spy the gateway (pip install py-spy)
 
 Starts the real stack with `mmpipe serve` (an embedded redis-server, then encoder, generator, ingest and the
@@ -121,7 +122,8 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def start_stack(model: str, api_server_count: int, log_dir: Path, startup_timeout_s: float) -> Stack:
+def start_stack(model: str, api_server_count: int, log_dir: Path, startup_timeout_s: float,
+                stream_interval: int = 1) -> Stack:
     from mmpipe.shared.cache.embedded_redis import free_port
 
     port, grpc_port = free_port(), free_port()
@@ -130,6 +132,7 @@ def start_stack(model: str, api_server_count: int, log_dir: Path, startup_timeou
             "--grpc-port", str(grpc_port), "--shutdown-grace-s", "5", "--log-level", "warning"]
     if api_server_count != 1:
         argv += ["--api-server-count", str(api_server_count)]
+    argv += ["--stream-interval", str(stream_interval)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -291,6 +294,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--warmup", type=int, default=3, help="requests before the first phase")
     ap.add_argument("--api-server-count", type=int, default=1, help="gateway processes (mmpipe serve flag)")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="tokens per Generate message (mmpipe serve / generator flag)")
     ap.add_argument("--startup-timeout-s", type=float, default=300.0)
     ap.add_argument("--profile", type=Path, default=None, help="py-spy the gateway in one extra phase; output here")
     ap.add_argument("--profile-max-tokens", type=int, default=64)
@@ -311,7 +316,7 @@ def main() -> int:
     print(f"image: {args.image_size}x{args.image_size} JPEG, data URL {len(url) / 1024:.1f} KiB; logs in {log_dir}",
           flush=True)
     t0 = time.perf_counter()
-    stack = start_stack(args.model, args.api_server_count, log_dir, args.startup_timeout_s)
+    stack = start_stack(args.model, args.api_server_count, log_dir, args.startup_timeout_s, args.stream_interval)
     print(f"stack healthy in {time.perf_counter() - t0:.1f} s; gateway pids {stack.gateway_pids()}", flush=True)
     try:
         client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0, timeout=120)
@@ -334,7 +339,8 @@ def main() -> int:
                   f"system {ph.sys_ms_per_request:.2f})", flush=True)
         result: dict = {"machine": f"{os.cpu_count()} CPUs", "model": args.model, "image_size": args.image_size,
                         "data_url_bytes": len(url), "concurrency": args.concurrency,
-                        "api_server_count": args.api_server_count, "phases": [asdict(p) for p in phases]}
+                        "api_server_count": args.api_server_count, "stream_interval": args.stream_interval,
+                        "phases": [asdict(p) for p in phases]}
         if len(phases) >= 2:
             a, b = phases[0], phases[-1]
             per_token = (b.cpu_ms_per_request - a.cpu_ms_per_request) / (b.max_tokens - a.max_tokens)

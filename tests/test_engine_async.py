@@ -80,7 +80,7 @@ def test_consumer_leaving_aborts_and_frees_blocks(case):
 
     try:
         got = asyncio.run(main())
-        assert got == a.ref[:3]
+        assert len(got) >= 3 and got == a.ref[:len(got)]  # outputs waiting behind each other come as one
         info = engine.kv_cache_info()
         assert not engine.has_unfinished_requests() and info["free_blocks"] == info["num_blocks"]
         assert aengine.num_unfinished() == 0

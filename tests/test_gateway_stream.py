@@ -145,8 +145,9 @@ def test_gateway_streams_exactly_the_generators_text_deltas(gateway, stage_stack
 
     gen_texts, gen_ids = asyncio.run(direct())
     assert ids == gen_ids and reason == "length"
-    # chunk for chunk: the gateway re-decodes nothing, it forwards each Generate message's text
-    assert texts == gen_texts
+    # the gateway re-decodes nothing, it forwards each Generate message's text (where the messages split depends on
+    # timing: outputs already waiting when the generator sends come as one message; test_generator_streaming.py)
+    assert "".join(texts) == "".join(gen_texts) and len(texts) <= len(ids)
     ref = offline.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     assert "".join(texts) == ref[0].outputs[0].text
 

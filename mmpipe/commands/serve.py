@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dtype", default=e("MMPIPE_DTYPE", "auto"))
     p.add_argument("--device", default=e("MMPIPE_DEVICE", "auto"))
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--stream-interval", type=int, default=int(e("MMPIPE_STREAM_INTERVAL", 1)),
+                   help="generator: tokens per streamed message (vLLM's flag; 1 = every token, the first and the "
+                        "last always at once)")
     p.add_argument("--limit-mm-per-prompt", default=e("MMPIPE_LIMIT_MM_PER_PROMPT"), help="JSON")
     p.add_argument("--media-io-kwargs", default=e("MMPIPE_MEDIA_IO_KWARGS"), help="JSON")
     p.add_argument("--mm-processor-kwargs", default=e("MMPIPE_MM_PROCESSOR_KWARGS"), help="JSON")
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
     dev = ["--dtype", args.dtype, "--device", args.device]
     enc = stage("encoder", "--redis-url", redis_url, *dev, *(["--enable-mm-embeds"] if args.enable_mm_embeds else []))
-    gen = stage("generator", "--redis-url", redis_url, *dev,
+    gen = stage("generator", "--redis-url", redis_url, *dev, "--stream-interval", str(args.stream_interval),
                 *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []))
     ing_extra = ["--encoder-addr", addr["encoder"], *tls_client_args]
     if args.allowed_media_domains:

@@ -31,6 +31,7 @@ class GeneratorConfig:
     max_waiting: int = 1024
     engine_process: bool = True  # the engine steps in its own process (engine_setup.py)
     redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
+    stream_interval: int = 1  # tokens per Generate message (--stream-interval; stream_interval.py)
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,11 @@ class GeneratorConfig:
                        help="step the engine in its own process, so that it never waits on this process's GIL "
                             "(gRPC, asyncio); --no-engine-process steps it in a thread here, for debugging "
                             "(env MMPIPE_ENABLE_ENGINE_PROCESS, after vLLM's VLLM_ENABLE_V1_MULTIPROCESSING)")
+        g = p.add_argument_group("streaming")
+        g.add_argument("--stream-interval", type=_at_least_one, default=str(ca.env("STREAM_INTERVAL", 1)),
+                       help="tokens buffered before a Generate message is sent (vLLM's flag): 1 sends every token; N "
+                            "sends the first token at once, then every N tokens, and the last message at once, so "
+                            "the gateway receives N times fewer messages (env MMPIPE_STREAM_INTERVAL)")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "GeneratorConfig":
@@ -68,4 +74,12 @@ class GeneratorConfig:
                    kv_cache_blocks=a.kv_cache_blocks, block_size=a.block_size,
                    gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
                    enable_prefix_caching=a.enable_prefix_caching, max_waiting=a.max_waiting,
-                   engine_process=a.engine_process, redis_options=ca.redis_options(a))
+                   engine_process=a.engine_process, redis_options=ca.redis_options(a),
+                   stream_interval=a.stream_interval)
+
+
+def _at_least_one(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n

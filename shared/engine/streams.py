@@ -8,7 +8,10 @@ process) differ only in where the steps run; what a consumer sees is the same an
     write for a step of 128 streams, not 128), from any thread;
   * `iterate` is the consumer's side: StepOutputs until the finished one, an exception delivered instead of
     an output is raised, and a consumer that leaves early (generator closed, task cancelled) calls `on_leave`
-    so the front can abort the request in its engine;
+    so the front can abort the request in its engine. Outputs that are already waiting when the consumer asks
+    for the next one come as ONE StepOutput (coalescing, vLLM's RequestOutputCollector): a consumer that fell
+    behind (a busy front, a slow gRPC reader) catches up in one message instead of one per step, and nothing
+    ever waits for an output that is not there yet;
   * `fail_all` ends every open stream with one error (the engine died).
 
 Thread-safe; it knows nothing of engines.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmpipe.shared.errors import InvalidInputError
 
@@ -93,12 +96,18 @@ class StreamTable:
 
     async def iterate(self, stream: Stream, on_leave: Callable[[str], None]) -> AsyncIterator[StepOutput]:
         """The consumer's side of `stream`; always unregisters it, and calls `on_leave` if it ends unfinished."""
+        queue, held = stream.queue, None
         try:
             while True:
-                item = await stream.queue.get()
+                if held is not None:  # an error queued behind outputs coalesced last time
+                    item, held = held, None
+                else:
+                    item = await queue.get()
                 if isinstance(item, BaseException):
                     stream.finished = True
                     raise item
+                if not item.finished and not queue.empty():
+                    item, held = _coalesce(item, queue)
                 if item.finished:
                     stream.finished = True
                 yield item
@@ -108,6 +117,25 @@ class StreamTable:
             if not stream.finished:  # consumer left early: generator closed or task cancelled
                 on_leave(stream.request_id)
             self.close(stream.request_id)
+
+
+def _coalesce(first: StepOutput, queue: asyncio.Queue) -> tuple[StepOutput, BaseException | None]:
+    """`first` and the outputs queued behind it as one StepOutput: token ids and logprobs concatenated, the
+    rest (finished, finish_reason, counts) of the last. Stops at the finished output, or at an exception, which
+    is returned to be raised after the merged output is handed out."""
+    parts = [first]
+    error = None
+    while not queue.empty() and not parts[-1].finished:
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException):
+            error = nxt
+            break
+        parts.append(nxt)
+    if len(parts) == 1:
+        return first, error
+    ids = [t for p in parts for t in p.new_token_ids]
+    lps = None if all(p.logprobs is None for p in parts) else [x for p in parts for x in (p.logprobs or ())]
+    return replace(parts[-1], new_token_ids=ids, logprobs=lps), error
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, items: list) -> None:
