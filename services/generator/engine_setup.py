@@ -34,7 +34,8 @@ def engine_config(cfg: GeneratorConfig, *, device: str, dtype: Any, max_model_le
     return EngineConfig(block_size=cfg.block_size, num_kv_blocks=cfg.kv_cache_blocks,
                         gpu_memory_utilization=cfg.gpu_memory_utilization, max_num_seqs=cfg.max_num_seqs,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=max_model_len,
-                        device=device, dtype=dtype, enable_cuda_graphs=not cfg.enforce_eager)
+                        device=device, dtype=dtype, enable_cuda_graphs=not cfg.enforce_eager,
+                        enable_prefix_caching=cfg.enable_prefix_caching)
 
 
 def load_lm(model: str, *, dtype: Any, device: str, trust_remote_code: bool) -> tuple[Any, dict[str, Any]]:
