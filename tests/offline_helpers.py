@@ -12,6 +12,15 @@ import torch
 from PIL import Image
 
 ENGINE = os.environ.get("MMPIPE_TEST_ENGINE", "mmpipe")
+# What each tiny family takes (the parity tests' matrix).
+FAMILY_MODALITIES = {
+    "llava": ("image",),
+    "qwen2_vl": ("image", "video"),
+    "qwen2_5_vl": ("image", "video"),
+    "qwen2_audio": ("audio",),
+    "llava_onevision": ("image", "video"),
+    "qwen2_5_omni": ("image", "video", "audio"),
+}
 
 
 def make_image(w: int = 112, h: int = 84, seed: int = 0) -> Image.Image:

@@ -512,6 +512,7 @@ def test_grafana_dashboard_configmap_covers_the_key_signals(rendering: str) -> N
                    "mmpipe_generator_engine_steps_total", "mmpipe_generator_engine_preemptions_total",
                    *(f"mmpipe_{stage}_step_duration_seconds_bucket" for stage in
                      ("gateway", "ingest", "encoder", "generator")), "mmpipe_encoder_encode_duration_seconds_bucket",
+                   "mmpipe_generator_prefix_cache_hits_tokens_total", "mmpipe_generator_prefix_cache_cached_blocks",
                    "DCGM_FI_DEV_FB_USED"):
         assert metric in exprs, metric
 

@@ -300,6 +300,27 @@ def test_streaming_matches_non_streaming(env):
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_prefix_cache_hits_are_reported_in_usage(env):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens carries the generator's prefix-cache hits: a repeated
+    image chat reuses its blocks (same tokens), one with another image does not reuse that image's blocks."""
+    def msgs(seed: int) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png(seed))}},
+                                             {"type": "text", "text": "Describe it, " * 24}]}]
+
+    c = env.client()
+    first = c.chat.completions.create(model="tiny", messages=msgs(41), **GREEDY, extra_body=EXTRA)
+    second = c.chat.completions.create(model="tiny", messages=msgs(41), **GREEDY, extra_body=EXTRA)
+    other = c.chat.completions.create(model="tiny", messages=msgs(42), **GREEDY, extra_body=EXTRA)
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in (first, second, other)]
+    assert second.choices[0].token_ids == first.choices[0].token_ids
+    assert second.usage.prompt_tokens == first.usage.prompt_tokens == other.usage.prompt_tokens
+    assert cached[1] > cached[0] and cached[1] > cached[2], cached
+    assert cached[1] < second.usage.prompt_tokens  # at least one prompt token is always computed
+    chunks = list(c.chat.completions.create(model="tiny", messages=msgs(41), stream=True, **GREEDY, extra_body=EXTRA,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached[1]
+
+
 def _wait_for(cond, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

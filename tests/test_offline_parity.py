@@ -11,19 +11,11 @@ import torch
 
 from mmpipe import LLM, SamplingParams
 from offline_helpers import (  # noqa: F401 (tiny_model_dirs is a fixture)
-    ENGINE, chat_prompt, hf_generate, make_audio, make_image, make_video, png_bytes, tiny_model_dirs, write_mp4,
+    ENGINE, FAMILY_MODALITIES, chat_prompt, hf_generate, make_audio, make_image, make_video, png_bytes, tiny_model_dirs,
+    write_mp4,
 )
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-
-FAMILY_MODALITIES = {
-    "llava": ("image",),
-    "qwen2_vl": ("image", "video"),
-    "qwen2_5_vl": ("image", "video"),
-    "qwen2_audio": ("audio",),
-    "llava_onevision": ("image", "video"),
-    "qwen2_5_omni": ("image", "video", "audio"),
-}
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,8 @@ from mmpipe.shared.models.checkpoint import Checkpoint
 from mmpipe.shared.models.partial import under
 from mmpipe.shared.models.registry import held_weights, load_adapter
 from mmpipe.shared.types import MediaItem, MMEmbedding, SamplingParams
-from offline_helpers import tiny_model_dirs  # noqa: F401 (a fixture)
+from offline_helpers import FAMILY_MODALITIES, tiny_model_dirs  # noqa: F401 (tiny_model_dirs is a fixture)
 
-FAMILY_MODALITIES = {
-    "llava": ("image",),
-    "qwen2_vl": ("image", "video"),
-    "qwen2_5_vl": ("image", "video"),
-    "qwen2_audio": ("audio",),
-    "llava_onevision": ("image", "video"),
-    "qwen2_5_omni": ("image", "video", "audio"),
-}
 FAMILIES = list(FAMILY_MODALITIES)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

@@ -132,6 +132,7 @@ class GenerationStream:
         self._text: list[str] = []
         self.logprobs: list[float] | None = [] if self.want_logprobs else None
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.finish_reason: str | None = None
         self._chunks: AsyncIterator[Any] | None = None
         self._first: Any | None = None
@@ -252,6 +253,7 @@ class GenerationStream:
     def _consume(self, chunk: Any) -> Delta | None:
         """One Generate message as a Delta: its tokens, logprobs and the generator's text, unchanged."""
         self.prompt_tokens = chunk.num_prompt_tokens or self.prompt_tokens
+        self.cached_tokens = chunk.num_cached_tokens or self.cached_tokens
         ids = chunk.token_ids
         lps = (chunk.logprobs or []) if self.want_logprobs else None
         self.token_ids.extend(ids)
@@ -276,7 +278,7 @@ class GenerationStream:
         return Completion(text=self.text, token_ids=list(self.token_ids),
                           logprobs=list(self.logprobs) if self.logprobs is not None else None,
                           finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
-                          prompt_token_ids=list(self.prepared.prompt_token_ids))
+                          prompt_token_ids=list(self.prepared.prompt_token_ids), cached_tokens=self.cached_tokens)
 
 
 async def _within(deadline: float, aw):

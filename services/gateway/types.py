@@ -78,6 +78,7 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int
     prompt_token_ids: list[int]
+    cached_tokens: int = 0  # prompt tokens served from the generator's prefix cache (usage.prompt_tokens_details)
 
     @property
     def completion_tokens(self) -> int:

@@ -236,9 +236,11 @@ class _EngineCounters:
         pre.add_metric([self.model], self.engine.scheduler.num_preemptions)
         yield pre
         # prefix cache: hit rate = hits / queries (prompt tokens at admission), and blocks holding a key now
-        for name, key, doc in (("queries_tokens", "prefix_cache_queries", "prompt tokens looked up (admissions)"),
-                               ("hits_tokens", "prefix_cache_hits", "prompt tokens served from the prefix cache")):
-            c = CounterMetricFamily(f"mmpipe_generator_prefix_cache_{name}", doc, labels=["model"])
+        for name, key, doc in (("mmpipe_generator_prefix_cache_queries_tokens", "prefix_cache_queries",
+                                "prompt tokens looked up (admissions)"),
+                               ("mmpipe_generator_prefix_cache_hits_tokens", "prefix_cache_hits",
+                                "prompt tokens served from the prefix cache")):
+            c = CounterMetricFamily(name, doc, labels=["model"])
             c.add_metric([self.model], st[key])
             yield c
         blocks = GaugeMetricFamily("mmpipe_generator_prefix_cache_cached_blocks",

@@ -143,6 +143,15 @@ def build() -> dict:
         (f'sum (rate(mmpipe_generator_engine_preemptions_total{{{SEL}}}[{RI}]))', "preemptions")],
         "short", 12, y, description="eager steps on a GPU mean steps no CUDA graph fits (over 8 prefill chunks or "
                                     "--enforce-eager); preemptions mean the KV cache ran out.")); y += 8
+    p.append(panel(40, "Prefix cache hit rate (prompt tokens served from cached KV blocks)", [
+        (f'sum (rate(mmpipe_generator_prefix_cache_hits_tokens_total{{{SEL}}}[{RI}])) / '
+         f'clamp_min(sum (rate(mmpipe_generator_prefix_cache_queries_tokens_total{{{SEL}}}[{RI}])), 1)', "hit rate")],
+        "percentunit", 0, y, max_=1, description="Share of admitted prompt tokens whose KV was reused (same tokens, "
+                                                 "positions and media keys); it shows in usage.cached_tokens."))
+    p.append(panel(41, "Cached KV blocks kept for reuse", [
+        (f'max by (pod) (mmpipe_generator_prefix_cache_cached_blocks{{{SEL}}})', "{{pod}}")],
+        "short", 12, y, description="Full blocks registered in the prefix cache (in use or evictable); evicted "
+                                    "least recently freed first when new blocks are needed.")); y += 8
 
     p.append(row(103, "GPUs (NVIDIA DCGM exporter)", y)); y += 1
     gpu_sel = 'namespace=~"$namespace", pod=~".*-(encoder|generator)-.*"'

@@ -43,7 +43,7 @@ class OpenAIServingChat:
             token_ids=r.token_ids if req.return_token_ids else None)
         return ChatCompletionResponse(
             id=f"chatcmpl-{request_id}", created=int(time.time()), model=self.core.model_name, choices=[choice],
-            usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens),
+            usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens, r.cached_tokens),
             prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
 
     # ---- streaming -----------------------------------------------------------------------------------
@@ -53,8 +53,10 @@ class OpenAIServingChat:
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         want_lps, want_ids = req.logprobs, req.return_token_ids
 
-        def now_usage() -> dict[str, int] | None:
-            return sse.usage(stream.prompt_tokens, len(stream.token_ids)) if continuous else None
+        def now_usage() -> dict[str, Any] | None:
+            if not continuous:
+                return None
+            return sse.usage(stream.prompt_tokens, len(stream.token_ids), stream.cached_tokens)
 
         async with stream:
             yield events.event({"index": 0, "delta": {"role": "assistant", "content": ""}}, usage=now_usage(),
@@ -70,7 +72,8 @@ class OpenAIServingChat:
                     choice["token_ids"] = d.token_ids
                 yield events.event(choice, usage=now_usage())
             if req.include_usage:
-                yield events.event(None, usage=sse.usage(stream.prompt_tokens, len(stream.token_ids)))
+                usage = sse.usage(stream.prompt_tokens, len(stream.token_ids), stream.cached_tokens)
+                yield events.event(None, usage=usage)
 
     def _logprob_entries(self, ids: list[int], lps: list[float] | None) -> list[dict[str, Any]]:
         """TokenLogprob dicts as JSON: the token's text, its logprob, its UTF-8 bytes, no alternatives."""

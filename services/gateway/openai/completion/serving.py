@@ -37,7 +37,8 @@ class OpenAIServingCompletion:
             token_ids=r.token_ids if req.return_token_ids else None,
             prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
         resp = CompletionResponse(id=f"cmpl-{request_id}", created=int(time.time()), model=self.core.model_name,
-                                  choices=[choice], usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens))
+                                  choices=[choice],
+                                  usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens, r.cached_tokens))
         return JSONResponse(resp.model_dump(exclude_none=True))
 
     async def _chunks(self, req: CompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:
@@ -64,7 +65,8 @@ class OpenAIServingCompletion:
                 first = False
                 yield events.event(choice)
             if req.include_usage:
-                yield events.event(None, usage=sse.usage(stream.prompt_tokens, len(stream.token_ids)))
+                usage = sse.usage(stream.prompt_tokens, len(stream.token_ids), stream.cached_tokens)
+                yield events.event(None, usage=usage)
 
     def _logprobs(self, ids: list[int], lps: list[float] | None, offset: int) -> CompletionLogprobs:
         tok = self.core.info.tokenizer
