@@ -13,6 +13,7 @@ import os
 import time
 import urllib.parse
 from dataclasses import dataclass
+from functools import cached_property
 
 from mmpipe.services.common.steps import StepTimer
 from mmpipe.shared.chat.messages import parse_messages
@@ -52,10 +53,13 @@ class Preparer:
                                            allowed_local_media_path=cfg.allowed_local_media_path,
                                            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
         self.steps = StepTimer(STEP_DURATION, cfg.served_model_name)
-        # structured outputs: every grammar is compiled against the tokenizer here, once per spec (cached), so
-        # an invalid or unsupported one is a 400 before any stage works; the generator compiles it again
-        self.grammars = GrammarCompiler(info.tokenizer, info.vocab_size)
 
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs: every grammar is compiled against the tokenizer here, once per spec (cached), so
+        an invalid or unsupported one is a 400 before any stage works; the generator compiles it again. Built
+        on the first request that has one."""
+        return GrammarCompiler(self.info.tokenizer, self.info.vocab_size)
 
     @property
     def parse_options(self) -> ParseOptions:
