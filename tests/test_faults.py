@@ -141,7 +141,10 @@ def test_redis_full_reencodes_and_never_serves_a_wrong_embedding(stack, llm):
     entry = max(int(r.memory_usage(k) or 0) for k in r.keys("*"))
     base = int(r.info("memory")["used_memory"])
     r.config_set("maxmemory-policy", "allkeys-lru")
-    r.config_set("maxmemory", str(base + 8 * entry))
+    # at least 1 MiB of room: Redis counts its clients' query and output buffers in used_memory, and with a
+    # few KB of room a burst of writes (or the reconnects after the restart test) is refused with OOM outright
+    # instead of evicting; the filler below keeps the cache full either way
+    r.config_set("maxmemory", str(base + max(8 * entry, 2**20)))
     evicted0 = int(r.info("stats")["evicted_keys"])
     # another writer keeps the cache full (as other traffic would), so entries are evicted throughout the run,
     # whatever Redis' memory accounting does with the few small embeddings of the tiny model
@@ -172,7 +175,7 @@ def test_redis_full_reencodes_and_never_serves_a_wrong_embedding(stack, llm):
     bad = [x for x in report["_results"] if x.outcome == "failed"]
     assert not bad, [(x.status, x.detail) for x in bad[:5]]
     accepted = [x for x in report["_results"] if x.outcome == "accepted"]
-    assert accepted, ld
+    assert accepted, (ld, [(x.status, x.detail) for x in report["_results"][:3]])
     wrong = [x.kind for x in accepted if x.token_ids != want[int(x.kind.split(":")[1])]]
     assert not wrong, f"{len(wrong)} answers differ from the offline LLM: {wrong[:5]}"
     assert evicted > 0, "the test did not make Redis evict anything"
