@@ -78,6 +78,8 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
     max_concurrent_requests: int = 256
+    # The most samples (`n`) one request may ask for: each is a sequence in the generator's batch.
+    max_n: int = 16
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -169,6 +171,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
     p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
+    p.add_argument("--max-n", type=int, default=int(_env("MAX_N", 16)),
+                   help="the most samples (n) one request may ask for [MMPIPE_MAX_N]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
     p.add_argument("--api-server-count", type=int, default=int(_env("API_SERVER_COUNT", 1)),
@@ -232,6 +236,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         trust_request_chat_template=bool(args.trust_request_chat_template),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
+        max_n=args.max_n,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
     )

@@ -1,7 +1,8 @@
 """Pydantic models shared by the OpenAI endpoints: sampling fields, usage, errors, stream options.
 
-Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, return_token_ids, structured_outputs).
+Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_p, min_tokens, ignore_eos,
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, return_token_ids, structured_outputs,
+repetition_penalty, bad_words). Ranges are checked once, by SamplingParams (400 naming the field).
 A field that would change what the answer means and is not implemented (`UNIMPLEMENTED`) is a 400 naming it,
 never silently dropped; other unknown fields are ignored with a warning, as vLLM does, so newer clients keep
 working.
@@ -29,7 +30,7 @@ def _set(v: Any) -> bool:
 UNIMPLEMENTED: dict[str, Any] = {
     "tools": _set, "functions": _set, "function_call": _set,
     "tool_choice": lambda v: _set(v) and v not in ("none", "auto"),
-    "logit_bias": _set, "min_p": _set, "prompt_logprobs": lambda v: v is not None, "bad_words": _set,
+    "prompt_logprobs": lambda v: v is not None,
     "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
     "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
     "mm_processor_kwargs": _set, "media_io_kwargs": _set, "chat_template_kwargs": _set, "documents": _set,
@@ -82,10 +83,14 @@ class SamplingFields(OpenAIBaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1)  # the server's cap (--max-n) is checked by the gateway core
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    # token id (a JSON string key) -> bias, clamped to [-100, 100] as OpenAI documents and vLLM does
+    logit_bias: dict[str, float] | None = None
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
@@ -125,13 +130,13 @@ class SamplingFields(OpenAIBaseModel):
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         refuse_unimplemented({**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
                                                              if k in type(self).model_fields}})
-        if self.n != 1:
-            raise UnsupportedError("only n=1 is supported", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise UnsupportedError(f"{name} is not supported (leave it 0)", param=name)
-        if self.repetition_penalty not in (None, 1.0):
-            raise UnsupportedError("repetition_penalty is not supported (leave it 1)", param="repetition_penalty")
+        bias = None
+        if self.logit_bias:
+            bias = {}
+            for k, v in self.logit_bias.items():
+                if not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                    raise InvalidInputError(f"logit_bias[{k!r}] must be a finite number", param="logit_bias")
+                bias[k] = min(100.0, max(-100.0, float(v)))
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -140,7 +145,11 @@ class SamplingFields(OpenAIBaseModel):
             min_tokens=self.min_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_outputs=self.structured_outputs_params())
+            structured_outputs=self.structured_outputs_params(), n=self.n,
+            presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
+            frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=0.0 if self.min_p is None else self.min_p, logit_bias=bias, bad_words=self.bad_words)
 
     @property
     def include_usage(self) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mmpipe.shared.errors import UnsupportedError
+from mmpipe.shared.errors import InvalidInputError
 from mmpipe.shared.types import SamplingParams
 
 from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
@@ -27,9 +27,8 @@ class ChatCompletionRequest(SamplingFields):
     def to_sampling(self) -> SamplingParams:
         # chat: no max_tokens means "what is left of the context" (vLLM), decided by the generator
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        if self.top_logprobs:
-            raise UnsupportedError("top_logprobs > 0 is not supported: only the sampled token's logprob is returned "
-                                   "(send logprobs=true with top_logprobs 0 or unset)", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
         return self._sampling(max_tokens=max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 

@@ -28,9 +28,6 @@ class CompletionRequest(SamplingFields):
             raise UnsupportedError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise UnsupportedError("best_of is not supported", param="best_of")
-        if self.logprobs:
-            raise UnsupportedError("logprobs > 0 (top alternatives) is not supported: send logprobs=0 for the "
-                                   "sampled tokens' logprobs", param="logprobs")
         return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
 
     def single_prompt(self) -> tuple[str | None, list[int] | None]:
