@@ -177,7 +177,8 @@ class LLM:
                                          outputs=[CompletionOutput(i, r.text, r.token_ids, r.finish_reason,
                                                                    r.logprobs, r.top_logprobs)
                                                   for i, r in enumerate(rs)],
-                                         num_cached_tokens=rs[0].num_cached_tokens))
+                                         num_cached_tokens=rs[0].num_cached_tokens,
+                                         prompt_logprobs=rs[0].prompt_logprobs))
         return outputs
 
     # ---- chat -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ class FinishedSequence:
     finish_reason: str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list | None = None  # with sampling.prompt_logprobs (StepOutput.prompt_logprobs)
     num_cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
@@ -44,6 +45,8 @@ def run_to_completion(engine: Any, requests: list[EngineRequest], tokenizer: Any
                 res = results[rid]
                 res.num_cached_tokens = out.num_cached_tokens
                 res.token_ids.extend(out.new_token_ids)
+                if out.prompt_logprobs is not None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 if res.logprobs is not None and out.logprobs:
                     res.logprobs.extend(out.logprobs)
                 if res.top_logprobs is not None and out.top_logprobs:

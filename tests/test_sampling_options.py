@@ -161,3 +161,30 @@ def test_validation_names_the_field(case):
     with pytest.raises(InvalidInputError) as e:
         engine.add_request(EngineRequest("w", [1, 2], SamplingParams(), bad_words_token_ids=[[vocab + 3]]))
     assert e.value.param == "bad_words"
+
+
+@torch.no_grad()
+def test_prompt_logprobs_are_the_model_logits_at_prompt_positions(case):
+    """Token i of the prompt, given the ones before it: the log-softmax of the model's logits at position i - 1,
+    across prefill chunks, with the top alternatives; prefix caching does not skip them."""
+    a = case.prompts[2]
+    fwd = case.model(**a.inputs)
+    if hasattr(case.model.model, "rope_deltas"):
+        case.model.model.rope_deltas = None
+    lsm = torch.log_softmax(fwd.logits[0].float(), -1)
+    ids = a.token_ids
+    engine = LLMEngine(case.model, EngineConfig(block_size=16, max_num_batched_tokens=24))
+    sp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    got = {}
+    for rid in ("first", "again"):  # the second would hit the prefix cache without prompt_logprobs
+        engine.add_request(a.request(rid, sp, mm_spans=a.mm_spans()))
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.prompt_logprobs is not None:
+                    got[rid] = o.prompt_logprobs
+    assert got["first"] == got["again"] and len(got["first"]) == len(ids) and got["first"][0] is None
+    for i, (lp, alts) in enumerate(got["first"][1:], start=1):
+        assert lp == pytest.approx(lsm[i - 1, ids[i]].item(), abs=1e-4)
+        vals, top = lsm[i - 1].topk(3)
+        assert [t for t, _ in alts] == top.tolist()
+        assert [v for _, v in alts] == pytest.approx(vals.tolist(), abs=1e-4)

@@ -183,9 +183,12 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.request_id, None)
+            prompt_lps = None
+            if seq.num_prompt_logprobs is not None and seq.num_output_tokens == 1:
+                prompt_lps = [None, *seq.prompt_logprobs]
             outputs.append(StepOutput(seq.request_id, [tok], [lp] if seq.want_logprobs else None,
                                       reason is not None, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
-                                      [top] if top is not None else None))
+                                      [top] if top is not None else None, prompt_lps))
         return outputs
 
     @staticmethod

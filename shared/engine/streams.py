@@ -137,7 +137,8 @@ def _coalesce(first: StepOutput, queue: asyncio.Queue) -> tuple[StepOutput, Base
     lps = None if all(p.logprobs is None for p in parts) else [x for p in parts for x in (p.logprobs or ())]
     tops = None if all(p.top_logprobs is None for p in parts) else \
         [x for p in parts for x in (p.top_logprobs or ())]
-    return replace(parts[-1], new_token_ids=ids, logprobs=lps, top_logprobs=tops), error
+    prompt = next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)
+    return replace(parts[-1], new_token_ids=ids, logprobs=lps, top_logprobs=tops, prompt_logprobs=prompt), error
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, items: list) -> None:
