@@ -186,8 +186,8 @@ class RequestOutput:
     finished: bool = True
     # prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
     num_cached_tokens: int = 0
-    # with prompt_logprobs: per prompt token, (its logprob, its top alternatives); None for the first token
-    prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
+    # with prompt_logprobs: per prompt token, (its id, logprob, rank, top alternatives); None for the first
+    prompt_logprobs: list[tuple[int, float, int, TopLogprobs] | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

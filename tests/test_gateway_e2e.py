@@ -444,6 +444,14 @@ def test_n_top_logprobs_and_penalties_through_the_openai_client(env):
     assert [ch.index for ch in comp.choices] == [0, 1] and comp.usage.completion_tokens == 8
     assert all(len(ch.logprobs.top_logprobs) == 4 and all(1 <= len(d) <= 2 for d in ch.logprobs.top_logprobs)
                for ch in comp.choices)
+    plp = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=2,
+                               extra_body={"prompt_logprobs": 2}).choices[0].prompt_logprobs
+    ref = env.llm.generate("The quick brown fox", SamplingParams(max_tokens=2, prompt_logprobs=2),
+                           use_tqdm=False)[0]
+    assert len(plp) == len(ref.prompt_token_ids) and plp[0] is None and ref.prompt_logprobs[0] is None
+    for got_d, (tid, lp, rank, alts) in zip(plp[1:], ref.prompt_logprobs[1:]):
+        assert got_d[str(tid)]["logprob"] == pytest.approx(lp, abs=1e-4) and got_d[str(tid)]["rank"] == rank
+        assert all(str(a) in got_d for a, _ in alts)
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, logit_bias={"99999999": 5})
     assert "logit_bias" in str(e.value)

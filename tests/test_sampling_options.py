@@ -183,8 +183,10 @@ def test_prompt_logprobs_are_the_model_logits_at_prompt_positions(case):
                 if o.prompt_logprobs is not None:
                     got[rid] = o.prompt_logprobs
     assert got["first"] == got["again"] and len(got["first"]) == len(ids) and got["first"][0] is None
-    for i, (lp, alts) in enumerate(got["first"][1:], start=1):
+    for i, (tid, lp, rank, alts) in enumerate(got["first"][1:], start=1):
+        assert tid == ids[i]
         assert lp == pytest.approx(lsm[i - 1, ids[i]].item(), abs=1e-4)
+        assert rank == int((lsm[i - 1] > lsm[i - 1, ids[i]]).sum()) + 1
         vals, top = lsm[i - 1].topk(3)
         assert [t for t, _ in alts] == top.tolist()
         assert [v for _, v in alts] == pytest.approx(vals.tolist(), abs=1e-4)

@@ -140,6 +140,8 @@ class GenerationStream:
         self.samples = [_Sample(logprobs=[] if self.want_logprobs else None,
                                 top_logprobs=[] if sp.logprobs else None) for _ in range(sp.n)]
         self._unfinished = sp.n
+        # with prompt_logprobs: per prompt token (id, logprob, rank, alternatives), None first (from sample 0)
+        self.prompt_logprobs: list | None = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.finish_reason: str | None = None
@@ -267,6 +269,8 @@ class GenerationStream:
         if not 0 <= chunk.index < len(self.samples):
             raise MMPipeError(f"the generator sent sample {chunk.index} of a request with n={len(self.samples)}")
         sample = self.samples[chunk.index]
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = chunk.prompt_logprobs
         ids = chunk.token_ids
         lps = (chunk.logprobs or []) if self.want_logprobs else None
         tops = (chunk.top_logprobs or []) if sample.top_logprobs is not None else None
@@ -304,7 +308,8 @@ class GenerationStream:
                            logprobs=list(s.logprobs) if s.logprobs is not None else None,
                            finish_reason=s.finish_reason, prompt_tokens=self.prompt_tokens,
                            prompt_token_ids=list(self.prepared.prompt_token_ids), cached_tokens=self.cached_tokens,
-                           top_logprobs=list(s.top_logprobs) if s.top_logprobs is not None else None)
+                           top_logprobs=list(s.top_logprobs) if s.top_logprobs is not None else None,
+                           prompt_logprobs=self.prompt_logprobs)
                 for s in self.samples]
 
     def result(self) -> Completion:

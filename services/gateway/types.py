@@ -83,6 +83,8 @@ class Completion:
     prompt_token_ids: list[int]
     cached_tokens: int = 0  # prompt tokens served from the generator's prefix cache (usage.prompt_tokens_details)
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # with prompt_logprobs: per prompt token (id, logprob, rank, alternatives), None for the first
+    prompt_logprobs: list | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -200,7 +200,7 @@ class GeneratorCore:
                 if finished:
                     reason = finish_reason or "stop"
                 yield TokenChunk(new, lps, text, finished, finish_reason if finished else None, n_prompt,
-                                 out.num_cached_tokens, index, tops)
+                                 out.num_cached_tokens, index, tops, out.prompt_logprobs)
                 if finished:
                     return  # leaving the engine's stream early aborts the request (stop string case)
         finally:

@@ -48,4 +48,5 @@ def _joined(chunks: list[TokenChunk]) -> TokenChunk:
     tops = None if all(c.top_logprobs is None for c in chunks) else \
         [x for c in chunks for x in (c.top_logprobs or ())]
     return replace(chunks[-1], token_ids=[t for c in chunks for t in c.token_ids], logprobs=lps,
-                   text="".join(c.text for c in chunks), top_logprobs=tops)
+                   text="".join(c.text for c in chunks), top_logprobs=tops,
+                   prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None))

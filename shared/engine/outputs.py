@@ -23,6 +23,6 @@ class StepOutput:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    # with sampling.prompt_logprobs, on the request's first output: per prompt token, (logprob, its top
-    # alternatives), None for the first one (nothing predicts it)
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    # with sampling.prompt_logprobs, on the request's first output: per prompt token, (its id, logprob, rank, its
+    # top alternatives), None for the first one (nothing predicts it)
+    prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]] | None] | None = None

@@ -69,9 +69,9 @@ class Sequence:
         self.bad_words_token_ids: list[list[int]] = [list(w) for w in req.bad_words_token_ids if w]
         # prompt_logprobs (vLLM's extra): alternatives per prompt token, None when not asked. Such a request
         # computes its whole prompt (no prefix-cache hits, as in vLLM) and collects, for prompt tokens 1..L-1 in
-        # order, (logprob, top alternatives) here (model_runner.py); the first output reports them.
+        # order, (token id, logprob, rank, top alternatives) here (prompt_logprobs.py); the first output reports them.
         self.num_prompt_logprobs: int | None = sp.prompt_logprobs
-        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]]] = []
 
         # Multimodal rows, kept on the CPU side until a chunk needs them (they are moved per chunk).
         self.mm_embeds: torch.Tensor | None = req.mm_embeds

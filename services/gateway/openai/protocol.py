@@ -30,7 +30,6 @@ def _set(v: Any) -> bool:
 UNIMPLEMENTED: dict[str, Any] = {
     "tools": _set, "functions": _set, "function_call": _set,
     "tool_choice": lambda v: _set(v) and v not in ("none", "auto"),
-    "prompt_logprobs": lambda v: v is not None,
     "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
     "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
     "mm_processor_kwargs": _set, "media_io_kwargs": _set, "chat_template_kwargs": _set, "documents": _set,
@@ -91,6 +90,8 @@ class SamplingFields(OpenAIBaseModel):
     # token id (a JSON string key) -> bias, clamped to [-100, 100] as OpenAI documents and vLLM does
     logit_bias: dict[str, float] | None = None
     bad_words: list[str] | None = None
+    # vLLM's extra: logprobs of the prompt tokens with this many alternatives (0..20), not with stream=True
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
@@ -130,6 +131,8 @@ class SamplingFields(OpenAIBaseModel):
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         refuse_unimplemented({**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
                                                              if k in type(self).model_fields}})
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidInputError("prompt_logprobs are not available with stream=true", param="prompt_logprobs")
         bias = None
         if self.logit_bias:
             bias = {}
@@ -149,7 +152,8 @@ class SamplingFields(OpenAIBaseModel):
             presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
             frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            min_p=0.0 if self.min_p is None else self.min_p, logit_bias=bias, bad_words=self.bad_words)
+            min_p=0.0 if self.min_p is None else self.min_p, logit_bias=bias, bad_words=self.bad_words,
+            prompt_logprobs=self.prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -205,3 +209,21 @@ def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
 
 def extra_fields(model: BaseModel) -> dict[str, Any]:
     return dict(model.model_extra or {})
+
+
+def prompt_logprobs_json(tokenizer: Any, entries: list | None) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs` shape: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the token itself and then its top alternatives."""
+    if entries is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        tid, lp, rank, alts = e
+        d = {str(tid): {"logprob": lp, "rank": rank, "decoded_token": tokenizer.decode([tid])}}
+        for r, (a, v) in enumerate(alts, start=1):
+            d.setdefault(str(a), {"logprob": v, "rank": r, "decoded_token": tokenizer.decode([a])})
+        out.append(d)
+    return out

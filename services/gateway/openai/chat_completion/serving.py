@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
 from ...types import ChatInput, Completion, RequestContext
-from ..protocol import UsageInfo
+from ..protocol import UsageInfo, prompt_logprobs_json
 from .protocol import (
     ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs, TokenLogprob,
 )
@@ -46,7 +46,8 @@ class OpenAIServingChat:
         return ChatCompletionResponse(
             id=f"chatcmpl-{request_id}", created=int(time.time()), model=self.core.model_name, choices=choices,
             usage=UsageInfo.of(r.prompt_tokens, sum(x.completion_tokens for x in rs), r.cached_tokens),
-            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
+            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs))
 
     # ---- streaming -----------------------------------------------------------------------------------
     async def _chunks(self, req: ChatCompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:

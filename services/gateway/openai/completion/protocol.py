@@ -1,7 +1,7 @@
 """Wire models of POST /v1/completions (OpenAI's legacy completions, one prompt per request)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -57,6 +57,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extra
 
 
 class CompletionResponse(OpenAIBaseModel):

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
 from ...types import CompletionInput, RequestContext
-from ..protocol import UsageInfo
+from ..protocol import UsageInfo, prompt_logprobs_json
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 ENDPOINT = "/v1/completions"
@@ -35,7 +35,9 @@ class OpenAIServingCompletion:
             index=i, text=r.text, finish_reason=r.finish_reason,
             logprobs=self._logprobs(r.token_ids, r.logprobs, r.top_logprobs, 0) if req.logprobs is not None else None,
             token_ids=r.token_ids if req.return_token_ids else None,
-            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None) for i, r in enumerate(rs)]
+            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs))
+            for i, r in enumerate(rs)]
         r = rs[0]  # the prompt is counted once, the completions of every choice
         resp = CompletionResponse(id=f"cmpl-{request_id}", created=int(time.time()), model=self.core.model_name,
                                   choices=choices, usage=UsageInfo.of(r.prompt_tokens,
