@@ -11,6 +11,7 @@ from collections import OrderedDict
 import torch
 
 from mmpipe.shared.engine.outputs import StepOutput
+from mmpipe.shared.errors import UnsupportedError
 from mmpipe.shared.types import EngineRequest
 
 
@@ -20,6 +21,14 @@ class HFGenerateEngine:
         self.waiting: OrderedDict[str, EngineRequest] = OrderedDict()
 
     def add_request(self, req: EngineRequest) -> None:
+        sp = req.sampling
+        unsupported = {"presence_penalty": sp.presence_penalty != 0.0, "frequency_penalty": sp.frequency_penalty != 0.0,
+                       "repetition_penalty": sp.repetition_penalty != 1.0, "min_p": sp.min_p != 0.0,
+                       "logit_bias": bool(sp.logit_bias), "bad_words": bool(req.bad_words_token_ids),
+                       "logprobs": bool(sp.logprobs), "prompt_logprobs": sp.prompt_logprobs is not None}
+        for name, is_set in unsupported.items():
+            if is_set:  # the reference runs plain sampling only: refused, never silently dropped
+                raise UnsupportedError(f"{name} needs engine='mmpipe'", param=name)
         self.waiting[req.request_id] = req
 
     def abort_request(self, request_id: str) -> None:
