@@ -32,7 +32,7 @@ _ERROR_CLASS_HEADER = "mmpipe-error-class"
 _ERROR_PARAM_HEADER = "mmpipe-error-param"
 _SAMPLING = ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed", "stop", "stop_token_ids",
              "ignore_eos", "logprobs", "skip_special_tokens", "n", "top_logprobs", "presence_penalty",
-             "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "bad_words")
+             "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "bad_words", "prompt_logprobs")
 _URL_PARTS = ("image_url", "video_url", "audio_url")
 
 
@@ -50,6 +50,8 @@ class Chunk:
     index: int = 0
     # per token: its top (token id, logprob) alternatives (with top_logprobs > 0)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # with prompt_logprobs, on the first chunk: per prompt token (id, logprob, rank, alternatives), None first
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Result:
     index: int = 0
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     choices: list["Result"] = field(default_factory=list)
+    prompt_logprobs: list | None = None
 
 
 def _pb():
@@ -110,7 +113,7 @@ class MMPipeClient:
              **sampling: Any) -> Result | Iterator[Chunk]:
         """Chat completion. `sampling`: temperature, top_p, top_k, max_tokens, min_tokens, seed, stop,
         stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens, and vLLM's n, top_logprobs,
-        presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words."""
+        presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words, prompt_logprobs."""
         pb2 = _pb()[0]
         req = pb2.ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(messages)],
                               sampling=_sampling(sampling), chat_template=chat_template or "",
@@ -153,7 +156,10 @@ def _chunks(call: Any) -> Iterator[Chunk]:
             yield Chunk(text=m.text, token_ids=list(m.token_ids), logprobs=list(m.logprobs),
                         finish_reason=m.finish_reason if m.HasField("finish_reason") else None, usage=usage,
                         request_id=m.request_id, index=m.index,
-                        top_logprobs=[list(zip(t.token_ids, t.logprobs)) for t in m.top_logprobs])
+                        top_logprobs=[list(zip(t.token_ids, t.logprobs)) for t in m.top_logprobs],
+                        prompt_logprobs=[None, *((p.token_id, p.logprob, p.rank, list(zip(p.top.token_ids,
+                                                                                          p.top.logprobs)))
+                                                 for p in m.prompt_logprobs)] if m.prompt_logprobs else None)
     except grpc.RpcError as e:
         raise _error(e) from None
     finally:
@@ -164,7 +170,10 @@ def _collect(chunks: Iterator[Chunk]) -> Result:
     by_index: dict[int, Result] = {}
     usage: dict[str, int] = {}
     request_id = ""
+    prompt_logprobs = None
     for c in chunks:
+        if c.prompt_logprobs is not None and prompt_logprobs is None:
+            prompt_logprobs = c.prompt_logprobs
         out = by_index.setdefault(c.index, Result(text="", index=c.index))
         out.text += c.text
         out.token_ids += c.token_ids
@@ -177,7 +186,7 @@ def _collect(chunks: Iterator[Chunk]) -> Result:
             usage = c.usage
     choices = [by_index[i] for i in sorted(by_index)] or [Result(text="")]
     for r in choices:
-        r.request_id, r.usage = request_id, usage
+        r.request_id, r.usage, r.prompt_logprobs = request_id, usage, prompt_logprobs
     first = choices[0]
     first.choices = choices
     return first

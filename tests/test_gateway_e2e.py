@@ -464,10 +464,13 @@ def test_grpc_client_n_and_top_logprobs(env):
     msgs = user({"type": "image_url", "image_url": {"url": data_url(png(62))}})
     with MMPipeClient(f"127.0.0.1:{env.gw.grpc_port}", api_key=KEY, timeout=60) as cl:
         out = cl.chat(msgs, temperature=1.0, max_tokens=6, ignore_eos=True, seed=5, n=2, logprobs=True,
-                      top_logprobs=2, frequency_penalty=0.5)
+                      top_logprobs=2, frequency_penalty=0.5, prompt_logprobs=1)
     assert [r.index for r in out.choices] == [0, 1] and out.usage["completion_tokens"] == 12
     assert out.choices[0].token_ids != out.choices[1].token_ids
     assert all(len(r.top_logprobs) == 6 and all(len(a) == 2 for a in r.top_logprobs) for r in out.choices)
+    plp = out.prompt_logprobs
+    assert plp[0] is None and len(plp) == out.usage["prompt_tokens"]
+    assert all(rank >= 1 and len(alts) == 1 and lp <= 0 for _, lp, rank, alts in plp[1:])
 
 
 # --- faults (last: restarts the generator) ---------------------------------------------------------------------------

@@ -34,7 +34,8 @@ _URL_PARTS = ("image_url", "video_url", "audio_url")
 def sampling_from_pb(pb: gateway_pb2.SamplingOptions) -> SamplingParams:
     kw: dict[str, Any] = {"stop": list(pb.stop), "stop_token_ids": list(pb.stop_token_ids)}
     for name in ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed", "ignore_eos",
-                 "skip_special_tokens", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+                 "skip_special_tokens", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                 "prompt_logprobs"):
         if pb.HasField(name):
             kw[name] = getattr(pb, name)
     if "top_k" in kw and kw["top_k"] < 0:
@@ -127,11 +128,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             stream: GenerationStream = await start(RequestContext(request_id=rid, endpoint=f"grpc:{method}",
                                                                   tenant=tenant))
             async with stream:
+                prompt_sent = False
                 async for d in stream:
                     msg = gateway_pb2.CompletionChunk(
                         request_id=rid, text=d.text, token_ids=d.token_ids, logprobs=d.logprobs or [], index=d.index,
                         top_logprobs=[gateway_pb2.TopLogprob(token_ids=[t for t, _ in alt], logprobs=[v for _, v in alt])
                                       for alt in d.top_logprobs or ()])
+                    if stream.prompt_logprobs is not None and not prompt_sent:
+                        prompt_sent = True
+                        msg.prompt_logprobs.extend(gateway_pb2.PromptTokenLogprob(
+                            token_id=tid, logprob=lp, rank=rank,
+                            top=gateway_pb2.TopLogprob(token_ids=[a for a, _ in alts], logprobs=[v for _, v in alts]))
+                            for tid, lp, rank, alts in stream.prompt_logprobs[1:])
                     if d.finish_reason is not None:
                         msg.finish_reason = d.finish_reason
                     if stream.finish_reason is not None:  # the last chunk: usage of every sample
