@@ -146,9 +146,10 @@ class SamplingParams:
 
     def child(self, index: int) -> "SamplingParams":
         """The settings of sample `index` of an n > 1 request: n = 1, and seed + index when seeded (vLLM's
-        ParentRequest rule), so the samples differ and each is reproducible."""
+        ParentRequest rule), so the samples differ and each is reproducible. prompt_logprobs are the prompt's,
+        computed by sample 0 only, so the others may still share its KV blocks."""
         seed = None if self.seed is None else self.seed + index
-        return dataclasses.replace(self, n=1, seed=seed)
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     @property
     def greedy(self) -> bool:

@@ -190,3 +190,14 @@ def test_prompt_logprobs_are_the_model_logits_at_prompt_positions(case):
         vals, top = lsm[i - 1].topk(3)
         assert [t for t, _ in alts] == top.tolist()
         assert [v for _, v in alts] == pytest.approx(vals.tolist(), abs=1e-4)
+
+
+def test_children_of_n_settings():
+    sp = SamplingParams(n=3, seed=5, prompt_logprobs=2, temperature=0.7)
+    kids = child_requests(EngineRequest("r", [1, 2, 3], sp))
+    assert [k.request_id for k in kids] == ["0_r", "1_r", "2_r"]
+    assert [k.sampling.seed for k in kids] == [5, 6, 7] and all(k.sampling.n == 1 for k in kids)
+    assert [k.sampling.prompt_logprobs for k in kids] == [2, None, None]  # the prompt's: computed once
+    unseeded = child_requests(EngineRequest("u", [1], SamplingParams(n=2)))
+    assert [k.sampling.seed for k in unseeded] == [None, None]
+    assert child_requests(EngineRequest("one", [1], SamplingParams()))[0].request_id == "one"
