@@ -41,7 +41,6 @@ import os
 import random
 import re
 import resource
-import shlex
 import shutil
 import signal
 import subprocess
@@ -285,11 +284,6 @@ def stack_processes(serve_pid: int) -> dict[str, dict]:
         else:
             name, metrics = f"child-{pid}", None
         procs[name] = {"pid": pid, "pids": descendants(pid), "metrics": metrics}
-        colocated = _arg(argv, "--colocated-encoder-args") if name == "generator" else None
-        if colocated:  # the encoder serves from the generator's engine-core process: its metrics, no pids
-            port = _arg(shlex.split(colocated), "--metrics-port")
-            procs["encoder"] = {"pid": None, "pids": [], "colocated_in": "generator",
-                                "metrics": f"http://127.0.0.1:{port}/metrics" if port and port != "0" else None}
     return procs
 
 

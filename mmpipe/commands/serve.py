@@ -4,22 +4,11 @@ Starts an embedded redis-server (unless --redis-url), then encoder, generator, i
 `python -m mmpipe.cli <stage> ...` on the given or free ports, waits until each is healthy, restarts a child
 that dies (exponential backoff, same ports), and on Ctrl-C / SIGTERM stops the children (gateway first,
 encoder last, each given --shutdown-grace-s) and then Redis.
-
-On a GPU the encoder runs inside the generator's engine-core process (--colocate-encoder, the default there):
-one CUDA context for the towers and the LM, so the towers' kernels run beside the engine's instead of taking
-turns with them (bench/colocation_probe.py measured 3.2x slower tower batches in a second process on an H200).
-It still serves its own gRPC port and metrics; a restart of the generator restarts it.
-
-Each child gets OMP_NUM_THREADS=1 unless the environment sets it (as vLLM does for its workers): the stages'
-CPU work is small tensors, and N processes x one OpenMP thread per core oversubscribed the H200 box's 16 cores
-(served unique-image throughput 37.9 -> 50.9 req/s at concurrency 64 from this alone; BENCHMARKS.md). On the
-CPU the encoder and generator keep torch's default, since they run the models there.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -65,9 +54,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
-    p.add_argument("--colocate-encoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the encoder in the generator's engine-core process (one CUDA context; default: on "
-                        "when the stages run on a GPU, off on the CPU)")
     p.add_argument("--api-server-count", type=int, default=int(e("MMPIPE_API_SERVER_COUNT", 1)),
                    help="gateway processes serving --port and --grpc-port (vLLM's flag; metrics merged on /metrics)")
     p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
@@ -104,7 +90,6 @@ class Child:
     name: str
     argv: list[str]
     health: tuple[str, str]  # ("grpc", "host:port") or ("http", url)
-    also_healthy: list[tuple[str, str]] = field(default_factory=list)  # what else it serves (a co-located encoder)
     proc: subprocess.Popen | None = None
     restarts: int = 0
     last_start: float = 0.0
@@ -126,26 +111,6 @@ class Child:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(5)
-
-
-def _on_gpu(device: str) -> bool:
-    """Whether the stages will run on an NVIDIA GPU, without importing torch into the supervisor."""
-    if device.startswith("cuda"):
-        return True
-    if device != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
-        return False
-    try:
-        return bool(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return False
-
-
-def _child_env(base: dict[str, str], name: str, on_gpu: bool) -> dict[str, str]:
-    """One child's environment: OMP_NUM_THREADS=1 unless set (see the module docstring)."""
-    env = dict(base)
-    if "OMP_NUM_THREADS" not in env and (on_gpu or name in ("gateway", "ingest")):
-        env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _healthy(kind: str, target: str, tls=None) -> bool:
@@ -174,7 +139,7 @@ def _wait_healthy(child: Child, timeout_s: float, stop: threading.Event) -> None
     while not stop.is_set():
         if child.proc is not None and child.proc.poll() is not None:
             raise RuntimeError(f"{child.name} exited with status {child.proc.returncode} while starting")
-        if all(_healthy(*h, tls=child.tls) for h in [child.health, *child.also_healthy]):
+        if _healthy(*child.health, tls=child.tls):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{child.name} did not become healthy within {timeout_s:.0f}s")
@@ -229,19 +194,9 @@ def run(args: argparse.Namespace) -> int:
         ing_extra += ["--limit-mm-per-prompt", args.limit_mm_per_prompt]
     if args.allow_private_media_urls:
         ing_extra += ["--allow-private-media-urls"]
-    on_gpu = _on_gpu(args.device)
-    colocate = on_gpu if args.colocate_encoder is None else args.colocate_encoder
-    if colocate:  # the encoder's flags ride the generator's; it serves addr["encoder"] from the engine core
-        gen += ["--colocated-encoder-args", shlex.join(enc[len(py) + 1:])]
-    stages = [Child("generator", gen, ("grpc", addr["generator"]), env=_child_env(child_env, "generator", on_gpu),
-                    tls=client_tls,
-                    also_healthy=[("grpc", addr["encoder"])] if colocate else []),
-              Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]),
-                    env=_child_env(child_env, "ingest", on_gpu), tls=client_tls)]
-    if not colocate:
-        stages.insert(0, Child("encoder", enc, ("grpc", addr["encoder"]), env=_child_env(child_env, "encoder", on_gpu),
-                               tls=client_tls))
-    children = list(stages)
+    children = [Child("encoder", enc, ("grpc", addr["encoder"]), env=child_env, tls=client_tls),
+                Child("generator", gen, ("grpc", addr["generator"]), env=child_env, tls=client_tls),
+                Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]), env=child_env, tls=client_tls)]
     if not args.no_gateway:
         gw = [*py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
               "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
@@ -264,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         if args.trust_tenant_header:
             gw += ["--trust-tenant-header"]
-        gw_env = {**_child_env(child_env, "gateway", on_gpu), **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
+        gw_env = {**child_env, **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
         children.append(Child("gateway", gw, ("http", f"http://{http_host}:{args.port}/health"), env=gw_env))
 
     stop = threading.Event()
@@ -272,18 +227,17 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     status = 0
     try:
-        for c in stages:
+        for c in children[:3]:
             c.start()
-        for c in stages:
+        for c in children[:3]:
             _wait_healthy(c, args.startup_timeout_s, stop)
-        for c in children[len(stages):]:  # the gateway, once the stages serve
-            c.start()
-            _wait_healthy(c, args.startup_timeout_s, stop)
+        if len(children) > 3:
+            children[3].start()
+            _wait_healthy(children[3], args.startup_timeout_s, stop)
         if not stop.is_set():
             where = (f"gateway listening on http://{args.host}:{args.port}/v1 (gRPC {args.host}:{args.grpc_port})"
                      if not args.no_gateway else "no gateway")
-            print(f"mmpipe serve: ready; {where}; ingest {addr['ingest']}, encoder {addr['encoder']}"
-                  f"{' (in the generator engine-core process)' if colocate else ''}, generator "
+            print(f"mmpipe serve: ready; {where}; ingest {addr['ingest']}, encoder {addr['encoder']}, generator "
                   f"{addr['generator']}. Ctrl-C stops everything.", flush=True)
         while not stop.wait(0.5):
             for c in children:

@@ -20,11 +20,7 @@ def add_stage_parser(subparsers: argparse._SubParsersAction, name: str, help_tex
     return p
 
 
-def run_stage(args: argparse.Namespace, server_module: str, configure=None) -> int:
-    """Build the stage's config from its flags, let `configure(cfg) -> cfg` finish it (what only the CLI can
-    wire, e.g. one service hosted by another's process), and run the server."""
+def run_stage(args: argparse.Namespace, server_module: str) -> int:
     mod, cls = args._config_path.rsplit(".", 1)
     cfg = getattr(importlib.import_module(mod), cls).from_args(args)
-    if configure is not None:
-        cfg = configure(cfg)
     return importlib.import_module(server_module).main(cfg)

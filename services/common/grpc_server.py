@@ -190,17 +190,14 @@ async def _abort(context, code: grpc.StatusCode, message: str) -> None:
 async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
                 register: Callable[[grpc.aio.Server], list[str]],
                 load: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]] | None = None,
-                alive: Callable[[], bool] | None = None, alive_period_s: float = 0.5,
-                on_ready: Callable[[], None] | None = None, handle_signals: bool = True) -> None:
+                alive: Callable[[], bool] | None = None, alive_period_s: float = 0.5) -> None:
     """Run one stage server until SIGTERM/SIGINT.
 
     register(server) adds the servicers and returns their full service names; load() loads the model and
     warms it up (health stays NOT_SERVING, RPCs get UNAVAILABLE, until it returns); close() runs after the
     server has stopped (flush caches, stop engines). alive(), checked every alive_period_s once ready, is the
     liveness of what serves (the generator's engine loop): when it turns False, health turns NOT_SERVING for
-    good, so an orchestrator restarts the process. on_ready() runs once health is SERVING. handle_signals=False
-    is for a server in a thread of another service's process (a co-located encoder: it serves until that
-    process ends; only the main thread can take signals).
+    good, so an orchestrator restarts the process.
     """
     tracing.setup(metrics.service, getattr(cfg, "otlp_traces_endpoint", None))
     interceptor = StageInterceptor(metrics)
@@ -226,9 +223,8 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if handle_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
     load_task = asyncio.create_task(load())
     stop_task = asyncio.create_task(stop.wait())
@@ -240,8 +236,6 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
         for n in ["", *names]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s ready on %s:%d", name, cfg.host, port)
-        if on_ready is not None:
-            on_ready()
         watch = None
         if alive is not None:
             watch = asyncio.create_task(_watch_liveness(name, alive, alive_period_s, health_servicer, names))

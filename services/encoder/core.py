@@ -53,24 +53,12 @@ class _BatchTimes:
 
 
 def _device_clock(device: Any) -> float:
-    """time.perf_counter once the work this thread queued on `device` has run (CUDA kernels are asynchronous).
-    The current stream only, not the whole device: co-located with the engine (one CUDA context), the engine's
-    kernels are not the tower's to wait for."""
+    """time.perf_counter once the work queued on `device` has run (CUDA kernels are asynchronous)."""
     if getattr(device, "type", "cpu") == "cuda":
         import torch
 
-        torch.cuda.current_stream(device).synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _tower_thread_init(device: Any) -> None:
-    """The tower thread's own CUDA stream: beside an engine in the same process (a co-located encoder) the
-    towers' kernels run next to the engine's instead of queueing behind them on the default stream."""
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch
-
-        torch.cuda.set_device(device)
-        torch.cuda.set_stream(torch.cuda.Stream(device))
 
 
 @dataclass(frozen=True)
@@ -99,8 +87,7 @@ class EncoderCore:
         self.cache = cache
         self.redis = redis_client
         self.keyspaces = Keyspaces(cfg.model, adapter, cfg.media_io_kwargs)
-        self.tower = ThreadPoolExecutor(1, thread_name_prefix="tower", initializer=_tower_thread_init,
-                                        initargs=(adapter.device,))  # one model, one thread
+        self.tower = ThreadPoolExecutor(1, thread_name_prefix="tower")  # one model, one thread
         self.io = ThreadPoolExecutor(4, thread_name_prefix="redis-io")
         m = metrics
         self.m_batch = m.histogram("batch_size", "items per tower batch", (1, 2, 4, 8, 16, 32, 64), ("modality",))
@@ -142,9 +129,6 @@ class EncoderCore:
                     embs.extend(self.adapter.encode(modality, [it]))
                 except Exception as e:  # noqa: BLE001
                     embs.append(e)
-        if getattr(self.adapter.device, "type", "cpu") == "cuda":  # to the host on this thread's stream (above)
-            embs = [MMEmbedding(e.modality, e.tensor.cpu(), e.meta) if isinstance(e, MMEmbedding) else e
-                    for e in embs]
         t2 = _device_clock(self.adapter.device)
         self.steps.record("finish", t0, t1, span=False)  # per batch; each request's trace gets its own (encode)
         self.m_encode_s.labels(self.model_label, modality).observe(t2 - t1)

@@ -1,10 +1,8 @@
 """Run the encoder service: `mmpipe encoder --model M --redis-url redis://... [flags]`."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import threading
 
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
@@ -15,7 +13,7 @@ from mmpipe.services.encoder.config import EncoderConfig
 log = logging.getLogger(__name__)
 
 
-async def run(cfg: EncoderConfig, *, on_ready=None, handle_signals: bool = True) -> None:
+async def run(cfg: EncoderConfig) -> None:
     metrics = ServiceMetrics("encoder", cfg.model)
     state: dict = {}
 
@@ -62,21 +60,10 @@ async def run(cfg: EncoderConfig, *, on_ready=None, handle_signals: bool = True)
         if "core" in state:
             await state["core"].close()
 
-    await serve(name="encoder", cfg=cfg.server, metrics=metrics, register=register, load=load, close=close,
-                on_ready=on_ready, handle_signals=handle_signals)
+    await serve(name="encoder", cfg=cfg.server, metrics=metrics, register=register, load=load, close=close)
 
 
 def main(cfg: EncoderConfig) -> int:
     setup_logging("encoder", cfg.server.log_level)
     asyncio.run(run(cfg))
     return 0
-
-
-def run_colocated(argv: list[str], ready: threading.Event) -> None:
-    """The encoder as a sidecar of another process (`mmpipe generator --colocated-encoder-args`: the generator's
-    engine-core process, so the towers and the LM share one CUDA context): `argv` are `mmpipe encoder` flags;
-    sets `ready` once serving, then serves until the process ends. Logging is the host process's."""
-    p = argparse.ArgumentParser(prog="mmpipe encoder (co-located)")
-    EncoderConfig.add_args(p)
-    cfg = EncoderConfig.from_args(p.parse_args(argv))
-    asyncio.run(run(cfg, on_ready=ready.set, handle_signals=False))

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mmpipe.services.common import cli_args as ca
@@ -34,10 +32,6 @@ class GeneratorConfig:
     engine_process: bool = True  # the engine steps in its own process (engine_setup.py)
     redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
     stream_interval: int = 1  # tokens per Generate message (--stream-interval; stream_interval.py)
-    colocated_encoder_args: list[str] | None = None  # `mmpipe encoder` flags of a co-located encoder
-    # what runs that encoder in the engine-core process (shared/engine/core_process.py's sidecar); set by the
-    # CLI (mmpipe/commands/generator.py), which composes the services: this service never imports another
-    engine_sidecar: Callable | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -65,13 +59,6 @@ class GeneratorConfig:
                        help="step the engine in its own process, so that it never waits on this process's GIL "
                             "(gRPC, asyncio); --no-engine-process steps it in a thread here, for debugging "
                             "(env MMPIPE_ENABLE_ENGINE_PROCESS, after vLLM's VLLM_ENABLE_V1_MULTIPROCESSING)")
-        g.add_argument("--colocated-encoder-args", default=ca.env("COLOCATED_ENCODER_ARGS", None) or None,
-                       metavar="'ENCODER FLAGS'",
-                       help="also run the encoder service, with these `mmpipe encoder` flags (one quoted string, "
-                            "e.g. '--model M --port 50052 --redis-url redis://...'), inside the engine-core "
-                            "process: one CUDA context for the towers and the LM, which on a GPU they share is "
-                            "much faster than two processes taking turns (`mmpipe serve` does this on a GPU; env "
-                            "MMPIPE_COLOCATED_ENCODER_ARGS)")
         g = p.add_argument_group("streaming")
         g.add_argument("--stream-interval", type=_at_least_one, default=str(ca.env("STREAM_INTERVAL", 1)),
                        help="tokens buffered before a Generate message is sent (vLLM's flag): 1 sends every token; N "
@@ -88,8 +75,7 @@ class GeneratorConfig:
                    gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
                    enable_prefix_caching=a.enable_prefix_caching, max_waiting=a.max_waiting,
                    engine_process=a.engine_process, redis_options=ca.redis_options(a),
-                   stream_interval=a.stream_interval,
-                   colocated_encoder_args=shlex.split(a.colocated_encoder_args) if a.colocated_encoder_args else None)
+                   stream_interval=a.stream_interval)
 
 
 def _at_least_one(value: str) -> int:

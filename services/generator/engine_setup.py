@@ -70,9 +70,6 @@ def build_engine(cfg: GeneratorConfig) -> GeneratorEngine:
     from mmpipe.shared.models.registry import resolve_device, resolve_dtype
 
     if not cfg.engine_process:
-        if cfg.engine_sidecar is not None:
-            raise ValueError("a co-located encoder (--colocated-encoder-args) runs in the engine-core process: "
-                             "drop --no-engine-process")
         return _build_in_process(cfg)
     from mmpipe.services.common.logs import setup_logging
     from mmpipe.shared.engine import EngineCoreClient, EngineCoreSpec
@@ -88,8 +85,7 @@ def build_engine(cfg: GeneratorConfig) -> GeneratorEngine:
                                                                      max_model_len=max_len),
                           load_kwargs={"model": cfg.model, "dtype": dtype, "device": device,
                                        "trust_remote_code": cfg.trust_remote_code},
-                          setup=functools.partial(setup_logging, "generator-engine-core", level),
-                          sidecar=cfg.engine_sidecar)
+                          setup=functools.partial(setup_logging, "generator-engine-core", level))
     client = EngineCoreClient(spec, max_waiting=cfg.max_waiting)
     log.info("engine core running in process %d", client.pid)
     return GeneratorEngine(adapter, client, client.load_info["weights"])

@@ -14,14 +14,6 @@ the one that steps the engine, so the steps never wait for that process's GIL. H
 It ends on "shutdown" (after finishing the requests in flight, as AsyncLLMEngine.shutdown does), or when the
 front's end of the connection closes (the front died: the process exits, which frees everything). A step
 that raises sends "dead" with the error and exits with status 1. No asyncio and no gRPC in here.
-
-A sidecar (EngineCoreSpec.sidecar) is another service that shares this process, and so this CUDA context:
-`mmpipe serve` on one GPU runs the encoder here. Two processes on one GPU get time slices of it in turn (no
-MPS: their kernels never overlap), and on an H200 the towers ran 3.2x slower per batch beside a decoding
-engine in another process (bench/colocation_probe.py); in one context the tower's stream and the engine's
-run side by side. The sidecar starts first (in a daemon thread) and the engine is built once it says it is
-ready, so the engine's memory profile sees the sidecar's weights. A sidecar that ends takes the process down
-(status 1): its supervisor restarts both.
 """
 from __future__ import annotations
 
@@ -66,10 +58,6 @@ class EngineCoreSpec:
     load_kwargs: dict[str, Any] = field(default_factory=dict)
     setup: Callable[[], None] | None = None
     idle_wait_s: float = 0.05
-    # sidecar(ready): a service sharing this process (see the module docstring); sets `ready` once loaded and
-    # then serves until the process ends. Pickled like `load`.
-    sidecar: Callable[[threading.Event], None] | None = None
-    sidecar_startup_timeout_s: float = 900.0
 
 
 def run_engine_core(spec: EngineCoreSpec, conn: Connection) -> None:
@@ -79,8 +67,6 @@ def run_engine_core(spec: EngineCoreSpec, conn: Connection) -> None:
     if spec.setup is not None:
         spec.setup()
     try:
-        if spec.sidecar is not None:
-            start_sidecar(spec.sidecar, spec.sidecar_startup_timeout_s)
         model, load_info = spec.load(**spec.load_kwargs)
         engine = LLMEngine(model, spec.engine_config)
     except BaseException as e:  # noqa: BLE001 - whatever stops the build is reported to the front, then re-raised
@@ -89,34 +75,6 @@ def run_engine_core(spec: EngineCoreSpec, conn: Connection) -> None:
         conn.close()
         raise
     EngineCore(engine, conn, spec.idle_wait_s).run(load_info)
-
-
-def start_sidecar(sidecar: Callable[[threading.Event], None], timeout_s: float) -> threading.Thread:
-    """Run `sidecar(ready)` in a daemon thread and wait until it sets `ready`. If it ends (returns or raises),
-    before or after that, the process exits with status 1 (os._exit: the engine's threads cannot outlive it
-    half-served); before that, the wait raises instead, so the front hears why."""
-    ready = threading.Event()
-
-    def target() -> None:
-        try:
-            sidecar(ready)
-            log.error("the co-located service returned; exiting so that the supervisor restarts this process")
-        except BaseException:  # noqa: BLE001 - logged, then the process goes down with it
-            log.exception("the co-located service died; exiting so that the supervisor restarts this process")
-        if ready.is_set():
-            logging.shutdown()
-            os._exit(1)
-
-    t = threading.Thread(target=target, name="mmpipe-sidecar", daemon=True)
-    t.start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.2):
-        if not t.is_alive():
-            raise RuntimeError("the co-located service failed while starting (its error is logged above)")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the co-located service was not ready after {timeout_s:.0f} s")
-    log.info("co-located service ready; building the engine")
-    return t
 
 
 class EngineCore:

@@ -97,9 +97,7 @@ class StepGraphs(ABC):
         torch.cuda.synchronize()
         for size in reversed(self.sizes):
             g = torch.cuda.CUDAGraph()
-            # thread_local: a co-located encoder's thread (core_process.py's sidecar) may launch its own work
-            # on its own stream meanwhile; only this thread's calls must be capture-safe
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(g, pool=self.pool):
                 out = self._forward(size)
             if self.pool is None:
                 self.pool = g.pool()
