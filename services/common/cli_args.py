@@ -116,7 +116,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_redis_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=env("REDIS_URL"), required=env("REDIS_URL") is None,
-                   help="the shared embedding cache, redis://host:port/db (env MMPIPE_REDIS_URL)")
+                   help="the shared embedding cache, redis://host:port/db, or a Redis / Valkey cluster: "
+                        "redis+cluster://host:port[,host:port] (env MMPIPE_REDIS_URL)")
     add_redis_security_args(p)
 
 

@@ -68,10 +68,9 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
                           media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
     redis = None
     if cfg.redis_url:
-        import redis.asyncio as aioredis
+        from mmpipe.shared.cache.redis_urls import async_client  # a cluster URL too (redis_urls.py)
 
-        redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
-        redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, **redis_kw)
+        redis = async_client(cfg.redis_url, cfg.redis_options, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = GatewayCore(cfg, info, stages)
 
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
