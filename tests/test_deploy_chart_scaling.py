@@ -9,12 +9,11 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from test_deploy_chart import (CHART, COMPONENTS, NAMESPACE, RELEASE, ROOT, STAGES, by_kind, component_of, container,
-                               container_port, deployments, env_of, helm, objects, pods_behind, resolved_env, selects,
-                               service_for_host, values_for)
-
 import yaml
+
+from test_deploy_chart import (CHART, NAMESPACE, RELEASE, ROOT, STAGES, by_kind, component_of, container,
+                               container_port, deployments, env_of, helm, objects, resolved_env, selects,
+                               service_for_host, values_for)
 
 QUEUE_METRICS = {"encoder": "mmpipe_encoder_queue_depth", "generator": "mmpipe_generator_engine_waiting_requests"}
 

@@ -73,8 +73,6 @@ def test_connection_age_flags_reach_the_server_options(monkeypatch: pytest.Monke
 
 
 def test_client_spreads_over_a_replica_added_behind_its_dns_name(tmp_path: Path) -> None:
-    import grpc
-
     from mmpipe.services.common.stage_clients import make_channel
 
     port = free_port()
