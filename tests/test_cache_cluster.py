@@ -186,3 +186,19 @@ def test_cluster_unreachable_fails_fast_with_a_clear_error() -> None:
     url = f"redis+cluster://127.0.0.1:{free_port()}"
     with pytest.raises(ServiceUnavailableError, match="Redis Cluster"):
         RedisEmbeddingCache(url, socket_timeout_s=0.5)
+
+
+def test_gateway_readiness_client_pings_the_cluster(redis_cluster_url: str) -> None:
+    """The gateway's /health pings the cache through redis_urls.async_client: a RedisCluster for a cluster URL."""
+    import asyncio
+
+    from mmpipe.shared.cache.redis_urls import async_client
+
+    async def ping() -> bool:
+        client = async_client(redis_cluster_url, None, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            return bool(await client.ping())
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(ping())
