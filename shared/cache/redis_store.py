@@ -482,9 +482,14 @@ class RedisEmbeddingCache(EmbeddingCache):
         if not items:
             return
 
+        done: set[str] = set()  # a retry after MOVED re-sends only what no server has acknowledged
+
         def write() -> None:
-            for pool, groups in self._route([k for k, _ in items]):
-                self._write_on(pool, [items[i] for g in groups for i in g])
+            todo = [(k, e) for k, e in items if k not in done]
+            for pool, groups in self._route([k for k, _ in todo]):
+                part = [todo[i] for g in groups for i in g]
+                self._write_on(pool, part)
+                done.update(k for k, _ in part)
 
         self._rerouted(write, "SET")
 
