@@ -24,7 +24,8 @@ import grpc
 
 from mmpipe.services.common import tracing
 from mmpipe.services.common.convert import (EmbeddingRef, LookupItem, MediaSource, TokenChunk, sampling_to_pb)
-from mmpipe.services.common.grpc_server import ERROR_CLASS_HEADER, ERROR_PARAM_HEADER, channel_options
+from mmpipe.services.common.grpc_server import (DNS_MIN_RERESOLVE_MS, ERROR_CLASS_HEADER, ERROR_PARAM_HEADER,
+                                                channel_options)
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from mmpipe.services.common.pb import encoder_pb2, encoder_pb2_grpc, generator_pb2, generator_pb2_grpc
 from mmpipe.services.common.pb import ingest_pb2, ingest_pb2_grpc
@@ -36,10 +37,12 @@ from mmpipe.shared.types import SamplingParams
 __all__ = ["StageClients", "IngestClient", "EncoderClient", "GeneratorClient", "to_mmpipe_error", "make_channel"]
 
 
-def make_channel(target: str, max_message_mb: int = 256, tls: ClientTLS | None = None) -> grpc.aio.Channel:
-    """An aio channel with the stage options (sizes, keepalive, fast reconnect, round_robin): plaintext, or
-    TLS / mTLS with `tls` (--stage-tls-* flags, services/common/tls.py)."""
-    opts = channel_options(target, max_message_mb)
+def make_channel(target: str, max_message_mb: int = 256, tls: ClientTLS | None = None, *,
+                 min_reresolve_ms: int = DNS_MIN_RERESOLVE_MS) -> grpc.aio.Channel:
+    """An aio channel with the stage options (sizes, keepalive, fast reconnect, round_robin over every address
+    of a dns: name, re-resolved at most every `min_reresolve_ms` when a server closes a connection for its age):
+    plaintext, or TLS / mTLS with `tls` (--stage-tls-* flags, services/common/tls.py)."""
+    opts = channel_options(target, max_message_mb, min_reresolve_ms=min_reresolve_ms)
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts)
     # gRPC takes max(min_reconnect_backoff, current backoff) as the deadline of one connection attempt: the

@@ -227,7 +227,7 @@ class EncoderCore:
                 raise InvalidInputError("a lookup item needs a key, a uuid or a content_hash", param="items")
         try:
             headers = peek_headers(self.redis, keys)
-        except (redis.exceptions.RedisError, OSError) as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
             # Redis down or restarting: a retryable UNAVAILABLE (the client retries), never an INTERNAL 500.
             raise ServiceUnavailableError(f"the embedding cache is unreachable during Lookup: {e}") from e
         out = []

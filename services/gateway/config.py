@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmpipe.services.common.cli_args import add_tracing_arg
+from mmpipe.services.common.cli_args import add_connection_age_args, add_tracing_arg, connection_age
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
                                         client_tls_from_args, server_tls_from_args)
 from mmpipe.shared.cache.redis_options import RedisOptions
@@ -85,6 +85,9 @@ class GatewayConfig:
     api_server_count: int = 1
     # OTLP/HTTP URL for the request spans (services/common/tracing.py); None: no tracing.
     otlp_traces_endpoint: str | None = None
+    # The public gRPC API's connection age (--grpc-max-connection-age-ms / -grace-ms, services/common/cli_args.py).
+    grpc_max_connection_age_ms: int = 300_000
+    grpc_max_connection_age_grace_ms: int = 600_000
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:
@@ -171,6 +174,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
+    add_connection_age_args(p.add_argument_group("gRPC connection age of the public gRPC API"))
     p.add_argument("--api-server-count", type=int, default=int(_env("API_SERVER_COUNT", 1)),
                    help="gateway processes serving the one --port and --grpc-port (vLLM's flag); their metrics are "
                         "merged on /metrics, process metrics labelled by worker [MMPIPE_API_SERVER_COUNT]")
@@ -234,4 +238,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
+        grpc_max_connection_age_ms=connection_age(args)[0], grpc_max_connection_age_grace_ms=connection_age(args)[1],
     )

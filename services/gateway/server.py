@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmpipe.services.common import tracing
+from mmpipe.services.common.grpc_server import connection_age_options
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
 
 from .config import GatewayConfig
@@ -67,14 +68,15 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
                           media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
     redis = None
     if cfg.redis_url:
-        import redis.asyncio as aioredis
+        from mmpipe.shared.cache.redis_urls import async_client  # a cluster URL too (redis_urls.py)
 
-        redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
-        redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, **redis_kw)
+        redis = async_client(cfg.redis_url, cfg.redis_options, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = GatewayCore(cfg, info, stages)
 
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                           *connection_age_options(cfg.grpc_max_connection_age_ms,
+                                                                   cfg.grpc_max_connection_age_grace_ms)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
