@@ -74,9 +74,10 @@ def load_template_arg(value: str | None) -> str | None:
 
 
 def apply_template(processor: Any, template: str, conversation: list[dict[str, Any]], *,
-                   add_generation_prompt: bool = True) -> str:
+                   add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
+    """`tools`: the request's function tools in OpenAI's shape (shared/tools), rendered by the template."""
     try:
         return processor.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                                       add_generation_prompt=add_generation_prompt)
+                                                       add_generation_prompt=add_generation_prompt, tools=tools)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         raise InvalidInputError(f"applying the chat template failed: {e}", param="messages") from e
