@@ -77,6 +77,17 @@ class StreamDelta:
         self.tool_calls.extend(other.tool_calls)
         return self
 
+    def merged_calls(self) -> list[DeltaToolCall]:
+        """The pieces with consecutive ones of one call joined (a name and its first fragments: one piece)."""
+        out: list[DeltaToolCall] = []
+        for p in self.tool_calls:
+            last = out[-1] if out else None
+            if last is not None and last.index == p.index and p.id is None and p.name is None:
+                out[-1] = DeltaToolCall(last.index, last.id, last.name, (last.arguments or "") + (p.arguments or ""))
+            else:
+                out.append(p)
+        return out
+
 
 class ToolCallStream(ABC):
     """The streaming state of one answer."""
