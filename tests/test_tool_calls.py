@@ -208,3 +208,16 @@ def test_gateway_flags_follow_vllm():
         with pytest.raises(InvalidInputError) as ei:
             config_from_args(parse(["--model", "m", *argv]))
         assert ei.value.param == "--tool-call-parser"
+
+
+def test_mmpipe_serve_takes_the_tool_flags_and_checks_them_before_starting(capsys):
+    import argparse
+
+    from mmpipe.commands import serve
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = serve.add_parser(sub)
+    args = p.parse_args(["m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
+    assert serve.run(p.parse_args(["m", "--enable-auto-tool-choice"])) == 2  # nothing was started
+    assert "--tool-call-parser" in capsys.readouterr().err
