@@ -221,3 +221,14 @@ def test_a_schema_the_grammar_engine_refuses_names_the_tool(compiler):
     with pytest.raises(InvalidInputError) as ei:
         plan.sampling(SamplingParams(), compiler)
     assert ei.value.param == "tools[1].function.parameters"
+
+
+def test_renders_tools_tells_tool_aware_templates_apart():
+    from transformers import AutoProcessor
+
+    from mmpipe.shared.chat.templates import FALLBACK_TEMPLATES, renders_tools
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+
+    proc = AutoProcessor.from_pretrained(ensure_tiny_model("qwen2_vl"))
+    assert renders_tools(proc, proc.chat_template)  # the tiny ChatML template, Qwen2.5-style
+    assert not renders_tools(proc, FALLBACK_TEMPLATES["qwen2_vl"]) and not renders_tools(proc, None)
