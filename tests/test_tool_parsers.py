@@ -232,3 +232,16 @@ def test_renders_tools_tells_tool_aware_templates_apart():
     proc = AutoProcessor.from_pretrained(ensure_tiny_model("qwen2_vl"))
     assert renders_tools(proc, proc.chat_template)  # the tiny ChatML template, Qwen2.5-style
     assert not renders_tools(proc, FALLBACK_TEMPLATES["qwen2_vl"]) and not renders_tools(proc, None)
+
+
+def test_tool_call_pieces_have_the_pydantic_wire_shape():
+    """Stream chunks are written by hand (http/sse.py): each piece must be what DeltaMessage would dump."""
+    from mmpipe.services.gateway.openai.chat_completion.protocol import ChatMessage, DeltaMessage
+    from mmpipe.shared.tools.parsers import DeltaToolCall
+
+    pieces = [DeltaToolCall(0, "call_1", "add", ""), DeltaToolCall(0, arguments='{"a": 1}'),
+              DeltaToolCall(1, "call_2", "get_weather", '{"city": "x"}')]
+    wire = [p.to_openai() for p in pieces]
+    assert DeltaMessage.model_validate({"tool_calls": wire}).model_dump(exclude_none=True) == {"tool_calls": wire}
+    call = hermes().extract(CALL_1).tool_calls[0].to_openai()
+    assert ChatMessage.model_validate({"tool_calls": [call]}).model_dump(exclude_none=True)["tool_calls"] == [call]
