@@ -17,6 +17,8 @@ from mmpipe.shared.inputs.assemble import build_engine_request
 from mmpipe.shared.inputs.chat_items import chat_item_refs
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders, parse_items
 from mmpipe.shared.inputs.resolve import EmbeddingResolver
+from mmpipe.shared.tools.plan import ToolPlan, ToolSettings
+from mmpipe.shared.tools.request import parse_tool_request
 from mmpipe.shared.types import CompletionOutput, EngineRequest, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -178,20 +180,30 @@ class LLM:
 
     # ---- chat -------------------------------------------------------------------------------------
     def chat(self, messages: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
+             parallel_tool_calls: bool | None = None) -> list[RequestOutput]:
+        """`tools` (OpenAI's function tools) are rendered by the chat template, as in vLLM; the answer is text
+        (parse it with `mmpipe.shared.tools.get_tool_parser("hermes")().extract(text)`). `tool_choice`
+        "required" or `{"type": "function", "function": {"name": ...}}` (mmpipe's addition, the server's
+        semantics) makes the answer such a call, in the hermes format, with arguments valid for the schema."""
         conversations = messages if (isinstance(messages, list) and messages and isinstance(messages[0], list)) \
             else [messages]
         template = resolve_template(self.adapter.family, self.adapter.processor,
                                     load_template_arg(chat_template) or self.chat_template)
+        plan = ToolPlan.make(parse_tool_request(tools, tool_choice, parallel_tool_calls), ToolSettings(),
+                             offline=True)
         parsed = []
         for conv in conversations:
             chat = parse_messages(conv)
             text = apply_template(self.adapter.processor, template, chat.conversation,
-                                  add_generation_prompt=add_generation_prompt)
+                                  add_generation_prompt=add_generation_prompt,
+                                  tools=plan.template_tools() if plan is not None else None)
             refs = chat_item_refs(chat.parts, self._parse_options())
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
             parsed.append((text, ids, refs))
+        if plan is not None and plan.request.forced:
+            sampling_params = [plan.sampling(sp, self._grammars()) for sp in _per_prompt(sampling_params, len(parsed))]
         return self._run(parsed, sampling_params, use_tqdm)
 
 

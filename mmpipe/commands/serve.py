@@ -56,6 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "only); env MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS=1 reaches every stage too")
     p.add_argument("--enable-mm-embeds", action="store_true")
     p.add_argument("--chat-template", default=None)
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   default=e("MMPIPE_ENABLE_AUTO_TOOL_CHOICE", "").lower() in ("1", "true", "yes", "on"),
+                   help='gateway: the model decides when to call tools (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=e("MMPIPE_TOOL_CALL_PARSER") or None,
+                   help="gateway: format of the model's tool calls (hermes: <tool_call>{json}</tool_call>, Qwen)")
     p.add_argument("--api-key", default=e("MMPIPE_API_KEY"))
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
@@ -177,6 +182,14 @@ def run(args: argparse.Namespace) -> int:
 
     from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
 
+    from mmpipe.shared.errors import InvalidInputError
+    from mmpipe.shared.tools.plan import ToolSettings
+
+    try:  # before anything starts: a gateway refusing its flags would only be restarted over and over
+        ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser)
+    except InvalidInputError as e:
+        print(f"mmpipe serve: error: {e.message}", file=sys.stderr)
+        return 2
     server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
     if server_tls is not None and client_tls is None:
         print("mmpipe serve: with --tls-cert-file, also give --stage-tls-ca-file (and --stage-tls-cert-file / "
@@ -229,13 +242,15 @@ def run(args: argparse.Namespace) -> int:
               "--generator-addr", addr["generator"], "--redis-url", redis_url,
               "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args]
         for flag in ("limit_mm_per_prompt", "media_io_kwargs", "allowed_local_media_path", "chat_template",
-                     "api_key_file"):
+                     "api_key_file", "tool_call_parser"):
             if getattr(args, flag):
                 gw += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
         if args.allowed_media_domains:
             gw += ["--allowed-media-domains", *args.allowed_media_domains]
         if args.enable_mm_embeds:
             gw += ["--enable-mm-embeds"]
+        if args.enable_auto_tool_choice:
+            gw += ["--enable-auto-tool-choice"]
         if args.allow_private_media_urls:
             gw += ["--allow-private-media-urls"]
         if args.max_model_len:

@@ -24,6 +24,7 @@ from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders
 from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.structured.grammar import GrammarCompiler
+from mmpipe.shared.tools.plan import ToolPlan, ToolSettings
 from mmpipe.shared.types import SamplingParams
 
 from .config import GatewayConfig
@@ -36,11 +37,13 @@ from .types import ChatInput, CompletionInput
 class PreparedPrompt:
     """A checked request: the prompt's token ids (one placeholder per item), its media items as the shared
     chat rules made them (`ItemRef`: modality, per-modality index, source = URL / raw `image_embeds` value /
-    None for UUID-only, uuid, is_embeds; the one shape from here to the stage protos), and the sampling."""
+    None for UUID-only, uuid, is_embeds; the one shape from here to the stage protos), the sampling (with the
+    grammar of a forced tool choice) and the request's tool plan (how its answer is read; None: no tools)."""
 
     prompt_token_ids: list[int]
     media: list[ItemRef]
     sampling: SamplingParams
+    tools: ToolPlan | None = None
 
 
 class Preparer:
@@ -53,6 +56,7 @@ class Preparer:
                                            allowed_local_media_path=cfg.allowed_local_media_path,
                                            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
         self.steps = StepTimer(STEP_DURATION, cfg.served_model_name)
+        self.tool_settings = ToolSettings(cfg.enable_auto_tool_choice, cfg.tool_call_parser)
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
@@ -73,7 +77,9 @@ class Preparer:
             raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
-        self._check_grammar(inp.sampling)
+        tools = ToolPlan.make(inp.tools, self.tool_settings)
+        sampling = inp.sampling if tools is None else tools.sampling(inp.sampling, self.grammars)
+        self._check_grammar(sampling)
         t = time.perf_counter()
         chat = parse_messages(inp.messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
@@ -85,12 +91,13 @@ class Preparer:
                 self.precheck_url(ref.source, p.modality)
         t = self._step("parse", t)
         text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
-                              add_generation_prompt=inp.add_generation_prompt)
+                              add_generation_prompt=inp.add_generation_prompt,
+                              tools=tools.template_tools() if tools is not None else None)
         t = self._step("template", t)
         ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
-        self._check_prompt(ids, media, inp.sampling)
+        self._check_prompt(ids, media, sampling)
         self._step("tokenize", t)
-        return PreparedPrompt(ids, media, inp.sampling)
+        return PreparedPrompt(ids, media, sampling, tools)
 
     # ---- completions -----------------------------------------------------------------------------------
     def completion(self, inp: CompletionInput) -> PreparedPrompt:

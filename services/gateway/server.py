@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from mmpipe.services.common import tracing
 from mmpipe.services.common.grpc_server import connection_age_options
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
+from mmpipe.shared.chat.templates import renders_tools
 
 from .config import GatewayConfig
 from .core import GatewayCore
@@ -64,6 +65,9 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     tracing.setup("gateway", cfg.otlp_traces_endpoint)
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
                                    max_model_len=cfg.max_model_len)
+    if cfg.enable_auto_tool_choice and not renders_tools(info.processor, info.chat_template):
+        logger.warning("--enable-auto-tool-choice: the chat template does not render `tools`, so the model will "
+                       "not see them; pass a tool-aware --chat-template")
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
                           media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
     redis = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpipe.shared.tools.request import ToolRequest
 from mmpipe.shared.types import SamplingParams
 
 
@@ -29,6 +30,7 @@ class ChatInput:
     model: str | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    tools: ToolRequest | None = None  # tools, tool_choice, parallel_tool_calls, validated
 
 
 @dataclass(frozen=True)

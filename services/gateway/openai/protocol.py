@@ -9,7 +9,7 @@ working.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,6 +72,9 @@ class StreamOptions(OpenAIBaseModel):
 class SamplingFields(OpenAIBaseModel):
     """The sampling fields both endpoints accept."""
 
+    # names of UNIMPLEMENTED that an endpoint does implement (chat: tools, tool_choice)
+    IMPLEMENTED: ClassVar[frozenset[str]] = frozenset()
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
@@ -123,8 +126,9 @@ class SamplingFields(OpenAIBaseModel):
         return None
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        refuse_unimplemented({**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
-                                                             if k in type(self).model_fields}})
+        fields = {**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
+                                                 if k in type(self).model_fields}}
+        refuse_unimplemented({k: v for k, v in fields.items() if k not in self.IMPLEMENTED})
         if self.n != 1:
             raise UnsupportedError("only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
