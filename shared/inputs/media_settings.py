@@ -3,6 +3,7 @@
     MediaSettings    the server's --mm-processor-kwargs / --media-io-kwargs overlaid with a request's own, checked
                      once (the family's allow-list and ceilings: shared/models/mm_kwargs.py; the media IO options:
                      shared/media/loader.py). Frozen: from the edge that resolved it to the processor call.
+    resolve_settings the one check of a request's settings (adapter class + processor, no weights: the gateway too).
     SettingsSpace    one server's defaults; `resolve` turns a request's raw kwargs into MediaSettings, `keyspace`
                      and `loader` give the cache keyspace and the loader of those settings (memoised).
 
@@ -47,6 +48,23 @@ def merge_media_io_kwargs(server: Mapping[str, Any], request: Mapping[str, Any])
     return out
 
 
+def resolve_settings(adapter_cls: Any, processor: Any, server_mm: Mapping[str, Any], server_io: Mapping[str, Any],
+                     request_mm: Mapping[str, Any] | str | None, request_io: Mapping[str, Any] | str | None,
+                     policy: Any = None) -> tuple[MediaSettings, dict[str, Any]]:
+    """The one check of a request's settings: (its effective MediaSettings, its own validated mm_processor_kwargs).
+    Needs the family's adapter class and the processor only (no weights), so the gateway applies it at the edge
+    and each stage again at its own. InvalidInputError names the offending key."""
+    from mmpipe.shared.media.loader import MediaLoader
+
+    own_mm = parse_kwargs_json(request_mm, "mm_processor_kwargs")
+    mm = adapter_cls.resolve_request_mm_kwargs(processor, dict(server_mm), own_mm)
+    req_io = parse_kwargs_json(request_io, "media_io_kwargs")
+    io = merge_media_io_kwargs(server_io, req_io) if req_io else dict(server_io)
+    if req_io:
+        MediaLoader(policy, io)  # validates the media IO options (InvalidInputError naming the key)
+    return MediaSettings(mm, io), own_mm
+
+
 class SettingsSpace:
     """The settings of one served model: defaults, per-request resolution, keyspaces and loaders."""
 
@@ -67,11 +85,8 @@ class SettingsSpace:
                 media_io_kwargs: Mapping[str, Any] | str | None = None) -> MediaSettings:
         """A request's raw kwargs (objects, or JSON text from the wire; None/empty: none) -> its MediaSettings.
         InvalidInputError names the offending key."""
-        mm = self.adapter.effective_mm_kwargs(parse_kwargs_json(mm_processor_kwargs, "mm_processor_kwargs"))
-        req_io = parse_kwargs_json(media_io_kwargs, "media_io_kwargs")
-        io = merge_media_io_kwargs(self.default_io, req_io) if req_io else self.default_io
-        s = MediaSettings(mm, io)
-        self.loader(s)  # validates the media IO options (InvalidInputError naming the key)
+        s, _ = resolve_settings(type(self.adapter), self.adapter.processor, self.adapter.mm_processor_kwargs,
+                                self.default_io, mm_processor_kwargs, media_io_kwargs, self.policy)
         return s
 
     def loader(self, s: MediaSettings) -> Any:
