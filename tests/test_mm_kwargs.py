@@ -128,6 +128,31 @@ def test_video_timing_is_transformers_from_a_clip_of_known_fps(vl, tiny_model_di
     assert float(inputs["second_per_grid_ts"][0]) != pytest.approx(2 / 24)  # not the no-metadata default
 
 
+def test_audio_embeds_chat_part_matches_transformers_and_is_refused_without_audio(tiny_model_dirs, vl):
+    """vLLM's `audio_embeds` part: the clip's embedding (as the towers computed it) gives transformers' tokens for
+    the clip itself; a family without audio refuses the part (400 naming the modality)."""
+    from offline_helpers import hf_generate, make_audio
+
+    from mmpipe.shared.media.embeds import encode_tensor_b64
+
+    path = tiny_model_dirs["qwen2_audio"]
+    llm = LLM(str(path), device="cpu", engine=ENGINE, enable_mm_embeds=True)
+    aud = make_audio(seed=21)
+    item = llm.resolver.loader.load("audio", (aud, 16000), target_sampling_rate=llm.adapter.audio_sampling_rate)
+    emb = llm.adapter.encode("audio", [llm.adapter.preprocess(item)])[0].tensor
+    part = {"type": "audio_embeds", "audio_embeds": encode_tensor_b64(emb)}
+    msgs = [{"role": "user", "content": [part, {"type": "text", "text": "What's that sound?"}]}]
+    out = llm.chat(msgs, GREEDY, use_tqdm=False)[0]
+    prompt = chat_prompt(path, [{"role": "user", "content": [{"type": "audio"},
+                                                             {"type": "text", "text": "What's that sound?"}]}])
+    assert out.outputs[0].token_ids == hf_generate(path, prompt, audio=[aud], max_new_tokens=GREEDY.max_tokens,
+                                                   add_special_tokens=False)
+    vl_llm, _ = vl
+    with pytest.raises(InvalidInputError, match="audio") as ei:
+        vl_llm.chat(msgs, GREEDY, use_tqdm=False)
+    assert ei.value.http_status == 400
+
+
 def llm_ref(url: str):
     from mmpipe.shared.inputs.parse import ItemRef
 
