@@ -137,7 +137,7 @@ class ModelAdapter(ABC):
             kwargs["sampling_rate"] = self.audio_sampling_rate
         # vLLM's mm_processor_kwargs: flat keywords the HF processor routes to its sub-processors.
         mm = self.mm_processor_kwargs if mm_processor_kwargs is None else mm_processor_kwargs
-        kwargs.update(mm)
+        kwargs.update(self._call_kwargs(item.modality, mm))
         if item.modality == "video":
             kwargs.update(self._video_call_kwargs(item, mm))
         kwargs = self.pixel_wire.processor_kwargs(item.modality, kwargs)  # uint8 pixels where exact
@@ -156,6 +156,10 @@ class ModelAdapter(ABC):
     def _item_meta(self, modality: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Plain values the LM side needs later (grid sizes, ...); none by default."""
         return {}
+
+    def _call_kwargs(self, modality: str, mm: dict[str, Any]) -> dict[str, Any]:
+        """The effective mm_processor_kwargs as this family's processor call takes them (as given by default)."""
+        return dict(mm)
 
     # Request keys that make the processor sample the decoded frames itself (transformers' do_sample_frames).
     _FRAME_SAMPLING_KEYS: ClassVar[tuple[str, ...]] = ("fps", "num_frames")

@@ -120,6 +120,20 @@ class Qwen2VLAdapter(QwenVLBase):
                 "max_frames": max_frames}
         return {k: v for k, v in caps.items() if v is not None}
 
+    def _call_kwargs(self, modality: str, mm: dict[str, Any]) -> dict[str, Any]:
+        """min_pixels / max_pixels as the sub-processor's `size` (what transformers' deprecated flat keys do: the
+        item's sub-processor size with those edges replaced), unless the kwargs set a size themselves."""
+        out = dict(mm)
+        lo, hi = out.pop("min_pixels", None), out.pop("max_pixels", None)
+        nested = "images_kwargs" if modality == "image" else "videos_kwargs"
+        sub = getattr(self.processor, "image_processor" if modality == "image" else "video_processor", None)
+        if (lo is None and hi is None) or sub is None or "size" in out or nested in out:
+            return dict(mm)
+        size = getattr(sub, "size", None)
+        out[nested] = {"size": {"shortest_edge": lo if lo is not None else size.shortest_edge,
+                                "longest_edge": hi if hi is not None else size.longest_edge}}
+        return out
+
     @classmethod
     def check_mm_kwargs(cls, effective: dict[str, Any]) -> None:
         lo, hi = effective.get("min_pixels"), effective.get("max_pixels")
