@@ -68,6 +68,30 @@ def test_chat_mm_processor_kwargs_match_transformers(vl, tiny_model_dirs):
     assert out.prompt_token_ids == inputs["input_ids"][0].tolist() and out.outputs[0].token_ids == want
 
 
+def test_chat_media_io_kwargs_per_call(vl, tiny_model_dirs):
+    """A chat's own media_io_kwargs over the LLM's: an RGBA image composited over black instead of white gives
+    transformers' tokens for the black-composited image, under a keyspace of its own."""
+    import numpy as np
+    from PIL import Image
+
+    llm, _ = vl
+    path = tiny_model_dirs["qwen2_5_vl"]
+    rgba = np.random.default_rng(13).integers(0, 255, (84, 112, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(112)[None, :] < 56, 0, 255)  # the left half transparent
+    img = Image.fromarray(rgba, "RGBA")
+    black = Image.new("RGB", img.size, (0, 0, 0))
+    black.paste(img, mask=img.split()[3])
+    msgs = [{"role": "user", "content": [{"type": "image_pil", "image_pil": img}, {"type": "text", "text": "Hi"}]}]
+    io = {"image": {"rgba_background_color": [0, 0, 0]}}
+    out = llm.chat(msgs, GREEDY, use_tqdm=False, media_io_kwargs=io)[0]
+    prompt = chat_prompt(path, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
+    assert out.outputs[0].token_ids == _hf(path, prompt, images=[black])[0]
+    assert llm.settings.keyspace(llm.settings.resolve(None, io)).prefix != llm.settings.keyspace().prefix
+    with pytest.raises(InvalidInputError) as ei:
+        llm.chat(msgs, GREEDY, use_tqdm=False, media_io_kwargs={"image": {"background": 1}})
+    assert ei.value.param == "media_io_kwargs.image"
+
+
 @pytest.mark.parametrize(("kw", "param"), [
     ({"max_pixels": 112 * 112 + 1}, "mm_processor_kwargs.max_pixels"),  # above the server's ceiling
     ({"min_pixels": 10 ** 6}, "mm_processor_kwargs.min_pixels"),
