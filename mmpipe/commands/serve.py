@@ -241,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
               "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
               "--generator-addr", addr["generator"], "--redis-url", redis_url,
               "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args]
-        for flag in ("limit_mm_per_prompt", "media_io_kwargs", "allowed_local_media_path", "chat_template",
-                     "api_key_file", "tool_call_parser"):
+        for flag in ("limit_mm_per_prompt", "media_io_kwargs", "mm_processor_kwargs", "allowed_local_media_path",
+                     "chat_template", "api_key_file", "tool_call_parser"):
             if getattr(args, flag):
                 gw += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
         if args.allowed_media_domains:

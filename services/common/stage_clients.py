@@ -99,6 +99,13 @@ class _Client:
         await self.channel.close()
 
 
+def _json(kw: dict | str | None) -> str:
+    """A kwargs object for a *_kwargs_json field: JSON text as given, an object as JSON, none as ""."""
+    if isinstance(kw, str):
+        return kw
+    return json.dumps(kw) if kw else ""
+
+
 class IngestClient(_Client):
     stage = "ingest"
 
@@ -107,10 +114,11 @@ class IngestClient(_Client):
         self.stub = ingest_pb2_grpc.IngestStub(channel)
 
     async def ingest(self, items: Sequence[MediaSource], *, request_id: str | None = None, tenant: str = "",
-                     media_io_kwargs: dict | None = None, timeout_s: float | None = None) -> list[EmbeddingRef]:
+                     media_io_kwargs: dict | str | None = None, mm_processor_kwargs: dict | str | None = None,
+                     timeout_s: float | None = None) -> list[EmbeddingRef]:
         req = ingest_pb2.IngestRequest(request_id=request_id or "", items=[i.to_pb() for i in items],
-                                       tenant=tenant or "",
-                                       media_io_kwargs_json=json.dumps(media_io_kwargs) if media_io_kwargs else "")
+                                       tenant=tenant or "", media_io_kwargs_json=_json(media_io_kwargs),
+                                       mm_processor_kwargs_json=_json(mm_processor_kwargs))
         resp = await self._unary(self.stub.Ingest, req, request_id, timeout_s)
         return [EmbeddingRef.from_pb(r) for r in resp.items]
 
@@ -142,7 +150,8 @@ class EncoderClient(_Client):
         return [EmbeddingRef.from_pb(r) for r in resp.items]
 
     async def put_embeddings(self, items: Sequence[tuple[str, Any, str | None]], *, request_id: str | None = None,
-                             tenant: str = "", media_io_kwargs: dict | None = None,
+                             tenant: str = "", media_io_kwargs: dict | str | None = None,
+                             mm_processor_kwargs: dict | str | None = None,
                              timeout_s: float | None = None) -> list[EmbeddingRef]:
         """items: (modality, value, uuid); value is a tensor ((N, F, H) or (F, H)), a list of (F, H) tensors,
         or the family's dict form ({"image_embeds": ..., "image_grid_thw": ...}). Returns one ref per item."""
@@ -159,18 +168,17 @@ class EncoderClient(_Client):
             pbs.append(encoder_pb2.EmbeddingsInput(modality=modality, tensors=pack_tensors(tensors),
                                                    uuid=uuid or ""))
         req = encoder_pb2.PutEmbeddingsRequest(request_id=request_id or "", items=pbs, tenant=tenant or "",
-                                               media_io_kwargs_json=json.dumps(media_io_kwargs)
-                                               if media_io_kwargs else "")
+                                               media_io_kwargs_json=_json(media_io_kwargs),
+                                               mm_processor_kwargs_json=_json(mm_processor_kwargs))
         resp = await self._unary(self.stub.PutEmbeddings, req, request_id, timeout_s)
         return [EmbeddingRef.from_pb(r) for r in resp.items]
 
     async def lookup(self, items: Sequence[LookupItem], *, request_id: str | None = None, tenant: str = "",
-                     media_io_kwargs: dict | str | None = None,
+                     media_io_kwargs: dict | str | None = None, mm_processor_kwargs: dict | str | None = None,
                      timeout_s: float | None = None) -> list[tuple[bool, EmbeddingRef]]:
-        kw = media_io_kwargs if isinstance(media_io_kwargs, str) else (
-            json.dumps(media_io_kwargs) if media_io_kwargs else "")
         req = encoder_pb2.LookupRequest(request_id=request_id or "", items=[i.to_pb() for i in items],
-                                        tenant=tenant or "", media_io_kwargs_json=kw)
+                                        tenant=tenant or "", media_io_kwargs_json=_json(media_io_kwargs),
+                                        mm_processor_kwargs_json=_json(mm_processor_kwargs))
         resp = await self._unary(self.stub.Lookup, req, request_id, timeout_s)
         return [(r.found, EmbeddingRef.from_pb(r.ref)) for r in resp.items]
 

@@ -79,6 +79,9 @@ class GatewayConfig:
     # --tool-call-parser (the output format; also the format "required" / a named function are generated in).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    # The stages' --mm-processor-kwargs: the defaults and ceilings a request's own mm_processor_kwargs are checked
+    # against here, before any stage works (the stages check them again).
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     # Seconds a request may take end to end before it fails with 504.
     request_timeout_s: float = 600.0
     # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
@@ -172,13 +175,16 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "DoS vector); refused by default [MMPIPE_TRUST_REQUEST_CHAT_TEMPLATE]")
     p.add_argument("--media-io-kwargs", default=_env("MEDIA_IO_KWARGS"),
                    help='JSON per modality, e.g. \'{"video": {"num_frames": 8}}\'; sent to ingest with every '
-                        'request [MMPIPE_MEDIA_IO_KWARGS]')
+                        'request; the defaults a request\'s own media_io_kwargs overlay [MMPIPE_MEDIA_IO_KWARGS]')
     p.add_argument("--enable-auto-tool-choice", action="store_true", default=_env_bool("ENABLE_AUTO_TOOL_CHOICE"),
                    help='let the model decide when to call tools (tool_choice "auto", the default when a request '
                         'has tools); needs --tool-call-parser [MMPIPE_ENABLE_AUTO_TOOL_CHOICE]')
     p.add_argument("--tool-call-parser", default=_env("TOOL_CALL_PARSER"),
                    help="format of the model's tool calls, parsed into message.tool_calls (hermes: "
                         "<tool_call>{json}</tool_call> of the Qwen families) [MMPIPE_TOOL_CALL_PARSER]")
+    p.add_argument("--mm-processor-kwargs", default=_env("MM_PROCESSOR_KWARGS"),
+                   help='JSON, the stages\' --mm-processor-kwargs (e.g. \'{"max_pixels": 1003520}\'): the defaults and '
+                        'ceilings a request\'s mm_processor_kwargs are checked against [MMPIPE_MM_PROCESSOR_KWARGS]')
     p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 600)),
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
     p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
@@ -251,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         trust_request_chat_template=bool(args.trust_request_chat_template),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         enable_auto_tool_choice=tools.enable_auto_tool_choice, tool_call_parser=tools.tool_call_parser,
+        mm_processor_kwargs=_json_dict(getattr(args, "mm_processor_kwargs", None), "--mm-processor-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from mmpipe.services.common.steps import StepTimer
@@ -20,6 +20,7 @@ from mmpipe.shared.chat.messages import parse_messages
 from mmpipe.shared.chat.templates import apply_template
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError
 from mmpipe.shared.inputs.chat_items import chat_item_refs
+from mmpipe.shared.inputs.media_settings import resolve_settings
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders
 from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
@@ -30,7 +31,7 @@ from mmpipe.shared.types import SamplingParams
 from .config import GatewayConfig
 from .metrics import STEP_DURATION
 from .model_info import ModelInfo
-from .types import ChatInput, CompletionInput
+from .types import ChatInput, CompletionInput, MediaKwargs
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class PreparedPrompt:
     media: list[ItemRef]
     sampling: SamplingParams
     tools: ToolPlan | None = None
+    # what the stages get: the request's own mm_processor_kwargs (checked) and its effective media_io_kwargs
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
 
 class Preparer:
@@ -80,6 +83,7 @@ class Preparer:
         tools = ToolPlan.make(inp.tools, self.tool_settings)
         sampling = inp.sampling if tools is None else tools.sampling(inp.sampling, self.grammars)
         self._check_grammar(sampling)
+        media_kwargs = self.media_kwargs(inp.media_kwargs)
         t = time.perf_counter()
         chat = parse_messages(inp.messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
@@ -97,13 +101,14 @@ class Preparer:
         ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
         self._check_prompt(ids, media, sampling)
         self._step("tokenize", t)
-        return PreparedPrompt(ids, media, sampling, tools)
+        return PreparedPrompt(ids, media, sampling, tools, media_kwargs)
 
     # ---- completions -----------------------------------------------------------------------------------
     def completion(self, inp: CompletionInput) -> PreparedPrompt:
         if (inp.prompt is None) == (inp.prompt_token_ids is None):
             raise InvalidInputError("give exactly one of prompt (text) or prompt token ids", param="prompt")
         self._check_grammar(inp.sampling)
+        self.media_kwargs(inp.media_kwargs)  # no media in a completion, but a bad setting is still a 400
         if inp.prompt is not None:
             t = time.perf_counter()
             ids = self.info.tokenizer(inp.prompt).input_ids
@@ -120,6 +125,16 @@ class Preparer:
         return PreparedPrompt(ids, [], inp.sampling)
 
     # ---- shared checks -----------------------------------------------------------------------------------
+    def media_kwargs(self, kw: MediaKwargs) -> MediaKwargs:
+        """The request's media settings checked with the stages' own rule (shared/inputs/media_settings.py), so a
+        bad key is a 400 before any stage works; the stages apply the same check to what they are sent."""
+        if not kw.mm_processor_kwargs and not kw.media_io_kwargs:
+            return MediaKwargs(media_io_kwargs=self.cfg.media_io_kwargs or None)
+        s, own_mm = resolve_settings(self.info.adapter_class, self.info.processor, self.cfg.mm_processor_kwargs,
+                                     self.cfg.media_io_kwargs, kw.mm_processor_kwargs, kw.media_io_kwargs,
+                                     self.policy)
+        return MediaKwargs(mm_processor_kwargs=own_mm or None, media_io_kwargs=s.media_io_kwargs or None)
+
     def _step(self, step: str, t0: float) -> float:
         """Record a step that began at `t0` and return now, when the next one begins."""
         self.steps.since(step, t0)

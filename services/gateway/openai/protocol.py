@@ -17,6 +17,8 @@ from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.types import SamplingParams
 
+from ..types import MediaKwargs
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ UNIMPLEMENTED: dict[str, Any] = {
     "logit_bias": _set, "min_p": _set, "prompt_logprobs": lambda v: v is not None, "bad_words": _set,
     "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
     "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
-    "mm_processor_kwargs": _set, "media_io_kwargs": _set, "chat_template_kwargs": _set, "documents": _set,
+    "chat_template_kwargs": _set, "documents": _set,
     "continue_final_message": _set, "prediction": _set, "audio": _set,
     "modalities": lambda v: _set(v) and v != ["text"],
     "guided_json": _set, "guided_regex": _set, "guided_choice": _set, "guided_grammar": _set,
@@ -67,6 +69,17 @@ class OpenAIBaseModel(BaseModel):
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class MediaSettingsFields(OpenAIBaseModel):
+    """vLLM's per-request media settings (both endpoints): checked by the gateway's Preparer against the model
+    family's allow-list and the server's ceilings (shared/inputs/media_settings.py), then sent to the stages."""
+
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+
+    def media_kwargs(self) -> MediaKwargs:
+        return MediaKwargs(mm_processor_kwargs=self.mm_processor_kwargs, media_io_kwargs=self.media_io_kwargs)
 
 
 class SamplingFields(OpenAIBaseModel):

@@ -16,10 +16,10 @@ from mmpipe.shared.errors import UnsupportedError
 from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
