@@ -163,16 +163,21 @@ class LLM:
             reqs.append(build_engine_request(self.adapter, rid, ids, [e for e, _ in items], sp,
                                              max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
                                              mm_keys=[k for _, k in items]))
+        from mmpipe.shared.fanout import child_requests
         from mmpipe.shared.runner import run_to_completion
 
-        results = run_to_completion(self.engine, reqs, self.tokenizer, use_tqdm=use_tqdm)
+        children = [child_requests(r) for r in reqs]
+        results = run_to_completion(self.engine, [c for cs in children for c in cs], self.tokenizer,
+                                    use_tqdm=use_tqdm)
         outputs = []
-        for (text, ids, _, _), req in zip(parsed, reqs):
-            r = results[req.request_id]
+        for (text, ids, _, _), req, cs in zip(parsed, reqs, children):
+            rs = [results[c.request_id] for c in cs]
             outputs.append(RequestOutput(request_id=req.request_id, prompt=text, prompt_token_ids=req.prompt_token_ids,
-                                         outputs=[CompletionOutput(0, r.text, r.token_ids, r.finish_reason,
-                                                                   r.logprobs)],
-                                         num_cached_tokens=r.num_cached_tokens))
+                                         outputs=[CompletionOutput(i, r.text, r.token_ids, r.finish_reason,
+                                                                   r.logprobs, r.top_logprobs)
+                                                  for i, r in enumerate(rs)],
+                                         num_cached_tokens=rs[0].num_cached_tokens,
+                                         prompt_logprobs=rs[0].prompt_logprobs))
         return outputs
 
     # ---- chat -------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
     max_concurrent_requests: int = 256
+    # The most samples (`n`) one request may ask for: each is a sequence in the generator's batch.
+    max_n: int = 16
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -189,6 +191,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
     p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
+    p.add_argument("--max-n", type=int, default=int(_env("MAX_N", 16)),
+                   help="the most samples (n) one request may ask for [MMPIPE_MAX_N]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
     add_connection_age_args(p.add_argument_group("gRPC connection age of the public gRPC API"))
@@ -259,6 +263,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         enable_auto_tool_choice=tools.enable_auto_tool_choice, tool_call_parser=tools.tool_call_parser,
         mm_processor_kwargs=_json_dict(getattr(args, "mm_processor_kwargs", None), "--mm-processor-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
+        max_n=args.max_n,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         grpc_max_connection_age_ms=connection_age(args)[0], grpc_max_connection_age_grace_ms=connection_age(args)[1],

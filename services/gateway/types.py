@@ -71,18 +71,21 @@ class MediaRef:
 
 @dataclass
 class Delta:
-    """What one generation step added: the generator's text delta (it detokenises and applies stop strings),
-    the token ids, their logprobs. `finish_reason` is set on the last delta only."""
+    """What one generation step added to one sample: the generator's text delta (it detokenises and applies stop
+    strings), the token ids, their logprobs. `finish_reason` is set on the sample's last delta only."""
 
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str | None = None
+    index: int = 0  # the sample (n > 1); its finish_reason is set on its own last delta
+    # per token: its top (token id, logprob) alternatives, when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
 class Completion:
-    """The whole result of one request (non-streaming responses, tests)."""
+    """The whole result of one sample of a request (non-streaming responses, tests)."""
 
     text: str
     token_ids: list[int]
@@ -91,6 +94,9 @@ class Completion:
     prompt_tokens: int
     prompt_token_ids: list[int]
     cached_tokens: int = 0  # prompt tokens served from the generator's prefix cache (usage.prompt_tokens_details)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # with prompt_logprobs: per prompt token (id, logprob, rank, alternatives), None for the first
+    prompt_logprobs: list | None = None
 
     @property
     def completion_tokens(self) -> int:

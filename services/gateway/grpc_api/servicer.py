@@ -34,14 +34,21 @@ _URL_PARTS = ("image_url", "video_url", "audio_url")
 def sampling_from_pb(pb: gateway_pb2.SamplingOptions) -> SamplingParams:
     kw: dict[str, Any] = {"stop": list(pb.stop), "stop_token_ids": list(pb.stop_token_ids)}
     for name in ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed", "ignore_eos",
-                 "skip_special_tokens"):
+                 "skip_special_tokens", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         if pb.HasField(name):
             kw[name] = getattr(pb, name)
     if "top_k" in kw and kw["top_k"] < 0:
         kw["top_k"] = 0
     kw.setdefault("max_tokens", None)  # unset: what is left of the context, as in the chat API
+    top = pb.top_logprobs if pb.HasField("top_logprobs") else 0
     if pb.HasField("logprobs") and pb.logprobs:
-        kw["logprobs"] = 0
+        kw["logprobs"] = top
+    elif top:
+        raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
+    if pb.logit_bias:
+        kw["logit_bias"] = dict(pb.logit_bias)
+    if pb.bad_words:
+        kw["bad_words"] = list(pb.bad_words)
     return SamplingParams(**kw)
 
 
@@ -131,13 +138,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                                   tenant=tenant))
             async with stream:
                 async for d in stream:
-                    msg = gateway_pb2.CompletionChunk(request_id=rid, text=d.text, token_ids=d.token_ids,
-                                                      logprobs=d.logprobs or [])
+                    msg = gateway_pb2.CompletionChunk(
+                        request_id=rid, text=d.text, token_ids=d.token_ids, logprobs=d.logprobs or [], index=d.index,
+                        top_logprobs=[gateway_pb2.TopLogprob(token_ids=[t for t, _ in alt], logprobs=[v for _, v in alt])
+                                      for alt in d.top_logprobs or ()])
                     if d.finish_reason is not None:
                         msg.finish_reason = d.finish_reason
+                    if stream.finish_reason is not None:  # the last chunk: usage of every sample
                         msg.usage.prompt_tokens = stream.prompt_tokens
-                        msg.usage.completion_tokens = len(stream.token_ids)
-                        msg.usage.total_tokens = stream.prompt_tokens + len(stream.token_ids)
+                        msg.usage.completion_tokens = stream.completion_tokens
+                        msg.usage.total_tokens = stream.prompt_tokens + stream.completion_tokens
                     yield msg
         except MMPipeError as e:
             code = e.grpc_code

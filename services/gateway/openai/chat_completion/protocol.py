@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from mmpipe.shared.errors import UnsupportedError
+from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
@@ -38,9 +38,8 @@ class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
     def to_sampling(self) -> SamplingParams:
         # chat: no max_tokens means "what is left of the context" (vLLM), decided by the generator
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        if self.top_logprobs:
-            raise UnsupportedError("top_logprobs > 0 is not supported: only the sampled token's logprob is returned "
-                                   "(send logprobs=true with top_logprobs 0 or unset)", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
         return self._sampling(max_tokens=max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
@@ -92,6 +91,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extra
 
 
 class DeltaFunctionCall(BaseModel):
