@@ -110,22 +110,28 @@ class MMPipeClient:
     # ---- public API ------------------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], *, model: str = "", stream: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True, request_id: str | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None, media_io_kwargs: dict[str, Any] | None = None,
              **sampling: Any) -> Result | Iterator[Chunk]:
         """Chat completion. `sampling`: temperature, top_p, top_k, max_tokens, min_tokens, seed, stop,
         stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens, and vLLM's n, top_logprobs,
-        presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words, prompt_logprobs."""
+        presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words, prompt_logprobs.
+        `mm_processor_kwargs` (e.g. {"max_pixels": 200704}) / `media_io_kwargs`: this request's media settings, as
+        vLLM's body fields."""
         pb2 = _pb()[0]
         req = pb2.ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(messages)],
                               sampling=_sampling(sampling), chat_template=chat_template or "",
-                              add_generation_prompt=add_generation_prompt)
+                              add_generation_prompt=add_generation_prompt,
+                              media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
         chunks = self._call(self._stub.Chat, req, request_id)
         return chunks if stream else _collect(chunks)
 
     def generate(self, prompt: str | list[int], *, model: str = "", stream: bool = False,
-                 request_id: str | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
+                 request_id: str | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
+                 media_io_kwargs: dict[str, Any] | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
         """Completion of a text prompt or of prompt token ids."""
         pb2 = _pb()[0]
-        req = pb2.CompletionRequest(model=model, sampling=_sampling(sampling))
+        req = pb2.CompletionRequest(model=model, sampling=_sampling(sampling),
+                                    media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
         if isinstance(prompt, str):
             req.text = prompt
         else:
@@ -207,6 +213,13 @@ def _error(e: grpc.RpcError) -> MMPipeError:
     err = error_from_grpc_code(code.name, details)
     err.param = param
     return err
+
+
+def _media_settings(mm: dict[str, Any] | None, io: dict[str, Any] | None) -> Any:
+    import json
+
+    return _pb()[0].MediaSettings(mm_processor_kwargs_json=json.dumps(mm) if mm else "",
+                                  media_io_kwargs_json=json.dumps(io) if io else "")
 
 
 def _sampling(kw: dict[str, Any]) -> Any:

@@ -168,7 +168,7 @@ class GenerationStream:
         while True:
             try:
                 resolving = resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
-                                          model=core.model_name)
+                                          model=core.model_name, kw=p.media_kwargs)
                 refs = await (core.steps.timed("resolve", resolving) if p.media else resolving)
                 self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
                 self._first = await core.steps.timed("first_token", self._chunks.__anext__())

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpipe.shared.tools.request import ToolRequest
 from mmpipe.shared.types import SamplingParams
 
 
@@ -21,6 +22,14 @@ class RequestContext:
 
 
 @dataclass(frozen=True)
+class MediaKwargs:
+    """A request's own media settings as sent (vLLM's mm_processor_kwargs / media_io_kwargs); None: none."""
+
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class ChatInput:
     """One chat request. `messages` are OpenAI-shaped dicts (content parts as on vLLM's multimodal page)."""
 
@@ -29,6 +38,8 @@ class ChatInput:
     model: str | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    tools: ToolRequest | None = None  # tools, tool_choice, parallel_tool_calls, validated
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class CompletionInput:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     model: str | None = None
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
 
 @dataclass(frozen=True)

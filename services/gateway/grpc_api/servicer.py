@@ -24,7 +24,7 @@ from ..http.auth import TENANT_HEADER, authenticate
 from ..http.request_id import HEADER as REQUEST_ID_HEADER
 from ..http.request_id import sane_request_id
 from ..metrics import count_request
-from ..types import ChatInput, CompletionInput, RequestContext
+from ..types import ChatInput, CompletionInput, MediaKwargs, RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ def part_to_dict(part: gateway_pb2.ContentPart, where: str) -> dict[str, Any]:
     return out
 
 
+def media_kwargs_from_pb(ms: gateway_pb2.MediaSettings) -> MediaKwargs:
+    """The JSON objects of a MediaSettings message (the Preparer checks their keys and values)."""
+    from mmpipe.shared.models.mm_kwargs import parse_kwargs_json
+
+    return MediaKwargs(mm_processor_kwargs=parse_kwargs_json(ms.mm_processor_kwargs_json, "mm_processor_kwargs")
+                       or None,
+                       media_io_kwargs=parse_kwargs_json(ms.media_io_kwargs_json, "media_io_kwargs") or None)
+
+
 def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
     messages = [{"role": m.role, "content": [part_to_dict(p, f"messages[{i}].content[{j}]")
                                              for j, p in enumerate(m.content)]}
@@ -89,7 +98,7 @@ def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
     return ChatInput(messages=messages, sampling=sampling_from_pb(req.sampling), model=req.model or None,
                      chat_template=req.chat_template or None,
                      add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt")
-                     else True)
+                     else True, media_kwargs=media_kwargs_from_pb(req.media_settings))
 
 
 def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionInput:
@@ -98,7 +107,8 @@ def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionIn
         raise InvalidInputError("set prompt text or token_ids", param="prompt")
     return CompletionInput(sampling=sampling_from_pb(req.sampling), model=req.model or None,
                            prompt=req.text if which == "text" else None,
-                           prompt_token_ids=list(req.token_ids.ids) if which == "token_ids" else None)
+                           prompt_token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+                           media_kwargs=media_kwargs_from_pb(req.media_settings))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

@@ -10,13 +10,15 @@ working.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.types import SamplingParams
+
+from ..types import MediaKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ UNIMPLEMENTED: dict[str, Any] = {
     "tool_choice": lambda v: _set(v) and v not in ("none", "auto"),
     "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
     "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
-    "mm_processor_kwargs": _set, "media_io_kwargs": _set, "chat_template_kwargs": _set, "documents": _set,
+    "chat_template_kwargs": _set, "documents": _set,
     "continue_final_message": _set, "prediction": _set, "audio": _set,
     "modalities": lambda v: _set(v) and v != ["text"],
     "guided_json": _set, "guided_regex": _set, "guided_choice": _set, "guided_grammar": _set,
@@ -69,8 +71,22 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
+class MediaSettingsFields(OpenAIBaseModel):
+    """vLLM's per-request media settings (both endpoints): checked by the gateway's Preparer against the model
+    family's allow-list and the server's ceilings (shared/inputs/media_settings.py), then sent to the stages."""
+
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+
+    def media_kwargs(self) -> MediaKwargs:
+        return MediaKwargs(mm_processor_kwargs=self.mm_processor_kwargs, media_io_kwargs=self.media_io_kwargs)
+
+
 class SamplingFields(OpenAIBaseModel):
     """The sampling fields both endpoints accept."""
+
+    # names of UNIMPLEMENTED that an endpoint does implement (chat: tools, tool_choice)
+    IMPLEMENTED: ClassVar[frozenset[str]] = frozenset()
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -129,8 +145,9 @@ class SamplingFields(OpenAIBaseModel):
         return None
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        refuse_unimplemented({**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
-                                                             if k in type(self).model_fields}})
+        fields = {**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
+                                                 if k in type(self).model_fields}}
+        refuse_unimplemented({k: v for k, v in fields.items() if k not in self.IMPLEMENTED})
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidInputError("prompt_logprobs are not available with stream=true", param="prompt_logprobs")
         bias = None

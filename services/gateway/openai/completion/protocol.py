@@ -8,10 +8,10 @@ from pydantic import BaseModel, Field
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, MediaSettingsFields):
     # a string, token ids, or a one-element list of either (the openai client sends lists too)
     prompt: str | list[int] | list[str] | list[list[int]]
     # OpenAI's default for completions (vLLM keeps it)

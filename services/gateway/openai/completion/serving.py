@@ -25,7 +25,8 @@ class OpenAIServingCompletion:
 
     async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None) -> Response:
         text, ids = req.single_prompt()
-        inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model)
+        inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model,
+                              media_kwargs=req.media_kwargs())
         ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant)
         stream = await self.core.completion(inp, ctx)
         if req.stream:
