@@ -62,7 +62,7 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     shutdown_grace_s = cfg.shutdown_grace_s
     tracing.setup("gateway", cfg.otlp_traces_endpoint)
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
-                                   max_model_len=cfg.max_model_len)
+                                   max_model_len=cfg.max_model_len, trust_remote_code=cfg.trust_remote_code)
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
                           media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
     redis = None
