@@ -110,13 +110,107 @@ def test_bad_chat_requests_are_clear_4xx(omni_dir, info, body, status, needle):
 
 
 def test_completion_placeholder_and_token_checks(omni_dir, info):
-    r1, r2, r3 = _calls(omni_dir, info,
-                        ("POST", "/v1/completions", {"model": "tiny", "prompt": "see <|IMAGE|>"}, AUTH),
-                        ("POST", "/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**6]}, AUTH),
-                        ("POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, AUTH))
+    r1, r2, r3, r4, r5 = _calls(
+        omni_dir, info,
+        ("POST", "/v1/completions", {"model": "tiny", "prompt": "see <|IMAGE|>"}, AUTH),
+        ("POST", "/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**6]}, AUTH),
+        # a list of prompts: every one is checked before any is generated, so one bad prompt is a plain 400
+        ("POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "see <|IMAGE|>"]}, AUTH),
+        ("POST", "/v1/completions", {"model": "tiny", "prompt": [[1, 2], [3, 10**6]]}, AUTH),
+        ("POST", "/v1/completions", {"model": "tiny", "prompt": []}, AUTH))
     assert r1.status_code == 400 and "placeholder" in r1.json()["error"]["message"]
     assert r2.status_code == 400 and "token ids" in r2.json()["error"]["message"]
-    assert r3.status_code == 400 and "one prompt" in r3.json()["error"]["message"]
+    assert r3.status_code == 400 and "placeholder" in r3.json()["error"]["message"]
+    assert r4.status_code == 400 and "token ids" in r4.json()["error"]["message"]
+    assert r5.status_code == 400 and r5.json()["error"]["param"] == "prompt"
+
+
+_CMPL = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {**_CMPL, "suffix": "!"}, "suffix"),
+    ("/v1/completions", {**_CMPL, "best_of": 2}, "best_of"),
+    ("/v1/completions", {**_CMPL, "echo": True, "logprobs": 0}, "echo"),
+    ("/v1/completions", {**_CMPL, "prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ("/v1/completions", {**_CMPL, "logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/completions", {**_CMPL, "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {**_CMPL, "spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+    ("/v1/completions", {**_CMPL, "guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/completions", {**_CMPL, "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", _chat("hi", echo=True), "echo"),
+    ("/v1/chat/completions", _chat("hi", vllm_xargs={"k": 1}), "vllm_xargs"),
+])
+def test_fields_that_change_the_answer_and_are_not_implemented_are_400(omni_dir, info, path, body, param):
+    r = _call(omni_dir, info, "POST", path, body, AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_harmless_unknown_fields_are_ignored_with_a_warning(omni_dir, info, caplog):
+    for path, body in (("/v1/completions", {**_CMPL, "priority": 3, "some_new_field": 1}),
+                       ("/v1/chat/completions", _chat("hi", some_new_field=1))):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            r = _call(omni_dir, info, "POST", path, body, AUTH)
+        assert r.status_code == 503, r.text  # accepted: it got as far as the (down) generator
+        assert any("some_new_field" in rec.getMessage() for rec in caplog.records), path
+
+
+def test_tokenize_and_detokenize_as_vllm(omni_dir, info):
+    tok = info.tokenizer
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                                             {"type": "text", "text": "What is in it?"}]}]
+    plain = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi"},
+             {"role": "user", "content": "Count to three."}]
+    rs = _calls(omni_dir, info,
+                ("POST", "/tokenize", {"model": "tiny", "prompt": "The quick brown fox", "return_token_strs": True},
+                 AUTH),
+                ("POST", "/tokenize", {"prompt": "The quick brown fox", "add_special_tokens": False}, AUTH),
+                ("POST", "/tokenize", {"model": "tiny", "messages": plain}, AUTH),
+                ("POST", "/tokenize", {"messages": plain, "add_generation_prompt": False}, AUTH),
+                ("POST", "/tokenize", {"messages": messages}, AUTH))
+    want = tok("The quick brown fox").input_ids
+    assert rs[0].status_code == 200, rs[0].text
+    assert rs[0].json() == {"count": len(want), "max_model_len": info.max_model_len, "tokens": want,
+                            "token_strs": tok.convert_ids_to_tokens(want)}
+    assert rs[1].json()["tokens"] == tok("The quick brown fox", add_special_tokens=False).input_ids
+    assert rs[1].json()["token_strs"] is None
+    # chat: the model's own template through transformers (the oracle), then tokens without added specials
+    for r, gen in ((rs[2], True), (rs[3], False)):
+        text = info.processor.apply_chat_template(plain, add_generation_prompt=gen, tokenize=False)
+        assert r.json()["tokens"] == tok(text, add_special_tokens=False).input_ids, gen
+    assert rs[2].json()["count"] > rs[3].json()["count"]
+    image_ids = rs[4].json()["tokens"]
+    assert image_ids.count(info.placeholder_ids["image"]) == 1  # one placeholder per item, not expanded
+    d = _calls(omni_dir, info, ("POST", "/detokenize", {"model": "tiny", "tokens": want}, AUTH),
+               ("POST", "/detokenize", {"tokens": rs[2].json()["tokens"]}, AUTH))
+    assert d[0].status_code == 200 and d[0].json() == {"prompt": tok.decode(want)}
+    assert d[1].json()["prompt"] == info.processor.apply_chat_template(plain, add_generation_prompt=True,
+                                                                     tokenize=False)
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"model": "tiny"}, 400, "prompt"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", [1, 2], 400, None),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "sticker"}]}]}, 400, None),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400,
+     "continue_final_message"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+    ("/tokenize", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
+    ("/detokenize", {"tokens": [1, 10**7]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/detokenize", {"model": "gpt-9", "tokens": [1]}, 404, "model"),
+])
+def test_bad_tokenize_requests_are_openai_shaped_errors(omni_dir, info, path, body, status, param):
+    r, again, anon = _calls(omni_dir, info, ("POST", path, body, AUTH),
+                            ("POST", "/tokenize", {"prompt": "still serving"}, AUTH), ("POST", path, body))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == status and (param is None or err["param"] == param), err
+    assert again.status_code == 200 and anon.status_code == 401  # the key is required, as on /v1
 
 
 def test_stage_down_is_503_with_retry_after_and_health_503(omni_dir, info):

@@ -65,6 +65,12 @@ class GatewayCore:
     def model_name(self) -> str:
         return self.cfg.served_model_name
 
+    def check_model(self, model: str | None) -> None:
+        """The request's `model` is one of the served names (or unset), else a 404 naming it."""
+        if not self.cfg.accepts_model(model):
+            raise NotFoundError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                                param="model")
+
     # ---- entry points --------------------------------------------------------------------------------
     async def chat(self, inp: ChatInput, ctx: RequestContext) -> "GenerationStream":
         return await self._start(ctx, inp.model, lambda: self.preparer.chat(inp))
@@ -81,9 +87,7 @@ class GatewayCore:
         admitted = False
         stream: GenerationStream | None = None
         try:
-            if not self.cfg.accepts_model(model):
-                raise NotFoundError(f"the model {model!r} does not exist; this server serves "
-                                    f"{self.model_name!r}", param="model")
+            self.check_model(model)
             if self.in_flight >= self.cfg.max_concurrent_requests:
                 raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
                                       f"(--max-concurrent-requests); retry shortly")

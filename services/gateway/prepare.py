@@ -69,13 +69,26 @@ class Preparer:
 
     # ---- chat ----------------------------------------------------------------------------------------
     def chat(self, inp: ChatInput) -> PreparedPrompt:
-        if inp.chat_template is not None and not self.cfg.trust_request_chat_template:
+        self._check_grammar(inp.sampling)
+        ids, media = self.render_chat(inp.messages, chat_template=inp.chat_template,
+                                      add_generation_prompt=inp.add_generation_prompt,
+                                      add_special_tokens=inp.add_special_tokens)
+        t = time.perf_counter()
+        self._check_prompt(ids, media, inp.sampling)
+        self._step("tokenize", t)
+        return PreparedPrompt(ids, media, inp.sampling)
+
+    def render_chat(self, messages: list[dict], *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, add_special_tokens: bool = False
+                    ) -> tuple[list[int], list[ItemRef]]:
+        """Messages -> prompt token ids (one placeholder per media item) and the items: the chat rules of every
+        chat request and of POST /tokenize (parse, limits, the media policy pre-check, the template)."""
+        if chat_template is not None and not self.cfg.trust_request_chat_template:
             raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
-        self._check_grammar(inp.sampling)
         t = time.perf_counter()
-        chat = parse_messages(inp.messages)
+        chat = parse_messages(messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
         for p, ref in zip(chat.parts, media):
             if p.kind == "object":  # image_pil: only meaningful in-process
@@ -84,13 +97,12 @@ class Preparer:
             if p.kind == "url" and ref.source is not None:
                 self.precheck_url(ref.source, p.modality)
         t = self._step("parse", t)
-        text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
-                              add_generation_prompt=inp.add_generation_prompt)
+        text = apply_template(self.info.processor, self.info.template(chat_template), chat.conversation,
+                              add_generation_prompt=add_generation_prompt)
         t = self._step("template", t)
-        ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
-        self._check_prompt(ids, media, inp.sampling)
+        ids = self.info.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         self._step("tokenize", t)
-        return PreparedPrompt(ids, media, inp.sampling)
+        return ids, media
 
     # ---- completions -----------------------------------------------------------------------------------
     def completion(self, inp: CompletionInput) -> PreparedPrompt:
@@ -98,19 +110,27 @@ class Preparer:
             raise InvalidInputError("give exactly one of prompt (text) or prompt token ids", param="prompt")
         self._check_grammar(inp.sampling)
         if inp.prompt is not None:
-            t = time.perf_counter()
-            ids = self.info.tokenizer(inp.prompt).input_ids
-            self._step("tokenize", t)
+            ids = self.tokenize_prompt(inp.prompt, add_special_tokens=inp.add_special_tokens)
         else:
-            ids = list(inp.prompt_token_ids or [])
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.info.vocab_size]
-            if bad:
-                raise InvalidInputError(f"prompt token ids must be in [0, {self.info.vocab_size}); got {bad[:5]}",
-                                        param="prompt")
+            ids = self.check_token_ids(list(inp.prompt_token_ids or []), param="prompt")
         if not ids:
             raise InvalidInputError("the prompt is empty", param="prompt")
         self._check_prompt(ids, [], inp.sampling)
         return PreparedPrompt(ids, [], inp.sampling)
+
+    def tokenize_prompt(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's token ids, as completions and POST /tokenize make them."""
+        t = time.perf_counter()
+        ids = self.info.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        self._step("tokenize", t)
+        return ids
+
+    def check_token_ids(self, ids: list, *, param: str) -> list[int]:
+        """Token ids from a client: ints of this tokenizer's vocabulary, or a 400 naming `param`."""
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidInputError(f"token ids must be in [0, {self.info.vocab_size}); got {bad[:5]}", param=param)
+        return ids
 
     # ---- shared checks -----------------------------------------------------------------------------------
     def _step(self, step: str, t0: float) -> float:

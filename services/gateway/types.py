@@ -29,6 +29,7 @@ class ChatInput:
     model: str | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's default for chat: the template already has them
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class CompletionInput:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     model: str | None = None
+    add_special_tokens: bool = True  # for a text prompt (vLLM's and the tokenizer's default)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from mmpipe.shared.errors import UnsupportedError
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo, _set
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -23,8 +23,13 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's extra: the template already writes the special tokens
 
     def to_sampling(self) -> SamplingParams:
+        if _set((self.model_extra or {}).get("echo")):
+            # vLLM's chat `echo` puts the last message before the answer; the completions endpoint has it
+            raise UnsupportedError("echo is not supported on chat completions (use /v1/completions with echo)",
+                                   param="echo")
         # chat: no max_tokens means "what is left of the context" (vLLM), decided by the generator
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if self.top_logprobs:
