@@ -413,6 +413,11 @@ def test_grpc_client_chat_and_generate(env):
         assert [t for ch in chunks for t in ch.token_ids] == ref and "".join(ch.text for ch in chunks) == out.text
         gen = cl.generate("The quick brown fox", temperature=0.0, max_tokens=4, ignore_eos=True)
         assert len(gen.token_ids) == 4
+        echoed = list(cl.generate("The quick brown fox", stream=True, echo=True, temperature=0.0, max_tokens=4,
+                                  ignore_eos=True))
+        assert echoed[0].text.startswith("The quick brown fox")  # the prompt comes with the first chunk
+        assert "".join(c.text for c in echoed) == "The quick brown fox" + gen.text
+        assert cl.tokenize(messages=msgs).count < out.usage["prompt_tokens"]  # one placeholder, expanded later
         with pytest.raises(NotCachedError) as ei:
             cl.chat(user({"type": "image_url", "image_url": None, "uuid": "grpc-unknown"}), max_tokens=2)
         assert "grpc-unknown" in ei.value.message

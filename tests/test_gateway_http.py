@@ -299,3 +299,59 @@ def test_ready_needs_only_the_generator(omni_dir, info):
     assert ready.status_code == 200 and ready.json()["status"] == "degraded"
     assert ready.json()["stages"]["generator"] == "SERVING" and ready.json()["stages"]["encoder"] == "UNAVAILABLE"
     assert full.status_code == 503
+
+
+def test_grpc_tokenize_and_detokenize_match_http(omni_dir, info):
+    """Gateway.Tokenize / Detokenize through a real gRPC server and mmpipe.client, beside POST /tokenize."""
+    import grpc
+
+    from mmpipe.client import MMPipeClient
+    from mmpipe.services.common.pb import gateway_pb2_grpc
+    from mmpipe.services.gateway.grpc_api.servicer import GatewayServicer
+    from mmpipe.shared.errors import AuthenticationError, NotFoundError
+
+    plain = [{"role": "user", "content": "Hello there"}]
+
+    def with_client(target: str) -> dict:
+        out = {}
+        with MMPipeClient(target, api_key=KEY, timeout=30) as c:
+            out["prompt"] = c.tokenize("The quick brown fox", return_token_strs=True)
+            out["chat"] = c.tokenize(messages=plain)
+            out["chat_nogen"] = c.tokenize(messages=plain, add_generation_prompt=False)
+            out["text"] = c.detokenize(out["prompt"].tokens)
+            for name, call in (("bad_ids", lambda: c.detokenize([10**7])),
+                               ("bad_model", lambda: c.tokenize("hi", model="gpt-9"))):
+                try:
+                    call()
+                except Exception as e:  # the client rebuilds the gateway's exception class
+                    out[name] = e
+        with MMPipeClient(target, timeout=30) as anon:
+            try:
+                anon.tokenize("hi")
+            except Exception as e:
+                out["anon"] = e
+        return out
+
+    async def go():
+        app = _app(omni_dir, info)
+        server = grpc.aio.server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(app.state.core), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            got = await asyncio.to_thread(with_client, f"127.0.0.1:{port}")
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+                http = (await c.post("/tokenize", json={"messages": plain}, headers=AUTH)).json()
+            return got, http
+        finally:
+            await server.stop(0)
+
+    got, http = asyncio.run(go())
+    want = info.tokenizer("The quick brown fox").input_ids
+    assert got["prompt"].tokens == want and got["prompt"].count == len(want)
+    assert got["prompt"].token_strs == info.tokenizer.convert_ids_to_tokens(want)
+    assert got["prompt"].max_model_len == info.max_model_len
+    assert got["chat"].tokens == http["tokens"] and got["chat"].count > got["chat_nogen"].count
+    assert got["text"] == info.tokenizer.decode(want)
+    assert isinstance(got["bad_ids"], InvalidInputError) and got["bad_ids"].param == "tokens"
+    assert isinstance(got["bad_model"], NotFoundError) and isinstance(got["anon"], AuthenticationError)

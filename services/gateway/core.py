@@ -26,7 +26,7 @@ from typing import Any
 
 from mmpipe.services.common import tracing
 from mmpipe.shared.errors import (
-    CancelledError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
+    CancelledError, InvalidInputError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
     ServiceUnavailableError,
 )
 
@@ -36,7 +36,7 @@ from .metrics import RequestMetrics
 from .model_info import ModelInfo
 from .prepare import PreparedPrompt, Preparer
 from .stages import StageClients
-from .types import ChatInput, Completion, CompletionInput, Delta, RequestContext
+from .types import ChatInput, Completion, CompletionInput, Delta, RequestContext, TokenizeInput, Tokenized
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,37 @@ class GatewayCore:
         finally:
             if metrics.span is not None:
                 metrics.span.detach()  # the stream goes on in the caller's task; the span with it
+
+    # ---- tokenizer only ---------------------------------------------------------------------------------
+    async def tokenize(self, inp: TokenizeInput) -> Tokenized:
+        """A prompt's or chat's token ids through the same Preparer steps as a generation request; no stage is
+        called and no media is fetched, so each media item stays one placeholder token."""
+        self.check_model(inp.model)
+        if (inp.prompt is None) == (inp.messages is None):
+            raise InvalidInputError("give exactly one of prompt or messages", param="prompt")
+        if inp.messages is not None:
+            special = False if inp.add_special_tokens is None else inp.add_special_tokens
+            # templates are CPU work: off the event loop, as for generation requests
+            ids, _ = await asyncio.to_thread(self.preparer.render_chat, inp.messages,
+                                             chat_template=inp.chat_template,
+                                             add_generation_prompt=inp.add_generation_prompt,
+                                             add_special_tokens=special)
+        else:
+            special = True if inp.add_special_tokens is None else inp.add_special_tokens
+            ids = await asyncio.to_thread(self.preparer.tokenize_prompt, inp.prompt, add_special_tokens=special)
+        strs = list(self.info.tokenizer.convert_ids_to_tokens(ids)) if inp.return_token_strs else None
+        return Tokenized(tokens=list(ids), max_model_len=self.info.max_model_len, token_strs=strs)
+
+    def detokenize(self, model: str | None, ids: list[int]) -> str:
+        """The text of token ids (special tokens included, as vLLM's /detokenize)."""
+        self.check_model(model)
+        return self.info.tokenizer.decode(self.preparer.check_token_ids(list(ids), param="tokens"))
+
+    def echo_text(self, inp: CompletionInput, stream: "GenerationStream") -> str:
+        """What `echo` puts before a completion: the prompt as sent, or its token ids decoded (vLLM's rule)."""
+        if inp.prompt is not None:
+            return inp.prompt
+        return self.info.tokenizer.decode(stream.prepared.prompt_token_ids)
 
     async def collect(self, stream: "GenerationStream") -> Completion:
         """Drain a stream into one Completion (non-streaming responses)."""

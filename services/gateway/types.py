@@ -44,6 +44,32 @@ class CompletionInput:
 
 
 @dataclass(frozen=True)
+class TokenizeInput:
+    """One tokenize request (POST /tokenize, Gateway.Tokenize): a text prompt or chat messages (exactly one)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    model: str | None = None
+    add_special_tokens: bool | None = None  # None: the default of the kind (prompt: True, messages: False)
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    return_token_strs: bool = False
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """The ids a prompt or chat becomes, as the generation endpoints send them (one placeholder per item)."""
+
+    tokens: list[int]
+    max_model_len: int | None
+    token_strs: list[str] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
 class MediaRef:
     """A media item resolved to a cache key, as the generator needs it. `how`: uuid | hash | miss | embeds."""
 

@@ -39,7 +39,7 @@ class OpenAIServingCompletion:
         ids_of = [request_id] if len(inputs) == 1 else [f"{request_id}-{i}" for i in range(len(inputs))]
         streams = await self._start_all(
             inputs, [RequestContext(request_id=r, endpoint=ENDPOINT, tenant=tenant) for r in ids_of])
-        echoes = [self._echo_text(inp, s) if req.echo else "" for inp, s in zip(inputs, streams)]
+        echoes = [self.core.echo_text(inp, s) if req.echo else "" for inp, s in zip(inputs, streams)]
         if req.stream:
             async def close_all() -> None:
                 for s in streams:
@@ -76,11 +76,6 @@ class OpenAIServingCompletion:
                     continue
                 await s.close()
             raise
-
-    def _echo_text(self, inp: CompletionInput, stream: GenerationStream) -> str:
-        if inp.prompt is not None:
-            return inp.prompt
-        return self.core.info.tokenizer.decode(stream.prepared.prompt_token_ids)
 
     async def _chunks(self, req: CompletionRequest, request_id: str, streams: list[GenerationStream],
                       echoes: list[str]) -> AsyncIterator[str]:
