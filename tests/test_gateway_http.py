@@ -93,6 +93,7 @@ def test_models_lists_served_name_and_needs_key(omni_dir, info):
     (_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}] * 2), 400, "at most 1"),
     (_chat([{"type": "image_url", "image_url": None}]), 400, "uuid"),
     (_chat([{"type": "image_embeds", "image_embeds": "AAAA"}]), 400, "--enable-mm-embeds"),
+    (_chat([{"type": "audio_embeds", "audio_embeds": "AAAA"}]), 400, "--enable-mm-embeds"),
     (_chat([{"type": "image_url", "image_url": {"url": "http://evil.example/x.png"}}]), 403, "evil.example"),
     (_chat([{"type": "video_url", "video_url": {"url": "file:///etc/passwd"}}]), 403, "outside"),
     (_chat([{"type": "video_url", "video_url": {"url": "file:///srv/media/../../etc/passwd"}}]), 403, "outside"),

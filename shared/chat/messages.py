@@ -1,6 +1,7 @@
 """Parse OpenAI chat messages (content parts as in vLLM's multimodal docs) without touching any media.
 
-Recognised parts: text, image_url, image_pil, image_embeds, video_url, input_audio, audio_url. Every media
+Recognised parts: text, image_url, image_pil, image_embeds, video_url, input_audio, audio_url, audio_embeds
+(vLLM's precomputed audio embeddings, for the families that take them). Every media
 part may carry `uuid`, and its payload may be None when it does. The result is the conversation in the shape
 HF chat templates expect (`{"type": "image"}` placeholders) plus one `MediaPart` per media part, in order.
 Pure Python: the gateway uses it without importing torch.
@@ -22,6 +23,7 @@ PART_TYPES: dict[str, tuple[str, str]] = {
     "video_url": ("video", "url"),
     "audio_url": ("audio", "url"),
     "input_audio": ("audio", "input_audio"),
+    "audio_embeds": ("audio", "embeds"),
 }
 
 

@@ -43,8 +43,8 @@ def chat_item_refs(parts: list[MediaPart], opts: ParseOptions) -> list[ItemRef]:
         is_embeds = p.kind == "embeds"
         if is_embeds:
             if not opts.enable_mm_embeds:
-                raise UnsupportedError("image_embeds parts need enable_mm_embeds=True (--enable-mm-embeds)",
-                                       param="image_embeds")
+                raise UnsupportedError(f"{p.modality}_embeds parts need enable_mm_embeds=True (--enable-mm-embeds)",
+                                       param=f"{p.modality}_embeds")
             if source is not None and opts.embeds_validator is not None:
                 # in-process: decode and validate now; the gateway leaves the payload raw for the encoder
                 source = _one_embedding(p.modality, source, opts)
