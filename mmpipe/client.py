@@ -10,8 +10,8 @@
         for chunk in client.chat(messages, stream=True, max_tokens=32):
             print(chunk.text, end="", flush=True)
 
-Messages are the OpenAI dicts the HTTP API takes (text, image_url, video_url, audio_url, input_audio and
-image_embeds parts, each with an optional `uuid` and a payload that may be None). Failures raise the
+Messages are the OpenAI dicts the HTTP API takes (text, image_url, video_url, audio_url, input_audio,
+image_embeds and audio_embeds parts, each with an optional `uuid` and a payload that may be None). Failures raise the
 mmpipe error the gateway raised (shared/errors.py: InvalidInputError, ServiceUnavailableError, ...).
 Light: grpcio and the generated stubs only, no torch.
 """
@@ -279,6 +279,9 @@ def _part(p: Any, where: str) -> Any:
         out.input_audio.SetInParent()
         out.input_audio.data = v.get("data") or ""
         out.input_audio.format = v.get("format") or ""
+    elif t == "audio_embeds":
+        out.audio_embeds.SetInParent()
+        out.audio_embeds.data = p.get(t) or ""
     elif t == "image_embeds":
         v = p.get(t)
         out.image_embeds.SetInParent()

@@ -253,19 +253,31 @@ def test_grpc_messages_become_the_same_domain_input():
         gateway_pb2.ContentPart(video_url=gateway_pb2.MediaUrl(url="file:///m/v.mp4")),
         gateway_pb2.ContentPart(input_audio=gateway_pb2.InputAudio(data="AAAA", format="wav")),
         gateway_pb2.ContentPart(image_embeds=gateway_pb2.ImageEmbeds(data="E", image_grid_thw="G")),
+        gateway_pb2.ContentPart(audio_embeds=gateway_pb2.AudioEmbeds(data="A")),
         gateway_pb2.ContentPart(text="hi")])],
-        sampling=gateway_pb2.SamplingOptions(temperature=0, max_tokens=3, stop=["x"], logprobs=True))
+        sampling=gateway_pb2.SamplingOptions(temperature=0, max_tokens=3, stop=["x"], logprobs=True),
+        add_special_tokens=True)
     inp = chat_input_from_pb(req)
     assert inp.messages[0]["content"] == [
         {"type": "image_url", "uuid": "u1", "image_url": None},
         {"type": "video_url", "video_url": {"url": "file:///m/v.mp4"}},
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
         {"type": "image_embeds", "image_embeds": {"image_embeds": "E", "image_grid_thw": "G"}},
+        {"type": "audio_embeds", "audio_embeds": "A"},
         {"type": "text", "text": "hi"}]
+    assert inp.add_special_tokens and not chat_input_from_pb(gateway_pb2.ChatRequest()).add_special_tokens
     sp = inp.sampling
     assert (sp.temperature, sp.max_tokens, sp.stop, sp.logprobs) == (0.0, 3, ["x"], 0)
     assert completion_input_from_pb(gateway_pb2.CompletionRequest(
         token_ids=gateway_pb2.TokenIds(ids=[1, 2]))).prompt_token_ids == [1, 2]
+    assert not completion_input_from_pb(gateway_pb2.CompletionRequest(text="a", add_special_tokens=False)
+                                        ).add_special_tokens
+    # mmpipe.client builds the same parts from the HTTP API's dicts
+    from mmpipe.client import _message
+
+    assert _message({"role": "user", "content": [{"type": "audio_embeds", "audio_embeds": "A"}]}, 0) == \
+        gateway_pb2.ChatMessage(role="user", content=[gateway_pb2.ContentPart(audio_embeds=gateway_pb2.AudioEmbeds(
+            data="A"))])
     with pytest.raises(InvalidInputError):
         chat_input_from_pb(gateway_pb2.ChatRequest(messages=[gateway_pb2.ChatMessage(
             role="user", content=[gateway_pb2.ContentPart()])]))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmpipe/v1/gateway.proto\x12\tmmpipe.v1\"\x17\n\x08MediaUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\"*\n\nInputAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"H\n\x0bImageEmbeds\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\x12\x16\n\x0eimage_grid_thw\x18\x02 \x01(\t\x12\x13\n\x0bimage_sizes\x18\x03 \x01(\t\"\x9d\x02\n\x0b\x43ontentPart\x12\x11\n\x04uuid\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\timage_url\x18\x03 \x01(\x0b\x32\x13.mmpipe.v1.MediaUrlH\x00\x12(\n\tvideo_url\x18\x04 \x01(\x0b\x32\x13.mmpipe.v1.MediaUrlH\x00\x12(\n\taudio_url\x18\x05 \x01(\x0b\x32\x13.mmpipe.v1.MediaUrlH\x00\x12,\n\x0binput_audio\x18\x06 \x01(\x0b\x32\x15.mmpipe.v1.InputAudioH\x00\x12.\n\x0cimage_embeds\x18\x07 \x01(\x0b\x32\x16.mmpipe.v1.ImageEmbedsH\x00\x42\x06\n\x04partB\x07\n\x05_uuid\"D\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\'\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x16.mmpipe.v1.ContentPart\"\x8f\x03\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x08H\x07\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x81\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.mmpipe.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.mmpipe.v1.SamplingOptions\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x14 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x15\n\x13_add_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe8\x01\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.mmpipe.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.mmpipe.v1.SamplingOptions\x12\x11\n\x04\x65\x63ho\x18\x14 \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x15 \x01(\x08H\x02\x88\x01\x01\x42\x08\n\x06promptB\x07\n\x05_echoB\x15\n\x13_add_special_tokens\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.mmpipe.v1.ChatMessage\"\x90\x02\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.mmpipe.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\x15\n\rchat_template\x18\x06 \x01(\t\x12\x19\n\x11return_token_strs\x18\x07 \x01(\x08\x42\x07\n\x05inputB\x15\n\x13_add_special_tokensB\x18\n\x16_add_generation_prompt\"\\\n\x10TokenizeResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xa7\x01\n\x0f\x43ompletionChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x1a\n\rfinish_reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.mmpipe.v1.UsageB\x10\n\x0e_finish_reason2\x9f\x02\n\x07Gateway\x12<\n\x04\x43hat\x12\x16.mmpipe.v1.ChatRequest\x1a\x1a.mmpipe.v1.CompletionChunk0\x01\x12\x46\n\x08Generate\x12\x1c.mmpipe.v1.CompletionRequest\x1a\x1a.mmpipe.v1.CompletionChunk0\x01\x12\x43\n\x08Tokenize\x12\x1a.mmpipe.v1.TokenizeRequest\x1a\x1b.mmpipe.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.mmpipe.v1.DetokenizeRequest\x1a\x1d.mmpipe.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmpipe/v1/gateway.proto\x12\tmmpipe.v1\"\x17\n\x08MediaUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\"*\n\nInputAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"H\n\x0bImageEmbeds\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\x12\x16\n\x0eimage_grid_thw\x18\x02 \x01(\t\x12\x13\n\x0bimage_sizes\x18\x03 \x01(\t\"\x1b\n\x0b\x41udioEmbeds\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\"\xcd\x02\n\x0b\x43ontentPart\x12\x11\n\x04uuid\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\timage_url\x18\x03 \x01(\x0b\x32\x13.mmpipe.v1.MediaUrlH\x00\x12(\n\tvideo_url\x18\x04 \x01(\x0b\x32\x13.mmpipe.v1.MediaUrlH\x00\x12(\n\taudio_url\x18\x05 \x01(\x0b\x32\x13.mmpipe.v1.MediaUrlH\x00\x12,\n\x0binput_audio\x18\x06 \x01(\x0b\x32\x15.mmpipe.v1.InputAudioH\x00\x12.\n\x0cimage_embeds\x18\x07 \x01(\x0b\x32\x16.mmpipe.v1.ImageEmbedsH\x00\x12.\n\x0c\x61udio_embeds\x18\x14 \x01(\x0b\x32\x16.mmpipe.v1.AudioEmbedsH\x00\x42\x06\n\x04partB\x07\n\x05_uuid\"D\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\'\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x16.mmpipe.v1.ContentPart\"\x8f\x03\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x08H\x07\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x81\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.mmpipe.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.mmpipe.v1.SamplingOptions\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x14 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x15\n\x13_add_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe8\x01\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.mmpipe.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.mmpipe.v1.SamplingOptions\x12\x11\n\x04\x65\x63ho\x18\x14 \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x15 \x01(\x08H\x02\x88\x01\x01\x42\x08\n\x06promptB\x07\n\x05_echoB\x15\n\x13_add_special_tokens\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.mmpipe.v1.ChatMessage\"\x90\x02\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.mmpipe.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\x15\n\rchat_template\x18\x06 \x01(\t\x12\x19\n\x11return_token_strs\x18\x07 \x01(\x08\x42\x07\n\x05inputB\x15\n\x13_add_special_tokensB\x18\n\x16_add_generation_prompt\"\\\n\x10TokenizeResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xa7\x01\n\x0f\x43ompletionChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x1a\n\rfinish_reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.mmpipe.v1.UsageB\x10\n\x0e_finish_reason2\x9f\x02\n\x07Gateway\x12<\n\x04\x43hat\x12\x16.mmpipe.v1.ChatRequest\x1a\x1a.mmpipe.v1.CompletionChunk0\x01\x12\x46\n\x08Generate\x12\x1c.mmpipe.v1.CompletionRequest\x1a\x1a.mmpipe.v1.CompletionChunk0\x01\x12\x43\n\x08Tokenize\x12\x1a.mmpipe.v1.TokenizeRequest\x1a\x1b.mmpipe.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.mmpipe.v1.DetokenizeRequest\x1a\x1d.mmpipe.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INPUTAUDIO']._serialized_end=105
   _globals['_IMAGEEMBEDS']._serialized_start=107
   _globals['_IMAGEEMBEDS']._serialized_end=179
-  _globals['_CONTENTPART']._serialized_start=182
-  _globals['_CONTENTPART']._serialized_end=467
-  _globals['_CHATMESSAGE']._serialized_start=469
-  _globals['_CHATMESSAGE']._serialized_end=537
-  _globals['_SAMPLINGOPTIONS']._serialized_start=540
-  _globals['_SAMPLINGOPTIONS']._serialized_end=939
-  _globals['_CHATREQUEST']._serialized_start=942
-  _globals['_CHATREQUEST']._serialized_end=1199
-  _globals['_TOKENIDS']._serialized_start=1201
-  _globals['_TOKENIDS']._serialized_end=1224
-  _globals['_COMPLETIONREQUEST']._serialized_start=1227
-  _globals['_COMPLETIONREQUEST']._serialized_end=1459
-  _globals['_CHATMESSAGES']._serialized_start=1461
-  _globals['_CHATMESSAGES']._serialized_end=1517
-  _globals['_TOKENIZEREQUEST']._serialized_start=1520
-  _globals['_TOKENIZEREQUEST']._serialized_end=1792
-  _globals['_TOKENIZERESPONSE']._serialized_start=1794
-  _globals['_TOKENIZERESPONSE']._serialized_end=1886
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1888
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1938
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1940
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1976
-  _globals['_USAGE']._serialized_start=1978
-  _globals['_USAGE']._serialized_end=2057
-  _globals['_COMPLETIONCHUNK']._serialized_start=2060
-  _globals['_COMPLETIONCHUNK']._serialized_end=2227
-  _globals['_GATEWAY']._serialized_start=2230
-  _globals['_GATEWAY']._serialized_end=2517
+  _globals['_AUDIOEMBEDS']._serialized_start=181
+  _globals['_AUDIOEMBEDS']._serialized_end=208
+  _globals['_CONTENTPART']._serialized_start=211
+  _globals['_CONTENTPART']._serialized_end=544
+  _globals['_CHATMESSAGE']._serialized_start=546
+  _globals['_CHATMESSAGE']._serialized_end=614
+  _globals['_SAMPLINGOPTIONS']._serialized_start=617
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1016
+  _globals['_CHATREQUEST']._serialized_start=1019
+  _globals['_CHATREQUEST']._serialized_end=1276
+  _globals['_TOKENIDS']._serialized_start=1278
+  _globals['_TOKENIDS']._serialized_end=1301
+  _globals['_COMPLETIONREQUEST']._serialized_start=1304
+  _globals['_COMPLETIONREQUEST']._serialized_end=1536
+  _globals['_CHATMESSAGES']._serialized_start=1538
+  _globals['_CHATMESSAGES']._serialized_end=1594
+  _globals['_TOKENIZEREQUEST']._serialized_start=1597
+  _globals['_TOKENIZEREQUEST']._serialized_end=1869
+  _globals['_TOKENIZERESPONSE']._serialized_start=1871
+  _globals['_TOKENIZERESPONSE']._serialized_end=1963
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1965
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2015
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2017
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2053
+  _globals['_USAGE']._serialized_start=2055
+  _globals['_USAGE']._serialized_end=2134
+  _globals['_COMPLETIONCHUNK']._serialized_start=2137
+  _globals['_COMPLETIONCHUNK']._serialized_end=2304
+  _globals['_GATEWAY']._serialized_start=2307
+  _globals['_GATEWAY']._serialized_end=2594
 # @@protoc_insertion_point(module_scope)

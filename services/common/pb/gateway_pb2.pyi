@@ -30,8 +30,14 @@ class ImageEmbeds(_message.Message):
     image_sizes: str
     def __init__(self, data: _Optional[str] = ..., image_grid_thw: _Optional[str] = ..., image_sizes: _Optional[str] = ...) -> None: ...
 
+class AudioEmbeds(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: str
+    def __init__(self, data: _Optional[str] = ...) -> None: ...
+
 class ContentPart(_message.Message):
-    __slots__ = ("uuid", "text", "image_url", "video_url", "audio_url", "input_audio", "image_embeds")
+    __slots__ = ("uuid", "text", "image_url", "video_url", "audio_url", "input_audio", "image_embeds", "audio_embeds")
     UUID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URL_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +45,7 @@ class ContentPart(_message.Message):
     AUDIO_URL_FIELD_NUMBER: _ClassVar[int]
     INPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     text: str
     image_url: MediaUrl
@@ -46,7 +53,8 @@ class ContentPart(_message.Message):
     audio_url: MediaUrl
     input_audio: InputAudio
     image_embeds: ImageEmbeds
-    def __init__(self, uuid: _Optional[str] = ..., text: _Optional[str] = ..., image_url: _Optional[_Union[MediaUrl, _Mapping]] = ..., video_url: _Optional[_Union[MediaUrl, _Mapping]] = ..., audio_url: _Optional[_Union[MediaUrl, _Mapping]] = ..., input_audio: _Optional[_Union[InputAudio, _Mapping]] = ..., image_embeds: _Optional[_Union[ImageEmbeds, _Mapping]] = ...) -> None: ...
+    audio_embeds: AudioEmbeds
+    def __init__(self, uuid: _Optional[str] = ..., text: _Optional[str] = ..., image_url: _Optional[_Union[MediaUrl, _Mapping]] = ..., video_url: _Optional[_Union[MediaUrl, _Mapping]] = ..., audio_url: _Optional[_Union[MediaUrl, _Mapping]] = ..., input_audio: _Optional[_Union[InputAudio, _Mapping]] = ..., image_embeds: _Optional[_Union[ImageEmbeds, _Mapping]] = ..., audio_embeds: _Optional[_Union[AudioEmbeds, _Mapping]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

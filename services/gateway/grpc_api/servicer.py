@@ -50,7 +50,7 @@ def part_to_dict(part: gateway_pb2.ContentPart, where: str) -> dict[str, Any]:
     which = part.WhichOneof("part")
     if which is None:
         raise InvalidInputError(f"{where} sets none of text, image_url, video_url, audio_url, input_audio, "
-                                f"image_embeds", param=where)
+                                f"image_embeds, audio_embeds", param=where)
     if which == "text":
         return {"type": "text", "text": part.text}
     out: dict[str, Any] = {"type": which}
@@ -62,6 +62,8 @@ def part_to_dict(part: gateway_pb2.ContentPart, where: str) -> dict[str, Any]:
     elif which == "input_audio":
         a = part.input_audio
         out[which] = {"data": a.data, "format": a.format or "wav"} if a.data else None
+    elif which == "audio_embeds":
+        out[which] = part.audio_embeds.data or None
     else:
         e = part.image_embeds
         extra = {k: v for k, v in (("image_grid_thw", e.image_grid_thw), ("image_sizes", e.image_sizes)) if v}
