@@ -73,9 +73,7 @@ class Preparer:
         ids, media = self.render_chat(inp.messages, chat_template=inp.chat_template,
                                       add_generation_prompt=inp.add_generation_prompt,
                                       add_special_tokens=inp.add_special_tokens)
-        t = time.perf_counter()
         self._check_prompt(ids, media, inp.sampling)
-        self._step("tokenize", t)
         return PreparedPrompt(ids, media, inp.sampling)
 
     def render_chat(self, messages: list[dict], *, chat_template: str | None = None,
