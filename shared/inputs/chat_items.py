@@ -1,7 +1,7 @@
 """Chat media parts -> ItemRefs, with the same rules as `multi_modal_data` (limits, embeds switch, uuids).
 
 `input_audio` becomes a `data:` URL so that one loader path decodes every kind of audio payload; base64
-`image_embeds` are decoded without unpickling (see shared/media/embeds.py) when a validator is given, and left
+`image_embeds` / `audio_embeds` are decoded without unpickling (see shared/media/embeds.py) when a validator is given, and left
 as sent otherwise (the gateway: its encoder validates them). The offline API and the gateway share these rules.
 """
 from __future__ import annotations

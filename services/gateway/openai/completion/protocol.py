@@ -2,17 +2,17 @@
 per prompt, `index` its place in the list), `echo` (the prompt's text before the completion), as vLLM does."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, MediaSettingsFields):
     # a string, token ids, or a list of either: one choice per prompt
     prompt: str | list[int] | list[str] | list[list[int]]
     add_special_tokens: bool = True  # vLLM's extra: BOS etc. on a text prompt, as the tokenizer adds them
@@ -32,9 +32,6 @@ class CompletionRequest(SamplingFields):
             raise UnsupportedError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise UnsupportedError("best_of is not supported", param="best_of")
-        if self.logprobs:
-            raise UnsupportedError("logprobs > 0 (top alternatives) is not supported: send logprobs=0 for the "
-                                   "sampled tokens' logprobs", param="logprobs")
         return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
 
     def prompts(self) -> list[tuple[str | None, list[int] | None]]:
@@ -63,6 +60,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extra
 
 
 class CompletionResponse(OpenAIBaseModel):

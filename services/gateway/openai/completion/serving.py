@@ -2,7 +2,8 @@
 
 A list of prompts is one request per prompt through the core, all started before the response begins (so a
 bad prompt is still a plain 400 and none of them runs on), generated concurrently, answered as one choice per
-prompt with `index` its place in the list; usage adds them up. Sub-requests are named `<request id>-<index>`
+prompt (with n samples each, choice `index` = prompt index * n + sample index, as vLLM numbers them); usage
+adds them up (each prompt counted once). Sub-requests are named `<request id>-<index>`
 in the stages' logs, as vLLM names them. With `echo`, each choice's text starts with its prompt's text (the
 prompt as sent, or the decoded token ids), in the first stream chunk of that choice.
 
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
 from ...types import CompletionInput, RequestContext
-from ..protocol import UsageInfo
+from ..protocol import UsageInfo, prompt_logprobs_json
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 ENDPOINT = "/v1/completions"
@@ -34,8 +35,10 @@ class OpenAIServingCompletion:
     async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None) -> Response:
         prompts = req.prompts()
         sampling = req.to_sampling()
+        media_kwargs = req.media_kwargs()
         inputs = [CompletionInput(sampling=sampling, prompt=text, prompt_token_ids=ids, model=req.model,
-                                  add_special_tokens=req.add_special_tokens) for text, ids in prompts]
+                                  add_special_tokens=req.add_special_tokens, media_kwargs=media_kwargs)
+                  for text, ids in prompts]
         ids_of = [request_id] if len(inputs) == 1 else [f"{request_id}-{i}" for i in range(len(inputs))]
         streams = await self._start_all(
             inputs, [RequestContext(request_id=r, endpoint=ENDPOINT, tenant=tenant) for r in ids_of])
@@ -46,15 +49,19 @@ class OpenAIServingCompletion:
                     await s.close()
 
             return sse.EventStreamResponse(self._chunks(req, request_id, streams, echoes), on_close=close_all)
-        results = await _gather_all([self.core.collect(s) for s in streams])
+        per_prompt = await _gather_all([self.core.collect(s) for s in streams])  # one Completion per sample
+        n = sampling.n
         choices = [CompletionChoice(
-            index=i, text=echo + r.text, finish_reason=r.finish_reason,
-            logprobs=self._logprobs(r.token_ids, r.logprobs, 0) if req.logprobs is not None else None,
+            index=p * n + i, text=echo + r.text, finish_reason=r.finish_reason,
+            logprobs=self._logprobs(r.token_ids, r.logprobs, r.top_logprobs, 0) if req.logprobs is not None else None,
             token_ids=r.token_ids if req.return_token_ids else None,
-            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
-            for i, (r, echo) in enumerate(zip(results, echoes))]
-        usage = UsageInfo.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results),
-                             sum(r.cached_tokens for r in results))
+            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs))
+            for p, (rs, echo) in enumerate(zip(per_prompt, echoes)) for i, r in enumerate(rs)]
+        # each prompt is counted once, the completions of every choice
+        usage = UsageInfo.of(sum(rs[0].prompt_tokens for rs in per_prompt),
+                             sum(x.completion_tokens for rs in per_prompt for x in rs),
+                             sum(rs[0].cached_tokens for rs in per_prompt))
         resp = CompletionResponse(id=f"cmpl-{request_id}", created=int(time.time()), model=self.core.model_name,
                                   choices=choices, usage=usage)
         return JSONResponse(resp.model_dump(exclude_none=True))
@@ -80,25 +87,30 @@ class OpenAIServingCompletion:
     async def _chunks(self, req: CompletionRequest, request_id: str, streams: list[GenerationStream],
                       echoes: list[str]) -> AsyncIterator[str]:
         events = sse.ChunkEvents(f"cmpl-{request_id}", "text_completion", int(time.time()), self.core.model_name)
-        async for choice in merge([self._choices(req, i, s, echoes[i]) for i, s in enumerate(streams)]):
+        async for choice in merge([self._choices(req, p, s, echoes[p]) for p, s in enumerate(streams)]):
             yield events.event(choice)
         if req.include_usage:
-            usage = sse.usage(sum(s.prompt_tokens for s in streams), sum(len(s.token_ids) for s in streams),
+            usage = sse.usage(sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams),
                               sum(s.cached_tokens for s in streams))
             yield events.event(None, usage=usage)
 
-    async def _choices(self, req: CompletionRequest, index: int, stream: GenerationStream,
+    async def _choices(self, req: CompletionRequest, prompt_index: int, stream: GenerationStream,
                        echo: str) -> AsyncIterator[dict[str, Any]]:
-        """One prompt's stream as CompletionChoice dicts (fields in order, None ones left out: exclude_none)."""
-        offset = 0
+        """One prompt's stream as CompletionChoice dicts (fields in order, None ones left out: exclude_none); the
+        echo goes with the first chunk of each of its samples."""
+        n = len(stream.samples)
+        offsets = [0] * n  # per sample
+        firsts = [True] * n
         async with stream:
-            first = True
             async for d in stream:
-                choice: dict[str, Any] = {"index": index, "text": echo + d.text if first else d.text}
+                first = firsts[d.index]
+                choice: dict[str, Any] = {"index": prompt_index * n + d.index,
+                                          "text": echo + d.text if first else d.text}
                 if req.logprobs is not None:
-                    lp = self._logprobs(d.token_ids, d.logprobs, offset)
+                    lp = self._logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
                     choice["logprobs"] = {"tokens": lp.tokens,
                                           "token_logprobs": [sse.finite(x) for x in lp.token_logprobs],
+                                          **({"top_logprobs": lp.top_logprobs} if lp.top_logprobs else {}),
                                           "text_offset": lp.text_offset}
                 if d.finish_reason is not None:
                     choice["finish_reason"] = d.finish_reason
@@ -106,18 +118,22 @@ class OpenAIServingCompletion:
                     choice["token_ids"] = d.token_ids
                     if first:
                         choice["prompt_token_ids"] = stream.prepared.prompt_token_ids
-                offset += len(d.text)
-                first = False
+                offsets[d.index] += len(d.text)
+                firsts[d.index] = False
                 yield choice
 
-    def _logprobs(self, ids: list[int], lps: list[float] | None, offset: int) -> CompletionLogprobs:
+    def _logprobs(self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None,
+                  offset: int) -> CompletionLogprobs:
+        """OpenAI's legacy logprobs; `top_logprobs` maps each alternative's text to its logprob (vLLM's shape)."""
         tok = self.core.info.tokenizer
-        out = CompletionLogprobs()
-        for t, lp in zip(ids, lps or []):
+        out = CompletionLogprobs(top_logprobs=[] if tops else None)
+        for i, (t, lp) in enumerate(zip(ids, lps or [])):
             s = tok.decode([t])
             out.tokens.append(s)
             out.token_logprobs.append(lp)
             out.text_offset.append(offset)
+            if tops:
+                out.top_logprobs.append({tok.decode([a]): v for a, v in tops[i]})
             offset += len(s)
         return out
 
