@@ -161,30 +161,6 @@ def test_precomputed_image_embeddings(tiny_model_dirs):
         assert llm.stats["items_encoded"] == 0
 
 
-def test_audio_embeds_chat_part(llms, tiny_model_dirs):
-    """vLLM's `audio_embeds` part: the clip's embeddings give transformers' tokens for the clip itself, on a family
-    that takes audio embeddings; the others refuse it by name."""
-    from mmpipe.shared.errors import InvalidInputError
-    from mmpipe.shared.media.embeds import encode_tensor_b64
-    from mmpipe.shared.media.loader import MediaLoader
-
-    path = tiny_model_dirs["qwen2_audio"]
-    llm = llms("qwen2_audio", enable_mm_embeds=True)
-    a = make_audio(sr=16000, seed=13)
-    item = MediaLoader().load("audio", (a, 16000), target_sampling_rate=llm.adapter.audio_sampling_rate)
-    emb = llm.adapter.encode("audio", [llm.adapter.preprocess(item)])[0].tensor
-    msgs = [{"role": "user", "content": [{"type": "audio_embeds", "audio_embeds": encode_tensor_b64(emb)},
-                                         {"type": "text", "text": "What is it?"}]}]
-    ref = hf_generate(path, chat_prompt(path, [{"role": "user", "content": [
-        {"type": "audio"}, {"type": "text", "text": "What is it?"}]}]), audio=[a], add_special_tokens=False)
-    assert llm.chat(msgs, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == ref
-    with pytest.raises(InvalidInputError) as ei:
-        llms("qwen2_audio").chat(msgs, GREEDY, use_tqdm=False)  # without enable_mm_embeds
-    assert ei.value.param == "audio_embeds"
-    with pytest.raises(InvalidInputError, match="audio"):  # a family without audio
-        llms("llava").chat(msgs, GREEDY, use_tqdm=False)
-
-
 def test_image_url_data_url_and_local_file(tmp_path, tiny_model_dirs):
     path = tiny_model_dirs["llava"]
     img = make_image(w=64, h=48, seed=12)
