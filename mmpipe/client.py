@@ -10,8 +10,8 @@
         for chunk in client.chat(messages, stream=True, max_tokens=32):
             print(chunk.text, end="", flush=True)
 
-Messages are the OpenAI dicts the HTTP API takes (text, image_url, video_url, audio_url, input_audio and
-image_embeds parts, each with an optional `uuid` and a payload that may be None). Failures raise the
+Messages are the OpenAI dicts the HTTP API takes (text, image_url, video_url, audio_url, input_audio,
+image_embeds and audio_embeds parts, each with an optional `uuid` and a payload that may be None). Failures raise the
 mmpipe error the gateway raised (shared/errors.py: InvalidInputError, ServiceUnavailableError, ...).
 Light: grpcio and the generated stubs only, no torch.
 """
@@ -26,7 +26,7 @@ import grpc
 from mmpipe.shared import errors as _errors
 from mmpipe.shared.errors import InvalidInputError, MMPipeError, error_from_grpc_code
 
-__all__ = ["MMPipeClient", "Chunk", "Result"]
+__all__ = ["MMPipeClient", "Chunk", "Result", "Tokenized"]
 
 _ERROR_CLASS_HEADER = "mmpipe-error-class"
 _ERROR_PARAM_HEADER = "mmpipe-error-param"
@@ -52,6 +52,16 @@ class Chunk:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # with prompt_logprobs, on the first chunk: per prompt token (id, logprob, rank, alternatives), None first
     prompt_logprobs: list | None = None
+
+
+@dataclass
+class Tokenized:
+    """Gateway.Tokenize's answer, as vLLM's /tokenize response."""
+
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 @dataclass
@@ -110,8 +120,8 @@ class MMPipeClient:
     # ---- public API ------------------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], *, model: str = "", stream: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True, request_id: str | None = None,
-             mm_processor_kwargs: dict[str, Any] | None = None, media_io_kwargs: dict[str, Any] | None = None,
-             **sampling: Any) -> Result | Iterator[Chunk]:
+             add_special_tokens: bool | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
+             media_io_kwargs: dict[str, Any] | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
         """Chat completion. `sampling`: temperature, top_p, top_k, max_tokens, min_tokens, seed, stop,
         stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens, and vLLM's n, top_logprobs,
         presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words, prompt_logprobs.
@@ -122,16 +132,21 @@ class MMPipeClient:
                               sampling=_sampling(sampling), chat_template=chat_template or "",
                               add_generation_prompt=add_generation_prompt,
                               media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
+        if add_special_tokens is not None:
+            req.add_special_tokens = add_special_tokens
         chunks = self._call(self._stub.Chat, req, request_id)
         return chunks if stream else _collect(chunks)
 
     def generate(self, prompt: str | list[int], *, model: str = "", stream: bool = False,
-                 request_id: str | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
-                 media_io_kwargs: dict[str, Any] | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
-        """Completion of a text prompt or of prompt token ids."""
+                 request_id: str | None = None, echo: bool = False, add_special_tokens: bool | None = None,
+                 mm_processor_kwargs: dict[str, Any] | None = None, media_io_kwargs: dict[str, Any] | None = None,
+                 **sampling: Any) -> Result | Iterator[Chunk]:
+        """Completion of a text prompt or of prompt token ids; `echo`: the text starts with the prompt's."""
         pb2 = _pb()[0]
-        req = pb2.CompletionRequest(model=model, sampling=_sampling(sampling),
+        req = pb2.CompletionRequest(model=model, sampling=_sampling(sampling), echo=echo,
                                     media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
+        if add_special_tokens is not None:
+            req.add_special_tokens = add_special_tokens
         if isinstance(prompt, str):
             req.text = prompt
         else:
@@ -139,8 +154,43 @@ class MMPipeClient:
         chunks = self._call(self._stub.Generate, req, request_id)
         return chunks if stream else _collect(chunks)
 
+    def tokenize(self, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None, model: str = "",
+                 add_special_tokens: bool | None = None, add_generation_prompt: bool = True,
+                 chat_template: str | None = None, return_token_strs: bool = False,
+                 request_id: str | None = None) -> Tokenized:
+        """Token ids of a prompt, or of chat messages through the chat template (POST /tokenize)."""
+        pb2 = _pb()[0]
+        req = pb2.TokenizeRequest(model=model, add_generation_prompt=add_generation_prompt,
+                                  chat_template=chat_template or "", return_token_strs=return_token_strs)
+        if (prompt is None) == (messages is None):
+            raise InvalidInputError("give exactly one of prompt or messages", param="prompt")
+        if prompt is not None:
+            req.prompt = prompt
+        else:
+            req.messages.messages.extend(_message(m, i) for i, m in enumerate(messages or []))
+        if add_special_tokens is not None:
+            req.add_special_tokens = add_special_tokens
+        r = self._unary(self._stub.Tokenize, req, request_id)
+        return Tokenized(count=r.count, max_model_len=r.max_model_len or None, tokens=list(r.tokens),
+                         token_strs=list(r.token_strs) if return_token_strs else None)
+
+    def detokenize(self, tokens: list[int], *, model: str = "", request_id: str | None = None) -> str:
+        """The text of token ids (POST /detokenize)."""
+        req = _pb()[0].DetokenizeRequest(model=model, tokens=[int(t) for t in tokens])
+        return self._unary(self._stub.Detokenize, req, request_id).prompt
+
     # ---- plumbing ----------------------------------------------------------------------------------------
+    def _unary(self, method: Any, req: Any, request_id: str | None) -> Any:
+        try:
+            return method(req, metadata=self._metadata(request_id), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
     def _call(self, method: Any, req: Any, request_id: str | None) -> Iterator[Chunk]:
+        call = method(req, metadata=self._metadata(request_id), timeout=self.timeout)
+        return _chunks(call)
+
+    def _metadata(self, request_id: str | None) -> list[tuple[str, str]]:
         md = []
         if self.api_key:
             md.append(("authorization", f"Bearer {self.api_key}"))
@@ -148,8 +198,7 @@ class MMPipeClient:
             md.append(("x-request-id", request_id))
         if self.tenant:
             md.append(("x-mmpipe-tenant", self.tenant))
-        call = method(req, metadata=md, timeout=self.timeout)
-        return _chunks(call)
+        return md
 
 
 def _chunks(call: Any) -> Iterator[Chunk]:
@@ -274,6 +323,9 @@ def _part(p: Any, where: str) -> Any:
         out.input_audio.SetInParent()
         out.input_audio.data = v.get("data") or ""
         out.input_audio.format = v.get("format") or ""
+    elif t == "audio_embeds":
+        out.audio_embeds.SetInParent()
+        out.audio_embeds.data = p.get(t) or ""
     elif t == "image_embeds":
         v = p.get(t)
         out.image_embeds.SetInParent()

@@ -221,6 +221,56 @@ def test_completions_text_and_token_ids_match_offline(env):
     assert streamed == ref.outputs[0].text
 
 
+def test_completions_list_of_prompts_and_echo_match_offline(env):
+    from mmpipe import SamplingParams
+    from transformers import AutoTokenizer
+
+    prompts = ["The quick brown fox", "A tiny random model says"]
+    refs = env.llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    want = [ref.outputs[0].token_ids for ref in refs]
+    c = env.client()
+    r = c.completions.create(model="tiny", prompt=prompts, **GREEDY, extra_body=EXTRA)
+    assert [ch.index for ch in r.choices] == [0, 1] and [ch.token_ids for ch in r.choices] == want
+    assert [ch.prompt_token_ids for ch in r.choices] == [ref.prompt_token_ids for ref in refs]
+    assert r.usage.completion_tokens == 16
+    assert r.usage.prompt_tokens == sum(len(ref.prompt_token_ids) for ref in refs)
+    # echo on token-id prompts: the decoded prompt, then the completion (vLLM's echo)
+    decode = AutoTokenizer.from_pretrained(env.model).decode
+    r = c.completions.create(model="tiny", prompt=[ref.prompt_token_ids for ref in refs], echo=True, **GREEDY,
+                             extra_body=EXTRA)
+    assert [ch.text for ch in r.choices] == [decode(ref.prompt_token_ids) + ref.outputs[0].text for ref in refs]
+    assert [ch.token_ids for ch in r.choices] == want  # echo changes the text, not what is generated
+    # streamed: chunks of both choices interleave, each keeps its index; the prompt comes with its first chunk
+    texts, usage = {0: "", 1: ""}, None
+    for chunk in c.completions.create(model="tiny", prompt=prompts, echo=True, stream=True,
+                                      stream_options={"include_usage": True}, **GREEDY,
+                                      extra_body={"ignore_eos": True}):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+        usage = chunk.usage or usage
+    assert texts == {i: prompts[i] + refs[i].outputs[0].text for i in range(2)}
+    assert usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError) as ei:  # echo + logprobs needs prompt logprobs: refused by name
+        c.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=0, max_tokens=2)
+    assert ei.value.body["param"] == "echo"
+
+
+def test_tokenize_counts_what_the_generation_endpoints_send(env):
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(3))}})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = env.client().chat.completions.create(model="tiny", messages=msgs, **GREEDY, extra_body=EXTRA)
+    t = httpx.post(f"{env.gw.url}/tokenize", json={"model": "tiny", "messages": msgs}, headers=auth, timeout=30)
+    assert t.status_code == 200, t.text
+    # exactly the ids the chat request sent the generator, which expands the one image placeholder into its
+    # embedding rows (usage counts those)
+    assert t.json()["tokens"] == r.prompt_token_ids and t.json()["count"] < r.usage.prompt_tokens
+    cmp = env.client().completions.create(model="tiny", prompt="Count to three.", **GREEDY, extra_body=EXTRA)
+    t = httpx.post(f"{env.gw.url}/tokenize", json={"prompt": "Count to three."}, headers=auth, timeout=30).json()
+    assert t["tokens"] == cmp.choices[0].prompt_token_ids and t["count"] == cmp.usage.prompt_tokens
+    d = httpx.post(f"{env.gw.url}/detokenize", json={"tokens": t["tokens"]}, headers=auth, timeout=30).json()
+    assert d == {"prompt": "Count to three."}
+
+
 # --- repeated media: no stage work --------------------------------------------------------------------------------
 def test_repeated_image_by_hash_and_by_uuid_skips_the_work(env):
     msgs = user({"type": "image_url", "image_url": {"url": data_url(png(11))}, "uuid": "cat-11"})
@@ -363,6 +413,11 @@ def test_grpc_client_chat_and_generate(env):
         assert [t for ch in chunks for t in ch.token_ids] == ref and "".join(ch.text for ch in chunks) == out.text
         gen = cl.generate("The quick brown fox", temperature=0.0, max_tokens=4, ignore_eos=True)
         assert len(gen.token_ids) == 4
+        echoed = list(cl.generate("The quick brown fox", stream=True, echo=True, temperature=0.0, max_tokens=4,
+                                  ignore_eos=True))
+        assert echoed[0].text.startswith("The quick brown fox")  # the prompt comes with the first chunk
+        assert "".join(c.text for c in echoed) == "The quick brown fox" + gen.text
+        assert cl.tokenize(messages=msgs).count < out.usage["prompt_tokens"]  # one placeholder, expanded later
         with pytest.raises(NotCachedError) as ei:
             cl.chat(user({"type": "image_url", "image_url": None, "uuid": "grpc-unknown"}), max_tokens=2)
         assert "grpc-unknown" in ei.value.message

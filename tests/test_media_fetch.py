@@ -246,6 +246,50 @@ def test_timeout(server):
     assert ei.value.http_status == 504 and "MMPIPE_MEDIA_FETCH_TIMEOUT" in ei.value.message
 
 
+def test_fetch_timeout_is_per_modality(server):
+    base, files = server
+    p = _pol(image_fetch_timeout_s=0.3, video_fetch_timeout_s=30.0, audio_fetch_timeout_s=0.3)
+    t = time.monotonic()
+    with pytest.raises(MediaTimeoutError) as ei:
+        fetch_bytes(f"{base}/slow", p, "image")
+    assert time.monotonic() - t < 1.5 and "MMPIPE_MEDIA_FETCH_TIMEOUT_IMAGE" in ei.value.message
+    # the media loader passes the item's modality: an image URL gets the image timeout
+    with pytest.raises(MediaTimeoutError, match="MMPIPE_MEDIA_FETCH_TIMEOUT_IMAGE"):
+        MediaLoader(policy=p).load("image", f"{base}/slow")
+    assert p.fetch_timeout("video") == 30.0 and p.fetch_timeout(None) == 5.0  # _pol's modality-less timeout
+    assert fetch_bytes(f"{base}/image.png", p, "video") == files["/image.png"][1]
+
+
+def test_fetch_timeout_and_redirect_env_names_as_vllm(monkeypatch):
+    for var in ("MMPIPE_MEDIA_FETCH_TIMEOUT", "MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
+                *(f"MMPIPE_MEDIA_FETCH_TIMEOUT_{m}" for m in ("IMAGE", "VIDEO", "AUDIO")),
+                *(f"VLLM_{m}_FETCH_TIMEOUT" for m in ("IMAGE", "VIDEO", "AUDIO"))):
+        monkeypatch.delenv(var, raising=False)
+    p = MediaPolicy.from_env()
+    assert [p.fetch_timeout(m) for m in ("image", "video", "audio", None)] == [5.0, 30.0, 10.0, 10.0]  # vLLM's
+    monkeypatch.setenv("MMPIPE_MEDIA_FETCH_TIMEOUT", "7")  # the old single knob: default of all three
+    monkeypatch.setenv("VLLM_VIDEO_FETCH_TIMEOUT", "60")
+    monkeypatch.setenv("VLLM_AUDIO_FETCH_TIMEOUT", "20")
+    monkeypatch.setenv("MMPIPE_MEDIA_FETCH_TIMEOUT_AUDIO", "3")  # ours wins over vLLM's name
+    p = MediaPolicy()
+    assert [p.fetch_timeout(m) for m in ("image", "video", "audio", None)] == [7.0, 60.0, 3.0, 7.0]
+    monkeypatch.setenv("VLLM_IMAGE_FETCH_TIMEOUT", "soon")
+    with pytest.raises(InvalidInputError, match="VLLM_IMAGE_FETCH_TIMEOUT"):
+        MediaPolicy.from_env()
+    monkeypatch.setenv("VLLM_IMAGE_FETCH_TIMEOUT", "0")
+    with pytest.raises(InvalidInputError, match="image_fetch_timeout_s"):
+        MediaPolicy.from_env()
+    monkeypatch.delenv("VLLM_IMAGE_FETCH_TIMEOUT")
+    monkeypatch.setenv("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
+    assert MediaPolicy.from_env().allow_redirects is False
+    monkeypatch.setenv("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", "1")  # set, ours wins
+    assert MediaPolicy.from_env().allow_redirects is True
+    monkeypatch.setenv("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "perhaps")
+    monkeypatch.delenv("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS")
+    with pytest.raises(InvalidInputError, match="VLLM_MEDIA_URL_ALLOW_REDIRECTS"):
+        MediaPolicy.from_env()
+
+
 def test_total_deadline_not_per_read(server):
     base, _ = server
     t = time.monotonic()

@@ -22,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from mmpipe.commands.serve_flags import add_stage_flags, child_args
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run redis + ingest + encoder + generator + gateway on this machine",
@@ -40,45 +42,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-redis-auth", action="store_true",
                    help="start the embedded redis-server without a password (by default it gets a random one, "
                         "handed to the stages in MMPIPE_REDIS_PASSWORD, so no other local user can read the cache)")
-    p.add_argument("--dtype", default=e("MMPIPE_DTYPE", "auto"))
-    p.add_argument("--device", default=e("MMPIPE_DEVICE", "auto"))
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--stream-interval", type=int, default=int(e("MMPIPE_STREAM_INTERVAL", 1)),
-                   help="generator: tokens per streamed message (vLLM's flag; 1 = every token, the first and the "
-                        "last always at once)")
-    p.add_argument("--limit-mm-per-prompt", default=e("MMPIPE_LIMIT_MM_PER_PROMPT"), help="JSON")
-    p.add_argument("--media-io-kwargs", default=e("MMPIPE_MEDIA_IO_KWARGS"), help="JSON")
-    p.add_argument("--mm-processor-kwargs", default=e("MMPIPE_MM_PROCESSOR_KWARGS"), help="JSON")
-    p.add_argument("--allowed-media-domains", nargs="+", default=None)
-    p.add_argument("--allowed-local-media-path", default=e("MMPIPE_ALLOWED_LOCAL_MEDIA_PATH"))
-    p.add_argument("--allow-private-media-urls", action="store_true",
-                   help="let media URLs reach loopback/private addresses (SSRF guard off; trusted deployments "
-                        "only); env MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS=1 reaches every stage too")
-    p.add_argument("--enable-mm-embeds", action="store_true")
-    p.add_argument("--chat-template", default=None)
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   default=e("MMPIPE_ENABLE_AUTO_TOOL_CHOICE", "").lower() in ("1", "true", "yes", "on"),
-                   help='gateway: the model decides when to call tools (tool_choice "auto"); needs --tool-call-parser')
-    p.add_argument("--tool-call-parser", default=e("MMPIPE_TOOL_CALL_PARSER") or None,
-                   help="gateway: format of the model's tool calls (hermes: <tool_call>{json}</tool_call>, Qwen)")
     p.add_argument("--api-key", default=e("MMPIPE_API_KEY"))
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
-    p.add_argument("--api-server-count", type=int, default=int(e("MMPIPE_API_SERVER_COUNT", 1)),
-                   help="gateway processes serving --port and --grpc-port (vLLM's flag; metrics merged on /metrics)")
     p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
     p.add_argument("--otlp-traces-endpoint", default=e("MMPIPE_OTLP_TRACES_ENDPOINT") or None,
                    help="OpenTelemetry spans of every stage and the gateway over OTLP/HTTP to this URL (vLLM's flag), "
                         "e.g. http://127.0.0.1:4318/v1/traces; passed to every child")
-    p.add_argument("--api-key-file", default=e("MMPIPE_API_KEY_FILE"),
-                   help="gateway API keys, one per line, each its own tenant")
-    p.add_argument("--trust-tenant-header", action="store_true",
-                   help="gateway: honour X-MMPipe-Tenant (only behind a trusted proxy that sets it)")
     from mmpipe.services.common.tls import add_client_tls_args, add_server_tls_args
 
     add_server_tls_args(p.add_argument_group("gRPC TLS of every stage and the gateway's gRPC API"))
     add_client_tls_args(p.add_argument_group("gRPC TLS of the stage clients and health checks"))
+    add_stage_flags(p)  # every other flag of the stages, under its own name (serve_flags.py)
     return p
 
 
@@ -177,6 +153,39 @@ def _wait_healthy(child: Child, timeout_s: float, stop: threading.Event) -> None
         time.sleep(0.2)
 
 
+def child_argvs(args: argparse.Namespace, ports: dict[str, int], redis_url: str) -> dict[str, list[str]]:
+    """Each child's command line: the wiring serve owns (model, ports, addresses, Redis, logs, TLS, tracing),
+    then every stage flag the user gave serve that this child takes (serve_flags.child_args)."""
+    from mmpipe.shared.cache.embedded_redis import free_port
+
+    from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
+
+    server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
+    tls_server_args = server_tls.args() if server_tls is not None else []
+    tls_client_args = client_tls.args() if client_tls is not None else []
+    addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
+    py = [sys.executable, "-m", "mmpipe.cli"]
+    trace_args = ["--otlp-traces-endpoint", args.otlp_traces_endpoint] if args.otlp_traces_endpoint else []
+
+    def stage(name: str, *wiring: str) -> list[str]:
+        return [*py, name, "--model", args.model, "--host", "127.0.0.1", "--port", str(ports[name]),
+                "--metrics-port", str(free_port()), "--log-level", args.log_level,
+                "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *trace_args, *wiring,
+                *child_args(args, name)]
+
+    out = {"encoder": stage("encoder", "--redis-url", redis_url),
+           "generator": stage("generator", "--redis-url", redis_url),
+           "ingest": stage("ingest", "--encoder-addr", addr["encoder"], *tls_client_args)}
+    if not args.no_gateway:
+        out["gateway"] = [
+            *py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
+            "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
+            "--generator-addr", addr["generator"], "--redis-url", redis_url, "--log-level", args.log_level.lower(),
+            "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args,
+            *child_args(args, "gateway")]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from mmpipe.shared.cache.embedded_redis import free_port
 
@@ -186,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     from mmpipe.shared.tools.plan import ToolSettings
 
     try:  # before anything starts: a gateway refusing its flags would only be restarted over and over
-        ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser)
+        # the gateway's own flags (serve_flags copies them; absent when not given)
+        ToolSettings(getattr(args, "enable_auto_tool_choice", False), getattr(args, "tool_call_parser", None))
     except InvalidInputError as e:
         print(f"mmpipe serve: error: {e.message}", file=sys.stderr)
         return 2
@@ -195,8 +205,6 @@ def run(args: argparse.Namespace) -> int:
         print("mmpipe serve: with --tls-cert-file, also give --stage-tls-ca-file (and --stage-tls-cert-file / "
               "--stage-tls-key-file with --tls-ca-file) so the stages and health checks can connect", file=sys.stderr)
         return 2
-    tls_server_args = server_tls.args() if server_tls is not None else []
-    tls_client_args = client_tls.args() if client_tls is not None else []
     child_env = dict(os.environ)
     redis = None
     redis_url = args.redis_url
@@ -208,60 +216,17 @@ def run(args: argparse.Namespace) -> int:
               f"{' (AUTH required; password in MMPIPE_REDIS_PASSWORD of the stages)' if password else ''}", flush=True)
     ports = {n: getattr(args, f"{n}_port") or free_port() for n in ("encoder", "generator", "ingest")}
     addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
-    py = [sys.executable, "-m", "mmpipe.cli"]
-    trace_args = ["--otlp-traces-endpoint", args.otlp_traces_endpoint] if args.otlp_traces_endpoint else []
-
-    def stage(name: str, *extra: str) -> list[str]:
-        a = [*py, name, "--model", args.model, "--host", "127.0.0.1", "--port", str(ports[name]),
-             "--metrics-port", str(free_port()), "--log-level", args.log_level,
-             "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *trace_args]
-        for flag in ("media_io_kwargs", "mm_processor_kwargs"):
-            if getattr(args, flag):
-                a += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-        return a + list(extra)
-
-    dev = ["--dtype", args.dtype, "--device", args.device]
-    enc = stage("encoder", "--redis-url", redis_url, *dev, *(["--enable-mm-embeds"] if args.enable_mm_embeds else []))
-    gen = stage("generator", "--redis-url", redis_url, *dev, "--stream-interval", str(args.stream_interval),
-                *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []))
-    ing_extra = ["--encoder-addr", addr["encoder"], *tls_client_args]
-    if args.allowed_media_domains:
-        ing_extra += ["--allowed-media-domains", *args.allowed_media_domains]
-    if args.allowed_local_media_path:
-        ing_extra += ["--allowed-local-media-path", args.allowed_local_media_path]
-    if args.limit_mm_per_prompt:
-        ing_extra += ["--limit-mm-per-prompt", args.limit_mm_per_prompt]
-    if args.allow_private_media_urls:
-        ing_extra += ["--allow-private-media-urls"]
-    on_gpu = _on_gpu(args.device)
-    children = [Child(name, argv, ("grpc", addr[name]), env=_child_env(child_env, name, on_gpu), tls=client_tls)
-                for name, argv in (("encoder", enc), ("generator", gen), ("ingest", stage("ingest", *ing_extra)))]
-    if not args.no_gateway:
-        gw = [*py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
-              "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
-              "--generator-addr", addr["generator"], "--redis-url", redis_url,
-              "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args]
-        for flag in ("limit_mm_per_prompt", "media_io_kwargs", "mm_processor_kwargs", "allowed_local_media_path",
-                     "chat_template", "api_key_file", "tool_call_parser"):
-            if getattr(args, flag):
-                gw += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-        if args.allowed_media_domains:
-            gw += ["--allowed-media-domains", *args.allowed_media_domains]
-        if args.enable_mm_embeds:
-            gw += ["--enable-mm-embeds"]
-        if args.enable_auto_tool_choice:
-            gw += ["--enable-auto-tool-choice"]
-        if args.allow_private_media_urls:
-            gw += ["--allow-private-media-urls"]
-        if args.max_model_len:
-            gw += ["--max-model-len", str(args.max_model_len)]
-        if args.api_server_count != 1:
-            gw += ["--api-server-count", str(args.api_server_count)]
+    argv = child_argvs(args, ports, redis_url)
+    # the stages' --device when given to serve, else their own default (MMPIPE_DEVICE, auto)
+    on_gpu = _on_gpu(getattr(args, "device", None) or os.environ.get("MMPIPE_DEVICE") or "auto")
+    children = [Child(n, argv[n], ("grpc", addr[n]), env=_child_env(child_env, n, on_gpu), tls=client_tls)
+                for n in ("encoder", "generator", "ingest")]
+    if "gateway" in argv:
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        if args.trust_tenant_header:
-            gw += ["--trust-tenant-header"]
-        gw_env = {**_child_env(child_env, "gateway", on_gpu), **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
-        children.append(Child("gateway", gw, ("http", f"http://{http_host}:{args.port}/health"), env=gw_env))
+        gw_env = {**_child_env(child_env, "gateway", on_gpu),
+                  **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
+        children.append(Child("gateway", argv["gateway"], ("http", f"http://{http_host}:{args.port}/health"),
+                              env=gw_env))
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -95,6 +95,8 @@ class GatewayConfig:
     api_server_count: int = 1
     # OTLP/HTTP URL for the request spans (services/common/tracing.py); None: no tracing.
     otlp_traces_endpoint: str | None = None
+    # Let transformers run the model repository's own code for its config and processor (vLLM's flag).
+    trust_remote_code: bool = False
     # The public gRPC API's connection age (--grpc-max-connection-age-ms / -grace-ms, services/common/cli_args.py).
     grpc_max_connection_age_ms: int = 300_000
     grpc_max_connection_age_grace_ms: int = 600_000
@@ -118,6 +120,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=_env("MODEL"), required=_env("MODEL") is None,
                    help="model directory or hub id; only its tokenizer, processor and config are loaded "
                         "[MMPIPE_MODEL]")
+    p.add_argument("--trust-remote-code", action="store_true", default=_env_bool("TRUST_REMOTE_CODE"),
+                   help="run the model repository's own code for its config and processor [MMPIPE_TRUST_REMOTE_CODE]")
     p.add_argument("--served-model-name", nargs="+", default=(_env("SERVED_MODEL_NAME") or "").split() or None,
                    help="name(s) clients use in `model`; the first is listed by /v1/models (default: --model) "
                         "[MMPIPE_SERVED_MODEL_NAME, space separated]")
@@ -266,5 +270,6 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_n=args.max_n,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
         grpc_max_connection_age_ms=connection_age(args)[0], grpc_max_connection_age_grace_ms=connection_age(args)[1],
     )

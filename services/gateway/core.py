@@ -37,7 +37,7 @@ from .metrics import RequestMetrics
 from .model_info import ModelInfo
 from .prepare import PreparedPrompt, Preparer
 from .stages import StageClients
-from .types import ChatInput, Completion, CompletionInput, Delta, RequestContext
+from .types import ChatInput, Completion, CompletionInput, Delta, RequestContext, TokenizeInput, Tokenized
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ class GatewayCore:
     def model_name(self) -> str:
         return self.cfg.served_model_name
 
+    def check_model(self, model: str | None) -> None:
+        """The request's `model` is one of the served names (or unset), else a 404 naming it."""
+        if not self.cfg.accepts_model(model):
+            raise NotFoundError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                                param="model")
+
     # ---- entry points --------------------------------------------------------------------------------
     async def chat(self, inp: ChatInput, ctx: RequestContext) -> "GenerationStream":
         self._check_n(inp.sampling.n)
@@ -89,9 +95,7 @@ class GatewayCore:
         admitted = False
         stream: GenerationStream | None = None
         try:
-            if not self.cfg.accepts_model(model):
-                raise NotFoundError(f"the model {model!r} does not exist; this server serves "
-                                    f"{self.model_name!r}", param="model")
+            self.check_model(model)
             if self.in_flight >= self.cfg.max_concurrent_requests:
                 raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
                                       f"(--max-concurrent-requests); retry shortly")
@@ -112,6 +116,37 @@ class GatewayCore:
         finally:
             if metrics.span is not None:
                 metrics.span.detach()  # the stream goes on in the caller's task; the span with it
+
+    # ---- tokenizer only ---------------------------------------------------------------------------------
+    async def tokenize(self, inp: TokenizeInput) -> Tokenized:
+        """A prompt's or chat's token ids through the same Preparer steps as a generation request; no stage is
+        called and no media is fetched, so each media item stays one placeholder token."""
+        self.check_model(inp.model)
+        if (inp.prompt is None) == (inp.messages is None):
+            raise InvalidInputError("give exactly one of prompt or messages", param="prompt")
+        if inp.messages is not None:
+            special = False if inp.add_special_tokens is None else inp.add_special_tokens
+            # templates are CPU work: off the event loop, as for generation requests
+            ids, _ = await asyncio.to_thread(self.preparer.render_chat, inp.messages,
+                                             chat_template=inp.chat_template,
+                                             add_generation_prompt=inp.add_generation_prompt,
+                                             add_special_tokens=special)
+        else:
+            special = True if inp.add_special_tokens is None else inp.add_special_tokens
+            ids = await asyncio.to_thread(self.preparer.tokenize_prompt, inp.prompt, add_special_tokens=special)
+        strs = list(self.info.tokenizer.convert_ids_to_tokens(ids)) if inp.return_token_strs else None
+        return Tokenized(tokens=list(ids), max_model_len=self.info.max_model_len, token_strs=strs)
+
+    def detokenize(self, model: str | None, ids: list[int]) -> str:
+        """The text of token ids (special tokens included, as vLLM's /detokenize)."""
+        self.check_model(model)
+        return self.info.tokenizer.decode(self.preparer.check_token_ids(list(ids), param="tokens"))
+
+    def echo_text(self, inp: CompletionInput, stream: "GenerationStream") -> str:
+        """What `echo` puts before a completion: the prompt as sent, or its token ids decoded (vLLM's rule)."""
+        if inp.prompt is not None:
+            return inp.prompt
+        return self.info.tokenizer.decode(stream.prepared.prompt_token_ids)
 
     async def collect(self, stream: "GenerationStream") -> list[Completion]:
         """Drain a stream into one Completion per sample (non-streaming responses)."""

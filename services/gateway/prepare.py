@@ -76,16 +76,28 @@ class Preparer:
 
     # ---- chat ----------------------------------------------------------------------------------------
     def chat(self, inp: ChatInput) -> PreparedPrompt:
-        if inp.chat_template is not None and not self.cfg.trust_request_chat_template:
-            raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
-                                    "template (start it with --trust-request-chat-template to accept "
-                                    "client-supplied templates)", param="chat_template")
         tools = ToolPlan.make(inp.tools, self.tool_settings)
         sampling = inp.sampling if tools is None else tools.sampling(inp.sampling, self.grammars)
         self._check_grammar(sampling)
         media_kwargs = self.media_kwargs(inp.media_kwargs)
+        ids, media = self.render_chat(inp.messages, chat_template=inp.chat_template,
+                                      add_generation_prompt=inp.add_generation_prompt,
+                                      add_special_tokens=inp.add_special_tokens,
+                                      tools=tools.template_tools() if tools is not None else None)
+        self._check_prompt(ids, media, sampling)
+        return PreparedPrompt(ids, media, sampling, tools, media_kwargs)
+
+    def render_chat(self, messages: list[dict], *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[ItemRef]]:
+        """Messages -> prompt token ids (one placeholder per media item) and the items: the chat rules of every
+        chat request and of POST /tokenize (parse, limits, the media policy pre-check, the template)."""
+        if chat_template is not None and not self.cfg.trust_request_chat_template:
+            raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
+                                    "template (start it with --trust-request-chat-template to accept "
+                                    "client-supplied templates)", param="chat_template")
         t = time.perf_counter()
-        chat = parse_messages(inp.messages)
+        chat = parse_messages(messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
         for p, ref in zip(chat.parts, media):
             if p.kind == "object":  # image_pil: only meaningful in-process
@@ -94,14 +106,12 @@ class Preparer:
             if p.kind == "url" and ref.source is not None:
                 self.precheck_url(ref.source, p.modality)
         t = self._step("parse", t)
-        text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
-                              add_generation_prompt=inp.add_generation_prompt,
-                              tools=tools.template_tools() if tools is not None else None)
+        text = apply_template(self.info.processor, self.info.template(chat_template), chat.conversation,
+                              add_generation_prompt=add_generation_prompt, tools=tools)
         t = self._step("template", t)
-        ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
-        self._check_prompt(ids, media, sampling)
+        ids = self.info.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         self._step("tokenize", t)
-        return PreparedPrompt(ids, media, sampling, tools, media_kwargs)
+        return ids, media
 
     # ---- completions -----------------------------------------------------------------------------------
     def completion(self, inp: CompletionInput) -> PreparedPrompt:
@@ -110,19 +120,27 @@ class Preparer:
         self._check_grammar(inp.sampling)
         self.media_kwargs(inp.media_kwargs)  # no media in a completion, but a bad setting is still a 400
         if inp.prompt is not None:
-            t = time.perf_counter()
-            ids = self.info.tokenizer(inp.prompt).input_ids
-            self._step("tokenize", t)
+            ids = self.tokenize_prompt(inp.prompt, add_special_tokens=inp.add_special_tokens)
         else:
-            ids = list(inp.prompt_token_ids or [])
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.info.vocab_size]
-            if bad:
-                raise InvalidInputError(f"prompt token ids must be in [0, {self.info.vocab_size}); got {bad[:5]}",
-                                        param="prompt")
+            ids = self.check_token_ids(list(inp.prompt_token_ids or []), param="prompt")
         if not ids:
             raise InvalidInputError("the prompt is empty", param="prompt")
         self._check_prompt(ids, [], inp.sampling)
         return PreparedPrompt(ids, [], inp.sampling)
+
+    def tokenize_prompt(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's token ids, as completions and POST /tokenize make them."""
+        t = time.perf_counter()
+        ids = self.info.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        self._step("tokenize", t)
+        return ids
+
+    def check_token_ids(self, ids: list, *, param: str) -> list[int]:
+        """Token ids from a client: ints of this tokenizer's vocabulary, or a 400 naming `param`."""
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidInputError(f"token ids must be in [0, {self.info.vocab_size}); got {bad[:5]}", param=param)
+        return ids
 
     # ---- shared checks -----------------------------------------------------------------------------------
     def media_kwargs(self, kw: MediaKwargs) -> MediaKwargs:

@@ -64,7 +64,7 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     shutdown_grace_s = cfg.shutdown_grace_s
     tracing.setup("gateway", cfg.otlp_traces_endpoint)
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
-                                   max_model_len=cfg.max_model_len)
+                                   max_model_len=cfg.max_model_len, trust_remote_code=cfg.trust_remote_code)
     if cfg.enable_auto_tool_choice and not renders_tools(info.processor, info.chat_template):
         logger.warning("--enable-auto-tool-choice: the chat template does not render `tools`, so the model will "
                        "not see them; pass a tool-aware --chat-template")

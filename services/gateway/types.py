@@ -38,6 +38,7 @@ class ChatInput:
     model: str | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's default for chat: the template already has them
     tools: ToolRequest | None = None  # tools, tool_choice, parallel_tool_calls, validated
     media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
@@ -50,7 +51,34 @@ class CompletionInput:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     model: str | None = None
+    add_special_tokens: bool = True  # for a text prompt (vLLM's and the tokenizer's default)
     media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
+
+
+@dataclass(frozen=True)
+class TokenizeInput:
+    """One tokenize request (POST /tokenize, Gateway.Tokenize): a text prompt or chat messages (exactly one)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    model: str | None = None
+    add_special_tokens: bool | None = None  # None: the default of the kind (prompt: True, messages: False)
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    return_token_strs: bool = False
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """The ids a prompt or chat becomes, as the generation endpoints send them (one placeholder per item)."""
+
+    tokens: list[int]
+    max_model_len: int | None
+    token_strs: list[str] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass(frozen=True)

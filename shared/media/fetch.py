@@ -78,7 +78,7 @@ def redact_url(url: str | httpx.URL) -> str:
         return str(url)[:80]
 
 
-def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
+def fetch_bytes(url: str, policy: MediaPolicy, modality: str | None = None) -> bytes:
     """Return the bytes behind `url` (http(s), data:, file:// or a local path), enforcing `policy`."""
     if not isinstance(url, str) or not url.strip():
         raise InvalidInputError("media URL must be a non-empty string")
@@ -88,7 +88,7 @@ def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
     except ValueError as e:  # "http://[" -> "Invalid IPv6 URL": the client's fault, not a 500
         raise InvalidInputError(f"malformed media URL {url[:80]!r}: {e}") from None
     if scheme in ("http", "https"):
-        return _fetch_http(url, policy)
+        return _fetch_http(url, policy, modality)
     if scheme == "data":
         return _fetch_data_url(url, policy)
     if scheme == "file":
@@ -123,20 +123,20 @@ def _check_hop(u: httpx.URL, policy: MediaPolicy, *, hop: int) -> None:
         check_address(ip, allow_private=policy.allow_private_networks, host=host)
 
 
-def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
+def _fetch_http(url: str, policy: MediaPolicy, modality: str | None) -> bytes:
     try:
         u = httpx.URL(url)
     except Exception as e:  # httpx.InvalidURL and friends
         raise InvalidInputError(f"malformed media URL {url[:80]!r}: {e}") from None
     # One deadline for the whole fetch (all hops + body): httpx timeouts are per operation, so a server
     # that drips one byte per second would otherwise never time out.
-    deadline = time.monotonic() + policy.fetch_timeout_s
+    deadline = time.monotonic() + policy.fetch_timeout(modality)
     client = _get_client(policy)
     for hop in range(policy.max_redirects + 1):
         _check_hop(u, policy, hop=hop)  # checked BEFORE connecting, for the first URL and every redirect
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _timeout(u, policy)
+            raise _timeout(u, policy, modality)
         try:
             with client.stream("GET", u, timeout=httpx.Timeout(remaining)) as resp:
                 if resp.status_code in _REDIRECT_CODES:
@@ -152,8 +152,8 @@ def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
                     if not policy.allow_redirects:
                         raise MediaPolicyError(
                             f"{redact_url(u)} redirects (HTTP {resp.status_code}) to {redact_url(nxt)}, and "
-                            f"redirects are disabled (MMPIPE_MEDIA_URL_ALLOW_REDIRECTS=0); use the final URL "
-                            f"directly or enable redirects")
+                            f"redirects are disabled (MMPIPE_MEDIA_URL_ALLOW_REDIRECTS=0 or "
+                            f"VLLM_MEDIA_URL_ALLOW_REDIRECTS=0); use the final URL directly or enable redirects")
                     u = nxt
                     continue
                 if resp.status_code >= 400:
@@ -164,19 +164,19 @@ def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
                         f"{resp.reason_phrase}; {hint}")
                 if resp.status_code != 200:
                     raise MediaFetchError(f"fetching {redact_url(u)}: unexpected HTTP {resp.status_code}")
-                return _read_body(resp, u, policy, deadline)
+                return _read_body(resp, u, policy, deadline, modality)
         except httpx.TimeoutException:
-            raise _timeout(u, policy) from None
+            raise _timeout(u, policy, modality) from None
         except httpx.HTTPError as e:
             raise MediaFetchError(f"fetching {redact_url(u)} failed: {type(e).__name__}: {e}") from None
     raise MediaFetchError(f"too many redirects (more than {policy.max_redirects}) starting at "
                           f"{redact_url(url)}; use the final URL directly")
 
 
-def _timeout(u: httpx.URL, policy: MediaPolicy) -> MediaTimeoutError:
+def _timeout(u: httpx.URL, policy: MediaPolicy, modality: str | None) -> MediaTimeoutError:
     return MediaTimeoutError(
-        f"fetching {redact_url(u)} took longer than {policy.fetch_timeout_s:g} s; the server is too slow "
-        f"or unreachable (raise MMPIPE_MEDIA_FETCH_TIMEOUT if large media are expected)")
+        f"fetching {redact_url(u)} took longer than {policy.fetch_timeout(modality):g} s; the server is too slow "
+        f"or unreachable (raise {policy.fetch_timeout_env(modality)} if large media are expected)")
 
 
 def _too_large(what: str, policy: MediaPolicy, size: int | None = None) -> MediaFetchError:
@@ -186,7 +186,8 @@ def _too_large(what: str, policy: MediaPolicy, size: int | None = None) -> Media
         f"or raise MMPIPE_MEDIA_MAX_BYTES")
 
 
-def _read_body(resp: httpx.Response, u: httpx.URL, policy: MediaPolicy, deadline: float) -> bytes:
+def _read_body(resp: httpx.Response, u: httpx.URL, policy: MediaPolicy, deadline: float,
+               modality: str | None) -> bytes:
     cl = resp.headers.get("content-length")
     if cl is not None and cl.strip().isdigit() and int(cl) > policy.max_bytes:
         # Refuse up front: no point downloading what will be thrown away.
@@ -198,7 +199,7 @@ def _read_body(resp: httpx.Response, u: httpx.URL, policy: MediaPolicy, deadline
         if len(buf) > policy.max_bytes:
             raise _too_large(f"media at {redact_url(u)}", policy)
         if time.monotonic() > deadline:
-            raise _timeout(u, policy)
+            raise _timeout(u, policy, modality)
     return bytes(buf)
 
 

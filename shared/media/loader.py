@@ -120,7 +120,7 @@ class MediaLoader:
     def _bytes_of(self, source: Any, modality: str) -> bytes | None:
         """Encoded bytes for URL/path/bytes sources; None for in-memory objects."""
         if isinstance(source, str):
-            return fetch_bytes(source, self.policy)
+            return fetch_bytes(source, self.policy, modality)
         if isinstance(source, _BYTES_TYPES):
             b = bytes(source)
             if len(b) > self.policy.max_bytes:

@@ -30,11 +30,36 @@ _CAP_ENV = {"max_image_pixels": "MMPIPE_MEDIA_MAX_IMAGE_PIXELS", "max_video_fram
             "max_audio_seconds": "MMPIPE_MEDIA_MAX_AUDIO_SECONDS"}
 
 
+# Fetch timeouts per modality, as vLLM's (VLLM_IMAGE_FETCH_TIMEOUT, ...): (field, MMPIPE_ name, vLLM name, default).
+FETCH_TIMEOUTS: dict[str, tuple[str, str, str, float]] = {
+    "image": ("image_fetch_timeout_s", "MMPIPE_MEDIA_FETCH_TIMEOUT_IMAGE", "VLLM_IMAGE_FETCH_TIMEOUT", 5.0),
+    "video": ("video_fetch_timeout_s", "MMPIPE_MEDIA_FETCH_TIMEOUT_VIDEO", "VLLM_VIDEO_FETCH_TIMEOUT", 30.0),
+    "audio": ("audio_fetch_timeout_s", "MMPIPE_MEDIA_FETCH_TIMEOUT_AUDIO", "VLLM_AUDIO_FETCH_TIMEOUT", 10.0),
+}
+# Boolean settings: (field, the variables that set it, first one set wins).
+_BOOL_ENV = {"allow_redirects": ("MMPIPE_MEDIA_URL_ALLOW_REDIRECTS", "VLLM_MEDIA_URL_ALLOW_REDIRECTS"),
+             "allow_private_networks": ("MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS",)}
+
+
+def _seconds(var: str) -> float | None:
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidInputError(f"{var}={raw!r} is not a number of seconds", param=var) from None
+
+
 def env_defaults() -> dict[str, Any]:
     """Read the media environment variables (the only env access in shared/media).
 
-    MMPIPE_MEDIA_URL_ALLOW_REDIRECTS: "0"/"false"/"no"/"off" -> False, "1"/"true"/... -> True (default True).
-    MMPIPE_MEDIA_FETCH_TIMEOUT: seconds, float > 0 (default 10).
+    MMPIPE_MEDIA_URL_ALLOW_REDIRECTS (else vLLM's VLLM_MEDIA_URL_ALLOW_REDIRECTS): "0"/"false"/"no"/"off" ->
+        False, "1"/"true"/... -> True (default True).
+    MMPIPE_MEDIA_FETCH_TIMEOUT_{IMAGE,VIDEO,AUDIO} (else vLLM's VLLM_{IMAGE,VIDEO,AUDIO}_FETCH_TIMEOUT, else
+        MMPIPE_MEDIA_FETCH_TIMEOUT): seconds a fetch of that modality may take (vLLM's defaults 5 / 30 / 10).
+    MMPIPE_MEDIA_FETCH_TIMEOUT: seconds, float > 0: the default of the three above, and the timeout of a fetch
+        of no particular modality (default 10).
     MMPIPE_MEDIA_MAX_BYTES: int > 0 (default 50 MiB).
     MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS: boolean (default False): let http(s) media reach loopback, private,
         link-local, CGNAT ... addresses (cloud metadata endpoints stay refused).
@@ -45,16 +70,15 @@ def env_defaults() -> dict[str, Any]:
     """
     out: dict[str, Any] = {"allow_redirects": True, "fetch_timeout_s": 10.0, "max_bytes": 50 * MiB,
                            "allow_private_networks": False, **_DECODE_CAPS}
-    for key, var in (("allow_redirects", "MMPIPE_MEDIA_URL_ALLOW_REDIRECTS"),
-                     ("allow_private_networks", "MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS")):
-        raw = os.environ.get(var, "").strip().lower()
-        if raw:
-            if raw in _TRUE:
-                out[key] = True
-            elif raw in _FALSE:
-                out[key] = False
-            else:
+    for key, names in _BOOL_ENV.items():
+        for var in names:
+            raw = os.environ.get(var, "").strip().lower()
+            if not raw:
+                continue
+            if raw not in _TRUE | _FALSE:
                 raise InvalidInputError(f"{var}={raw!r} is not a boolean; use 0/false or 1/true", param=var)
+            out[key] = raw in _TRUE
+            break
     for key, var in _CAP_ENV.items():
         raw = os.environ.get(var, "").strip()
         if raw:
@@ -64,13 +88,12 @@ def env_defaults() -> dict[str, Any]:
             except ValueError:
                 raise InvalidInputError(f"{var}={raw!r} is not a{'n integer' if kind is int else ' number'}",
                                         param=var) from None
-    raw = os.environ.get("MMPIPE_MEDIA_FETCH_TIMEOUT", "").strip()
-    if raw:
-        try:
-            out["fetch_timeout_s"] = float(raw)
-        except ValueError:
-            raise InvalidInputError(f"MMPIPE_MEDIA_FETCH_TIMEOUT={raw!r} is not a number of seconds",
-                                    param="MMPIPE_MEDIA_FETCH_TIMEOUT") from None
+    every = _seconds("MMPIPE_MEDIA_FETCH_TIMEOUT")
+    if every is not None:
+        out["fetch_timeout_s"] = every
+    for key, ours, vllms, default in FETCH_TIMEOUTS.values():
+        own, theirs = _seconds(ours), _seconds(vllms)
+        out[key] = own if own is not None else theirs if theirs is not None else every if every is not None else default
     raw = os.environ.get("MMPIPE_MEDIA_MAX_BYTES", "").strip()
     if raw:
         try:
@@ -117,6 +140,8 @@ class MediaPolicy:
     allowed_media_domains: None = any host; otherwise an http(s) host must equal an entry or be a
         subdomain of it (IP-literal entries match only exactly).
     allow_redirects: follow 3xx at all (each hop is still checked against the allow-list).
+    {image,video,audio}_fetch_timeout_s: seconds one fetch of that modality may take, all hops and the body
+        (vLLM's 5 / 30 / 10 by default); fetch_timeout_s: the same for a fetch of no particular modality.
     allowed_local_media_path: folder whose files may be read; None = local files refused.
     allow_private_networks: let http(s) media reach non-public addresses (loopback, RFC 1918, ULA,
         link-local, CGNAT, ...; checked on the address actually connected to, every hop). Cloud metadata
@@ -127,7 +152,10 @@ class MediaPolicy:
     allowed_media_domains: tuple[str, ...] | None = None
     allow_redirects: bool = _env("allow_redirects")
     allowed_local_media_path: str | None = None
-    fetch_timeout_s: float = _env("fetch_timeout_s")
+    fetch_timeout_s: float = _env("fetch_timeout_s")  # a fetch of no particular modality
+    image_fetch_timeout_s: float = _env("image_fetch_timeout_s")
+    video_fetch_timeout_s: float = _env("video_fetch_timeout_s")
+    audio_fetch_timeout_s: float = _env("audio_fetch_timeout_s")
     max_bytes: int = _env("max_bytes")
     max_image_pixels: int = _env("max_image_pixels")
     max_video_frames: int = _env("max_video_frames")
@@ -146,7 +174,8 @@ class MediaPolicy:
                 doms = (doms,)
             norm = tuple(normalize_host(d) for d in doms if str(d).strip())
             object.__setattr__(self, "allowed_media_domains", norm)
-        for name in ("fetch_timeout_s", "max_bytes", "max_image_pixels", "max_video_frames",
+        for name in ("fetch_timeout_s", "image_fetch_timeout_s", "video_fetch_timeout_s", "audio_fetch_timeout_s",
+                     "max_bytes", "max_image_pixels", "max_video_frames",
                      "max_audio_seconds", "max_video_decoded_bytes", "max_video_seconds"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
@@ -167,6 +196,17 @@ class MediaPolicy:
         if unknown:
             raise InvalidInputError(f"unknown MediaPolicy field(s): {sorted(unknown)}")
         return cls(**{**env_defaults(), **overrides})
+
+    def fetch_timeout(self, modality: str | None) -> float:
+        """Seconds one fetch (every redirect hop and the body) of `modality` may take."""
+        spec = FETCH_TIMEOUTS.get(modality or "")
+        return getattr(self, spec[0]) if spec else self.fetch_timeout_s
+
+    @staticmethod
+    def fetch_timeout_env(modality: str | None) -> str:
+        """The variable that sets `fetch_timeout(modality)` (for error messages)."""
+        spec = FETCH_TIMEOUTS.get(modality or "")
+        return spec[1] if spec else "MMPIPE_MEDIA_FETCH_TIMEOUT"
 
     def host_allowed(self, host: str) -> bool:
         """True when `host` may be fetched: no allow-list, exact match, or a subdomain of an entry."""

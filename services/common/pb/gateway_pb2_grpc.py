@@ -45,6 +45,16 @@ class GatewayStub:
                 request_serializer=mmpipe_dot_v1_dot_gateway__pb2.CompletionRequest.SerializeToString,
                 response_deserializer=mmpipe_dot_v1_dot_gateway__pb2.CompletionChunk.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/mmpipe.v1.Gateway/Tokenize',
+                request_serializer=mmpipe_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=mmpipe_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/mmpipe.v1.Gateway/Detokenize',
+                request_serializer=mmpipe_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=mmpipe_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -67,6 +77,22 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """/ The token ids of a prompt, or of chat messages through the chat template, exactly as Generate / Chat
+        / would send them to the generator (one placeholder token per media item); nothing is generated or fetched.
+        / The same as the HTTP API's POST /tokenize.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """/ The text of token ids (POST /detokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +105,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=mmpipe_dot_v1_dot_gateway__pb2.CompletionRequest.FromString,
                     response_serializer=mmpipe_dot_v1_dot_gateway__pb2.CompletionChunk.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=mmpipe_dot_v1_dot_gateway__pb2.TokenizeRequest.FromString,
+                    response_serializer=mmpipe_dot_v1_dot_gateway__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=mmpipe_dot_v1_dot_gateway__pb2.DetokenizeRequest.FromString,
+                    response_serializer=mmpipe_dot_v1_dot_gateway__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +172,60 @@ class Gateway:
             '/mmpipe.v1.Gateway/Generate',
             mmpipe_dot_v1_dot_gateway__pb2.CompletionRequest.SerializeToString,
             mmpipe_dot_v1_dot_gateway__pb2.CompletionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmpipe.v1.Gateway/Tokenize',
+            mmpipe_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+            mmpipe_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmpipe.v1.Gateway/Detokenize',
+            mmpipe_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+            mmpipe_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ from ..http.auth import TENANT_HEADER, authenticate
 from ..http.request_id import HEADER as REQUEST_ID_HEADER
 from ..http.request_id import sane_request_id
 from ..metrics import count_request
-from ..types import ChatInput, CompletionInput, MediaKwargs, RequestContext
+from ..types import ChatInput, CompletionInput, MediaKwargs, RequestContext, TokenizeInput
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def part_to_dict(part: gateway_pb2.ContentPart, where: str) -> dict[str, Any]:
     which = part.WhichOneof("part")
     if which is None:
         raise InvalidInputError(f"{where} sets none of text, image_url, video_url, audio_url, input_audio, "
-                                f"image_embeds", param=where)
+                                f"image_embeds, audio_embeds", param=where)
     if which == "text":
         return {"type": "text", "text": part.text}
     out: dict[str, Any] = {"type": which}
@@ -70,6 +70,8 @@ def part_to_dict(part: gateway_pb2.ContentPart, where: str) -> dict[str, Any]:
     elif which == "input_audio":
         a = part.input_audio
         out[which] = {"data": a.data, "format": a.format or "wav"} if a.data else None
+    elif which == "audio_embeds":
+        out[which] = part.audio_embeds.data or None
     else:
         e = part.image_embeds
         extra = {k: v for k, v in (("image_grid_thw", e.image_grid_thw), ("image_sizes", e.image_sizes)) if v}
@@ -92,13 +94,11 @@ def media_kwargs_from_pb(ms: gateway_pb2.MediaSettings) -> MediaKwargs:
 
 
 def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
-    messages = [{"role": m.role, "content": [part_to_dict(p, f"messages[{i}].content[{j}]")
-                                             for j, p in enumerate(m.content)]}
-                for i, m in enumerate(req.messages)]
-    return ChatInput(messages=messages, sampling=sampling_from_pb(req.sampling), model=req.model or None,
+    return ChatInput(messages=_messages_from_pb(req.messages), sampling=sampling_from_pb(req.sampling), model=req.model or None,
                      chat_template=req.chat_template or None,
                      add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt")
-                     else True, media_kwargs=media_kwargs_from_pb(req.media_settings))
+                     else True, media_kwargs=media_kwargs_from_pb(req.media_settings),
+                     add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else False)
 
 
 def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionInput:
@@ -108,7 +108,27 @@ def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionIn
     return CompletionInput(sampling=sampling_from_pb(req.sampling), model=req.model or None,
                            prompt=req.text if which == "text" else None,
                            prompt_token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-                           media_kwargs=media_kwargs_from_pb(req.media_settings))
+                           media_kwargs=media_kwargs_from_pb(req.media_settings),
+                           add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else True)
+
+
+def _messages_from_pb(messages: Any) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": [part_to_dict(p, f"messages[{i}].content[{j}]")
+                                         for j, p in enumerate(m.content)]}
+            for i, m in enumerate(messages)]
+
+
+def tokenize_input_from_pb(req: gateway_pb2.TokenizeRequest) -> TokenizeInput:
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidInputError("set prompt or messages", param="prompt")
+    return TokenizeInput(
+        prompt=req.prompt if which == "prompt" else None,
+        messages=_messages_from_pb(req.messages.messages) if which == "messages" else None,
+        model=req.model or None,
+        add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
+        add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt") else True,
+        chat_template=req.chat_template or None, return_token_strs=req.return_token_strs)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -122,12 +142,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request: gateway_pb2.CompletionRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
-        async for chunk in self._serve("Generate", context,
-                                       lambda ctx: self.core.completion(completion_input_from_pb(request), ctx)):
+        echo: dict[str, str] = {}
+
+        async def start(ctx: RequestContext) -> GenerationStream:
+            inp = completion_input_from_pb(request)
+            stream = await self.core.completion(inp, ctx)
+            if request.echo:
+                echo["text"] = self.core.echo_text(inp, stream)
+            return stream
+
+        async for chunk in self._serve("Generate", context, start, echo):
             yield chunk
 
-    async def _serve(self, method: str, context: grpc.aio.ServicerContext, start
-                     ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
+    async def Tokenize(self, request: gateway_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+                       ) -> gateway_pb2.TokenizeResponse:
+        async def run(ctx: RequestContext) -> gateway_pb2.TokenizeResponse:
+            out = await self.core.tokenize(tokenize_input_from_pb(request))
+            return gateway_pb2.TokenizeResponse(count=out.count, max_model_len=out.max_model_len or 0,
+                                                tokens=out.tokens, token_strs=out.token_strs or [])
+        return await self._unary("Tokenize", context, run)
+
+    async def Detokenize(self, request: gateway_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> gateway_pb2.DetokenizeResponse:
+        async def run(ctx: RequestContext) -> gateway_pb2.DetokenizeResponse:
+            return gateway_pb2.DetokenizeResponse(prompt=self.core.detokenize(request.model or None,
+                                                                              list(request.tokens)))
+        return await self._unary("Detokenize", context, run)
+
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext, run) -> Any:
+        """A unary call with the streaming calls' request id, authentication and error mapping."""
+        calls = self._serve(method, context, run, unary=True)
+        out = await calls.__anext__()
+        async for _ in calls:  # runs the rest of _serve (metrics, request id reset) in this task
+            pass
+        return out
+
+    async def _serve(self, method: str, context: grpc.aio.ServicerContext, start, echo: dict[str, str] | None = None,
+                     *, unary: bool = False) -> AsyncIterator[Any]:
         md = {k: v for k, v in (context.invocation_metadata() or ())}
         rid = sane_request_id(md.get(REQUEST_ID_HEADER))
         token = REQUEST_ID.set(rid)
@@ -135,13 +186,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
             tenant = authenticate(self.core.cfg, md.get("authorization"), md.get(TENANT_HEADER))
-            stream: GenerationStream = await start(RequestContext(request_id=rid, endpoint=f"grpc:{method}",
-                                                                  tenant=tenant))
+            ctx = RequestContext(request_id=rid, endpoint=f"grpc:{method}", tenant=tenant)
+            if unary:
+                yield await start(ctx)
+                return
+            stream: GenerationStream = await start(ctx)
+            prefix = (echo or {}).get("text", "")
+            echoed: set[int] = set()  # samples whose first chunk carried the echo
             async with stream:
                 prompt_sent = False
                 async for d in stream:
+                    text = d.text
+                    if prefix and d.index not in echoed:
+                        text = prefix + text
+                        echoed.add(d.index)
                     msg = gateway_pb2.CompletionChunk(
-                        request_id=rid, text=d.text, token_ids=d.token_ids, logprobs=d.logprobs or [], index=d.index,
+                        request_id=rid, text=text, token_ids=d.token_ids, logprobs=d.logprobs or [], index=d.index,
                         top_logprobs=[gateway_pb2.TopLogprob(token_ids=[t for t, _ in alt], logprobs=[v for _, v in alt])
                                       for alt in d.top_logprobs or ()])
                     if stream.prompt_logprobs is not None and not prompt_sent:

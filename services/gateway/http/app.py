@@ -15,6 +15,8 @@ from ..openai.chat_completion.serving import OpenAIServingChat
 from ..openai.completion.api_router import router as completion_router
 from ..openai.completion.serving import OpenAIServingCompletion
 from ..openai.models.api_router import router as models_router
+from ..openai.tokenization.api_router import router as tokenization_router
+from ..openai.tokenization.serving import OpenAIServingTokenization
 from .errors import RETRY_AFTER_S, install_error_handlers
 from .request_id import RequestIdMiddleware
 
@@ -46,10 +48,12 @@ def build_app(core: GatewayCore, *, redis: Any | None = None, worker: int | None
     app.state.cfg = core.cfg
     app.state.serving_chat = OpenAIServingChat(core)
     app.state.serving_completion = OpenAIServingCompletion(core)
+    app.state.serving_tokenization = OpenAIServingTokenization(core)
     install_error_handlers(app)
     app.include_router(chat_router)
     app.include_router(completion_router)
     app.include_router(models_router)
+    app.include_router(tokenization_router)
 
     @app.get("/health")
     async def health(raw: Request) -> Response:

@@ -39,6 +39,8 @@ UNIMPLEMENTED: dict[str, Any] = {
     "modalities": lambda v: _set(v) and v != ["text"],
     "guided_json": _set, "guided_regex": _set, "guided_choice": _set, "guided_grammar": _set,
     "guided_json_object": _set, "guided_decoding_backend": _set, "structural_tag": _set,
+    "prompt_embeds": _set, "return_tokens_as_token_ids": _set, "spaces_between_special_tokens": lambda v: v is False,
+    "vllm_xargs": _set, "web_search_options": _set,
 }
 _HINTS = {"guided_json": "use structured_outputs={'json': ...} or response_format",
           "guided_regex": "use structured_outputs={'regex': ...}", "guided_choice": "use structured_outputs={'choice': ...}",

@@ -16,7 +16,7 @@ from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo, _set
 
 
 class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
@@ -26,6 +26,7 @@ class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's extra: the template already writes the special tokens
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -36,6 +37,10 @@ class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
         return parse_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def to_sampling(self) -> SamplingParams:
+        if _set((self.model_extra or {}).get("echo")):
+            # vLLM's chat `echo` puts the last message before the answer; the completions endpoint has it
+            raise UnsupportedError("echo is not supported on chat completions (use /v1/completions with echo)",
+                                   param="echo")
         # chat: no max_tokens means "what is left of the context" (vLLM), decided by the generator
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if self.top_logprobs and not self.logprobs:

@@ -33,7 +33,8 @@ class OpenAIServingChat:
     async def create(self, req: ChatCompletionRequest, request_id: str, tenant: str | None = None) -> Response:
         inp = ChatInput(messages=req.messages, sampling=req.to_sampling(), model=req.model,
                         chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
-                        tools=req.tool_request(), media_kwargs=req.media_kwargs())
+                        add_special_tokens=req.add_special_tokens, tools=req.tool_request(),
+                        media_kwargs=req.media_kwargs())
         ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant)
         stream = await self.core.chat(inp, ctx)
         if req.stream:

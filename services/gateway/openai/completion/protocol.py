@@ -1,4 +1,5 @@
-"""Wire models of POST /v1/completions (OpenAI's legacy completions, one prompt per request)."""
+"""Wire models of POST /v1/completions (OpenAI's legacy completions): one prompt or a list of them (one choice
+per prompt, `index` its place in the list), `echo` (the prompt's text before the completion), as vLLM does."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -12,8 +13,9 @@ from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, Usa
 
 
 class CompletionRequest(SamplingFields, MediaSettingsFields):
-    # a string, token ids, or a one-element list of either (the openai client sends lists too)
+    # a string, token ids, or a list of either: one choice per prompt
     prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True  # vLLM's extra: BOS etc. on a text prompt, as the tokenizer adds them
     # OpenAI's default for completions (vLLM keeps it)
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -22,25 +24,26 @@ class CompletionRequest(SamplingFields, MediaSettingsFields):
     best_of: int | None = None
 
     def to_sampling(self) -> SamplingParams:
-        if self.echo:
-            raise UnsupportedError("echo is not supported", param="echo")
+        if self.echo and self.logprobs is not None:
+            # vLLM returns the prompt tokens' logprobs then (the first one null): prompt logprobs are not computed
+            raise UnsupportedError("echo with logprobs is not supported (it needs the prompt tokens' logprobs); "
+                                   "send echo or logprobs, not both", param="echo")
         if self.suffix:
             raise UnsupportedError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise UnsupportedError("best_of is not supported", param="best_of")
         return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
 
-    def single_prompt(self) -> tuple[str | None, list[int] | None]:
-        """(text, None) or (None, token ids); batches of prompts are refused with a clear 400."""
+    def prompts(self) -> list[tuple[str | None, list[int] | None]]:
+        """Each prompt as (text, None) or (None, token ids), in order: one choice each."""
         p = self.prompt
         if isinstance(p, str):
-            return p, None
-        if p and all(isinstance(x, int) for x in p):
-            return None, list(p)  # type: ignore[arg-type]
-        if isinstance(p, list) and len(p) == 1:
-            one = p[0]
-            return (one, None) if isinstance(one, str) else (None, list(one))  # type: ignore[arg-type]
-        raise InvalidInputError("send one prompt per request (a string or a list of token ids)", param="prompt")
+            return [(p, None)]
+        if not p:
+            raise InvalidInputError("the prompt list is empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [(None, list(p))]  # type: ignore[arg-type]
+        return [(x, None) if isinstance(x, str) else (None, list(x)) for x in p]  # type: ignore[misc]
 
 
 class CompletionLogprobs(BaseModel):
