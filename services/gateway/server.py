@@ -64,7 +64,8 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
                                    max_model_len=cfg.max_model_len)
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
-                          media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
+                          media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls, routing=cfg.routing,
+                          placeholder_ids=info.placeholder_ids, model=cfg.served_model_name)
     redis = None
     if cfg.redis_url:
         import redis.asyncio as aioredis

@@ -117,8 +117,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
             tenant = authenticate(self.core.cfg, md.get("authorization"), md.get(TENANT_HEADER))
-            stream: GenerationStream = await start(RequestContext(request_id=rid, endpoint=f"grpc:{method}",
-                                                                  tenant=tenant))
+            session_key = self.core.cfg.routing.session_key
+            stream: GenerationStream = await start(RequestContext(
+                request_id=rid, endpoint=f"grpc:{method}", tenant=tenant,
+                session=md.get(session_key.lower()) if session_key else None))
             async with stream:
                 async for d in stream:
                     msg = gateway_pb2.CompletionChunk(request_id=rid, text=d.text, token_ids=d.token_ids,
