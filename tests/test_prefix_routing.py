@@ -10,6 +10,7 @@ other's does not), different prefixes spread over both, and a saturated replica 
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from dataclasses import dataclass
 
@@ -144,6 +145,9 @@ def two_replicas(stage_stack, qwen2_vl_dir, tmp_path_factory):  # noqa: F811
         gw.wait_healthy()
         yield gw, gens
     finally:
+        for proc in (gw.proc, gen2.proc):  # both shut down at once, then wait for each
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         gw.stop()
         gen2.stop()
 
