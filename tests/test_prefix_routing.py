@@ -97,6 +97,18 @@ def test_saturated_replica_falls_back_to_least_loaded():
     assert short.decision == "no_prefix" and short.replica == r.least_loaded()
 
 
+def test_replica_marked_down_is_routed_around():
+    r = router(3)
+    prompts = [[500 + i] * 12 for i in range(30)]
+    homes = [r.pick(p).replica for p in prompts]
+    r.mark_down(homes[0])
+    moved = [r.pick(p).replica for p in prompts]
+    assert homes[0] not in moved
+    assert all(m == h for m, h in zip(moved, homes) if h != homes[0])  # only its prefixes move
+    r._down_until = [0.0] * 3
+    assert [r.pick(p).replica for p in prompts] == homes
+
+
 def test_session_and_roundrobin():
     s = router(3, logic="session", session_key="x-user-id")
     assert len({s.pick([i] * 20, session="alice").replica for i in range(5)}) == 1
@@ -130,7 +142,7 @@ def test_routing_flags():
 @pytest.fixture(scope="module")
 def two_replicas(stage_stack, qwen2_vl_dir, tmp_path_factory):  # noqa: F811
     """The stack's generator plus a second one (in-process engine: cheaper to start), and a gateway in front of
-    both with a saturation threshold of 1."""
+    both with a saturation threshold of 1 (the test kills the second generator at its end)."""
     log_dir = tmp_path_factory.mktemp("route")
     gen2 = start_stage_process("generator", qwen2_vl_dir, stage_stack.redis_url, extra=["--no-engine-process"],
                                log_dir=log_dir, wait=False)
@@ -143,7 +155,7 @@ def two_replicas(stage_stack, qwen2_vl_dir, tmp_path_factory):  # noqa: F811
     try:
         wait_healthy(gen2.addr, 120, gen2.proc, gen2.log_path)
         gw.wait_healthy()
-        yield gw, gens
+        yield gw, gens, gen2
     finally:
         for proc in (gw.proc, gen2.proc):  # both shut down at once, then wait for each
             if proc.poll() is None:
@@ -165,7 +177,7 @@ def _delta(before, after):
 def test_two_generators_prefix_routing(two_replicas):
     import openai
 
-    gw, gens = two_replicas
+    gw, gens, gen2 = two_replicas
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="-", max_retries=0, timeout=60)
 
     def complete(ids: list[int], n: int = 2) -> None:
@@ -205,3 +217,15 @@ def test_two_generators_prefix_routing(two_replicas):
     d = _delta(before, _counts(gw, gens))
     assert d[home][0] == 1 and d[other][0] == 1, d
     assert scrape(f"{gw.url}/metrics", "mmpipe_gateway_routing_decisions_total", decision="fallback") == fb0 + 1
+
+    # 4. a replica that goes away: the prefixes of step 2 (some hashed to it) are all still answered, by the other
+    def routed(addr: str) -> float:
+        return scrape(f"{gw.url}/metrics", "mmpipe_gateway_routed_requests_total", replica=addr)
+
+    survivor = next(a for a in gens if a != gen2.addr)
+    tried, served = routed(gen2.addr), routed(survivor)
+    gen2.kill()
+    for p in range(8):
+        complete([(11 * i + 37 * p) % 400 + 20 for i in range(70)])
+    assert routed(gen2.addr) > tried  # some of these prefixes hash to it: it was tried, failed, routed around
+    assert routed(survivor) == served + 8

@@ -18,13 +18,16 @@ to the replica that already holds those KV blocks in its prefix cache, as vLLM's
   saturated; the request goes to the least loaded replica instead (decision `fallback`). A prompt shorter than
   one block has no key and goes to the least loaded replica (`no_prefix`).
 
-`session` hashes the --session-key header instead (least loaded without one); `roundrobin` rotates. Pure
-Python, no torch, no gRPC: `StageClients` asks `pick` and holds the replica's in-flight count with `hold`.
+`session` hashes the --session-key header instead (least loaded without one); `roundrobin` rotates. A replica
+whose call failed with UNAVAILABLE is left out for a few seconds (`mark_down`), so the core's one retry goes to
+another. Pure Python, no torch, no gRPC: `StageClients` asks `pick` and holds the replica's in-flight count with
+`hold`.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +42,9 @@ from .metrics import REPLICA_IN_FLIGHT, ROUTED, ROUTING_DECISIONS
 __all__ = ["Route", "Router", "RoutingConfig", "split_addrs"]
 
 _ROUTING_NAMESPACE = "mmpipe-gateway-routing:v1"
+# A replica whose call failed with UNAVAILABLE is left out for this long (gRPC reconnects within 0.2-2 s), so the
+# core's one retry goes elsewhere; its prefixes hash among the others meanwhile.
+DOWN_S = 5.0
 
 
 def _score(key: bytes, replica: bytes) -> int:
@@ -67,6 +73,7 @@ class Router:
         self._ids = [r.encode() for r in self.replicas]
         self._root = root_key(_ROUTING_NAMESPACE, cfg.block_size, False)
         self._rr = itertools.count()
+        self._down_until = [0.0] * len(self.replicas)
 
     # ---- the choice ----------------------------------------------------------------------------------
     def routing_key(self, prompt_token_ids: Sequence[int], refs: Sequence[Any]) -> bytes | None:
@@ -79,12 +86,21 @@ class Router:
         return keys[-1] if keys else None
 
     def owner(self, key: bytes) -> int:
-        """The replica a key hashes to (rendezvous hashing over the replica addresses)."""
-        return max(range(len(self.replicas)), key=lambda i: _score(key, self._ids[i]))
+        """The replica a key hashes to (rendezvous hashing over the replica addresses that are up)."""
+        return max(self._up(), key=lambda i: _score(key, self._ids[i]))
 
     def least_loaded(self) -> int:
-        """Fewest calls in flight; ties go to the replica that got fewer so far."""
-        return min(range(len(self.replicas)), key=lambda i: (self.in_flight[i], self.routed[i], i))
+        """Fewest calls in flight among the replicas that are up; ties go to the one that got fewer so far."""
+        return min(self._up(), key=lambda i: (self.in_flight[i], self.routed[i], i))
+
+    def mark_down(self, replica: int) -> None:
+        """`replica` answered UNAVAILABLE: route around it for DOWN_S seconds."""
+        self._down_until[replica] = time.monotonic() + DOWN_S
+
+    def _up(self) -> list[int]:
+        now = time.monotonic()
+        up = [i for i, t in enumerate(self._down_until) if t <= now]
+        return up or list(range(len(self.replicas)))  # all down: try them all
 
     def pick(self, prompt_token_ids: Sequence[int], refs: Sequence[Any] = (), session: str | None = None) -> Route:
         """Choose a replica for one request and count the decision."""
@@ -97,7 +113,8 @@ class Router:
             return Route(0, "hit")
         logic = self.cfg.logic
         if logic == "roundrobin":
-            return Route(next(self._rr) % len(self.replicas), "roundrobin")
+            up = self._up()
+            return Route(up[next(self._rr) % len(up)], "roundrobin")
         if logic == "session":
             key = hashlib.blake2b(session.encode(), digest_size=32).digest() if session else None
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from mmpipe.services.common.convert import EmbeddingRef, LookupItem, MediaSource
 from mmpipe.services.common.stage_clients import GeneratorClient, make_channel
 from mmpipe.services.common.stage_clients import StageClients as _Clients
 from mmpipe.services.common.tls import ClientTLS
-from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.errors import InvalidInputError, ServiceUnavailableError
 from mmpipe.shared.types import SamplingParams
 
 from .metrics import STAGE_ERRORS
@@ -105,9 +106,17 @@ class StageClients:
         with self.router.hold(route.replica):
             chunks = self.generators[route.replica].generate(ctx.request_id, prompt_token_ids, [r.pb for r in refs],
                                                             sampling, return_text=True, timeout_s=timeout)
+            first, t0 = True, time.monotonic()
             try:
                 async for chunk in chunks:
+                    first = False
                     yield chunk
+            except ServiceUnavailableError:
+                # Nothing came and the deadline had not passed (a client-side DEADLINE_EXCEEDED is the request's
+                # timeout, not the replica): the core retries once, and that call should go to another replica.
+                if first and time.monotonic() - t0 < timeout:
+                    self.router.mark_down(route.replica)
+                raise
             finally:
                 await chunks.aclose()
 
