@@ -79,10 +79,11 @@ class Router:
     def routing_key(self, prompt_token_ids: Sequence[int], refs: Sequence[Any]) -> bytes | None:
         """The key a prompt is hashed by: its block min(n, prefix_blocks)'s chained key (None: no full block).
         `refs`: the media items in prompt order per modality (`.modality`, `.num_tokens`, `.key`)."""
-        ids, _, _, spans = expand_prompt(prompt_token_ids, refs, self.placeholder_ids,
+        need = self.cfg.prefix_blocks * self.cfg.block_size  # expansion only lengthens: this many ids suffice
+        ids, _, _, spans = expand_prompt(prompt_token_ids[:need], refs, self.placeholder_ids,
                                          [r.key or None for r in refs])
-        keys = prefix_keys(self._root, ids, [(s.offset, s.length, s.key) for s in spans], self.cfg.block_size,
-                           self.cfg.prefix_blocks)
+        keys = prefix_keys(self._root, ids[:need], [(s.offset, s.length, s.key) for s in spans],
+                           self.cfg.block_size, self.cfg.prefix_blocks)
         return keys[-1] if keys else None
 
     def owner(self, key: bytes) -> int:
@@ -104,13 +105,13 @@ class Router:
 
     def pick(self, prompt_token_ids: Sequence[int], refs: Sequence[Any] = (), session: str | None = None) -> Route:
         """Choose a replica for one request and count the decision."""
+        if len(self.replicas) == 1:
+            return Route(0, "hit")  # nothing to decide, nothing counted
         route = self._choose(prompt_token_ids, refs, session)
         ROUTING_DECISIONS.labels(self.model, self.cfg.logic, route.decision).inc()
         return route
 
     def _choose(self, prompt_token_ids: Sequence[int], refs: Sequence[Any], session: str | None) -> Route:
-        if len(self.replicas) == 1:
-            return Route(0, "hit")
         logic = self.cfg.logic
         if logic == "roundrobin":
             up = self._up()
