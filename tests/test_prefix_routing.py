@@ -66,6 +66,16 @@ def test_router_keys_are_the_engines_block_keys():
     assert prefix_keys(root_key("ns", BS, False), ids, [(6, 9, None)], BS) == engine_keys[:1]
 
 
+def test_routing_imports_no_torch():
+    """The gateway computes the engine's block keys without torch (shared/engine's package init is lazy)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmpipe.services.gateway.routing, mmpipe.services.gateway.stages; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_same_prefix_same_replica_and_media_identity():
     r = router(4, prefix_blocks=3)
     head = list(range(100, 112))  # three full blocks
