@@ -278,7 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mix-output-tokens", type=int, default=16)
     p.add_argument("--system-tokens", type=int, default=200)
     p.add_argument("--batch", type=int, default=16, help="requests per LLM.chat call (mix)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per LLM (two are alive)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="the GPU share of each LLM (two are alive: the second's cap is twice this)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--cpu-threads", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=1500.0, help="skip sections once this much time has passed")
@@ -346,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         a.out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
         a.out.with_suffix(".md").write_text(to_markdown(res))
 
-    kw = dict(device=a.device, gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs)
-    llms = {"on": LLM(model, enable_prefix_caching=True, **kw), "off": LLM(model, enable_prefix_caching=False, **kw)}
+    # gpu_memory_utilization caps the whole GPU (vLLM's meaning), so the second LLM's cap includes the first's share
+    kw = dict(device=a.device, max_num_seqs=a.max_num_seqs)
+    llms = {"on": LLM(model, enable_prefix_caching=True, gpu_memory_utilization=a.gpu_memory_utilization, **kw),
+            "off": LLM(model, enable_prefix_caching=False,
+                       gpu_memory_utilization=min(0.95, 2 * a.gpu_memory_utilization), **kw)}
     for side, llm in llms.items():  # warm-up: kernels, graphs, the allocator (not counted)
         timed_chat(llm, [user("Warm-up.", image(99, a.image_size))], n=4)
     _, outs = timed_chat(llms["off"], [user("x", image(98, a.image_size))])

@@ -157,7 +157,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the generators' KV block size (their --block-size): prefixaware keys full blocks of it "
                         "[MMPIPE_BLOCK_SIZE]")
     g.add_argument("--routing-prefix-blocks", type=int, default=int(_env("ROUTING_PREFIX_BLOCKS", 4)),
-                   help="prefixaware hashes the prompt's first N full blocks (fewer when shorter) [MMPIPE_ROUTING_PREFIX_BLOCKS]")
+                   help="prefixaware hashes the prompt's first N full blocks (fewer when shorter) "
+                        "[MMPIPE_ROUTING_PREFIX_BLOCKS]")
     g.add_argument("--routing-saturation-threshold", type=int,
                    default=int(_env("ROUTING_SATURATION_THRESHOLD", 0)),
                    help="a replica with this many requests in flight from this gateway is saturated: its requests "
