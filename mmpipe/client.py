@@ -31,13 +31,15 @@ __all__ = ["MMPipeClient", "Chunk", "Result"]
 _ERROR_CLASS_HEADER = "mmpipe-error-class"
 _ERROR_PARAM_HEADER = "mmpipe-error-param"
 _SAMPLING = ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed", "stop", "stop_token_ids",
-             "ignore_eos", "logprobs", "skip_special_tokens")
+             "ignore_eos", "logprobs", "skip_special_tokens", "n", "top_logprobs", "presence_penalty",
+             "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "bad_words")
 _URL_PARTS = ("image_url", "video_url", "audio_url")
 
 
 @dataclass
 class Chunk:
-    """One streamed step: new text and token ids; `finish_reason` and `usage` on the last one only."""
+    """One streamed step of sample `index`: new text and token ids; `finish_reason` on the sample's last one,
+    `usage` (of every sample) on the stream's last one."""
 
     text: str
     token_ids: list[int]
@@ -45,11 +47,14 @@ class Chunk:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     request_id: str = ""
+    index: int = 0
+    # per token: its top (token id, logprob) alternatives (with top_logprobs > 0)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
 class Result:
-    """A whole completion."""
+    """A whole completion: sample 0's fields, and every sample (n > 1) in `choices`, in index order."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
@@ -57,6 +62,9 @@ class Result:
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     request_id: str = ""
+    index: int = 0
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    choices: list["Result"] = field(default_factory=list)
 
 
 def _pb():
@@ -99,21 +107,27 @@ class MMPipeClient:
     # ---- public API ------------------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], *, model: str = "", stream: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True, request_id: str | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None, media_io_kwargs: dict[str, Any] | None = None,
              **sampling: Any) -> Result | Iterator[Chunk]:
         """Chat completion. `sampling`: temperature, top_p, top_k, max_tokens, min_tokens, seed, stop,
-        stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens."""
+        stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens, and vLLM's n, top_logprobs,
+        presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words. `mm_processor_kwargs`
+        (e.g. {"max_pixels": 200704}) / `media_io_kwargs`: this request's media settings, as vLLM's body fields."""
         pb2 = _pb()[0]
         req = pb2.ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(messages)],
                               sampling=_sampling(sampling), chat_template=chat_template or "",
-                              add_generation_prompt=add_generation_prompt)
+                              add_generation_prompt=add_generation_prompt,
+                              media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
         chunks = self._call(self._stub.Chat, req, request_id)
         return chunks if stream else _collect(chunks)
 
     def generate(self, prompt: str | list[int], *, model: str = "", stream: bool = False,
-                 request_id: str | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
+                 request_id: str | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
+                 media_io_kwargs: dict[str, Any] | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
         """Completion of a text prompt or of prompt token ids."""
         pb2 = _pb()[0]
-        req = pb2.CompletionRequest(model=model, sampling=_sampling(sampling))
+        req = pb2.CompletionRequest(model=model, sampling=_sampling(sampling),
+                                    media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
         if isinstance(prompt, str):
             req.text = prompt
         else:
@@ -143,7 +157,8 @@ def _chunks(call: Any) -> Iterator[Chunk]:
                          "total_tokens": m.usage.total_tokens}
             yield Chunk(text=m.text, token_ids=list(m.token_ids), logprobs=list(m.logprobs),
                         finish_reason=m.finish_reason if m.HasField("finish_reason") else None, usage=usage,
-                        request_id=m.request_id)
+                        request_id=m.request_id, index=m.index,
+                        top_logprobs=[list(zip(t.token_ids, t.logprobs)) for t in m.top_logprobs])
     except grpc.RpcError as e:
         raise _error(e) from None
     finally:
@@ -151,18 +166,26 @@ def _chunks(call: Any) -> Iterator[Chunk]:
 
 
 def _collect(chunks: Iterator[Chunk]) -> Result:
-    out = Result(text="")
-    parts = []
+    by_index: dict[int, Result] = {}
+    usage: dict[str, int] = {}
+    request_id = ""
     for c in chunks:
-        parts.append(c.text)
+        out = by_index.setdefault(c.index, Result(text="", index=c.index))
+        out.text += c.text
         out.token_ids += c.token_ids
         out.logprobs += c.logprobs
-        out.request_id = c.request_id
+        out.top_logprobs += c.top_logprobs
+        request_id = c.request_id
         if c.finish_reason is not None:
             out.finish_reason = c.finish_reason
-            out.usage = c.usage or {}
-    out.text = "".join(parts)
-    return out
+        if c.usage is not None:
+            usage = c.usage
+    choices = [by_index[i] for i in sorted(by_index)] or [Result(text="")]
+    for r in choices:
+        r.request_id, r.usage = request_id, usage
+    first = choices[0]
+    first.choices = choices
+    return first
 
 
 def _error(e: grpc.RpcError) -> MMPipeError:
@@ -182,6 +205,13 @@ def _error(e: grpc.RpcError) -> MMPipeError:
     return err
 
 
+def _media_settings(mm: dict[str, Any] | None, io: dict[str, Any] | None) -> Any:
+    import json
+
+    return _pb()[0].MediaSettings(mm_processor_kwargs_json=json.dumps(mm) if mm else "",
+                                  media_io_kwargs_json=json.dumps(io) if io else "")
+
+
 def _sampling(kw: dict[str, Any]) -> Any:
     unknown = set(kw) - set(_SAMPLING)
     if unknown:
@@ -195,6 +225,10 @@ def _sampling(kw: dict[str, Any]) -> Any:
             s.stop.extend([v] if isinstance(v, str) else list(v))
         elif k == "stop_token_ids":
             s.stop_token_ids.extend(int(t) for t in v)
+        elif k == "logit_bias":
+            s.logit_bias.update({int(t): float(b) for t, b in v.items()})
+        elif k == "bad_words":
+            s.bad_words.extend([v] if isinstance(v, str) else list(v))
         else:
             setattr(s, k, v)
     return s

@@ -15,8 +15,11 @@ from mmpipe.shared.chat.templates import apply_template, load_template_arg, reso
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.inputs.assemble import build_engine_request
 from mmpipe.shared.inputs.chat_items import chat_item_refs
+from mmpipe.shared.inputs.media_settings import MediaSettings
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders, parse_items
 from mmpipe.shared.inputs.resolve import EmbeddingResolver
+from mmpipe.shared.tools.plan import ToolPlan, ToolSettings
+from mmpipe.shared.tools.request import parse_tool_request
 from mmpipe.shared.types import CompletionOutput, EngineRequest, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -43,8 +46,7 @@ class LLM:
                  trust_remote_code: bool = False, allow_private_media_urls: bool | None = None,
                  enable_prefix_caching: bool = True):
         from mmpipe.shared.cache.factory import make_cache
-        from mmpipe.shared.cache.keys import CacheKeyspace, model_fingerprint, settings_digest
-        from mmpipe.shared.media.loader import MediaLoader
+        from mmpipe.shared.inputs.media_settings import SettingsSpace
         from mmpipe.shared.media.policy import MediaPolicy
         from mmpipe.shared.models.registry import load_adapter
 
@@ -62,13 +64,12 @@ class LLM:
             # None: MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS decides (off unless set); http(s) media may then not
             # reach loopback / private / link-local addresses (SSRF).
             **({} if allow_private_media_urls is None else {"allow_private_networks": bool(allow_private_media_urls)}))
-        loader = MediaLoader(policy, media_io_kwargs)
+        # the server-wide settings; a prompt's own mm_processor_kwargs (and a chat's media_io_kwargs) overlay them
+        self.settings = SettingsSpace(self.adapter, model, media_io_kwargs=media_io_kwargs, policy=policy)
         cache = make_cache("off" if mm_cache is None else mm_cache,
                            max_bytes=int(mm_cache_gb * (1 << 30)))
-        keyspace = CacheKeyspace(
-            model_fingerprint(model, self.adapter.model.config.to_dict()),
-            settings_digest({"adapter": self.adapter.settings(), "media_io_kwargs": media_io_kwargs or {}}))
-        self.resolver = EmbeddingResolver(self.adapter, loader, cache, keyspace)
+        self.resolver = EmbeddingResolver(self.adapter, self.settings, cache)
+        keyspace = self.resolver.keyspace
         self.eos_token_ids = _eos_ids(self.adapter)
         self.engine = self._make_engine(engine, max_num_seqs=max_num_seqs,
                                         max_num_batched_tokens=max_num_batched_tokens, kv_cache_blocks=kv_cache_blocks,
@@ -114,7 +115,7 @@ class LLM:
         parsed = [self._parse_prompt(p) for p in batch]
         return self._run(parsed, sampling_params, use_tqdm)
 
-    def _parse_prompt(self, prompt: Any) -> tuple[str | None, list[int], list[ItemRef]]:
+    def _parse_prompt(self, prompt: Any) -> tuple[str | None, list[int], list[ItemRef], MediaSettings]:
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
         if not isinstance(prompt, dict):
@@ -124,9 +125,7 @@ class LLM:
                                  "mm_processor_kwargs"}
         if unknown:
             raise InvalidInputError(f"unknown prompt keys: {sorted(unknown)}", param="prompt")
-        if prompt.get("mm_processor_kwargs"):  # would change the media's tokens: refused, never dropped
-            raise UnsupportedError("per-prompt mm_processor_kwargs are not supported yet; set them on LLM(...)",
-                                   param="mm_processor_kwargs")
+        settings = self.settings.resolve(prompt.get("mm_processor_kwargs"))  # checked before any media work
         refs = parse_items(prompt.get("multi_modal_data"), prompt.get("multi_modal_uuids"), self._parse_options())
         text = prompt.get("prompt")
         if "prompt_token_ids" in prompt:
@@ -137,7 +136,7 @@ class LLM:
             ids = self.tokenizer(text).input_ids
         else:
             raise InvalidInputError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'", param="prompt")
-        return text, ids, refs
+        return text, ids, refs, settings
 
     def _grammars(self):
         structured = getattr(getattr(self.engine, "runner", None), "structured", None)
@@ -149,49 +148,68 @@ class LLM:
         pids = {m: self.adapter.placeholder_id(m) for m in self.adapter.modalities}
         check_placeholders(ids, refs, pids, {m: self.adapter.placeholder_token(m) for m in pids})
 
-    def _run(self, parsed: list[tuple[str | None, list[int], list[ItemRef]]],
+    def _run(self, parsed: list[tuple[str | None, list[int], list[ItemRef], MediaSettings]],
              sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool) -> list[RequestOutput]:
         sps = _per_prompt(sampling_params, len(parsed))
-        for _, ids, refs in parsed:  # every prompt is checked before any media is loaded or encoded
+        for _, ids, refs, _ in parsed:  # every prompt is checked before any media is loaded or encoded
             self._check(ids, refs)
         for sp in sps:  # grammars too: compiled once here, into the cache the engine compiles from
             if sp.structured_outputs is not None:
                 self._grammars().compile(sp.structured_outputs)
-        resolved = self.resolver.resolve_keyed([refs for _, _, refs in parsed])
+        resolved = self.resolver.resolve_keyed([p[2] for p in parsed], settings=[p[3] for p in parsed])
         reqs: list[EngineRequest] = []
-        for (text, ids, _), items, sp in zip(parsed, resolved, sps):
+        for (text, ids, _, _), items, sp in zip(parsed, resolved, sps):
             rid = str(next(self._ids))
             reqs.append(build_engine_request(self.adapter, rid, ids, [e for e, _ in items], sp,
                                              max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
                                              mm_keys=[k for _, k in items]))
+        from mmpipe.shared.fanout import child_requests
         from mmpipe.shared.runner import run_to_completion
 
-        results = run_to_completion(self.engine, reqs, self.tokenizer, use_tqdm=use_tqdm)
+        children = [child_requests(r) for r in reqs]
+        results = run_to_completion(self.engine, [c for cs in children for c in cs], self.tokenizer,
+                                    use_tqdm=use_tqdm)
         outputs = []
-        for (text, ids, _), req in zip(parsed, reqs):
-            r = results[req.request_id]
+        for (text, ids, _, _), req, cs in zip(parsed, reqs, children):
+            rs = [results[c.request_id] for c in cs]
             outputs.append(RequestOutput(request_id=req.request_id, prompt=text, prompt_token_ids=req.prompt_token_ids,
-                                         outputs=[CompletionOutput(0, r.text, r.token_ids, r.finish_reason,
-                                                                   r.logprobs)],
-                                         num_cached_tokens=r.num_cached_tokens))
+                                         outputs=[CompletionOutput(i, r.text, r.token_ids, r.finish_reason,
+                                                                   r.logprobs, r.top_logprobs)
+                                                  for i, r in enumerate(rs)],
+                                         num_cached_tokens=rs[0].num_cached_tokens,
+                                         prompt_logprobs=rs[0].prompt_logprobs))
         return outputs
 
     # ---- chat -------------------------------------------------------------------------------------
     def chat(self, messages: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
+             parallel_tool_calls: bool | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
+             media_io_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`. `tools` (OpenAI's function tools) are rendered by the chat template, as in vLLM; the
+        answer is text (parse it with `mmpipe.shared.tools.get_tool_parser("hermes")().extract(text)`).
+        `tool_choice` "required" or `{"type": "function", "function": {"name": ...}}` (mmpipe's addition, the
+        server's semantics) makes the answer such a call, in the hermes format, with arguments valid for the
+        schema. `mm_processor_kwargs` / `media_io_kwargs`: this call's own media settings over the LLM's (the
+        family's allow-list and the LLM's ceilings apply: shared/models/mm_kwargs.py)."""
+        settings = self.settings.resolve(mm_processor_kwargs, media_io_kwargs)
         conversations = messages if (isinstance(messages, list) and messages and isinstance(messages[0], list)) \
             else [messages]
         template = resolve_template(self.adapter.family, self.adapter.processor,
                                     load_template_arg(chat_template) or self.chat_template)
+        plan = ToolPlan.make(parse_tool_request(tools, tool_choice, parallel_tool_calls), ToolSettings(),
+                             offline=True)
         parsed = []
         for conv in conversations:
             chat = parse_messages(conv)
             text = apply_template(self.adapter.processor, template, chat.conversation,
-                                  add_generation_prompt=add_generation_prompt)
+                                  add_generation_prompt=add_generation_prompt,
+                                  tools=plan.template_tools() if plan is not None else None)
             refs = chat_item_refs(chat.parts, self._parse_options())
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            parsed.append((text, ids, refs))
+            parsed.append((text, ids, refs, settings))
+        if plan is not None and plan.request.forced:
+            sampling_params = [plan.sampling(sp, self._grammars()) for sp in _per_prompt(sampling_params, len(parsed))]
         return self._run(parsed, sampling_params, use_tqdm)
 
 

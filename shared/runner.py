@@ -19,13 +19,16 @@ class FinishedSequence:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list | None = None  # with sampling.prompt_logprobs (StepOutput.prompt_logprobs)
     num_cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
 def run_to_completion(engine: Any, requests: list[EngineRequest], tokenizer: Any, *,
                       use_tqdm: bool = True) -> dict[str, FinishedSequence]:
     detoks = {r.request_id: IncrementalDetokenizer(tokenizer, r.sampling) for r in requests}
-    results = {r.request_id: FinishedSequence(logprobs=[] if r.sampling.logprobs is not None else None)
+    results = {r.request_id: FinishedSequence(logprobs=[] if r.sampling.logprobs is not None else None,
+                                              top_logprobs=[] if r.sampling.logprobs else None)
                for r in requests}
     pending = set(detoks)
     for r in requests:
@@ -42,8 +45,12 @@ def run_to_completion(engine: Any, requests: list[EngineRequest], tokenizer: Any
                 res = results[rid]
                 res.num_cached_tokens = out.num_cached_tokens
                 res.token_ids.extend(out.new_token_ids)
+                if out.prompt_logprobs is not None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 if res.logprobs is not None and out.logprobs:
                     res.logprobs.extend(out.logprobs)
+                if res.top_logprobs is not None and out.top_logprobs:
+                    res.top_logprobs.extend(out.top_logprobs)
                 stopped = detoks[rid].add_tokens(out.new_token_ids)
                 if stopped and not out.finished:
                     engine.abort_request(rid)
@@ -56,6 +63,8 @@ def run_to_completion(engine: Any, requests: list[EngineRequest], tokenizer: Any
                         del res.token_ids[d.stop_token_count:]
                         if res.logprobs is not None:
                             del res.logprobs[d.stop_token_count:]
+                        if res.top_logprobs is not None:
+                            del res.top_logprobs[d.stop_token_count:]
                     pending.discard(rid)
                     if bar is not None:
                         bar.update(1)

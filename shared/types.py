@@ -7,13 +7,19 @@ servicer can wrap every stage without knowing about torch objects.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .structured.params import StructuredOutputsParams
 
 MODALITIES = ("image", "video", "audio")
+# vLLM's default --max-logprobs: the most alternatives a request may ask for per token
+MAX_LOGPROBS = 20
+# the most samples one request may ask for (the HTTP server may cap it lower: --max-n)
+MAX_N = 128
 
 
 class FinishReason(str, enum.Enum):
@@ -26,7 +32,11 @@ class FinishReason(str, enum.Enum):
 class SamplingParams:
     """Per-request sampling settings, named as in vLLM's SamplingParams.
 
-    temperature == 0 means greedy. top_k <= 0 and top_p == 1 disable those filters.
+    temperature == 0 means greedy. top_k <= 0, top_p == 1, min_p == 0, the penalties at 0 (presence,
+    frequency) and 1 (repetition) disable those. `logprobs` / `prompt_logprobs`: how many top alternatives to
+    return per token (0: the chosen token's only), at most MAX_LOGPROBS as vLLM's default `max_logprobs`.
+    `n` samples per prompt share the prompt's KV blocks (engine prefix cache); with a seed, sample i uses
+    seed + i (vLLM's rule), so the n samples differ and each is reproducible.
     """
 
     max_tokens: int | None = 16
@@ -43,6 +53,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # constrain the output to a JSON schema / regex / choice / grammar (a dict is taken as its fields)
     structured_outputs: StructuredOutputsParams | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # token id -> bias added to its logit (JSON's string keys are accepted and turned into ints)
+    logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
+    # words that are never generated (tokenized with and without a leading space, vLLM's rule)
+    bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError  # local: keeps this module import-light
@@ -79,6 +99,56 @@ class SamplingParams:
         if self.temperature != self.temperature or self.temperature == float("inf"):
             raise InvalidInputError(f"temperature must be a finite number, got {self.temperature}",
                                     param="temperature")
+        self._check_penalties_and_logprobs()
+
+    def _check_penalties_and_logprobs(self) -> None:
+        """vLLM's ranges (SamplingParams._verify_args); every value finite."""
+        from .errors import InvalidInputError
+
+        def num(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                    not (lo < v if lo_open else lo <= v) or v > hi:
+                raise InvalidInputError(f"{name} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], "
+                                        f"got {v!r}", param=name)
+            setattr(self, name, float(v))
+
+        num("presence_penalty", -2.0, 2.0)
+        num("frequency_penalty", -2.0, 2.0)
+        num("repetition_penalty", 0.0, 2.0**31, lo_open=True)
+        num("min_p", 0.0, 1.0)
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise InvalidInputError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}", param="n")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise InvalidInputError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}", param=name)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidInputError("logit_bias must map token ids to numbers", param="logit_bias")
+            bias: dict[int, float] = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tid = int(k) if not isinstance(k, bool) else -1
+                except (TypeError, ValueError):
+                    tid = -1
+                if tid < 0 or tid >= 2**32 or str(k).strip() != str(tid):
+                    raise InvalidInputError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise InvalidInputError(f"logit_bias[{k}] must be a finite number, got {v!r}",
+                                            param="logit_bias")
+                bias[tid] = float(v)
+            self.logit_bias = bias or None
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise InvalidInputError("bad_words must be a list of non-empty strings", param="bad_words")
+            self.bad_words = list(self.bad_words) or None
+
+    def child(self, index: int) -> "SamplingParams":
+        """The settings of sample `index` of an n > 1 request: n = 1, and seed + index when seeded (vLLM's
+        ParentRequest rule), so the samples differ and each is reproducible."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +162,10 @@ class SamplingParams:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+# one position's alternatives: (token id, logprob), best first (vLLM's Logprob dicts, as a list)
+TopLogprobs = list[tuple[int, float]]
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -99,6 +173,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[float] | None = None
+    # per generated token, its top `logprobs` alternatives (when logprobs > 0)
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 @dataclass
@@ -110,6 +186,8 @@ class RequestOutput:
     finished: bool = True
     # prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
     num_cached_tokens: int = 0
+    # with prompt_logprobs: per prompt token, (its id, logprob, rank, top alternatives); None for the first
+    prompt_logprobs: list[tuple[int, float, int, TopLogprobs] | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -204,3 +282,5 @@ class EngineRequest:
     mrope_delta: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
     mm_spans: list[MMSpan] = field(default_factory=list)
+    # sampling.bad_words as token id sequences (shared/inputs/assemble.bad_words_token_ids)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)

@@ -32,3 +32,26 @@ def redis_url(redis_server: str) -> Iterator[str]:
         yield redis_server
     finally:
         client.close()
+
+
+# --- Redis Cluster -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A session-wide 3-node Redis Cluster on free 127.0.0.1 ports (tests/redis_cluster_helpers.py)."""
+    from redis_cluster_helpers import EmbeddedRedisCluster
+
+    with EmbeddedRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster):
+    """The session cluster's redis+cluster:// URL, every node emptied before the test."""
+    redis_cluster.wait_ok()
+    for i in range(redis_cluster.n):
+        c = redis_cluster.client(i)
+        c.flushall()
+        c.close()
+    return redis_cluster.url

@@ -55,10 +55,11 @@ def oracle_model(path: str):
 
 @torch.inference_mode()
 def hf_generate(path: str | Path, text: str, *, images=None, videos=None, audio=None, max_new_tokens: int = 8,
-                add_special_tokens: bool = True) -> list[int]:
-    """Greedy token ids from transformers' own `model.generate(**processor(...))`."""
+                add_special_tokens: bool = True, **processor_kwargs) -> list[int]:
+    """Greedy token ids from transformers' own `model.generate(**processor(...))` (`processor_kwargs`: e.g. the
+    `video_metadata` of a clip of known fps)."""
     model, processor = oracle_model(str(path))
-    kw = {}
+    kw = dict(processor_kwargs)
     if images:
         kw["images"] = images
     if videos:

@@ -32,7 +32,8 @@ RELEASE, NAMESPACE = "demo", "mmpipe"
 COMPONENTS = ("gateway", "ingest", "encoder", "generator")
 STAGES = ("ingest", "encoder", "generator")
 # Kinds whose schemas are CRDs, unknown to kubernetes-validate: checked structurally below instead.
-CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1"}
+CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "ScaledObject": "keda.sh/v1alpha1",
+             "HTTPRoute": "gateway.networking.k8s.io/v1"}
 
 # values file -> the services that must get GPUs in that rendering
 RENDERINGS: dict[str, set[str]] = {
@@ -40,6 +41,7 @@ RENDERINGS: dict[str, set[str]] = {
     "cpu-only": set(),
     "one-gpu": {"generator"},
     "multi-replica-autoscaling": {"encoder", "generator"},
+    "keda-secure": {"encoder", "generator"},
 }
 
 
@@ -195,7 +197,7 @@ def test_kubernetes_validate_cli_passes_on_all_renderings(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the only warnings allowed are the CRDs it has no schema for
     warnings = [ln for ln in proc.stdout.splitlines() if ln.startswith("WARN")]
-    assert all("ServiceMonitor" in w for w in warnings), warnings
+    assert all(any(kind in w for kind in CRD_KINDS) for w in warnings), warnings
 
 
 def test_kubernetes_validate_catches_a_broken_manifest() -> None:
@@ -313,6 +315,14 @@ def test_probes_use_grpc_health_on_the_grpc_port_and_http_health_on_the_gateway(
             assert container_port(c, probes["readinessProbe"]["httpGet"]["port"]) == http_port
             # liveness must not follow the stages' health (the gateway's /health and gRPC health both do)
             assert container_port(c, probes["livenessProbe"]["tcpSocket"]["port"]) == http_port
+        elif "MMPIPE_TLS_CERT_FILE" in env:  # gRPC TLS: kubelet's grpc probe is plaintext-only
+            assert env["MMPIPE_PORT"]["value"] == str(grpc_port)
+            for kind, probe in probes.items():
+                # docker/healthcheck.py checks 127.0.0.1:$MMPIPE_PORT over TLS, naming the Service's host
+                cmd = probe["exec"]["command"]
+                assert cmd[-2:] == ["python", "/opt/mmpipe/healthcheck.py"], (comp, kind, cmd)
+                host = cmd[1].removeprefix("MMPIPE_STAGE_TLS_SERVER_NAME=")
+                assert pods_behind(objs, service_for_host(objs, host)) == [dep], (comp, host)
         else:
             assert env["MMPIPE_PORT"]["value"] == str(grpc_port)
             for kind, probe in probes.items():
@@ -365,7 +375,7 @@ def test_redis_is_reachable_by_the_url_the_services_use(rendering: str) -> None:
     objs = objects(rendering)
     deps = deployments(objs)
     (sts,) = by_kind(objs, "StatefulSet").values()
-    redis_c = container(sts)
+    redis_c = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "redis")
     redis_env = resolved_env(objs, redis_c)
     for comp in ("gateway", "encoder", "generator"):
         c = container(deps[comp])
@@ -454,7 +464,9 @@ def test_hpas_target_rendered_deployments(rendering: str) -> None:
     hpas = by_kind(objs, "HorizontalPodAutoscaler")
     values = values_for(rendering)
     expected = {c for c in COMPONENTS if values.get(c, {}).get("autoscaling", {}).get("enabled")}
-    assert {component_of(h) for h in hpas.values()} == expected
+    keda = values.get("keda", {}).get("enabled", False)  # KEDA builds the HPAs from the ScaledObjects
+    assert {component_of(h) for h in hpas.values()} == (set() if keda else expected)
+    assert {component_of(o) for o in by_kind(objs, "ScaledObject").values()} == (expected if keda else set())
     for hpa in hpas.values():
         assert hpa["apiVersion"] == "autoscaling/v2"
         ref = hpa["spec"]["scaleTargetRef"]
@@ -474,7 +486,7 @@ def test_pdbs_select_their_deployments(rendering: str) -> None:
     for pdb in by_kind(objs, "PodDisruptionBudget").values():
         comp = component_of(pdb)
         assert selects(pdb["spec"]["selector"]["matchLabels"], deps[comp]["spec"]["template"]["metadata"]["labels"])
-    expected = {"default": 4, "cpu-only": 0, "one-gpu": 4, "multi-replica-autoscaling": 4}[rendering]
+    expected = {"default": 4, "cpu-only": 0, "one-gpu": 4, "multi-replica-autoscaling": 4, "keda-secure": 4}[rendering]
     assert len(by_kind(objs, "PodDisruptionBudget")) == expected
 
 
@@ -576,7 +588,7 @@ NON_FLAG_ENV = {"MMPIPE_CACHE_DIR", "MMPIPE_MEDIA_FETCH_TIMEOUT", "MMPIPE_MEDIA_
                 "MMPIPE_MEDIA_URL_ALLOW_REDIRECTS"}
 
 
-@pytest.mark.parametrize("rendering", ["default", "multi-replica-autoscaling", "variant:everything on"])
+@pytest.mark.parametrize("rendering", ["default", "multi-replica-autoscaling", "keda-secure", "variant:everything on"])
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_service_cli_parses_the_rendered_environment(rendering: str, component: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,8 @@ def test_sampling_follows_the_distribution():
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
     seqs = [SimpleNamespace(want_logprobs=False, suppress_ids=[], num_output_tokens=0, generator=None,
-                            sampling=SamplingParams(temperature=1.0)) for _ in range(4000)]
+                            sampling=SamplingParams(temperature=1.0), has_penalties=False, logit_bias_ids=None,
+                            bad_words_token_ids=[], num_top_logprobs=0) for _ in range(4000)]
     torch.manual_seed(0)
     toks = torch.tensor(Sampler()(logits, seqs).token_ids)
     freq = torch.bincount(toks, minlength=3).float() / 4000

@@ -391,6 +391,85 @@ def test_gateway_grpc_health_and_reflection(env):
         assert name in m, name
 
 
+# --- vLLM's sampling options: n, top_logprobs, penalties -------------------------------------------------------------
+def test_n_top_logprobs_and_penalties_through_the_openai_client(env):
+    """n=2 with a seed: two distinct choices, the same on a repeat and the same as the offline LLM's samples,
+    streamed per index; usage counts the prompt once and every choice's tokens; top_logprobs carry real
+    alternatives; a penalty gives the offline LLM's answer."""
+    from mmpipe import SamplingParams
+
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(61))}})
+    c = env.client()
+    kw = dict(model="tiny", messages=msgs, temperature=1.0, max_tokens=8, seed=11, n=2, extra_body=EXTRA)
+    r = c.chat.completions.create(**kw)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    ids = [ch.token_ids for ch in r.choices]
+    assert ids[0] != ids[1] and [ch.token_ids for ch in c.chat.completions.create(**kw).choices] == ids
+    off = env.llm.chat(msgs, SamplingParams(temperature=1.0, max_tokens=8, seed=11, n=2, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [o.token_ids for o in off.outputs] == ids
+    assert r.usage.prompt_tokens == len(off.prompt_token_ids) and r.usage.completion_tokens == 16
+    chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    finish = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            streamed[choice.index] += getattr(choice, "token_ids", None) or []
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert [streamed[0], streamed[1]] == ids and finish == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+    lp = c.chat.completions.create(model="tiny", messages=msgs, **GREEDY, logprobs=True, top_logprobs=3,
+                                   extra_body=EXTRA)
+    want = env.llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    tok = env.llm.tokenizer
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 8 and all(len(e.top_logprobs) == 3 for e in content)
+    for e, alts, t in zip(content, want.top_logprobs, want.token_ids):
+        assert [a.token for a in e.top_logprobs] == [tok.decode([i]) for i, _ in alts]
+        assert [a.logprob for a in e.top_logprobs] == pytest.approx([v for _, v in alts], abs=1e-4)
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-5)  # greedy: the best one
+
+    pen = dict(presence_penalty=1.5, frequency_penalty=1.0)
+    got = c.chat.completions.create(model="tiny", messages=msgs, **GREEDY, **pen,
+                                    extra_body={**EXTRA, "repetition_penalty": 1.3})
+    ref = env.llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3,
+                                            **pen), use_tqdm=False)[0].outputs[0]
+    assert got.choices[0].token_ids == ref.token_ids
+
+    comp = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=4, temperature=1.0, seed=3,
+                                n=2, logprobs=2, extra_body=EXTRA)
+    assert [ch.index for ch in comp.choices] == [0, 1] and comp.usage.completion_tokens == 8
+    assert all(len(ch.logprobs.top_logprobs) == 4 and all(1 <= len(d) <= 2 for d in ch.logprobs.top_logprobs)
+               for ch in comp.choices)
+    plp = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=2,
+                               extra_body={"prompt_logprobs": 2}).choices[0].prompt_logprobs
+    ref = env.llm.generate("The quick brown fox", SamplingParams(max_tokens=2, prompt_logprobs=2),
+                           use_tqdm=False)[0]
+    assert len(plp) == len(ref.prompt_token_ids) and plp[0] is None and ref.prompt_logprobs[0] is None
+    for got_d, (tid, lp, rank, alts) in zip(plp[1:], ref.prompt_logprobs[1:]):
+        assert got_d[str(tid)]["logprob"] == pytest.approx(lp, abs=1e-4) and got_d[str(tid)]["rank"] == rank
+        assert all(str(a) in got_d for a, _ in alts)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, logit_bias={"99999999": 5})
+    assert "logit_bias" in str(e.value)
+    assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices  # still serving
+
+
+def test_grpc_client_n_and_top_logprobs(env):
+    from mmpipe.client import MMPipeClient
+
+    msgs = user({"type": "image_url", "image_url": {"url": data_url(png(62))}})
+    with MMPipeClient(f"127.0.0.1:{env.gw.grpc_port}", api_key=KEY, timeout=60) as cl:
+        out = cl.chat(msgs, temperature=1.0, max_tokens=6, ignore_eos=True, seed=5, n=2, logprobs=True,
+                      top_logprobs=2, frequency_penalty=0.5)
+    assert [r.index for r in out.choices] == [0, 1] and out.usage["completion_tokens"] == 12
+    assert out.choices[0].token_ids != out.choices[1].token_ids
+    assert all(len(r.top_logprobs) == 6 and all(len(a) == 2 for a in r.top_logprobs) for r in out.choices)
+
+
 # --- faults (last: restarts the generator) ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_killing_the_generator_fails_in_flight_requests_fast_then_recovers(env):

@@ -88,7 +88,16 @@ def test_models_lists_served_name_and_needs_key(omni_dir, info):
     ({"model": "tiny"}, 400, "messages"),  # FastAPI validation -> 400, not 422
     ({"model": "tiny", "messages": "hi"}, 400, "messages"),
     (_chat("hi", max_tokens=0), 400, "max_tokens"),
-    (_chat("hi", n=2), 400, "n=1"),
+    (_chat("hi", n=17), 400, "--max-n"),  # n > 1 is served, up to the server's cap
+    (_chat("hi", presence_penalty=2.5), 400, "presence_penalty"),
+    (_chat("hi", repetition_penalty=0), 400, "repetition_penalty"),
+    (_chat("hi", min_p=1.5), 400, "min_p"),
+    (_chat("hi", logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    (_chat("hi", top_logprobs=2), 400, "top_logprobs"),
+    (_chat("hi", logit_bias={"abc": 1}), 400, "logit_bias"),
+    (_chat("hi", bad_words=[""]), 400, "bad_words"),
+    (_chat("hi", prompt_logprobs=1, stream=True), 400, "prompt_logprobs"),
+    (_chat("hi", prompt_logprobs=21), 400, "prompt_logprobs"),
     ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
     (_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}] * 2), 400, "at most 1"),
     (_chat([{"type": "image_url", "image_url": None}]), 400, "uuid"),

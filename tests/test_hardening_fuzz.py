@@ -75,7 +75,9 @@ def test_parse_items_only_raises_mmpipe_errors(mm_data, mm_uuids, embeds, cache)
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["model", "messages", "max_tokens", "temperature", "top_p", "n", "stop",
                                         "stream", "seed", "logprobs", "top_logprobs", "prompt", "chat_template",
-                                        "max_completion_tokens", "stream_options", "x"]), JSON, max_size=8))
+                                        "max_completion_tokens", "stream_options", "presence_penalty",
+                                        "frequency_penalty", "repetition_penalty", "min_p", "logit_bias",
+                                        "bad_words", "x"]), JSON, max_size=8))
 def test_gateway_request_models_only_raise_validation_errors(body):
     from pydantic import ValidationError
 

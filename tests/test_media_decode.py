@@ -330,7 +330,8 @@ def test_loader_dispatch_and_validation(mp4):
     assert item.data.getpixel((0, 0)) == (0, 0, 0) and item.uuid == "u1"
     assert loader.load("image", _encode(rgba, "PNG")).content_hash == item.content_hash
     v = loader.load("video", mp4)
-    assert v.data.shape[0] == 2 and v.content_hash == hash_video(v.data)
+    assert v.data.shape[0] == 2 and v.content_hash == hash_video(v.data, v.meta["sampled_fps"])
+    assert v.meta["sampled_fps"] and hash_video(v.data, v.meta["sampled_fps"]) != hash_video(v.data)  # rate counts
     arr = np.zeros((3, 4, 4, 3), np.uint8)
     v2 = loader.load("video", (arr, {"fps": 2.0}))
     assert v2.meta["fps"] == 2.0 and v2.meta["duration_s"] == pytest.approx(1.5)

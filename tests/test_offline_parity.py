@@ -59,9 +59,12 @@ def test_chat_every_modality_matches_transformers(family, llms, tiny_model_dirs,
     prompt = chat_prompt(path, [{"role": "user", "content": tpl + [{"type": "text", "text": text}]}])
     # the oracle gets the frames exactly as decoded (h264 is lossy; decoding is the loader's job, tested apart)
     frames = llm.resolver.loader.load("video", f"file://{mp4}").data if "video" in mods else None
+    # ... and the clip's timing: 4 frames at 4 fps (Qwen2.5-VL's temporal positions follow it)
+    timing = {"video_metadata": [{"fps": 4.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}]} \
+        if "video" in mods else {}
     ref = hf_generate(path, prompt, images=[img] if "image" in mods else None,
                       videos=[frames] if "video" in mods else None,
-                      audio=[aud] if "audio" in mods else None, add_special_tokens=False)
+                      audio=[aud] if "audio" in mods else None, add_special_tokens=False, **timing)
     assert out.outputs[0].token_ids == ref
     assert out.outputs[0].finish_reason == "length"
     assert isinstance(out.outputs[0].text, str)

@@ -52,3 +52,15 @@ def test_serve_supervises_and_stops_cleanly(qwen2_vl_dir, tmp_path):
     assert _children(proc.pid) == []
     for k in kids:
         assert not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
+
+
+def test_serve_gives_each_child_one_openmp_thread_unless_told():
+    """Six processes with one OpenMP thread per core oversubscribed a 16-core GPU box (BENCHMARKS.md): serve
+    gives each child OMP_NUM_THREADS=1, except the CPU-run models (they use the cores) and when the user set it."""
+    from mmpipe.commands.serve import _child_env
+
+    assert _child_env({}, "gateway", on_gpu=False)["OMP_NUM_THREADS"] == "1"
+    assert _child_env({}, "ingest", on_gpu=False)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in _child_env({}, "generator", on_gpu=False)
+    assert _child_env({}, "encoder", on_gpu=True)["OMP_NUM_THREADS"] == "1"
+    assert _child_env({"OMP_NUM_THREADS": "4"}, "generator", on_gpu=True)["OMP_NUM_THREADS"] == "4"

@@ -198,7 +198,7 @@ def test_served_chat_without_max_tokens_runs_past_16(served):
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
-    ({"extra_body": {"mm_processor_kwargs": {"max_pixels": 1000}}}, "mm_processor_kwargs"),
+    ({"extra_body": {"mm_processor_kwargs": {"do_rescale": False}}}, "mm_processor_kwargs.do_rescale"),
     ({"extra_body": {"min_p": 0.1}}, "min_p"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
     ({"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}, "chat_template_kwargs"),

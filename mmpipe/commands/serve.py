@@ -4,6 +4,12 @@ Starts an embedded redis-server (unless --redis-url), then encoder, generator, i
 `python -m mmpipe.cli <stage> ...` on the given or free ports, waits until each is healthy, restarts a child
 that dies (exponential backoff, same ports), and on Ctrl-C / SIGTERM stops the children (gateway first,
 encoder last, each given --shutdown-grace-s) and then Redis.
+
+Each child gets OMP_NUM_THREADS=1 unless the environment sets it (as vLLM does for its workers): the stages'
+CPU work is small tensors, and six processes each with one OpenMP thread per core oversubscribed the H200
+box's 16 cores (served unique-image throughput 37.9 -> 50.9 req/s and 80%-repeated 67.5 -> 103 req/s at
+concurrency 64 from this alone; BENCHMARKS.md). On the CPU the encoder and the generator keep torch's
+default, since they run the models there.
 """
 from __future__ import annotations
 
@@ -50,6 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "only); env MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS=1 reaches every stage too")
     p.add_argument("--enable-mm-embeds", action="store_true")
     p.add_argument("--chat-template", default=None)
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   default=e("MMPIPE_ENABLE_AUTO_TOOL_CHOICE", "").lower() in ("1", "true", "yes", "on"),
+                   help='gateway: the model decides when to call tools (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=e("MMPIPE_TOOL_CALL_PARSER") or None,
+                   help="gateway: format of the model's tool calls (hermes: <tool_call>{json}</tool_call>, Qwen)")
     p.add_argument("--api-key", default=e("MMPIPE_API_KEY"))
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
@@ -113,6 +124,26 @@ class Child:
             p.wait(5)
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether the stages will run on an NVIDIA GPU, without importing torch into the supervisor."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
+def _child_env(base: dict[str, str], name: str, on_gpu: bool) -> dict[str, str]:
+    """One child's environment: OMP_NUM_THREADS=1 unless set (see the module docstring)."""
+    env = dict(base)
+    if "OMP_NUM_THREADS" not in env and (on_gpu or name in ("gateway", "ingest")):
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 def _healthy(kind: str, target: str, tls=None) -> bool:
     if kind == "http":
         import urllib.request
@@ -151,6 +182,14 @@ def run(args: argparse.Namespace) -> int:
 
     from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
 
+    from mmpipe.shared.errors import InvalidInputError
+    from mmpipe.shared.tools.plan import ToolSettings
+
+    try:  # before anything starts: a gateway refusing its flags would only be restarted over and over
+        ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser)
+    except InvalidInputError as e:
+        print(f"mmpipe serve: error: {e.message}", file=sys.stderr)
+        return 2
     server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
     if server_tls is not None and client_tls is None:
         print("mmpipe serve: with --tls-cert-file, also give --stage-tls-ca-file (and --stage-tls-cert-file / "
@@ -194,22 +233,24 @@ def run(args: argparse.Namespace) -> int:
         ing_extra += ["--limit-mm-per-prompt", args.limit_mm_per_prompt]
     if args.allow_private_media_urls:
         ing_extra += ["--allow-private-media-urls"]
-    children = [Child("encoder", enc, ("grpc", addr["encoder"]), env=child_env, tls=client_tls),
-                Child("generator", gen, ("grpc", addr["generator"]), env=child_env, tls=client_tls),
-                Child("ingest", stage("ingest", *ing_extra), ("grpc", addr["ingest"]), env=child_env, tls=client_tls)]
+    on_gpu = _on_gpu(args.device)
+    children = [Child(name, argv, ("grpc", addr[name]), env=_child_env(child_env, name, on_gpu), tls=client_tls)
+                for name, argv in (("encoder", enc), ("generator", gen), ("ingest", stage("ingest", *ing_extra)))]
     if not args.no_gateway:
         gw = [*py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
               "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
               "--generator-addr", addr["generator"], "--redis-url", redis_url,
               "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args]
-        for flag in ("limit_mm_per_prompt", "media_io_kwargs", "allowed_local_media_path", "chat_template",
-                     "api_key_file"):
+        for flag in ("limit_mm_per_prompt", "media_io_kwargs", "mm_processor_kwargs", "allowed_local_media_path",
+                     "chat_template", "api_key_file", "tool_call_parser"):
             if getattr(args, flag):
                 gw += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
         if args.allowed_media_domains:
             gw += ["--allowed-media-domains", *args.allowed_media_domains]
         if args.enable_mm_embeds:
             gw += ["--enable-mm-embeds"]
+        if args.enable_auto_tool_choice:
+            gw += ["--enable-auto-tool-choice"]
         if args.allow_private_media_urls:
             gw += ["--allow-private-media-urls"]
         if args.max_model_len:
@@ -219,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         if args.trust_tenant_header:
             gw += ["--trust-tenant-header"]
-        gw_env = {**child_env, **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
+        gw_env = {**_child_env(child_env, "gateway", on_gpu), **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
         children.append(Child("gateway", gw, ("http", f"http://{http_host}:{args.port}/health"), env=gw_env))
 
     stop = threading.Event()

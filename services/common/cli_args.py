@@ -26,6 +26,10 @@ class ServerConfig:
     # RPCs in progress at once (health checks included); beyond it gRPC answers RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 1024
     shutdown_grace_s: float = 30.0
+    # GOAWAY every client connection after this long, so clients re-resolve and find new replicas (0: never)
+    max_connection_age_ms: int = 300_000  # MAX_CONNECTION_AGE_MS
+    # ... and then give its in-flight RPCs this long before cutting them (a long generation stream included)
+    max_connection_age_grace_ms: int = 600_000  # MAX_CONNECTION_AGE_GRACE_MS
     log_level: str = "INFO"
     tls: ServerTLS | None = None  # --tls-cert-file / --tls-key-file / --tls-ca-file (services/common/tls.py)
     otlp_traces_endpoint: str | None = None  # --otlp-traces-endpoint: spans over OTLP/HTTP (services/common/tracing.py)
@@ -62,8 +66,33 @@ def add_server_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     g.add_argument("--shutdown-grace-s", type=float, default=float(env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight RPCs get to finish (env MMPIPE_SHUTDOWN_GRACE_S)")
     g.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env MMPIPE_LOG_LEVEL")
+    add_connection_age_args(g)
     add_tracing_arg(g)
     add_server_tls_args(p.add_argument_group("grpc tls (server)"))
+
+
+MAX_CONNECTION_AGE_MS = 300_000
+MAX_CONNECTION_AGE_GRACE_MS = 600_000
+
+
+def add_connection_age_args(g) -> None:
+    """--grpc-max-connection-age-ms / -grace-ms, on every gRPC server (the stages and the gateway's API)."""
+    g.add_argument("--grpc-max-connection-age-ms", type=int,
+                   default=env_int("GRPC_MAX_CONNECTION_AGE_MS", MAX_CONNECTION_AGE_MS),
+                   help="close each client connection (GOAWAY) after this many ms, so clients re-resolve DNS and "
+                        "spread over replicas added since; 0 = never (env MMPIPE_GRPC_MAX_CONNECTION_AGE_MS; "
+                        "default %(default)s)")
+    g.add_argument("--grpc-max-connection-age-grace-ms", type=int,
+                   default=env_int("GRPC_MAX_CONNECTION_AGE_GRACE_MS", MAX_CONNECTION_AGE_GRACE_MS),
+                   help="after that GOAWAY, ms the connection's in-flight RPCs (a long generation stream) get "
+                        "before they are cut; 0 = no limit (env MMPIPE_GRPC_MAX_CONNECTION_AGE_GRACE_MS; "
+                        "default %(default)s)")
+
+
+def connection_age(a: argparse.Namespace) -> tuple[int, int]:
+    """(max_connection_age_ms, max_connection_age_grace_ms) of the parsed flags, checked >= 0."""
+    return (_non_negative(a, "grpc_max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            _non_negative(a, "grpc_max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS))
 
 
 def add_tracing_arg(g) -> None:
@@ -87,7 +116,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_redis_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=env("REDIS_URL"), required=env("REDIS_URL") is None,
-                   help="the shared embedding cache, redis://host:port/db (env MMPIPE_REDIS_URL)")
+                   help="the shared embedding cache, redis://host:port/db, or a Redis / Valkey cluster: "
+                        "redis+cluster://host:port[,host:port] (env MMPIPE_REDIS_URL)")
     add_redis_security_args(p)
 
 
@@ -127,8 +157,17 @@ def stage_client_tls(a: argparse.Namespace) -> ClientTLS | None:
 def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, max_message_mb=a.max_message_mb,
                         max_concurrent_rpcs=getattr(a, "max_concurrent_rpcs", 1024),
-                        shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level, tls=server_tls_from_args(a),
+                        shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
+                        max_connection_age_ms=connection_age(a)[0], max_connection_age_grace_ms=connection_age(a)[1], tls=server_tls_from_args(a),
                         otlp_traces_endpoint=getattr(a, "otlp_traces_endpoint", None))
+
+
+def _non_negative(a: argparse.Namespace, dest: str, default: int) -> int:
+    v = getattr(a, dest, default)
+    if v < 0:
+        flag = dest.replace("_", "-")
+        raise InvalidInputError(f"--{flag} must be >= 0, got {v}", param=flag)
+    return v
 
 
 def json_arg(value: str | dict | None, name: str) -> dict | None:

@@ -112,18 +112,34 @@ class TokenChunk:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int = 0  # prompt tokens served from the generator's prefix cache
+    index: int = 0  # the sample (n > 1) this chunk belongs to
+    # per token: its top (token id, logprob) alternatives, when sampling.logprobs > 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # with prompt_logprobs, on sample 0's first chunk: per prompt token (id, logprob, rank, alternatives), None
+    # for the first one
+    prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]] | None] | None = None
 
     def to_pb(self) -> generator_pb2.GenerateTokensResponse:
         return generator_pb2.GenerateTokensResponse(
             token_ids=self.token_ids, logprobs=self.logprobs or [], text=self.text, finished=self.finished,
             finish_reason=self.finish_reason or "", num_prompt_tokens=self.num_prompt_tokens,
-            num_cached_tokens=self.num_cached_tokens)
+            num_cached_tokens=self.num_cached_tokens, index=self.index,
+            top_logprobs=[generator_pb2.TopLogprobs(token_ids=[t for t, _ in alts], logprobs=[v for _, v in alts])
+                          for alts in self.top_logprobs or ()],
+            prompt_logprobs=[generator_pb2.PromptLogprob(
+                token_id=tid, logprob=lp, rank=rank, top=generator_pb2.TopLogprobs(token_ids=[t for t, _ in alts],
+                                                                                   logprobs=[v for _, v in alts]))
+                for tid, lp, rank, alts in (self.prompt_logprobs or [None])[1:]])
 
     @classmethod
     def from_pb(cls, pb: generator_pb2.GenerateTokensResponse) -> "TokenChunk":
         return cls(token_ids=list(pb.token_ids), logprobs=list(pb.logprobs) or None, text=pb.text,
                    finished=pb.finished, finish_reason=pb.finish_reason or None,
-                   num_prompt_tokens=pb.num_prompt_tokens, num_cached_tokens=pb.num_cached_tokens)
+                   num_prompt_tokens=pb.num_prompt_tokens, num_cached_tokens=pb.num_cached_tokens, index=pb.index,
+                   top_logprobs=[list(zip(t.token_ids, t.logprobs)) for t in pb.top_logprobs] or None,
+                   prompt_logprobs=[None, *((p.token_id, p.logprob, p.rank, list(zip(p.top.token_ids,
+                                                                                   p.top.logprobs)))
+                                            for p in pb.prompt_logprobs)] if pb.prompt_logprobs else None)
 
 
 def sampling_to_pb(sp: SamplingParams) -> common_pb2.SamplingConfig:
@@ -138,6 +154,12 @@ def sampling_to_pb(sp: SamplingParams) -> common_pb2.SamplingConfig:
         pb.seed = sp.seed
     if sp.logprobs is not None:
         pb.logprobs = sp.logprobs
+    for name, neutral in _OPTIONS:
+        if getattr(sp, name) != neutral:
+            setattr(pb, name, getattr(sp, name))
+    if sp.logit_bias:
+        pb.logit_bias.update(sp.logit_bias)
+    pb.bad_words.extend(sp.bad_words or [])
     so = sp.structured_outputs
     if so is not None:
         pb.structured_outputs.CopyFrom(common_pb2.StructuredOutputs(
@@ -157,7 +179,17 @@ def sampling_from_pb(pb: common_pb2.SamplingConfig) -> SamplingParams:
         kw["structured_outputs"] = StructuredOutputsParams(
             json=so.json or None, regex=so.regex or None, choice=list(so.choice) or None, grammar=so.grammar or None,
             json_object=so.json_object or None)
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "skip_special_tokens"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "skip_special_tokens",
+                 *(n for n, _ in _OPTIONS)):
         if pb.HasField(name):
             kw[name] = getattr(pb, name)
+    if pb.logit_bias:
+        kw["logit_bias"] = dict(pb.logit_bias)
+    if pb.bad_words:
+        kw["bad_words"] = list(pb.bad_words)
     return SamplingParams(**kw)
+
+
+# SamplingConfig's optional scalar options and their neutral values (left unset on the wire)
+_OPTIONS = (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+            ("min_p", 0.0), ("prompt_logprobs", None))

@@ -1,7 +1,12 @@
 """The gRPC server plumbing every stage service shares.
 
   * `server_options` / `channel_options`: message-size limits (256 MiB default, FACTS: the 4 MB default
-    fails on real tensors), keepalive, reconnect backoff, round_robin for dns:/// targets.
+    fails on real tensors), keepalive, reconnect backoff, round_robin for dns:/// targets, and the pair that
+    makes replicas added by an autoscaler get traffic: servers close every connection after
+    --grpc-max-connection-age-ms (GOAWAY; in-flight RPCs get --grpc-max-connection-age-grace-ms to finish),
+    and a client whose connection went away re-resolves its dns:/// name and balances over what it finds
+    (gRPC re-resolves DNS only when a connection drops; without a maximum age a running gateway never
+    sees new pods behind a headless Service).
   * `StageInterceptor`: maps `MMPipeError` to its gRPC code with its message (never INTERNAL for bad
     input; the error class travels in trailing metadata so clients rebuild the same exception), counts
     requests / latency per RPC, sets the request id (metadata `x-request-id`) for the JSON logs, opens the
@@ -38,9 +43,17 @@ RETRY_AFTER_HEADER = "retry-after"
 RETRY_AFTER_S = 1
 
 
-def server_options(max_message_mb: int = 256) -> list[tuple[str, Any]]:
+# How soon a client may re-resolve a dns:/// name after the previous resolution (gRPC's default is 30 s).
+# A connection closed by --grpc-max-connection-age-ms asks for a new resolution; this bounds how often.
+DNS_MIN_RERESOLVE_MS = 10_000
+
+
+def server_options(max_message_mb: int = 256, *, max_connection_age_ms: int = 0,
+                   max_connection_age_grace_ms: int = 0) -> list[tuple[str, Any]]:
+    """max_connection_age_ms > 0: GOAWAY each connection after that long (gRPC adds +-10% jitter, so replicas
+    don't reconnect in lockstep); max_connection_age_grace_ms > 0: then cut RPCs still running after that."""
     n = max_message_mb * MiB
-    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n),
+    return connection_age_options(max_connection_age_ms, max_connection_age_grace_ms) + [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n),
             # accept the clients' keepalive pings (channel_options) instead of answering GOAWAY
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
@@ -48,7 +61,18 @@ def server_options(max_message_mb: int = 256) -> list[tuple[str, Any]]:
             ("grpc.so_reuseport", 0)]
 
 
-def channel_options(target: str, max_message_mb: int = 256) -> list[tuple[str, Any]]:
+def connection_age_options(max_connection_age_ms: int, max_connection_age_grace_ms: int) -> list[tuple[str, Any]]:
+    """The server options of --grpc-max-connection-age-ms / -grace-ms (0: leave gRPC's default, no limit)."""
+    age: list[tuple[str, Any]] = []
+    if max_connection_age_ms > 0:
+        age.append(("grpc.max_connection_age_ms", max_connection_age_ms))
+        if max_connection_age_grace_ms > 0:
+            age.append(("grpc.max_connection_age_grace_ms", max_connection_age_grace_ms))
+    return age
+
+
+def channel_options(target: str, max_message_mb: int = 256, *,
+                    min_reresolve_ms: int = DNS_MIN_RERESOLVE_MS) -> list[tuple[str, Any]]:
     n = max_message_mb * MiB
     opts: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n),
@@ -58,9 +82,11 @@ def channel_options(target: str, max_message_mb: int = 256) -> list[tuple[str, A
         ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
-    if target.startswith("dns:///"):
-        # Spread calls over every replica behind a headless service name.
-        opts.append(("grpc.lb_policy_name", "round_robin"))
+    if target.startswith("dns:"):  # dns:///name:port, or dns://RESOLVER/name:port
+        # Spread calls over every replica behind a headless service name, and look the name up again
+        # (at most every min_reresolve_ms) when a server closes a connection for its age.
+        opts += [("grpc.lb_policy_name", "round_robin"), ("grpc.dns_min_time_between_resolutions_ms",
+                                                           min_reresolve_ms)]
     return opts
 
 
@@ -201,7 +227,10 @@ async def serve(*, name: str, cfg: ServerConfig, metrics: ServiceMetrics,
     """
     tracing.setup(metrics.service, getattr(cfg, "otlp_traces_endpoint", None))
     interceptor = StageInterceptor(metrics)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_mb),
+    server = grpc.aio.server(interceptors=[interceptor],
+                             options=server_options(cfg.max_message_mb,
+                                                    max_connection_age_ms=cfg.max_connection_age_ms,
+                                                    max_connection_age_grace_ms=cfg.max_connection_age_grace_ms),
                              maximum_concurrent_rpcs=getattr(cfg, "max_concurrent_rpcs", None) or None)
     names = register(server)
     health_servicer = health.aio.HealthServicer()

@@ -24,7 +24,8 @@ import grpc
 
 from mmpipe.services.common import tracing
 from mmpipe.services.common.convert import (EmbeddingRef, LookupItem, MediaSource, TokenChunk, sampling_to_pb)
-from mmpipe.services.common.grpc_server import ERROR_CLASS_HEADER, ERROR_PARAM_HEADER, channel_options
+from mmpipe.services.common.grpc_server import (DNS_MIN_RERESOLVE_MS, ERROR_CLASS_HEADER, ERROR_PARAM_HEADER,
+                                                channel_options)
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from mmpipe.services.common.pb import encoder_pb2, encoder_pb2_grpc, generator_pb2, generator_pb2_grpc
 from mmpipe.services.common.pb import ingest_pb2, ingest_pb2_grpc
@@ -36,10 +37,12 @@ from mmpipe.shared.types import SamplingParams
 __all__ = ["StageClients", "IngestClient", "EncoderClient", "GeneratorClient", "to_mmpipe_error", "make_channel"]
 
 
-def make_channel(target: str, max_message_mb: int = 256, tls: ClientTLS | None = None) -> grpc.aio.Channel:
-    """An aio channel with the stage options (sizes, keepalive, fast reconnect, round_robin): plaintext, or
-    TLS / mTLS with `tls` (--stage-tls-* flags, services/common/tls.py)."""
-    opts = channel_options(target, max_message_mb)
+def make_channel(target: str, max_message_mb: int = 256, tls: ClientTLS | None = None, *,
+                 min_reresolve_ms: int = DNS_MIN_RERESOLVE_MS) -> grpc.aio.Channel:
+    """An aio channel with the stage options (sizes, keepalive, fast reconnect, round_robin over every address
+    of a dns: name, re-resolved at most every `min_reresolve_ms` when a server closes a connection for its age):
+    plaintext, or TLS / mTLS with `tls` (--stage-tls-* flags, services/common/tls.py)."""
+    opts = channel_options(target, max_message_mb, min_reresolve_ms=min_reresolve_ms)
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts)
     # gRPC takes max(min_reconnect_backoff, current backoff) as the deadline of one connection attempt: the
@@ -96,6 +99,13 @@ class _Client:
         await self.channel.close()
 
 
+def _json(kw: dict | str | None) -> str:
+    """A kwargs object for a *_kwargs_json field: JSON text as given, an object as JSON, none as ""."""
+    if isinstance(kw, str):
+        return kw
+    return json.dumps(kw) if kw else ""
+
+
 class IngestClient(_Client):
     stage = "ingest"
 
@@ -104,10 +114,11 @@ class IngestClient(_Client):
         self.stub = ingest_pb2_grpc.IngestStub(channel)
 
     async def ingest(self, items: Sequence[MediaSource], *, request_id: str | None = None, tenant: str = "",
-                     media_io_kwargs: dict | None = None, timeout_s: float | None = None) -> list[EmbeddingRef]:
+                     media_io_kwargs: dict | str | None = None, mm_processor_kwargs: dict | str | None = None,
+                     timeout_s: float | None = None) -> list[EmbeddingRef]:
         req = ingest_pb2.IngestRequest(request_id=request_id or "", items=[i.to_pb() for i in items],
-                                       tenant=tenant or "",
-                                       media_io_kwargs_json=json.dumps(media_io_kwargs) if media_io_kwargs else "")
+                                       tenant=tenant or "", media_io_kwargs_json=_json(media_io_kwargs),
+                                       mm_processor_kwargs_json=_json(mm_processor_kwargs))
         resp = await self._unary(self.stub.Ingest, req, request_id, timeout_s)
         return [EmbeddingRef.from_pb(r) for r in resp.items]
 
@@ -139,7 +150,8 @@ class EncoderClient(_Client):
         return [EmbeddingRef.from_pb(r) for r in resp.items]
 
     async def put_embeddings(self, items: Sequence[tuple[str, Any, str | None]], *, request_id: str | None = None,
-                             tenant: str = "", media_io_kwargs: dict | None = None,
+                             tenant: str = "", media_io_kwargs: dict | str | None = None,
+                             mm_processor_kwargs: dict | str | None = None,
                              timeout_s: float | None = None) -> list[EmbeddingRef]:
         """items: (modality, value, uuid); value is a tensor ((N, F, H) or (F, H)), a list of (F, H) tensors,
         or the family's dict form ({"image_embeds": ..., "image_grid_thw": ...}). Returns one ref per item."""
@@ -156,18 +168,17 @@ class EncoderClient(_Client):
             pbs.append(encoder_pb2.EmbeddingsInput(modality=modality, tensors=pack_tensors(tensors),
                                                    uuid=uuid or ""))
         req = encoder_pb2.PutEmbeddingsRequest(request_id=request_id or "", items=pbs, tenant=tenant or "",
-                                               media_io_kwargs_json=json.dumps(media_io_kwargs)
-                                               if media_io_kwargs else "")
+                                               media_io_kwargs_json=_json(media_io_kwargs),
+                                               mm_processor_kwargs_json=_json(mm_processor_kwargs))
         resp = await self._unary(self.stub.PutEmbeddings, req, request_id, timeout_s)
         return [EmbeddingRef.from_pb(r) for r in resp.items]
 
     async def lookup(self, items: Sequence[LookupItem], *, request_id: str | None = None, tenant: str = "",
-                     media_io_kwargs: dict | str | None = None,
+                     media_io_kwargs: dict | str | None = None, mm_processor_kwargs: dict | str | None = None,
                      timeout_s: float | None = None) -> list[tuple[bool, EmbeddingRef]]:
-        kw = media_io_kwargs if isinstance(media_io_kwargs, str) else (
-            json.dumps(media_io_kwargs) if media_io_kwargs else "")
         req = encoder_pb2.LookupRequest(request_id=request_id or "", items=[i.to_pb() for i in items],
-                                        tenant=tenant or "", media_io_kwargs_json=kw)
+                                        tenant=tenant or "", media_io_kwargs_json=_json(media_io_kwargs),
+                                        mm_processor_kwargs_json=_json(mm_processor_kwargs))
         resp = await self._unary(self.stub.Lookup, req, request_id, timeout_s)
         return [(r.found, EmbeddingRef.from_pb(r.ref)) for r in resp.items]
 

@@ -174,11 +174,12 @@ class EncoderCore:
         return [_ref(it.key, e, content_hash=it.content_hash, uuid=it.uuid) for it, e in zip(items, embs)]
 
     # ---- PutEmbeddings ---------------------------------------------------------------------------------
-    def _put_sync(self, items: list[EmbedsItem], tenant: str, kw_json: str) -> list[EmbeddingRef]:
+    def _put_sync(self, items: list[EmbedsItem], tenant: str, kw_json: str, mm_json: str = ""
+                  ) -> list[EmbeddingRef]:
         if not self.cfg.enable_mm_embeds:
             raise UnsupportedError("precomputed embeddings are disabled; start the encoder with --enable-mm-embeds",
                                    param="embeds")
-        ks = self.keyspaces.get(kw_json)
+        ks = self.keyspaces.get(kw_json, mm_json)
         out: list[tuple[str, MMEmbedding, str, str]] = []
         for it in items:
             try:
@@ -207,13 +208,16 @@ class EncoderCore:
             self.m_puts.labels(self.model_label, e.modality).inc()
         return [_ref(k, e, content_hash=h, uuid=u) for k, e, h, u in out]
 
-    async def put_embeddings(self, items: list[EmbedsItem], tenant: str, kw_json: str) -> list[EmbeddingRef]:
+    async def put_embeddings(self, items: list[EmbedsItem], tenant: str, kw_json: str, mm_json: str = ""
+                             ) -> list[EmbeddingRef]:
         self.m_bytes_in.labels(self.model_label, "PutEmbeddings").inc(sum(len(i.tensors) for i in items))
-        return await asyncio.get_running_loop().run_in_executor(self.io, self._put_sync, items, tenant, kw_json)
+        return await asyncio.get_running_loop().run_in_executor(self.io, self._put_sync, items, tenant, kw_json,
+                                                                mm_json)
 
     # ---- Lookup ----------------------------------------------------------------------------------------
-    def _lookup_sync(self, items: list[LookupItem], tenant: str, kw_json: str) -> list[tuple[bool, EmbeddingRef]]:
-        ks = self.keyspaces.get(kw_json)
+    def _lookup_sync(self, items: list[LookupItem], tenant: str, kw_json: str, mm_json: str = ""
+                     ) -> list[tuple[bool, EmbeddingRef]]:
+        ks = self.keyspaces.get(kw_json, mm_json)
         keys = []
         for it in items:
             if it.key:
@@ -227,7 +231,7 @@ class EncoderCore:
                 raise InvalidInputError("a lookup item needs a key, a uuid or a content_hash", param="items")
         try:
             headers = peek_headers(self.redis, keys)
-        except (redis.exceptions.RedisError, OSError) as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
             # Redis down or restarting: a retryable UNAVAILABLE (the client retries), never an INTERNAL 500.
             raise ServiceUnavailableError(f"the embedding cache is unreachable during Lookup: {e}") from e
         out = []
@@ -244,8 +248,10 @@ class EncoderCore:
         self.m_lookups.labels(self.model_label, "miss").inc(len(out) - hits)
         return out
 
-    async def lookup(self, items: list[LookupItem], tenant: str, kw_json: str) -> list[tuple[bool, EmbeddingRef]]:
-        return await asyncio.get_running_loop().run_in_executor(self.io, self._lookup_sync, items, tenant, kw_json)
+    async def lookup(self, items: list[LookupItem], tenant: str, kw_json: str, mm_json: str = ""
+                     ) -> list[tuple[bool, EmbeddingRef]]:
+        return await asyncio.get_running_loop().run_in_executor(self.io, self._lookup_sync, items, tenant, kw_json,
+                                                                mm_json)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def warmup(self) -> None:

@@ -25,15 +25,13 @@ async def run(cfg: EncoderConfig) -> None:
 
     async def load() -> None:
         def _load():
-            import redis
-
             from mmpipe.services.encoder.core import EncoderCore
             from mmpipe.shared.cache.redis_store import RedisEmbeddingCache
+            from mmpipe.shared.cache.redis_urls import sync_client
             from transformers.utils.logging import disable_progress_bar
 
             from mmpipe.shared.models.registry import held_weights, load_adapter
 
-            redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
             cache = RedisEmbeddingCache(cfg.redis_url, ttl_s=cfg.cache_ttl_s, options=cfg.redis_options)
             cache.ping()
             from redis.backoff import NoBackoff
@@ -41,8 +39,8 @@ async def run(cfg: EncoderConfig) -> None:
 
             # Every Lookup call is bounded (connect and read) and retried once on a fresh connection, so a
             # restarted Redis is reconnected to by the next call instead of failing or waiting seconds.
-            client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0,
-                                          retry=Retry(NoBackoff(), 1), **redis_kw)
+            client = sync_client(cfg.redis_url, cfg.redis_options, socket_timeout=5.0, socket_connect_timeout=5.0,
+                                 retry=Retry(NoBackoff(), 1))  # redis.Redis, or RedisCluster for a cluster URL
             disable_progress_bar()  # a tqdm bar is noise in JSON logs
             adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                    mm_processor_kwargs=cfg.mm_processor_kwargs,

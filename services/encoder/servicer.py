@@ -22,10 +22,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     async def PutEmbeddings(self, request, context):
         items = [EmbedsItem(modality=i.modality, tensors=i.tensors, uuid=i.uuid) for i in request.items]
-        refs = await self.core.put_embeddings(items, request.tenant, request.media_io_kwargs_json)
+        refs = await self.core.put_embeddings(items, request.tenant, request.media_io_kwargs_json,
+                                              request.mm_processor_kwargs_json)
         return encoder_pb2.PutEmbeddingsResponse(items=[r.to_pb() for r in refs])
 
     async def Lookup(self, request, context):
         res = await self.core.lookup([LookupItem.from_pb(i) for i in request.items], request.tenant,
-                                     request.media_io_kwargs_json)
+                                     request.media_io_kwargs_json, request.mm_processor_kwargs_json)
         return encoder_pb2.LookupResponse(items=[encoder_pb2.LookupResult(found=f, ref=r.to_pb()) for f, r in res])

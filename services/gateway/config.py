@@ -2,7 +2,8 @@
 
 Flag names follow `vllm serve` where the meaning is the same (--host, --port, --api-key, --chat-template,
 --limit-mm-per-prompt, --enable-mm-embeds, --max-model-len, --allowed-media-domains,
---allowed-local-media-path, --media-io-kwargs, --served-model-name). Stdlib only: `mmpipe gateway --help`
+--allowed-local-media-path, --media-io-kwargs, --served-model-name, --enable-auto-tool-choice,
+--tool-call-parser). Stdlib only: `mmpipe gateway --help`
 must stay fast.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from mmpipe.services.common.cli_args import add_tracing_arg
+from mmpipe.services.common.cli_args import add_connection_age_args, add_tracing_arg, connection_age
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
                                         client_tls_from_args, server_tls_from_args)
 from mmpipe.shared.cache.redis_options import RedisOptions
@@ -102,10 +103,19 @@ class GatewayConfig:
     # repetition can pin a CPU and gigabytes for as long as they like. Refused unless set (as vLLM does).
     trust_request_chat_template: bool = False
     media_io_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Tool calls (shared/tools): vLLM's --enable-auto-tool-choice (parse "auto" answers into tool calls) and
+    # --tool-call-parser (the output format; also the format "required" / a named function are generated in).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    # The stages' --mm-processor-kwargs: the defaults and ceilings a request's own mm_processor_kwargs are checked
+    # against here, before any stage works (the stages check them again).
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     # Seconds a request may take end to end before it fails with 504.
     request_timeout_s: float = 600.0
     # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
     max_concurrent_requests: int = 256
+    # The most samples (`n`) one request may ask for: each is a sequence in the generator's batch.
+    max_n: int = 16
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -113,6 +123,9 @@ class GatewayConfig:
     api_server_count: int = 1
     # OTLP/HTTP URL for the request spans (services/common/tracing.py); None: no tracing.
     otlp_traces_endpoint: str | None = None
+    # The public gRPC API's connection age (--grpc-max-connection-age-ms / -grace-ms, services/common/cli_args.py).
+    grpc_max_connection_age_ms: int = 300_000
+    grpc_max_connection_age_grace_ms: int = 600_000
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:
@@ -209,13 +222,25 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "DoS vector); refused by default [MMPIPE_TRUST_REQUEST_CHAT_TEMPLATE]")
     p.add_argument("--media-io-kwargs", default=_env("MEDIA_IO_KWARGS"),
                    help='JSON per modality, e.g. \'{"video": {"num_frames": 8}}\'; sent to ingest with every '
-                        'request [MMPIPE_MEDIA_IO_KWARGS]')
+                        'request; the defaults a request\'s own media_io_kwargs overlay [MMPIPE_MEDIA_IO_KWARGS]')
+    p.add_argument("--enable-auto-tool-choice", action="store_true", default=_env_bool("ENABLE_AUTO_TOOL_CHOICE"),
+                   help='let the model decide when to call tools (tool_choice "auto", the default when a request '
+                        'has tools); needs --tool-call-parser [MMPIPE_ENABLE_AUTO_TOOL_CHOICE]')
+    p.add_argument("--tool-call-parser", default=_env("TOOL_CALL_PARSER"),
+                   help="format of the model's tool calls, parsed into message.tool_calls (hermes: "
+                        "<tool_call>{json}</tool_call> of the Qwen families) [MMPIPE_TOOL_CALL_PARSER]")
+    p.add_argument("--mm-processor-kwargs", default=_env("MM_PROCESSOR_KWARGS"),
+                   help='JSON, the stages\' --mm-processor-kwargs (e.g. \'{"max_pixels": 1003520}\'): the defaults and '
+                        'ceilings a request\'s mm_processor_kwargs are checked against [MMPIPE_MM_PROCESSOR_KWARGS]')
     p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 600)),
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
     p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
+    p.add_argument("--max-n", type=int, default=int(_env("MAX_N", 16)),
+                   help="the most samples (n) one request may ask for [MMPIPE_MAX_N]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
+    add_connection_age_args(p.add_argument_group("gRPC connection age of the public gRPC API"))
     p.add_argument("--api-server-count", type=int, default=int(_env("API_SERVER_COUNT", 1)),
                    help="gateway processes serving the one --port and --grpc-port (vLLM's flag); their metrics are "
                         "merged on /metrics, process metrics labelled by worker [MMPIPE_API_SERVER_COUNT]")
@@ -263,6 +288,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise InvalidInputError(f"--limit-mm-per-prompt: {k!r} must be a non-negative integer, got {v!r}",
                                     param="--limit-mm-per-prompt")
+    from mmpipe.shared.tools.plan import ToolSettings  # pure Python; checks the pair of flags and the name
+
+    tools = ToolSettings(bool(getattr(args, "enable_auto_tool_choice", False)),
+                         getattr(args, "tool_call_parser", None) or None)
     count = getattr(args, "api_server_count", 1)
     if not isinstance(count, int) or count < 1:
         raise InvalidInputError(f"--api-server-count must be at least 1, got {count!r}", param="--api-server-count")
@@ -291,7 +320,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allow_private_media_urls=bool(args.allow_private_media_urls),
         trust_request_chat_template=bool(args.trust_request_chat_template),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
+        enable_auto_tool_choice=tools.enable_auto_tool_choice, tool_call_parser=tools.tool_call_parser,
+        mm_processor_kwargs=_json_dict(getattr(args, "mm_processor_kwargs", None), "--mm-processor-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
+        max_n=args.max_n,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
+        grpc_max_connection_age_ms=connection_age(args)[0], grpc_max_connection_age_grace_ms=connection_age(args)[1],
     )

@@ -22,11 +22,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmpipe.services.common import tracing
 from mmpipe.shared.errors import (
-    CancelledError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
+    CancelledError, InvalidInputError, MediaTimeoutError, MMPipeError, NotCachedError, NotFoundError, OverloadedError,
     ServiceUnavailableError,
 )
 
@@ -67,10 +68,17 @@ class GatewayCore:
 
     # ---- entry points --------------------------------------------------------------------------------
     async def chat(self, inp: ChatInput, ctx: RequestContext) -> "GenerationStream":
+        self._check_n(inp.sampling.n)
         return await self._start(ctx, inp.model, lambda: self.preparer.chat(inp))
 
     async def completion(self, inp: CompletionInput, ctx: RequestContext) -> "GenerationStream":
+        self._check_n(inp.sampling.n)
         return await self._start(ctx, inp.model, lambda: self.preparer.completion(inp))
+
+    def _check_n(self, n: int) -> None:
+        if n > self.cfg.max_n:
+            raise InvalidInputError(f"n={n} is more samples than this server gives one request (--max-n "
+                                    f"{self.cfg.max_n})", param="n")
 
     async def _start(self, ctx: RequestContext, model: str | None, prepare) -> "GenerationStream":
         metrics = RequestMetrics(self.model_name, ctx.endpoint)
@@ -105,12 +113,12 @@ class GatewayCore:
             if metrics.span is not None:
                 metrics.span.detach()  # the stream goes on in the caller's task; the span with it
 
-    async def collect(self, stream: "GenerationStream") -> Completion:
-        """Drain a stream into one Completion (non-streaming responses)."""
+    async def collect(self, stream: "GenerationStream") -> list[Completion]:
+        """Drain a stream into one Completion per sample (non-streaming responses)."""
         async with stream:
             async for _ in stream:
                 pass
-        return stream.result()
+        return stream.results()
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -127,10 +135,13 @@ class GenerationStream:
         self.ctx = ctx
         self.metrics = metrics
         self.deadline = deadline
-        self.want_logprobs = prepared.sampling.logprobs is not None
-        self.token_ids: list[int] = []
-        self._text: list[str] = []
-        self.logprobs: list[float] | None = [] if self.want_logprobs else None
+        sp = prepared.sampling
+        self.want_logprobs = sp.logprobs is not None
+        self.samples = [_Sample(logprobs=[] if self.want_logprobs else None,
+                                top_logprobs=[] if sp.logprobs else None) for _ in range(sp.n)]
+        self._unfinished = sp.n
+        # with prompt_logprobs: per prompt token (id, logprob, rank, alternatives), None first (from sample 0)
+        self.prompt_logprobs: list | None = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.finish_reason: str | None = None
@@ -157,7 +168,7 @@ class GenerationStream:
         while True:
             try:
                 resolving = resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
-                                          model=core.model_name)
+                                          model=core.model_name, kw=p.media_kwargs)
                 refs = await (core.steps.timed("resolve", resolving) if p.media else resolving)
                 self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
                 self._first = await core.steps.timed("first_token", self._chunks.__anext__())
@@ -251,34 +262,69 @@ class GenerationStream:
             await self._aclose_chunks()  # the last message has come: this only releases the call
 
     def _consume(self, chunk: Any) -> Delta | None:
-        """One Generate message as a Delta: its tokens, logprobs and the generator's text, unchanged."""
+        """One Generate message as a Delta of its sample: its tokens, logprobs and the generator's text."""
         self.prompt_tokens = chunk.num_prompt_tokens or self.prompt_tokens
-        self.cached_tokens = chunk.num_cached_tokens or self.cached_tokens
+        if chunk.index == 0:  # the first sample's admission is the prompt's (the others share its blocks)
+            self.cached_tokens = chunk.num_cached_tokens or self.cached_tokens
+        if not 0 <= chunk.index < len(self.samples):
+            raise MMPipeError(f"the generator sent sample {chunk.index} of a request with n={len(self.samples)}")
+        sample = self.samples[chunk.index]
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = chunk.prompt_logprobs
         ids = chunk.token_ids
         lps = (chunk.logprobs or []) if self.want_logprobs else None
-        self.token_ids.extend(ids)
-        if self.logprobs is not None and lps:
-            self.logprobs.extend(lps)
+        tops = (chunk.top_logprobs or []) if sample.top_logprobs is not None else None
+        sample.token_ids.extend(ids)
+        if sample.logprobs is not None and lps:
+            sample.logprobs.extend(lps)
+        if sample.top_logprobs is not None and tops:
+            sample.top_logprobs.extend(tops)
         self.metrics.tokens(len(ids))
         text = chunk.text
         if text:
-            self._text.append(text)
-        if chunk.finished:
-            self.finish_reason = chunk.finish_reason or "stop"
+            sample.text.append(text)
+        if chunk.finished and sample.finish_reason is None:
+            sample.finish_reason = chunk.finish_reason or "stop"
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self.finish_reason = sample.finish_reason
         elif not (text or ids):
             return None
-        return Delta(text=text, token_ids=ids, logprobs=lps, finish_reason=self.finish_reason)
+        return Delta(text=text, token_ids=ids, logprobs=lps, finish_reason=sample.finish_reason if chunk.finished
+                     else None, index=chunk.index, top_logprobs=tops)
 
     @property
     def text(self) -> str:
-        """The text streamed so far."""
-        return "".join(self._text)
+        """The text streamed so far (of the first sample)."""
+        return "".join(self.samples[0].text)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far, all samples together (OpenAI's usage.completion_tokens)."""
+        return sum(len(s.token_ids) for s in self.samples)
+
+    def results(self) -> list[Completion]:
+        return [Completion(text="".join(s.text), token_ids=list(s.token_ids),
+                           logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                           finish_reason=s.finish_reason, prompt_tokens=self.prompt_tokens,
+                           prompt_token_ids=list(self.prepared.prompt_token_ids), cached_tokens=self.cached_tokens,
+                           top_logprobs=list(s.top_logprobs) if s.top_logprobs is not None else None,
+                           prompt_logprobs=self.prompt_logprobs)
+                for s in self.samples]
 
     def result(self) -> Completion:
-        return Completion(text=self.text, token_ids=list(self.token_ids),
-                          logprobs=list(self.logprobs) if self.logprobs is not None else None,
-                          finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
-                          prompt_token_ids=list(self.prepared.prompt_token_ids), cached_tokens=self.cached_tokens)
+        return self.results()[0]
+
+
+@dataclass
+class _Sample:
+    """The output so far of one sample (n > 1) of a request."""
+
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
 
 
 async def _within(deadline: float, aw):

@@ -22,11 +22,13 @@ from mmpipe.shared.inputs.parse import ItemRef
 from .embeds import decode_user_embeds
 from .metrics import MM_CACHE_HITS, MM_CACHE_MISSES
 from .stages import StageClients
-from .types import MediaRef, RequestContext
+from .types import MediaKwargs, MediaRef, RequestContext
 
 
 async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: RequestContext, *, timeout: float,
-                        model: str) -> list[MediaRef]:
+                        model: str, kw: MediaKwargs | None = None) -> list[MediaRef]:
+    """`kw`: the request's checked media settings (prepare.py); every stage call carries them (they select the
+    cache keyspace, and ingest calls the processor with them)."""
     if not media:
         return []
     refs: list[MediaRef | None] = [None] * len(media)
@@ -34,7 +36,7 @@ async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: Request
     with_uuid = [i for i, m in enumerate(media) if m.uuid is not None]
     if with_uuid:
         items = [UuidItem(media[i].modality, media[i].uuid or "", media[i].source is not None) for i in with_uuid]
-        found = await stages.lookup_uuids([(it.modality, it.uuid) for it in items], ctx, timeout)
+        found = await stages.lookup_uuids([(it.modality, it.uuid) for it in items], ctx, timeout, kw)
         for i, o in zip(with_uuid, apply_uuid_lookup(items, found)):
             if o.ref is not None:
                 refs[i] = MediaRef.of(o.ref, "uuid")
@@ -47,9 +49,9 @@ async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: Request
         if todo_embeds else []
     ingested, stored = await _both(
         stages.ingest([MediaSource(media[i].modality, url=media[i].source, uuid=media[i].uuid,
-                                   key=miss_keys.get(i)) for i in todo_ingest], ctx, timeout),
+                                   key=miss_keys.get(i)) for i in todo_ingest], ctx, timeout, kw),
         stages.put_embeddings([(media[i].modality, p, media[i].uuid) for i, p in zip(todo_embeds, packed)],
-                              ctx, timeout))
+                              ctx, timeout, kw))
     for i, ref in zip(todo_ingest, ingested):
         refs[i] = ref
     for i, ref in zip(todo_embeds, stored):

@@ -27,6 +27,7 @@ class ModelInfo:
     chat_template: str | None  # the resolved default template (None: no template at all)
     max_model_len: int | None
     vocab_size: int
+    adapter_class: Any = None  # the family's ModelAdapter class: its per-request mm_processor_kwargs rules
 
     @property
     def tokenizer(self) -> Any:
@@ -63,7 +64,7 @@ def load_model_info(model: str, *, chat_template: str | None = None, max_model_l
     model_len = max_model_len or getattr(text_cfg, "max_position_embeddings", None)
     info = ModelInfo(family=cls.family, modalities=tuple(cls.modalities), processor=processor,
                      placeholder_tokens=tokens, placeholder_ids=ids, chat_template=template,
-                     max_model_len=model_len, vocab_size=len(processor.tokenizer))
+                     max_model_len=model_len, vocab_size=len(processor.tokenizer), adapter_class=cls)
     logger.info("gateway loaded tokenizer/processor of %s (%s, modalities %s) in %.2f s", model, cls.family,
                 ",".join(cls.modalities), time.perf_counter() - t0)
     return info

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from mmpipe.services.common.steps import StepTimer
@@ -20,27 +20,33 @@ from mmpipe.shared.chat.messages import parse_messages
 from mmpipe.shared.chat.templates import apply_template
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError
 from mmpipe.shared.inputs.chat_items import chat_item_refs
+from mmpipe.shared.inputs.media_settings import resolve_settings
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders
 from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.structured.grammar import GrammarCompiler
+from mmpipe.shared.tools.plan import ToolPlan, ToolSettings
 from mmpipe.shared.types import SamplingParams
 
 from .config import GatewayConfig
 from .metrics import STEP_DURATION
 from .model_info import ModelInfo
-from .types import ChatInput, CompletionInput
+from .types import ChatInput, CompletionInput, MediaKwargs
 
 
 @dataclass(frozen=True)
 class PreparedPrompt:
     """A checked request: the prompt's token ids (one placeholder per item), its media items as the shared
     chat rules made them (`ItemRef`: modality, per-modality index, source = URL / raw `image_embeds` value /
-    None for UUID-only, uuid, is_embeds; the one shape from here to the stage protos), and the sampling."""
+    None for UUID-only, uuid, is_embeds; the one shape from here to the stage protos), the sampling (with the
+    grammar of a forced tool choice) and the request's tool plan (how its answer is read; None: no tools)."""
 
     prompt_token_ids: list[int]
     media: list[ItemRef]
     sampling: SamplingParams
+    tools: ToolPlan | None = None
+    # what the stages get: the request's own mm_processor_kwargs (checked) and its effective media_io_kwargs
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
 
 class Preparer:
@@ -53,6 +59,7 @@ class Preparer:
                                            allowed_local_media_path=cfg.allowed_local_media_path,
                                            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
         self.steps = StepTimer(STEP_DURATION, cfg.served_model_name)
+        self.tool_settings = ToolSettings(cfg.enable_auto_tool_choice, cfg.tool_call_parser)
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
@@ -73,7 +80,10 @@ class Preparer:
             raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
                                     "template (start it with --trust-request-chat-template to accept "
                                     "client-supplied templates)", param="chat_template")
-        self._check_grammar(inp.sampling)
+        tools = ToolPlan.make(inp.tools, self.tool_settings)
+        sampling = inp.sampling if tools is None else tools.sampling(inp.sampling, self.grammars)
+        self._check_grammar(sampling)
+        media_kwargs = self.media_kwargs(inp.media_kwargs)
         t = time.perf_counter()
         chat = parse_messages(inp.messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
@@ -85,18 +95,20 @@ class Preparer:
                 self.precheck_url(ref.source, p.modality)
         t = self._step("parse", t)
         text = apply_template(self.info.processor, self.info.template(inp.chat_template), chat.conversation,
-                              add_generation_prompt=inp.add_generation_prompt)
+                              add_generation_prompt=inp.add_generation_prompt,
+                              tools=tools.template_tools() if tools is not None else None)
         t = self._step("template", t)
         ids = self.info.tokenizer(text, add_special_tokens=False).input_ids
-        self._check_prompt(ids, media, inp.sampling)
+        self._check_prompt(ids, media, sampling)
         self._step("tokenize", t)
-        return PreparedPrompt(ids, media, inp.sampling)
+        return PreparedPrompt(ids, media, sampling, tools, media_kwargs)
 
     # ---- completions -----------------------------------------------------------------------------------
     def completion(self, inp: CompletionInput) -> PreparedPrompt:
         if (inp.prompt is None) == (inp.prompt_token_ids is None):
             raise InvalidInputError("give exactly one of prompt (text) or prompt token ids", param="prompt")
         self._check_grammar(inp.sampling)
+        self.media_kwargs(inp.media_kwargs)  # no media in a completion, but a bad setting is still a 400
         if inp.prompt is not None:
             t = time.perf_counter()
             ids = self.info.tokenizer(inp.prompt).input_ids
@@ -113,6 +125,16 @@ class Preparer:
         return PreparedPrompt(ids, [], inp.sampling)
 
     # ---- shared checks -----------------------------------------------------------------------------------
+    def media_kwargs(self, kw: MediaKwargs) -> MediaKwargs:
+        """The request's media settings checked with the stages' own rule (shared/inputs/media_settings.py), so a
+        bad key is a 400 before any stage works; the stages apply the same check to what they are sent."""
+        if not kw.mm_processor_kwargs and not kw.media_io_kwargs:
+            return MediaKwargs(media_io_kwargs=self.cfg.media_io_kwargs or None)
+        s, own_mm = resolve_settings(self.info.adapter_class, self.info.processor, self.cfg.mm_processor_kwargs,
+                                     self.cfg.media_io_kwargs, kw.mm_processor_kwargs, kw.media_io_kwargs,
+                                     self.policy)
+        return MediaKwargs(mm_processor_kwargs=own_mm or None, media_io_kwargs=s.media_io_kwargs or None)
+
     def _step(self, step: str, t0: float) -> float:
         """Record a step that began at `t0` and return now, when the next one begins."""
         self.steps.since(step, t0)

@@ -19,7 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmpipe.services.common import tracing
+from mmpipe.services.common.grpc_server import connection_age_options
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
+from mmpipe.shared.chat.templates import renders_tools
 
 from .config import GatewayConfig
 from .core import GatewayCore
@@ -63,19 +65,23 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
     tracing.setup("gateway", cfg.otlp_traces_endpoint)
     info = await asyncio.to_thread(load_model_info, cfg.model, chat_template=cfg.chat_template,
                                    max_model_len=cfg.max_model_len)
+    if cfg.enable_auto_tool_choice and not renders_tools(info.processor, info.chat_template):
+        logger.warning("--enable-auto-tool-choice: the chat template does not render `tools`, so the model will "
+                       "not see them; pass a tool-aware --chat-template")
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
                           media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls, routing=cfg.routing,
                           placeholder_ids=info.placeholder_ids, model=cfg.served_model_name)
     redis = None
     if cfg.redis_url:
-        import redis.asyncio as aioredis
+        from mmpipe.shared.cache.redis_urls import async_client  # a cluster URL too (redis_urls.py)
 
-        redis_kw = cfg.redis_options.client_kwargs(cfg.redis_url) if cfg.redis_options else {}
-        redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, **redis_kw)
+        redis = async_client(cfg.redis_url, cfg.redis_options, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = GatewayCore(cfg, info, stages)
 
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                           *connection_age_options(cfg.grpc_max_connection_age_ms,
+                                                                   cfg.grpc_max_connection_age_grace_ms)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -9,7 +9,6 @@ per request (`routing.Router`, with several --generator-addr), and gRPC health o
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,7 +25,7 @@ from mmpipe.shared.types import SamplingParams
 
 from .metrics import STAGE_ERRORS
 from .routing import Router, RoutingConfig, split_addrs
-from .types import MediaRef, RequestContext
+from .types import MediaKwargs, MediaRef, RequestContext
 
 STAGES = ("ingest", "encoder", "generator")
 
@@ -46,7 +45,7 @@ class StageClients:
         self.generators = [self.clients.generator] + [GeneratorClient(make_channel(a, tls=tls)) for a in gen_addrs[1:]]
         self.router = Router(gen_addrs, routing or RoutingConfig(), placeholder_ids, model)
         self.media_io_kwargs = dict(media_io_kwargs or {}) or None
-        self._kw_json = json.dumps(self.media_io_kwargs) if self.media_io_kwargs else ""
+        self.default_kwargs = MediaKwargs(media_io_kwargs=self.media_io_kwargs)
         self._health = {s: health_pb2_grpc.HealthStub(getattr(self.clients, s).channel) for s in STAGES}
         self._generator_health = [health_pb2_grpc.HealthStub(g.channel) for g in self.generators]
 
@@ -63,37 +62,43 @@ class StageClients:
             raise
 
     # ---- encoder: look-ups and user embeddings -----------------------------------------------------
-    async def lookup_uuids(self, items: list[tuple[str, str]], ctx: RequestContext, timeout: float
-                           ) -> list[tuple[bool, EmbeddingRef]]:
+    async def lookup_uuids(self, items: list[tuple[str, str]], ctx: RequestContext, timeout: float,
+                           kw: MediaKwargs | None = None) -> list[tuple[bool, EmbeddingRef]]:
         """(modality, uuid) -> (found, the cached item's ref or, on a miss, the key to store it under). No
         tensors move; services/common/uuids.py decides what a result means."""
         if not items:
             return []
+        kw = kw or self.default_kwargs
         return await self._counted("encoder", self.clients.encoder.lookup(
             [LookupItem(modality=m, uuid=u) for m, u in items], request_id=ctx.request_id,
-            tenant=ctx.tenant or "", media_io_kwargs=self._kw_json, timeout_s=timeout))
+            tenant=ctx.tenant or "", media_io_kwargs=kw.media_io_kwargs, mm_processor_kwargs=kw.mm_processor_kwargs,
+            timeout_s=timeout))
 
     async def put_embeddings(self, items: list[tuple[str, Any, str | None]], ctx: RequestContext,
-                             timeout: float) -> list[MediaRef]:
+                             timeout: float, kw: MediaKwargs | None = None) -> list[MediaRef]:
         """(modality, tensor or dict of tensors, uuid) per image_embeds part -> exactly one ref per part."""
         if not items:
             return []
+        kw = kw or self.default_kwargs
         refs = await self._counted("encoder", self.clients.encoder.put_embeddings(
-            items, request_id=ctx.request_id, tenant=ctx.tenant or "", media_io_kwargs=self.media_io_kwargs,
-            timeout_s=timeout))
+            items, request_id=ctx.request_id, tenant=ctx.tenant or "", media_io_kwargs=kw.media_io_kwargs,
+            mm_processor_kwargs=kw.mm_processor_kwargs, timeout_s=timeout))
         if len(refs) != len(items):
             raise InvalidInputError(f"{len(items)} image_embeds part(s) held {len(refs)} embedding items; each "
                                     f"part must hold exactly one item (use one part per item)", param="image_embeds")
         return [MediaRef.of(r, "embeds") for r in refs]
 
     # ---- ingest ------------------------------------------------------------------------------------
-    async def ingest(self, items: list[MediaSource], ctx: RequestContext, timeout: float) -> list[MediaRef]:
-        """Media items -> refs; ingest hashes, checks the cache, and encodes only misses."""
+    async def ingest(self, items: list[MediaSource], ctx: RequestContext, timeout: float,
+                     kw: MediaKwargs | None = None) -> list[MediaRef]:
+        """Media items -> refs; ingest hashes, checks the cache, and encodes only misses. `kw`: the request's
+        media settings (default: the gateway's --media-io-kwargs)."""
         if not items:
             return []
+        kw = kw or self.default_kwargs
         refs = await self._counted("ingest", self.clients.ingest.ingest(
-            items, request_id=ctx.request_id, tenant=ctx.tenant or "", media_io_kwargs=self.media_io_kwargs,
-            timeout_s=timeout))
+            items, request_id=ctx.request_id, tenant=ctx.tenant or "", media_io_kwargs=kw.media_io_kwargs,
+            mm_processor_kwargs=kw.mm_processor_kwargs, timeout_s=timeout))
         return [MediaRef.of(r, "hash" if r.cache_hit else "miss") for r in refs]
 
     # ---- generator ---------------------------------------------------------------------------------

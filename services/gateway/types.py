@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpipe.shared.tools.request import ToolRequest
 from mmpipe.shared.types import SamplingParams
 
 
@@ -23,6 +24,14 @@ class RequestContext:
 
 
 @dataclass(frozen=True)
+class MediaKwargs:
+    """A request's own media settings as sent (vLLM's mm_processor_kwargs / media_io_kwargs); None: none."""
+
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class ChatInput:
     """One chat request. `messages` are OpenAI-shaped dicts (content parts as on vLLM's multimodal page)."""
 
@@ -31,6 +40,8 @@ class ChatInput:
     model: str | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    tools: ToolRequest | None = None  # tools, tool_choice, parallel_tool_calls, validated
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class CompletionInput:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     model: str | None = None
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
 
 
 @dataclass(frozen=True)
@@ -61,18 +73,21 @@ class MediaRef:
 
 @dataclass
 class Delta:
-    """What one generation step added: the generator's text delta (it detokenises and applies stop strings),
-    the token ids, their logprobs. `finish_reason` is set on the last delta only."""
+    """What one generation step added to one sample: the generator's text delta (it detokenises and applies stop
+    strings), the token ids, their logprobs. `finish_reason` is set on the sample's last delta only."""
 
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str | None = None
+    index: int = 0  # the sample (n > 1); its finish_reason is set on its own last delta
+    # per token: its top (token id, logprob) alternatives, when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
 class Completion:
-    """The whole result of one request (non-streaming responses, tests)."""
+    """The whole result of one sample of a request (non-streaming responses, tests)."""
 
     text: str
     token_ids: list[int]
@@ -81,6 +96,9 @@ class Completion:
     prompt_tokens: int
     prompt_token_ids: list[int]
     cached_tokens: int = 0  # prompt tokens served from the generator's prefix cache (usage.prompt_tokens_details)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # with prompt_logprobs: per prompt token (id, logprob, rank, alternatives), None for the first
+    prompt_logprobs: list | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from mmpipe.services.common.convert import EmbeddingRef, TokenChunk
 from mmpipe.shared.detokenizer import IncrementalDetokenizer
 from mmpipe.shared.errors import InvalidInputError, MMPipeError, NotFoundError
+from mmpipe.shared.fanout import child_requests, merge_streams
 from mmpipe.shared.inputs.assemble import build_engine_request
 from mmpipe.shared.types import EngineRequest, SamplingParams
 
@@ -159,10 +160,24 @@ class GeneratorCore:
         self.steps.since("build", t_build)
         n_prompt = len(req.prompt_token_ids)
         self.m_prompt.labels(self.ml).inc(n_prompt)
+        kids = child_requests(req)  # n > 1: one engine request per sample, sharing the prompt's KV blocks
+        self.m_running.labels(self.ml).inc()
+        samples = [self._sample(kid, i, t0, n_prompt, return_text) for i, kid in enumerate(kids)]
+        chunks = samples[0] if len(samples) == 1 else merge_streams(samples)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # merged: cancels the samples' tasks, which close their engine streams
+            self.m_running.labels(self.ml).dec()
+
+    async def _sample(self, req: EngineRequest, index: int, t0: float, n_prompt: int,
+                      return_text: bool) -> AsyncIterator[TokenChunk]:
+        """The TokenChunks of one sample: engine outputs, detokenised and cut at a stop string."""
+        sampling = req.sampling
         detok = IncrementalDetokenizer(self.tokenizer, sampling) if (return_text or sampling.stop) else None
         sent = 0
         first = True
-        self.m_running.labels(self.ml).inc()
         reason = "abort"
         submitted = time.monotonic()  # the engine's clock (timing.py)
         stream = self.engine.generate(req)
@@ -170,26 +185,26 @@ class GeneratorCore:
             async for out in stream:
                 new = list(out.new_token_ids)
                 lps = list(out.logprobs) if out.logprobs else None
+                tops = list(out.top_logprobs) if out.top_logprobs else None
                 finished, finish_reason = out.finished, out.finish_reason
                 if detok is not None and detok.add_tokens(new):
                     keep = detok.stop_token_count - sent  # tokens after the one completing the stop string go
-                    new, lps = new[:keep], (lps[:keep] if lps else lps)
+                    new, lps, tops = new[:keep], (lps[:keep] if lps else lps), (tops[:keep] if tops else tops)
                     finished, finish_reason = True, "stop"
                 sent += len(new)
                 text = detok.take_new_text(finished) if (detok is not None and return_text) else ""
                 if first and new:
-                    self._first_token(request_id, t0, submitted)
+                    self._first_token(req.request_id, t0, submitted)
                     first = False
                 self.m_gen.labels(self.ml).inc(len(new))
                 if finished:
                     reason = finish_reason or "stop"
                 yield TokenChunk(new, lps, text, finished, finish_reason if finished else None, n_prompt,
-                                 out.num_cached_tokens)
+                                 out.num_cached_tokens, index, tops, out.prompt_logprobs)
                 if finished:
                     return  # leaving the engine's stream early aborts the request (stop string case)
         finally:
             await stream.aclose()  # aborts the engine request if it is still running (cancel, stop string)
-            self.m_running.labels(self.ml).dec()
             self.m_finish.labels(self.ml, reason).inc()
 
     def _first_token(self, request_id: str, t0: float, submitted: float) -> None:

@@ -22,9 +22,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         core = self._core_ref()
         stream = core.generate(request.request_id, list(request.prompt_token_ids), refs, sampling,
                                request.return_text)
-        interval = StreamInterval(core.cfg.stream_interval)
+        intervals: dict[int, StreamInterval] = {}  # per sample (n > 1)
         try:
             async for chunk in stream:
+                interval = intervals.get(chunk.index)
+                if interval is None:
+                    interval = intervals[chunk.index] = StreamInterval(core.cfg.stream_interval)
                 if (message := interval.push(chunk)) is not None:
                     yield message.to_pb()
         finally:

@@ -19,7 +19,8 @@ from mmpipe.services.common.convert import TokenChunk
 
 
 class StreamInterval:
-    """One stream's held chunks; `push` each chunk the core yields and send what it returns."""
+    """One stream's held chunks (one per sample of an n > 1 request); `push` each chunk the core yields and send
+    what it returns."""
 
     def __init__(self, n: int):
         if n < 1:
@@ -44,5 +45,8 @@ class StreamInterval:
 
 def _joined(chunks: list[TokenChunk]) -> TokenChunk:
     lps = None if all(c.logprobs is None for c in chunks) else [x for c in chunks for x in (c.logprobs or ())]
+    tops = None if all(c.top_logprobs is None for c in chunks) else \
+        [x for c in chunks for x in (c.top_logprobs or ())]
     return replace(chunks[-1], token_ids=[t for c in chunks for t in c.token_ids], logprobs=lps,
-                   text="".join(c.text for c in chunks))
+                   text="".join(c.text for c in chunks), top_logprobs=tops,
+                   prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None))

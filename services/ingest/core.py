@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import time
 from collections import Counter as Tally
@@ -30,6 +29,7 @@ from mmpipe.shared.cache.keys import canonical_json
 from mmpipe.shared.errors import (
     InvalidInputError, LimitExceededError, MediaTimeoutError, OverloadedError,
 )
+from mmpipe.shared.inputs.media_settings import MediaSettings, SettingsSpace
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
 from mmpipe.shared.models.pixel_wire import float_wire_dtype, wire_tensors
@@ -47,9 +47,8 @@ class IngestCore:
             allowed_media_domains=tuple(cfg.allowed_media_domains) if cfg.allowed_media_domains else None,
             allowed_local_media_path=cfg.allowed_local_media_path,
             **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
-        self.default_kw = cfg.media_io_kwargs or {}
-        self._loaders: dict[str, MediaLoader] = {canonical_json(self.default_kw): MediaLoader(self.policy,
-                                                                                                self.default_kw)}
+        # the server's --mm-processor-kwargs / --media-io-kwargs; a request's own overlay them (checked there)
+        self.settings = SettingsSpace(adapter, cfg.model, media_io_kwargs=cfg.media_io_kwargs, policy=self.policy)
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="ingest")
         self.pending = 0  # media items admitted and not finished (bounded by --max-pending-items)
         self.wire_dtype = float_wire_dtype(cfg.wire_dtype)  # the float fallback's; uint8 pixels stay uint8
@@ -62,22 +61,11 @@ class IngestCore:
         self.steps = m.steps()
 
     # ---- helpers ---------------------------------------------------------------------------------------
-    def _loader(self, kw_json: str) -> tuple[MediaLoader, str]:
-        """The loader for a request's media_io_kwargs, and the canonical JSON sent on to the encoder."""
-        if kw_json:
-            try:
-                kw = json.loads(kw_json)
-            except ValueError:
-                raise InvalidInputError("media_io_kwargs is not valid JSON", param="media_io_kwargs") from None
-        else:
-            kw = self.default_kw
-        norm = canonical_json(kw)
-        loader = self._loaders.get(norm)
-        if loader is None:
-            loader = MediaLoader(self.policy, kw)  # validates the kwargs (InvalidInputError)
-            if len(self._loaders) < 256:
-                self._loaders[norm] = loader
-        return loader, norm
+    def _settings(self, kw_json: str, mm_json: str) -> tuple[MediaSettings, str]:
+        """A request's effective settings (InvalidInputError naming a bad key, before any work), and the canonical
+        JSON of its media_io_kwargs for the encoder's keyspace."""
+        s = self.settings.resolve(mm_json, kw_json)
+        return s, canonical_json(s.media_io_kwargs)
 
     def _check(self, items: list[MediaSource]) -> None:
         for it in items:
@@ -102,10 +90,10 @@ class IngestCore:
         self.m_loaded.labels(self.ml, it.modality).inc()
         return item
 
-    def _preprocess(self, item: MediaItem) -> bytes:
+    def _preprocess(self, item: MediaItem, settings: MediaSettings) -> bytes:
         from mmpipe.shared.cache.serde import pack_tensors
 
-        p = self.adapter.preprocess(item)
+        p = self.adapter.preprocess(item, settings.mm_processor_kwargs)
         self.m_pre.labels(self.ml, item.modality).inc()
         return pack_tensors(wire_tensors(p.tensors, self.wire_dtype), p.meta)
 
@@ -119,7 +107,7 @@ class IngestCore:
         return await self.steps.timed(step, coro)
 
     # ---- the request -----------------------------------------------------------------------------------
-    async def ingest(self, items: list[MediaSource], *, tenant: str = "", kw_json: str = "",
+    async def ingest(self, items: list[MediaSource], *, tenant: str = "", kw_json: str = "", mm_json: str = "",
                      request_id: str | None = None, timeout_s: float | None = None) -> list[EmbeddingRef]:
         """Admit the request (a bounded number of items in progress: beyond it RESOURCE_EXHAUSTED at once, so
         the worker pool's queue never grows without bound) and resolve it under one deadline: the caller's,
@@ -133,8 +121,8 @@ class IngestCore:
         deadline = time.monotonic() + (min(timeout_s, cap) if timeout_s else cap)
         self.pending += n
         try:
-            return await self._ingest(items, tenant=tenant, kw_json=kw_json, request_id=request_id,
-                                      deadline=deadline)
+            return await self._ingest(items, tenant=tenant, kw_json=kw_json, mm_json=mm_json,
+                                      request_id=request_id, deadline=deadline)
         finally:
             self.pending -= n
 
@@ -145,10 +133,11 @@ class IngestCore:
             raise MediaTimeoutError("ingest ran out of time before calling the encoder (deadline exceeded)")
         return left
 
-    async def _ingest(self, items: list[MediaSource], *, tenant: str, kw_json: str, request_id: str | None,
-                      deadline: float) -> list[EmbeddingRef]:
+    async def _ingest(self, items: list[MediaSource], *, tenant: str, kw_json: str, mm_json: str,
+                      request_id: str | None, deadline: float) -> list[EmbeddingRef]:
+        settings, norm_kw = self._settings(kw_json, mm_json)
         self._check(items)
-        loader, norm_kw = self._loader(kw_json)
+        loader = self.settings.loader(settings)
         self.m_in.labels(self.ml).inc(sum(len(it.data) for it in items if it.data is not None))
         loop = asyncio.get_running_loop()
         result: dict[int, EmbeddingRef] = {}
@@ -163,7 +152,8 @@ class IngestCore:
         if uuid_idx:
             found = await self._timed("lookup", self.encoder.lookup(
                 [LookupItem(modality=items[i].modality, uuid=items[i].uuid) for i in uuid_idx],
-                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, timeout_s=self._left(deadline)))
+                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, mm_processor_kwargs=mm_json,
+                timeout_s=self._left(deadline)))
             self._count(found)
             outcomes = apply_uuid_lookup([UuidItem(items[i].modality, items[i].uuid or "", items[i].source is not None)
                                           for i in uuid_idx], found)
@@ -181,7 +171,8 @@ class IngestCore:
         if hash_idx:
             found = await self._timed("lookup", self.encoder.lookup(
                 [LookupItem(modality=items[i].modality, content_hash=loaded[i].content_hash) for i in hash_idx],
-                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, timeout_s=self._left(deadline)))
+                request_id=request_id, tenant=tenant, media_io_kwargs=norm_kw, mm_processor_kwargs=mm_json,
+                timeout_s=self._left(deadline)))
             self._count(found)
             for i, (ok, ref) in zip(hash_idx, found):
                 if ok:
@@ -196,7 +187,7 @@ class IngestCore:
             for i in misses:
                 first.setdefault(keys[i], i)
             payloads = await self._timed("preprocess", asyncio.gather(
-                *[loop.run_in_executor(self.pool, self._preprocess, loaded[i]) for i in first.values()]))
+                *[loop.run_in_executor(self.pool, self._preprocess, loaded[i], settings) for i in first.values()]))
             self.m_out.labels(self.ml).inc(sum(len(p) for p in payloads))
             refs = await self._timed("encode", self.encoder.encode(
                 [ProcessedPayload(key=k, modality=items[i].modality, tensors=p,

@@ -12,6 +12,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
     async def Ingest(self, request, context):
         refs = await self._core_ref().ingest([MediaSource.from_pb(i) for i in request.items], tenant=request.tenant,
                                              kw_json=request.media_io_kwargs_json,
+                                             mm_json=request.mm_processor_kwargs_json,
                                              request_id=request.request_id or None,
                                              timeout_s=context.time_remaining())
         return ingest_pb2.IngestResponse(items=[r.to_pb() for r in refs])

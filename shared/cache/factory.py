@@ -2,7 +2,8 @@
 
     None, "memory", "lru"          -> LRUEmbeddingCache(max_bytes)
     "redis://...", "rediss://...",
-    "unix://..."                   -> RedisEmbeddingCache(spec, ttl_s=..., **redis_kwargs)
+    "unix://...",
+    "redis+cluster://h:p[,h:p]"    -> RedisEmbeddingCache(spec, ttl_s=..., **redis_kwargs) (a cluster: seed nodes)
     "off", "none", ""              -> None (no caching; UUID-only references then always miss)
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .lru import GiB, LRUEmbeddingCache
 
 __all__ = ["make_cache"]
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 def make_cache(spec: str | None, *, max_bytes: int = 2 * GiB, ttl_s: int | None = None,
@@ -24,7 +25,7 @@ def make_cache(spec: str | None, *, max_bytes: int = 2 * GiB, ttl_s: int | None 
 
     `max_bytes` applies to the in-process LRU; `ttl_s` and `redis_kwargs` (socket_timeout_s, namespace,
     async_queue_size, ...) to Redis. A Redis cache is returned without contacting the server: call
-    `.ping()` to fail fast at startup.
+    `.ping()` to fail fast at startup (a cluster URL reads the slot map from a seed at once).
     """
     if spec is None:
         return LRUEmbeddingCache(max_bytes=max_bytes)
@@ -39,4 +40,5 @@ def make_cache(spec: str | None, *, max_bytes: int = 2 * GiB, ttl_s: int | None 
 
         return RedisEmbeddingCache(s, ttl_s=ttl_s, **redis_kwargs)
     raise InvalidInputError(
-        f"unknown cache spec {spec!r}: use 'memory', 'off', or a redis://host:port/db URL", param="cache")
+        f"unknown cache spec {spec!r}: use 'memory', 'off', a redis://host:port/db URL or "
+        f"redis+cluster://host:port[,host:port]", param="cache")

@@ -68,7 +68,7 @@ class RedisOptions:
         kw: dict[str, Any] = {}
         if self.password:
             kw["password"] = self.password
-        scheme = urlsplit(url).scheme.lower()
+        scheme = urlsplit(url).scheme.lower().removesuffix("+cluster")  # rediss+cluster:// is TLS too
         if self.uses_tls_files:
             if scheme != "rediss":
                 raise InvalidInputError("Redis TLS files were given but the URL is not rediss://; use "

@@ -18,6 +18,16 @@ Numbers for each variant: `bench/cache_bench.py`.
 are dropped and counted, because blocking the encoder would put the cache back on the request's
 critical path). `flush()` waits for the queue.
 
+Redis Cluster / Valkey cluster (`redis+cluster://host:port[,host:port]`, shared/cache/redis_urls.py): redis-py's
+RedisCluster knows the slot map; every key is routed to the node serving its slot, writes are pipelined per
+node, and reads are one pipeline of MGETs per node with each MGET inside one slot (a cross-slot MGET is an error
+in a cluster), answers put back in the caller's order. An entry is one key (header and tensor in one value), so
+no operation needs several keys in one slot and keys carry no hash tag: entries spread over every node (and a
+client-chosen UUID, percent-escaped by keys.py, cannot contain the `{` of a hash tag to pile entries onto one
+node). A MOVED/ASK/CLUSTERDOWN answer or a dropped node connection refreshes the slot map and retries once; a node
+that stays down makes the operation fail as a down single server does (ServiceUnavailableError), and a node that
+comes back empty gives misses: a value is only ever served from the key it was written under, checksummed.
+
 Reads use MGET (in chunks, so one huge reply can't balloon the server's output buffer), received by a
 small RESP reader straight into one torch buffer per value rather than through hiredis (which copies a
 large value two or three times): the embedding is then a zero-copy, writable view of that buffer. Every
@@ -44,6 +54,7 @@ from ..types import MMEmbedding
 from .base import CacheStats, EmbeddingCache, _Counters
 from .lru import embedding_nbytes
 from .redis_options import RedisOptions
+from .redis_urls import is_cluster_url, redact_cluster_url, sync_client
 from .serde import CacheCorruptError, CacheVersionError, pack_embedding_parts, payload_nbytes, unpack_embedding
 
 __all__ = ["RedisEmbeddingCache", "redact_url"]
@@ -58,6 +69,8 @@ _BATCH_MAX_BYTES = 64 * MiB  # bytes per pipelined write batch of the background
 
 def redact_url(url: str) -> str:
     """`url` with any password replaced by ***, for error messages and logs."""
+    if is_cluster_url(url):
+        return redact_cluster_url(url)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -91,6 +104,27 @@ def _coalesce(chunks: Iterable[Any]) -> list[Any]:
     if small:
         out.append(b"".join(small))
     return out
+
+
+def _packer() -> PythonRespSerializer:
+    # See the module docstring: the pure-Python packer does not copy large values.
+    return PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+
+# Cluster answers after which the slot map is stale (or the cluster settling): refresh it and retry once.
+_REROUTE_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+
+
+def _needs_reroute(e: BaseException) -> bool:
+    c = e.__cause__ if isinstance(e, ServiceUnavailableError) else e
+    if isinstance(c, redis.exceptions.AuthenticationError):
+        return False
+    if isinstance(c, (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.ClusterDownError,
+                      redis.exceptions.TryAgainError)):  # redis-py's parser turns the replies into these
+        return True
+    if isinstance(c, redis.exceptions.ResponseError):  # _BulkReader's: the reply's text
+        return str(c).startswith(_REROUTE_ERRORS)
+    return isinstance(c, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError))
 
 
 class _BulkReader:
@@ -192,7 +226,8 @@ class _BulkReader:
 
 
 class RedisEmbeddingCache(EmbeddingCache):
-    """Embedding cache on a Redis server (`redis://[:password@]host:port/db`, `rediss://`, `unix://`).
+    """Embedding cache on a Redis server (`redis://[:password@]host:port/db`, `rediss://`, `unix://`) or a Redis /
+    Valkey cluster (`redis+cluster://host:port[,host:port]`, `rediss+cluster://`).
 
     ttl_s: expiry of every entry (None: entries live until evicted by the server's maxmemory policy).
     socket_timeout_s: per-operation socket timeout; connect_timeout_s defaults to it.
@@ -221,28 +256,35 @@ class RedisEmbeddingCache(EmbeddingCache):
         self.namespace = namespace
         self.verify = verify
         self.raw_reads = raw_reads
-        # AUTH password (kept out of the URL) and TLS files: see redis_options.py
-        conn_kw = options.client_kwargs(url) if options is not None else {}
-        try:
-            self._pool = redis.ConnectionPool.from_url(
-                url,
-                socket_timeout=socket_timeout_s,
-                socket_connect_timeout=socket_timeout_s if connect_timeout_s is None else connect_timeout_s,
-                # One immediate retry covers a pooled connection the server closed (restart, idle
-                # timeout); redis-py's default of several retries with backoff would turn "Redis is down"
-                # into seconds of waiting on every request.
-                retry=Retry(NoBackoff(), 1),
-                # See the module docstring: the pure-Python packer does not copy large values.
-                command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),
-                max_connections=max_connections,
-                # For replies the hiredis parser still reads (EXISTS, INFO, raw_reads=False): 1 MiB
-                # socket reads instead of 64 KiB cut a 4.7 MB GET from ~3.5 to ~2 ms here.
-                socket_read_size=1 << 20,
-                **conn_kw,
-            )
-        except ValueError as e:
-            raise InvalidInputError(f"invalid Redis URL {self.safe_url!r}: {e}", param="cache") from e
-        self._r = redis.Redis(connection_pool=self._pool)
+        common: dict[str, Any] = dict(
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s if connect_timeout_s is None else connect_timeout_s,
+            # One immediate retry covers a pooled connection the server closed (restart, idle
+            # timeout); redis-py's default of several retries with backoff would turn "Redis is down"
+            # into seconds of waiting on every request.
+            retry=Retry(NoBackoff(), 1),
+            max_connections=max_connections,
+            # For replies the hiredis parser still reads (EXISTS, INFO, raw_reads=False): 1 MiB
+            # socket reads instead of 64 KiB cut a 4.7 MB GET from ~3.5 to ~2 ms here.
+            socket_read_size=1 << 20)
+        self._cluster: Any = None
+        self._pool: Any = None
+        if is_cluster_url(url):
+            # No packer to set: large values never go through redis-py's packer (`_write_on` sends its own RESP).
+            if max_connections is None:
+                common.pop("max_connections")
+            # Contacts a seed now (the slot map): an unreachable cluster fails here, as ping() does.
+            with self._errors("CLUSTER SLOTS"):
+                self._cluster = sync_client(url, options, **common)
+            self._r = self._cluster
+        else:
+            # AUTH password (kept out of the URL) and TLS files: see redis_options.py
+            conn_kw = options.client_kwargs(url) if options is not None else {}
+            try:
+                self._pool = redis.ConnectionPool.from_url(url, command_packer=_packer(), **common, **conn_kw)
+            except ValueError as e:
+                raise InvalidInputError(f"invalid Redis URL {self.safe_url!r}: {e}", param="cache") from e
+            self._r = redis.Redis(connection_pool=self._pool)
         self._c = _Counters()
         # background writer state
         self._cv = threading.Condition()
@@ -276,21 +318,57 @@ class RedisEmbeddingCache(EmbeddingCache):
         except redis.exceptions.ResponseError as e:
             raise ServiceUnavailableError(
                 f"Redis embedding cache at {self.safe_url} refused {op}: {e}") from e
+        except redis.exceptions.RedisClusterException as e:  # no seed answered, slot not covered, ...
+            raise ServiceUnavailableError(f"Redis Cluster at {self.safe_url} failed during {op}: {e}") from e
         except redis.exceptions.RedisError as e:  # protocol errors and the like
             raise ServiceUnavailableError(
                 f"Redis embedding cache at {self.safe_url} failed during {op}: {e!r}") from e
 
     def ping(self) -> bool:
-        """True when the server answers PING; raises ServiceUnavailableError (naming the URL) if not."""
+        """True when the server (every cluster primary) answers PING; raises ServiceUnavailableError if not."""
         with self._errors("PING"):
-            return bool(self._r.ping())
+            if self._cluster is None:
+                return bool(self._r.ping())
+            return all(bool(self._cluster.get_redis_connection(n).ping()) for n in self._cluster.get_primaries())
+
+    # --- routing -----------------------------------------------------------------------------------
+    def _route(self, keys: Sequence[str]) -> list[tuple[Any, list[list[int]]]]:
+        """Positions of `keys` grouped by the connection pool that serves them, each group split into
+        MGET-sized chunks that lie in one slot (cluster) or are just chunks (one server)."""
+        if self._cluster is None:
+            idx = list(range(len(keys)))
+            return [(self._pool, [idx[i:i + _MGET_CHUNK] for i in range(0, len(idx), _MGET_CHUNK)])]
+        nodes: dict[str, tuple[Any, dict[int, list[int]]]] = {}
+        with self._errors("slot routing"):
+            for i, k in enumerate(keys):
+                slot = self._cluster.keyslot(k)
+                node = self._cluster.nodes_manager.get_node_from_slot(slot)
+                if node.name not in nodes:
+                    nodes[node.name] = (self._cluster.get_redis_connection(node).connection_pool, {})
+                nodes[node.name][1].setdefault(slot, []).append(i)
+        out = []
+        for pool, slots in nodes.values():
+            chunks = [g[j:j + _MGET_CHUNK] for g in slots.values() for j in range(0, len(g), _MGET_CHUNK)]
+            out.append((pool, chunks))
+        return out
+
+    def _rerouted(self, fn, op: str):
+        """fn() once more after refreshing the slot map, when a cluster said the map was stale (MOVED, ASK,
+        CLUSTERDOWN) or a node connection dropped (a node restarted, failed over)."""
+        try:
+            return fn()
+        except ServiceUnavailableError as e:
+            if self._cluster is None or not _needs_reroute(e):
+                raise
+            log.info("Redis Cluster %s: %s; refreshing the slot map and retrying once", op, e.__cause__ or e)
+            with self._errors("CLUSTER SLOTS"):
+                self._cluster.nodes_manager.initialize()
+            return fn()
 
     # --- reads -------------------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> list[MMEmbedding | None]:
         keys = list(keys)
-        raw: list[Any] = []
-        for i in range(0, len(keys), _MGET_CHUNK):
-            raw.extend(self._mget(keys[i:i + _MGET_CHUNK]))
+        raw: list[Any] = self._rerouted(lambda: self._read(keys), "MGET") if keys else []
         out: list[MMEmbedding | None] = []
         hits = misses = nread = 0
         bad: list[str] = []
@@ -325,29 +403,42 @@ class RedisEmbeddingCache(EmbeddingCache):
                 self._c.add(errors=1)
         return out
 
-    def _mget(self, keys: list[str]) -> list[Any]:
-        """Values of `keys` (None for misses) via one MGET, received by `_BulkReader`."""
-        if not keys:
+    def _read(self, keys: list[str]) -> list[Any]:
+        """Values of `keys` in their order (None for misses): one pipeline of MGETs per server."""
+        raw: list[Any] = [None] * len(keys)
+        for pool, chunks in self._route(keys):
+            for chunk, values in zip(chunks, self._mget(pool, [[keys[i] for i in c] for c in chunks])):
+                if len(values) != len(chunk):
+                    raise ServiceUnavailableError(f"Redis embedding cache at {self.safe_url}: MGET of {len(chunk)} "
+                                                  f"keys answered {len(values)} values")
+                for i, v in zip(chunk, values):
+                    raw[i] = v
+        return raw
+
+    def _mget(self, pool: Any, chunks: list[list[str]]) -> list[list[Any]]:
+        """One MGET per chunk, pipelined on one connection of `pool`, received by `_BulkReader`."""
+        if not chunks:
             return []
         for attempt in (0, 1):
             try:
                 with self._errors("MGET"):
-                    conn = self._pool.get_connection()
+                    conn = pool.get_connection()
                     try:
                         sock = getattr(conn, "_sock", None) if self.raw_reads else None
-                        if sock is None:  # asked for, or a connection type we don't know: redis-py reads
-                            conn.send_command("MGET", *keys)
-                            return list(conn.read_response())
-                        conn.send_packed_command(conn.pack_command("MGET", *keys))
+                        packed = [p for c in chunks for p in conn.pack_command("MGET", *c)]
+                        conn.send_packed_command(packed)
                         try:
-                            return _BulkReader(sock).bulk_array()
+                            if sock is None:  # asked for, or a connection type we don't know: redis-py reads
+                                return [list(conn.read_response()) for _ in chunks]
+                            reader = _BulkReader(sock)
+                            return [reader.bulk_array() for _ in chunks]
                         except BaseException:
-                            # We read past redis-py's parser; after any failure the stream position is
-                            # unknown, so the connection must not be reused.
+                            # We read past redis-py's parser (or stopped after an error reply with more
+                            # replies pending); the stream position is unknown: never reuse the connection.
                             conn.disconnect()
                             raise
                     finally:
-                        self._pool.release(conn)
+                        pool.release(conn)
             except ServiceUnavailableError as e:
                 # MGET is read-only: one retry on a fresh connection covers a stale pooled one.
                 if attempt == 0 and isinstance(e.__cause__, (redis.exceptions.ConnectionError, OSError)) \
@@ -387,9 +478,23 @@ class RedisEmbeddingCache(EmbeddingCache):
         return [head, *parts, tail], n
 
     def _write(self, items: Sequence[tuple[str, MMEmbedding]]) -> None:
-        """Pipelined SETs on one pooled connection; raises ServiceUnavailableError on failure."""
+        """Pipelined SETs, one pipeline per server; raises ServiceUnavailableError on failure."""
         if not items:
             return
+
+        done: set[str] = set()  # a retry after MOVED re-sends only what no server has acknowledged
+
+        def write() -> None:
+            todo = [(k, e) for k, e in items if k not in done]
+            for pool, groups in self._route([k for k, _ in todo]):
+                part = [todo[i] for g in groups for i in g]
+                self._write_on(pool, part)
+                done.update(k for k, _ in part)
+
+        self._rerouted(write, "SET")
+
+    def _write_on(self, pool: Any, items: Sequence[tuple[str, MMEmbedding]]) -> None:
+        """Pipelined SETs on one connection of `pool`."""
         chunks: list[Any] = []
         total = 0
         for key, emb in items:
@@ -401,7 +506,7 @@ class RedisEmbeddingCache(EmbeddingCache):
             conn = None
             try:
                 with self._errors("SET"):
-                    conn = self._pool.get_connection()
+                    conn = pool.get_connection()
                     try:
                         conn.send_packed_command(chunks)
                         errors: list[Exception] = []
@@ -413,7 +518,7 @@ class RedisEmbeddingCache(EmbeddingCache):
                             except redis.exceptions.ResponseError as e:
                                 errors.append(e)
                     finally:
-                        self._pool.release(conn)
+                        pool.release(conn)
                     if errors:
                         raise errors[0]
                 break
@@ -513,12 +618,15 @@ class RedisEmbeddingCache(EmbeddingCache):
         """Local counters plus server-wide numbers when the server answers (else those stay None)."""
         extra: dict[str, Any] = {}
         try:
-            extra["entries"] = int(self._r.dbsize())
-            info = self._r.info()
-            extra["evictions"] = int(info.get("evicted_keys", 0))
-            extra["bytes_used"] = int(info.get("used_memory", 0))
-            extra["max_bytes"] = int(info.get("maxmemory", 0)) or None
-        except (redis.exceptions.RedisError, OSError):
+            # a cluster: the sum over its primaries (each holds its own slots, under its own maxmemory)
+            servers = [self._r] if self._cluster is None else [
+                self._cluster.get_redis_connection(n) for n in self._cluster.get_primaries()]
+            infos = [(int(r.dbsize()), r.info()) for r in servers]
+            extra["entries"] = sum(n for n, _ in infos)
+            extra["evictions"] = sum(int(i.get("evicted_keys", 0)) for _, i in infos)
+            extra["bytes_used"] = sum(int(i.get("used_memory", 0)) for _, i in infos)
+            extra["max_bytes"] = sum(int(i.get("maxmemory", 0)) for _, i in infos) or None
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
             pass
         with self._cv:
             pending = len(self._queue) + self._inflight
@@ -536,4 +644,7 @@ class RedisEmbeddingCache(EmbeddingCache):
         if worker is not None:
             worker.join(timeout_s)
         self._closed = True
-        self._pool.disconnect()
+        if self._cluster is not None:
+            self._cluster.close()
+        else:
+            self._pool.disconnect()

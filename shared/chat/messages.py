@@ -1,12 +1,17 @@
 """Parse OpenAI chat messages (content parts as in vLLM's multimodal docs) without touching any media.
 
-Recognised parts: text, image_url, image_pil, image_embeds, video_url, input_audio, audio_url. Every media
+Recognised parts: text, image_url, image_pil, image_embeds, video_url, input_audio, audio_url, audio_embeds
+(vLLM's: `{"type": "audio_embeds", "audio_embeds": <base64 tensor or a dict of them>}`). Every media
 part may carry `uuid`, and its payload may be None when it does. The result is the conversation in the shape
 HF chat templates expect (`{"type": "image"}` placeholders) plus one `MediaPart` per media part, in order.
+An assistant message's `tool_calls` (OpenAI's shape, `arguments` a JSON string) reach the template with their
+arguments as an object, as transformers' templates (Qwen2.5's `arguments | tojson`) and vLLM expect them;
+`tool` messages (tool results, with `tool_call_id`) pass through.
 Pure Python: the gateway uses it without importing torch.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +27,7 @@ PART_TYPES: dict[str, tuple[str, str]] = {
     "video_url": ("video", "url"),
     "audio_url": ("audio", "url"),
     "input_audio": ("audio", "input_audio"),
+    "audio_embeds": ("audio", "embeds"),
 }
 
 
@@ -84,6 +90,31 @@ def _parse_part(part: Any, idx: str) -> tuple[dict[str, Any], MediaPart | None]:
     return {"type": modality}, MediaPart(modality=modality, kind=kind, payload=payload, uuid=uuid)
 
 
+def _tool_calls(calls: Any, idx: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls with each call's arguments parsed from JSON text into an object."""
+    at = f"{idx}.tool_calls"
+    if not isinstance(calls, list):
+        raise InvalidInputError(f"{at} must be a list of tool calls", param=at)
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidInputError(f"{at}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', "
+                                    f"'arguments'}}}}", param=f"{at}[{j}].function")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError as e:
+                raise InvalidInputError(f"{at}[{j}].function.arguments is not valid JSON: {e}",
+                                        param=f"{at}[{j}].function.arguments") from None
+        if not isinstance(args, dict):
+            raise InvalidInputError(f"{at}[{j}].function.arguments must be a JSON object",
+                                    param=f"{at}[{j}].function.arguments")
+        out.append({**call, "type": call.get("type", "function"), "function": {**fn, "arguments": args}})
+    return out
+
+
 def parse_messages(messages: Any) -> ParsedChat:
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages must be a non-empty list", param="messages")
@@ -95,6 +126,11 @@ def parse_messages(messages: Any) -> ParsedChat:
             raise InvalidInputError(f"{idx} needs a role, one of {', '.join(ROLES)}", param=f"{idx}.role")
         content = msg.get("content")
         out = {k: v for k, v in msg.items() if k != "content"}
+        if msg.get("tool_calls") is not None:
+            if msg["role"] != "assistant":
+                raise InvalidInputError(f"{idx}.tool_calls is only allowed on assistant messages",
+                                        param=f"{idx}.tool_calls")
+            out["tool_calls"] = _tool_calls(msg["tool_calls"], idx)
         if content is None or isinstance(content, str):
             out["content"] = content or ""
         elif isinstance(content, list):

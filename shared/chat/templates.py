@@ -74,9 +74,26 @@ def load_template_arg(value: str | None) -> str | None:
 
 
 def apply_template(processor: Any, template: str, conversation: list[dict[str, Any]], *,
-                   add_generation_prompt: bool = True) -> str:
+                   add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
+    """`tools`: the request's function tools in OpenAI's shape (shared/tools), rendered by the template."""
     try:
         return processor.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                                       add_generation_prompt=add_generation_prompt)
+                                                       add_generation_prompt=add_generation_prompt, tools=tools)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         raise InvalidInputError(f"applying the chat template failed: {e}", param="messages") from e
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "mmpipe_probe_tool", "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+def renders_tools(processor: Any, template: str | None) -> bool:
+    """Whether `template` shows `tools` to the model (many multimodal checkpoints' templates ignore them, and
+    then the model never sees its tools: pass a tool-aware --chat-template)."""
+    if not template:
+        return False
+    try:
+        text = apply_template(processor, template, [{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL])
+    except InvalidInputError:
+        return False
+    return "mmpipe_probe_tool" in text

@@ -135,8 +135,8 @@ class BlockManager:
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of `seq`, leaving at least one token to compute (its
         logits are needed) and never the last partial block."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.num_prompt_logprobs is not None:
+            return []  # prompt_logprobs need the logits of every prompt position (vLLM skips the cache too)
         n = min(seq.num_tokens - 1, seq.hash_limit) // self.block_size
         if n == 0:
             return []

@@ -81,6 +81,16 @@ class LLMEngine:
             raise InvalidInputError(f"mrope_positions must be (3, {n})", param="mrope_positions")
         if req.mm_spans:
             self._validate_spans(req)
+        bias = req.sampling.logit_bias or {}
+        bad = [t for t in bias if t >= vocab]
+        if bad:
+            raise InvalidInputError(f"logit_bias token id(s) {bad[:5]} are outside the vocabulary (size {vocab})",
+                                    param="logit_bias")
+        if any(t < 0 or t >= vocab for w in req.bad_words_token_ids for t in w):
+            raise InvalidInputError("bad_words tokenize to ids outside the model's vocabulary", param="bad_words")
+        if req.sampling.n != 1:
+            raise InvalidInputError("the engine runs one sample per request: fan n > 1 out with "
+                                    "shared.fanout.child_requests", param="n")
 
     @staticmethod
     def _validate_spans(req: EngineRequest) -> None:
@@ -127,7 +137,8 @@ class LLMEngine:
         reason = reason.value if isinstance(reason, FinishReason) else str(reason)
         self.scheduler.finish(seq, reason)
         self._pending.append(StepOutput(request_id, [], [] if seq.want_logprobs else None, True, reason,
-                                        seq.num_prompt_tokens, seq.num_cached_tokens))
+                                        seq.num_prompt_tokens, seq.num_cached_tokens,
+                                        [] if seq.num_top_logprobs else None))
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -162,7 +173,8 @@ class LLMEngine:
             sc.seq.num_computed_tokens += sc.num_new_tokens
         if result is None:
             return outputs
-        for sc, tok, lp in zip(sampled, result.token_ids, result.logprobs):
+        tops = result.top_logprobs or [None] * len(sampled)
+        for sc, tok, lp, top in zip(sampled, result.token_ids, result.logprobs, tops):
             seq = sc.seq
             seq.token_ids.append(tok)
             reason = self._check_stop(seq, tok)
@@ -171,8 +183,12 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.request_id, None)
+            prompt_lps = None
+            if seq.num_prompt_logprobs is not None and seq.num_output_tokens == 1:
+                prompt_lps = [None, *seq.prompt_logprobs]
             outputs.append(StepOutput(seq.request_id, [tok], [lp] if seq.want_logprobs else None,
-                                      reason is not None, reason, seq.num_prompt_tokens, seq.num_cached_tokens))
+                                      reason is not None, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
+                                      [top] if top is not None else None, prompt_lps))
         return outputs
 
     @staticmethod

@@ -20,6 +20,7 @@ from .config import EngineConfig
 from .decoder import PagedDecoder
 from mmpipe.shared.structured.masks import StructuredOutputs
 
+from .prompt_logprobs import prompt_logprob_rows, record_prompt_logprobs
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .staging import BlockTableRows, StepBuffers, stage_step
@@ -157,7 +158,13 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
         """Run one step; returns the entries that sampled a token, with their tokens (in the same order)."""
         sampling = [sc for sc in sched.scheduled if sc.samples]
-        if self.graphs is not None and self.graphs.can_run(sched):
+        prompt_rows, prompt_spans = prompt_logprob_rows(sched)
+        if prompt_spans:  # logits at prompt positions too: the eager path, sampled rows first
+            logits = self._run_eager(sched, prompt_rows)
+            n = len(sampling)
+            record_prompt_logprobs(logits[n:], prompt_spans)
+            logits = logits[:n]
+        elif self.graphs is not None and self.graphs.can_run(sched):
             logits = self.graphs.run(sched)
         elif self.mixed_graphs is not None and self.mixed_graphs.can_run(sched):
             logits = self.mixed_graphs.run(sched)
@@ -169,7 +176,8 @@ class ModelRunner:
         # the forward is in flight on a GPU: the grammar masks are computed on the host meanwhile
         return sampling, self.sampler(logits, seqs, self.structured.fill(seqs))
 
-    def _run_eager(self, sched: SchedulerOutput) -> torch.Tensor | None:
+    def _run_eager(self, sched: SchedulerOutput, extra_rows: list[int] | None = None) -> torch.Tensor | None:
+        """`extra_rows`: token rows whose logits are wanted too (prompt_logprobs), after the sampled ones."""
         buf = self.eager_buffers
         st = stage_step(sched, buf, self.eager_tables, block_size=self.block_size, chunk_row=sched.num_decodes)
         T, S, dev = st.num_tokens, st.num_rows, self.device
@@ -188,7 +196,8 @@ class ModelRunner:
             up(buf.ids[:T]), up(buf.pos[:, :T] if self.mrope else buf.pos[0, :T]), meta, self.kv_cache, self.attn,
             self.ops, mm_index=torch.cat(st.mm_index).to(dev) if st.mm_index else None,
             mm_rows=torch.cat(st.mm_rows).to(dev) if st.mm_rows else None,
-            logits_index=up(buf.logits[:st.num_logits]))
+            logits_index=up(np.concatenate([buf.logits[:st.num_logits], np.asarray(extra_rows, dtype=buf.logits.dtype)])
+                            if extra_rows else buf.logits[:st.num_logits]))
 
     def kv_cache_info(self) -> dict:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size,

@@ -1,9 +1,10 @@
 """Sampler: turns the last-position logits of a batch into one token per sequence, each with its own settings.
 
-Per row: min_tokens (EOS / stop ids masked until enough tokens are out), greedy (temperature 0) or
-temperature + top_k + top_p, drawn with the row's own torch.Generator when the request has a seed, so a
-seeded request gives the same tokens whatever else is in the batch. Logprobs are the log-softmax of the raw
-logits (before temperature and filters) at the chosen token.
+Per row: min_tokens (EOS / stop ids masked until enough tokens are out), bad words, logit bias and the
+penalties (logits_processors.py), then greedy (temperature 0) or temperature + min_p + top_k + top_p, drawn
+with the row's own torch.Generator when the request has a seed, so a seeded request gives the same tokens
+whatever else is in the batch. Logprobs are the log-softmax of the raw logits (before processors, temperature
+and filters: vLLM's default `raw_logprobs`) at the chosen token, plus the row's top `logprobs` alternatives.
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p exactly and needs
 one random number per vocabulary entry, generated per row for seeded rows.
@@ -20,6 +21,7 @@ import torch
 
 from mmpipe.shared.structured.masks import GrammarMask, apply_grammar_mask
 
+from .logits_processors import apply_logits_processors, apply_min_p, needs_processing
 from .sequence import Sequence
 
 
@@ -27,6 +29,8 @@ from .sequence import Sequence
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float | None]
+    # per row: its top `logprobs` (token id, logprob) alternatives, best first; None when it asked for none
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 class Sampler:
@@ -36,7 +40,7 @@ class Sampler:
         if mask is not None and not any(s.want_logprobs for s in seqs):
             logits = apply_grammar_mask(logits, mask)
             mask = None
-        if all(s.sampling.temperature == 0.0 and not s.want_logprobs and
+        if all(s.sampling.temperature == 0.0 and not s.want_logprobs and not needs_processing(s) and
                not (s.suppress_ids and s.num_output_tokens < s.sampling.min_tokens) for s in seqs):
             # Plain greedy batch: argmax on the model's dtype (exact), no fp32 copy of the logits.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
@@ -54,6 +58,8 @@ class Sampler:
                     logits = logits.clone()
                     masked = True
                 logits[i, s.suppress_ids] = float("-inf")
+        if any(needs_processing(s) for s in seqs):
+            logits = apply_logits_processors(logits if masked else logits.clone(), seqs)
 
         greedy = [s.sampling.temperature == 0.0 for s in seqs]
         if all(greedy):
@@ -63,10 +69,17 @@ class Sampler:
 
         token_list = tokens.tolist()
         lps: list[float | None] = [None] * n
+        tops: list[list[tuple[int, float]] | None] | None = None
         if raw_logprobs is not None:
             chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
             lps = [c if w else None for c, w in zip(chosen, want_lp)]
-        return SamplerOutput(token_list, lps)
+            k = max(s.num_top_logprobs for s in seqs)
+            if k:  # one top-k for the batch at its largest k, cut per row
+                vals, ids = raw_logprobs.topk(min(k, raw_logprobs.shape[1]), dim=-1)
+                vals, ids = vals.tolist(), ids.tolist()
+                tops = [list(zip(ids[i][:s.num_top_logprobs], vals[i][:s.num_top_logprobs]))
+                        if s.num_top_logprobs else None for i, s in enumerate(seqs)]
+        return SamplerOutput(token_list, lps, tops)
 
     @staticmethod
     def _sample(logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
@@ -75,6 +88,9 @@ class Sampler:
         temps = torch.tensor([1.0 if g else s.sampling.temperature for s, g in zip(seqs, greedy)],
                              device=dev, dtype=torch.float32)
         scaled = logits / temps.unsqueeze(1)
+        min_p = [0.0 if g else s.sampling.min_p for s, g in zip(seqs, greedy)]
+        if any(min_p):
+            scaled = apply_min_p(scaled, min_p)
 
         top_k = [s.sampling.top_k if 0 < s.sampling.top_k < vocab else vocab for s in seqs]
         top_p = [s.sampling.top_p for s in seqs]

@@ -60,6 +60,18 @@ class Sequence:
         self.max_tokens = room if sp.max_tokens is None else min(sp.max_tokens, room)
         self.max_model_len = max_model_len
         self.want_logprobs = sp.logprobs is not None
+        self.num_top_logprobs = sp.logprobs or 0  # alternatives per token (logprobs > 0)
+        # logits processors (logits_processors.py): checked once here, read every step
+        self.has_penalties = (sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
+                              or sp.repetition_penalty != 1.0)
+        self.logit_bias_ids: list[int] | None = list(sp.logit_bias) if sp.logit_bias else None
+        self.logit_bias_values: list[float] = list(sp.logit_bias.values()) if sp.logit_bias else []
+        self.bad_words_token_ids: list[list[int]] = [list(w) for w in req.bad_words_token_ids if w]
+        # prompt_logprobs (vLLM's extra): alternatives per prompt token, None when not asked. Such a request
+        # computes its whole prompt (no prefix-cache hits, as in vLLM) and collects, for prompt tokens 1..L-1 in
+        # order, (token id, logprob, rank, top alternatives) here (prompt_logprobs.py); the first output reports them.
+        self.num_prompt_logprobs: int | None = sp.prompt_logprobs
+        self.prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]]] = []
 
         # Multimodal rows, kept on the CPU side until a chunk needs them (they are moved per chunk).
         self.mm_embeds: torch.Tensor | None = req.mm_embeds

@@ -135,7 +135,10 @@ def _coalesce(first: StepOutput, queue: asyncio.Queue) -> tuple[StepOutput, Base
         return first, error
     ids = [t for p in parts for t in p.new_token_ids]
     lps = None if all(p.logprobs is None for p in parts) else [x for p in parts for x in (p.logprobs or ())]
-    return replace(parts[-1], new_token_ids=ids, logprobs=lps), error
+    tops = None if all(p.top_logprobs is None for p in parts) else \
+        [x for p in parts for x in (p.top_logprobs or ())]
+    prompt = next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)
+    return replace(parts[-1], new_token_ids=ids, logprobs=lps, top_logprobs=tops, prompt_logprobs=prompt), error
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, items: list) -> None:

@@ -45,4 +45,20 @@ def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list
     return EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling, mm_embeds=mm,
                          mm_positions=torch.tensor(positions, dtype=torch.long) if positions else None,
                          mrope_positions=mrope, mrope_delta=delta,
-                         eos_token_ids=list(eos_token_ids or []), mm_spans=spans)
+                         eos_token_ids=list(eos_token_ids or []), mm_spans=spans,
+                         bad_words_token_ids=bad_words_token_ids(adapter.tokenizer, sampling.bad_words or []))
+
+
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's SamplingParams.update_from_tokenizer: each word as it tokenizes at the start of a text, and with
+    a leading space when that gives a different first token and as many tokens (a word in mid-text)."""
+    out: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not plain:
+            continue
+        out.append(list(plain))
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(list(spaced))
+    return out

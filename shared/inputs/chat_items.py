@@ -1,7 +1,7 @@
 """Chat media parts -> ItemRefs, with the same rules as `multi_modal_data` (limits, embeds switch, uuids).
 
 `input_audio` becomes a `data:` URL so that one loader path decodes every kind of audio payload; base64
-`image_embeds` are decoded without unpickling (see shared/media/embeds.py) when a validator is given, and left
+`image_embeds` / `audio_embeds` are decoded without unpickling (see shared/media/embeds.py) when a validator is given, and left
 as sent otherwise (the gateway: its encoder validates them). The offline API and the gateway share these rules.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def chat_item_refs(parts: list[MediaPart], opts: ParseOptions) -> list[ItemRef]:
         is_embeds = p.kind == "embeds"
         if is_embeds:
             if not opts.enable_mm_embeds:
-                raise UnsupportedError("image_embeds parts need enable_mm_embeds=True (--enable-mm-embeds)",
-                                       param="image_embeds")
+                raise UnsupportedError(f"{p.modality}_embeds parts need enable_mm_embeds=True (--enable-mm-embeds)",
+                                       param=f"{p.modality}_embeds")
             if source is not None and opts.embeds_validator is not None:
                 # in-process: decode and validate now; the gateway leaves the payload raw for the encoder
                 source = _one_embedding(p.modality, source, opts)

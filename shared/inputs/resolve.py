@@ -6,6 +6,8 @@ Order of work, so that cached media costs nothing:
   3. misses: preprocess and encode in one batch per modality across the whole request batch (identical
      items inside the batch are encoded once), then write to the cache.
 The same steps run in separate processes in the services (gateway: 1, ingest: 2, encoder: 3).
+Each prompt may carry its own MediaSettings (shared/inputs/media_settings.py): its items are loaded, looked up,
+preprocessed and stored under those settings' loader and keyspace, so one image at two sizes is two entries.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mmpipe.shared.errors import NotCachedError
+from mmpipe.shared.inputs.media_settings import MediaSettings, SettingsSpace
 from mmpipe.shared.inputs.parse import ItemRef
 from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.types import MediaItem, MMEmbedding
@@ -41,34 +44,47 @@ class ResolveStats:
 
 
 class EmbeddingResolver:
-    def __init__(self, adapter: ModelAdapter, loader: Any, cache: Any | None, keyspace: Any | None):
+    def __init__(self, adapter: ModelAdapter, space: SettingsSpace, cache: Any | None):
         self.adapter = adapter
-        self.loader = loader
+        self.space = space
         self.cache = cache
-        self.keyspace = keyspace
         self.stats = ResolveStats()
 
-    def key_for(self, modality: str, *, uuid: str | None = None, content_hash: str | None = None,
-                tenant: str | None = None) -> str:
-        return self.keyspace.key(modality, uuid=uuid, content_hash=content_hash, tenant=tenant)
+    @property
+    def loader(self) -> Any:
+        """The loader of the server's default settings."""
+        return self.space.loader(self.space.default)
 
-    def load(self, ref: ItemRef) -> MediaItem:
-        item = self.loader.load(ref.modality, ref.source, target_sampling_rate=self.adapter.audio_sampling_rate)
+    @property
+    def keyspace(self) -> Any:
+        """The cache keyspace of the server's default settings."""
+        return self.space.keyspace()
+
+    def load(self, ref: ItemRef, settings: MediaSettings | None = None) -> MediaItem:
+        loader = self.space.loader(settings or self.space.default)
+        item = loader.load(ref.modality, ref.source, target_sampling_rate=self.adapter.audio_sampling_rate)
         self.stats.add(media_loaded=1)
         return item
 
-    def resolve(self, batch: list[list[ItemRef]], *, tenant: str | None = None) -> list[list[MMEmbedding]]:
-        return [[emb for emb, _ in items] for items in self.resolve_keyed(batch, tenant=tenant)]
+    def resolve(self, batch: list[list[ItemRef]], *, tenant: str | None = None,
+                settings: list[MediaSettings] | None = None) -> list[list[MMEmbedding]]:
+        return [[emb for emb, _ in items] for items in self.resolve_keyed(batch, tenant=tenant, settings=settings)]
 
-    def resolve_keyed(self, batch: list[list[ItemRef]], *, tenant: str | None = None
-                      ) -> list[list[tuple[MMEmbedding, str | None]]]:
+    def resolve_keyed(self, batch: list[list[ItemRef]], *, tenant: str | None = None,
+                      settings: list[MediaSettings] | None = None) -> list[list[tuple[MMEmbedding, str | None]]]:
         """`resolve`, with each embedding's identity: the cache key it was read or stored under (with the
         cache off, the content-hash key it would have), or None for precomputed embeddings without a UUID.
-        The engine's prefix cache shares KV blocks under these keys."""
+        The engine's prefix cache shares KV blocks under these keys. `settings`: one per prompt (default: the
+        server's)."""
+        per = settings or [self.space.default] * len(batch)
+        spaces = [self.space.keyspace(s) for s in per]
         flat = [(p, i, ref) for p, refs in enumerate(batch) for i, ref in enumerate(refs)]
         result: dict[tuple[int, int], MMEmbedding] = {}
         keys: dict[tuple[int, int], str] = {}
         use_cache = self.cache is not None
+
+        def key_for(p: int, modality: str, **kw: Any) -> str:
+            return spaces[p].key(modality, **kw)
 
         # 1. precomputed embeddings and UUID look-ups
         uuid_lookups = []
@@ -76,9 +92,9 @@ class EmbeddingResolver:
             if ref.is_embeds and ref.source is not None:
                 result[(p, i)] = ref.source
                 if use_cache and ref.uuid is not None:
-                    self.cache.put(self.key_for(ref.modality, uuid=ref.uuid, tenant=tenant), ref.source)
+                    self.cache.put(key_for(p, ref.modality, uuid=ref.uuid, tenant=tenant), ref.source)
             elif use_cache and ref.uuid is not None:
-                keys[(p, i)] = self.key_for(ref.modality, uuid=ref.uuid, tenant=tenant)
+                keys[(p, i)] = key_for(p, ref.modality, uuid=ref.uuid, tenant=tenant)
                 uuid_lookups.append((p, i, ref))
         self._lookup(uuid_lookups, keys, result)
         for p, i, ref in uuid_lookups:
@@ -92,10 +108,10 @@ class EmbeddingResolver:
         for p, i, ref in flat:
             if (p, i) in result:
                 continue
-            item = self.load(ref)
+            item = self.load(ref, per[p])
             loaded[(p, i)] = item
             if ref.uuid is None:
-                keys[(p, i)] = self.key_for(ref.modality, content_hash=item.content_hash) if use_cache else ""
+                keys[(p, i)] = key_for(p, ref.modality, content_hash=item.content_hash) if use_cache else ""
                 hash_lookups.append((p, i, ref))
         if use_cache:
             self._lookup(hash_lookups, keys, result)
@@ -105,11 +121,12 @@ class EmbeddingResolver:
         for pi, item in loaded.items():
             if pi in result:
                 continue
-            dedup = keys.get(pi) or item.content_hash
+            # without a cache key, the same content under other settings is another item
+            dedup = keys.get(pi) or f"{per[pi[0]].id}:{item.content_hash}"
             by_mod[item.modality].setdefault(dedup, []).append(pi)
         for modality, groups in by_mod.items():
-            firsts = [loaded[g[0]] for g in groups.values()]
-            processed = [self.adapter.preprocess(it) for it in firsts]
+            processed = [self.adapter.preprocess(loaded[g[0]], per[g[0][0]].mm_processor_kwargs)
+                         for g in groups.values()]
             self.stats.add(items_preprocessed=len(processed))
             embs = self.adapter.encode(modality, processed)
             self.stats.add(items_encoded=len(embs))
@@ -123,9 +140,9 @@ class EmbeddingResolver:
             if keys.get(pi):
                 return keys[pi]
             item = loaded.get(pi)
-            if item is None or self.keyspace is None:
+            if item is None:
                 return None
-            return self.key_for(item.modality, content_hash=item.content_hash)
+            return key_for(pi[0], item.modality, content_hash=item.content_hash)
 
         return [[(result[(p, i)], identity((p, i))) for i in range(len(refs))] for p, refs in enumerate(batch)]
 

@@ -47,9 +47,10 @@ def _array_digest(kind: str, arr: np.ndarray, extra: str = "") -> str:
     return _digest(f"{kind}:{a.dtype.str}:{shape}{extra}", a.reshape(-1).view(np.uint8), a.nbytes)
 
 
-def hash_video(arr: np.ndarray) -> str:
-    """Hash of a (T, H, W, 3) frame array: shape, dtype and bytes."""
-    return _array_digest("video", np.asarray(arr))
+def hash_video(arr: np.ndarray, fps: float | None = None) -> str:
+    """Hash of a (T, H, W, 3) frame array: shape, dtype and bytes, and the frames' rate when known (the same
+    frames at another rate are another clip: Qwen2.5-VL's temporal positions depend on it)."""
+    return _array_digest("video", np.asarray(arr), "" if not fps else f":fps={float(fps)!r}")
 
 
 def hash_audio(arr: np.ndarray, sr: int) -> str:

@@ -162,7 +162,7 @@ class MediaLoader:
         if data is not None:
             frames, meta = decode_video(data, self.video_opts, self.policy)
             laps.lap("decode")
-            digest = hash_video(frames)
+            digest = hash_video(frames, meta.get("sampled_fps"))
             laps.lap("hash")
             return MediaItem("video", frames, digest, meta=meta)
         given: dict[str, Any] = {}
@@ -183,7 +183,7 @@ class MediaLoader:
                 "frame_indices": list(given.get("frame_indices", range(t))), "total_num_frames": t,
                 "width": w, "height": h}
         laps.lap("decode")
-        digest = hash_video(frames)
+        digest = hash_video(frames, meta.get("sampled_fps"))
         laps.lap("hash")
         return MediaItem("video", frames, digest, meta=meta)
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
+from mmpipe.shared.models.mm_kwargs import KwargRule, resolve_mm_kwargs
 from mmpipe.shared.models.pixel_wire import PixelWire
 from mmpipe.shared.types import MediaItem, MMEmbedding, ProcessedItem
 
@@ -41,6 +42,8 @@ class ModelAdapter(ABC):
     # belongs to exactly one of the two; shared/models/partial.py checks it at load.
     tower_modules: ClassVar[tuple[str, ...]] = ()
     lm_modules: ClassVar[tuple[str, ...]] = ("model.language_model", "lm_head")
+    # The mm_processor_kwargs a request may set (shared/models/mm_kwargs.py); none unless a family allows some.
+    request_mm_kwargs: ClassVar[dict[str, KwargRule]] = {}
 
     def __init__(self, model: Any, processor: Any, *, mm_processor_kwargs: dict[str, Any] | None = None,
                  device: torch.device | str | None = None, part: str = "all"):
@@ -86,27 +89,57 @@ class ModelAdapter(ABC):
         fe = getattr(self.processor, "feature_extractor", None)
         return int(fe.sampling_rate) if fe is not None else None
 
-    def settings(self) -> dict[str, Any]:
-        """Every processor setting that changes an embedding: hashed into the cache key namespace."""
-        out: dict[str, Any] = {"family": self.family, "mm_processor_kwargs": self.mm_processor_kwargs}
+    @classmethod
+    def mm_kwargs_ceilings(cls, processor: Any, server: dict[str, Any]) -> dict[str, float]:
+        """The server's value of each capped request key: its --mm-processor-kwargs, else the processor's config."""
+        return {k: server[k] for k, r in cls.request_mm_kwargs.items() if r.capped and k in server}
+
+    @classmethod
+    def check_mm_kwargs(cls, effective: dict[str, Any]) -> None:
+        """Family rules across keys of the effective kwargs (e.g. min_pixels <= max_pixels); none by default."""
+
+    @classmethod
+    def resolve_request_mm_kwargs(cls, processor: Any, server: dict[str, Any] | None,
+                                  request: dict[str, Any] | str | None) -> dict[str, Any]:
+        """The effective mm_processor_kwargs of one request (validated; the server's when it sets none). A class
+        method: the gateway checks requests with the processor alone, before any stage works."""
+        server = dict(server or {})
+        out = resolve_mm_kwargs(cls.family, cls.request_mm_kwargs, cls.mm_kwargs_ceilings(processor, server),
+                                server, request)
+        if out != server:
+            cls.check_mm_kwargs(out)
+        return out
+
+    def effective_mm_kwargs(self, request: dict[str, Any] | str | None) -> dict[str, Any]:
+        return self.resolve_request_mm_kwargs(self.processor, self.mm_processor_kwargs, request)
+
+    def settings(self, mm_processor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every processor setting that changes an embedding: hashed into the cache key namespace.
+        `mm_processor_kwargs`: a request's effective kwargs (default: the server's)."""
+        mm = self.mm_processor_kwargs if mm_processor_kwargs is None else mm_processor_kwargs
+        out: dict[str, Any] = {"family": self.family, "mm_processor_kwargs": mm}
         for name in ("image_processor", "video_processor", "feature_extractor"):
             sub = getattr(self.processor, name, None)
             if sub is not None:
                 out[name] = sub.to_dict()
         return out
 
-    def preprocess(self, item: MediaItem) -> ProcessedItem:
+    def preprocess(self, item: MediaItem, mm_processor_kwargs: dict[str, Any] | None = None) -> ProcessedItem:
         """One item through the HF processor with a one-placeholder prompt.
 
         Processing items one by one gives the same tensors as processing them together (each item's rows
         are independent); doing it per item is what lets a cached item skip this step.
+        `mm_processor_kwargs`: the request's effective kwargs (`effective_mm_kwargs`; default: the server's).
         """
         self.check_modality(item.modality)
         kwargs: dict[str, Any] = {self._processor_arg[item.modality]: [item.data]}
         if item.modality == "audio":
             kwargs["sampling_rate"] = self.audio_sampling_rate
         # vLLM's mm_processor_kwargs: flat keywords the HF processor routes to its sub-processors.
-        kwargs.update(self.mm_processor_kwargs)
+        mm = self.mm_processor_kwargs if mm_processor_kwargs is None else mm_processor_kwargs
+        kwargs.update(self._call_kwargs(item.modality, mm))
+        if item.modality == "video":
+            kwargs.update(self._video_call_kwargs(item, mm))
         kwargs = self.pixel_wire.processor_kwargs(item.modality, kwargs)  # uint8 pixels where exact
         try:
             out = self.processor(text=self.placeholder_token(item.modality), return_tensors="pt", **kwargs)
@@ -123,6 +156,27 @@ class ModelAdapter(ABC):
     def _item_meta(self, modality: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Plain values the LM side needs later (grid sizes, ...); none by default."""
         return {}
+
+    def _call_kwargs(self, modality: str, mm: dict[str, Any]) -> dict[str, Any]:
+        """The effective mm_processor_kwargs as this family's processor call takes them (as given by default)."""
+        return dict(mm)
+
+    # Request keys that make the processor sample the decoded frames itself (transformers' do_sample_frames).
+    _FRAME_SAMPLING_KEYS: ClassVar[tuple[str, ...]] = ("fps", "num_frames")
+
+    def _video_call_kwargs(self, item: MediaItem, mm: dict[str, Any]) -> dict[str, Any]:
+        """The clip's timing for the processor: the decoded frames as a video of their own rate (the loader's
+        `sampled_fps`), so transformers derives what depends on time (Qwen2.5-VL's `second_per_grid_ts` =
+        temporal_patch_size / sampled fps) exactly as from a clip it loaded itself; and, when the kwargs ask for
+        fps / num_frames, the processor's own frame sampling over those frames."""
+        out: dict[str, Any] = {}
+        fps = (item.meta or {}).get("sampled_fps")
+        if fps:
+            t = int(item.data.shape[0])
+            out["video_metadata"] = [{"fps": float(fps), "total_num_frames": t, "frames_indices": list(range(t))}]
+        if any(k in mm for k in self._FRAME_SAMPLING_KEYS):
+            out["do_sample_frames"] = True
+        return out
 
     # ---- towers ---------------------------------------------------------------------------------
     @abstractmethod

@@ -13,6 +13,7 @@ import torch
 from mmpipe.shared.errors import InvalidInputError
 from mmpipe.shared.models._features import split_by_tokens
 from mmpipe.shared.models.base import ModelAdapter
+from mmpipe.shared.models.mm_kwargs import PARAM, KwargRule
 from mmpipe.shared.types import MMEmbedding, ProcessedItem
 
 
@@ -97,6 +98,48 @@ class Qwen2VLAdapter(QwenVLBase):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     modalities = ("image", "video")
+    # vLLM's per-request Qwen-VL settings. min/max_pixels reach the image and the video processor (transformers
+    # routes the flat keys to both); fps / num_frames make the video processor sample the decoded frames.
+    request_mm_kwargs = {
+        "min_pixels": KwargRule("int", 1, capped=True, doc="smallest resized image/frame, in pixels"),
+        "max_pixels": KwargRule("int", 1, capped=True, doc="largest resized image/frame, in pixels"),
+        "fps": KwargRule("float", 1e-3, excludes=("num_frames",), doc="video frames sampled per second"),
+        "num_frames": KwargRule("int", 1, capped=True, excludes=("fps",), doc="video frames to sample"),
+        "max_frames": KwargRule("int", 1, capped=True, doc="at most this many sampled video frames"),
+    }
+
+    @classmethod
+    def mm_kwargs_ceilings(cls, processor: Any, server: dict[str, Any]) -> dict[str, float]:
+        """The server's max_pixels (its flag, else the image processor's size.longest_edge) caps both pixel keys;
+        its max_frames (flag, else the video processor's) caps both frame counts."""
+        size = getattr(processor.image_processor, "size", None)
+        max_pixels = server.get("max_pixels", getattr(size, "longest_edge", None))
+        video = getattr(processor, "video_processor", None)
+        max_frames = server.get("max_frames", getattr(video, "max_frames", None))
+        caps = {"min_pixels": max_pixels, "max_pixels": max_pixels, "num_frames": max_frames,
+                "max_frames": max_frames}
+        return {k: v for k, v in caps.items() if v is not None}
+
+    def _call_kwargs(self, modality: str, mm: dict[str, Any]) -> dict[str, Any]:
+        """min_pixels / max_pixels as the sub-processor's `size` (what transformers' deprecated flat keys do: the
+        item's sub-processor size with those edges replaced), unless the kwargs set a size themselves."""
+        out = dict(mm)
+        lo, hi = out.pop("min_pixels", None), out.pop("max_pixels", None)
+        nested = "images_kwargs" if modality == "image" else "videos_kwargs"
+        sub = getattr(self.processor, "image_processor" if modality == "image" else "video_processor", None)
+        if (lo is None and hi is None) or sub is None or "size" in out or nested in out:
+            return dict(mm)
+        size = getattr(sub, "size", None)
+        out[nested] = {"size": {"shortest_edge": lo if lo is not None else size.shortest_edge,
+                                "longest_edge": hi if hi is not None else size.longest_edge}}
+        return out
+
+    @classmethod
+    def check_mm_kwargs(cls, effective: dict[str, Any]) -> None:
+        lo, hi = effective.get("min_pixels"), effective.get("max_pixels")
+        if lo is not None and hi is not None and lo > hi:
+            raise InvalidInputError(f"{PARAM}: min_pixels ({lo}) is above max_pixels ({hi})",
+                                    param=f"{PARAM}.min_pixels")
 
     def placeholder_token(self, modality: str) -> str:
         self.check_modality(modality)

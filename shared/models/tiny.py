@@ -15,7 +15,8 @@ Text decoders use `initializer_range=0.2`, so greedy outputs visibly depend on t
 they barely do), and builds are seeded, so the same family always gives the same weights.
 
 The chat templates take string contents or lists of parts of type "text", "image", "video" and "audio"
-(whichever the family supports; another type raises), the roles system / user / assistant, and
+(whichever the family supports; another type raises), the roles system / user / assistant (ChatML ones also
+`tool`, and `tools=` in the style of Qwen2.5's template), and
 `add_generation_prompt`. Each media part becomes ONE placeholder token (plus its begin / end markers); the
 processor expands it to the real number of feature tokens.
 
@@ -50,7 +51,7 @@ __all__ = [
 
 TINY_INFO_FILE = "mmpipe_tiny.json"
 # Bump when a builder changes: cached models built by an older version are then rebuilt by ensure_tiny_model.
-TINY_BUILD_VERSION = 1
+TINY_BUILD_VERSION = 2  # 2: the ChatML templates render tools, tool calls and tool results
 
 LOADER_IMAGE_TEXT_TO_TEXT = "image_text_to_text"
 LOADER_MULTIMODAL_LM = "multimodal_lm"
@@ -157,14 +158,62 @@ _CHECK_ROLE = (
 )
 
 
-def chatml_template(media_markers: Mapping[str, str]) -> str:
-    """Qwen-style ChatML: `<|im_start|>role\\n...<|im_end|>\\n`, generation prompt `<|im_start|>assistant\\n`."""
+# Qwen2.5's tool prompt, word for word: the tools as JSON lines in the system message, and the call format.
+_TOOLS_PREAMBLE = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "
+                   "provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_TOOLS_POSTAMBLE = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                    "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                    "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n")
+
+
+def _chatml_tools(media_markers: Mapping[str, str]) -> str:
+    """With `tools`: Qwen2.5's system block (the first system message's text, else a default, then the tools)."""
     return (
-        "{%- for message in messages -%}\n"
+        "{%- if tools -%}{{- '<|im_start|>system\\n' -}}\n"
+        "{%- if messages[0]['role'] == 'system' -%}{%- set message = messages[0] -%}\n"
+        + _content_block(media_markers)
+        + "{%- else -%}{{- 'You are a helpful assistant.' -}}{%- endif -%}\n"
+        f"{{{{- {json.dumps(_TOOLS_PREAMBLE)} -}}}}\n"
+        "{%- for tool in tools -%}{{- '\\n' -}}{{- tool | tojson -}}{%- endfor -%}\n"
+        f"{{{{- {json.dumps(_TOOLS_POSTAMBLE)} -}}}}\n"
+        "{%- endif -%}\n"
+    )
+
+
+# An assistant message's tool calls and the tool results, as Qwen2.5's template writes them.
+_CHATML_TOOL_CALLS = (
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}\n"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- if not loop.first or message['content'] -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' ~ fn['name'] ~ '\", \"arguments\": ' -}}{{- fn['arguments'] | tojson -}}"
+    "{{- '}\\n</tool_call>' -}}{%- endfor -%}{%- endif -%}\n"
+)
+
+
+def chatml_template(media_markers: Mapping[str, str]) -> str:
+    """Qwen-style ChatML: `<|im_start|>role\\n...<|im_end|>\\n`, generation prompt `<|im_start|>assistant\\n`.
+
+    With `tools` (transformers' `apply_chat_template(tools=...)`) it follows Qwen2.5's real template: the tools
+    in the system message, assistant tool calls as `<tool_call>` blocks, consecutive `tool` messages as
+    `<tool_response>` blocks of one user turn. Without tools the output is unchanged."""
+    return (
+        _chatml_tools(media_markers)
+        + "{%- for message in messages -%}\n"
+        "{%- if tools and loop.first and message['role'] == 'system' -%}\n"
+        "{%- elif message['role'] == 'tool' -%}\n"
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}\n"
+        "{{- '\\n<tool_response>\\n' -}}\n"
+        + _content_block(media_markers)
+        + "{{- '\\n</tool_response>' -}}\n"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}\n"
+        "{%- else -%}\n"
         + _CHECK_ROLE
         + "{{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}\n"
         + _content_block(media_markers)
+        + _CHATML_TOOL_CALLS
         + "{{- '<|im_end|>\\n' -}}\n"
+        "{%- endif -%}\n"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}\n"
     )

@@ -38,14 +38,27 @@ PROBE = obj({k: {"type": "integer", "minimum": 1} for k in
              ("periodSeconds", "failureThreshold", "timeoutSeconds", "successThreshold")}
             | {"initialDelaySeconds": {"type": "integer", "minimum": 0}})
 
-HPA = obj({
-    "enabled": BOOL,
-    "minReplicas": {"type": "integer", "minimum": 1},
-    "maxReplicas": {"type": "integer", "minimum": 1},
-    "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 0, "maximum": 100,
-                                       "description": "0 = no CPU metric (GPU services: use metrics)"},
-    "metrics": {"type": "array", "items": {"type": "object", "required": ["type"]}},
-}, required=["enabled"])
+def hpa(queue: bool):
+    props = {
+        "enabled": BOOL,
+        "minReplicas": {"type": "integer", "minimum": 1},
+        "maxReplicas": {"type": "integer", "minimum": 1},
+        "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 0, "maximum": 100,
+                                           "description": "0 = no CPU metric (GPU services: use queueTarget)"},
+        "metrics": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+    }
+    has_metric = [{"required": ["targetCPUUtilizationPercentage"],
+                   "properties": {"targetCPUUtilizationPercentage": {"minimum": 1}}},
+                  {"required": ["metrics"], "properties": {"metrics": {"minItems": 1}}}]
+    if queue:
+        props["queueTarget"] = {"type": "number", "minimum": 0,
+                                "description": "average queue per pod to scale at; 0 = not this metric"}
+        has_metric.append({"required": ["queueTarget"], "properties": {"queueTarget": {"exclusiveMinimum": 0}}})
+    # Enabled autoscaling must name a metric: an HPA without one falls back to CPU, which says nothing about a GPU
+    # stage's load.
+    return obj(props, required=["enabled"],
+               **{"if": {"required": ["enabled"], "properties": {"enabled": {"const": True}}},
+                  "then": {"anyOf": has_metric}})
 
 PDB = obj({
     "enabled": BOOL,
@@ -56,6 +69,10 @@ PDB = obj({
 ENV_LIST = {"type": "array", "items": {"type": "object", "required": ["name"],
                                         "properties": {"name": {"type": "string", "minLength": 1}}}}
 TOLERATIONS = {"type": "array", "items": {"type": "object"}}
+VOLUMES = {"type": "array", "items": {"type": "object", "required": ["name"]}}
+MOUNTS = {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}}
+SPREAD = {"type": "array", "items": {"type": "object", "required": ["maxSkew", "topologyKey", "whenUnsatisfiable"]}}
+K8S_NAME = {"type": "string", "pattern": r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"}
 
 def component(grpc_port_key="port", gpu=False, extra=None):
     props = {
@@ -66,13 +83,18 @@ def component(grpc_port_key="port", gpu=False, extra=None):
         "nodeSelector": MAP_STR,
         "tolerations": TOLERATIONS,
         "affinity": ANY_OBJ,
-        "autoscaling": HPA,
+        "autoscaling": hpa(queue=gpu),
         "pdb": PDB,
         "probes": obj({"startup": PROBE, "readiness": PROBE, "liveness": PROBE}),
         "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
         "extraEnv": ENV_LIST,
         "podAnnotations": MAP_STR,
         "podLabels": MAP_STR,
+        "runtimeClassName": K8S_NAME,
+        "priorityClassName": K8S_NAME,
+        "topologySpreadConstraints": SPREAD,
+        "extraVolumes": VOLUMES,
+        "extraVolumeMounts": MOUNTS,
     }
     if gpu:
         props["gpu"] = obj({
@@ -112,7 +134,15 @@ schema = {
                                              "llava_onevision", "qwen2_5_omni"]}}, required=["enabled"]),
             "hfTokenSecret": STR,
             "offline": BOOL,
-            "cache": obj({"existingClaim": STR, "readOnly": BOOL, "sizeLimit": QUANTITY}),
+            "cache": obj({"existingClaim": STR, "readOnly": BOOL, "sizeLimit": QUANTITY,
+                          "pvcStorage": obj({"enabled": BOOL, "size": QUANTITY, "storageClass": STR,
+                                             "accessModes": {"type": "array", "minItems": 1, "items": {
+                                                 "enum": ["ReadWriteMany", "ReadOnlyMany", "ReadWriteOnce",
+                                                          "ReadWriteOncePod"]}}}, required=["enabled"])},
+                         # one model cache: the chart's PVC or an existing claim, not both
+                         **{"not": {"required": ["existingClaim", "pvcStorage"],
+                                    "properties": {"existingClaim": {"minLength": 1},
+                                                   "pvcStorage": {"properties": {"enabled": {"const": True}}}}}}),
         }, required=["name"]),
         "multimodal": obj({
             "limitMmPerPrompt": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
@@ -124,14 +154,32 @@ schema = {
         "logLevel": {"enum": ["debug", "info", "warning", "error"]},
         "bindHost": {"type": "string", "minLength": 1},
         "extraEnv": ENV_LIST,
+        "extraVolumes": VOLUMES,
+        "extraVolumeMounts": MOUNTS,
+        "grpc": obj({
+            "maxConnectionAgeMs": {"type": "integer", "minimum": 0},
+            "maxConnectionAgeGraceMs": {"type": "integer", "minimum": 0},
+            "tls": obj({"enabled": BOOL, "secretName": STR, "mutual": BOOL, "serverName": STR}, required=["enabled"],
+                       **{"if": {"properties": {"enabled": {"const": True}}},
+                          "then": {"required": ["secretName"], "properties": {"secretName": {"minLength": 1}}}}),
+        }),
+        "networkPolicy": obj({"enabled": BOOL, "gatewayFrom": {"type": "array", "items": ANY_OBJ},
+                              "metricsFrom": {"type": "array", "items": ANY_OBJ}}, required=["enabled"]),
+        "keda": obj({"enabled": BOOL, "prometheusServerAddress": {"type": "string", "pattern": r"^https?://"},
+                     "pollingInterval": {"type": "integer", "minimum": 1},
+                     "cooldownPeriod": {"type": "integer", "minimum": 0}}, required=["enabled"]),
+        "prometheusAdapter": obj({"rules": obj({"enabled": BOOL}, required=["enabled"])}),
+        "tests": obj({"enabled": BOOL, "maxTokens": {"type": "integer", "minimum": 1}}, required=["enabled"]),
         "apiKey": obj({"enabled": BOOL, "existingSecret": STR, "secretKey": {"type": "string", "minLength": 1},
                        "value": STR}, required=["enabled"]),
         "redis": obj({
             "enabled": BOOL,
-            "externalUrl": {"type": "string", "pattern": r"^$|^(redis|rediss|unix)://"},
+            "externalUrl": {"type": "string", "pattern": r"^$|^(redis|rediss|unix|redis\+cluster|rediss\+cluster)://"},
+            "flavor": {"enum": ["redis", "valkey"]},
             "externalUrlSecret": obj({"name": STR, "key": {"type": "string", "minLength": 1}}),
-            "image": obj({"repository": {"type": "string", "minLength": 1}, "tag": {"type": "string", "minLength": 1},
-                          "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}, required=["repository", "tag"]),
+            "image": obj({"repository": STR, "tag": STR,
+                          "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
+                         description="empty repository / tag: the flavor's image (redis:7.4-alpine, valkey/valkey:8.1-alpine)"),
             "port": PORT,
             "db": {"type": "integer", "minimum": 0, "maximum": 15},
             "maxmemory": {"type": "string", "pattern": r"^[0-9]+(b|kb|mb|gb|k|m|g)?$",
@@ -148,6 +196,11 @@ schema = {
             "nodeSelector": MAP_STR,
             "tolerations": TOLERATIONS,
             "affinity": ANY_OBJ,
+            "exporter": obj({"enabled": BOOL, "port": PORT, "resources": RESOURCES,
+                             "image": obj({"repository": {"type": "string", "minLength": 1},
+                                           "tag": {"type": "string", "minLength": 1},
+                                           "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
+                                          required=["repository", "tag"])}, required=["enabled"]),
         }, required=["enabled"]),
         "gpuNodes": obj({"nodeSelector": MAP_STR, "tolerations": TOLERATIONS, "affinity": ANY_OBJ}),
         "serviceAccount": obj({"create": BOOL, "name": STR, "annotations": MAP_STR}),
@@ -161,6 +214,13 @@ schema = {
         "gateway": component("grpcPort", extra={
             "httpPort": PORT,
             "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "annotations": MAP_STR}),
+            "ingress": obj({"enabled": BOOL, "className": STR, "annotations": MAP_STR, "host": STR,
+                            "tls": {"type": "array", "items": ANY_OBJ}}, required=["enabled"]),
+            "httpRoute": obj({"enabled": BOOL, "parentRefs": {"type": "array", "items": obj(
+                {"name": {"type": "string", "minLength": 1}}, required=["name"], additional=True)},
+                "hostnames": {"type": "array", "items": {"type": "string", "minLength": 1}}}, required=["enabled"],
+                **{"if": {"properties": {"enabled": {"const": True}}},
+                   "then": {"properties": {"parentRefs": {"minItems": 1}}, "required": ["parentRefs"]}}),
         }),
         "ingest": component(),
         "encoder": component(gpu=True),

@@ -129,6 +129,12 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $v.bindHost | quote }}
 - name: MMPIPE_LOG_LEVEL
   value: {{ $v.logLevel | quote }}
+# connections close after this long, so callers re-resolve the headless Services and find new replicas
+- name: MMPIPE_GRPC_MAX_CONNECTION_AGE_MS
+  value: {{ int $v.grpc.maxConnectionAgeMs | quote }}
+- name: MMPIPE_GRPC_MAX_CONNECTION_AGE_GRACE_MS
+  value: {{ int $v.grpc.maxConnectionAgeGraceMs | quote }}
+{{- include "mmpipe.grpcTlsEnv" . }}
 {{- if eq $comp "gateway" }}
 - name: MMPIPE_PORT
   value: {{ $c.httpPort | quote }}
@@ -251,4 +257,98 @@ app.kubernetes.io/component: {{ .component }}
 - name: MMPIPE_REDIS_URL
   value: {{ $v.redis.externalUrl | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* Redis or Valkey: image, server and cli binaries of redis.flavor (an explicit redis.image wins). */}}
+{{- define "mmpipe.redisImage" -}}
+{{- $r := .Values.redis -}}
+{{- $valkey := eq (default "redis" $r.flavor) "valkey" -}}
+{{- $repo := default (ternary "docker.io/valkey/valkey" "docker.io/library/redis" $valkey) $r.image.repository -}}
+{{- $tag := default (ternary "8.1-alpine" "7.4-alpine" $valkey) $r.image.tag -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+
+{{- define "mmpipe.redisServer" -}}
+{{- ternary "valkey-server" "redis-server" (eq (default "redis" .Values.redis.flavor) "valkey") -}}
+{{- end -}}
+
+{{- define "mmpipe.redisCli" -}}
+{{- ternary "valkey-cli" "redis-cli" (eq (default "redis" .Values.redis.flavor) "valkey") -}}
+{{- end -}}
+
+{{/* Pod-level scheduling keys of a component: runtimeClassName, priorityClassName, topologySpreadConstraints
+     (a constraint without labelSelector gets the component's own pod labels). Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "mmpipe.podScheduling" -}}
+{{- $c := index .root.Values .component -}}
+{{- with $c.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with $c.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $c.topologySpreadConstraints }}
+{{- $sel := include "mmpipe.selectorLabels" $ | fromYaml }}
+topologySpreadConstraints:
+{{- range . }}
+{{- $t := deepCopy . }}
+{{- if not $t.labelSelector }}
+{{- $_ := set $t "labelSelector" (dict "matchLabels" $sel) }}
+{{- end }}
+  - {{- toYaml $t | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* gRPC TLS between the services (grpc.tls): the Secret is mounted at /etc/mmpipe/grpc-tls. Servers (the stages)
+     serve with it; callers (the gateway, ingest) verify with its CA and, with mutual, present it. The gateway's own
+     public gRPC API is not changed by it. */}}
+{{- define "mmpipe.grpcTlsDir" -}}/etc/mmpipe/grpc-tls{{- end -}}
+
+{{- define "mmpipe.grpcTlsEnv" -}}
+{{- $t := .root.Values.grpc.tls -}}
+{{- $d := include "mmpipe.grpcTlsDir" . -}}
+{{- if $t.enabled }}
+{{- if ne .component "gateway" }}
+- name: MMPIPE_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" $d | quote }}
+- name: MMPIPE_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" $d | quote }}
+{{- if $t.mutual }}
+- name: MMPIPE_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" $d | quote }}
+{{- end }}
+{{- end }}
+{{- if has .component (list "gateway" "ingest") }}
+- name: MMPIPE_STAGE_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" $d | quote }}
+{{- if $t.mutual }}
+- name: MMPIPE_STAGE_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" $d | quote }}
+- name: MMPIPE_STAGE_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" $d | quote }}
+{{- end }}
+{{- with $t.serverName }}
+- name: MMPIPE_STAGE_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A stage's gRPC health probe. Plaintext: kubelet's own grpc probe. TLS: kubelet cannot speak it, so the
+     container runs the image's docker/healthcheck.py (grpc.health.v1 over TLS with the container's MMPIPE_*TLS*
+     files, its own certificate for mTLS), naming the Service's host, which the certificate covers. */}}
+{{- define "mmpipe.grpcProbe" -}}
+{{- $t := .root.Values.grpc.tls -}}
+{{- if $t.enabled }}
+exec:
+  command: ["env", {{ printf "MMPIPE_STAGE_TLS_SERVER_NAME=%s" (default (include "mmpipe.serviceHost" .) $t.serverName) | quote }}, "python", "/opt/mmpipe/healthcheck.py"]
+{{- else }}
+grpc: {port: {{ .port }}}
+{{- end }}
+{{- end -}}
+
+{{/* The queue a GPU stage scales on (services/encoder/core.py, services/generator/core.py). */}}
+{{- define "mmpipe.queueMetric" -}}
+{{- if eq . "encoder" -}}mmpipe_encoder_queue_depth{{- else if eq . "generator" -}}mmpipe_generator_engine_waiting_requests{{- end -}}
 {{- end -}}

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mmpipe.services.common.pb import common_pb2 as mmpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmpipe/v1/encoder.proto\x12\tmmpipe.v1\x1a\x16mmpipe/v1/common.proto\"d\n\x0eProcessedInput\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0f\n\x07tensors\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12\x0c\n\x04uuid\x18\x05 \x01(\t\"M\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.mmpipe.v1.ProcessedInput\"8\n\x0e\x45ncodeResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\"B\n\x0f\x45mbeddingsInput\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x0c\x12\x0c\n\x04uuid\x18\x03 \x01(\t\"\x83\x01\n\x14PutEmbeddingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.mmpipe.v1.EmbeddingsInput\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x1c\n\x14media_io_kwargs_json\x18\x04 \x01(\t\"?\n\x15PutEmbeddingsResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\"O\n\nLookupItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\"w\n\rLookupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.mmpipe.v1.LookupItem\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x1c\n\x14media_io_kwargs_json\x18\x04 \x01(\t\"C\n\x0cLookupResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12$\n\x03ref\x18\x02 \x01(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\"8\n\x0eLookupResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.LookupResult2\xdb\x01\n\x07\x45ncoder\x12=\n\x06\x45ncode\x12\x18.mmpipe.v1.EncodeRequest\x1a\x19.mmpipe.v1.EncodeResponse\x12R\n\rPutEmbeddings\x12\x1f.mmpipe.v1.PutEmbeddingsRequest\x1a .mmpipe.v1.PutEmbeddingsResponse\x12=\n\x06Lookup\x12\x18.mmpipe.v1.LookupRequest\x1a\x19.mmpipe.v1.LookupResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmpipe/v1/encoder.proto\x12\tmmpipe.v1\x1a\x16mmpipe/v1/common.proto\"d\n\x0eProcessedInput\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0f\n\x07tensors\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12\x0c\n\x04uuid\x18\x05 \x01(\t\"M\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.mmpipe.v1.ProcessedInput\"8\n\x0e\x45ncodeResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\"B\n\x0f\x45mbeddingsInput\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x0c\x12\x0c\n\x04uuid\x18\x03 \x01(\t\"\xa5\x01\n\x14PutEmbeddingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.mmpipe.v1.EmbeddingsInput\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x1c\n\x14media_io_kwargs_json\x18\x04 \x01(\t\x12 \n\x18mm_processor_kwargs_json\x18\x05 \x01(\t\"?\n\x15PutEmbeddingsResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\"O\n\nLookupItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\"\x99\x01\n\rLookupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.mmpipe.v1.LookupItem\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x1c\n\x14media_io_kwargs_json\x18\x04 \x01(\t\x12 \n\x18mm_processor_kwargs_json\x18\x05 \x01(\t\"C\n\x0cLookupResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12$\n\x03ref\x18\x02 \x01(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\"8\n\x0eLookupResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.LookupResult2\xdb\x01\n\x07\x45ncoder\x12=\n\x06\x45ncode\x12\x18.mmpipe.v1.EncodeRequest\x1a\x19.mmpipe.v1.EncodeResponse\x12R\n\rPutEmbeddings\x12\x1f.mmpipe.v1.PutEmbeddingsRequest\x1a .mmpipe.v1.PutEmbeddingsResponse\x12=\n\x06Lookup\x12\x18.mmpipe.v1.LookupRequest\x1a\x19.mmpipe.v1.LookupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDINGSINPUT']._serialized_start=301
   _globals['_EMBEDDINGSINPUT']._serialized_end=367
   _globals['_PUTEMBEDDINGSREQUEST']._serialized_start=370
-  _globals['_PUTEMBEDDINGSREQUEST']._serialized_end=501
-  _globals['_PUTEMBEDDINGSRESPONSE']._serialized_start=503
-  _globals['_PUTEMBEDDINGSRESPONSE']._serialized_end=566
-  _globals['_LOOKUPITEM']._serialized_start=568
-  _globals['_LOOKUPITEM']._serialized_end=647
-  _globals['_LOOKUPREQUEST']._serialized_start=649
-  _globals['_LOOKUPREQUEST']._serialized_end=768
-  _globals['_LOOKUPRESULT']._serialized_start=770
-  _globals['_LOOKUPRESULT']._serialized_end=837
-  _globals['_LOOKUPRESPONSE']._serialized_start=839
-  _globals['_LOOKUPRESPONSE']._serialized_end=895
-  _globals['_ENCODER']._serialized_start=898
-  _globals['_ENCODER']._serialized_end=1117
+  _globals['_PUTEMBEDDINGSREQUEST']._serialized_end=535
+  _globals['_PUTEMBEDDINGSRESPONSE']._serialized_start=537
+  _globals['_PUTEMBEDDINGSRESPONSE']._serialized_end=600
+  _globals['_LOOKUPITEM']._serialized_start=602
+  _globals['_LOOKUPITEM']._serialized_end=681
+  _globals['_LOOKUPREQUEST']._serialized_start=684
+  _globals['_LOOKUPREQUEST']._serialized_end=837
+  _globals['_LOOKUPRESULT']._serialized_start=839
+  _globals['_LOOKUPRESULT']._serialized_end=906
+  _globals['_LOOKUPRESPONSE']._serialized_start=908
+  _globals['_LOOKUPRESPONSE']._serialized_end=964
+  _globals['_ENCODER']._serialized_start=967
+  _globals['_ENCODER']._serialized_end=1186
 # @@protoc_insertion_point(module_scope)

@@ -46,16 +46,18 @@ class EmbeddingsInput(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., tensors: _Optional[bytes] = ..., uuid: _Optional[str] = ...) -> None: ...
 
 class PutEmbeddingsRequest(_message.Message):
-    __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json")
+    __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json", "mm_processor_kwargs_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MEDIA_IO_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MM_PROCESSOR_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[EmbeddingsInput]
     tenant: str
     media_io_kwargs_json: str
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[EmbeddingsInput, _Mapping]]] = ..., tenant: _Optional[str] = ..., media_io_kwargs_json: _Optional[str] = ...) -> None: ...
+    mm_processor_kwargs_json: str
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[EmbeddingsInput, _Mapping]]] = ..., tenant: _Optional[str] = ..., media_io_kwargs_json: _Optional[str] = ..., mm_processor_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class PutEmbeddingsResponse(_message.Message):
     __slots__ = ("items",)
@@ -76,16 +78,18 @@ class LookupItem(_message.Message):
     def __init__(self, key: _Optional[str] = ..., modality: _Optional[str] = ..., uuid: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json")
+    __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json", "mm_processor_kwargs_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MEDIA_IO_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MM_PROCESSOR_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[LookupItem]
     tenant: str
     media_io_kwargs_json: str
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[LookupItem, _Mapping]]] = ..., tenant: _Optional[str] = ..., media_io_kwargs_json: _Optional[str] = ...) -> None: ...
+    mm_processor_kwargs_json: str
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[LookupItem, _Mapping]]] = ..., tenant: _Optional[str] = ..., media_io_kwargs_json: _Optional[str] = ..., mm_processor_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class LookupResult(_message.Message):
     __slots__ = ("found", "ref")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mmpipe.services.common.pb import common_pb2 as mmpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mmpipe/v1/generator.proto\x12\tmmpipe.v1\x1a\x16mmpipe/v1/common.proto\"\xb4\x01\n\x15GenerateTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\nembeddings\x18\x03 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.mmpipe.v1.SamplingConfig\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\"\xaa\x01\n\x16GenerateTokensResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r2^\n\tGenerator\x12Q\n\x08Generate\x12 .mmpipe.v1.GenerateTokensRequest\x1a!.mmpipe.v1.GenerateTokensResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mmpipe/v1/generator.proto\x12\tmmpipe.v1\x1a\x16mmpipe/v1/common.proto\"\xb4\x01\n\x15GenerateTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\nembeddings\x18\x03 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.mmpipe.v1.SamplingConfig\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\"\x9a\x02\n\x16GenerateTokensResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05index\x18\x14 \x01(\r\x12,\n\x0ctop_logprobs\x18\x15 \x03(\x0b\x32\x16.mmpipe.v1.TopLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x16 \x03(\x0b\x32\x18.mmpipe.v1.PromptLogprob\"e\n\rPromptLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12#\n\x03top\x18\x03 \x01(\x0b\x32\x16.mmpipe.v1.TopLogprobs\x12\x10\n\x08token_id\x18\x04 \x01(\r\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x32^\n\tGenerator\x12Q\n\x08Generate\x12 .mmpipe.v1.GenerateTokensRequest\x1a!.mmpipe.v1.GenerateTokensResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATETOKENSREQUEST']._serialized_start=65
   _globals['_GENERATETOKENSREQUEST']._serialized_end=245
   _globals['_GENERATETOKENSRESPONSE']._serialized_start=248
-  _globals['_GENERATETOKENSRESPONSE']._serialized_end=418
-  _globals['_GENERATOR']._serialized_start=420
-  _globals['_GENERATOR']._serialized_end=514
+  _globals['_GENERATETOKENSRESPONSE']._serialized_end=530
+  _globals['_PROMPTLOGPROB']._serialized_start=532
+  _globals['_PROMPTLOGPROB']._serialized_end=633
+  _globals['_TOPLOGPROBS']._serialized_start=635
+  _globals['_TOPLOGPROBS']._serialized_end=685
+  _globals['_GENERATOR']._serialized_start=687
+  _globals['_GENERATOR']._serialized_end=781
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mmpipe.services.common.pb import common_pb2 as mmpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mmpipe/v1/ingest.proto\x12\tmmpipe.v1\x1a\x16mmpipe/v1/common.proto\"r\n\nMediaInput\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x04 \x01(\tH\x00\x12\x0c\n\x04uuid\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\tB\x08\n\x06source\"w\n\rIngestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.mmpipe.v1.MediaInput\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x1c\n\x14media_io_kwargs_json\x18\x04 \x01(\t\"8\n\x0eIngestResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef2G\n\x06Ingest\x12=\n\x06Ingest\x12\x18.mmpipe.v1.IngestRequest\x1a\x19.mmpipe.v1.IngestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mmpipe/v1/ingest.proto\x12\tmmpipe.v1\x1a\x16mmpipe/v1/common.proto\"r\n\nMediaInput\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x04 \x01(\tH\x00\x12\x0c\n\x04uuid\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\tB\x08\n\x06source\"\x99\x01\n\rIngestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.mmpipe.v1.MediaInput\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x1c\n\x14media_io_kwargs_json\x18\x04 \x01(\t\x12 \n\x18mm_processor_kwargs_json\x18\x05 \x01(\t\"8\n\x0eIngestResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.mmpipe.v1.EmbeddingRef2G\n\x06Ingest\x12=\n\x06Ingest\x12\x18.mmpipe.v1.IngestRequest\x1a\x19.mmpipe.v1.IngestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MEDIAINPUT']._serialized_start=61
   _globals['_MEDIAINPUT']._serialized_end=175
-  _globals['_INGESTREQUEST']._serialized_start=177
-  _globals['_INGESTREQUEST']._serialized_end=296
-  _globals['_INGESTRESPONSE']._serialized_start=298
-  _globals['_INGESTRESPONSE']._serialized_end=354
-  _globals['_INGEST']._serialized_start=356
-  _globals['_INGEST']._serialized_end=427
+  _globals['_INGESTREQUEST']._serialized_start=178
+  _globals['_INGESTREQUEST']._serialized_end=331
+  _globals['_INGESTRESPONSE']._serialized_start=333
+  _globals['_INGESTRESPONSE']._serialized_end=389
+  _globals['_INGEST']._serialized_start=391
+  _globals['_INGEST']._serialized_end=462
 # @@protoc_insertion_point(module_scope)

@@ -24,16 +24,18 @@ class MediaInput(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., url: _Optional[str] = ..., data: _Optional[bytes] = ..., path: _Optional[str] = ..., uuid: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json")
+    __slots__ = ("request_id", "items", "tenant", "media_io_kwargs_json", "mm_processor_kwargs_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MEDIA_IO_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MM_PROCESSOR_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[MediaInput]
     tenant: str
     media_io_kwargs_json: str
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MediaInput, _Mapping]]] = ..., tenant: _Optional[str] = ..., media_io_kwargs_json: _Optional[str] = ...) -> None: ...
+    mm_processor_kwargs_json: str
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MediaInput, _Mapping]]] = ..., tenant: _Optional[str] = ..., media_io_kwargs_json: _Optional[str] = ..., mm_processor_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("items",)

@@ -24,7 +24,7 @@ from ..http.auth import TENANT_HEADER, authenticate
 from ..http.request_id import HEADER as REQUEST_ID_HEADER
 from ..http.request_id import sane_request_id
 from ..metrics import count_request
-from ..types import ChatInput, CompletionInput, RequestContext
+from ..types import ChatInput, CompletionInput, MediaKwargs, RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,21 @@ _URL_PARTS = ("image_url", "video_url", "audio_url")
 def sampling_from_pb(pb: gateway_pb2.SamplingOptions) -> SamplingParams:
     kw: dict[str, Any] = {"stop": list(pb.stop), "stop_token_ids": list(pb.stop_token_ids)}
     for name in ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed", "ignore_eos",
-                 "skip_special_tokens"):
+                 "skip_special_tokens", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         if pb.HasField(name):
             kw[name] = getattr(pb, name)
     if "top_k" in kw and kw["top_k"] < 0:
         kw["top_k"] = 0
     kw.setdefault("max_tokens", None)  # unset: what is left of the context, as in the chat API
+    top = pb.top_logprobs if pb.HasField("top_logprobs") else 0
     if pb.HasField("logprobs") and pb.logprobs:
-        kw["logprobs"] = 0
+        kw["logprobs"] = top
+    elif top:
+        raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
+    if pb.logit_bias:
+        kw["logit_bias"] = dict(pb.logit_bias)
+    if pb.bad_words:
+        kw["bad_words"] = list(pb.bad_words)
     return SamplingParams(**kw)
 
 
@@ -74,6 +81,15 @@ def part_to_dict(part: gateway_pb2.ContentPart, where: str) -> dict[str, Any]:
     return out
 
 
+def media_kwargs_from_pb(ms: gateway_pb2.MediaSettings) -> MediaKwargs:
+    """The JSON objects of a MediaSettings message (the Preparer checks their keys and values)."""
+    from mmpipe.shared.models.mm_kwargs import parse_kwargs_json
+
+    return MediaKwargs(mm_processor_kwargs=parse_kwargs_json(ms.mm_processor_kwargs_json, "mm_processor_kwargs")
+                       or None,
+                       media_io_kwargs=parse_kwargs_json(ms.media_io_kwargs_json, "media_io_kwargs") or None)
+
+
 def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
     messages = [{"role": m.role, "content": [part_to_dict(p, f"messages[{i}].content[{j}]")
                                              for j, p in enumerate(m.content)]}
@@ -81,7 +97,7 @@ def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
     return ChatInput(messages=messages, sampling=sampling_from_pb(req.sampling), model=req.model or None,
                      chat_template=req.chat_template or None,
                      add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt")
-                     else True)
+                     else True, media_kwargs=media_kwargs_from_pb(req.media_settings))
 
 
 def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionInput:
@@ -90,7 +106,8 @@ def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionIn
         raise InvalidInputError("set prompt text or token_ids", param="prompt")
     return CompletionInput(sampling=sampling_from_pb(req.sampling), model=req.model or None,
                            prompt=req.text if which == "text" else None,
-                           prompt_token_ids=list(req.token_ids.ids) if which == "token_ids" else None)
+                           prompt_token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+                           media_kwargs=media_kwargs_from_pb(req.media_settings))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -123,13 +140,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 session=md.get(session_key.lower()) if session_key else None))
             async with stream:
                 async for d in stream:
-                    msg = gateway_pb2.CompletionChunk(request_id=rid, text=d.text, token_ids=d.token_ids,
-                                                      logprobs=d.logprobs or [])
+                    msg = gateway_pb2.CompletionChunk(
+                        request_id=rid, text=d.text, token_ids=d.token_ids, logprobs=d.logprobs or [], index=d.index,
+                        top_logprobs=[gateway_pb2.TopLogprob(token_ids=[t for t, _ in alt], logprobs=[v for _, v in alt])
+                                      for alt in d.top_logprobs or ()])
                     if d.finish_reason is not None:
                         msg.finish_reason = d.finish_reason
+                    if stream.finish_reason is not None:  # the last chunk: usage of every sample
                         msg.usage.prompt_tokens = stream.prompt_tokens
-                        msg.usage.completion_tokens = len(stream.token_ids)
-                        msg.usage.total_tokens = stream.prompt_tokens + len(stream.token_ids)
+                        msg.usage.completion_tokens = stream.completion_tokens
+                        msg.usage.total_tokens = stream.prompt_tokens + stream.completion_tokens
                     yield msg
         except MMPipeError as e:
             code = e.grpc_code

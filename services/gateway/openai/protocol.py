@@ -1,7 +1,8 @@
 """Pydantic models shared by the OpenAI endpoints: sampling fields, usage, errors, stream options.
 
-Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, return_token_ids, structured_outputs).
+Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_p, min_tokens, ignore_eos,
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, return_token_ids, structured_outputs,
+repetition_penalty, bad_words). Ranges are checked once, by SamplingParams (400 naming the field).
 A field that would change what the answer means and is not implemented (`UNIMPLEMENTED`) is a 400 naming it,
 never silently dropped; other unknown fields are ignored with a warning, as vLLM does, so newer clients keep
 working.
@@ -9,13 +10,15 @@ working.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.types import SamplingParams
+
+from ..types import MediaKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +32,9 @@ def _set(v: Any) -> bool:
 UNIMPLEMENTED: dict[str, Any] = {
     "tools": _set, "functions": _set, "function_call": _set,
     "tool_choice": lambda v: _set(v) and v not in ("none", "auto"),
-    "logit_bias": _set, "min_p": _set, "prompt_logprobs": lambda v: v is not None, "bad_words": _set,
     "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
     "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
-    "mm_processor_kwargs": _set, "media_io_kwargs": _set, "chat_template_kwargs": _set, "documents": _set,
+    "chat_template_kwargs": _set, "documents": _set,
     "continue_final_message": _set, "prediction": _set, "audio": _set,
     "modalities": lambda v: _set(v) and v != ["text"],
     "guided_json": _set, "guided_regex": _set, "guided_choice": _set, "guided_grammar": _set,
@@ -69,8 +71,22 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
+class MediaSettingsFields(OpenAIBaseModel):
+    """vLLM's per-request media settings (both endpoints): checked by the gateway's Preparer against the model
+    family's allow-list and the server's ceilings (shared/inputs/media_settings.py), then sent to the stages."""
+
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+
+    def media_kwargs(self) -> MediaKwargs:
+        return MediaKwargs(mm_processor_kwargs=self.mm_processor_kwargs, media_io_kwargs=self.media_io_kwargs)
+
+
 class SamplingFields(OpenAIBaseModel):
     """The sampling fields both endpoints accept."""
+
+    # names of UNIMPLEMENTED that an endpoint does implement (chat: tools, tool_choice)
+    IMPLEMENTED: ClassVar[frozenset[str]] = frozenset()
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -82,10 +98,16 @@ class SamplingFields(OpenAIBaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1)  # the server's cap (--max-n) is checked by the gateway core
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    # token id (a JSON string key) -> bias, clamped to [-100, 100] as OpenAI documents and vLLM does
+    logit_bias: dict[str, float] | None = None
+    bad_words: list[str] | None = None
+    # vLLM's extra: logprobs of the prompt tokens with this many alternatives (0..20), not with stream=True
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
@@ -123,15 +145,18 @@ class SamplingFields(OpenAIBaseModel):
         return None
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        refuse_unimplemented({**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
-                                                             if k in type(self).model_fields}})
-        if self.n != 1:
-            raise UnsupportedError("only n=1 is supported", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise UnsupportedError(f"{name} is not supported (leave it 0)", param=name)
-        if self.repetition_penalty not in (None, 1.0):
-            raise UnsupportedError("repetition_penalty is not supported (leave it 1)", param="repetition_penalty")
+        fields = {**(self.model_extra or {}), **{k: getattr(self, k) for k in UNIMPLEMENTED
+                                                 if k in type(self).model_fields}}
+        refuse_unimplemented({k: v for k, v in fields.items() if k not in self.IMPLEMENTED})
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidInputError("prompt_logprobs are not available with stream=true", param="prompt_logprobs")
+        bias = None
+        if self.logit_bias:
+            bias = {}
+            for k, v in self.logit_bias.items():
+                if not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                    raise InvalidInputError(f"logit_bias[{k!r}] must be a finite number", param="logit_bias")
+                bias[k] = min(100.0, max(-100.0, float(v)))
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -140,7 +165,12 @@ class SamplingFields(OpenAIBaseModel):
             min_tokens=self.min_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_outputs=self.structured_outputs_params())
+            structured_outputs=self.structured_outputs_params(), n=self.n,
+            presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
+            frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=0.0 if self.min_p is None else self.min_p, logit_bias=bias, bad_words=self.bad_words,
+            prompt_logprobs=self.prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -196,3 +226,21 @@ def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
 
 def extra_fields(model: BaseModel) -> dict[str, Any]:
     return dict(model.model_extra or {})
+
+
+def prompt_logprobs_json(tokenizer: Any, entries: list | None) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs` shape: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the token itself and then its top alternatives."""
+    if entries is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        tid, lp, rank, alts = e
+        d = {str(tid): {"logprob": lp, "rank": rank, "decoded_token": tokenizer.decode([tid])}}
+        for r, (a, v) in enumerate(alts, start=1):
+            d.setdefault(str(a), {"logprob": v, "rank": r, "decoded_token": tokenizer.decode([a])})
+        out.append(d)
+    return out

@@ -3,33 +3,43 @@
 Messages stay plain dicts here: their content parts (text, image_url, video_url, input_audio, audio_url,
 image_embeds, each with an optional `uuid` and a payload that may be null) are parsed and checked by the
 shared chat parser, the same one the offline `LLM.chat` uses, so both accept exactly the same inputs.
+`tools` / `tool_choice` / `parallel_tool_calls` are kept as JSON here and validated by shared/tools
+(`tool_request()`), the offline API's rules too.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from mmpipe.shared.errors import UnsupportedError
+from mmpipe.shared.errors import InvalidInputError, UnsupportedError
+from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+
+    IMPLEMENTED: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice"})
+
+    def tool_request(self) -> ToolRequest | None:
+        return parse_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def to_sampling(self) -> SamplingParams:
         # chat: no max_tokens means "what is left of the context" (vLLM), decided by the generator
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        if self.top_logprobs:
-            raise UnsupportedError("top_logprobs > 0 is not supported: only the sampled token's logprob is returned "
-                                   "(send logprobs=true with top_logprobs 0 or unset)", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
         return self._sampling(max_tokens=max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
@@ -47,9 +57,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -69,11 +91,27 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extra
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A call's first piece has index, id, type and name; later pieces index and argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

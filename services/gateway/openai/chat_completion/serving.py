@@ -1,7 +1,11 @@
 """POST /v1/chat/completions: the pydantic request -> ChatInput -> core -> OpenAI response or SSE chunks.
 
 Stream chunks have the shape of protocol.ChatCompletionStreamResponse (exclude_none) but are written by
-http/sse.ChunkEvents, without building a pydantic model per token."""
+http/sse.ChunkEvents, without building a pydantic model per token.
+
+With tools (shared/tools) the answer goes through the request's tool-call parser: whole into
+`message.tool_calls`, or streamed as tool-call deltas (index, id, type and name, then argument fragments);
+the finish reason is the plan's ("tool_calls" when calls were made)."""
 from __future__ import annotations
 
 import time
@@ -13,9 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
 from ...types import ChatInput, Completion, RequestContext
-from ..protocol import UsageInfo
+from ..protocol import UsageInfo, prompt_logprobs_json
 from .protocol import (
     ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs, TokenLogprob,
+    ToolCall,
 )
 
 ENDPOINT = "/v1/chat/completions"
@@ -28,24 +33,41 @@ class OpenAIServingChat:
     async def create(self, req: ChatCompletionRequest, request_id: str, tenant: str | None = None,
                      session: str | None = None) -> Response:
         inp = ChatInput(messages=req.messages, sampling=req.to_sampling(), model=req.model,
-                        chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt)
+                        chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
+                        tools=req.tool_request(), media_kwargs=req.media_kwargs())
         ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant, session=session)
         stream = await self.core.chat(inp, ctx)
         if req.stream:
             return sse.EventStreamResponse(self._chunks(req, stream), on_close=stream.close)
-        result = await self.core.collect(stream)
-        return JSONResponse(self._response(req, stream.request_id, result).model_dump(exclude_none=True))
+        results = await self.core.collect(stream)
+        return JSONResponse(self._response(req, stream, results).model_dump(exclude_none=True))
 
     # ---- non-streaming -------------------------------------------------------------------------------
-    def _response(self, req: ChatCompletionRequest, request_id: str, r: Completion) -> ChatCompletionResponse:
-        choice = ChatCompletionChoice(
-            message=ChatMessage(role="assistant", content=r.text), finish_reason=r.finish_reason,
-            logprobs=self._logprobs(r.token_ids, r.logprobs) if req.logprobs else None,
-            token_ids=r.token_ids if req.return_token_ids else None)
+    def _response(self, req: ChatCompletionRequest, stream: GenerationStream,
+                  rs: list[Completion]) -> ChatCompletionResponse:
+        request_id, plan = stream.request_id, stream.prepared.tools
+        choices = []
+        for i, r in enumerate(rs):  # one per sample (n), each parsed for tool calls on its own
+            message, finish = ChatMessage(role="assistant", content=r.text), r.finish_reason
+            parser = plan.new_parser() if plan is not None else None
+            if parser is not None:
+                found = parser.extract(r.text)
+                if found.tool_calls:
+                    message = ChatMessage(role="assistant", content=found.content,
+                                          tool_calls=[ToolCall.model_validate(c.to_openai())
+                                                      for c in found.tool_calls])
+                finish = plan.finish_reason(bool(found.tool_calls), finish)
+            choices.append(ChatCompletionChoice(
+                index=i, message=message, finish_reason=finish,
+                logprobs=ChoiceLogprobs(content=[TokenLogprob(**e) for e in self._logprob_entries(
+                    r.token_ids, r.logprobs, r.top_logprobs, finite=lambda x: x)]) if req.logprobs else None,
+                token_ids=r.token_ids if req.return_token_ids else None))
+        r = rs[0]  # the prompt is counted once, the completions of every choice (OpenAI's usage with n > 1)
         return ChatCompletionResponse(
-            id=f"chatcmpl-{request_id}", created=int(time.time()), model=self.core.model_name, choices=[choice],
-            usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens, r.cached_tokens),
-            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
+            id=f"chatcmpl-{request_id}", created=int(time.time()), model=self.core.model_name, choices=choices,
+            usage=UsageInfo.of(r.prompt_tokens, sum(x.completion_tokens for x in rs), r.cached_tokens),
+            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs))
 
     # ---- streaming -----------------------------------------------------------------------------------
     async def _chunks(self, req: ChatCompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:
@@ -53,42 +75,59 @@ class OpenAIServingChat:
                                  self.core.model_name)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         want_lps, want_ids = req.logprobs, req.return_token_ids
+        plan = stream.prepared.tools
+        parser = plan.new_parser() if plan is not None else None
+        tool_streams: dict[int, Any] = {}  # choice index -> its streaming tool-call parser
 
         def now_usage() -> dict[str, Any] | None:
             if not continuous:
                 return None
-            return sse.usage(stream.prompt_tokens, len(stream.token_ids), stream.cached_tokens)
+            return sse.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
 
         async with stream:
-            yield events.event({"index": 0, "delta": {"role": "assistant", "content": ""}}, usage=now_usage(),
-                               prompt_token_ids=stream.prepared.prompt_token_ids if want_ids else None)
+            for i in range(len(stream.samples)):  # the role first, for every choice (as vLLM sends it)
+                yield events.event({"index": i, "delta": {"role": "assistant", "content": ""}}, usage=now_usage(),
+                                   prompt_token_ids=stream.prepared.prompt_token_ids if want_ids and i == 0
+                                   else None)
             async for d in stream:
                 # ChatCompletionStreamChoice's fields in order, None ones left out (exclude_none)
-                choice: dict[str, Any] = {"index": 0, "delta": {"content": d.text}}
+                delta: dict[str, Any] = {"content": d.text}
+                finish = d.finish_reason
+                calls = tool_streams.get(d.index)
+                if calls is None and parser is not None:
+                    calls = tool_streams[d.index] = plan.new_parser().stream()  # one per choice
+                if calls is not None:
+                    part = calls.feed(d.text)
+                    if finish is not None:
+                        part.extend(calls.finish())
+                        finish = plan.finish_reason(calls.called, finish)
+                    delta = {"content": part.content} if part.content else {}
+                    if part.tool_calls:
+                        delta["tool_calls"] = [c.to_openai() for c in part.merged_calls()]
+                    if not delta and finish is None and not (want_lps or want_ids):
+                        continue  # text held back: it may begin a tool call
+                choice: dict[str, Any] = {"index": d.index, "delta": delta}
                 if want_lps:
-                    choice["logprobs"] = {"content": self._logprob_entries(d.token_ids, d.logprobs)}
-                if d.finish_reason is not None:
-                    choice["finish_reason"] = d.finish_reason
+                    choice["logprobs"] = {"content": self._logprob_entries(d.token_ids, d.logprobs,
+                                                                           d.top_logprobs)}
+                if finish is not None:
+                    choice["finish_reason"] = finish
                 if want_ids:
                     choice["token_ids"] = d.token_ids
                 yield events.event(choice, usage=now_usage())
             if req.include_usage:
-                usage = sse.usage(stream.prompt_tokens, len(stream.token_ids), stream.cached_tokens)
+                usage = sse.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
                 yield events.event(None, usage=usage)
 
-    def _logprob_entries(self, ids: list[int], lps: list[float] | None) -> list[dict[str, Any]]:
-        """TokenLogprob dicts as JSON: the token's text, its logprob, its UTF-8 bytes, no alternatives."""
+    def _logprob_entries(self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None,
+                         finite: Any = sse.finite) -> list[dict[str, Any]]:
+        """TokenLogprob dicts as JSON: the token's text, its logprob, its UTF-8 bytes and its top alternatives."""
         tok = self.core.info.tokenizer
-        out = []
-        for t, lp in zip(ids, lps or []):
-            s = tok.decode([t])
-            out.append({"token": s, "logprob": sse.finite(lp), "bytes": list(s.encode("utf-8")), "top_logprobs": []})
-        return out
 
-    def _logprobs(self, ids: list[int], lps: list[float] | None) -> ChoiceLogprobs:
-        tok = self.core.info.tokenizer
-        content = []
-        for t, lp in zip(ids, lps or []):
+        def entry(t: int, lp: float) -> dict[str, Any]:
             s = tok.decode([t])
-            content.append(TokenLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8"))))
-        return ChoiceLogprobs(content=content)
+            return {"token": s, "logprob": finite(lp), "bytes": list(s.encode("utf-8"))}
+
+        alts = tops or [[]] * len(ids)
+        return [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in alt]}
+                for t, lp, alt in zip(ids, lps or [], alts)]

@@ -1,17 +1,17 @@
 """Wire models of POST /v1/completions (OpenAI's legacy completions, one prompt per request)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import OpenAIBaseModel, SamplingFields, UsageInfo
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, MediaSettingsFields):
     # a string, token ids, or a one-element list of either (the openai client sends lists too)
     prompt: str | list[int] | list[str] | list[list[int]]
     # OpenAI's default for completions (vLLM keeps it)
@@ -28,9 +28,6 @@ class CompletionRequest(SamplingFields):
             raise UnsupportedError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise UnsupportedError("best_of is not supported", param="best_of")
-        if self.logprobs:
-            raise UnsupportedError("logprobs > 0 (top alternatives) is not supported: send logprobs=0 for the "
-                                   "sampled tokens' logprobs", param="logprobs")
         return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
 
     def single_prompt(self) -> tuple[str | None, list[int] | None]:
@@ -60,6 +57,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extra
 
 
 class CompletionResponse(OpenAIBaseModel):

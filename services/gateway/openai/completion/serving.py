@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
 from ...types import CompletionInput, RequestContext
-from ..protocol import UsageInfo
+from ..protocol import UsageInfo, prompt_logprobs_json
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 ENDPOINT = "/v1/completions"
@@ -26,56 +26,66 @@ class OpenAIServingCompletion:
     async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None,
                      session: str | None = None) -> Response:
         text, ids = req.single_prompt()
-        inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model)
+        inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model,
+                              media_kwargs=req.media_kwargs())
         ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant, session=session)
         stream = await self.core.completion(inp, ctx)
         if req.stream:
             return sse.EventStreamResponse(self._chunks(req, stream), on_close=stream.close)
-        r = await self.core.collect(stream)
-        choice = CompletionChoice(
-            text=r.text, finish_reason=r.finish_reason,
-            logprobs=self._logprobs(r.token_ids, r.logprobs, 0) if req.logprobs is not None else None,
+        rs = await self.core.collect(stream)
+        choices = [CompletionChoice(
+            index=i, text=r.text, finish_reason=r.finish_reason,
+            logprobs=self._logprobs(r.token_ids, r.logprobs, r.top_logprobs, 0) if req.logprobs is not None else None,
             token_ids=r.token_ids if req.return_token_ids else None,
-            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None)
+            prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs))
+            for i, r in enumerate(rs)]
+        r = rs[0]  # the prompt is counted once, the completions of every choice
         resp = CompletionResponse(id=f"cmpl-{request_id}", created=int(time.time()), model=self.core.model_name,
-                                  choices=[choice],
-                                  usage=UsageInfo.of(r.prompt_tokens, r.completion_tokens, r.cached_tokens))
+                                  choices=choices, usage=UsageInfo.of(r.prompt_tokens,
+                                                                      sum(x.completion_tokens for x in rs),
+                                                                      r.cached_tokens))
         return JSONResponse(resp.model_dump(exclude_none=True))
 
     async def _chunks(self, req: CompletionRequest, stream: GenerationStream) -> AsyncIterator[str]:
         events = sse.ChunkEvents(f"cmpl-{stream.request_id}", "text_completion", int(time.time()),
                                  self.core.model_name)
-        offset = 0
+        offsets = [0] * len(stream.samples)  # per choice
+        firsts = [True] * len(stream.samples)
         async with stream:
-            first = True
             async for d in stream:
                 # CompletionChoice's fields in order, None ones left out (exclude_none)
-                choice: dict[str, Any] = {"index": 0, "text": d.text}
+                choice: dict[str, Any] = {"index": d.index, "text": d.text}
                 if req.logprobs is not None:
-                    lp = self._logprobs(d.token_ids, d.logprobs, offset)
+                    lp = self._logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
                     choice["logprobs"] = {"tokens": lp.tokens,
                                           "token_logprobs": [sse.finite(x) for x in lp.token_logprobs],
+                                          **({"top_logprobs": lp.top_logprobs} if lp.top_logprobs else {}),
                                           "text_offset": lp.text_offset}
                 if d.finish_reason is not None:
                     choice["finish_reason"] = d.finish_reason
                 if req.return_token_ids:
                     choice["token_ids"] = d.token_ids
-                    if first:
+                    if firsts[d.index]:
                         choice["prompt_token_ids"] = stream.prepared.prompt_token_ids
-                offset += len(d.text)
-                first = False
+                offsets[d.index] += len(d.text)
+                firsts[d.index] = False
                 yield events.event(choice)
             if req.include_usage:
-                usage = sse.usage(stream.prompt_tokens, len(stream.token_ids), stream.cached_tokens)
+                usage = sse.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
                 yield events.event(None, usage=usage)
 
-    def _logprobs(self, ids: list[int], lps: list[float] | None, offset: int) -> CompletionLogprobs:
+    def _logprobs(self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None,
+                  offset: int) -> CompletionLogprobs:
+        """OpenAI's legacy logprobs; `top_logprobs` maps each alternative's text to its logprob (vLLM's shape)."""
         tok = self.core.info.tokenizer
-        out = CompletionLogprobs()
-        for t, lp in zip(ids, lps or []):
+        out = CompletionLogprobs(top_logprobs=[] if tops else None)
+        for i, (t, lp) in enumerate(zip(ids, lps or [])):
             s = tok.decode([t])
             out.tokens.append(s)
             out.token_logprobs.append(lp)
             out.text_offset.append(offset)
+            if tops:
+                out.top_logprobs.append({tok.decode([a]): v for a, v in tops[i]})
             offset += len(s)
         return out
