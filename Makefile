@@ -39,12 +39,15 @@ test-gpu: install
 # GPU benchmarks (one CUDA GPU): offline decode (engine vs transformers) then online (Poisson arrivals);
 # results in bench/results/{engine_bench,online_bench}.{json,md,png}. Options pass through, e.g.
 #   make bench ENGINE_BENCH_ARGS="--profile 1,64 --profile-mixed 0,64" ONLINE_BENCH_ARGS="--rates 24,40,56"
+# PREFIX_CACHE_BENCH=1 adds the prefix-cache benchmark (bench/prefix_cache_bench.py, the cache on vs off):
+#   make bench PREFIX_CACHE_BENCH=1 PREFIX_CACHE_BENCH_ARGS="--repeats 9"
 BENCH_OUT ?= bench/results
 ENGINE_BENCH_ARGS ?= --profile 1,64 --profile-mixed 0,64
 ONLINE_BENCH_ARGS ?=
 bench: install
 	$(PY) bench/engine_bench.py --out $(BENCH_OUT)/engine_bench $(ENGINE_BENCH_ARGS)
 	$(PY) bench/online_bench.py --out $(BENCH_OUT)/online_bench $(ONLINE_BENCH_ARGS)
+	$(if $(PREFIX_CACHE_BENCH),$(PY) bench/prefix_cache_bench.py --out $(BENCH_OUT)/prefix_cache_bench $(PREFIX_CACHE_BENCH_ARGS))
 
 # The whole served stack on one GPU (`mmpipe serve`: Redis + ingest + encoder + generator + gateway) driven through
 # the openai client at several concurrencies, beside the offline LLM, transformers generate and the tower alone;

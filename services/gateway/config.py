@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from mmpipe.services.common.cli_args import add_connection_age_args, add_tracing_arg, connection_age
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
@@ -42,6 +42,33 @@ def _json_dict(value: str | None, flag: str) -> dict[str, Any]:
     return parsed
 
 
+ROUTING_LOGICS = ("prefixaware", "roundrobin", "session")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """--routing-logic, --block-size (the generators'), --routing-prefix-blocks, --routing-saturation-threshold,
+    --session-key."""
+
+    logic: str = "prefixaware"
+    block_size: int = 16
+    prefix_blocks: int = 4
+    saturation_threshold: int = 0  # in-flight Generate calls per replica; 0: never saturated
+    session_key: str | None = None  # the request header that names a session (--routing-logic session)
+
+    def __post_init__(self) -> None:
+        if self.logic not in ROUTING_LOGICS:
+            raise InvalidInputError(f"--routing-logic must be one of {', '.join(ROUTING_LOGICS)}, got "
+                                    f"{self.logic!r}", param="--routing-logic")
+        for flag, v, low in (("--block-size", self.block_size, 1), ("--routing-prefix-blocks", self.prefix_blocks, 1),
+                             ("--routing-saturation-threshold", self.saturation_threshold, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise InvalidInputError(f"{flag} must be an integer >= {low}, got {v!r}", param=flag)
+        if self.logic == "session" and not self.session_key:
+            raise InvalidInputError("--routing-logic session needs --session-key (the header naming a session)",
+                                    param="--session-key")
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     model: str
@@ -51,7 +78,8 @@ class GatewayConfig:
     grpc_port: int = 50050
     ingest_addr: str = "127.0.0.1:50051"
     encoder_addr: str = "127.0.0.1:50052"
-    generator_addr: str = "127.0.0.1:50053"
+    generator_addr: str = "127.0.0.1:50053"  # one replica, or several separated by commas
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # how a request picks a generator replica
     redis_url: str | None = None
     api_key: str | None = None  # one key, or several separated by commas
     # Isolation (docs/security.md, "Isolation"): every accepted key (--api-key list + --api-key-file), each its own
@@ -134,7 +162,24 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--encoder-addr", default=_env("ENCODER_ADDR", "127.0.0.1:50052"),
                    help="host:port of the encoder service [MMPIPE_ENCODER_ADDR]")
     p.add_argument("--generator-addr", default=_env("GENERATOR_ADDR", "127.0.0.1:50053"),
-                   help="host:port of the generator service [MMPIPE_GENERATOR_ADDR]")
+                   help="host:port of the generator service; several replicas separated by commas, one chosen per "
+                        "request by --routing-logic [MMPIPE_GENERATOR_ADDR]")
+    g = p.add_argument_group("routing over generator replicas (vLLM production-stack's router flags)")
+    g.add_argument("--routing-logic", choices=ROUTING_LOGICS, default=_env("ROUTING_LOGIC", "prefixaware"),
+                   help="prefixaware: requests sharing their first blocks go to the same replica (its prefix cache "
+                        "holds them); session: by the --session-key header; roundrobin [MMPIPE_ROUTING_LOGIC]")
+    g.add_argument("--session-key", default=_env("SESSION_KEY"),
+                   help="request header naming a session, for --routing-logic session [MMPIPE_SESSION_KEY]")
+    g.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", 16)),
+                   help="the generators' KV block size (their --block-size): prefixaware keys full blocks of it "
+                        "[MMPIPE_BLOCK_SIZE]")
+    g.add_argument("--routing-prefix-blocks", type=int, default=int(_env("ROUTING_PREFIX_BLOCKS", 4)),
+                   help="prefixaware hashes the prompt's first N full blocks (fewer when shorter) "
+                        "[MMPIPE_ROUTING_PREFIX_BLOCKS]")
+    g.add_argument("--routing-saturation-threshold", type=int,
+                   default=int(_env("ROUTING_SATURATION_THRESHOLD", 0)),
+                   help="a replica with this many requests in flight from this gateway is saturated: its requests "
+                        "go to the least loaded replica; 0: never [MMPIPE_ROUTING_SATURATION_THRESHOLD]")
     p.add_argument("--redis-url", default=_env("REDIS_URL"),
                    help="the shared embedding cache; when set, /health also checks that it answers "
                         "[MMPIPE_REDIS_URL]")
@@ -209,6 +254,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def split_addrs(value: str | Sequence[str]) -> tuple[str, ...]:
+    """`a:1,b:2` (or a list) -> ("a:1", "b:2"); at least one, no duplicates."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    addrs = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if not addrs:
+        raise InvalidInputError("--generator-addr names no generator", param="--generator-addr")
+    return addrs
+
+
 def split_api_keys(value: str | None) -> tuple[str, ...]:
     """`--api-key a,b` -> ("a", "b"); keys never contain commas or whitespace."""
     return tuple(k.strip() for k in (value or "").split(",") if k.strip())
@@ -245,11 +299,17 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     count = getattr(args, "api_server_count", 1)
     if not isinstance(count, int) or count < 1:
         raise InvalidInputError(f"--api-server-count must be at least 1, got {count!r}", param="--api-server-count")
+    split_addrs(args.generator_addr)  # at least one replica
     return GatewayConfig(
         model=args.model,
         served_model_names=tuple(args.served_model_name or ()),
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         ingest_addr=args.ingest_addr, encoder_addr=args.encoder_addr, generator_addr=args.generator_addr,
+        routing=RoutingConfig(logic=getattr(args, "routing_logic", "prefixaware"),
+                              block_size=getattr(args, "block_size", 16),
+                              prefix_blocks=getattr(args, "routing_prefix_blocks", 4),
+                              saturation_threshold=getattr(args, "routing_saturation_threshold", 0),
+                              session_key=getattr(args, "session_key", None) or None),
         redis_url=args.redis_url or None, api_keys=_api_keys(args), chat_template=args.chat_template,
         trust_tenant_header=bool(args.trust_tenant_header),
         tls=server_tls_from_args(args), stage_tls=client_tls_from_args(args),

@@ -47,6 +47,17 @@ MM_CACHE_MISSES = Counter("mmpipe_gateway_mm_cache_misses",
 STEP_DURATION = Histogram("mmpipe_gateway_step_duration_seconds", STEP_DOC, ("model", "step"), buckets=STEP_BUCKETS)
 STAGE_ERRORS = Counter("mmpipe_gateway_stage_errors", "Failed stage calls, by stage and gRPC code.",
                        ("stage", "code"))
+# Routing over generator replicas (services/gateway/routing.py): `replica` is the address given in --generator-addr.
+ROUTED = Counter("mmpipe_gateway_routed_requests", "Generate calls sent to each generator replica.",
+                 ("model", "replica"))
+ROUTING_DECISIONS = Counter("mmpipe_gateway_routing_decisions",
+                            "How each Generate call picked its replica (logic: --routing-logic; decision: hit = the "
+                            "replica its prefix or session hashes to, fallback = that one was saturated so the least "
+                            "loaded one, no_prefix = shorter than one block (least loaded), roundrobin).",
+                            ("model", "logic", "decision"))
+REPLICA_IN_FLIGHT = Gauge("mmpipe_gateway_replica_requests_in_flight",
+                          "Generate calls in flight per generator replica, as this gateway counts them.",
+                          ("model", "replica"), multiprocess_mode="livesum")
 
 
 def render() -> tuple[bytes, str]:

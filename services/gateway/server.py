@@ -69,7 +69,8 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
         logger.warning("--enable-auto-tool-choice: the chat template does not render `tools`, so the model will "
                        "not see them; pass a tool-aware --chat-template")
     stages = StageClients(cfg.ingest_addr, cfg.encoder_addr, cfg.generator_addr,
-                          media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls)
+                          media_io_kwargs=cfg.media_io_kwargs, tls=cfg.stage_tls, routing=cfg.routing,
+                          placeholder_ids=info.placeholder_ids, model=cfg.served_model_name)
     redis = None
     if cfg.redis_url:
         from mmpipe.shared.cache.redis_urls import async_client  # a cluster URL too (redis_urls.py)

@@ -14,11 +14,13 @@ from mmpipe.shared.types import SamplingParams
 
 @dataclass(frozen=True)
 class RequestContext:
-    """Who asks, for which endpoint (metrics label), under which request id (logs of every stage)."""
+    """Who asks, for which endpoint (metrics label), under which request id (logs of every stage); `session`:
+    the --session-key header's value, for --routing-logic session."""
 
     request_id: str
     endpoint: str
     tenant: str | None = None
+    session: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,18 @@ share).
 """
 from __future__ import annotations
 
-from .config import EngineConfig
 from .outputs import StepOutput
 
 __all__ = ["EngineConfig", "LLMEngine", "StepOutput", "AsyncLLMEngine", "EngineCoreClient", "EngineCoreSpec"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import mmpipe.shared.engine` stays cheap for code that only needs the config or output types.
+    # Lazy: `import mmpipe.shared.engine` stays cheap (no torch) for code that only needs the output types or
+    # `block_hash` (the gateway's router computes the same block keys).
+    if name == "EngineConfig":
+        from .config import EngineConfig
+
+        return EngineConfig
     if name == "LLMEngine":
         from .llm_engine import LLMEngine
 

@@ -55,3 +55,30 @@ def block_key(parent: bytes, token_ids: Sequence[int], positions: bytes = b"",
         h.update(_MEDIA.pack(rel_start, length, len(kb)))
         h.update(kb)
     return h.digest()
+
+
+def block_media(spans: Iterable[tuple[int, int, str]], start: int, end: int) -> list[tuple[str, int, int]]:
+    """The `media` argument of `block_key` for the block of tokens [start, end): (key, item start - start,
+    length) of every item (offset, length, key) with rows in it."""
+    return [(key, off - start, n) for off, n, key in spans if off < end and off + n > start]
+
+
+def prefix_keys(root: bytes, token_ids: Sequence[int], spans: Iterable[tuple[int, int, str | None]],
+                block_size: int, max_blocks: int | None = None) -> list[bytes]:
+    """Chained keys of the first full blocks of an expanded prompt without M-RoPE positions (1-D RoPE keys; the
+    gateway's router keys M-RoPE prompts the same way, since their positions follow from these inputs).
+
+    spans: (offset, length, key) per media item; an item with no key (None) ends the keyed prefix at its first
+    row, as in the engine. At most `max_blocks` keys.
+    """
+    spans = sorted(spans)
+    limit = min([off for off, _, key in spans if key is None], default=len(token_ids))
+    named = [(off, n, key) for off, n, key in spans if key is not None]
+    n = limit // block_size if max_blocks is None else min(limit // block_size, max_blocks)
+    keys: list[bytes] = []
+    parent = root
+    for i in range(n):
+        a, b = i * block_size, (i + 1) * block_size
+        parent = block_key(parent, token_ids[a:b], b"", block_media(named, a, b))
+        keys.append(parent)
+    return keys

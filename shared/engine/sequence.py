@@ -8,7 +8,7 @@ import torch
 
 from mmpipe.shared.types import EngineRequest, MMSpan
 
-from .block_hash import block_key
+from .block_hash import block_key, block_media
 
 _NO_LIMIT = 1 << 62
 
@@ -159,8 +159,7 @@ class Sequence:
         """Key of full block `index` (tokens [index * block_size, (index + 1) * block_size)) after `parent`."""
         a, b = index * block_size, (index + 1) * block_size
         positions = self._position_bytes(a, b) if mrope else b""
-        media = [(key, off - a, n) for off, n, key in self.mm_spans if off < b and off + n > a]
-        return block_key(parent, self.token_ids[a:b], positions, media)
+        return block_key(parent, self.token_ids[a:b], positions, block_media(self.mm_spans, a, b))
 
     def _position_bytes(self, a: int, b: int) -> bytes:
         L = self.num_prompt_tokens

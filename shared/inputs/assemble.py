@@ -3,50 +3,20 @@
 Each placeholder token becomes `num_tokens` copies (one per embedding row), the rows are recorded with
 their flat prompt positions, each item with its span and cache key (what the engine's prefix cache keys its
 blocks by), and M-RoPE families get their (3, L) positions and rope delta. This is the same expansion the HF
-processor does on the prompt string, done on token ids so cached items need no pixels.
+processor does on the prompt string, done on token ids so cached items need no pixels (the expansion itself:
+`expand.py`, which the gateway's router shares).
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError
 from mmpipe.shared.models.base import ModelAdapter
-from mmpipe.shared.types import EngineRequest, MMEmbedding, MMSpan, SamplingParams
+from mmpipe.shared.types import EngineRequest, MMEmbedding, SamplingParams
 
+from .expand import ExpandedPrompt, expand_prompt
 
-class ExpandedPrompt(NamedTuple):
-    token_ids: list[int]            # placeholders expanded
-    positions: list[int]            # flat prompt positions of the mm rows, in row order
-    ordered: list[MMEmbedding]      # the embeddings in prompt order
-    spans: list[MMSpan]             # per item in prompt order: its positions and its cache key
-
-
-def expand_prompt(token_ids: list[int], embeddings: list[MMEmbedding], placeholder_ids: dict[str, int],
-                  keys: list[str | None] | None = None) -> ExpandedPrompt:
-    """`embeddings` are in prompt order per modality; `keys[i]` is the cache key of `embeddings[i]` (None: the
-    item has none)."""
-    if keys is not None and len(keys) != len(embeddings):
-        raise InvalidInputError(f"{len(keys)} embedding keys for {len(embeddings)} embeddings", param="embeddings")
-    keyed = list(zip(embeddings, keys if keys is not None else [None] * len(embeddings)))
-    by_id = {pid: m for m, pid in placeholder_ids.items()}
-    queues = {m: [ek for ek in keyed if ek[0].modality == m] for m in placeholder_ids}
-    out: list[int] = []
-    positions: list[int] = []
-    ordered: list[MMEmbedding] = []
-    spans: list[MMSpan] = []
-    for t in token_ids:
-        m = by_id.get(t)
-        if m is None:
-            out.append(t)
-            continue
-        emb, key = queues[m].pop(0)
-        spans.append(MMSpan(offset=len(out), length=emb.num_tokens, key=key))
-        positions.extend(range(len(out), len(out) + emb.num_tokens))
-        out.extend([t] * emb.num_tokens)
-        ordered.append(emb)
-    return ExpandedPrompt(out, positions, ordered, spans)
+__all__ = ["ExpandedPrompt", "build_engine_request", "expand_prompt"]
 
 
 def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list[int],

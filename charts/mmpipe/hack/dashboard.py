@@ -152,6 +152,16 @@ def build() -> dict:
         (f'max by (pod) (mmpipe_generator_prefix_cache_cached_blocks{{{SEL}}})', "{{pod}}")],
         "short", 12, y, description="Full blocks registered in the prefix cache (in use or evictable); evicted "
                                     "least recently freed first when new blocks are needed.")); y += 8
+    p.append(panel(42, "Requests routed per generator replica", [
+        (f'sum by (replica) (rate(mmpipe_gateway_routed_requests_total{{{SEL}}}[{RI}]))', "{{replica}}"),
+        (f'sum by (replica) (mmpipe_gateway_replica_requests_in_flight{{{SEL}}})', "in flight {{replica}}")],
+        "short", 0, y, description="Generate calls per second the gateways sent to each --generator-addr replica, "
+                                   "and those in flight (--routing-logic; one replica: all of them)."))
+    p.append(panel(43, "Routing decisions", [
+        (f'sum by (decision) (rate(mmpipe_gateway_routing_decisions_total{{{SEL}}}[{RI}]))', "{{decision}}")],
+        "short", 12, y, description="hit: the replica the prompt's first blocks (or session) hash to; fallback: "
+                                    "that one was saturated (--routing-saturation-threshold), the least loaded "
+                                    "took it; no_prefix: shorter than one block.")); y += 8
 
     p.append(row(103, "GPUs (NVIDIA DCGM exporter)", y)); y += 1
     gpu_sel = 'namespace=~"$namespace", pod=~".*-(encoder|generator)-.*"'

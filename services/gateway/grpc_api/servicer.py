@@ -186,7 +186,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
             tenant = authenticate(self.core.cfg, md.get("authorization"), md.get(TENANT_HEADER))
-            ctx = RequestContext(request_id=rid, endpoint=f"grpc:{method}", tenant=tenant)
+            session_key = self.core.cfg.routing.session_key
+            ctx = RequestContext(request_id=rid, endpoint=f"grpc:{method}", tenant=tenant,
+                                 session=md.get(session_key.lower()) if session_key else None)
             if unary:
                 yield await start(ctx)
                 return

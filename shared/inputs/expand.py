@@ -1,0 +1,53 @@
+"""Placeholder expansion on token ids: each media placeholder becomes one token per embedding row.
+
+The one implementation, used by the generator (`assemble.py`, which adds the rows and M-RoPE positions) and by
+the gateway's prefix-aware router (services/gateway/routing.py), which needs the expanded ids to key the same
+blocks the engine will. Pure Python, no torch: an item is anything with `.modality` and `.num_tokens` (an
+`MMEmbedding`, or the gateway's `MediaRef`).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, Sequence
+
+from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.types import MMSpan
+
+
+class MediaItem(Protocol):
+    modality: str
+    num_tokens: int
+
+
+class ExpandedPrompt(NamedTuple):
+    token_ids: list[int]            # placeholders expanded
+    positions: list[int]            # flat prompt positions of the mm rows, in row order
+    ordered: list[Any]              # the items in prompt order
+    spans: list[MMSpan]             # per item in prompt order: its positions and its cache key
+
+
+def expand_prompt(token_ids: Sequence[int], items: Sequence[MediaItem], placeholder_ids: dict[str, int],
+                  keys: Sequence[str | None] | None = None) -> ExpandedPrompt:
+    """`items` are in prompt order per modality; `keys[i]` is the cache key of `items[i]` (None: the item has
+    none)."""
+    if keys is not None and len(keys) != len(items):
+        raise InvalidInputError(f"{len(keys)} embedding keys for {len(items)} embeddings", param="embeddings")
+    keyed = list(zip(items, keys if keys is not None else [None] * len(items)))
+    by_id = {pid: m for m, pid in placeholder_ids.items()}
+    queues = {m: [ek for ek in keyed if ek[0].modality == m] for m in placeholder_ids}
+    out: list[int] = []
+    positions: list[int] = []
+    ordered: list[Any] = []
+    spans: list[MMSpan] = []
+    for t in token_ids:
+        m = by_id.get(t)
+        if m is None:
+            out.append(t)
+            continue
+        if not queues[m]:
+            raise InvalidInputError(f"the prompt has more {m} placeholders than {m} items", param="embeddings")
+        item, key = queues[m].pop(0)
+        spans.append(MMSpan(offset=len(out), length=item.num_tokens, key=key))
+        positions.extend(range(len(out), len(out) + item.num_tokens))
+        out.extend([t] * item.num_tokens)
+        ordered.append(item)
+    return ExpandedPrompt(out, positions, ordered, spans)
