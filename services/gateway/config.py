@@ -78,6 +78,12 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     # Requests in flight at once; one more gets 429 at once instead of queueing without bound.
     max_concurrent_requests: int = 256
+    # The HTTP edge (docs/security.md, "Limits"): request bodies above this are a 413 (Content-Length, then
+    # while reading); request headers must arrive within header_read_timeout_s and the body within
+    # body_read_timeout_s, else 408 and the connection is closed.
+    max_request_body_mb: float = 64.0
+    header_read_timeout_s: float = 10.0
+    body_read_timeout_s: float = 30.0
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -172,6 +178,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
     p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
+    p.add_argument("--max-request-body-mb", type=float, default=float(_env("MAX_REQUEST_BODY_MB", 64)),
+                   help="largest HTTP request body in MiB; larger is a 413, from Content-Length or while reading "
+                        "[MMPIPE_MAX_REQUEST_BODY_MB]")
+    p.add_argument("--header-read-timeout", type=float, default=float(_env("HEADER_READ_TIMEOUT", 10)),
+                   help="seconds a client has to send a request's headers (from connecting, or from the previous "
+                        "response); then 408 and the connection is closed [MMPIPE_HEADER_READ_TIMEOUT]")
+    p.add_argument("--body-read-timeout", type=float, default=float(_env("BODY_READ_TIMEOUT", 30)),
+                   help="seconds a client has to send a request's body once its headers arrived; then 408 "
+                        "[MMPIPE_BODY_READ_TIMEOUT]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
     add_connection_age_args(p.add_argument_group("gRPC connection age of the public gRPC API"))
@@ -213,6 +228,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise InvalidInputError(f"--limit-mm-per-prompt: {k!r} must be a non-negative integer, got {v!r}",
                                     param="--limit-mm-per-prompt")
+    for flag in ("max_request_body_mb", "header_read_timeout", "body_read_timeout"):
+        value = getattr(args, flag, 1.0)
+        if not value > 0:
+            name = "--" + flag.replace("_", "-")
+            raise InvalidInputError(f"{name} must be positive, got {value!r}", param=name)
     count = getattr(args, "api_server_count", 1)
     if not isinstance(count, int) or count < 1:
         raise InvalidInputError(f"--api-server-count must be at least 1, got {count!r}", param="--api-server-count")
@@ -236,6 +256,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         trust_request_chat_template=bool(args.trust_request_chat_template),
         media_io_kwargs=_json_dict(args.media_io_kwargs, "--media-io-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
+        max_request_body_mb=getattr(args, "max_request_body_mb", 64.0),
+        header_read_timeout_s=getattr(args, "header_read_timeout", 10.0),
+        body_read_timeout_s=getattr(args, "body_read_timeout", 30.0),
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         grpc_max_connection_age_ms=connection_age(args)[0], grpc_max_connection_age_grace_ms=connection_age(args)[1],

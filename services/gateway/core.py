@@ -84,11 +84,9 @@ class GatewayCore:
             if not self.cfg.accepts_model(model):
                 raise NotFoundError(f"the model {model!r} does not exist; this server serves "
                                     f"{self.model_name!r}", param="model")
-            if self.in_flight >= self.cfg.max_concurrent_requests:
-                raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
-                                      f"(--max-concurrent-requests); retry shortly")
-            self.in_flight += 1
-            admitted = True
+            if not ctx.admitted:
+                self.admit()
+                admitted = True
             # Templates and tokenisation are CPU work: off the event loop, so other requests keep streaming.
             prepared: PreparedPrompt = await asyncio.to_thread(prepare)
             stream = GenerationStream(self, prepared, ctx, metrics, deadline)
@@ -98,7 +96,7 @@ class GatewayCore:
             if stream is not None:
                 await stream._aclose_chunks()
             if admitted:
-                self.in_flight -= 1
+                self.release()
             metrics.finish(_status_of(e))
             raise
         finally:
@@ -112,7 +110,14 @@ class GatewayCore:
                 pass
         return stream.result()
 
-    def _release(self) -> None:
+    def admit(self) -> None:
+        """Take one of the --max-concurrent-requests slots, or fail with 429 at once (never queue)."""
+        if self.in_flight >= self.cfg.max_concurrent_requests:
+            raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
+                                  f"(--max-concurrent-requests); retry shortly")
+        self.in_flight += 1
+
+    def release(self) -> None:
         self.in_flight -= 1
 
 
@@ -203,7 +208,8 @@ class GenerationStream:
         if self.finish_reason is None and self._status == 200:
             self._status = 499  # left before the end: the client went away
         await self._aclose_chunks()
-        self.core._release()
+        if not self.ctx.admitted:
+            self.core.release()
         self.metrics.finish(self._status, prompt_tokens=self.prompt_tokens)
 
     async def _aclose_chunks(self) -> None:

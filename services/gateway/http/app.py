@@ -16,6 +16,7 @@ from ..openai.completion.api_router import router as completion_router
 from ..openai.completion.serving import OpenAIServingCompletion
 from ..openai.models.api_router import router as models_router
 from .errors import RETRY_AFTER_S, install_error_handlers
+from .guard import RequestGuard
 from .request_id import RequestIdMiddleware
 
 logger = logging.getLogger(__name__)
@@ -75,5 +76,6 @@ def build_app(core: GatewayCore, *, redis: Any | None = None, worker: int | None
         body, content_type = render()
         return Response(body, media_type=content_type)
 
+    app.add_middleware(RequestGuard, core=core)  # inside the request id: its refusals are counted and carry the id
     app.add_middleware(RequestIdMiddleware, model=core.model_name, worker=worker)
     return app

@@ -25,10 +25,11 @@ class OpenAIServingChat:
     def __init__(self, core: GatewayCore):
         self.core = core
 
-    async def create(self, req: ChatCompletionRequest, request_id: str, tenant: str | None = None) -> Response:
+    async def create(self, req: ChatCompletionRequest, request_id: str, tenant: str | None = None,
+                     admitted: bool = False) -> Response:
         inp = ChatInput(messages=req.messages, sampling=req.to_sampling(), model=req.model,
                         chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt)
-        ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant)
+        ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant, admitted=admitted)
         stream = await self.core.chat(inp, ctx)
         if req.stream:
             return sse.EventStreamResponse(self._chunks(req, stream), on_close=stream.close)

@@ -23,10 +23,11 @@ class OpenAIServingCompletion:
     def __init__(self, core: GatewayCore):
         self.core = core
 
-    async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None) -> Response:
+    async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None,
+                     admitted: bool = False) -> Response:
         text, ids = req.single_prompt()
         inp = CompletionInput(sampling=req.to_sampling(), prompt=text, prompt_token_ids=ids, model=req.model)
-        ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant)
+        ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant, admitted=admitted)
         stream = await self.core.completion(inp, ctx)
         if req.stream:
             return sse.EventStreamResponse(self._chunks(req, stream), on_close=stream.close)
