@@ -144,8 +144,14 @@ def error_from_grpc_code(code_name: str, message: str) -> MMPipeError:
 
 def openai_error_body(err: MMPipeError) -> dict:
     """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": err.message, "type": err.error_type, "param": err.param,
-                      "code": err.http_status}}
+    return {"error": {"message": _utf8_safe(err.message), "type": err.error_type,
+                      "param": None if err.param is None else _utf8_safe(err.param), "code": err.http_status}}
+
+
+def _utf8_safe(text: object) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates a client sent) backslash-escaped: the JSON of an
+    error that quotes user input must never fail to encode (a 500 instead of the 400)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # gRPC sends metadata values as HTTP/2 headers: printable ASCII only (a non-ASCII value fails the whole call

@@ -162,7 +162,7 @@ class GenerationStream:
         while True:
             try:
                 resolving = resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
-                                          model=core.model_name)
+                                          model=core.model_name, max_embed_rows=self._embed_rows())
                 refs = await (core.steps.timed("resolve", resolving) if p.media else resolving)
                 self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
                 self._first = await core.steps.timed("first_token", self._chunks.__anext__())
@@ -216,6 +216,14 @@ class GenerationStream:
         chunks, self._chunks = self._chunks, None
         if chunks is not None:
             await chunks.aclose()  # cancels the RPC: the generator aborts the request and frees its KV blocks
+
+    def _embed_rows(self) -> int | None:
+        """Embedding rows the prompt has room for: max_model_len less its other tokens and max_tokens (each
+        item's one placeholder is replaced by its rows)."""
+        limit, p = self.core.info.max_model_len, self.prepared
+        if limit is None:
+            return None
+        return limit - (len(p.prompt_token_ids) - len(p.media)) - (p.sampling.max_tokens or 1)
 
     def _left(self) -> float:
         left = self.deadline - time.monotonic()

@@ -7,13 +7,16 @@ Order, cheapest refusal first (issue 16: a 300 MB body without a key used to be 
      and gives it back when the response has been sent;
   3. Content-Length above --max-request-body-mb is a 413 at once; the body is then read in chunks under the
      same cap (chunked uploads: 413 as soon as the cap is passed) and within --body-read-timeout (408);
-  4. the app gets the buffered body, and the transport's `receive` after it (disconnect detection).
+  4. a body whose JSON strings hold lone UTF-16 surrogates (invalid Unicode) is a 400 naming the field;
+  5. the app gets the buffered body, and the transport's `receive` after it (disconnect detection).
 Every refusal here closes the connection (`Connection: close`): whatever the client still sends is not read.
 Slow headers are the connection's business (connections.py); this module never sees them.
 """
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -55,6 +58,12 @@ class RequestGuard:
                 return await _refuse(e, scope, receive, send)
             if body is None:
                 return  # the client went away while sending
+            if _SURROGATE_ESCAPE.search(body):
+                bad = _lone_surrogate_field(body)
+                if bad is not None:
+                    return await _refuse(InvalidInputError(
+                        f"{bad or 'the body'}: a string holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+                        f"without its pair), which is not valid Unicode", param=bad or "body"), scope, receive, send)
             await self.app(scope, _replay(body, receive), send)
         finally:
             if admit:
@@ -93,6 +102,43 @@ class RequestGuard:
     def _too_large(self, size: int, read: bool = False) -> str:
         return (f"the request body is {'more than ' if read else ''}{size} bytes, more than the limit of "
                 f"{self.max_body} bytes (--max-request-body-mb {self.cfg.max_request_body_mb:g})")
+
+
+# JSON may spell a lone surrogate as an escape (`"\ud800"`): json.loads accepts it, and the str then fails
+# wherever it is encoded (the tokenizer, the JSON of the error that echoes it): a 500. Only bodies that contain
+# such an escape at all are parsed a second time, here, to find the field.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate_field(body: bytes) -> str | None:
+    """The path of the first key or string value holding a lone surrogate ("" for the top level), or None."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route reports that itself
+
+    def bad(s: str) -> bool:
+        try:
+            s.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if bad(v):
+                return path
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                where = f"{path}.{k}" if path else str(k)
+                if bad(k):
+                    return path or ""
+                stack.append((where, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+    return None
 
 
 def _replay(body: bytes, receive: Any) -> Any:
