@@ -342,3 +342,32 @@ def test_grpc_error_status_is_ascii_and_bounded(text):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     for value in [details, *(v for _, v in md)]:
         assert value.isascii() and value.isprintable() and len(value) <= 1024
+
+
+def test_one_tenant_cannot_fill_the_embedding_cache(redis_url):
+    """Ten 2.4 KB image_embeds requests filled 770 MB of Redis and evicted another tenant's entries. The
+    encoder charges what PutEmbeddings writes to the tenant (in Redis, shared by every replica) and refuses
+    writes beyond its share of the capacity with 429 / RESOURCE_EXHAUSTED; other tenants keep theirs."""
+    import redis
+
+    from mmpipe.services.encoder.tenant_share import TenantCacheShare, cache_capacity_bytes
+    from mmpipe.shared.errors import QuotaExceededError
+
+    client = redis.Redis.from_url(redis_url)
+    capacity = cache_capacity_bytes(client, None)
+    assert capacity == 256 * 1024 * 1024  # the session server's maxmemory
+    now = [1000.0]
+    share = TenantCacheShare(client, limit_bytes=1000, window_s=60, clock=lambda: now[0])
+    share.charge("key-a", 600)
+    with pytest.raises(QuotaExceededError, match="tenant-cache-share") as ei:
+        share.charge("key-a", 600)
+    assert (ei.value.http_status, ei.value.grpc_code) == (429, "RESOURCE_EXHAUSTED")
+    assert share.used("key-a") == 600  # a refused write is not counted
+    share.charge("key-b", 900)  # another tenant has its own share
+    share.charge(None, 900)  # and so has the default tenant
+    now[0] += 61  # the window has passed: a's old writes no longer count
+    share.charge("key-a", 900)
+    assert share.used("key-a") == 900
+    assert 0 < client.ttl(share._keys("key-a")[-1]) <= 61
+    TenantCacheShare(client, limit_bytes=0, window_s=60).charge("key-a", 10**12)  # 0: off
+    client.close()
