@@ -30,7 +30,8 @@ def gateway(tmp_path_factory):
     down = {s: f"127.0.0.1:{free_port()}" for s in ("ingest", "encoder", "generator")}
     gw = start_gateway_process(model, down, Path(tmp_path_factory.mktemp("edge")), [
         "--api-key", KEY, "--max-request-body-mb", "1", "--header-read-timeout", str(TIMEOUT_S),
-        "--body-read-timeout", str(TIMEOUT_S), "--max-concurrent-requests", "1", "--request-timeout", "3", "--shutdown-grace-s", "1"])
+        "--body-read-timeout", str(TIMEOUT_S), "--max-concurrent-requests", "1", "--request-timeout", "3",
+        "--shutdown-grace-s", "1"])
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and gw.proc.poll() is None:
         try:
