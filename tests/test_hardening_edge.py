@@ -44,7 +44,7 @@ def gateway(tmp_path_factory):
         gw.stop()
         raise RuntimeError(f"gateway did not start:\n{gw.log.read_text(errors='replace')[-3000:]}")
     yield gw
-    gw.stop()
+    gw.stop(grace_s=5)
 
 
 def _rss_kb(pid: int, field: str = "VmRSS") -> int:
