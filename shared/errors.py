@@ -32,6 +32,20 @@ class LimitExceededError(InvalidInputError):
     """More media items than `limit_mm_per_prompt` allows, a prompt longer than max_model_len, ..."""
 
 
+class RequestTooLargeError(LimitExceededError):
+    """A request body larger than --max-request-body-mb (HTTP 413; the client's fault, never retryable)."""
+
+    http_status = 413
+
+
+class ClientTimeoutError(InvalidInputError):
+    """The client sent its request headers or body too slowly (--header-read-timeout / --body-read-timeout):
+    HTTP 408, and the connection is closed."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class MediaDecodeError(InvalidInputError):
     """Media that could not be decoded (truncated, corrupt or of an unsupported format)."""
 
@@ -89,6 +103,11 @@ class OverloadedError(MMPipeError):
     error_type = "rate_limit_error"
 
 
+class QuotaExceededError(OverloadedError):
+    """One tenant's share of a shared resource (the embedding cache) is used up: 429, retry once its entries
+    age out; other tenants are not affected."""
+
+
 class ServiceUnavailableError(MMPipeError):
     """A stage is down or not ready: retryable."""
 
@@ -125,5 +144,26 @@ def error_from_grpc_code(code_name: str, message: str) -> MMPipeError:
 
 def openai_error_body(err: MMPipeError) -> dict:
     """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": err.message, "type": err.error_type, "param": err.param,
-                      "code": err.http_status}}
+    return {"error": {"message": _utf8_safe(err.message), "type": err.error_type,
+                      "param": None if err.param is None else _utf8_safe(err.param), "code": err.http_status}}
+
+
+def _utf8_safe(text: object) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates a client sent) backslash-escaped: the JSON of an
+    error that quotes user input must never fail to encode (a 500 instead of the 400)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# gRPC sends metadata values as HTTP/2 headers: printable ASCII only (a non-ASCII value fails the whole call
+# with INTERNAL), and trailers above the peer's metadata limit (8 KiB by default) turn the status into
+# RESOURCE_EXHAUSTED. User text (a uuid, a dict key, a URL) can end up in a message or a param, so what goes on
+# the wire is escaped to ASCII and truncated, here, once.
+MAX_WIRE_MESSAGE_CHARS = 1024
+MAX_WIRE_PARAM_CHARS = 128
+
+
+def wire_text(text: object, limit: int = MAX_WIRE_MESSAGE_CHARS) -> str:
+    """`text` as printable ASCII (other characters backslash-escaped) of at most `limit` characters."""
+    s = str(text).encode("ascii", "backslashreplace").decode("ascii")
+    s = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in s)
+    return s if len(s) <= limit else s[:limit - 15] + "... (truncated)"

@@ -425,6 +425,34 @@ def test_grpc_client_chat_and_generate(env):
         anon.generate("hi", max_tokens=2)
 
 
+def test_grpc_qwen_image_embeds_take_an_integer_grid_and_errors_stay_client_errors(env):
+    """issue 16: over the public gRPC API `image_grid_thw` (a base64 tensor) was decoded as float-only, so an
+    int64 grid was refused and a float one was INTERNAL; user text in an error (non-ASCII, or longer than gRPC's
+    metadata limit) turned a client error into INTERNAL / RESOURCE_EXHAUSTED."""
+    import torch
+
+    from mmpipe.client import MMPipeClient
+    from mmpipe.shared.errors import InvalidInputError
+    from mmpipe.shared.media.embeds import encode_tensor_b64
+
+    http_part = embeds_part(env, 9)
+    ref = offline_ids(env, user(http_part))
+    grpc_part = {"type": "image_embeds", "image_embeds": {
+        "image_embeds": http_part["image_embeds"]["image_embeds"],
+        "image_grid_thw": encode_tensor_b64(torch.tensor([[1, 4, 4]], dtype=torch.int64))}}
+    with MMPipeClient(f"127.0.0.1:{env.gw.grpc_port}", api_key=KEY, timeout=60) as cl:
+        out = cl.chat(user(grpc_part), temperature=0.0, max_tokens=8, ignore_eos=True)
+        assert out.token_ids == ref
+        grpc_part["image_embeds"]["image_grid_thw"] = encode_tensor_b64(torch.tensor([[1.0, 4.0, 4.0]]))
+        with pytest.raises(InvalidInputError, match="dtype"):
+            cl.chat(user(grpc_part), max_tokens=2)
+        for uuid in ("caf\u00e9-\u4e2d\u6587", "u" * 20_000):
+            with pytest.raises(InvalidInputError) as ei:  # not cached, or too long: a 400 either way
+                cl.chat(user({"type": "image_url", "image_url": None, "uuid": uuid}), max_tokens=2)
+            assert ei.value.message.isascii() and len(ei.value.message) <= 1024
+        assert len(cl.generate("still serving", max_tokens=2).token_ids) == 2
+
+
 def test_gateway_grpc_health_and_reflection(env):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -155,3 +155,219 @@ def test_gateway_answers_4xx_for_former_500s(gateway, path, body, needle):
     assert 400 <= r.status_code < 500, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and needle in err["message"] + str(err["param"])
+
+
+# --- issue 16: found when tried as an attacker would ----------------------------------------------------------
+def _post_raw(gateway, path, content: bytes):
+    import httpx
+
+    app, loop = gateway
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                     base_url="http://gw") as c:
+            return await c.post(path, content=content, headers={"content-type": "application/json"})
+
+    return loop.run_until_complete(go())
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", rb'{"model": "tiny", "prompt": "hi \ud800 there", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", rb'{"model": "tiny", "prompt": "x", "stop": ["ok", "\udfff"]}', "stop[1]"),
+    ("/v1/chat/completions", rb'{"model": "tiny", "messages": [{"role": "user", "content": "a\udc00"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", rb'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", '
+                             rb'"uuid": "\ud800", "image_url": null}]}]}', "messages[0].content[0].uuid"),
+])
+def test_lone_surrogate_in_a_string_field_was_500(gateway, path, body, param):
+    """A `\\ud800` escape is valid JSON but not valid Unicode: the tokenizer raised TypeError, and errors that
+    quoted the value failed to encode their own JSON (UnicodeEncodeError): 500s. Now a 400 naming the field."""
+    r = _post_raw(gateway, path, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+
+
+def test_a_surrogate_pair_is_still_accepted(gateway):
+    """An escaped emoji (`\\ud83d\\ude00`, a valid pair) passes the check and reaches the core (stages down: 503)."""
+    r = _post_raw(gateway, "/v1/completions", rb'{"model": "tiny", "prompt": "hi \ud83d\ude00", "max_tokens": 1}')
+    assert r.status_code == 503 and "surrogate" not in r.text, r.text
+
+
+def test_error_json_never_fails_on_text_it_quotes():
+    """The error body quotes user text; a lone surrogate in it made JSONResponse raise (500)."""
+    from mmpipe.services.gateway.http.errors import error_response
+
+    r = error_response(InvalidInputError("bad uuid '\ud800'", param="x\udfff"))
+    assert r.status_code == 400 and b"\\\\ud800" in r.body
+
+
+@pytest.fixture(scope="module")
+def qwen_adapter():
+    from mmpipe.shared.models.registry import load_adapter
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+
+    return load_adapter(str(ensure_tiny_model("qwen2_vl")), device="cpu", part="lm")
+
+
+@pytest.mark.parametrize("grid, needle", [
+    ([[1, 3, 4]], "multiples of the merge size"),  # 12 patches // 4 = 3 rows: used to pass, then fail in M-RoPE
+    ([[1.0, 4.0, 4.0]], "integers"),
+    ([[1, 4, 4.5]], "integers"),
+    ([[True, True, True]], "integers"),
+    ([[1, 2**40, 4]], "multiples of the merge size"),
+])
+def test_qwen_grid_not_integer_or_not_merge_multiple_was_500(qwen_adapter, grid, needle):
+    """Qwen-VL grids must be integer (t, h, w) with h, w multiples of spatial_merge_size: a float or odd grid
+    was accepted, cached, and then failed in the generator's M-RoPE positions on every repeat (500). Validation
+    runs before any cache write (encoder PutEmbeddings, offline LLM), so nothing is cached."""
+    import torch
+
+    hidden = qwen_adapter.hidden_size
+    with pytest.raises(InvalidInputError, match=needle) as ei:
+        qwen_adapter.embeds_from_user("image", {"image_embeds": torch.zeros(3, hidden),
+                                                "image_grid_thw": torch.tensor(grid)})
+    assert ei.value.param == "image_grid_thw"
+    ok = qwen_adapter.embeds_from_user("image", {"image_embeds": torch.zeros(4, hidden),
+                                                 "image_grid_thw": torch.tensor([[1, 4, 4]])})
+    assert ok[0].meta["grid_thw"] == [1, 4, 4]
+
+
+def test_grpc_image_grid_thw_keeps_its_integer_dtype():
+    """The public gRPC API sends image_grid_thw as a base64 tensor, which was decoded as float-only: an int64
+    grid was refused and a float one was an INTERNAL error. Integer dtypes are kept; floats are a 400."""
+    import torch
+
+    from mmpipe.services.common.pb import gateway_pb2
+    from mmpipe.services.gateway.embeds import decode_user_embeds
+    from mmpipe.services.gateway.grpc_api.servicer import part_to_dict
+    from mmpipe.shared.inputs.parse import ItemRef
+    from mmpipe.shared.media.embeds import encode_tensor_b64
+
+    def part(grid):
+        pb = gateway_pb2.ContentPart(image_embeds=gateway_pb2.ImageEmbeds(
+            data=encode_tensor_b64(torch.ones(4, 8)), image_grid_thw=encode_tensor_b64(grid)))
+        return ItemRef(modality="image", index=0, source=part_to_dict(pb, "p")["image_embeds"], is_embeds=True)
+
+    tensors, rows = decode_user_embeds(part(torch.tensor([[1, 4, 4]], dtype=torch.int64)))
+    assert tensors["image_grid_thw"].dtype == torch.int64 and tensors["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert rows == 4
+    with pytest.raises(InvalidInputError) as ei:
+        decode_user_embeds(part(torch.tensor([[1.0, 4.0, 4.0]])))
+    assert ei.value.param == "image_embeds.image_grid_thw" and "dtype" in ei.value.message
+
+
+def test_expanded_image_embeds_are_sized_before_they_are_materialised():
+    """A 2.4 KB torch.save of an expanded (stride-0) tensor described 77 MB; it passed the size check of the
+    view, was made contiguous and cached before the generator found the prompt too long. The row count is now
+    checked against what the prompt has room for (max_model_len) before anything is materialised."""
+    import tracemalloc
+
+    import torch
+
+    from mmpipe.shared.errors import LimitExceededError
+    from mmpipe.shared.media.embeds import decode_tensor_b64
+
+    buf = io.BytesIO()
+    torch.save(torch.ones(1, 2048).expand(10_000, 2048), buf)  # 8 KB of storage, an 82 MB view
+    payload = base64.b64encode(buf.getvalue()).decode()
+    assert len(payload) < 16_000
+    tracemalloc.start()
+    with pytest.raises(LimitExceededError, match="rows") as ei:
+        decode_tensor_b64(payload, param="image_embeds", max_rows=4096)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert ei.value.param == "image_embeds" and peak < 4 * 1024 * 1024
+    with pytest.raises(InvalidInputError, match="exceeds the limit"):  # and the materialised size, on its own
+        decode_tensor_b64(payload, param="image_embeds", max_bytes=1 << 20)
+
+
+def test_redirect_to_a_non_http_url_was_500():
+    """httpx builds the next request of every redirect even when not following it, and raised InvalidURL (not
+    an HTTPError) for `data:` / `mailto:` / `javascript:` Locations: a 500. Now a 403 like file:// targets."""
+    import http.server
+    import threading
+
+    from mmpipe.shared.errors import MediaPolicyError
+    from mmpipe.shared.media.fetch import fetch_bytes
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", {"/d": "data:image/png;base64,AAAA", "/m": "mailto:a@b.c",
+                                          "/j": "javascript:alert(1)"}[self.path])
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        for p in ("/d", "/m", "/j"):
+            with pytest.raises(MediaPolicyError, match="not an http"):
+                fetch_bytes(f"http://127.0.0.1:{srv.server_port}{p}", MediaPolicy(allow_private_networks=True))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_refused_symlink_does_not_name_its_target(tmp_path):
+    """A symlink under --allowed-local-media-path pointing outside was refused with a message naming the
+    resolved target (e.g. a /proc/<pid>/... path). Now only the client's own path is named."""
+    from mmpipe.shared.errors import MediaPolicyError
+    from mmpipe.shared.media.fetch import fetch_bytes
+
+    root = tmp_path / "media"
+    root.mkdir()
+    secret = tmp_path / "secret-target-dir"
+    secret.mkdir()
+    (secret / "x.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(secret / "x.png")
+    with pytest.raises(MediaPolicyError) as ei:
+        fetch_bytes(f"file://{root}/link.png", MediaPolicy(allowed_local_media_path=str(root)))
+    assert "secret-target-dir" not in ei.value.message and str(tmp_path) not in ei.value.message.replace(
+        f"{root}/link.png", "")
+
+
+@pytest.mark.parametrize("text", ["uuid \u00e9\u4e2d\u6587 not cached", "x" * 100_000, "\ud800 lone"])
+def test_grpc_error_status_is_ascii_and_bounded(text):
+    """User text copied into a gRPC error (details, param metadata) turned a client error into INTERNAL
+    (non-ASCII metadata) or RESOURCE_EXHAUSTED (over gRPC's 8 KB metadata limit). The one mapping escapes and
+    truncates it."""
+    import grpc
+
+    from mmpipe.services.common.grpc_server import error_status
+
+    code, details, md = error_status(InvalidInputError(text, param=text))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    for value in [details, *(v for _, v in md)]:
+        assert value.isascii() and value.isprintable() and len(value) <= 1024
+
+
+def test_one_tenant_cannot_fill_the_embedding_cache(redis_url):
+    """Ten 2.4 KB image_embeds requests filled 770 MB of Redis and evicted another tenant's entries. The
+    encoder charges what PutEmbeddings writes to the tenant (in Redis, shared by every replica) and refuses
+    writes beyond its share of the capacity with 429 / RESOURCE_EXHAUSTED; other tenants keep theirs."""
+    import redis
+
+    from mmpipe.services.encoder.tenant_share import TenantCacheShare, cache_capacity_bytes
+    from mmpipe.shared.errors import QuotaExceededError
+
+    client = redis.Redis.from_url(redis_url)
+    capacity = cache_capacity_bytes(client, None)
+    assert capacity == 256 * 1024 * 1024  # the session server's maxmemory
+    now = [1000.0]
+    share = TenantCacheShare(client, limit_bytes=1000, window_s=60, clock=lambda: now[0])
+    share.charge("key-a", 600)
+    with pytest.raises(QuotaExceededError, match="tenant-cache-share") as ei:
+        share.charge("key-a", 600)
+    assert (ei.value.http_status, ei.value.grpc_code) == (429, "RESOURCE_EXHAUSTED")
+    assert share.used("key-a") == 600  # a refused write is not counted
+    share.charge("key-b", 900)  # another tenant has its own share
+    share.charge(None, 900)  # and so has the default tenant
+    now[0] += 61  # the window has passed: a's old writes no longer count
+    share.charge("key-a", 900)
+    assert share.used("key-a") == 900
+    assert 0 < client.ttl(share._keys("key-a")[-1]) <= 61
+    TenantCacheShare(client, limit_bytes=0, window_s=60).charge("key-a", 10**12)  # 0: off
+    client.close()

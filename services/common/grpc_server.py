@@ -32,7 +32,7 @@ from mmpipe.services.common import tracing
 from mmpipe.services.common.cli_args import ServerConfig
 from mmpipe.services.common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from mmpipe.services.common.metrics import ServiceMetrics
-from mmpipe.shared.errors import MMPipeError, ServiceUnavailableError
+from mmpipe.shared.errors import MAX_WIRE_PARAM_CHARS, MMPipeError, ServiceUnavailableError, wire_text
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +173,26 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(e, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)):
             return
         if isinstance(e, MMPipeError):
-            code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
-            log.info("%s failed: %s %s", method, code.name, e.message)
-            md = [(ERROR_CLASS_HEADER, type(e).__name__)]
-            if e.grpc_code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
-                md.append((RETRY_AFTER_HEADER, str(RETRY_AFTER_S)))  # retryable: say when, as HTTP does
-            if e.param:
-                md.append((ERROR_PARAM_HEADER, str(e.param)))
+            code, details, md = error_status(e)
+            log.info("%s failed: %s %s", method, code.name, details)
             context.set_trailing_metadata(md)
-            await _abort(context, code, e.message)
+            await _abort(context, code, details)
         log.exception("%s failed with an unexpected error", method)
-        await _abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        await _abort(context, grpc.StatusCode.INTERNAL, wire_text(f"internal error: {type(e).__name__}: {e}"))
+
+
+def error_status(e: MMPipeError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """The one mapping of a domain error to a gRPC status: code, details and trailing metadata (error class,
+    param, retry-after). Details and param may hold user text: escaped to ASCII and truncated (shared/errors
+    `wire_text`), so a client error never turns into INTERNAL (non-ASCII metadata) or RESOURCE_EXHAUSTED
+    (trailers over gRPC's metadata limit)."""
+    code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
+    md = [(ERROR_CLASS_HEADER, type(e).__name__)]
+    if e.grpc_code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+        md.append((RETRY_AFTER_HEADER, str(RETRY_AFTER_S)))  # retryable: say when, as HTTP does
+    if e.param:
+        md.append((ERROR_PARAM_HEADER, wire_text(e.param, MAX_WIRE_PARAM_CHARS)))
+    return code, wire_text(e.message), md
 
 
 def _trace_headers(details) -> tuple[str | None, str | None]:

@@ -27,6 +27,11 @@ class EncoderConfig:
     max_queued_items: int = 1024
     cache_ttl_s: int | None = None
     redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
+    # Per-tenant share of the cache for user-supplied embeddings (services/encoder/tenant_share.py): a fraction
+    # of the capacity (--cache-capacity-mb, else Redis maxmemory; 0 or unknown: off) per window.
+    tenant_cache_share: float = 0.25
+    tenant_cache_window_s: float = 600.0
+    cache_capacity_mb: float | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +48,15 @@ class EncoderConfig:
         g.add_argument("--max-queued-items", type=int, default=ca.env_int("MAX_QUEUED_ITEMS", 1024),
                        help="items waiting for a tower batch before Encode answers RESOURCE_EXHAUSTED "
                             "(env MMPIPE_MAX_QUEUED_ITEMS)")
+        g.add_argument("--tenant-cache-share", type=float, default=float(ca.env("TENANT_CACHE_SHARE", 0.25)),
+                       help="fraction of the cache one tenant's precomputed embeddings (PutEmbeddings) may fill "
+                            "within --tenant-cache-window-s; beyond it 429 / RESOURCE_EXHAUSTED; 0: off "
+                            "(env MMPIPE_TENANT_CACHE_SHARE)")
+        g.add_argument("--tenant-cache-window-s", type=float, default=float(ca.env("TENANT_CACHE_WINDOW_S", 600)),
+                       help="the window of --tenant-cache-share (env MMPIPE_TENANT_CACHE_WINDOW_S)")
+        g.add_argument("--cache-capacity-mb", type=float, default=float(ca.env("CACHE_CAPACITY_MB", 0)) or None,
+                       help="the embedding cache's capacity for --tenant-cache-share; default: Redis maxmemory "
+                            "(a cluster: set it) (env MMPIPE_CACHE_CAPACITY_MB)")
         g.add_argument("--cache-ttl-s", type=int, default=ca.env_int("CACHE_TTL_S", 0) or None,
                        help="expiry of cached embeddings; default: until evicted (env MMPIPE_CACHE_TTL_S)")
 
@@ -54,4 +68,5 @@ class EncoderConfig:
                    trust_remote_code=a.trust_remote_code, enable_mm_embeds=a.enable_mm_embeds,
                    max_batch_items=a.max_batch_items, batch_wait_ms=a.batch_wait_ms, cache_ttl_s=a.cache_ttl_s,
                    redis_options=ca.redis_options(a),
-                   max_queued_items=a.max_queued_items)
+                   max_queued_items=a.max_queued_items, tenant_cache_share=a.tenant_cache_share,
+                   tenant_cache_window_s=a.tenant_cache_window_s, cache_capacity_mb=a.cache_capacity_mb)

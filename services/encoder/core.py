@@ -26,6 +26,7 @@ from mmpipe.services.common.convert import EmbeddingRef, LookupItem
 from mmpipe.services.common.warmup import warmup_items
 from mmpipe.services.encoder.batcher import DynamicBatcher
 from mmpipe.services.encoder.keyspaces import Keyspaces
+from mmpipe.services.encoder.tenant_share import TenantCacheShare, cache_capacity_bytes
 from mmpipe.shared.cache.meta_peek import peek_headers
 from mmpipe.shared.cache.serde import CacheCorruptError, pack_embedding, unpack_tensors
 from mmpipe.shared.errors import InvalidInputError, MMPipeError, ServiceUnavailableError, UnsupportedError
@@ -87,6 +88,13 @@ class EncoderCore:
         self.cache = cache
         self.redis = redis_client
         self.keyspaces = Keyspaces(cfg.model, adapter, cfg.media_io_kwargs)
+        share = getattr(cfg, "tenant_cache_share", 0.0) or 0.0
+        capacity = cache_capacity_bytes(redis_client, getattr(cfg, "cache_capacity_mb", None)) if share > 0 else 0
+        self.tenant_share = TenantCacheShare(redis_client, limit_bytes=int(share * capacity),
+                                             window_s=getattr(cfg, "tenant_cache_window_s", 600.0))
+        if share > 0:
+            log.info("tenant cache share: %s", f"{self.tenant_share.limit_bytes} bytes per tenant per "
+                     f"{self.tenant_share.window_s:g} s" if self.tenant_share.enabled else "off (no capacity known)")
         self.tower = ThreadPoolExecutor(1, thread_name_prefix="tower")  # one model, one thread
         self.io = ThreadPoolExecutor(4, thread_name_prefix="redis-io")
         m = metrics
@@ -203,6 +211,11 @@ class EncoderCore:
                 key = ks.key(e.modality, uuid=it.uuid, tenant=tenant or None) if it.uuid else \
                     ks.key(e.modality, content_hash=h)
                 out.append((key, e, h, it.uuid))
+        nbytes = sum(e.tensor.numel() * e.tensor.element_size() for _, e, _, _ in out)
+        try:
+            self.tenant_share.charge(tenant or None, nbytes)  # before the write: refused bytes never land
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
+            raise ServiceUnavailableError(f"the embedding cache is unreachable during PutEmbeddings: {e}") from e
         self.cache.put_many([(k, e) for k, e, _, _ in out])
         for _, e, _, _ in out:
             self.m_puts.labels(self.model_label, e.modality).inc()

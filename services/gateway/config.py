@@ -116,6 +116,12 @@ class GatewayConfig:
     max_concurrent_requests: int = 256
     # The most samples (`n`) one request may ask for: each is a sequence in the generator's batch.
     max_n: int = 16
+    # The HTTP edge (docs/security.md, "Limits"): request bodies above this are a 413 (Content-Length, then
+    # while reading); request headers must arrive within header_read_timeout_s and the body within
+    # body_read_timeout_s, else 408 and the connection is closed.
+    max_request_body_mb: float = 64.0
+    header_read_timeout_s: float = 10.0
+    body_read_timeout_s: float = 30.0
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -242,6 +248,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
     p.add_argument("--max-n", type=int, default=int(_env("MAX_N", 16)),
                    help="the most samples (n) one request may ask for [MMPIPE_MAX_N]")
+    p.add_argument("--max-request-body-mb", type=float, default=float(_env("MAX_REQUEST_BODY_MB", 64)),
+                   help="largest HTTP request body in MiB; larger is a 413, from Content-Length or while reading "
+                        "[MMPIPE_MAX_REQUEST_BODY_MB]")
+    p.add_argument("--header-read-timeout", type=float, default=float(_env("HEADER_READ_TIMEOUT", 10)),
+                   help="seconds a client has to send a request's headers (from connecting, or from the previous "
+                        "response); then 408 and the connection is closed [MMPIPE_HEADER_READ_TIMEOUT]")
+    p.add_argument("--body-read-timeout", type=float, default=float(_env("BODY_READ_TIMEOUT", 30)),
+                   help="seconds a client has to send a request's body once its headers arrived; then 408 "
+                        "[MMPIPE_BODY_READ_TIMEOUT]")
     p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
     add_connection_age_args(p.add_argument_group("gRPC connection age of the public gRPC API"))
@@ -296,6 +311,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
     tools = ToolSettings(bool(getattr(args, "enable_auto_tool_choice", False)),
                          getattr(args, "tool_call_parser", None) or None)
+    for flag in ("max_request_body_mb", "header_read_timeout", "body_read_timeout"):
+        value = getattr(args, flag, 1.0)
+        if not value > 0:
+            name = "--" + flag.replace("_", "-")
+            raise InvalidInputError(f"{name} must be positive, got {value!r}", param=name)
     count = getattr(args, "api_server_count", 1)
     if not isinstance(count, int) or count < 1:
         raise InvalidInputError(f"--api-server-count must be at least 1, got {count!r}", param="--api-server-count")
@@ -328,6 +348,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         mm_processor_kwargs=_json_dict(getattr(args, "mm_processor_kwargs", None), "--mm-processor-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
         max_n=args.max_n,
+        max_request_body_mb=getattr(args, "max_request_body_mb", 64.0),
+        header_read_timeout_s=getattr(args, "header_read_timeout", 10.0),
+        body_read_timeout_s=getattr(args, "body_read_timeout", 30.0),
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),

@@ -96,11 +96,9 @@ class GatewayCore:
         stream: GenerationStream | None = None
         try:
             self.check_model(model)
-            if self.in_flight >= self.cfg.max_concurrent_requests:
-                raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
-                                      f"(--max-concurrent-requests); retry shortly")
-            self.in_flight += 1
-            admitted = True
+            if not ctx.admitted:
+                self.admit()
+                admitted = True
             # Templates and tokenisation are CPU work: off the event loop, so other requests keep streaming.
             prepared: PreparedPrompt = await asyncio.to_thread(prepare)
             stream = GenerationStream(self, prepared, ctx, metrics, deadline)
@@ -110,7 +108,7 @@ class GatewayCore:
             if stream is not None:
                 await stream._aclose_chunks()
             if admitted:
-                self.in_flight -= 1
+                self.release()
             metrics.finish(_status_of(e))
             raise
         finally:
@@ -155,7 +153,14 @@ class GatewayCore:
                 pass
         return stream.results()
 
-    def _release(self) -> None:
+    def admit(self) -> None:
+        """Take one of the --max-concurrent-requests slots, or fail with 429 at once (never queue)."""
+        if self.in_flight >= self.cfg.max_concurrent_requests:
+            raise OverloadedError(f"the gateway is serving {self.in_flight} requests, its limit "
+                                  f"(--max-concurrent-requests); retry shortly")
+        self.in_flight += 1
+
+    def release(self) -> None:
         self.in_flight -= 1
 
 
@@ -203,7 +208,8 @@ class GenerationStream:
         while True:
             try:
                 resolving = resolve_media(core.stages, p.media, self.ctx, timeout=self._left(),
-                                          model=core.model_name, kw=p.media_kwargs)
+                                          model=core.model_name, kw=p.media_kwargs,
+                                          max_embed_rows=self._embed_rows())
                 refs = await (core.steps.timed("resolve", resolving) if p.media else resolving)
                 self._chunks = core.stages.generate(p.prompt_token_ids, refs, p.sampling, self.ctx, self._left())
                 self._first = await core.steps.timed("first_token", self._chunks.__anext__())
@@ -249,13 +255,22 @@ class GenerationStream:
         if self.finish_reason is None and self._status == 200:
             self._status = 499  # left before the end: the client went away
         await self._aclose_chunks()
-        self.core._release()
+        if not self.ctx.admitted:
+            self.core.release()
         self.metrics.finish(self._status, prompt_tokens=self.prompt_tokens)
 
     async def _aclose_chunks(self) -> None:
         chunks, self._chunks = self._chunks, None
         if chunks is not None:
             await chunks.aclose()  # cancels the RPC: the generator aborts the request and frees its KV blocks
+
+    def _embed_rows(self) -> int | None:
+        """Embedding rows the prompt has room for: max_model_len less its other tokens and max_tokens (each
+        item's one placeholder is replaced by its rows)."""
+        limit, p = self.core.info.max_model_len, self.prepared
+        if limit is None:
+            return None
+        return limit - (len(p.prompt_token_ids) - len(p.media)) - (p.sampling.max_tokens or 1)
 
     def _left(self) -> float:
         left = self.deadline - time.monotonic()

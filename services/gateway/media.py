@@ -26,9 +26,12 @@ from .types import MediaKwargs, MediaRef, RequestContext
 
 
 async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: RequestContext, *, timeout: float,
-                        model: str, kw: MediaKwargs | None = None) -> list[MediaRef]:
+                        model: str, kw: MediaKwargs | None = None,
+                        max_embed_rows: int | None = None) -> list[MediaRef]:
     """`kw`: the request's checked media settings (prepare.py); every stage call carries them (they select the
-    cache keyspace, and ingest calls the processor with them)."""
+    cache keyspace, and ingest calls the processor with them). `max_embed_rows`: the embedding rows the prompt
+    has room for under max_model_len; `image_embeds` parts holding more are refused (400) before their tensors
+    are materialised or stored."""
     if not media:
         return []
     refs: list[MediaRef | None] = [None] * len(media)
@@ -45,7 +48,7 @@ async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: Request
     todo_ingest = [i for i, m in enumerate(media) if refs[i] is None and not m.is_embeds]
     todo_embeds = [i for i, m in enumerate(media) if refs[i] is None and m.is_embeds]
     # Decoding the user's tensors is CPU work: keep it off the event loop.
-    packed = await asyncio.to_thread(lambda: [decode_user_embeds(media[i]) for i in todo_embeds]) \
+    packed = await asyncio.to_thread(_decode_embeds, [media[i] for i in todo_embeds], max_embed_rows) \
         if todo_embeds else []
     ingested, stored = await _both(
         stages.ingest([MediaSource(media[i].modality, url=media[i].source, uuid=media[i].uuid,
@@ -63,6 +66,16 @@ async def resolve_media(stages: StageClients, media: list[ItemRef], ctx: Request
             MM_CACHE_HITS.labels(model, r.modality, r.how).inc()
         elif r.how == "miss":
             MM_CACHE_MISSES.labels(model, r.modality).inc()
+    return out
+
+
+def _decode_embeds(items: list[ItemRef], max_rows: int | None) -> list:
+    out = []
+    for item in items:
+        tensors, rows = decode_user_embeds(item, max_rows)
+        out.append(tensors)
+        if max_rows is not None:
+            max_rows -= rows
     return out
 
 

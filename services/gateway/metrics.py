@@ -45,6 +45,12 @@ MM_CACHE_HITS = Counter("mmpipe_gateway_mm_cache_hits",
 MM_CACHE_MISSES = Counter("mmpipe_gateway_mm_cache_misses",
                           "Media items that had to be preprocessed and encoded.", ("model", "modality"))
 STEP_DURATION = Histogram("mmpipe_gateway_step_duration_seconds", STEP_DOC, ("model", "step"), buckets=STEP_BUCKETS)
+CONNECTIONS = Counter("mmpipe_gateway_http_connections", "HTTP connections accepted.", ("model",))
+OPEN_CONNECTIONS = Gauge("mmpipe_gateway_http_open_connections", "HTTP connections open right now.", ("model",),
+                         multiprocess_mode="livesum")
+CONNECTIONS_CUT = Counter("mmpipe_gateway_http_requests_cut",
+                          "Requests refused before their body was used, and the connection closed (reason: "
+                          "header_timeout, body_timeout, body_too_large).", ("reason",))
 STAGE_ERRORS = Counter("mmpipe_gateway_stage_errors", "Failed stage calls, by stage and gRPC code.",
                        ("stage", "code"))
 # Routing over generator replicas (services/gateway/routing.py): `replica` is the address given in --generator-addr.

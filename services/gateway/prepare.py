@@ -206,7 +206,7 @@ class Preparer:
             full = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
             root_n = os.path.normpath(root)
             if full != root_n and not full.startswith(root_n.rstrip(os.sep) + os.sep):
-                raise MediaPolicyError(f"local media path {path!r} is outside the allowed folder {root!r} "
+                raise MediaPolicyError(f"local media path {path[:200]!r} is outside the allowed folder "
                                        f"(--allowed-local-media-path)", param=f"{modality}_url")
         elif scheme != "data":
             raise MediaPolicyError(f"unsupported media URL scheme {scheme!r}: use http(s)://, data: or file://",

@@ -27,6 +27,7 @@ from .config import GatewayConfig
 from .core import GatewayCore
 from .grpc_api.servicer import GatewayServicer
 from .http.app import build_app, readiness
+from .http.connections import guarded_h11
 from .model_info import load_model_info
 from .stages import StageClients
 
@@ -97,7 +98,8 @@ async def serve(cfg: GatewayConfig, *, http_socket: socket.socket | None = None,
 
     app = build_app(core, redis=redis, worker=worker)
     http = _Uvicorn(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
-                                   lifespan="off", timeout_graceful_shutdown=int(shutdown_grace_s)))
+                                   lifespan="off", timeout_graceful_shutdown=int(shutdown_grace_s),
+                                   http=guarded_h11(cfg.header_read_timeout_s, core.model_name)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

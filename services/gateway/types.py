@@ -21,6 +21,9 @@ class RequestContext:
     endpoint: str
     tenant: str | None = None
     session: str | None = None
+    # The transport already holds this request's --max-concurrent-requests slot (the HTTP guard takes it before
+    # reading the body, services/gateway/http/guard.py) and releases it itself: the core takes none.
+    admitted: bool = False
 
 
 @dataclass(frozen=True)

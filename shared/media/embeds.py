@@ -16,10 +16,12 @@ import json
 
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, LimitExceededError
 from .fetch import b64decode_strict
 
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Small integer metadata sent beside embeddings (Qwen-VL's image_grid_thw, LLaVA-OneVision's image_sizes).
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
@@ -104,9 +106,14 @@ def _load_torch(data: bytes, param: str, max_bytes: int = DEFAULT_MAX_BYTES) -> 
     return obj
 
 
-def decode_tensor_b64(s: str, *, param: str, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """Base64 of `torch.save(tensor)` or safetensors bytes -> a validated, dense, finite float CPU tensor.
+def decode_tensor_b64(s: str, *, param: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                      dtypes: tuple[torch.dtype, ...] = ALLOWED_DTYPES, max_rows: int | None = None) -> torch.Tensor:
+    """Base64 of `torch.save(tensor)` or safetensors bytes -> a validated, dense (finite, for floats) CPU tensor
+    of one of `dtypes` (floats by default; `INT_DTYPES` for grid metadata).
 
+    `max_rows`: at most this many rows (elements / last dimension; a prompt can use no more embedding rows than
+    max_model_len allows). Sizes are checked on the view and on its storage BEFORE anything is materialised: a
+    stride-0 (expanded) tensor of a few KB can describe hundreds of MB.
     Every failure is an InvalidInputError with `param` set (e.g. "image_embeds").
     """
     if not isinstance(s, str) or not s.strip():
@@ -121,16 +128,22 @@ def decode_tensor_b64(s: str, *, param: str, max_bytes: int = DEFAULT_MAX_BYTES)
     if t.layout != torch.strided or t.is_quantized or t.is_nested:
         raise InvalidInputError(f"{param}: tensor must be dense (got layout {t.layout}"
                                 f"{', quantized' if t.is_quantized else ''})", param=param)
-    if t.dtype not in ALLOWED_DTYPES:
+    if t.dtype not in dtypes:
         raise InvalidInputError(f"{param}: tensor dtype {t.dtype} is not allowed; use one of "
-                                f"{[str(d) for d in ALLOWED_DTYPES]}", param=param)
+                                f"{[str(d) for d in dtypes]}", param=param)
     if t.ndim == 0 or t.numel() == 0:
         raise InvalidInputError(f"{param}: tensor must be non-empty with at least one dimension, got shape "
                                 f"{tuple(t.shape)}", param=param)
-    if t.numel() * t.element_size() > max_bytes:
-        raise InvalidInputError(f"{param}: tensor of {t.numel() * t.element_size()} bytes exceeds the limit of "
-                                f"{max_bytes} bytes", param=param)
-    if not bool(torch.isfinite(t).all()):
+    materialised, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if materialised > max_bytes or stored > max_bytes:
+        raise InvalidInputError(f"{param}: tensor of {materialised} bytes (storage {stored} bytes) exceeds the "
+                                f"limit of {max_bytes} bytes", param=param)
+    rows = t.numel() // t.shape[-1] if t.ndim >= 2 else 1
+    if max_rows is not None and rows > max_rows:
+        raise LimitExceededError(f"{param}: tensor of shape {tuple(t.shape)} has {rows} rows, more than the "
+                                 f"{max(max_rows, 0)} embedding rows this prompt has room for (max_model_len)",
+                                 param=param)
+    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
         raise InvalidInputError(f"{param}: tensor contains NaN or Inf values", param=param)
     # A view may keep a much larger pickled storage alive; own exactly our elements, with no grad.
     return t.detach().contiguous().clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() \

@@ -167,6 +167,12 @@ def _fetch_http(url: str, policy: MediaPolicy, modality: str | None) -> bytes:
                 return _read_body(resp, u, policy, deadline, modality)
         except httpx.TimeoutException:
             raise _timeout(u, policy, modality) from None
+        except httpx.InvalidURL as e:
+            # `u` was checked, so this is the answer's Location: httpx builds the next request of a redirect even
+            # when it does not follow it, and fails on `data:` / `mailto:` / `javascript:` targets (not HTTPError:
+            # it escaped as a 500). Non-http(s) targets are refused like any other (403).
+            raise MediaPolicyError(f"{redact_url(u)} redirects to a Location that is not an http(s) URL ({e}); "
+                                   f"only http(s) redirect targets are followed") from None
         except httpx.HTTPError as e:
             raise MediaFetchError(f"fetching {redact_url(u)} failed: {type(e).__name__}: {e}") from None
     raise MediaFetchError(f"too many redirects (more than {policy.max_redirects}) starting at "
@@ -272,9 +278,11 @@ def _read_local(path: str, policy: MediaPolicy) -> bytes:
     # realpath resolves both '..' and symlinks, so an escape by either route lands outside `root`.
     real = os.path.realpath(candidate)
     if not _inside(root, real):
+        # Never name where it resolves to (a symlink's target, e.g. a /proc/<pid>/... path) nor the server's
+        # folder: the client learns only that its own path is refused.
         raise MediaPolicyError(
-            f"local media path {path!r} resolves to {real!r}, outside the allowed folder {root!r} "
-            f"(via '..' or a symlink); only files inside --allowed-local-media-path may be read")
+            f"local media path {path[:200]!r} resolves outside the allowed folder (via '..' or a symlink); only "
+            f"files inside --allowed-local-media-path may be read")
     try:
         # O_NOFOLLOW + O_NONBLOCK: a symlink swapped in after the check fails instead of being followed, and
         # a FIFO cannot hang the open.
@@ -288,8 +296,8 @@ def _read_local(path: str, policy: MediaPolicy) -> bytes:
         # symlink between realpath() and open().
         proc = f"/proc/self/fd/{fd}"
         if os.path.exists(proc) and not _inside(root, os.path.realpath(proc)):
-            raise MediaPolicyError(f"local media path {path!r} changed to point outside {root!r} while "
-                                   f"being opened")
+            raise MediaPolicyError(f"local media path {path[:200]!r} changed to point outside the allowed folder "
+                                   f"while being opened")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise MediaFetchError(f"local media path {path!r} is not a regular file")

@@ -59,11 +59,7 @@ class QwenVLBase(ModelAdapter):
         key, gkey = f"{modality}_embeds", f"{modality}_grid_thw"
         if key not in value or gkey not in value:
             raise InvalidInputError(f"{self.family} {modality} embeddings need both {key!r} and {gkey!r}", param=key)
-        emb, grid = value[key], torch.as_tensor(value[gkey])
-        if grid.ndim == 1:
-            grid = grid[None]
-        if grid.ndim != 2 or grid.shape[1] != 3 or (grid <= 0).any():
-            raise InvalidInputError(f"{gkey} must be (num_items, 3) positive ints, got {tuple(grid.shape)}", param=gkey)
+        emb, grid = value[key], self._checked_grid(value[gkey], gkey)
         sizes = [self._grid_tokens(g) for g in grid.tolist()]
         if not isinstance(emb, torch.Tensor):
             raise InvalidInputError(f"{key} must be a tensor", param=key)
@@ -80,6 +76,26 @@ class QwenVLBase(ModelAdapter):
                 meta["second_per_grid_t"] = float(value.get("second_per_grid_t", 1.0))
             out.append(self._checked_embedding(modality, t, meta))
         return out
+
+    def _checked_grid(self, value: Any, gkey: str) -> torch.Tensor:
+        """A user's (num_items, 3) grid: integers (a float grid would be cached and then fail in the M-RoPE
+        positions: a 500 on every repeat), positive, with h and w multiples of the merge size (the tower merges
+        merge_size x merge_size patches into one token; anything else has no consistent row count)."""
+        try:
+            grid = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidInputError(f"{gkey} must be (num_items, 3) integers ({e})", param=gkey) from None
+        if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
+            raise InvalidInputError(f"{gkey} must hold integers, got dtype {grid.dtype}", param=gkey)
+        if grid.ndim == 1:
+            grid = grid[None]
+        if grid.ndim != 2 or grid.shape[1] != 3 or grid.numel() == 0 or (grid <= 0).any():
+            raise InvalidInputError(f"{gkey} must be (num_items, 3) positive ints, got {tuple(grid.shape)}", param=gkey)
+        m = self.merge_size
+        if (grid[:, 1:] % m != 0).any() or (grid > 1 << 20).any():
+            raise InvalidInputError(f"{gkey}={grid.tolist()[:4]}: h and w must be multiples of the merge size {m} "
+                                    f"(and at most 2^20)", param=gkey)
+        return grid.to(torch.int64)
 
     def _checked_embedding(self, modality: str, t: torch.Tensor, meta: dict[str, Any]) -> MMEmbedding:
         if "grid_thw" not in meta and modality in ("image", "video"):

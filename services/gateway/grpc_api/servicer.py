@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from mmpipe.services.common.grpc_server import ERROR_CLASS_HEADER, ERROR_PARAM_HEADER
+from mmpipe.services.common.grpc_server import error_status
 from mmpipe.services.common.logs import REQUEST_ID
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
 from mmpipe.shared.errors import AuthenticationError, InvalidInputError, MMPipeError
@@ -223,11 +223,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             code = e.grpc_code
             if not isinstance(e, AuthenticationError) and e.http_status >= 500:
                 logger.warning("%s failed: %s %s", method, e.grpc_code, e.message)
-            md_out = [(ERROR_CLASS_HEADER, type(e).__name__)]
-            if e.param:
-                md_out.append((ERROR_PARAM_HEADER, str(e.param)))
+            status, details, md_out = error_status(e)
             context.set_trailing_metadata(md_out)
-            await context.abort(getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL), e.message)
+            await context.abort(status, details)
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"  # the client went away; `async with stream` cancelled the generator call
             raise

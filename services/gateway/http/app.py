@@ -18,6 +18,7 @@ from ..openai.models.api_router import router as models_router
 from ..openai.tokenization.api_router import router as tokenization_router
 from ..openai.tokenization.serving import OpenAIServingTokenization
 from .errors import RETRY_AFTER_S, install_error_handlers
+from .guard import RequestGuard
 from .request_id import RequestIdMiddleware
 
 logger = logging.getLogger(__name__)
@@ -79,5 +80,6 @@ def build_app(core: GatewayCore, *, redis: Any | None = None, worker: int | None
         body, content_type = render()
         return Response(body, media_type=content_type)
 
+    app.add_middleware(RequestGuard, core=core)  # inside the request id: its refusals are counted and carry the id
     app.add_middleware(RequestIdMiddleware, model=core.model_name, worker=worker)
     return app

@@ -70,10 +70,16 @@ def authenticate(cfg, authorization: str | None, tenant_header: str | None) -> s
     return tenant_of_key(key) if key is not None else None
 
 
+def authenticate_headers(cfg, headers) -> str | None:
+    """`authenticate` on a request's headers (a Starlette `Headers`, or anything with `.get`)."""
+    return authenticate(cfg, headers.get("authorization"), headers.get(TENANT_HEADER))
+
+
 def require_api_key(request: Request) -> None:
-    """FastAPI dependency for the /v1 routers: 401 without a valid key; the tenant goes to request.state."""
-    request.state.tenant = authenticate(request.app.state.cfg, request.headers.get("authorization"),
-                                        request.headers.get(TENANT_HEADER))
+    """FastAPI dependency for the /v1 routers: 401 without a valid key; the tenant goes to request.state.
+    The HTTP guard (guard.py) has normally authenticated already, on the headers, before the body was read."""
+    if "tenant" not in request.scope.get("state", {}):
+        request.state.tenant = authenticate_headers(request.app.state.cfg, request.headers)
 
 
 def request_tenant(request: Request) -> str | None:

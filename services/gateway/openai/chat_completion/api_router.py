@@ -5,6 +5,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ...http.auth import request_tenant, require_api_key
+from ...http.guard import request_admitted
 from ...http.cancel import until_disconnect
 from ...http.request_id import request_id
 from ...http.session import request_session
@@ -18,4 +19,5 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                                  rid: str = Depends(request_id)) -> Response:
     serving = raw.app.state.serving_chat
     return await until_disconnect(raw, serving.create(body, rid, tenant=request_tenant(raw),
-                                                      session=request_session(raw)))
+                                                      session=request_session(raw),
+                                                      admitted=request_admitted(raw)))

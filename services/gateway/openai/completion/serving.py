@@ -33,7 +33,7 @@ class OpenAIServingCompletion:
         self.core = core
 
     async def create(self, req: CompletionRequest, request_id: str, tenant: str | None = None,
-                     session: str | None = None) -> Response:
+                     session: str | None = None, admitted: bool = False) -> Response:
         prompts = req.prompts()
         sampling = req.to_sampling()
         media_kwargs = req.media_kwargs()
@@ -42,7 +42,8 @@ class OpenAIServingCompletion:
                   for text, ids in prompts]
         ids_of = [request_id] if len(inputs) == 1 else [f"{request_id}-{i}" for i in range(len(inputs))]
         streams = await self._start_all(
-            inputs, [RequestContext(request_id=r, endpoint=ENDPOINT, tenant=tenant, session=session)
+            inputs, [RequestContext(request_id=r, endpoint=ENDPOINT, tenant=tenant, session=session,
+                                   admitted=admitted)
                     for r in ids_of])
         echoes = [self.core.echo_text(inp, s) if req.echo else "" for inp, s in zip(inputs, streams)]
         if req.stream:
