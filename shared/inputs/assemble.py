@@ -42,11 +42,36 @@ def expand_prompt(token_ids: list[int], embeddings: list[MMEmbedding], placehold
             out.append(t)
             continue
         emb, key = queues[m].pop(0)
-        spans.append(MMSpan(offset=len(out), length=emb.num_tokens, key=key))
-        positions.extend(range(len(out), len(out) + emb.num_tokens))
-        out.extend([t] * emb.num_tokens)
+        expansion = emb.meta.get("expansion")
+        if expansion is None:
+            spans.append(MMSpan(offset=len(out), length=emb.num_tokens, key=key))
+            positions.extend(range(len(out), len(out) + emb.num_tokens))
+            out.extend([t] * emb.num_tokens)
+        else:
+            spans.extend(_expand_item(out, positions, expansion, t, emb.num_tokens, key))
         ordered.append(emb)
     return ExpandedPrompt(out, positions, ordered, spans)
+
+
+def _expand_item(out: list[int], positions: list[int], expansion: list[int], placeholder: int, num_tokens: int,
+                 key: str | None) -> list[MMSpan]:
+    """Append an item whose processor expansion holds text tokens too (Qwen3-VL's frame timestamps); one span
+    per run of its rows, the n-th run keyed `key#n` (each run names different rows)."""
+    rows = [i for i, x in enumerate(expansion) if x == placeholder]
+    if len(rows) != num_tokens:
+        raise InvalidInputError(f"an item's expansion has {len(rows)} placeholders for {num_tokens} embedding rows",
+                                param="embeddings")
+    base = len(out)
+    out.extend(int(x) for x in expansion)
+    positions.extend(base + i for i in rows)
+    runs: list[list[int]] = []
+    for i in rows:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [MMSpan(offset=base + a, length=b - a, key=None if key is None else f"{key}#{n}")
+            for n, (a, b) in enumerate(runs)]
 
 
 def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list[int],

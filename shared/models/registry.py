@@ -17,13 +17,14 @@ from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
+from mmpipe.shared.models.qwen3_vl import Qwen3VLAdapter
 from mmpipe.shared.models.qwen_vl import Qwen25VLAdapter, Qwen2VLAdapter
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
-    Qwen25OmniThinkerAdapter,
+    Qwen25OmniThinkerAdapter, Qwen3VLAdapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)
