@@ -33,6 +33,9 @@ class ModelAdapter(ABC):
     modalities: ClassVar[tuple[str, ...]]
     # "image_text_to_text" -> AutoModelForImageTextToText, "multimodal_lm" -> AutoModelForMultimodalLM
     auto_class: ClassVar[str] = "image_text_to_text"
+    # model_type -> the sub-model of such a checkpoint that mmpipe serves (its config is `<name>_config`, its
+    # tensors are under `<name>.`): a full Qwen2.5-Omni checkpoint is served as its thinker
+    served_submodel: ClassVar[dict[str, str]] = {}
     uses_mrope: ClassVar[bool] = False
     # True when the processor expands one placeholder into more than its feature tokens (Qwen3-VL's frame
     # timestamps): the item's expansion, as token ids, is then kept in its metadata ("expansion")

@@ -507,11 +507,12 @@ def _build_qwen2_5_omni_full() -> _Built:
     thinker, processor = _build_qwen2_5_omni()
     tc = thinker.config
     talker = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=tc.text_config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, embedding_size=tc.text_config.hidden_size,
         rope_parameters=dict(_MROPE), spatial_merge_size=2,
         audio_token_index=tc.audio_token_index, image_token_index=tc.image_token_index,
         video_token_index=tc.video_token_index, vision_start_token_id=tc.vision_start_token_id,
+        vision_end_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_eos|>"),
         audio_start_token_id=tc.audio_start_token_id, audio_end_token_id=tc.audio_end_token_id,
         tts_text_start_token_id=1, tts_text_end_token_id=2, tts_text_pad_token_id=3,
         tts_codec_start_token_id=4, tts_codec_end_token_id=5, tts_codec_pad_token_id=6,
@@ -530,6 +531,18 @@ def _build_qwen2_5_omni_full() -> _Built:
     model.thinker.load_state_dict(thinker.state_dict())
     return model, processor
 
+
+def _write_omni_speakers(out: Path) -> None:
+    """`spk_dict.pt`, which Qwen2_5OmniForConditionalGeneration.from_pretrained requires (speaker conditioning for
+    audio out; mmpipe never reads it). Zero tensors of the talker's shapes stand in for a real speaker."""
+    import torch
+
+    torch.save({"Chelsie": {"bos_token": 4, "cond": torch.zeros(32), "ref_mel": torch.zeros(8, 16)}},
+               out / "spk_dict.pt")
+
+
+# Files a family needs besides what save_pretrained writes.
+_EXTRA_FILES = {"qwen2_5_omni_full": _write_omni_speakers}
 
 _BUILDERS = {
     "llava": _build_llava,
@@ -578,6 +591,8 @@ def build_tiny_model(family: str, out_dir: str | Path) -> Path:
         model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if family in _EXTRA_FILES:
+        _EXTRA_FILES[family](out)
     info = {
         "family": spec.family,
         "loader": spec.loader,
