@@ -60,6 +60,11 @@ class ModelAdapter(ABC):
         # Recorded, not read off the first parameter: on a one-stage model that one may be on the meta device.
         self._device = torch.device(device) if device is not None else _held_device(model)
 
+    @property
+    def embed_width(self) -> int:
+        """The width of one embedding row: the text hidden size (Qwen3-VL's rows also carry deepstack features)."""
+        return self.hidden_size
+
     @classmethod
     def part_modules(cls, part: str) -> tuple[str, ...]:
         """The module paths holding `part`'s weights ("towers" or "lm")."""
