@@ -95,3 +95,23 @@ def test_bad_image_embeds_name_the_field_and_the_llm_keeps_serving(llm, path):
     assert e.value.param == "video_embeds"
     out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": img}}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == hf_generate(path, prompt, images=[img])
+
+
+def test_batch_mixed_with_other_prompts_under_preemption(path):
+    """Three prompts in one call (image + video, two images, text only) on a KV cache too small for all three:
+    requests are preempted and recomputed with the same rows, timestamps and positions."""
+    llm = LLM(path, device="cpu", engine=ENGINE, kv_cache_blocks=20, block_size=4, max_num_batched_tokens=32,
+              enable_prefix_caching=False)
+    imgs = [make_image(112, 84, seed=31), make_image(64, 96, seed=32)]
+    vid = make_video(n=4, h=64, w=96, seed=33)
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt": _chat(f"{IMG}{VID}Describe the image and the video."),
+                "multi_modal_data": {"image": imgs[0], "video": vid}},
+               {"prompt": _chat(f"{IMG}and {IMG}What differs?"), "multi_modal_data": {"image": imgs[::-1]}},
+               {"prompt": _chat("Hello, how are you? Tell me a story.")}]
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert llm.engine.kv_cache_info()["num_preemptions"] > 0
+    refs = [hf_generate(path, prompts[0]["prompt"], images=imgs[:1], videos=[vid], max_new_tokens=12),
+            hf_generate(path, prompts[1]["prompt"], images=imgs[::-1], max_new_tokens=12),
+            hf_generate(path, prompts[2]["prompt"], max_new_tokens=12)]
+    assert [o.outputs[0].token_ids for o in outs] == refs
