@@ -326,3 +326,12 @@ def test_full_omni_checkpoint_serves_the_thinker_and_never_opens_the_talker(tiny
     ids = _prompt_ids(oracle, "qwen2_5_omni")
     ref = _generate(oracle, ids, want)
     assert len(ref) == GREEDY.max_tokens and _generate(lm, ids, got) == ref
+    # what ingest and the gateway load (no weights) names the same family and placeholders
+    from mmpipe.services.gateway.model_info import load_model_info
+    from mmpipe.shared.models.light import load_preprocess_adapter
+
+    light = load_preprocess_adapter(str(d))
+    assert light.family == "qwen2_5_omni" and light.placeholder_ids() == oracle.placeholder_ids()
+    assert all(p.device.type == "meta" for p in light.model.parameters())
+    info = load_model_info(str(d))
+    assert info.family == "qwen2_5_omni" and info.placeholder_ids == oracle.placeholder_ids()
