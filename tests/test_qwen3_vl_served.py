@@ -38,9 +38,9 @@ def served(redis_server, tmp_path_factory):
         gw = start_gateway_process(model, {s: p.addr for s, p in stack.procs.items()}, stack.log_dir, [
             "--redis-url", redis_server, "--api-key", KEY, "--enable-mm-embeds", "--allowed-local-media-path",
             str(media), "--shutdown-grace-s", "5"])
-        for p in stack.procs.values():
-            wait_healthy(p.addr, 120, p.proc, p.log_path)
-        gw.wait_healthy()
+        for p in stack.procs.values():  # bounds, not expectations: start-up is ~10 s on an idle 2-core box
+            wait_healthy(p.addr, 300, p.proc, p.log_path)
+        gw.wait_healthy(300)
         yield model, media, openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0)
     finally:
         if gw is not None:
