@@ -98,7 +98,7 @@ def _media_parts(family: str) -> list[tuple[list[dict], dict]]:
         return [(img + txt("Describe the image."), {"images": [make_image(seed=0)]}),
                 (img + txt("What is in this picture? Tell me briefly."), {"images": [make_image(seed=1)]}),
                 (txt("Hello, how are you?"), {})]
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return [(img + vid + txt("Describe the image and the video."),
                  {"images": [make_image(112, 84, seed=0)], "videos": [make_video(4, 56, 84)]}),
                 (img + txt("What is in this picture?"), {"images": [make_image(84, 112, seed=1)]}),
@@ -155,14 +155,14 @@ def _features(family: str, model, inputs) -> dict[str, torch.Tensor]:
                                          batch_num_images=inputs.get("batch_num_images"))
         else:
             o = model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-        out["image"] = _flat(o.pooler_output)
+        out["image"] = _with_deepstack(o)
     if "pixel_values_videos" in inputs:
         if family == "llava_onevision":
             o = model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])
         else:
             o = model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
                                          video_grid_thw=inputs["video_grid_thw"])
-        out["video"] = _flat(o.pooler_output)
+        out["video"] = _with_deepstack(o)
     if "input_features" in inputs:
         if family == "qwen2_audio":
             out["audio"] = _qwen2_audio_features(model, inputs["input_features"], inputs["feature_attention_mask"])
@@ -170,6 +170,14 @@ def _features(family: str, model, inputs) -> dict[str, torch.Tensor]:
             out["audio"] = model.get_audio_features(inputs["input_features"],
                                                     inputs["feature_attention_mask"]).last_hidden_state
     return out
+
+
+def _with_deepstack(o) -> torch.Tensor:
+    """The rows of a features output; Qwen3-VL's deepstack features concatenated after the base embedding along
+    the hidden dimension (vLLM's layout, what the engine takes)."""
+    base = _flat(o.pooler_output)
+    deep = getattr(o, "deepstack_features", None)
+    return torch.cat([base, *(_flat(layer) for layer in deep)], dim=-1) if deep else base
 
 
 def _flat(x) -> torch.Tensor:
@@ -180,7 +188,7 @@ def _flat(x) -> torch.Tensor:
 
 def _mrope(family: str, model, inputs) -> tuple[torch.Tensor | None, int]:
     ids, am = inputs["input_ids"], inputs["attention_mask"]
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         kw = dict(mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
                   video_grid_thw=inputs.get("video_grid_thw"), attention_mask=am)
         if family == "qwen2_5_vl" and "second_per_grid_ts" in inputs:

@@ -408,3 +408,95 @@ def test_paged_decode_fused_merge_in_cuda_graph():
         torch.cuda.synchronize()
         assert torch.all(ta.split_counters(q.device, 1) == 0)
         _check_decode(out, q, kc, vc, tables, lens, 2e-2, lens)
+
+
+# --- Qwen3-VL: q/k norm and DeepStack rows through the Triton path and the CUDA graphs ------------------------------
+def _qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision,
+                                                         image_token_id=299)).eval()
+
+
+def _deepstack_prompts(hidden: int, num_deepstack: int):
+    """`_prompts(mrope=True)` with rows as wide as Qwen3-VL's: base embedding + one feature per deepstack layer."""
+    g = torch.Generator().manual_seed(2)
+    return [(ids, torch.cat([emb, torch.randn(emb.shape[0], hidden * num_deepstack, generator=g)], dim=1), pos, mp, d)
+            for ids, emb, pos, mp, d in _prompts(True)]
+
+
+@torch.no_grad()
+def _hf_greedy_deepstack(model, ids, emb, mm_pos, mpos, delta, n, dev="cuda"):
+    """Greedy tokens from transformers' Qwen3-VL text model, given the deepstack features and their positions,
+    recomputing the whole sequence each step (no cache)."""
+    lm = model.model.language_model
+    H = lm.config.hidden_size
+    deep = list(emb[:, H:].reshape(emb.shape[0], -1, H).to(dev).unbind(1))
+    e = lm.embed_tokens(ids.to(dev))
+    e[mm_pos.to(dev)] = emb[:, :H].to(dev)
+    toks = []
+    for _ in range(n):
+        L = e.shape[0]
+        extra = torch.arange(mpos.shape[1], L) + delta
+        p = torch.cat([mpos, extra.expand(3, -1)], dim=1)[:, None, :].to(dev)
+        mask = torch.zeros(1, L, dtype=torch.bool, device=dev)
+        mask[0, mm_pos.to(dev)] = True
+        h = lm(inputs_embeds=e[None], position_ids=p, visual_pos_masks=mask,
+               deepstack_visual_embeds=deep).last_hidden_state[0, -1]
+        t = int(model.lm_head(h).argmax())
+        toks.append(t)
+        e = torch.cat([e, lm.embed_tokens(torch.tensor([t], device=dev))])
+    return toks
+
+
+def _run_deepstack(model, configs, dev="cuda") -> list:
+    from mmpipe.shared.engine import LLMEngine
+
+    d = model.config.text_config
+    prompts = _deepstack_prompts(d.hidden_size, len(model.config.vision_config.deepstack_visual_indexes))
+    N = 12
+    refs = [_hf_greedy_deepstack(model, *p, N, dev=dev) for p in prompts]
+    engines = []
+    for cfg in configs:
+        engine = LLMEngine(model, cfg)
+        got = {str(i): [] for i in range(len(prompts))}
+        reqs = [EngineRequest(str(i), ids.tolist(), SamplingParams(max_tokens=N, temperature=0.0), mm_embeds=emb,
+                              mm_positions=pos, mrope_positions=mp, mrope_delta=dl, eos_token_ids=[])
+                for i, (ids, emb, pos, mp, dl) in enumerate(prompts)]
+        step = 0
+        while step < 2 or engine.has_unfinished_requests():
+            if step < len(reqs):
+                engine.add_request(reqs[step])  # one arrival per step: mixed prefill/decode batches
+            for o in engine.step():
+                got[o.request_id] += o.new_token_ids
+            step += 1
+        for i, ref in enumerate(refs):
+            assert got[str(i)] == ref, (cfg, i)
+        engines.append(engine)
+    return engines
+
+
+def test_qwen3_vl_qk_norm_and_deepstack_on_cuda():
+    """fp32 token identity with transformers: the Triton kernels after q/k norm, DeepStack rows added inside the
+    first layers (such steps run eagerly; the decode graphs and the mixed graphs take the rest), chunked
+    prefill cutting through the rows."""
+    from mmpipe.shared.engine import EngineConfig
+
+    model = _qwen3_vl().cuda()
+    cfgs = (EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=16, num_kv_blocks=256),
+            EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=8, block_size=4,
+                         max_num_batched_tokens=20, num_kv_blocks=64),
+            EngineConfig(device="cuda", attention_backend="torch", max_num_seqs=8, num_kv_blocks=256))
+    for cfg, engine in zip(cfgs, _run_deepstack(model, cfgs)):
+        if cfg.attention_backend == "triton":
+            assert engine.stats["graph_steps"] > 0
+        info = engine.kv_cache_info()
+        assert info["free_blocks"] == info["num_blocks"]
+    _free_gpu()

@@ -12,7 +12,7 @@ from mmpipe.shared.types import SamplingParams
 
 from engine_helpers import REF_TOKENS, first_mm_span, get_case, run_engine
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "llava_onevision", "qwen2_5_omni"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "llava_onevision", "qwen2_5_omni", "qwen3_vl"]
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -286,3 +286,52 @@ def test_unknown_part_and_uncovered_parameters(tiny_model_dirs):  # noqa: F811
     parts = {"towers": ("model.vision_tower",), "lm": LlavaAdapter.lm_modules}
     with pytest.raises(ModelLoadError, match="multi_modal_projector"):
         load_part(d, skeleton, parts["towers"], parts, torch.device("cpu"))
+
+
+# --- a full Qwen2.5-Omni checkpoint (thinker + talker + token2wav) is served as its thinker -------------------------
+def test_full_omni_checkpoint_serves_the_thinker_and_never_opens_the_talker(tiny_model_dirs, tmp_path):  # noqa: F811
+    """The talker's and token2wav's tensors go to a shard of their own, which is then deleted: the whole thinker
+    and each stage's part of it still load, bit-identical to transformers' own full model's thinker, and
+    generate its tokens; the same checkpoint with the shard in place loads in transformers."""
+    from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
+    from mmpipe.shared.models.tiny import load_tiny_model
+
+    src = tiny_model_dirs["qwen2_5_omni_full"]
+    thinker, processor = load_tiny_model(src)  # Qwen2_5OmniForConditionalGeneration.from_pretrained(...).thinker
+    oracle = Qwen25OmniThinkerAdapter(thinker, processor)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    rest = {k for k in sd if not k.startswith("thinker.")}
+    assert any(k.startswith("talker.") for k in rest) and any(k.startswith("token2wav.") for k in rest)
+    d = _copy_model_dir(src, tmp_path / "omni")
+    (d / "model.safetensors").unlink()
+    shards = {"thinker": "model-00001-of-00002.safetensors", "rest": "model-00002-of-00002.safetensors"}
+    weight_map = {k: shards["rest" if k in rest else "thinker"] for k in sd}
+    for shard in shards.values():
+        save_file({k: v for k, v in sd.items() if weight_map[k] == shard}, str(d / shard))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / shards["rest"]).unlink()
+
+    full = load_adapter(str(d), device="cpu")
+    assert full.family == "qwen2_5_omni" and type(full.model) is type(thinker)
+    towers = load_adapter(str(d), device="cpu", part="towers")
+    lm = load_adapter(str(d), device="cpu", part="lm")
+    _assert_holds_exactly(towers, oracle, "towers")
+    _assert_holds_exactly(lm, oracle, "lm")
+    assert all(torch.equal(t, _tensors(oracle)[n]) for n, t in _tensors(full).items())
+    assert held_weights(towers).bytes + held_weights(lm).bytes == held_weights(full).bytes
+    items = _items(towers, "qwen2_5_omni")
+    got, want = _encode(towers, items), _encode(oracle, items)
+    assert all(torch.equal(g.tensor, w.tensor) and g.meta == w.meta for g, w in zip(got, want, strict=True))
+    ids = _prompt_ids(oracle, "qwen2_5_omni")
+    ref = _generate(oracle, ids, want)
+    assert len(ref) == GREEDY.max_tokens and _generate(lm, ids, got) == ref
+    # what ingest and the gateway load (no weights) names the same family and placeholders
+    from mmpipe.services.gateway.model_info import load_model_info
+    from mmpipe.shared.models.light import load_preprocess_adapter
+
+    light = load_preprocess_adapter(str(d))
+    assert light.family == "qwen2_5_omni" and light.placeholder_ids() == oracle.placeholder_ids()
+    assert all(p.device.type == "meta" for p in light.model.parameters())
+    info = load_model_info(str(d))
+    assert info.family == "qwen2_5_omni" and info.placeholder_ids == oracle.placeholder_ids()

@@ -73,7 +73,7 @@ class GeneratorCore:
 
         The serde checksum already proved the bytes are what was written; this proves they are what this
         request expects: the key's modality, the ref's modality and num_tokens (what the gateway and ingest
-        were told), the payload's own meta, and the LM's hidden size. A mismatch is served as a miss
+        were told), the payload's own meta, and the adapter's row width. A mismatch is served as a miss
         (the gateway re-resolves once, then answers 503), never as a wrong embedding."""
         parts = ref.key.split(":")
         key_modality = parts[4] if len(parts) > 5 and parts[5] in ("uuid", "hash") else None
@@ -84,8 +84,8 @@ class GeneratorCore:
             return f"stored modality {emb.modality!r} under a {key_modality!r} key"
         if ref.modality and emb.modality != ref.modality:
             return f"stored modality {emb.modality!r}, expected {ref.modality!r}"
-        if t.dim() != 2 or t.shape[1] != self.adapter.hidden_size:
-            return f"stored shape {tuple(t.shape)}, expected (N, {self.adapter.hidden_size})"
+        if t.dim() != 2 or t.shape[1] != self.adapter.embed_width:
+            return f"stored shape {tuple(t.shape)}, expected (N, {self.adapter.embed_width})"
         if ref.num_tokens and rows != ref.num_tokens:
             return f"stored {rows} tokens, expected {ref.num_tokens}"
         if isinstance(meta_n, int) and meta_n != rows:

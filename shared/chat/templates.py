@@ -40,6 +40,7 @@ FALLBACK_TEMPLATES: dict[str, str] = {
     ),
     "qwen2_vl": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>", ""),
     "qwen2_5_vl": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>", ""),
+    "qwen3_vl": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>", ""),
     "qwen2_audio": _chatml("", "", "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"),
     "llava_onevision": _chatml("<image>\n", "<video>\n", ""),
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",

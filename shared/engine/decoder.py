@@ -2,8 +2,13 @@
 variable-length batch, reusing the HF modules' weights in place (nothing is copied).
 
 It reads `model.model.language_model` (embed_tokens, layers, norm, rotary_emb) and `model.lm_head`. Rotary
-cos/sin come from the model's own `rotary_emb` (so M-RoPE sections are exact); positions are (T,) or, for
-M-RoPE models, (3, T). Attention goes through the paged KV cache via an attention backend.
+cos/sin come from the model's own `rotary_emb` (so M-RoPE sections, interleaved or not, are exact); positions
+are (T,) or, for M-RoPE models, (3, T). Attention goes through the paged KV cache via an attention backend.
+
+Qwen3-style attention RMS-normalises q and k per head before RoPE (`q_norm` / `k_norm`, used when the layer
+has them). DeepStack (Qwen3-VL): a multimodal row is `hidden * (1 + num_deepstack)` wide, the base embedding
+then one feature per deepstack layer (vLLM's layout); feature j is added to the hidden states at the row's
+position after decoder layer j, as transformers' `_deepstack_process` does.
 """
 from __future__ import annotations
 
@@ -45,6 +50,12 @@ class PagedDecoder:
         self.head_dim = int(attn0.head_dim)
         self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
         self.hidden_size = int(cfg.hidden_size)
+        vision = getattr(getattr(hf_model, "config", None), "vision_config", None)
+        self.num_deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        if self.num_deepstack > len(self.layers):
+            raise UnsupportedError(f"{self.num_deepstack} deepstack features for {len(self.layers)} decoder layers")
+        # the width of one multimodal row: the base embedding and each deepstack feature
+        self.mm_width = self.hidden_size * (1 + self.num_deepstack)
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.max_position_embeddings = int(getattr(cfg, "max_position_embeddings", 4096))
         self.hidden_act = getattr(cfg, "hidden_act", "silu")
@@ -78,8 +89,15 @@ class PagedDecoder:
     def embed(self, input_ids: torch.Tensor, mm_index: torch.Tensor | None, mm_rows: torch.Tensor | None):
         h = self.embed_tokens(input_ids)
         if mm_index is not None:
-            h[mm_index] = mm_rows.to(h.dtype)  # the multimodal rows replace the placeholder embeddings
+            # the multimodal rows replace the placeholder embeddings (their deepstack columns come later)
+            h[mm_index] = mm_rows[:, :self.hidden_size].to(h.dtype)
         return h
+
+    def deepstack(self, mm_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """(N, num_deepstack, hidden) features of the multimodal rows, or None (no rows, no DeepStack)."""
+        if mm_rows is None or not self.num_deepstack:
+            return None
+        return mm_rows[:, self.hidden_size:].reshape(mm_rows.shape[0], self.num_deepstack, self.hidden_size)
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
@@ -93,6 +111,9 @@ class PagedDecoder:
         `logits_out` (R, vocab), when given, receives the logits: CUDA graphs of every size share one buffer
         instead of each keeping its own in the graph pool."""
         h = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, mm_index, mm_rows)
+        ds = self.deepstack(mm_rows)
+        if ds is not None and inputs_embeds is not None:
+            raise UnsupportedError("DeepStack rows need the eager forward (the multimodal rows, not inputs_embeds)")
         cos, sin = self.rotary(positions, h)
         T = h.shape[0]
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -102,12 +123,22 @@ class PagedDecoder:
             a = layer.self_attn
             q, k, v = ops.qkv(i, a, x)
             q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
+            if getattr(a, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+                q, k = a.q_norm(q), a.k_norm(k)
             kc, vc = kv_cache[0, i], kv_cache[1, i]
             q, k = ops.rope_and_cache(q, k, v, cos, sin, kc, vc, meta.slot_mapping)
             o = attn.forward(q, k, v, kc, vc, meta)
             h = a.o_proj(o.reshape(T, H * D))
             x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
             h = ops.mlp(i, x, layer.mlp)
+            if ds is not None and i < self.num_deepstack:
+                # transformers adds the feature to the layer's output (residual + mlp) at the image rows; summing
+                # here, in that order, keeps its numerics, and the next add_norm starts from the sum
+                h = residual + h
+                h[mm_index] += ds[:, i].to(h.dtype)
+                residual = None
+        if residual is None:  # the last layer was a deepstack layer: h holds the whole stream
+            h, residual = torch.zeros_like(h), h
         if logits_index is not None:
             h, residual = h.index_select(0, logits_index), residual.index_select(0, logits_index)
         x, _ = ops.add_norm(h, residual, self.norm)

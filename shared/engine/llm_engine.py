@@ -70,8 +70,8 @@ class LLMEngine:
             raise InvalidInputError("prompt token id out of the vocabulary", param="prompt_token_ids")
         if req.mm_embeds is not None:
             emb, pos = req.mm_embeds, req.mm_positions
-            if pos is None or emb.dim() != 2 or emb.shape[1] != self.runner.decoder.hidden_size:
-                raise InvalidInputError(f"mm_embeds must be (N, {self.runner.decoder.hidden_size}) with "
+            if pos is None or emb.dim() != 2 or emb.shape[1] != self.runner.decoder.mm_width:
+                raise InvalidInputError(f"mm_embeds must be (N, {self.runner.decoder.mm_width}) with "
                                         "mm_positions", param="mm_embeds")
             pos = torch.as_tensor(pos).reshape(-1)
             if pos.numel() != emb.shape[0] or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n)):

@@ -82,7 +82,8 @@ class MixedGraphs(StepGraphs):
 
     def can_run(self, sched: SchedulerOutput) -> bool:
         return (len(sched.scheduled) - sched.num_decodes <= self.max_prefills
-                and sched.num_tokens <= self.max_tokens)
+                and sched.num_tokens <= self.max_tokens
+                and not (self.runner.decoder.num_deepstack and _has_mm_rows(sched)))
 
     def _fill(self, sched: SchedulerOutput, T: int) -> StagedStep:
         """Stage the step's inputs for bucket T and pad the rest of the bucket."""
@@ -130,3 +131,9 @@ class MixedGraphs(StepGraphs):
         self.seg("slot", self.max_tokens, h)[:] = -1
         self.seg("wseq", cdiv(self.max_tokens, self.block_m) + self.max_prefills, h)[:] = -1
         self.dev.copy_(self.host)
+
+
+def _has_mm_rows(sched: SchedulerOutput) -> bool:
+    """Whether a prefill chunk of the step holds multimodal rows (DeepStack adds them inside the layers, which
+    the graph, fed only the embeddings, cannot: such a step runs eagerly)."""
+    return any(sc.seq.mm_rows(sc.start, sc.end) is not None for sc in sched.scheduled[sched.num_decodes:])

@@ -46,8 +46,33 @@ def expand_prompt(token_ids: Sequence[int], items: Sequence[MediaItem], placehol
         if not queues[m]:
             raise InvalidInputError(f"the prompt has more {m} placeholders than {m} items", param="embeddings")
         item, key = queues[m].pop(0)
-        spans.append(MMSpan(offset=len(out), length=item.num_tokens, key=key))
-        positions.extend(range(len(out), len(out) + item.num_tokens))
-        out.extend([t] * item.num_tokens)
+        expansion = (getattr(item, "meta", None) or {}).get("expansion")
+        if expansion is None:
+            spans.append(MMSpan(offset=len(out), length=item.num_tokens, key=key))
+            positions.extend(range(len(out), len(out) + item.num_tokens))
+            out.extend([t] * item.num_tokens)
+        else:
+            spans.extend(_expand_item(out, positions, expansion, t, item.num_tokens, key))
         ordered.append(item)
     return ExpandedPrompt(out, positions, ordered, spans)
+
+
+def _expand_item(out: list[int], positions: list[int], expansion: list[int], placeholder: int, num_tokens: int,
+                 key: str | None) -> list[MMSpan]:
+    """Append an item whose processor expansion holds text tokens too (Qwen3-VL's frame timestamps); one span
+    per run of its rows, the n-th run keyed `key#n` (each run names different rows)."""
+    rows = [i for i, x in enumerate(expansion) if x == placeholder]
+    if len(rows) != num_tokens:
+        raise InvalidInputError(f"an item's expansion has {len(rows)} placeholders for {num_tokens} embedding rows",
+                                param="embeddings")
+    base = len(out)
+    out.extend(int(x) for x in expansion)
+    positions.extend(base + i for i in rows)
+    runs: list[list[int]] = []
+    for i in rows:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [MMSpan(offset=base + a, length=b - a, key=None if key is None else f"{key}#{n}")
+            for n, (a, b) in enumerate(runs)]

@@ -34,7 +34,13 @@ class ModelAdapter(ABC):
     modalities: ClassVar[tuple[str, ...]]
     # "image_text_to_text" -> AutoModelForImageTextToText, "multimodal_lm" -> AutoModelForMultimodalLM
     auto_class: ClassVar[str] = "image_text_to_text"
+    # model_type -> the sub-model of such a checkpoint that mmpipe serves (its config is `<name>_config`, its
+    # tensors are under `<name>.`): a full Qwen2.5-Omni checkpoint is served as its thinker
+    served_submodel: ClassVar[dict[str, str]] = {}
     uses_mrope: ClassVar[bool] = False
+    # True when the processor expands one placeholder into more than its feature tokens (Qwen3-VL's frame
+    # timestamps): the item's expansion, as token ids, is then kept in its metadata ("expansion")
+    prompt_expansion: ClassVar[bool] = False
     # processor call keyword for each modality
     _processor_arg: ClassVar[dict[str, str]] = {"image": "images", "video": "videos", "audio": "audio"}
     # Module paths of the HF model (after transformers' key renames) whose weights each stage holds: the encoder
@@ -56,6 +62,11 @@ class ModelAdapter(ABC):
         self.part = part
         # Recorded, not read off the first parameter: on a one-stage model that one may be on the meta device.
         self._device = torch.device(device) if device is not None else _held_device(model)
+
+    @property
+    def embed_width(self) -> int:
+        """The width of one embedding row: the text hidden size (Qwen3-VL's rows also carry deepstack features)."""
+        return self.hidden_size
 
     @classmethod
     def part_modules(cls, part: str) -> tuple[str, ...]:
@@ -149,7 +160,9 @@ class ModelAdapter(ABC):
         num_tokens = int((ids == self.placeholder_id(item.modality)).sum())
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         tensors = self.pixel_wire.compact(item.modality, tensors)
-        meta = {"num_tokens": num_tokens}
+        meta: dict[str, Any] = {"num_tokens": num_tokens}
+        if self.prompt_expansion and num_tokens != len(ids):
+            meta["expansion"] = [int(t) for t in ids.tolist()]
         meta.update(self._item_meta(item.modality, tensors))
         return ProcessedItem(modality=item.modality, key=item.content_hash, tensors=tensors, meta=meta)
 

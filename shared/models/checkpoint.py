@@ -4,7 +4,7 @@ Owns two things:
   - finding the checkpoint of a local directory or hub id: the shard index's weight map when there is one
     (then only the shards holding wanted tensors are opened, or downloaded), else the single file, whose
     header alone lists its keys;
-  - naming every checkpoint key by the parameter it loads into, with transformers' own conversion mapping
+  - naming every checkpoint key by the parameter it loads into (after a sub-model prefix such as `thinker.`), with transformers' own conversion mapping
     (`get_model_conversion_mapping` + `rename_source_key`, what `from_pretrained` applies), so checkpoints
     written by older versions (`visual.*`, `model.layers.*`, `language_model.model.*`) and by transformers 5
     (`model.visual.*`, `model.language_model.*`) both resolve.
@@ -42,10 +42,12 @@ class Checkpoint:
     `hf_model` may be a weightless meta-device skeleton: only its names and its conversion mapping are used.
     """
 
-    def __init__(self, model: str, hf_model: nn.Module):
+    def __init__(self, model: str, hf_model: nn.Module, prefix: str = ""):
+        """`prefix`: the checkpoint holds `hf_model` under it (a full Qwen2.5-Omni checkpoint keeps its thinker
+        under `thinker.`); keys outside it belong to other sub-models (talker, token2wav) and are never read."""
         self.model = model
         self._paths: dict[str, str] = {}
-        self.stored, self._converted = _by_parameter_name(hf_model, self._list_keys())
+        self.stored, self._converted = _by_parameter_name(hf_model, self._list_keys(), prefix)
 
     def __contains__(self, name: str) -> bool:
         return name in self.stored
@@ -113,7 +115,7 @@ class Checkpoint:
         return self._paths[shard]
 
 
-def _by_parameter_name(hf_model: nn.Module, shard_keys: dict[str, list[str]]
+def _by_parameter_name(hf_model: nn.Module, shard_keys: dict[str, list[str]], prefix: str = ""
                        ) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """(parameter or persistent buffer name -> where it is stored, name -> key that needs a conversion).
 
@@ -128,18 +130,21 @@ def _by_parameter_name(hf_model: nn.Module, shard_keys: dict[str, list[str]]
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     names = hf_model.state_dict()  # on a meta skeleton: names and shapes, no memory
-    prefix = getattr(hf_model, "base_model_prefix", None)
+    model_prefix = getattr(hf_model, "base_model_prefix", None)
     out: dict[str, StoredTensor] = {}
     converted_keys: dict[str, str] = {}
     for shard, keys in shard_keys.items():
-        for key in keys:
-            name, converted = rename_source_key(key, renamings, converters, prefix, names)
+        for stored_key in keys:
+            if not stored_key.startswith(prefix):
+                continue  # another sub-model's tensor
+            key = stored_key[len(prefix):]
+            name, converted = rename_source_key(key, renamings, converters, model_prefix, names)
             if name not in names and key in names:  # the same fallback as from_pretrained: the key is already a name
-                name, converted = rename_source_key(key, [], [], prefix, names)
+                name, converted = rename_source_key(key, [], [], model_prefix, names)
             if name not in names:
                 continue
             if converted is not None:
-                converted_keys[name] = key
+                converted_keys[name] = stored_key
             else:
-                out[name] = StoredTensor(shard, key)
+                out[name] = StoredTensor(shard, stored_key)
     return out, converted_keys

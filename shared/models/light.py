@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from mmpipe.shared.models.base import ModelAdapter
-from mmpipe.shared.models.registry import adapter_class_for
+from mmpipe.shared.models.registry import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +21,14 @@ def load_preprocess_adapter(model: str, *, mm_processor_kwargs: dict | None = No
                             trust_remote_code: bool = False) -> ModelAdapter:
     """The family adapter of `model` (local dir or hub id) with a weightless (meta-device) model."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    cls = adapter_class_for(config.model_type)
+    resolved = resolve_model(model, trust_remote_code=trust_remote_code)
+    cls = resolved.cls
     auto = AutoModelForMultimodalLM if cls.auto_class == "multimodal_lm" else AutoModelForImageTextToText
     with torch.device("meta"):
-        hf_model = auto.from_config(config, trust_remote_code=trust_remote_code).eval()
+        hf_model = auto.from_config(resolved.config, trust_remote_code=trust_remote_code).eval()
     processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
     adapter = cls(hf_model, processor, mm_processor_kwargs=mm_processor_kwargs)
     logger.info("loaded %s processor (%s, no weights) in %.2f s", model, cls.family, time.perf_counter() - t0)

@@ -62,13 +62,14 @@ def under(name: str, modules: tuple[str, ...]) -> bool:
 
 
 def load_part(model: str, skeleton: nn.Module, modules: tuple[str, ...], all_modules: dict[str, tuple[str, ...]],
-              device: torch.device) -> nn.Module:
+              device: torch.device, prefix: str = "") -> nn.Module:
     """Materialise the parameters and buffers of `skeleton` (a meta-device model of `model`) under `modules`.
 
     `all_modules` maps every part to its modules: each parameter must belong to exactly one part, so a family
-    whose model grew a module no stage declares fails here instead of serving without it."""
+    whose model grew a module no stage declares fails here instead of serving without it. `prefix`: where the
+    checkpoint keeps `skeleton`'s tensors (`thinker.` in a full Qwen2.5-Omni checkpoint; see Checkpoint)."""
     _check_parts_cover(skeleton, all_modules)
-    ckpt = Checkpoint(model, skeleton)
+    ckpt = Checkpoint(model, skeleton, prefix)
     params = {n: p for n, p in skeleton.named_parameters(remove_duplicate=False) if under(n, modules)}
     tied = _tied_pairs(skeleton)
     to_read = [n for n in params if n in ckpt]

@@ -1,4 +1,5 @@
-"""Qwen2.5-Omni thinker: image, video and audio in one model, Qwen2 text model with M-RoPE.
+"""Qwen2.5-Omni thinker: image, video and audio in one model, Qwen2 text model with M-RoPE. A full checkpoint
+(`model_type: qwen2_5_omni`) is served as its thinker; audio out (talker, token2wav) is not served.
 
 The cheap test of the adapter design: vision comes from the Qwen-VL base, audio from `get_audio_features`,
 and positions from the thinker's own `get_rope_index` (which also needs each audio clip's length).
@@ -16,7 +17,10 @@ from mmpipe.shared.types import MMEmbedding, ProcessedItem
 
 class Qwen25OmniThinkerAdapter(QwenVLBase):
     family = "qwen2_5_omni"
-    model_types = ("qwen2_5_omni_thinker",)
+    # an extracted thinker, or a published checkpoint (thinker + talker + token2wav) served as its thinker: the
+    # talker's and token2wav's weights are never read (registry.resolve_model, checkpoint.Checkpoint's prefix)
+    model_types = ("qwen2_5_omni_thinker", "qwen2_5_omni")
+    served_submodel = {"qwen2_5_omni": "thinker"}
     modalities = ("image", "video", "audio")
     auto_class = "multimodal_lm"
     tower_modules = ("model.visual", "model.audio_tower")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from mmpipe.shared.errors import UnsupportedError
@@ -17,13 +18,14 @@ from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
+from mmpipe.shared.models.qwen3_vl import Qwen3VLAdapter
 from mmpipe.shared.models.qwen_vl import Qwen25VLAdapter, Qwen2VLAdapter
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
-    Qwen25OmniThinkerAdapter,
+    Qwen25OmniThinkerAdapter, Qwen3VLAdapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)
@@ -35,6 +37,29 @@ def adapter_class_for(model_type: str) -> type[ModelAdapter]:
     except KeyError:
         raise UnsupportedError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(_BY_MODEL_TYPE))}") from None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What `model`'s config names: the adapter class, the config of the model mmpipe serves, and where the
+    checkpoint keeps that model's tensors ("" at the top; `thinker.` for a full Qwen2.5-Omni checkpoint, whose
+    talker and token2wav mmpipe never builds or reads)."""
+
+    cls: type[ModelAdapter]
+    config: Any
+    prefix: str = ""
+
+
+def resolve_model(model: str, *, trust_remote_code: bool = False) -> ResolvedModel:
+    """The one place a model directory's (or hub id's) config is mapped to its family."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    cls = adapter_class_for(config.model_type)
+    sub = cls.served_submodel.get(config.model_type)
+    if sub is None:
+        return ResolvedModel(cls, config)
+    return ResolvedModel(cls, getattr(config, f"{sub}_config"), f"{sub}.")
 
 
 def resolve_dtype(dtype: Any, device: str):
@@ -68,18 +93,20 @@ def load_adapter(model: str, *, dtype: Any = "auto", device: str | None = "auto"
     `part`: "all" (the offline LLM: every weight, through `from_pretrained`), or one stage's weights only —
     "towers" (the encoder) or "lm" (the generator) — read from the safetensors checkpoint into a model whose
     other modules stay on the meta device (shared/models/partial.py)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    cls = adapter_class_for(config.model_type)
+    resolved = resolve_model(model, trust_remote_code=trust_remote_code)
+    cls = resolved.cls
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     auto = _auto_class(cls)
-    if part == "all":
+    if part == "all" and not resolved.prefix:
         hf_model = auto.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(dev).eval()
+    elif part == "all":  # a sub-model of the checkpoint: both parts of it, and none of the rest, are read
+        hf_model = _load_stage_model(model, resolved, STAGE_PARTS, torch_dtype, dev, trust_remote_code)
     elif part in STAGE_PARTS:
-        hf_model = _load_stage_model(model, cls, config, part, torch_dtype, dev, trust_remote_code)
+        hf_model = _load_stage_model(model, resolved, (part,), torch_dtype, dev, trust_remote_code)
     else:
         raise UnsupportedError(f"unknown model part {part!r}; use all, {', '.join(STAGE_PARTS)}", param="part")
     processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -111,16 +138,18 @@ def _auto_class(cls: type[ModelAdapter]):
     return AutoModelForMultimodalLM if cls.auto_class == "multimodal_lm" else AutoModelForImageTextToText
 
 
-def _load_stage_model(model: str, cls: type[ModelAdapter], config: Any, part: str, dtype: Any, device: str,
+def _load_stage_model(model: str, resolved: ResolvedModel, parts: tuple[str, ...], dtype: Any, device: str,
                       trust_remote_code: bool):
-    """A meta-device skeleton of the model with only `part`'s weights read and placed on `device`."""
+    """A meta-device skeleton of the served model with only `parts`' weights read and placed on `device`."""
     import torch
     from transformers import GenerationConfig
 
+    cls = resolved.cls
     with torch.device("meta"):
-        skeleton = _auto_class(cls).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    hf_model = load_part(model, skeleton, cls.part_modules(part),
-                         {p: cls.part_modules(p) for p in STAGE_PARTS}, _concrete(device)).eval()
+        skeleton = _auto_class(cls).from_config(resolved.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    modules = tuple(m for p in parts for m in cls.part_modules(p))
+    hf_model = load_part(model, skeleton, modules, {p: cls.part_modules(p) for p in STAGE_PARTS},
+                         _concrete(device), resolved.prefix).eval()
     # from_pretrained reads generation_config.json (the EOS ids the engine stops on); from_config cannot
     try:
         hf_model.generation_config = GenerationConfig.from_pretrained(model)

@@ -55,6 +55,7 @@ TINY_BUILD_VERSION = 2  # 2: the ChatML templates render tools, tool calls and t
 
 LOADER_IMAGE_TEXT_TO_TEXT = "image_text_to_text"
 LOADER_MULTIMODAL_LM = "multimodal_lm"
+LOADER_FULL_OMNI = "qwen2_5_omni_full"  # Qwen2_5OmniForConditionalGeneration; load_tiny_model gives its thinker
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         _spec("qwen2_audio", LOADER_MULTIMODAL_LM, {"audio": "<|AUDIO|>"}),
         _spec("llava_onevision", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>", "video": "<video>"}),
         _spec("qwen2_5_omni", LOADER_MULTIMODAL_LM, {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
+        _spec("qwen3_vl", LOADER_IMAGE_TEXT_TO_TEXT, _QWEN_VL_PLACEHOLDERS),
+        # a published-style Omni checkpoint: thinker + talker + token2wav (mmpipe serves the thinker only)
+        _spec("qwen2_5_omni_full", LOADER_FULL_OMNI,
+              {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -113,6 +118,8 @@ MEL_BINS = 16
 AUDIO_MAX_SOURCE_POSITIONS = 100
 AUDIO_CHUNK_SECONDS = 2
 _QWEN_VISION_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+QWEN3_PATCH = 16  # Qwen3-VL's patch size: 64-128 px inputs give 4-16 merged tokens a frame
+_QWEN3_VISION_SIZE = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
 
 _TOKENIZER_CORPUS = (
     "system user assistant You are a helpful assistant. Answer the question briefly and clearly.",
@@ -514,6 +521,78 @@ def _build_qwen2_5_omni() -> _Built:
     return model, processor
 
 
+def _build_qwen3_vl() -> _Built:
+    """Qwen3-VL (dense): Qwen3 decoder with q/k norm, interleaved M-RoPE, DeepStack from two tower layers into
+    the first two decoder layers, 16 px patches (64-128 px inputs), frame timestamps in video prompts."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, \
+        Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tok = train_tokenizer(_CHATML + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                          eos="<|im_end|>", pad="<|endoftext|>",
+                          named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    token_ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                     vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    text = _text_config(tok, num_hidden_layers=3, head_dim=16,
+                        rope_parameters={**_MROPE, "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=QWEN3_PATCH, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1], initializer_range=0.2)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids))
+    common = dict(size=dict(_QWEN3_VISION_SIZE), patch_size=QWEN3_PATCH, temporal_patch_size=2, merge_size=2)
+    image_processor = Qwen2VLImageProcessor(**common)
+    video_processor = Qwen3VLVideoProcessor(**common, do_sample_frames=False, cap_pixels_per_frame=True)
+    markers = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+               "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+    processor = Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor, tokenizer=tok,
+                                 chat_template=chatml_template(markers))
+    return model, processor
+
+
+def _build_qwen2_5_omni_full() -> _Built:
+    """A full Qwen2.5-Omni checkpoint (`model_type: qwen2_5_omni`): the tiny thinker plus a talker and token2wav,
+    as published checkpoints hold them. mmpipe reads the thinker's weights only."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    thinker, processor = _build_qwen2_5_omni()
+    tc = thinker.config
+    talker = dict(
+        vocab_size=tc.text_config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, embedding_size=tc.text_config.hidden_size,
+        rope_parameters=dict(_MROPE), spatial_merge_size=2,
+        audio_token_index=tc.audio_token_index, image_token_index=tc.image_token_index,
+        video_token_index=tc.video_token_index, vision_start_token_id=tc.vision_start_token_id,
+        vision_end_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_eos|>"),
+        audio_start_token_id=tc.audio_start_token_id, audio_end_token_id=tc.audio_end_token_id,
+        tts_text_start_token_id=1, tts_text_end_token_id=2, tts_text_pad_token_id=3,
+        tts_codec_start_token_id=4, tts_codec_end_token_id=5, tts_codec_pad_token_id=6,
+        tts_codec_mask_token_id=7)
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ff_mult=1, emb_dim=32,
+                        head_dim=16, num_embeds=64, mel_dim=16, enc_emb_dim=32, enc_dim=32, enc_channels=[32, 32, 64],
+                        enc_kernel_sizes=[5, 3, 1], enc_dilations=[1, 2, 1], enc_attention_channels=16,
+                        enc_res2net_scale=2, enc_se_channels=16, repeats=1, block_size=4, look_ahead_layers=[0],
+                        look_backward_layers=[0]),
+        bigvgan_config=dict(mel_dim=16, upsample_initial_channel=32, resblock_kernel_sizes=[3],
+                            resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2], upsample_kernel_sizes=[4]))
+    config = Qwen2_5OmniConfig(thinker_config=tc.to_dict(), talker_config=talker, token2wav_config=token2wav,
+                               enable_audio_output=True)
+    model = Qwen2_5OmniForConditionalGeneration(config)
+    model.thinker.load_state_dict(thinker.state_dict())
+    return model, processor
+
+
+def _write_omni_speakers(out: Path) -> None:
+    """`spk_dict.pt`, which Qwen2_5OmniForConditionalGeneration.from_pretrained requires (speaker conditioning for
+    audio out; mmpipe never reads it). Zero tensors of the talker's shapes stand in for a real speaker."""
+    import torch
+
+    torch.save({"Chelsie": {"bos_token": 4, "cond": torch.zeros(32), "ref_mel": torch.zeros(8, 16)}},
+               out / "spk_dict.pt")
+
+
+# Files a family needs besides what save_pretrained writes.
+_EXTRA_FILES = {"qwen2_5_omni_full": _write_omni_speakers}
+
 _BUILDERS = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
@@ -521,6 +600,8 @@ _BUILDERS = {
     "qwen2_audio": _build_qwen2_audio,
     "llava_onevision": _build_llava_onevision,
     "qwen2_5_omni": _build_qwen2_5_omni,
+    "qwen3_vl": _build_qwen3_vl,
+    "qwen2_5_omni_full": _build_qwen2_5_omni_full,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 
@@ -559,6 +640,8 @@ def build_tiny_model(family: str, out_dir: str | Path) -> Path:
         model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if family in _EXTRA_FILES:
+        _EXTRA_FILES[family](out)
     info = {
         "family": spec.family,
         "loader": spec.loader,
@@ -580,6 +663,11 @@ def load_tiny_model(path: str | Path) -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 
     info = read_tiny_info(path)
+    if info["loader"] == LOADER_FULL_OMNI:
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path).thinker.eval()
+        return model, AutoProcessor.from_pretrained(path)
     model_cls = {LOADER_IMAGE_TEXT_TO_TEXT: AutoModelForImageTextToText,
                  LOADER_MULTIMODAL_LM: AutoModelForMultimodalLM}[info["loader"]]
     model = model_cls.from_pretrained(path).eval()
