@@ -20,6 +20,7 @@ FAMILY_MODALITIES = {
     "qwen2_audio": ("audio",),
     "llava_onevision": ("image", "video"),
     "qwen2_5_omni": ("image", "video", "audio"),
+    "gemma3": ("image",),
 }
 
 
