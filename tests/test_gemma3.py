@@ -107,3 +107,17 @@ def test_image_longer_than_the_step_budget_is_refused(gemma_dir):
     with pytest.raises(LimitExceededError) as e:
         engine.add_request(req)
     assert e.value.param == "max_num_batched_tokens"
+
+
+def test_chat_template_fallback(gemma_dir):
+    from offline_helpers import oracle_model
+
+    from mmpipe.shared.chat.templates import FALLBACK_TEMPLATES, apply_template
+
+    _, processor = oracle_model(str(gemma_dir))
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "More?"}]
+    assert apply_template(processor, FALLBACK_TEMPLATES["gemma3"], msgs) == (
+        "<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>What?<end_of_turn>\n<start_of_turn>model\nA cat."
+        "<end_of_turn>\n<start_of_turn>user\nMore?<end_of_turn>\n<start_of_turn>model\n")
