@@ -121,3 +121,42 @@ def test_chat_template_fallback(gemma_dir):
     assert apply_template(processor, FALLBACK_TEMPLATES["gemma3"], msgs) == (
         "<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>What?<end_of_turn>\n<start_of_turn>model\nA cat."
         "<end_of_turn>\n<start_of_turn>user\nMore?<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_served_stages_match_transformers(gemma_dir, redis_server):
+    """Once through the real ingest -> encoder -> generator processes (the sliding window and the image's
+    bidirectional rows in the generator's engine-core process), against transformers."""
+    import asyncio
+    import io
+
+    from services_helpers import start_stage_services
+
+    from mmpipe.services.common.convert import MediaSource
+    from mmpipe.services.common.stage_clients import StageClients
+    from offline_helpers import oracle_model, png_bytes
+
+    img = make_image(seed=7)
+    data = png_bytes(img)
+    prompt = _prompts(gemma_dir, [1])[0]
+    from PIL import Image
+
+    ref = hf_generate(gemma_dir, prompt, images=[Image.open(io.BytesIO(data)).convert("RGB")], max_new_tokens=10)
+    ids = oracle_model(str(gemma_dir))[1].tokenizer(prompt).input_ids
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+    async def go(stack) -> list[int]:
+        c = StageClients.connect(ingest=stack.ingest_addr, encoder=stack.encoder_addr, generator=stack.generator_addr)
+        try:
+            refs = await c.ingest.ingest([MediaSource("image", data=data)], request_id="g3-ingest")
+            out: list[int] = []
+            async for ch in c.generator.generate("g3-served", ids, refs, sp):
+                out += ch.token_ids
+            return out
+        finally:
+            await c.close()
+
+    stack = start_stage_services(gemma_dir, redis_server)
+    try:
+        assert asyncio.run(go(stack)) == ref
+    finally:
+        stack.stop()

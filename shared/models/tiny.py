@@ -94,7 +94,9 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         _spec("qwen2_audio", LOADER_MULTIMODAL_LM, {"audio": "<|AUDIO|>"}),
         _spec("llava_onevision", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>", "video": "<video>"}),
         _spec("qwen2_5_omni", LOADER_MULTIMODAL_LM, {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
-        _spec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<start_of_image>"}),
+        # the prompt's placeholder is <start_of_image> (config.boi_token_id); the processor adds the soft tokens
+        TinyFamilySpec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, ("image",), {"image": "<start_of_image>"},
+                       {"image": "boi_token_id"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
