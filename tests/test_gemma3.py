@@ -155,7 +155,7 @@ def test_served_stages_match_transformers(gemma_dir, redis_server):
         finally:
             await c.close()
 
-    stack = start_stage_services(gemma_dir, redis_server)
+    stack = start_stage_services(gemma_dir, redis_server, timeout_s=240.0)
     try:
         assert asyncio.run(go(stack)) == ref
     finally:
