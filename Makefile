@@ -37,13 +37,15 @@ test-gpu: install
 	$(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)
 
 # GPU benchmarks (one CUDA GPU): offline decode (engine vs transformers) then online (Poisson arrivals);
-# results in bench/results/{engine_bench,online_bench}.{json,md,png}. Options pass through, e.g.
+# results in bench/results/{engine_bench,online_bench}.{json,md,png} (and engine_bench_gemma3.json: the Gemma-3-sized
+# sliding-window decode row, bench/gemma3_decode.py). Options pass through, e.g.
 #   make bench ENGINE_BENCH_ARGS="--profile 1,64 --profile-mixed 0,64" ONLINE_BENCH_ARGS="--rates 24,40,56"
 BENCH_OUT ?= bench/results
 ENGINE_BENCH_ARGS ?= --profile 1,64 --profile-mixed 0,64
 ONLINE_BENCH_ARGS ?=
 bench: install
 	$(PY) bench/engine_bench.py --out $(BENCH_OUT)/engine_bench $(ENGINE_BENCH_ARGS)
+	$(PY) bench/engine_bench.py --gemma3 --out $(BENCH_OUT)/engine_bench_gemma3 --concurrency 1,8,32,64 --prompt-len 4000
 	$(PY) bench/online_bench.py --out $(BENCH_OUT)/online_bench $(ONLINE_BENCH_ARGS)
 
 # The whole served stack on one GPU (`mmpipe serve`: Redis + ingest + encoder + generator + gateway) driven through
