@@ -54,6 +54,11 @@ class DecoderSpec:
         return tuple(dict.fromkeys(self.layer_rope))
 
 
+def has_bidirectional_mm(hf_model: nn.Module) -> bool:
+    """Whether the model's multimodal runs attend bidirectionally in prefill (transformers: `token_type_ids`)."""
+    return getattr(getattr(hf_model, "config", None), "model_type", None) in _BIDIRECTIONAL_MM
+
+
 def read_spec(hf_model: nn.Module, lm: nn.Module) -> DecoderSpec:
     cfg: Any = lm.config
     n = len(lm.layers)
@@ -71,7 +76,6 @@ def read_spec(hf_model: nn.Module, lm: nn.Module) -> DecoderSpec:
         set(layer_types) <= set(cfg.rope_parameters)
     layer0 = lm.layers[0]
     norm_name = type(layer0.input_layernorm).__name__
-    top = getattr(hf_model, "config", cfg)
     return DecoderSpec(
         layer_windows=windows,
         layer_rope=tuple(layer_types) if rope_per_type else (None,) * n,
@@ -80,7 +84,7 @@ def read_spec(hf_model: nn.Module, lm: nn.Module) -> DecoderSpec:
         norm_unit_offset=norm_name.startswith("Gemma"),
         attn_softcap=_positive(getattr(cfg, "attn_logit_softcapping", None)),
         final_softcap=_positive(getattr(cfg, "final_logit_softcapping", None)),
-        mm_bidirectional=getattr(top, "model_type", None) in _BIDIRECTIONAL_MM,
+        mm_bidirectional=has_bidirectional_mm(hf_model),
         hidden_act=str(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"),
     )
 
