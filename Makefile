@@ -37,7 +37,8 @@ test-gpu: install
 	$(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)
 
 # GPU benchmarks (one CUDA GPU): offline decode (engine vs transformers) then online (Poisson arrivals);
-# results in bench/results/{engine_bench,online_bench}.{json,md,png}. Options pass through, e.g.
+# results in bench/results/{engine_bench,online_bench}.{json,md,png} (and engine_bench_gemma3.json: the Gemma-3-sized
+# sliding-window decode row, bench/gemma3_decode.py). Options pass through, e.g.
 #   make bench ENGINE_BENCH_ARGS="--profile 1,64 --profile-mixed 0,64" ONLINE_BENCH_ARGS="--rates 24,40,56"
 # PREFIX_CACHE_BENCH=1 adds the prefix-cache benchmark (bench/prefix_cache_bench.py, the cache on vs off):
 #   make bench PREFIX_CACHE_BENCH=1 PREFIX_CACHE_BENCH_ARGS="--repeats 9"
@@ -46,6 +47,7 @@ ENGINE_BENCH_ARGS ?= --profile 1,64 --profile-mixed 0,64
 ONLINE_BENCH_ARGS ?=
 bench: install
 	$(PY) bench/engine_bench.py --out $(BENCH_OUT)/engine_bench $(ENGINE_BENCH_ARGS)
+	$(PY) bench/engine_bench.py --gemma3 --out $(BENCH_OUT)/engine_bench_gemma3 --concurrency 1,8,32,64 --prompt-len 4000
 	$(PY) bench/online_bench.py --out $(BENCH_OUT)/online_bench $(ONLINE_BENCH_ARGS)
 	$(if $(PREFIX_CACHE_BENCH),$(PY) bench/prefix_cache_bench.py --out $(BENCH_OUT)/prefix_cache_bench $(PREFIX_CACHE_BENCH_ARGS))
 

@@ -12,6 +12,9 @@ ms per decode step, for
 and the roofline per step: (weight bytes + KV bytes read) / copy bandwidth measured in the same run.
 Writes <out>.json, <out>.md and <out>.png (if matplotlib is there).
 
+`--gemma3` runs the Gemma-3-sized sliding-window decode row instead (bench/gemma3_decode.py: a 4B-sized Gemma 3
+text model, 5 sliding layers of window 1024 per global one; engine ms/step against the windowed roofline).
+
 No download: the text model is a Qwen2ForCausalLM built from a config with random weights; the engine's
 entry point is a Qwen2_5_VLForConditionalGeneration built on the meta device whose text decoder and lm_head
 are those same modules (no weight copy), with its own M-RoPE rotary embedding.
@@ -514,6 +517,8 @@ def main(argv=None):
     ap.add_argument("--mixed-graphs", default="", help="A/B steps with prefill chunks as CUDA graphs or eagerly "
                     "in the profiles, e.g. off,on")
     ap.add_argument("--compare-pack", action="store_true", help="also run the engine without weight packing")
+    ap.add_argument("--gemma3", action="store_true", help="only the Gemma-3-sized sliding-window decode row "
+                    "(bench/gemma3_decode.py), written to <out>.json")
     args = ap.parse_args(argv)
     concs = [int(x) for x in args.concurrency.split(",")]
     parse = lambda s: concs if s is None else [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -525,6 +530,16 @@ def main(argv=None):
     log(f"transformers {transformers.__version__}")
     bw = copy_bandwidth()
     log(f"copy bandwidth: {bw / 1e12:.2f} TB/s")
+    if args.gemma3:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import gemma3_decode
+
+        row = gemma3_decode.run(args, bench_engine, weight_bytes, bw, log)
+        out = Path(args.out).with_suffix(".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
+                                   "args": vars(args), "gemma3": row}, indent=2, default=str))
+        return
     t0 = time.perf_counter()
     hf, vl = build_models(args.layers)
     log(f"models built in {time.perf_counter() - t0:.1f}s")

@@ -116,6 +116,12 @@ def _media_parts(family: str) -> list[tuple[list[dict], dict]]:
                  {"images": [make_image(112, 84, seed=0)], "audio": [make_audio(1.0, seed=0)]}),
                 (vid + txt("What happens in the clip?"), {"videos": [make_video(4, 56, 84)]}),
                 (txt("Hello, how are you?"), {})]
+    if family == "gemma3":  # prompts longer than the 16-token sliding window; two images in the first
+        return [(img + txt("Describe the image and this one:") + img + txt(" What is in each picture? Tell me."),
+                 {"images": [make_image(112, 84, seed=0), make_image(56, 56, seed=3)]}),
+                (img + txt("What is in this picture? Please tell me how many objects you see."),
+                 {"images": [make_image(84, 112, seed=1)]}),
+                (txt("Hello, how are you? Tell me a story about the people in the room and the car."), {})]
     raise ValueError(family)
 
 
@@ -148,7 +154,7 @@ def _features(family: str, model, inputs) -> dict[str, torch.Tensor]:
     """modality -> (rows, hidden) features in placeholder order, with the model's own methods."""
     out: dict[str, torch.Tensor] = {}
     if "pixel_values" in inputs:
-        if family == "llava":
+        if family in ("llava", "gemma3"):
             o = model.get_image_features(pixel_values=inputs["pixel_values"])
         elif family == "llava_onevision":
             o = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],

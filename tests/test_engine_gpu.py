@@ -500,3 +500,30 @@ def test_qwen3_vl_qk_norm_and_deepstack_on_cuda():
         info = engine.kv_cache_info()
         assert info["free_blocks"] == info["num_blocks"]
     _free_gpu()
+
+def test_gemma3_sliding_window_and_bidirectional_images_on_cuda():
+    """Gemma 3 (sliding layers, bidirectional image rows, Gemma norms) through the Triton backend and both kinds
+    of CUDA graphs, fp32, token-identical to transformers' generate (run on the CPU by engine_helpers). Needs the
+    tiny model's tokenizer and processor, so transformers 5.x with torchvision on the GPU machine."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_helpers import first_mm_span, get_case, run_engine
+
+    from mmpipe.shared.engine import EngineConfig, LLMEngine
+
+    case = get_case("gemma3")
+    model = copy.deepcopy(case.model).cuda()
+    a, b, c = case.prompts
+    start, n = first_mm_span(a)
+    for cfg in (EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=4, block_size=8),
+                EngineConfig(device="cuda", attention_backend="triton", max_num_seqs=4, block_size=4,
+                             max_num_batched_tokens=start + max(1, n // 2))):
+        engine = LLMEngine(model, cfg)
+        res = run_engine(engine, {0: [a.request("a")], 1: [b.request("b")], 3: [c.request("c")]})
+        assert [res.tokens[r] for r in "abc"] == [p.ref for p in (a, b, c)], cfg
+        assert engine.stats["graph_steps"] > 0 and engine.stats["mixed_graph_steps"] > 0, engine.stats
+        del engine
+        _free_gpu()

@@ -1,6 +1,7 @@
 """The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
 references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, paged decode with the split
-merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels.
+merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels; and ("masked") decode
+and prefill under a sliding window, bidirectional image limits and a soft-cap, with Gemma's (1 + weight) norm.
 
 TRITON_INTERPRET must be set before triton is imported, so each test runs this file as a script in a fresh
 interpreter process; the script's checks assert and print their largest errors. The interpreter runs the
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("gate_up_silu", "paged_decode", "elementwise")
+CHECKS = ("gate_up_silu", "paged_decode", "elementwise", "masked")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -183,6 +184,76 @@ def check_elementwise():
         written = set(s for s in slots.tolist() if s >= 0)
         assert all(torch.all(flat_k[i] == 0) for i in range(16) if i not in written)
     print("elementwise max rel errors:", {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+def check_masked():
+    """Sliding window, per-row key limits (bidirectional image runs) and soft-cap, decode and prefill kernels
+    against the torch reference (attention/torch_ref.py), plus Gemma's (1 + weight) RMSNorm, in fp32."""
+    import torch
+
+    from mmpipe.shared.engine.attention.torch_ref import attend_one, gather_kv
+    from mmpipe.shared.engine.kernels.triton_attention import paged_decode
+    from mmpipe.shared.engine.kernels.triton_fused import add_rmsnorm
+    from mmpipe.shared.engine.kernels.triton_prefill import prefill_attention, prefill_work
+
+    torch.manual_seed(0)
+    H, KVH, D, page, nb = 4, 2, 16, 4, 40
+    kc, vc = torch.randn(nb, page, KVH, D), torch.randn(nb, page, KVH, D)
+    perm = torch.randperm(nb).tolist()
+    tables = [perm[0:12], perm[12:24], perm[24:36]]
+    bt = torch.tensor(tables, dtype=torch.int32)
+    scale, worst = D ** -0.5, {}
+    for window, softcap in ((None, None), (5, None), (5, 2.0)):
+        # decode: one query at the end of each context
+        lens = [3, 17, 40]
+        q = torch.randn(3, H, D)
+        for splits in (1, 4):
+            out = paged_decode(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale, splits, block_n=16,
+                               window=window, softcap=softcap)
+            for i, n in enumerate(lens):
+                want = attend_one(q[i:i + 1], gather_kv(kc, tables[i], n), gather_kv(vc, tables[i], n), scale,
+                                  window=window, softcap=softcap)
+                worst["decode"] = max(worst.get("decode", 0.0), _maxerr(out[i:i + 1], want))
+        # prefill: chunks after a cached prefix; the second one holds an "image" run [3, 9) of its chunk
+        chunk, prefix = [11, 13], [6, 20]
+        T = sum(chunk)
+        qsl = torch.tensor([0, chunk[0], T], dtype=torch.int32)
+        ctx = torch.tensor([p + c for p, c in zip(prefix, chunk)], dtype=torch.int32)
+        q, k, v = torch.randn(T, H, D), torch.randn(T, KVH, D), torch.randn(T, KVH, D)
+        kcs, vcs = kc.clone(), vc.clone()
+        for i in range(2):  # the chunk's own K/V are in the cache too, as the decoder's write leaves them
+            for j in range(chunk[i]):
+                pos = prefix[i] + j
+                kcs[tables[i][pos // page], pos % page] = k[qsl[i] + j]
+                vcs[tables[i][pos // page], pos % page] = v[qsl[i] + j]
+        lim = torch.cat([torch.arange(prefix[0], ctx[0]), torch.arange(prefix[1], ctx[1])]).to(torch.int32)
+        lim[chunk[0] + 3:chunk[0] + 9] = prefix[1] + 8
+        seqs, blks = prefill_work(chunk, 32)
+        work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
+        for limits in (None, lim):
+            out = prefill_attention(q, k, v, kcs, vcs, bt[:2], ctx, qsl, work, scale, window=window,
+                                    attn_limit=limits, softcap=softcap)
+            for i in range(2):
+                s, e, n = int(qsl[i]), int(qsl[i + 1]), int(ctx[i])
+                want = attend_one(q[s:e], gather_kv(kcs, tables[i], n), gather_kv(vcs, tables[i], n), scale,
+                                  window=window, softcap=softcap, limit=None if limits is None else lim[s:e])
+                worst["prefill"] = max(worst.get("prefill", 0.0), _maxerr(out[s:e], want))
+    assert worst["decode"] < 1e-5 and worst["prefill"] < 1e-5, worst
+    # the window and the limits change the answer (the checks above are not vacuous)
+    a = attend_one(q[:5], k[:5], v[:5], scale)
+    assert _maxerr(attend_one(q[:5], k[:5], v[:5], scale, window=2), a) > 1e-3
+    assert _maxerr(attend_one(q[:5], k[:5], v[:5], scale, limit=torch.tensor([4] * 5)), a) > 1e-3
+    # Gemma's RMSNorm: normalised in fp32, times (1 + weight)
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.3)
+    h, r = torch.randn(3, 48), torch.randn(3, 48)
+    got, res = add_rmsnorm(h, r.clone(), norm.weight, norm.eps, unit_offset=True)
+    worst["gemma norm"] = _maxerr(got, norm(h + r))
+    assert worst["gemma norm"] < 1e-5 and torch.equal(res, h + r), worst
+    print("masked max abs errors:", {k: f"{v:.2e}" for k, v in worst.items()})
 
 
 if __name__ == "__main__":

@@ -43,6 +43,19 @@ FALLBACK_TEMPLATES: dict[str, str] = {
     "qwen3_vl": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>", ""),
     "qwen2_audio": _chatml("", "", "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"),
     "llava_onevision": _chatml("<image>\n", "<video>\n", ""),
+    # Gemma 3's published format: a system message is folded into the first user turn, assistant turns are
+    # "model", an image part is <start_of_image> (the processor / assemble.py expand it)
+    "gemma3": (
+        "{{ bos_token }}{% set sys = '' %}{% set ns = namespace(sys='') %}"
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{% set ns.sys = (m['content'] if m['content'] is string else m['content'][0]['text']) ~ '\n\n' %}"
+        "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+        "{% if m['role'] == 'user' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<end_of_turn>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                             "<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }

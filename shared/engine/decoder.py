@@ -1,9 +1,11 @@
-"""PagedDecoder: our own forward of an HF text decoder (Llama / Qwen2 / Qwen2-VL family) over a flat,
-variable-length batch, reusing the HF modules' weights in place (nothing is copied).
+"""PagedDecoder: our own forward of an HF text decoder (Llama / Qwen2 / Qwen2-VL / Gemma 3 family) over a
+flat, variable-length batch, reusing the HF modules' weights in place (nothing is copied).
 
 It reads `model.model.language_model` (embed_tokens, layers, norm, rotary_emb) and `model.lm_head`. Rotary
-cos/sin come from the model's own `rotary_emb` (so M-RoPE sections, interleaved or not, are exact); positions
-are (T,) or, for M-RoPE models, (3, T). Attention goes through the paged KV cache via an attention backend.
+cos/sin come from the model's own `rotary_emb` (so M-RoPE sections, interleaved or not, are exact, and Gemma's
+per-layer-type tables too); positions are (T,) or, for M-RoPE models, (3, T). Attention goes through the paged
+KV cache via an attention backend, with each layer's window (model_spec.py: sliding layers, soft-caps, Gemma's
+layout).
 
 Qwen3-style attention RMS-normalises q and k per head before RoPE (`q_norm` / `k_norm`, used when the layer
 has them). DeepStack (Qwen3-VL): a multimodal row is `hidden * (1 + num_deepstack)` wide, the base embedding
@@ -21,6 +23,7 @@ from torch import nn
 from mmpipe.shared.errors import UnsupportedError
 
 from .attention.base import AttentionBackend, AttentionMetadata
+from .model_spec import DecoderSpec, read_spec
 
 
 def _find_text_decoder(hf_model: nn.Module) -> nn.Module:
@@ -58,13 +61,11 @@ class PagedDecoder:
         self.mm_width = self.hidden_size * (1 + self.num_deepstack)
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.max_position_embeddings = int(getattr(cfg, "max_position_embeddings", 4096))
-        self.hidden_act = getattr(cfg, "hidden_act", "silu")
+        self.spec: DecoderSpec = read_spec(hf_model, lm)
+        self.hidden_act = self.spec.hidden_act
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         section = getattr(self.rotary_emb, "mrope_section", None) or rope.get("mrope_section")
         self.mrope_section: list[int] | None = list(section) if section else None
-        layer_types = getattr(cfg, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise UnsupportedError("sliding-window attention layers are not supported by the engine")
         module = sys.modules[type(attn0).__module__]
         self.apply_rotary = getattr(module, "apply_rotary_pos_emb")
         p = next(lm.parameters())
@@ -75,11 +76,12 @@ class PagedDecoder:
         return self.mrope_section is not None
 
     # ---- pieces ----------------------------------------------------------------------------------------------
-    def rotary(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (T, head_dim) for positions (T,) or (3, T)."""
+    def rotary(self, positions: torch.Tensor, like: torch.Tensor, layer_type: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (T, head_dim) for positions (T,) or (3, T); `layer_type` picks Gemma's table."""
         T = positions.shape[-1]
         pid = positions.reshape(3, 1, T) if self.is_mrope else positions.reshape(1, T)
-        cos, sin = self.rotary_emb(like, pid)
+        cos, sin = self.rotary_emb(like, pid) if layer_type is None else self.rotary_emb(like, pid, layer_type)
         if cos.dim() == 4:  # older transformers return per-row tables: pick the M-RoPE sections ourselves
             sec = self.mrope_section * 2
             cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(sec, dim=-1))], dim=-1)
@@ -114,7 +116,8 @@ class PagedDecoder:
         ds = self.deepstack(mm_rows)
         if ds is not None and inputs_embeds is not None:
             raise UnsupportedError("DeepStack rows need the eager forward (the multimodal rows, not inputs_embeds)")
-        cos, sin = self.rotary(positions, h)
+        spec = self.spec
+        tables = {kind: self.rotary(positions, h, kind) for kind in spec.rope_kinds}
         T = h.shape[0]
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         residual = None
@@ -123,14 +126,20 @@ class PagedDecoder:
             a = layer.self_attn
             q, k, v = ops.qkv(i, a, x)
             q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
-            if getattr(a, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            if spec.qk_norm:  # Qwen3 / Gemma 3: RMSNorm over each head's q and k, before RoPE
                 q, k = a.q_norm(q), a.k_norm(k)
             kc, vc = kv_cache[0, i], kv_cache[1, i]
+            cos, sin = tables[spec.layer_rope[i]]
             q, k = ops.rope_and_cache(q, k, v, cos, sin, kc, vc, meta.slot_mapping)
-            o = attn.forward(q, k, v, kc, vc, meta)
+            o = attn.forward(q, k, v, kc, vc, meta, window=spec.layer_windows[i])
             h = a.o_proj(o.reshape(T, H * D))
-            x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
-            h = ops.mlp(i, x, layer.mlp)
+            if spec.sandwich_norms:  # Gemma: norm the branch output, then add; norm again before the MLP
+                x, residual = ops.add_norm(layer.post_attention_layernorm(h), residual,
+                                           layer.pre_feedforward_layernorm)
+                h = layer.post_feedforward_layernorm(ops.mlp(i, x, layer.mlp))
+            else:
+                x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
+                h = ops.mlp(i, x, layer.mlp)
             if ds is not None and i < self.num_deepstack:
                 # transformers adds the feature to the layer's output (residual + mlp) at the image rows; summing
                 # here, in that order, keeps its numerics, and the next add_norm starts from the sum
@@ -143,5 +152,10 @@ class PagedDecoder:
             h, residual = h.index_select(0, logits_index), residual.index_select(0, logits_index)
         x, _ = ops.add_norm(h, residual, self.norm)
         if logits_out is None or self.lm_head.bias is not None:
-            return self.lm_head(x)
-        return torch.mm(x, self.lm_head.weight.t(), out=logits_out)
+            logits = self.lm_head(x)
+        else:
+            logits = torch.mm(x, self.lm_head.weight.t(), out=logits_out)
+        if spec.final_softcap is not None:  # in place, so a CUDA graph's shared logits buffer holds the result
+            c = spec.final_softcap
+            logits.div_(c).tanh_().mul_(c)
+        return logits

@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .model_runner import ModelRunner
 from .outputs import StepOutput
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, mm_runs
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,13 @@ class LLMEngine:
             if pos.numel() != emb.shape[0] or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n)):
                 raise InvalidInputError("mm_positions must give one prompt index per mm_embeds row",
                                         param="mm_positions")
+            if self.runner.bidirectional_mm and pos.numel():
+                longest = max(b - a for a, b in mm_runs(pos))
+                if longest > self.config.max_num_batched_tokens:  # a run is prefilled in one chunk
+                    raise LimitExceededError(
+                        f"a multimodal item of {longest} tokens attends bidirectionally and must be prefilled in "
+                        f"one step, but max_num_batched_tokens is {self.config.max_num_batched_tokens}",
+                        param="max_num_batched_tokens")
         if req.mrope_positions is not None and tuple(torch.as_tensor(req.mrope_positions).shape) != (3, n):
             raise InvalidInputError(f"mrope_positions must be (3, {n})", param="mrope_positions")
         if req.mm_spans:
@@ -119,7 +126,8 @@ class LLMEngine:
             gen = torch.Generator(device=self.runner.device)
             gen.manual_seed(int(req.sampling.seed))
         seq = Sequence(req, max_model_len=self.max_model_len,
-                       eos_token_ids=list(req.eos_token_ids) or self._default_eos, generator=gen)
+                       eos_token_ids=list(req.eos_token_ids) or self._default_eos, generator=gen,
+                       bidirectional_mm=self.runner.bidirectional_mm)
         if seq.mm_embeds is not None:
             # One upload (and cast) at admission, not one per chunk; the caller's tensor is left alone.
             seq.mm_embeds = seq.mm_embeds.to(device=self.runner.device, dtype=self.runner.dtype)

@@ -51,8 +51,12 @@ class MixedGraphs(StepGraphs):
         self.width = runner.max_blocks_per_seq
         self.rows = 3 if runner.mrope else 1
         S, W, Tm = self.max_decodes + max_prefills, cdiv(self.max_tokens, self.block_m) + max_prefills, sizes[-1]
-        super().__init__(runner, sizes, {"ids": Tm, "pos": self.rows * Tm, "slot": Tm, "len": S, "qsl": S + 1,
-                                         "wseq": W, "wblk": W, "logits": S, "bt": S * self.width}, S, pool)
+        self.has_lim = runner.bidirectional_mm
+        segments = {"ids": Tm, "pos": self.rows * Tm, "slot": Tm, "len": S, "qsl": S + 1, "wseq": W, "wblk": W,
+                    "logits": S, "bt": S * self.width}
+        if self.has_lim:
+            segments["lim"] = Tm  # after bt: uploaded with the rest (the copy covers every segment)
+        super().__init__(runner, sizes, segments, S, pool)
         d = runner.decoder
         self.hidden = torch.zeros(Tm, d.hidden_size, dtype=runner.dtype, device=runner.device)
         self.tables = BlockTableRows(S)
@@ -75,7 +79,8 @@ class MixedGraphs(StepGraphs):
             slot_mapping=self.seg("slot", T), seq_lens=self.seg("len", S),
             block_tables=self.seg("bt", S * self.width).view(S, self.width), num_decodes=D,
             query_start_loc_host=[], seq_lens_host=[], query_start_loc=self.seg("qsl", S + 1),
-            prefill_work=(self.seg("wseq", W), self.seg("wblk", W)))
+            prefill_work=(self.seg("wseq", W), self.seg("wblk", W)),
+            attn_limit=self.seg("lim", T) if self.has_lim else None)
         return r.decoder.forward(None, pos if self.rows == 3 else pos[0], meta, r.kv_cache, r.attn, r.ops,
                                  logits_index=self.seg("logits", S), inputs_embeds=self.hidden[:T],
                                  logits_out=self.logits[:S])
@@ -92,7 +97,8 @@ class MixedGraphs(StepGraphs):
         self.host_ready()
         buf = StepBuffers(ids=self.seg("ids", T, h), pos=self._positions(T, h), slot=self.seg("slot", T, h),
                           lens=self.seg("len", S, h), qsl=self.seg("qsl", S + 1, h),
-                          logits=self.seg("logits", S, h), bt=self.seg("bt", S * self.width, h).reshape(S, self.width))
+                          logits=self.seg("logits", S, h), bt=self.seg("bt", S * self.width, h).reshape(S, self.width),
+                          lim=self.seg("lim", T, h) if self.has_lim else None)
         st = stage_step(sched, buf, self.tables, block_size=self.runner.block_size, chunk_row=D)
         t, p, nd = st.num_tokens, len(st.chunk_lens), sched.num_decodes
         buf.lens[nd:D] = 0
@@ -106,7 +112,9 @@ class MixedGraphs(StepGraphs):
         self.seg("wseq", W, h)[len(wseq):] = -1
         self.seg("wblk", W, h)[:len(wblk)] = wblk
         buf.logits[st.num_logits:] = 0
-        self.upload(self.offsets["bt"] + S * self.width)
+        if buf.lim is not None:
+            buf.lim[t:T] = 0
+        self.upload(self.offsets["lim"] + T if self.has_lim else self.offsets["bt"] + S * self.width)
         return st
 
     def run(self, sched: SchedulerOutput) -> torch.Tensor:

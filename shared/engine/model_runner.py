@@ -42,6 +42,7 @@ class ModelRunner:
         self.dtype = config.dtype
         self.block_size = config.block_size
         self.mrope = d.is_mrope
+        self.bidirectional_mm = d.spec.mm_bidirectional  # prefill rows carry attention limits (staging.py)
 
         backend = config.resolved_backend()
         if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -49,7 +50,8 @@ class ModelRunner:
                              "which runs the kernels in Triton's interpreter, slowly)")
         self.backend_name = backend
         self.attn = create_backend(backend, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
-                                   head_dim=d.head_dim, block_size=config.block_size, scale=d.scale)
+                                   head_dim=d.head_dim, block_size=config.block_size, scale=d.scale,
+                                   softcap=d.spec.attn_softcap)
         if backend == "triton":
             from .kernels.triton_ops import TritonOps
 
@@ -78,7 +80,8 @@ class ModelRunner:
         i32 = np.int32
         self.eager_buffers = StepBuffers(
             ids=np.zeros(T, i32), pos=np.zeros((rows, T), i32), slot=np.zeros(T, i32), lens=np.zeros(S, i32),
-            qsl=np.zeros(S + 1, i32), logits=np.zeros(S, i32), bt=np.zeros((S, self.max_blocks_per_seq), i32))
+            qsl=np.zeros(S + 1, i32), logits=np.zeros(S, i32), bt=np.zeros((S, self.max_blocks_per_seq), i32),
+            lim=np.zeros(T, i32) if self.bidirectional_mm else None)
         self.eager_tables = BlockTableRows(S)
 
         self.graphs = self.mixed_graphs = None
@@ -191,7 +194,7 @@ class ModelRunner:
             slot_mapping=up(buf.slot[:T]), seq_lens=up(buf.lens[:S]),
             block_tables=up(np.ascontiguousarray(buf.bt[:S, :width])), num_decodes=sched.num_decodes,
             query_start_loc_host=buf.qsl[:S + 1].tolist(), seq_lens_host=buf.lens[:S].tolist(),
-            block_tables_host=tables)
+            block_tables_host=tables, attn_limit=up(buf.lim[:T]) if buf.lim is not None else None)
         return self.decoder.forward(
             up(buf.ids[:T]), up(buf.pos[:, :T] if self.mrope else buf.pos[0, :T]), meta, self.kv_cache, self.attn,
             self.ops, mm_index=torch.cat(st.mm_index).to(dev) if st.mm_index else None,

@@ -8,6 +8,10 @@ Every step it builds one mixed batch under the token budget (`max_num_batched_to
      budget and `max_num_seqs` allow (not in a step that had to preempt). With prefix caching, admission takes
      the longest cached prefix first, and the prefill starts after it.
 Decodes come first in the batch, so the model runner can treat them as one block of one-token rows.
+For models whose multimodal runs attend bidirectionally (Gemma 3's images), a prefill chunk never ends inside a
+run: it stops before the run, and a run that does not fit in what is left of the budget waits for the next
+step (admissions stop meanwhile, so the decodes ahead of it drain and the budget comes back; runs longer than
+the whole budget are refused at add_request).
 Every scheduled entry registers the full blocks it completes with the block manager's prefix cache.
 """
 from __future__ import annotations
@@ -128,26 +132,34 @@ class Scheduler:
         out.num_decodes = len(out.scheduled)
 
         # 2. prefill chunks of running sequences (their prompt blocks were allocated at admission).
+        held_back = False  # a multimodal run did not fit: admit nobody this step
         for seq in self.running:
             if budget == 0:
                 break
             if seq.num_uncomputed_tokens > 1:
-                n = min(seq.num_uncomputed_tokens, budget)
+                n = seq.fit_chunk(min(seq.num_uncomputed_tokens, budget))
+                if n == 0:
+                    held_back = True
+                    continue
                 bm.commit(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
 
         # 3. admissions: whole prompt (plus recomputed output) must fit in the free blocks, after its cached
         # prefix (at least one token is always left to compute).
-        if not out.preempted:
+        if not out.preempted and not held_back:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if not bm.allocate_prompt(seq):
                     break
+                n = seq.fit_chunk(min(seq.num_uncomputed_tokens, budget))
+                if n == 0:  # its first multimodal run does not fit in this step: give the blocks back, wait
+                    bm.free(seq)
+                    seq.num_computed_tokens = 0
+                    break
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-                n = min(seq.num_uncomputed_tokens, budget)
                 bm.commit(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n

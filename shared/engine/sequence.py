@@ -13,6 +13,18 @@ from .block_hash import block_key, block_media
 _NO_LIMIT = 1 << 62
 
 
+def mm_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of contiguous prompt positions (transformers' token_type_ids blocks)."""
+    pos = sorted(set(int(p) for p in positions.reshape(-1).tolist()))
+    runs: list[tuple[int, int]] = []
+    for p in pos:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -34,7 +46,7 @@ class Sequence:
     """
 
     def __init__(self, req: EngineRequest, *, max_model_len: int, eos_token_ids: list[int],
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, bidirectional_mm: bool = False):
         self.request_id = req.request_id
         self.sampling = req.sampling
         self.token_ids: list[int] = [int(t) for t in req.prompt_token_ids]
@@ -101,6 +113,16 @@ class Sequence:
             last = self.mrope_positions[:, -1] + 1 - self.mrope_positions.shape[1]
             self.mrope_deltas = tuple(int(x) for x in last.tolist())  # type: ignore[assignment]
         self._mrope_i32: np.ndarray | None = None  # (3, L) int32 positions for block keys, built on first use
+        # Bidirectional multimodal runs (model_spec.py): [start, end) of each run of contiguous mm positions,
+        # and per prompt index the last key position it may attend to during prefill.
+        self.mm_runs: list[tuple[int, int]] = []
+        self._limits: np.ndarray | None = None
+        if bidirectional_mm and self.mm_positions is not None and self.mm_positions.numel():
+            self.mm_runs = mm_runs(self.mm_positions)
+            lim = np.arange(self.num_prompt_tokens, dtype=np.int32)
+            for a, b in self.mm_runs:
+                lim[a:b] = b - 1
+            self._limits = lim
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     @property
@@ -139,6 +161,26 @@ class Sequence:
             tail = torch.arange(max(start, L), end, dtype=torch.long)
             parts.append(tail[None, :] + torch.tensor(self.mrope_deltas, dtype=torch.long)[:, None])
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def attn_limits(self, start: int, end: int) -> np.ndarray:
+        """(end-start,) int32: the last key position each token of [start, end) may attend to in prefill."""
+        own = np.arange(start, end, dtype=np.int32)
+        if self._limits is None or start >= self.num_prompt_tokens:
+            return own
+        e = min(end, self.num_prompt_tokens)
+        own[:e - start] = self._limits[start:e]
+        return own
+
+    def fit_chunk(self, n: int) -> int:
+        """The longest prefill chunk of at most `n` tokens from `num_computed_tokens` that ends outside every
+        bidirectional run (a run's rows need each other's keys, so a run is computed in one chunk); 0 when the
+        run at the start does not fit in `n`."""
+        start = self.num_computed_tokens
+        end = start + n
+        for a, b in self.mm_runs:
+            if a < end < b:
+                return max(0, a - start)
+        return n
 
     def decode_positions(self, index: int, mrope: bool) -> tuple[int, ...]:
         """Positions of a post-prompt token at `index`: one per M-RoPE row, or a 1-tuple."""

@@ -30,6 +30,7 @@ class StepBuffers(NamedTuple):
     qsl: np.ndarray     # (S + 1,) first token row of each sequence row
     logits: np.ndarray  # (S,) token rows whose logits are sampled, in scheduled order
     bt: np.ndarray      # (S, W) block tables
+    lim: np.ndarray | None = None  # (T,) last visible key position per token (bidirectional mm runs), or None
 
 
 class StagedStep(NamedTuple):
@@ -91,6 +92,8 @@ def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows,
                                   count=nd)
         buf.slot[:nd] = last_blocks * bs + idx % bs
         buf.lens[:nd] = idx + 1
+        if buf.lim is not None:
+            buf.lim[:nd] = idx
         rows = np.arange(nd)
         buf.qsl[:nd] = rows
         buf.logits[:nd] = rows  # every decode samples
@@ -117,11 +120,15 @@ def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows,
             buf.ids[t] = seq.token_ids[s]
             buf.pos[:, t] = [s + dl for dl in seq.mrope_deltas] if mrope else s
             buf.slot[t] = seq.block_table[s // bs] * bs + s % bs
+            if buf.lim is not None:
+                buf.lim[t] = s
         else:
             buf.ids[t:t + n] = seq.token_ids[s:e]
             buf.pos[:, t:t + n] = seq.position_ids(s, e, mrope).numpy()
             idx = np.arange(s, e)
             buf.slot[t:t + n] = np.asarray(seq.block_table, dtype=np.int64)[idx // bs] * bs + idx % bs
+            if buf.lim is not None:
+                buf.lim[t:t + n] = seq.attn_limits(s, e)
             mm = seq.mm_rows(s, e)
             if mm is not None:
                 mm_index.append(mm[0] + t)

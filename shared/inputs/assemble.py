@@ -1,6 +1,7 @@
 """Expand placeholders and build the EngineRequest for one prompt (the generator side of the pipeline).
 
-Each placeholder token becomes `num_tokens` copies (one per embedding row), the rows are recorded with
+Each placeholder token becomes `num_tokens` copies (one per embedding row; an adapter may wrap them in tokens
+of its own and use another feature token, `ModelAdapter.item_tokens`: Gemma 3), the rows are recorded with
 their flat prompt positions, each item with its span and cache key (what the engine's prefix cache keys its
 blocks by), and M-RoPE families get their (3, L) positions and rope delta. This is the same expansion the HF
 processor does on the prompt string, done on token ids so cached items need no pixels (the expansion itself:
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError
-from mmpipe.shared.models.base import ModelAdapter
+from mmpipe.shared.models.base import ItemTokens, ModelAdapter
 from mmpipe.shared.types import EngineRequest, MMEmbedding, SamplingParams
 
 from .expand import ExpandedPrompt, expand_prompt
@@ -25,7 +26,8 @@ def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list
                          mm_keys: list[str | None] | None = None) -> EngineRequest:
     """`mm_keys` (parallel to `embeddings`): each item's embedding cache key, the identity its KV blocks are
     shared under (the key must name exactly these rows: it is the key they were read or stored under)."""
-    ids, positions, ordered, spans = expand_prompt(token_ids, embeddings, adapter.placeholder_ids(), mm_keys)
+    ids, positions, ordered, spans = expand_prompt(token_ids, embeddings, adapter.placeholder_ids(), mm_keys,
+                                                   adapter.item_tokens())
     if max_model_len is not None:
         need = len(ids) + (sampling.max_tokens or 0) if sampling.max_tokens else len(ids) + 1
         if len(ids) >= max_model_len or need > max_model_len:

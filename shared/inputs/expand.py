@@ -26,9 +26,12 @@ class ExpandedPrompt(NamedTuple):
 
 
 def expand_prompt(token_ids: Sequence[int], items: Sequence[MediaItem], placeholder_ids: dict[str, int],
-                  keys: Sequence[str | None] | None = None) -> ExpandedPrompt:
+                  keys: Sequence[str | None] | None = None,
+                  item_tokens: dict[str, Any] | None = None) -> ExpandedPrompt:
     """`items` are in prompt order per modality; `keys[i]` is the cache key of `items[i]` (None: the item has
-    none)."""
+    none); `item_tokens` (per modality, `ModelAdapter.item_tokens`: `.before`, `.feature`, `.after`) wraps each
+    item's rows and names their token (default: the placeholder repeated). An item whose meta carries the
+    processor's own `expansion` (Qwen3-VL's frame timestamps) is expanded as that."""
     if keys is not None and len(keys) != len(items):
         raise InvalidInputError(f"{len(keys)} embedding keys for {len(items)} embeddings", param="embeddings")
     keyed = list(zip(items, keys if keys is not None else [None] * len(items)))
@@ -47,10 +50,15 @@ def expand_prompt(token_ids: Sequence[int], items: Sequence[MediaItem], placehol
             raise InvalidInputError(f"the prompt has more {m} placeholders than {m} items", param="embeddings")
         item, key = queues[m].pop(0)
         expansion = (getattr(item, "meta", None) or {}).get("expansion")
+        wrap = item_tokens.get(m) if item_tokens else None
         if expansion is None:
+            if wrap is not None:
+                out.extend(wrap.before)
             spans.append(MMSpan(offset=len(out), length=item.num_tokens, key=key))
             positions.extend(range(len(out), len(out) + item.num_tokens))
-            out.extend([t] * item.num_tokens)
+            out.extend([t if wrap is None else wrap.feature] * item.num_tokens)
+            if wrap is not None:
+                out.extend(wrap.after)
         else:
             spans.extend(_expand_item(out, positions, expansion, t, item.num_tokens, key))
         ordered.append(item)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -26,6 +26,15 @@ from mmpipe.shared.types import MediaItem, MMEmbedding, ProcessedItem
 
 # Processor outputs that belong to the text side; everything else is a model input for the towers.
 _TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
+
+
+class ItemTokens(NamedTuple):
+    """What one item's placeholder becomes in the expanded prompt: `before`, then one `feature` token per
+    embedding row, then `after` (Gemma 3: "\\n\\n<start_of_image>", the soft tokens, "<end_of_image>\\n\\n")."""
+
+    before: tuple[int, ...]
+    feature: int
+    after: tuple[int, ...]
 
 
 class ModelAdapter(ABC):
@@ -87,6 +96,14 @@ class ModelAdapter(ABC):
 
     def placeholder_ids(self) -> dict[str, int]:
         return {m: self.placeholder_id(m) for m in self.modalities}
+
+    def feature_token_id(self, modality: str) -> int:
+        """The token the processor repeats once per embedding row (the placeholder itself, for most families)."""
+        return self.placeholder_id(modality)
+
+    def item_tokens(self) -> dict[str, ItemTokens]:
+        """Per modality, what a placeholder expands to (inputs/assemble.py); no wrapping by default."""
+        return {m: ItemTokens((), self.feature_token_id(m), ()) for m in self.modalities}
 
     def check_modality(self, modality: str) -> None:
         if modality not in self.modalities:
@@ -157,7 +174,7 @@ class ModelAdapter(ABC):
         except (ValueError, TypeError, RuntimeError) as e:  # the processor's own validation of the item
             raise InvalidInputError(f"could not preprocess {item.modality}: {e}", param=item.modality) from e
         ids = out["input_ids"][0]
-        num_tokens = int((ids == self.placeholder_id(item.modality)).sum())
+        num_tokens = int((ids == self.feature_token_id(item.modality)).sum())
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         tensors = self.pixel_wire.compact(item.modality, tensors)
         meta: dict[str, Any] = {"num_tokens": num_tokens}

@@ -6,7 +6,7 @@ tokenizer trained locally with the `tokenizers` library, the real image / video 
 chat template. The directory is written with `save_pretrained` and loads back with the ordinary Auto classes:
 
     AutoProcessor.from_pretrained(path)
-    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision
+    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3
     AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*)
 
 `mmpipe_tiny.json` in the directory names the family and which Auto class loads it (`load_tiny_model` reads it).
@@ -100,6 +100,9 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         # a published-style Omni checkpoint: thinker + talker + token2wav (mmpipe serves the thinker only)
         _spec("qwen2_5_omni_full", LOADER_FULL_OMNI,
               {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
+        # the prompt's placeholder is <start_of_image> (config.boi_token_id); the processor adds the soft tokens
+        TinyFamilySpec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, ("image",), {"image": "<start_of_image>"},
+                       {"image": "boi_token_id"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -593,6 +596,64 @@ def _write_omni_speakers(out: Path) -> None:
 # Files a family needs besides what save_pretrained writes.
 _EXTRA_FILES = {"qwen2_5_omni_full": _write_omni_speakers}
 
+# Gemma 3: a 16-token sliding window (prompts in the tests are longer), so the engine's window is exercised
+GEMMA3_SLIDING_WINDOW = 16
+GEMMA3_IMAGE_TOKENS = 4  # 4x4 SigLIP patches average-pooled 2x2
+
+
+def gemma_template(media_markers: Mapping[str, str]) -> str:
+    """Gemma style: `<bos><start_of_turn>user\\n...<end_of_turn>\\n`, the assistant's turns named `model`,
+    generation prompt `<start_of_turn>model\\n` (a system message is a turn of its own here)."""
+    return (
+        "{{- bos_token -}}\n"
+        "{%- for message in messages -%}\n"
+        + _CHECK_ROLE
+        + "{{- '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else message['role']) ~ '\\n' -}}\n"
+        + _content_block(media_markers)
+        + "{{- '<end_of_turn>\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}\n"
+    )
+
+
+def _build_gemma3() -> _Built:
+    """Gemma 3: SigLIP tower + pooling projector, a Gemma 3 decoder with sliding layers between global ones
+    (separate local rope base, linear rope scaling on the global layers), q/k norms, query_pre_attn_scalar.
+
+    transformers initialises the projector to zeros and every RMSNorm weight (used as 1 + weight) to zeros;
+    both are redrawn here so the image and each norm visibly move the tokens. Pan-and-scan stays off."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = train_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *named.values()],
+                          bos="<bos>", eos="<end_of_turn>", pad="<pad>", named_tokens=named)
+    ids = _ids(tok, **named)
+    text = _text_config(
+        tok, model_type="gemma3_text", num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=GEMMA3_SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=False,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+                          boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                          image_token_index=ids["image_token"], initializer_range=0.2,
+                          tie_word_embeddings=False)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+        for name, p in model.named_parameters():
+            if "norm" in name and "vision_tower" not in name and p.dim() == 1:
+                p.normal_(0.0, 0.1)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size=size, do_pan_and_scan=False),
+                                tokenizer=tok, image_seq_length=GEMMA3_IMAGE_TOKENS,
+                                chat_template=gemma_template({"image": "<start_of_image>"}))
+    return model, processor
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
@@ -602,6 +663,7 @@ _BUILDERS = {
     "qwen2_5_omni": _build_qwen2_5_omni,
     "qwen3_vl": _build_qwen3_vl,
     "qwen2_5_omni_full": _build_qwen2_5_omni_full,
+    "gemma3": _build_gemma3,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 

@@ -3,6 +3,12 @@
 The batch is flat: T tokens of S sequences, the first `num_decodes` sequences with one token each, then
 prefill chunks. Sequence i owns query rows [query_start_loc[i], query_start_loc[i+1]) and, after this step,
 `seq_lens[i]` tokens of K/V in its blocks (the cached prefix plus this chunk).
+
+Masks beyond causal (model_spec.py): a sliding layer passes `window` W, and query position p then sees keys
+(p - W, p]; a model whose multimodal runs attend bidirectionally fills `attn_limit`, the last key position
+each token row may see (its own position, or the last position of its run), so key j is visible when
+j <= attn_limit and, in a sliding layer, j > p - W. A run is never split across prefill chunks (scheduler.py),
+so every key a row may see is in the cache or in the chunk when it runs.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ class AttentionMetadata:
     # every prefill chunk in one launch; built lazily by the backend when the runner did not fill it. A CUDA
     # graph fills a fixed-length list whose unused entries have sequence -1.
     prefill_work: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (T,) int32, per token row: the last key position it may attend to (bidirectional multimodal runs); None:
+    # causal (the row's own position). Decode rows never need it (their keys all lie behind them).
+    attn_limit: torch.Tensor | None = None
 
     def query_start_loc_device(self, device: torch.device) -> torch.Tensor:
         if self.query_start_loc is None:
@@ -51,16 +60,19 @@ class AttentionBackend(ABC):
 
     name: str = "base"
 
-    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, scale: float):
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, scale: float,
+                 softcap: float | None = None):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.block_size = block_size
         self.scale = scale
+        self.softcap = softcap  # scores become softcap * tanh(q.k * scale / softcap) (Gemma 2's attn cap)
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q (T, H, D) and k, v (T, KVH, D), rotary already applied; caches (num_blocks, block_size, KVH, D).
+                v_cache: torch.Tensor, meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
+        """q (T, H, D) and k, v (T, KVH, D), rotary already applied; caches (num_blocks, block_size, KVH, D);
+        `window`: this layer's sliding window (None: global).
 
         Returns (T, H, D)."""

@@ -27,9 +27,45 @@ def gather_kv(cache: torch.Tensor, blocks: list[int], n: int) -> torch.Tensor:
     return cache.index_select(0, idx).flatten(0, 1)[:n]
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (n, H, D) = the last n of the ctx tokens whose k, v are (ctx, KVH, D); causal. Returns (n, H, D)."""
+def visible_mask(n: int, ctx: int, device: torch.device, window: int | None = None,
+                 limit: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, ctx) bool: query j (position ctx - n + j) sees key i when i <= limit[j] (default: its position) and,
+    with a window W, i > position - W (transformers' sliding mask AND (causal OR same multimodal run))."""
+    pos = torch.arange(ctx - n, ctx, device=device).unsqueeze(1)
+    keys = torch.arange(ctx, device=device).unsqueeze(0)
+    lim = pos if limit is None else limit.to(device=device, dtype=torch.long).reshape(n, 1)
+    mask = keys <= lim
+    if window is not None:
+        mask &= keys > pos - window
+    return mask
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor,
+                  softcap: float | None = None) -> torch.Tensor:
+    """q (n, H, D), k, v (ctx, KVH, D), mask (n, ctx) bool. Returns (n, H, D). With `softcap` the scores are
+    capped by tanh (eager math: SDPA has no cap), as transformers' eager attention does."""
+    qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
+    rep = q.shape[1] // k.shape[1]
+    kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+    s = torch.matmul(qh, kh.transpose(2, 3)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, vh).squeeze(0).transpose(0, 1)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, window: int | None = None,
+               limit: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q (n, H, D) = the last n of the ctx tokens whose k, v are (ctx, KVH, D); causal, or the mask of
+    `visible_mask` when a window or limits are given. Returns (n, H, D)."""
     n, ctx = q.shape[0], k.shape[0]
+    if window is not None and window >= ctx:
+        window = None  # every key is inside the window
+    if window is not None or limit is not None or softcap is not None:
+        return attend_masked(q, k, v, scale, visible_mask(n, ctx, q.device, window, limit), softcap)
     qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     if n == ctx:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
@@ -45,7 +81,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
 class TorchRefBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         qsl, lens, bts = meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables_host
         bs = self.block_size
@@ -58,5 +94,6 @@ class TorchRefBackend(AttentionBackend):
             else:
                 blocks = bts[i][: -(-ctx // bs)]
                 kk, vv = gather_kv(k_cache, blocks, ctx), gather_kv(v_cache, blocks, ctx)
-            out[s:e] = attend_one(q[s:e], kk, vv, self.scale)
+            lim = meta.attn_limit[s:e] if meta.attn_limit is not None and i >= meta.num_decodes else None
+            out[s:e] = attend_one(q[s:e], kk, vv, self.scale, window=window, limit=lim, softcap=self.softcap)
         return out

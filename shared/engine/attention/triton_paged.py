@@ -40,12 +40,12 @@ class TritonPagedBackend(AttentionBackend):
     def num_splits(self, num_seqs: int) -> int:
         return self._choose(num_seqs, self.num_kv_heads, self.num_sms)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         nd = meta.num_decodes
         if nd:
             self._paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
-                               self.num_splits(nd), out=out[:nd])
+                               self.num_splits(nd), out=out[:nd], window=window, softcap=self.softcap)
         if nd == meta.num_seqs:
             return out
         qsl = meta.query_start_loc_host
@@ -56,7 +56,8 @@ class TritonPagedBackend(AttentionBackend):
                 meta.prefill_work = tuple(torch.tensor(w, dtype=torch.int32).to(q.device, non_blocking=True)
                                           for w in (seqs, blocks))
             self._prefill(q, k, v, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
-                          meta.query_start_loc_device(q.device)[nd:], meta.prefill_work, self.scale, out=out)
+                          meta.query_start_loc_device(q.device)[nd:], meta.prefill_work, self.scale, out=out,
+                          window=window, attn_limit=meta.attn_limit, softcap=self.softcap)
             return out
         lens = meta.seq_lens_host
         bs = self.block_size
@@ -68,5 +69,6 @@ class TritonPagedBackend(AttentionBackend):
                 blocks = meta.block_tables[i, : -(-ctx // bs)].long()
                 kk = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
                 vv = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
-            out[s:e] = attend_one(q[s:e], kk, vv, self.scale)
+            lim = meta.attn_limit[s:e] if meta.attn_limit is not None else None
+            out[s:e] = attend_one(q[s:e], kk, vv, self.scale, window=window, limit=lim, softcap=self.softcap)
         return out

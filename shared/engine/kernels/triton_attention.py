@@ -3,7 +3,9 @@
 Grid (sequence, kv_head, split): each program takes the query heads that share one KV head (GQA packing:
 the group is one matrix tile, padded to 16 rows for tl.dot) and one split of the sequence's context; the
 split size is computed on the device from the sequence length, so the same launch serves any lengths (and
-a CUDA graph). Each split keeps an online softmax and stores its partial output and log-sum-exp.
+a CUDA graph). Each split keeps an online softmax and stores its partial output and log-sum-exp. A sliding
+layer passes its window W: the splits then cover only the last W keys (the blocks before them are never
+read). `softcap` caps the scores by tanh (Gemma 2 style).
 
 The splits are merged by their log-sum-exp, by default in a second small kernel. `fused_merge=True` merges them
 in the same launch instead: after storing its partials, a program bumps
@@ -23,21 +25,36 @@ import triton
 import triton.language as tl
 
 
+# window of a global layer: larger than any context
+NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def tanh_cap(x, cap):
+    """cap * tanh(x / cap), from exp (no tanh intrinsic on every backend, the interpreter included)."""
+    y = x / cap
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(y >= 0, t, -t)
+
+
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-                         part_o_ptr, part_lse_ptr, counter_ptr, scale,
+                         part_o_ptr, part_lse_ptr, counter_ptr, scale, window, softcap,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                          stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         SPLIT_CHUNK: tl.constexpr, IEEE: tl.constexpr):
+                         SPLIT_CHUNK: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = sp * per_split
+    lo = tl.maximum(seq_len - window, 0)  # the query sits at seq_len - 1 and sees (seq_len - 1 - window, ...]
+    span = seq_len - lo
+    per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + sp * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     g = tl.arange(0, GROUP_PAD)
@@ -61,7 +78,10 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(nm[None, :], s * scale, float("-inf"))
+        s = s * scale
+        if SOFTCAP:
+            s = tanh_cap(s, softcap)
+        s = tl.where(nm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
@@ -103,7 +123,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                 m = tl.max(lse_all, axis=1)
                 m = tl.where(m == float("-inf"), 0.0, m)
                 den = tl.sum(tl.exp(lse_all - m[:, None]), axis=1)
-                n_active = tl.cdiv(seq_len, tl.maximum(per_split, 1))
+                n_active = tl.cdiv(span, tl.maximum(per_split, 1))
                 o_row = part_o_ptr + b.to(tl.int64) * stride_pb + rh * stride_ph
                 c = tl.arange(0, SPLIT_CHUNK)
                 res = tl.zeros([MERGE_ROWS, HEAD_DIM], tl.float32)
@@ -171,10 +191,12 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
-                 block_n: int = 64, fused_merge: bool = False) -> torch.Tensor:
+                 block_n: int = 64, fused_merge: bool = False, window: int | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
     """q (B, H, D); caches (num_blocks, page, KVH, D); block_tables (B, W) int32; seq_lens (B,) int32.
 
-    fused_merge=False merges the splits with a second kernel instead of in the decode kernel."""
+    fused_merge=False merges the splits with a second kernel instead of in the decode kernel. `window`: only
+    the last `window` keys are attended (a sliding layer); `softcap`: tanh cap on the scaled scores."""
     B, H, D = q.shape
     page, KVH = k_cache.shape[1], k_cache.shape[2]
     group = H // KVH
@@ -191,6 +213,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     counters = split_counters(q.device, B * KVH) if fused else seq_lens  # unused unless fused
     _paged_decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, counters, scale,
+        NO_WINDOW if window is None else int(window), float(softcap or 1.0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         part_o.stride(0) if num_splits > 1 else 0, part_o.stride(1) if num_splits > 1 else 0,
@@ -199,7 +222,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, FUSED_MERGE=fused, MERGE_ROWS=merge_rows, SPLITS_PAD=splits_pad,
         SPLIT_CHUNK=min(splits_pad, max(1, _MERGE_TILE // (merge_rows * D))), IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        SOFTCAP=softcap is not None, num_warps=4, num_stages=2)
     if num_splits > 1 and not fused:
         _merge_splits_kernel[(B, H)](
             part_o, part_lse, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),

@@ -1,7 +1,8 @@
 """Fused elementwise kernels of the decoder on CUDA, one launch each where HF does several:
 
 - add_rmsnorm: residual += x, then RMSNorm(residual) * weight (HF rounding: the residual and the normalised
-  value are rounded to the model dtype before the weight multiply, as LlamaRMSNorm / Qwen2RMSNorm do);
+  value are rounded to the model dtype before the weight multiply, as LlamaRMSNorm / Qwen2RMSNorm do; with
+  unit_offset, Gemma's: normalised in fp32, times (1 + weight), rounded once);
 - silu_mul: silu(gate) * up;
 - rope_and_cache: HF's rotate-half RoPE on q and k with the cos/sin tables from the model's own rotary_emb
   (M-RoPE sections already folded into them), then k and v written into their paged-cache slots (slot < 0:
@@ -16,7 +17,7 @@ import triton.language as tl
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, UNIT_OFFSET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -27,20 +28,26 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, s
         tl.store(res_ptr + row * stride_r + cols, x, mask=m)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
-    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=m, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=m)
+    if UNIT_OFFSET:
+        y = xf * tl.rsqrt(var + eps) * (1.0 + w.to(tl.float32))
+        tl.store(out_ptr + row * stride_o + cols, y.to(x.dtype), mask=m)
+    else:
+        y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+        tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=m)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """Returns (norm(residual + x) * weight, residual + x); the residual is updated in place when given."""
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                unit_offset: bool = False):
+    """Returns (norm(residual + x) * weight, residual + x); the residual is updated in place when given.
+    unit_offset: Gemma's norm, * (1 + weight)."""
     out = torch.empty_like(x)
     n = x.shape[-1]
     block = triton.next_power_of_2(n)
     _add_rmsnorm_kernel[(x.shape[0],)](
         x, residual if residual is not None else x, weight, out, n, eps, x.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0),
-        HAS_RES=residual is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        HAS_RES=residual is not None, BLOCK=block, UNIT_OFFSET=unit_offset, num_warps=8 if block >= 2048 else 4)
     return out, (residual if residual is not None else x)
 
 

@@ -48,6 +48,7 @@ class TritonOps:
 
     def __init__(self, decoder, pack: bool = False):
         self.fuse_mlp = decoder.hidden_act in ("silu", "swish")
+        self.unit_offset = decoder.spec.norm_unit_offset  # Gemma's RMSNorm: * (1 + weight), in fp32
         self.qkv_packed: list[tuple[torch.Tensor, torch.Tensor | None, list[int]]] = []
         self.gate_up_packed: list[torch.Tensor] = []
         if pack:
@@ -70,7 +71,7 @@ class TritonOps:
                 torch.cuda.empty_cache()
 
     def add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
-        return add_rmsnorm(h, residual, norm.weight, _eps(norm))
+        return add_rmsnorm(h, residual, norm.weight, _eps(norm), unit_offset=self.unit_offset)
 
     def qkv(self, layer: int, attn: nn.Module, x: torch.Tensor):
         if self.qkv_packed:

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_attention import NO_WINDOW, tanh_cap
+
 _LOG2E = 1.4426950408889634
 
 
@@ -39,12 +41,26 @@ def _online_update(s, nm, m_i, l_i, acc, v, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k, qk_scale, cap_l2, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """q.k scaled into the exp2 domain, tanh-capped when SOFTCAP (cap_l2 = cap * log2(e))."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if SOFTCAP:
+        s = tanh_cap(s, cap_l2)
+    return s
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                    work_seq_ptr, work_blk_ptr, out_ptr, qk_scale,
+                    work_seq_ptr, work_blk_ptr, out_ptr, lim_ptr, qk_scale, window, cap_l2,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                    HAS_LIM: tl.constexpr, SOFTCAP: tl.constexpr):
     w = tl.program_id(0)
     h = tl.program_id(1)
     s_idx = tl.load(work_seq_ptr + w)
@@ -69,35 +85,37 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # (a) the cached prefix, through the block table; visible to every query row
+    # positions are relative to the chunk's first token: query row i sits at i, key j at j (prefix keys < 0)
+    if HAS_LIM:  # the last key each row may see, as an absolute position
+        lim = tl.load(lim_ptr + rows, mask=m_mask, other=0) - prefix
+    else:
+        lim = offs_m
+    first = pid_m * BLOCK_M - window + 1  # the first key any row of this block sees (sliding layers)
+
+    # (a) the cached prefix, through the block table; every row sees it, within its window
     bt_row = block_tables_ptr + s_idx.to(tl.int64) * stride_bt
-    for n0 in range(0, prefix, BLOCK_N):
+    for n0 in range(tl.maximum(prefix + first, 0), prefix, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nm = offs_n < prefix
         page = tl.load(bt_row + offs_n // PAGE, mask=nm, other=0).to(tl.int64)
         off = page * stride_cb + (offs_n % PAGE).to(tl.int64) * stride_cs + kvh * stride_ch
         k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _scores(q, k, qk_scale, cap_l2, IEEE, SOFTCAP)
         v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-        m_i, l_i, acc = _online_update(s * qk_scale, nm[None, :], m_i, l_i, acc, v, IEEE)
+        vis = nm[None, :] & ((offs_n - prefix)[None, :] > offs_m[:, None] - window)
+        m_i, l_i, acc = _online_update(s, vis, m_i, l_i, acc, v, IEEE)
 
-    # (b) the chunk itself, from the fresh k / v rows; causal (key j visible to query i when j <= i)
-    hi = tl.minimum(n, (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
+    # (b) the chunk itself, from the fresh k / v rows; key j visible to row i when j <= lim[i] (causal: i)
+    hi = tl.minimum(n, tl.max(tl.where(m_mask, lim, 0), axis=0) + 1)
+    for n0 in range(tl.maximum(first, 0), hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nm = offs_n < n
         krow = (q_start + offs_n).to(tl.int64)
         k = tl.load(k_ptr + krow[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=nm[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _scores(q, k, qk_scale, cap_l2, IEEE, SOFTCAP)
         v = tl.load(v_ptr + krow[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=nm[:, None], other=0.0)
-        vis = nm[None, :] & (offs_n[None, :] <= offs_m[:, None])
-        m_i, l_i, acc = _online_update(s * qk_scale, vis, m_i, l_i, acc, v, IEEE)
+        vis = nm[None, :] & (offs_n[None, :] <= lim[:, None]) & (offs_n[None, :] > offs_m[:, None] - window)
+        m_i, l_i, acc = _online_update(s, vis, m_i, l_i, acc, v, IEEE)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -124,7 +142,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                       v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], scale: float,
                       out: torch.Tensor | None = None,
-                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      tile: tuple[int, int, int, int] | None = None, *, window: int | None = None,
+                      attn_limit: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of S prefill chunks packed in q (T, H, D).
 
     k, v (T, KVH, D): this step's rotated keys / values, rows aligned with q (unit stride on D; other strides
@@ -132,7 +151,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     seq_lens (S,) int32 (prefix + chunk), query_start_loc (S + 1,) int32 with row offsets into q / k / v / out
     (need not start at 0). work: two (N,) int32 device tensors, sequence index and query block of each work
     item (`prefill_work` with `prefill_block_m(q.dtype)`, or with tile[0] when `tile` overrides TILES;
-    sequence -1: nothing to do). Returns out (T, H, D): only the rows of the chunks are written."""
+    sequence -1: nothing to do). `window`: a sliding layer's window; `attn_limit` (T,) int32: the last key
+    position each row may see (attention/base.py); `softcap`: tanh cap on the scaled scores.
+    Returns out (T, H, D): only the rows of the chunks are written."""
     T, H, D = q.shape
     KVH = k.shape[1]
     out = torch.empty_like(q) if out is None else out
@@ -143,10 +164,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     block_m, block_n, warps, stages = tile or TILES[q.dtype]
     _prefill_kernel[(work_seq.shape[0], H)](
         q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, work_seq, work_blk, out,
-        scale * _LOG2E,
+        attn_limit if attn_limit is not None else seq_lens, scale * _LOG2E,
+        NO_WINDOW if window is None else int(window), float(softcap or 1.0) * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        num_warps=warps, num_stages=stages)
+        HAS_LIM=attn_limit is not None, SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages)
     return out
