@@ -76,6 +76,7 @@ class Preparer:
 
     # ---- chat ----------------------------------------------------------------------------------------
     def chat(self, inp: ChatInput) -> PreparedPrompt:
+        self._check_template_allowed(inp.chat_template)  # before any other work (a template is a DoS vector)
         tools = ToolPlan.make(inp.tools, self.tool_settings)
         sampling = inp.sampling if tools is None else tools.sampling(inp.sampling, self.grammars)
         self._check_grammar(sampling)
@@ -92,10 +93,7 @@ class Preparer:
                     tools: list[dict] | None = None) -> tuple[list[int], list[ItemRef]]:
         """Messages -> prompt token ids (one placeholder per media item) and the items: the chat rules of every
         chat request and of POST /tokenize (parse, limits, the media policy pre-check, the template)."""
-        if chat_template is not None and not self.cfg.trust_request_chat_template:
-            raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
-                                    "template (start it with --trust-request-chat-template to accept "
-                                    "client-supplied templates)", param="chat_template")
+        self._check_template_allowed(chat_template)
         t = time.perf_counter()
         chat = parse_messages(messages)
         media = chat_item_refs(chat.parts, self.parse_options)  # the offline API's rules: modalities, limits, embeds
@@ -152,6 +150,12 @@ class Preparer:
                                      self.cfg.media_io_kwargs, kw.mm_processor_kwargs, kw.media_io_kwargs,
                                      self.policy)
         return MediaKwargs(mm_processor_kwargs=own_mm or None, media_io_kwargs=s.media_io_kwargs or None)
+
+    def _check_template_allowed(self, chat_template: str | None) -> None:
+        if chat_template is not None and not self.cfg.trust_request_chat_template:
+            raise InvalidInputError("chat_template in the request is refused: this server only applies its own "
+                                    "template (start it with --trust-request-chat-template to accept "
+                                    "client-supplied templates)", param="chat_template")
 
     def _step(self, step: str, t0: float) -> float:
         """Record a step that began at `t0` and return now, when the next one begins."""
