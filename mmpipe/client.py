@@ -355,14 +355,19 @@ def _message(m: dict[str, Any], i: int) -> Any:
     content = m.get("content")
     # no content (an assistant message of tool calls): no parts, which templates render as "" (an empty text part
     # is not: Qwen's template writes its newline)
-    parts = ([{"type": "text", "text": content}] if content else []) if content is None or isinstance(content, str) \
-        else content
+    if content is None or isinstance(content, str):
+        parts = [{"type": "text", "text": content}] if content else []
+    else:
+        parts = content
     out = pb2.ChatMessage(role=m["role"], content=[_part(p, f"messages[{i}].content[{j}]")
                                                    for j, p in enumerate(parts)])
     if m.get("tool_call_id") is not None:
         out.tool_call_id = str(m["tool_call_id"])
-    for call in m.get("tool_calls") or []:
-        fn = call.get("function") or {}
+    for j, call in enumerate(m.get("tool_calls") or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise InvalidInputError(f"messages[{i}].tool_calls[{j}] must be {{'id', 'type': 'function', "
+                                    f"'function': {{'name', 'arguments'}}}}", param=f"messages[{i}].tool_calls[{j}]")
         args = fn.get("arguments", "")
         out.tool_calls.append(pb2.ToolCall(id=call.get("id") or "", name=fn.get("name") or "",
                                            arguments=args if isinstance(args, str) else json.dumps(args)))

@@ -1,7 +1,7 @@
 """Tool calls end to end (issue 11, "Tool calls"): offline `LLM.chat(tools=...)`, and the served stack (the
 session's stage processes, a gateway process with --enable-auto-tool-choice --tool-call-parser hermes) through
-the official `openai` client and through `mmpipe.client` (the public gRPC API), streaming and not. A tiny random model writes random words, so every valid call
-below is the grammar's doing; each is checked against its function's schema with jsonschema. Tool results go
+the official `openai` client and through `mmpipe.client` (the public gRPC API), streaming and not. A tiny
+random model writes random words, so every valid call below is the grammar's doing; each is checked against its function's schema with jsonschema. Tool results go
 back through the chat template: the prompt's token ids equal transformers' `apply_chat_template(tools=...)`.
 """
 from __future__ import annotations
