@@ -11,12 +11,19 @@
             print(chunk.text, end="", flush=True)
 
 Messages are the OpenAI dicts the HTTP API takes (text, image_url, video_url, audio_url, input_audio,
-image_embeds and audio_embeds parts, each with an optional `uuid` and a payload that may be None). Failures raise the
-mmpipe error the gateway raised (shared/errors.py: InvalidInputError, ServiceUnavailableError, ...).
-Light: grpcio and the generated stubs only, no torch.
+image_embeds and audio_embeds parts, each with an optional `uuid` and a payload that may be None; an assistant
+message's `tool_calls` and a tool message's `tool_call_id`). Tools as in the chat API:
+
+        out = client.chat(messages, tools=[{"type": "function", "function": {"name": "get_weather",
+                          "parameters": {...}}}], tool_choice="required", max_tokens=128)
+        out.tool_calls[0].name, json.loads(out.tool_calls[0].arguments), out.finish_reason  # "tool_calls"
+
+Failures raise the mmpipe error the gateway raised (shared/errors.py: InvalidInputError, ServiceUnavailableError,
+...). Light: grpcio, the generated stubs and the pure-Python shared/tools types, no torch.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +32,9 @@ import grpc
 
 from mmpipe.shared import errors as _errors
 from mmpipe.shared.errors import InvalidInputError, MMPipeError, error_from_grpc_code
+from mmpipe.shared.tools.parsers import DeltaToolCall, ToolCall
 
-__all__ = ["MMPipeClient", "Chunk", "Result", "Tokenized"]
+__all__ = ["MMPipeClient", "Chunk", "DeltaToolCall", "Result", "ToolCall", "Tokenized"]
 
 _ERROR_CLASS_HEADER = "mmpipe-error-class"
 _ERROR_PARAM_HEADER = "mmpipe-error-param"
@@ -52,6 +60,8 @@ class Chunk:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # with prompt_logprobs, on the first chunk: per prompt token (id, logprob, rank, alternatives), None first
     prompt_logprobs: list | None = None
+    # chat with tools: tool-call pieces parsed from this step (a call's first piece has its id and name)
+    tool_calls: list[DeltaToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +88,8 @@ class Result:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     choices: list["Result"] = field(default_factory=list)
     prompt_logprobs: list | None = None
+    # chat with tools: the calls parsed from the answer (`text` is then the rest, usually ""), in order
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 def _pb():
@@ -121,12 +133,16 @@ class MMPipeClient:
     def chat(self, messages: list[dict[str, Any]], *, model: str = "", stream: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True, request_id: str | None = None,
              add_special_tokens: bool | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
-             media_io_kwargs: dict[str, Any] | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
+             media_io_kwargs: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,
+             **sampling: Any) -> Result | Iterator[Chunk]:
         """Chat completion. `sampling`: temperature, top_p, top_k, max_tokens, min_tokens, seed, stop,
         stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens, and vLLM's n, top_logprobs,
         presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words, prompt_logprobs.
         `mm_processor_kwargs` (e.g. {"max_pixels": 200704}) / `media_io_kwargs`: this request's media settings, as
-        vLLM's body fields."""
+        vLLM's body fields. `tools` (OpenAI function tools), `tool_choice` ("none", "auto", "required" or
+        {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls`: as the chat API's; the gateway
+        validates them."""
         pb2 = _pb()[0]
         req = pb2.ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(messages)],
                               sampling=_sampling(sampling), chat_template=chat_template or "",
@@ -134,6 +150,7 @@ class MMPipeClient:
                               media_settings=_media_settings(mm_processor_kwargs, media_io_kwargs))
         if add_special_tokens is not None:
             req.add_special_tokens = add_special_tokens
+        _set_tools(req, tools, tool_choice, parallel_tool_calls)
         chunks = self._call(self._stub.Chat, req, request_id)
         return chunks if stream else _collect(chunks)
 
@@ -214,7 +231,10 @@ def _chunks(call: Any) -> Iterator[Chunk]:
                         top_logprobs=[list(zip(t.token_ids, t.logprobs)) for t in m.top_logprobs],
                         prompt_logprobs=[None, *((p.token_id, p.logprob, p.rank, list(zip(p.top.token_ids,
                                                                                           p.top.logprobs)))
-                                                 for p in m.prompt_logprobs)] if m.prompt_logprobs else None)
+                                                 for p in m.prompt_logprobs)] if m.prompt_logprobs else None,
+                        tool_calls=[DeltaToolCall(c.index, c.id if c.HasField("id") else None,
+                                                  c.name if c.HasField("name") else None, c.arguments)
+                                    for c in m.tool_calls])
     except grpc.RpcError as e:
         raise _error(e) from None
     finally:
@@ -223,6 +243,7 @@ def _chunks(call: Any) -> Iterator[Chunk]:
 
 def _collect(chunks: Iterator[Chunk]) -> Result:
     by_index: dict[int, Result] = {}
+    calls: dict[int, dict[int, list[str]]] = {}  # sample -> call index -> [id, name, arguments]
     usage: dict[str, int] = {}
     request_id = ""
     prompt_logprobs = None
@@ -234,6 +255,9 @@ def _collect(chunks: Iterator[Chunk]) -> Result:
         out.token_ids += c.token_ids
         out.logprobs += c.logprobs
         out.top_logprobs += c.top_logprobs
+        for d in c.tool_calls:
+            call = calls.setdefault(c.index, {}).setdefault(d.index, [d.id or "", d.name or "", ""])
+            call[2] += d.arguments or ""
         request_id = c.request_id
         if c.finish_reason is not None:
             out.finish_reason = c.finish_reason
@@ -242,6 +266,7 @@ def _collect(chunks: Iterator[Chunk]) -> Result:
     choices = [by_index[i] for i in sorted(by_index)] or [Result(text="")]
     for r in choices:
         r.request_id, r.usage, r.prompt_logprobs = request_id, usage, prompt_logprobs
+        r.tool_calls = [ToolCall(*v) for _, v in sorted(calls.get(r.index, {}).items())]
     first = choices[0]
     first.choices = choices
     return first
@@ -265,8 +290,6 @@ def _error(e: grpc.RpcError) -> MMPipeError:
 
 
 def _media_settings(mm: dict[str, Any] | None, io: dict[str, Any] | None) -> Any:
-    import json
-
     return _pb()[0].MediaSettings(mm_processor_kwargs_json=json.dumps(mm) if mm else "",
                                   media_io_kwargs_json=json.dumps(io) if io else "")
 
@@ -293,14 +316,62 @@ def _sampling(kw: dict[str, Any]) -> Any:
     return s
 
 
+def _set_tools(req: Any, tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None,
+               parallel: bool | None) -> None:
+    """The chat API's tool fields on a ChatRequest (a tool's shape is checked by the gateway; here only what
+    the typed message cannot hold)."""
+    pb2 = _pb()[0]
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type", "function") != "function":
+            raise InvalidInputError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}",
+                                    param=f"tools[{i}]")
+        tool = pb2.FunctionTool(name=str(fn.get("name") or ""))
+        if fn.get("description") is not None:
+            tool.description = str(fn["description"])
+        if fn.get("parameters") is not None:
+            tool.parameters_json = json.dumps(fn["parameters"])
+        if fn.get("strict") is not None:
+            tool.strict = bool(fn["strict"])
+        req.tools.append(tool)
+    if isinstance(choice, str):
+        req.tool_choice_mode = choice
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(name, str):
+            raise InvalidInputError('tool_choice must be {"type": "function", "function": {"name": ...}}',
+                                    param="tool_choice.function.name")
+        req.tool_choice_function = name
+    elif choice is not None:
+        raise InvalidInputError("tool_choice must be a string or a named function", param="tool_choice")
+    if parallel is not None:
+        req.parallel_tool_calls = parallel
+
+
 def _message(m: dict[str, Any], i: int) -> Any:
     pb2 = _pb()[0]
     if not isinstance(m, dict) or "role" not in m:
         raise InvalidInputError(f"messages[{i}] needs a role", param=f"messages[{i}]")
     content = m.get("content")
-    parts = [{"type": "text", "text": content or ""}] if content is None or isinstance(content, str) else content
-    return pb2.ChatMessage(role=m["role"], content=[_part(p, f"messages[{i}].content[{j}]")
-                                                    for j, p in enumerate(parts)])
+    # no content (an assistant message of tool calls): no parts, which templates render as "" (an empty text part
+    # is not: Qwen's template writes its newline)
+    if content is None or isinstance(content, str):
+        parts = [{"type": "text", "text": content}] if content else []
+    else:
+        parts = content
+    out = pb2.ChatMessage(role=m["role"], content=[_part(p, f"messages[{i}].content[{j}]")
+                                                   for j, p in enumerate(parts)])
+    if m.get("tool_call_id") is not None:
+        out.tool_call_id = str(m["tool_call_id"])
+    for j, call in enumerate(m.get("tool_calls") or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise InvalidInputError(f"messages[{i}].tool_calls[{j}] must be {{'id', 'type': 'function', "
+                                    f"'function': {{'name', 'arguments'}}}}", param=f"messages[{i}].tool_calls[{j}]")
+        args = fn.get("arguments", "")
+        out.tool_calls.append(pb2.ToolCall(id=call.get("id") or "", name=fn.get("name") or "",
+                                           arguments=args if isinstance(args, str) else json.dumps(args)))
+    return out
 
 
 def _part(p: Any, where: str) -> Any:

@@ -250,9 +250,23 @@ def test_completions_list_of_prompts_and_echo_match_offline(env):
         usage = chunk.usage or usage
     assert texts == {i: prompts[i] + refs[i].outputs[0].text for i in range(2)}
     assert usage.completion_tokens == 16
-    with pytest.raises(openai.BadRequestError) as ei:  # echo + logprobs needs prompt logprobs: refused by name
-        c.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=0, max_tokens=2)
-    assert ei.value.body["param"] == "echo"
+    # echo + logprobs: the prompt tokens' logprobs first (the first one null), as vLLM; the oracle is the offline
+    # LLM's prompt_logprobs and logprobs of the same request
+    ref = env.llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=2,
+                                                      prompt_logprobs=2), use_tqdm=False)[0]
+    ch = c.completions.create(model="tiny", prompt=prompts[0], echo=True, logprobs=2, temperature=0.0, max_tokens=3,
+                              extra_body={"ignore_eos": True}).choices[0]
+    ids = ref.prompt_token_ids + ref.outputs[0].token_ids
+    lp = ch.logprobs
+    assert lp.tokens == [decode([t]) for t in ids] and ch.text == prompts[0] + ref.outputs[0].text
+    assert lp.text_offset == [sum(len(decode([t])) for t in ids[:i]) for i in range(len(ids))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and ref.prompt_logprobs[0] is None
+    want = [e[1] for e in ref.prompt_logprobs[1:]] + list(ref.outputs[0].logprobs)
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    want_tops = [e[3] for e in ref.prompt_logprobs[1:]] + list(ref.outputs[0].top_logprobs)
+    for got, alts in zip(lp.top_logprobs[1:], want_tops, strict=True):
+        assert got == pytest.approx({decode([a]): v for a, v in alts}, abs=1e-4)
+    assert getattr(ch, "prompt_logprobs", None) is None  # only when asked for by name (vLLM)
 
 
 def test_tokenize_counts_what_the_generation_endpoints_send(env):

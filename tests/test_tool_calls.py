@@ -1,7 +1,7 @@
 """Tool calls end to end (issue 11, "Tool calls"): offline `LLM.chat(tools=...)`, and the served stack (the
 session's stage processes, a gateway process with --enable-auto-tool-choice --tool-call-parser hermes) through
-the official `openai` client, streaming and not. A tiny random model writes random words, so every valid call
-below is the grammar's doing; each is checked against its function's schema with jsonschema. Tool results go
+the official `openai` client and through `mmpipe.client` (the public gRPC API), streaming and not. A tiny
+random model writes random words, so every valid call below is the grammar's doing; each is checked against its function's schema with jsonschema. Tool results go
 back through the chat template: the prompt's token ids equal transformers' `apply_chat_template(tools=...)`.
 """
 from __future__ import annotations
@@ -63,16 +63,29 @@ def test_offline_chat_renders_tools_and_enforces_required(qwen2_vl_dir):
 
 # ---- served ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def client(stage_stack, qwen2_vl_dir, tmp_path_factory):
+def gateway(stage_stack, qwen2_vl_dir, tmp_path_factory):
     addrs = {"ingest": stage_stack.ingest_addr, "encoder": stage_stack.encoder_addr,
              "generator": stage_stack.generator_addr}
     gw = start_gateway_process(qwen2_vl_dir, addrs, tmp_path_factory.mktemp("gw-tools"),
                                ["--shutdown-grace-s", "5", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
     try:
         gw.wait_healthy()
-        yield openai.OpenAI(base_url=f"{gw.url}/v1", api_key="none", max_retries=0, timeout=120)
+        yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(gateway):
+    from mmpipe.client import MMPipeClient
+
+    with MMPipeClient(gateway.grpc_addr, timeout=120) as c:
+        yield c
 
 
 def _streamed(chunks) -> tuple[str, list[tuple[str, str, str]], str | None]:
@@ -221,3 +234,61 @@ def test_mmpipe_serve_takes_the_tool_flags_and_checks_them_before_starting(capsy
     assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
     assert serve.run(p.parse_args(["m", "--enable-auto-tool-choice"])) == 2  # nothing was started
     assert "--tool-call-parser" in capsys.readouterr().err
+
+
+# ---- the public gRPC API through mmpipe.client (the same gateway process) ----------------------------------
+@pytest.mark.parametrize("choice", ["required", NAMED])
+def test_grpc_forced_calls_validate_streaming_and_not(grpc_client, choice):
+    kw = dict(tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=160)
+    out = grpc_client.chat(ASK, **kw)
+    assert out.finish_reason == ("tool_calls" if choice == "required" else "stop") and out.text == ""
+    assert len(out.tool_calls) == 1 and out.tool_calls[0].id.startswith("call_") and out.token_ids
+    call = out.tool_calls[0]
+    assert choice == "required" or call.name == "add"
+    args = check_call(call.name, call.arguments)
+    chunks = list(grpc_client.chat(ASK, stream=True, **kw))
+    pieces = [d for c in chunks for d in c.tool_calls]
+    assert pieces[0].id and pieces[0].name == call.name and all(p.id is None and p.name is None for p in pieces[1:])
+    assert {p.index for p in pieces} == {0} and "".join(c.text for c in chunks) == ""
+    assert check_call(pieces[0].name, "".join(p.arguments for p in pieces)) == args  # the same greedy call
+    assert chunks[-1].finish_reason == out.finish_reason
+
+
+def test_grpc_tool_results_go_back_through_the_template(grpc_client, qwen2_vl_dir):
+    from transformers import AutoTokenizer
+
+    call = grpc_client.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0,
+                            max_tokens=160).tool_calls[0]
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "22 degrees and sunny"}]
+    # prompt_logprobs return the prompt's token ids (all but the first) as the gateway rendered them
+    out = grpc_client.chat(messages, tools=TOOLS, temperature=0, max_tokens=1, prompt_logprobs=0)
+    oracle = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": json.loads(call.arguments)}}]},
+        messages[-1]]
+    tok = AutoTokenizer.from_pretrained(qwen2_vl_dir)
+    text = tok.apply_chat_template(oracle, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert "<tool_response>\n22 degrees and sunny\n</tool_response>" in text and "<tool_call>" in text
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert out.usage["prompt_tokens"] == len(ids) and [p[0] for p in out.prompt_logprobs[1:]] == ids[1:]
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"tool_choice": NAMED | {"function": {"name": "nope"}}}, "tool_choice.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required", "parallel_tool_calls": False, "messages": ASK + [
+        {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "add", "arguments": "{oops"}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
+])
+def test_grpc_bad_tools_are_invalid_argument_naming_the_field(grpc_client, kw, param):
+    from mmpipe.shared.errors import InvalidInputError
+
+    kw = {"tools": TOOLS, "max_tokens": 4, **kw}
+    with pytest.raises(InvalidInputError) as ei:
+        grpc_client.chat(kw.pop("messages", ASK), **kw)
+    assert ei.value.grpc_code == "INVALID_ARGUMENT" and ei.value.param == param, (ei.value.param, ei.value.message)
+    ok = grpc_client.chat(ASK, tools=TOOLS, tool_choice="none", max_tokens=2)
+    assert ok.tool_calls == [] and ok.finish_reason in ("stop", "length")  # still serving; "none": never parsed

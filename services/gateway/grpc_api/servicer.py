@@ -2,11 +2,13 @@
 
 Thin on purpose: the same `GatewayCore` serves the HTTP API, so both apply the same checks; errors map
 through the one table in shared/errors.py (`grpc_code`), with the error class and param in trailing
-metadata (as between the stages) so `mmpipe.client` can rebuild the same exception.
+metadata (as between the stages) so `mmpipe.client` can rebuild the same exception. Chat tools go through
+the HTTP path's owners: `parse_tool_request` validates them, shared/tools/output.py parses the answers.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +19,9 @@ from mmpipe.services.common.grpc_server import error_status
 from mmpipe.services.common.logs import REQUEST_ID
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
 from mmpipe.shared.errors import AuthenticationError, InvalidInputError, MMPipeError
+from mmpipe.shared.tools.output import ToolCallStreams
+from mmpipe.shared.tools.parsers import DeltaToolCall
+from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
 from ..core import GatewayCore, GenerationStream
@@ -98,7 +103,39 @@ def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
                      chat_template=req.chat_template or None,
                      add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt")
                      else True, media_kwargs=media_kwargs_from_pb(req.media_settings),
-                     add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else False)
+                     add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else False,
+                     tools=tool_request_from_pb(req))
+
+
+def tool_request_from_pb(req: gateway_pb2.ChatRequest) -> ToolRequest | None:
+    """The request's tools as the chat API's JSON, validated by the one owner of the rules (shared/tools)."""
+    tools: list[dict[str, Any]] | None = None
+    if req.tools:
+        tools = []
+        for i, t in enumerate(req.tools):
+            fn: dict[str, Any] = {"name": t.name}
+            if t.HasField("description"):
+                fn["description"] = t.description
+            if t.parameters_json:
+                fn["parameters"] = _json_field(t.parameters_json, f"tools[{i}].function.parameters")
+            if t.HasField("strict"):
+                fn["strict"] = t.strict
+            tools.append({"type": "function", "function": fn})
+    which = req.WhichOneof("tool_choice")
+    choice: Any = None
+    if which == "tool_choice_mode":
+        choice = req.tool_choice_mode
+    elif which == "tool_choice_function":
+        choice = {"type": "function", "function": {"name": req.tool_choice_function}}
+    return parse_tool_request(tools, choice,
+                              req.parallel_tool_calls if req.HasField("parallel_tool_calls") else None)
+
+
+def _json_field(text: str, param: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InvalidInputError(f"{param} is not valid JSON: {e}", param=param) from None
 
 
 def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionInput:
@@ -113,9 +150,19 @@ def completion_input_from_pb(req: gateway_pb2.CompletionRequest) -> CompletionIn
 
 
 def _messages_from_pb(messages: Any) -> list[dict[str, Any]]:
-    return [{"role": m.role, "content": [part_to_dict(p, f"messages[{i}].content[{j}]")
-                                         for j, p in enumerate(m.content)]}
-            for i, m in enumerate(messages)]
+    return [_message_from_pb(m, i) for i, m in enumerate(messages)]
+
+
+def _message_from_pb(m: gateway_pb2.ChatMessage, i: int) -> dict[str, Any]:
+    """One message as the OpenAI dict the shared chat parser takes (which checks its tool fields)."""
+    out: dict[str, Any] = {"role": m.role, "content": [part_to_dict(p, f"messages[{i}].content[{j}]")
+                                                       for j, p in enumerate(m.content)]}
+    if m.HasField("tool_call_id"):
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    return out
 
 
 def tokenize_input_from_pb(req: gateway_pb2.TokenizeRequest) -> TokenizeInput:
@@ -129,6 +176,15 @@ def tokenize_input_from_pb(req: gateway_pb2.TokenizeRequest) -> TokenizeInput:
         add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
         add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt") else True,
         chat_template=req.chat_template or None, return_token_strs=req.return_token_strs)
+
+
+def _tool_call_delta_pb(c: DeltaToolCall) -> gateway_pb2.ToolCallDelta:
+    out = gateway_pb2.ToolCallDelta(index=c.index, arguments=c.arguments or "")
+    if c.id is not None:
+        out.id = c.id
+    if c.name is not None:
+        out.name = c.name
+    return out
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -193,27 +249,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield await start(ctx)
                 return
             stream: GenerationStream = await start(ctx)
+            tools = ToolCallStreams(stream.prepared.tools)  # chat with tools: answers parsed into calls
             prefix = (echo or {}).get("text", "")
             echoed: set[int] = set()  # samples whose first chunk carried the echo
             async with stream:
                 prompt_sent = False
                 async for d in stream:
-                    text = d.text
+                    part, finish = tools.feed(d.index, d.text, d.finish_reason)
+                    text = part.content
                     if prefix and d.index not in echoed:
                         text = prefix + text
                         echoed.add(d.index)
                     msg = gateway_pb2.CompletionChunk(
                         request_id=rid, text=text, token_ids=d.token_ids, logprobs=d.logprobs or [], index=d.index,
                         top_logprobs=[gateway_pb2.TopLogprob(token_ids=[t for t, _ in alt], logprobs=[v for _, v in alt])
-                                      for alt in d.top_logprobs or ()])
+                                      for alt in d.top_logprobs or ()],
+                        tool_calls=[_tool_call_delta_pb(c) for c in part.merged_calls()])
                     if stream.prompt_logprobs is not None and not prompt_sent:
                         prompt_sent = True
                         msg.prompt_logprobs.extend(gateway_pb2.PromptTokenLogprob(
                             token_id=tid, logprob=lp, rank=rank,
                             top=gateway_pb2.TopLogprob(token_ids=[a for a, _ in alts], logprobs=[v for _, v in alts]))
                             for tid, lp, rank, alts in stream.prompt_logprobs[1:])
-                    if d.finish_reason is not None:
-                        msg.finish_reason = d.finish_reason
+                    if finish is not None:
+                        msg.finish_reason = finish
                     if stream.finish_reason is not None:  # the last chunk: usage of every sample
                         msg.usage.prompt_tokens = stream.prompt_tokens
                         msg.usage.completion_tokens = stream.completion_tokens

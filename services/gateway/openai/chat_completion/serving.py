@@ -3,7 +3,7 @@
 Stream chunks have the shape of protocol.ChatCompletionStreamResponse (exclude_none) but are written by
 http/sse.ChunkEvents, without building a pydantic model per token.
 
-With tools (shared/tools) the answer goes through the request's tool-call parser: whole into
+With tools the answer is read by shared/tools/output.py (the gRPC API's reader too): whole into
 `message.tool_calls`, or streamed as tool-call deltas (index, id, type and name, then argument fragments);
 the finish reason is the plan's ("tool_calls" when calls were made)."""
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
+
+from mmpipe.shared.tools.output import ToolCallStreams, read_answer
 
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
@@ -50,15 +52,9 @@ class OpenAIServingChat:
         request_id, plan = stream.request_id, stream.prepared.tools
         choices = []
         for i, r in enumerate(rs):  # one per sample (n), each parsed for tool calls on its own
-            message, finish = ChatMessage(role="assistant", content=r.text), r.finish_reason
-            parser = plan.new_parser() if plan is not None else None
-            if parser is not None:
-                found = parser.extract(r.text)
-                if found.tool_calls:
-                    message = ChatMessage(role="assistant", content=found.content,
-                                          tool_calls=[ToolCall.model_validate(c.to_openai())
-                                                      for c in found.tool_calls])
-                finish = plan.finish_reason(bool(found.tool_calls), finish)
+            content, calls, finish = read_answer(plan, r.text, r.finish_reason)
+            message = ChatMessage(role="assistant", content=content,
+                                  tool_calls=[ToolCall.model_validate(c.to_openai()) for c in calls] or None)
             choices.append(ChatCompletionChoice(
                 index=i, message=message, finish_reason=finish,
                 logprobs=ChoiceLogprobs(content=[TokenLogprob(**e) for e in self._logprob_entries(
@@ -77,9 +73,7 @@ class OpenAIServingChat:
                                  self.core.model_name)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         want_lps, want_ids = req.logprobs, req.return_token_ids
-        plan = stream.prepared.tools
-        parser = plan.new_parser() if plan is not None else None
-        tool_streams: dict[int, Any] = {}  # choice index -> its streaming tool-call parser
+        tool_streams = ToolCallStreams(stream.prepared.tools)
 
         def now_usage() -> dict[str, Any] | None:
             if not continuous:
@@ -95,14 +89,8 @@ class OpenAIServingChat:
                 # ChatCompletionStreamChoice's fields in order, None ones left out (exclude_none)
                 delta: dict[str, Any] = {"content": d.text}
                 finish = d.finish_reason
-                calls = tool_streams.get(d.index)
-                if calls is None and parser is not None:
-                    calls = tool_streams[d.index] = plan.new_parser().stream()  # one per choice
-                if calls is not None:
-                    part = calls.feed(d.text)
-                    if finish is not None:
-                        part.extend(calls.finish())
-                        finish = plan.finish_reason(calls.called, finish)
+                if tool_streams.parses:
+                    part, finish = tool_streams.feed(d.index, d.text, finish)
                     delta = {"content": part.content} if part.content else {}
                     if part.tool_calls:
                         delta["tool_calls"] = [c.to_openai() for c in part.merged_calls()]

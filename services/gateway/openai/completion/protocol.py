@@ -1,7 +1,10 @@
 """Wire models of POST /v1/completions (OpenAI's legacy completions): one prompt or a list of them (one choice
-per prompt, `index` its place in the list), `echo` (the prompt's text before the completion), as vLLM does."""
+per prompt, `index` its place in the list), `echo` (the prompt's text before the completion), as vLLM does.
+`echo` with `logprobs` asks for the prompt tokens' logprobs too (vLLM's rule: prompt_logprobs = logprobs unless
+the request sets prompt_logprobs), which the logprobs then start with."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -23,16 +26,23 @@ class CompletionRequest(SamplingFields, MediaSettingsFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def echo_logprobs(self) -> bool:
+        """The logprobs start with the prompt tokens' (the first one null), as vLLM's with echo."""
+        return self.echo and self.logprobs is not None
+
     def to_sampling(self) -> SamplingParams:
-        if self.echo and self.logprobs is not None:
-            # vLLM returns the prompt tokens' logprobs then (the first one null): prompt logprobs are not computed
-            raise UnsupportedError("echo with logprobs is not supported (it needs the prompt tokens' logprobs); "
-                                   "send echo or logprobs, not both", param="echo")
+        if self.echo_logprobs and self.stream:
+            raise UnsupportedError("echo with logprobs is not available with stream=true (the prompt tokens' "
+                                   "logprobs are not streamed); send stream=false", param="echo")
         if self.suffix:
             raise UnsupportedError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise UnsupportedError("best_of is not supported", param="best_of")
-        return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
+        sp = self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
+        if self.echo_logprobs and self.prompt_logprobs is None:
+            sp = dataclasses.replace(sp, prompt_logprobs=self.logprobs)
+        return sp
 
     def prompts(self) -> list[tuple[str | None, list[int] | None]]:
         """Each prompt as (text, None) or (None, token ids), in order: one choice each."""
@@ -47,9 +57,11 @@ class CompletionRequest(SamplingFields, MediaSettingsFields):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs; with echo the prompt's tokens come first, the first one's entries null."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -5,7 +5,9 @@ bad prompt is still a plain 400 and none of them runs on), generated concurrentl
 prompt (with n samples each, choice `index` = prompt index * n + sample index, as vLLM numbers them); usage
 adds them up (each prompt counted once). Sub-requests are named `<request id>-<index>`
 in the stages' logs, as vLLM names them. With `echo`, each choice's text starts with its prompt's text (the
-prompt as sent, or the decoded token ids), in the first stream chunk of that choice.
+prompt as sent, or the decoded token ids), in the first stream chunk of that choice; with `echo` and `logprobs`
+(not streamed) its logprobs start with the prompt tokens' (vLLM's shape: the first token's logprob and
+alternatives null, text_offset counting on over prompt and completion).
 
 Stream chunks have the shape of protocol.CompletionResponse (exclude_none) but are written by
 http/sse.ChunkEvents, without building a pydantic model per token."""
@@ -56,10 +58,13 @@ class OpenAIServingCompletion:
         n = sampling.n
         choices = [CompletionChoice(
             index=p * n + i, text=echo + r.text, finish_reason=r.finish_reason,
-            logprobs=self._logprobs(r.token_ids, r.logprobs, r.top_logprobs, 0) if req.logprobs is not None else None,
+            logprobs=self._logprobs(r.token_ids, r.logprobs, r.top_logprobs, 0,
+                                    prompt=(r.prompt_token_ids, r.prompt_logprobs, req.logprobs) if req.echo_logprobs
+                                    else None) if req.logprobs is not None else None,
             token_ids=r.token_ids if req.return_token_ids else None,
             prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
-            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs))
+            prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs)
+            if req.prompt_logprobs is not None else None)  # asked for (not only implied by echo), as vLLM
             for p, (rs, echo) in enumerate(zip(per_prompt, echoes)) for i, r in enumerate(rs)]
         # each prompt is counted once, the completions of every choice
         usage = UsageInfo.of(sum(rs[0].prompt_tokens for rs in per_prompt),
@@ -126,18 +131,32 @@ class OpenAIServingCompletion:
                 yield choice
 
     def _logprobs(self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None,
-                  offset: int) -> CompletionLogprobs:
-        """OpenAI's legacy logprobs; `top_logprobs` maps each alternative's text to its logprob (vLLM's shape)."""
+                  offset: int, prompt: tuple[list[int], list | None, int] | None = None) -> CompletionLogprobs:
+        """OpenAI's legacy logprobs; `top_logprobs` maps each alternative's text to its logprob (vLLM's shape).
+        `prompt` (echo): the prompt's token ids, their prompt logprobs (None first) and the alternatives asked
+        for; they come first."""
         tok = self.core.info.tokenizer
-        out = CompletionLogprobs(top_logprobs=[] if tops else None)
-        for i, (t, lp) in enumerate(zip(ids, lps or [])):
+        out = CompletionLogprobs(top_logprobs=[] if tops or (prompt and prompt[2]) else None)
+
+        def add(t: int, lp: float | None, alts: list[tuple[int, float]] | None) -> None:
+            nonlocal offset
             s = tok.decode([t])
             out.tokens.append(s)
             out.token_logprobs.append(lp)
             out.text_offset.append(offset)
-            if tops:
-                out.top_logprobs.append({tok.decode([a]): v for a, v in tops[i]})
+            if out.top_logprobs is not None:
+                out.top_logprobs.append(None if alts is None else {tok.decode([a]): v for a, v in alts})
             offset += len(s)
+
+        if prompt is not None:
+            prompt_ids, entries, _ = prompt
+            for t, e in zip(prompt_ids, entries or [None] * len(prompt_ids)):
+                if e is None:  # the first prompt token: nothing before it
+                    add(t, None, None)
+                else:
+                    add(t, e[1], e[3])
+        for i, (t, lp) in enumerate(zip(ids, lps or [])):
+            add(t, lp, tops[i] if tops else None)
         return out
 
 
