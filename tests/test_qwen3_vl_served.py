@@ -83,7 +83,10 @@ def test_image_video_and_image_embeds_match_transformers(served):
                                         {"type": "text", "text": "Describe them."}]}]
     # the oracle gets the frames as decoded (h264 is lossy; decoding is the loader's job, tested apart)
     frames = MediaLoader(MediaPolicy(allowed_local_media_path=str(media))).load("video", f"file://{mp4}").data
-    ref = hf_generate(model, chat_prompt(model, tpl), images=[img, other], videos=[frames], add_special_tokens=False)
+    # ... and the clip's timing (4 frames at 4 fps): the frame timestamps in the prompt follow it
+    timing = {"video_metadata": [{"fps": 4.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}]}
+    ref = hf_generate(model, chat_prompt(model, tpl), images=[img, other], videos=[frames], add_special_tokens=False,
+                      **timing)
     assert r.choices[0].token_ids == ref
 
 
