@@ -273,3 +273,27 @@ def test_ingest_flags_reach_the_policy():
     assert (policy.max_request_pixels, policy.max_request_audio_seconds, policy.max_image_decode_pixels) == (
         5000, 7.5, 4096)
     assert IngestConfig.from_args(p.parse_args(["--model", "m", "--encoder-addr", "x:1"])).media_limits() == {}
+
+
+def _ico(frame: bytes, listed: int = 16) -> bytes:
+    """An ICO whose one directory entry says `listed`x`listed` and holds `frame` (a PNG of any size)."""
+    entry = struct.pack("<BBBBHHII", listed, listed, 0, 0, 1, 32, len(frame), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + frame
+
+
+def test_ico_directory_that_disagrees_with_its_frame_is_checked_on_the_real_frame(tmp_path):
+    bomb = _ico(rgba_png_bomb(9000, 9000))
+    # PIL's ICO plugin decodes inside Image.open: the check must come first, and nothing is decoded
+    r = _measure(tmp_path, "image", bomb)
+    assert r["error"].startswith("LimitExceededError") and "ICO frame is 9000x9000" in r["error"], r
+    assert r["grown"] < RSS_BOUND, r
+    with pytest.raises(LimitExceededError, match="ICO frame is 9000x9000.*max-image-decode-pixels"):
+        decode_image(bomb, budget=MediaPolicy.from_env().budget())
+    with pytest.raises(LimitExceededError, match="9000x9000"):
+        decode_image(bomb, max_pixels=10_000_000)  # the header cap sees the real frame too
+    # an honest ICO still decodes
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA")
+    b = io.BytesIO()
+    small.save(b, "PNG")
+    got = decode_image(_ico(b.getvalue()), budget=MediaPolicy.from_env().budget())
+    assert got.size == (16, 16) and np.array_equal(np.asarray(got), np.asarray(normalize_image(small)))

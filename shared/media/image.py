@@ -8,6 +8,7 @@ Must not: fetch anything, resize, or apply model-specific preprocessing (that is
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,45 @@ def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
             f"send a smaller image")
 
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_ICO_MAGIC = b"\x00\x00\x01\x00"
+
+
+def _ico_frame_sizes(data: bytes) -> list[tuple[int, int]]:
+    """(width, height) of every frame of an ICO, each from the frame's own header (PNG IHDR or BMP info header).
+    The directory's sizes can disagree with the frames, and PIL's ICO plugin decodes the first frame inside
+    Image.open (only warning afterwards when the size differs), so this is read before PIL sees the bytes."""
+    try:
+        (count,) = struct.unpack_from("<H", data, 4)
+        out = []
+        for k in range(count):
+            (offset,) = struct.unpack_from("<I", data, 6 + 16 * k + 12)
+            head = data[offset:offset + 24]
+            if head[:8] == _PNG_MAGIC:
+                w, h = struct.unpack_from(">II", head, 16)  # IHDR
+            else:
+                w, h = struct.unpack_from("<ii", head, 4)  # BITMAPINFOHEADER; its height spans XOR + AND masks
+                w, h = abs(w), abs(h) // 2
+            out.append((int(w), int(h)))
+    except struct.error:
+        raise MediaDecodeError(f"ICO image ({len(data)} bytes) has a truncated directory or frame header") from None
+    return out
+
+
+def _check_frames_first(data: bytes, max_pixels: int | None, budget: RequestBudget | None) -> None:
+    """Formats whose directory can disagree with the frames inside: every frame is checked on its own header
+    before PIL opens the file (which, for ICO, already decodes)."""
+    if data[:4] != _ICO_MAGIC:
+        return
+    limit = budget.image_limit() if budget is not None else None
+    for w, h in _ico_frame_sizes(data):
+        check_pixels(w, h, max_pixels)
+        if limit is not None and w * h > limit:
+            raise LimitExceededError(
+                f"ICO frame is {w}x{h} = {w * h} pixels, more than the {limit} this server decodes per image for "
+                f"this model (--max-image-decode-pixels / MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS)")
+
+
 def fit_budget(img: Image.Image, budget: RequestBudget | None) -> None:
     """Before the pixels are decoded: shrink a JPEG that is larger than the request's per-image decode limit
     (PIL draft: the DCT decodes at 1/2, 1/4 or 1/8 scale, so the full-size pixels are never allocated), refuse
@@ -96,6 +136,7 @@ def decode_image(data: bytes, opts: ImageIOOptions | None = None, *, max_pixels:
     # PIL's own bomb check (process-global Image.MAX_IMAGE_PIXELS, 89M warns / 179M raises) still runs
     # inside open(); we do not touch that global (other code shares it) and apply the policy's cap
     # ourselves from the header below. Silencing its warning is skipped: catch_warnings is not thread-safe.
+    _check_frames_first(data, max_pixels, budget)
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
