@@ -70,15 +70,17 @@ class SettingsSpace:
     """The settings of one served model: defaults, per-request resolution, keyspaces and loaders."""
 
     def __init__(self, adapter: Any, model: str, *, media_io_kwargs: Mapping[str, Any] | str | None = None,
-                 policy: Any = None, model_fp: str | None = None):
+                 policy: Any = None, model_fp: str | None = None, pool: Any = None):
+        """pool: a shared/media/decode_pool.DecodePool every loader decodes in (None: in this process)."""
         from mmpipe.shared.media.loader import MediaLoader
 
         self.adapter = adapter
         self.policy = policy
+        self.pool = pool
         self.model_fp = model_fp or model_fingerprint(model, adapter.model.config.to_dict())
         self.default_io = parse_kwargs_json(media_io_kwargs, "media_io_kwargs")
         self.default = MediaSettings(dict(adapter.mm_processor_kwargs), self.default_io)
-        self._loaders: dict[str, Any] = {canonical_json(self.default_io): MediaLoader(policy, self.default_io)}
+        self._loaders: dict[str, Any] = {canonical_json(self.default_io): MediaLoader(policy, self.default_io, pool)}
         self._keyspaces: dict[str, CacheKeyspace] = {}
         self._lock = threading.Lock()
 
@@ -96,7 +98,7 @@ class SettingsSpace:
         key = canonical_json(s.media_io_kwargs)
         loader = self._loaders.get(key)
         if loader is None:
-            loader = MediaLoader(self.policy, s.media_io_kwargs)
+            loader = MediaLoader(self.policy, s.media_io_kwargs, self.pool)
             with self._lock:
                 if len(self._loaders) < _MEMO:
                     self._loaders[key] = loader

@@ -17,6 +17,7 @@ from PIL import Image
 from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
 from ..types import MODALITIES, MediaItem
 from .budget import RequestBudget
+from .decode_pool import DecodePool, remaining
 from .audio import decode_audio, decode_input_audio, normalize_audio, resample
 from .fetch import fetch_bytes
 from .hashing import hash_audio, hash_image, hash_video
@@ -50,8 +51,11 @@ class _Laps:
 class MediaLoader:
     """Loads media items under one policy and one set of media_io_kwargs (thread-safe: no mutable state)."""
 
-    def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None):
+    def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None,
+                 pool: DecodePool | None = None):
+        """pool: decode encoded bytes in these worker processes (decode_pool.py) instead of this one."""
         self.policy = policy if policy is not None else MediaPolicy.from_env()
+        self.pool = pool
         kw = media_io_kwargs
         if isinstance(kw, str):  # the CLI flag is a JSON string, as in vLLM's --media-io-kwargs
             try:
@@ -79,7 +83,7 @@ class MediaLoader:
 
     def load(self, modality: str, source: Any, *, target_sampling_rate: int | None = None,
              uuid: str | None = None, timings: list[tuple[str, float, float]] | None = None,
-             budget: RequestBudget | None = None) -> MediaItem:
+             budget: RequestBudget | None = None, name: str | None = None) -> MediaItem:
         """Decode/validate `source` as `modality` ("image" | "video" | "audio").
 
         source: URL (http(s), data:, file://) or local path string, raw bytes, or an in-memory object
@@ -90,6 +94,7 @@ class MediaLoader:
         frames or resampled samples; hash: the content hash).
         budget: the request's decode budget (`MediaPolicy.budget`, one per request, shared by its items):
         charged from each item's header before it is decoded; None: only the policy's per-item caps apply.
+        name: how errors name the item (e.g. "items[2]"; default the modality).
         """
         if modality not in MODALITIES:
             raise InvalidInputError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}",
@@ -98,11 +103,11 @@ class MediaLoader:
             raise InvalidInputError(f"{modality} source is missing")
         laps = _Laps(timings)
         if modality == "image":
-            item = self._load_image(source, laps, budget)
+            item = self._load_image(source, laps, budget, name or modality)
         elif modality == "video":
-            item = self._load_video(source, laps, budget)
+            item = self._load_video(source, laps, budget, name or modality)
         else:
-            item = self._load_audio(source, target_sampling_rate, laps, budget)
+            item = self._load_audio(source, target_sampling_rate, laps, budget, name or modality)
         item.uuid = uuid
         return item
 
@@ -134,10 +139,25 @@ class MediaLoader:
             return b
         return None
 
-    def _load_image(self, source: Any, laps: _Laps, budget: RequestBudget | None) -> MediaItem:
+    def _in_pool(self, kind: str, data: bytes, opts: Any, budget: RequestBudget | None, name: str
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Decode in a worker process; the request's budget is charged with what the worker charged."""
+        assert self.pool is not None
+        arr, meta, (pixels, seconds) = self.pool.decode(
+            kind, data, {"opts": opts, "policy": self.policy, "limits": remaining(budget)}, name)
+        if budget is not None:
+            if pixels:
+                budget.charge_pixels(pixels, name)
+            if seconds:
+                budget.charge_audio(seconds, name)
+        return arr, meta
+
+    def _load_image(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str) -> MediaItem:
         data = self._bytes_of(source, "image")
         laps.lap("fetch")
-        if data is not None:
+        if data is not None and self.pool is not None:
+            img = Image.fromarray(self._in_pool("image", data, self.image_opts, budget, name)[0], "RGB")
+        elif data is not None:
             img = decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels, budget=budget)
         elif isinstance(source, Image.Image):
             check_pixels(source.width, source.height, self.policy.max_image_pixels)
@@ -165,11 +185,14 @@ class MediaLoader:
         laps.lap("hash")
         return MediaItem("image", img, digest, meta={"width": img.width, "height": img.height})
 
-    def _load_video(self, source: Any, laps: _Laps, budget: RequestBudget | None) -> MediaItem:
+    def _load_video(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str) -> MediaItem:
         data = self._bytes_of(source, "video")
         laps.lap("fetch")
         if data is not None:
-            frames, meta = decode_video(data, self.video_opts, self.policy, budget)
+            if self.pool is not None:
+                frames, meta = self._in_pool("video", data, self.video_opts, budget, name)
+            else:
+                frames, meta = decode_video(data, self.video_opts, self.policy, budget)
             laps.lap("decode")
             digest = hash_video(frames, meta.get("sampled_fps"))
             laps.lap("hash")
@@ -198,10 +221,14 @@ class MediaLoader:
         laps.lap("hash")
         return MediaItem("video", frames, digest, meta=meta)
 
-    def _load_audio(self, source: Any, target_sr: int | None, laps: _Laps, budget: RequestBudget | None) -> MediaItem:
+    def _load_audio(self, source: Any, target_sr: int | None, laps: _Laps, budget: RequestBudget | None,
+                    name: str) -> MediaItem:
         data = self._bytes_of(source, "audio")
         laps.lap("fetch")
-        if data is not None:
+        if data is not None and self.pool is not None:
+            wav, meta = self._in_pool("audio", data, None, budget, name)
+            sr = int(meta["sampling_rate"])
+        elif data is not None:
             wav, sr = decode_audio(data, max_seconds=self.policy.max_audio_seconds,
                                    max_samples=self.policy.max_audio_samples, budget=budget)
         else:

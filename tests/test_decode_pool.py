@@ -1,0 +1,104 @@
+"""Native decoders in worker processes (shared/media/decode_pool.py, issue 16): a worker that aborts, segfaults or
+hangs costs its own item only (a MediaDecodeError naming it), is replaced, and every other item decodes, concurrently,
+to exactly the pixels the in-process decoders give. The faults come from the test-only hook
+(MMPIPE_TEST_DECODE_FAULTS=1 in the workers' environment); the workers are real spawned processes.
+"""
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmpipe.shared.errors import LimitExceededError, MediaDecodeError
+from mmpipe.shared.media.decode_pool import TEST_FAULTS_ENV, DecodePool, DecodePoolConfig
+from mmpipe.shared.media.loader import MediaLoader
+from mmpipe.shared.media.policy import MediaPolicy
+
+
+def _png(seed: int, w: int = 48, h: int = 40) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").save(b, "PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    mp = pytest.MonkeyPatch()
+    mp.setenv(TEST_FAULTS_ENV, "1")  # read by the spawned workers (replacements too) only
+    p = DecodePool(DecodePoolConfig(workers=2, timeout_s=3.0, cpu_seconds=10, memory_mb=4096))
+    yield p
+    p.close()
+    mp.undo()
+
+
+def test_crash_and_hang_cost_only_their_own_item_under_concurrent_load(pool):
+    policy = MediaPolicy.from_env()
+    pooled, local = MediaLoader(policy, pool=pool), MediaLoader(policy)
+    good = {f"items[{i}]": _png(i) for i in range(12)}
+    bad = {"items[12]": b"MMPIPE-FAULT:abort", "items[13]": b"MMPIPE-FAULT:segv ", "items[14]": b"MMPIPE-FAULT:hang "}
+    jobs = list(good.items())
+    for k, v in bad.items():  # the faults in the middle of the load
+        jobs.insert(4 + len(jobs) % 5, (k, v))
+
+    def run(job):
+        name, data = job
+        try:
+            return name, pooled.load("image", data, budget=policy.budget(), name=name)
+        except MediaDecodeError as e:
+            return name, e
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(6) as ex:
+        out = dict(ex.map(run, jobs))
+    assert time.monotonic() - t0 < 12
+    for name, data in good.items():  # every other item: the in-process decoders' exact pixels and hash
+        want = local.load("image", data)
+        assert not isinstance(out[name], Exception), out[name]
+        assert out[name].content_hash == want.content_hash
+        assert np.array_equal(np.asarray(out[name].data), np.asarray(want.data))
+    assert "items[12]" in out["items[12]"].message and "SIGABRT" in out["items[12]"].message
+    assert out["items[12]"].param == "items[12]"
+    assert "SIGSEGV" in out["items[13]"].message
+    assert "items[14]" in out["items[14]"].message and "longer than 3 s" in out["items[14]"].message
+    assert pool.replaced >= 3
+    # the pool is whole again: both workers decode
+    with ThreadPoolExecutor(2) as ex:
+        again = list(ex.map(lambda d: pooled.load("image", d).content_hash, [_png(1), _png(2)]))
+    assert again == [local.load("image", _png(1)).content_hash, local.load("image", _png(2)).content_hash]
+
+
+def test_limits_and_decode_errors_come_back_as_the_same_errors(pool):
+    policy = MediaPolicy.from_env(max_image_decode_pixels=1000)
+    pooled = MediaLoader(policy, pool=pool)
+    with pytest.raises(LimitExceededError, match="max-image-decode-pixels"):
+        pooled.load("image", _png(3), budget=policy.budget())
+    with pytest.raises(MediaDecodeError, match="not a readable image"):
+        pooled.load("image", b"not an image at all", budget=policy.budget())
+    budget = MediaPolicy.from_env(max_request_pixels=3000).budget()
+    MediaLoader(policy, pool=pool).load("image", _png(4), budget=budget)  # 1920 pixels, charged by the parent
+    assert budget.pixels == 48 * 40
+
+
+def test_the_hop_to_a_worker_is_cheap(pool):
+    """Per image: the pool's hop (pipe + shared memory) over decoding in this process, reported."""
+    data = _png(9, 448, 448)
+    policy = MediaPolicy.from_env()
+    pooled, local = MediaLoader(policy, pool=pool), MediaLoader(policy)
+    for ld in (pooled, local):
+        ld.load("image", data)  # warm: imports in the workers
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        local.load("image", data)
+    t_local = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pooled.load("image", data)
+    t_pool = (time.perf_counter() - t0) / n
+    print(f"448x448 PNG: in-process {t_local * 1e3:.2f} ms, through the pool {t_pool * 1e3:.2f} ms, "
+          f"hop {(t_pool - t_local) * 1e3:.2f} ms")
+    assert t_pool - t_local < 0.05
