@@ -102,3 +102,46 @@ def test_the_hop_to_a_worker_is_cheap(pool):
     print(f"448x448 PNG: in-process {t_local * 1e3:.2f} ms, through the pool {t_pool * 1e3:.2f} ms, "
           f"hop {(t_pool - t_local) * 1e3:.2f} ms")
     assert t_pool - t_local < 0.05
+
+
+# --- the real ingest process, --decode-workers -------------------------------------------------------------------
+from services_helpers import qwen2_vl_dir, stage_stack, start_stage_process, wait_healthy  # noqa: E402,F401
+
+
+def test_ingest_with_decode_workers_survives_a_crashing_and_a_hanging_decoder(stage_stack, qwen2_vl_dir,
+                                                                               monkeypatch):
+    import asyncio
+
+    from mmpipe.services.common.convert import MediaSource
+    from mmpipe.services.common.stage_clients import StageClients
+    from mmpipe.shared.errors import InvalidInputError
+
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")  # the ingest process and its workers only
+    sp = start_stage_process("ingest", qwen2_vl_dir, stage_stack.redis_url, encoder_addr=stage_stack.encoder_addr,
+                             extra=["--decode-workers", "2", "--decode-timeout", "2"], log_dir=stage_stack.log_dir)
+    try:
+        async def one(data: bytes):
+            c = StageClients.connect(ingest=sp.addr)
+            try:
+                return await c.ingest.ingest([MediaSource("image", data=data)], request_id="pool-test")
+            except InvalidInputError as e:
+                return e
+            finally:
+                await c.close()
+
+        async def load():
+            good = [_png(100 + i) for i in range(8)]
+            bad = [b"MMPIPE-FAULT:abort", b"MMPIPE-FAULT:hang ", b"MMPIPE-FAULT:segv "]
+            return await asyncio.gather(*[one(d) for d in good[:4] + bad + good[4:]])
+
+        out = asyncio.run(load())
+        good, bad = out[:4] + out[7:], out[4:7]
+        assert all(isinstance(r, list) and r[0].num_tokens > 0 for r in good), good
+        assert all(isinstance(e, InvalidInputError) and "items[0]" in e.message for e in bad), bad
+        assert "SIGABRT" in bad[0].message and "longer than 2 s" in bad[1].message and "SIGSEGV" in bad[2].message
+        wait_healthy(sp.addr, 3.0, sp.proc, sp.log_path)  # still SERVING
+        assert sp.proc.poll() is None
+        (again,) = asyncio.run(one(_png(120)))
+        assert again.num_tokens > 0
+    finally:
+        sp.stop()
