@@ -145,3 +145,33 @@ def test_ingest_with_decode_workers_survives_a_crashing_and_a_hanging_decoder(st
         assert again.num_tokens > 0
     finally:
         sp.stop()
+
+
+def test_a_worker_killed_from_outside_is_a_retryable_503_and_is_replaced(pool):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from mmpipe.shared.errors import ServiceUnavailableError
+
+    loader = MediaLoader(MediaPolicy.from_env(), pool=pool)
+    got: list[BaseException] = []
+
+    def hang():
+        try:
+            loader.load("image", b"MMPIPE-FAULT:hang ", name="items[0]")
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            got.append(e)
+
+    t = threading.Thread(target=hang)
+    t.start()
+    time.sleep(0.5)
+    for child in multiprocessing.active_children():  # not the input's fault: SIGKILL, as the OOM killer sends
+        if child.name == "mmpipe-decode":
+            os.kill(child.pid, signal.SIGKILL)
+    t.join(10)
+    assert len(got) == 1 and isinstance(got[0], ServiceUnavailableError), got
+    assert got[0].http_status == 503 and "retry" in got[0].message
+    assert loader.load("image", _png(7)).content_hash == MediaLoader(MediaPolicy.from_env()).load(
+        "image", _png(7)).content_hash  # the idle worker killed too: replaced before it is used

@@ -173,6 +173,9 @@ class DecodePool:
         if self._closed:
             raise ServiceUnavailableError("the decode pool is shut down")
         w = self._idle.get()
+        while not w.proc.is_alive():  # died while idle (killed from outside): replaced before it costs an item
+            self._replace(w)
+            w = self._idle.get()
         healthy = False
         try:
             try:
