@@ -175,3 +175,27 @@ def test_a_worker_killed_from_outside_is_a_retryable_503_and_is_replaced(pool):
     assert got[0].http_status == 503 and "retry" in got[0].message
     assert loader.load("image", _png(7)).content_hash == MediaLoader(MediaPolicy.from_env()).load(
         "image", _png(7)).content_hash  # the idle worker killed too: replaced before it is used
+
+
+def test_offline_llm_opts_into_the_pool_and_applies_the_request_budget(qwen2_vl_dir, monkeypatch):
+    from mmpipe import LLM, SamplingParams
+    from offline_helpers import ENGINE, hf_generate, make_image, png_bytes
+
+    monkeypatch.setenv("MMPIPE_MEDIA_MAX_REQUEST_PIXELS", "15000")  # one 112x84 image fits, two do not
+    llm = LLM(qwen2_vl_dir, device="cpu", engine=ENGINE, decode_workers=1, mm_cache=None)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        img = make_image(seed=61)
+        tok = llm.adapter.placeholder_token("image")
+        out = llm.generate({"prompt": f"Look {tok}", "multi_modal_data": {"image": png_bytes(img)}}, greedy,
+                           use_tqdm=False)[0]
+        # decoded in the worker, the tokens transformers gives for the same image
+        assert out.outputs[0].token_ids == hf_generate(qwen2_vl_dir, f"Look {tok}", images=[img], max_new_tokens=6)
+        with pytest.raises(LimitExceededError, match="max-request-pixels"):
+            llm.generate({"prompt": f"Two {tok} {tok}", "multi_modal_data": {"image": [png_bytes(img)] * 2}},
+                         greedy, use_tqdm=False)
+        again = llm.generate({"prompt": f"Look {tok}", "multi_modal_data": {"image": png_bytes(img)}}, greedy,
+                             use_tqdm=False)[0]
+        assert again.outputs[0].token_ids == out.outputs[0].token_ids
+    finally:
+        llm.decode_pool.close()
