@@ -199,3 +199,31 @@ def test_offline_llm_opts_into_the_pool_and_applies_the_request_budget(qwen2_vl_
         assert again.outputs[0].token_ids == out.outputs[0].token_ids
     finally:
         llm.decode_pool.close()
+
+
+def test_video_and_audio_decode_in_the_pool_to_the_same_arrays(pool):
+    import av
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"preset": "ultrafast"}
+        rng = np.random.default_rng(0)
+        for _ in range(12):
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    wav = io.BytesIO()
+    sf.write(wav, (np.random.default_rng(1).standard_normal((24000, 2)) * 0.1).astype(np.float32), 24000,
+             format="WAV", subtype="FLOAT")
+    policy = MediaPolicy.from_env()
+    pooled, local = MediaLoader(policy, pool=pool), MediaLoader(policy)
+    for modality, data in (("video", buf.getvalue()), ("audio", wav.getvalue())):
+        budget = policy.budget()
+        a = pooled.load(modality, data, target_sampling_rate=16000, budget=budget)
+        b = local.load(modality, data, target_sampling_rate=16000)
+        assert a.content_hash == b.content_hash and np.array_equal(a.data, b.data) and a.meta == b.meta
+        assert (budget.pixels if modality == "video" else budget.audio_seconds) > 0  # charged by the worker
