@@ -1,7 +1,8 @@
 """Native decoders in worker processes (shared/media/decode_pool.py, issue 16): a worker that aborts, segfaults or
 hangs costs its own item only (a MediaDecodeError naming it), is replaced, and every other item decodes, concurrently,
 to exactly the pixels the in-process decoders give. The faults come from the test-only hook
-(MMPIPE_TEST_DECODE_FAULTS=1 in the workers' environment); the workers are real spawned processes.
+(MMPIPE_TEST_DECODE_FAULTS=1 in the workers' environment); the workers are real spawned processes. The same with the
+real ingest process (--decode-workers) is in tests/test_services_stages.py, on its stack.
 """
 from __future__ import annotations
 
@@ -104,77 +105,7 @@ def test_the_hop_to_a_worker_is_cheap(pool):
     assert t_pool - t_local < 0.05
 
 
-# --- the real ingest process, --decode-workers -------------------------------------------------------------------
-from services_helpers import qwen2_vl_dir, stage_stack, start_stage_process, wait_healthy  # noqa: E402,F401
-
-
-def test_ingest_with_decode_workers_survives_a_crashing_and_a_hanging_decoder(stage_stack, qwen2_vl_dir,
-                                                                               monkeypatch):
-    import asyncio
-
-    from mmpipe.services.common.convert import MediaSource
-    from mmpipe.services.common.stage_clients import StageClients
-    from mmpipe.shared.errors import InvalidInputError
-
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")  # the ingest process and its workers only
-    sp = start_stage_process("ingest", qwen2_vl_dir, stage_stack.redis_url, encoder_addr=stage_stack.encoder_addr,
-                             extra=["--decode-workers", "2", "--decode-timeout", "2"], log_dir=stage_stack.log_dir)
-    try:
-        async def one(data: bytes):
-            c = StageClients.connect(ingest=sp.addr)
-            try:
-                return await c.ingest.ingest([MediaSource("image", data=data)], request_id="pool-test")
-            except InvalidInputError as e:
-                return e
-            finally:
-                await c.close()
-
-        async def load():
-            good = [_png(100 + i) for i in range(8)]
-            bad = [b"MMPIPE-FAULT:abort", b"MMPIPE-FAULT:hang ", b"MMPIPE-FAULT:segv "]
-            return await asyncio.gather(*[one(d) for d in good[:4] + bad + good[4:]])
-
-        out = asyncio.run(load())
-        good, bad = out[:4] + out[7:], out[4:7]
-        assert all(isinstance(r, list) and r[0].num_tokens > 0 for r in good), good
-        assert all(isinstance(e, InvalidInputError) and "items[0]" in e.message for e in bad), bad
-        assert "SIGABRT" in bad[0].message and "longer than 2 s" in bad[1].message and "SIGSEGV" in bad[2].message
-        wait_healthy(sp.addr, 3.0, sp.proc, sp.log_path)  # still SERVING
-        assert sp.proc.poll() is None
-        (again,) = asyncio.run(one(_png(120)))
-        assert again.num_tokens > 0
-    finally:
-        sp.stop()
-
-
-def test_a_worker_killed_from_outside_is_a_retryable_503_and_is_replaced(pool):
-    import multiprocessing
-    import os
-    import signal
-    import threading
-
-    from mmpipe.shared.errors import ServiceUnavailableError
-
-    loader = MediaLoader(MediaPolicy.from_env(), pool=pool)
-    got: list[BaseException] = []
-
-    def hang():
-        try:
-            loader.load("image", b"MMPIPE-FAULT:hang ", name="items[0]")
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            got.append(e)
-
-    t = threading.Thread(target=hang)
-    t.start()
-    time.sleep(0.5)
-    for child in multiprocessing.active_children():  # not the input's fault: SIGKILL, as the OOM killer sends
-        if child.name == "mmpipe-decode":
-            os.kill(child.pid, signal.SIGKILL)
-    t.join(10)
-    assert len(got) == 1 and isinstance(got[0], ServiceUnavailableError), got
-    assert got[0].http_status == 503 and "retry" in got[0].message
-    assert loader.load("image", _png(7)).content_hash == MediaLoader(MediaPolicy.from_env()).load(
-        "image", _png(7)).content_hash  # the idle worker killed too: replaced before it is used
+from services_helpers import qwen2_vl_dir  # noqa: E402,F401  (fixture)
 
 
 def test_offline_llm_opts_into_the_pool_and_applies_the_request_budget(qwen2_vl_dir, monkeypatch):
@@ -227,3 +158,33 @@ def test_video_and_audio_decode_in_the_pool_to_the_same_arrays(pool):
         b = local.load(modality, data, target_sampling_rate=16000)
         assert a.content_hash == b.content_hash and np.array_equal(a.data, b.data) and a.meta == b.meta
         assert (budget.pixels if modality == "video" else budget.audio_seconds) > 0  # charged by the worker
+
+
+def test_a_worker_killed_from_outside_is_a_retryable_503_and_is_replaced(pool):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from mmpipe.shared.errors import ServiceUnavailableError
+
+    loader = MediaLoader(MediaPolicy.from_env(), pool=pool)
+    got: list[BaseException] = []
+
+    def hang():
+        try:
+            loader.load("image", b"MMPIPE-FAULT:hang ", name="items[0]")
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            got.append(e)
+
+    t = threading.Thread(target=hang)
+    t.start()
+    time.sleep(0.5)
+    for child in multiprocessing.active_children():  # not the input's fault: SIGKILL, as the OOM killer sends
+        if child.name == "mmpipe-decode":
+            os.kill(child.pid, signal.SIGKILL)
+    t.join(10)
+    assert len(got) == 1 and isinstance(got[0], ServiceUnavailableError), got
+    assert got[0].http_status == 503 and "retry" in got[0].message
+    assert loader.load("image", _png(7)).content_hash == MediaLoader(MediaPolicy.from_env()).load(
+        "image", _png(7)).content_hash  # the idle worker killed too: replaced before it is used

@@ -1,20 +1,17 @@
 """Media that is small on disk and huge decoded (issue 16): every decoder checks its size from the header against the
 request's decode budget before decoding, compositing works in place, and ingest's memory stays bounded.
 
-The crafted files are built here: a 9000x9000 RGBA PNG of ~330 KB, a 17 KB mp4 of 350 720p frames, and a FLAC whose
-STREAMINFO claims 590 s of 8 channels at 96 kHz. The served checks send them to the session's real ingest process
-(tests/services_helpers.stage_stack) and read its peak RSS (VmHWM in /proc) before and after; the offline checks
-run the loader in a fresh subprocess for the same measure.
+The crafted files are built by tests/media_craft.py: a 9000x9000 RGBA PNG of ~330 KB, a 17 KB mp4 of 350 720p frames,
+a FLAC whose STREAMINFO claims 590 s of 8 channels at 96 kHz. Here the loader runs in a fresh subprocess that reports
+its peak RSS growth; the served checks (the real ingest process) are in tests/test_services_stages.py, on its stack.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,103 +24,8 @@ from mmpipe.shared.media.image import decode_image, normalize_image
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
 
-from services_helpers import qwen2_vl_dir, stage_stack  # noqa: F401  (fixtures)
-
-MiB = 1024 * 1024
-# What a decode of the crafted files costs (hundreds of MB to GB); a header check costs next to nothing.
-RSS_BOUND = 120 * MiB
-
-
-# --- the crafted files --------------------------------------------------------------------------------------------
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def rgba_png_bomb(w: int = 9000, h: int = 9000) -> bytes:
-    """A fully transparent RGBA PNG, compressed row by row (never w*h*4 bytes in memory here)."""
-    z = zlib.compressobj(9)
-    row = b"\x00" * (1 + 4 * w)  # filter byte + pixels
-    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)  # 8-bit RGBA
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-
-
-def long_720p_mp4(frames: int = 350) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt, s.options = 1280, 720, "yuv420p", {"preset": "ultrafast"}
-        f = av.VideoFrame.from_ndarray(np.zeros((720, 1280, 3), np.uint8), format="rgb24")
-        for _ in range(frames):
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
-def flac(seconds: float, sr: int, channels: int, claim_frames: int | None = None) -> bytes:
-    """A real FLAC of quiet noise; `claim_frames`: STREAMINFO's total-samples field rewritten to claim that many."""
-    import soundfile as sf
-
-    rng = np.random.default_rng(3)
-    b = io.BytesIO()
-    sf.write(b, (rng.standard_normal((int(seconds * sr), channels)) * 0.05).astype(np.float32), sr, format="FLAC")
-    data = bytearray(b.getvalue())
-    if claim_frames is not None:
-        # fLaC, block header (4 bytes), STREAMINFO: ... bytes 13-17 of it hold 4 bits of bps and 36 bits of samples
-        off = 4 + 4 + 13
-        packed = int.from_bytes(data[off:off + 5], "big")
-        packed = (packed & ~((1 << 36) - 1)) | claim_frames
-        data[off:off + 5] = packed.to_bytes(5, "big")
-        data[off + 5 + 0:off + 5 + 16] = bytes(16)  # MD5 unset: the claim is not checked against it
-    return bytes(data)
-
-
-def _hwm(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
-def _ingest(stack, item, **kw):
-    from mmpipe.services.common.stage_clients import StageClients
-
-    async def go():
-        c = StageClients.connect(ingest=stack.ingest_addr)
-        try:
-            return await c.ingest.ingest([item], request_id="budget-test", **kw)
-        finally:
-            await c.close()
-
-    return asyncio.run(go())
-
-
-# --- served: the real ingest process ------------------------------------------------------------------------------
-def test_ingest_refuses_crafted_png_and_mp4_from_headers_with_bounded_memory(stage_stack):
-    from mmpipe.services.common.convert import MediaSource
-
-    pid = stage_stack.procs["ingest"].proc.pid
-    png, mp4 = rgba_png_bomb(), long_720p_mp4()
-    assert len(png) < 400_000 and len(mp4) < 40_000  # small on disk ...
-    before = _hwm(pid)
-    with pytest.raises(InvalidInputError, match="max-image-decode-pixels") as e:
-        _ingest(stage_stack, MediaSource("image", data=png))
-    assert "9000x9000" in e.value.message
-    with pytest.raises(InvalidInputError, match="max-request-pixels") as e:
-        _ingest(stage_stack, MediaSource("video", data=mp4))
-    assert "350 frames of 1280x720" in e.value.message
-    grown = _hwm(pid) - before
-    assert grown < RSS_BOUND, f"ingest's peak RSS grew by {grown / MiB:.0f} MiB"
-    # ... and the same ingest still serves a normal request
-    ok = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 4), dtype=np.uint8), "RGBA")
-    b = io.BytesIO()
-    ok.save(b, "PNG")
-    (ref,) = _ingest(stage_stack, MediaSource("image", data=b.getvalue()))
-    assert ref.key and ref.num_tokens > 0
+from media_craft import RSS_BOUND, flac, rgba_png_bomb
+from services_helpers import qwen2_vl_dir  # noqa: F401  (fixture)
 
 
 # --- offline: a fresh process per measure -------------------------------------------------------------------------
