@@ -44,7 +44,7 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16, enforce_eager: bool = False,
                  trust_remote_code: bool = False, allow_private_media_urls: bool | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, decode_workers: int = 0):
         from mmpipe.shared.cache.factory import make_cache
         from mmpipe.shared.inputs.media_settings import SettingsSpace
         from mmpipe.shared.media.policy import MediaPolicy
@@ -65,7 +65,15 @@ class LLM:
             # reach loopback / private / link-local addresses (SSRF).
             **({} if allow_private_media_urls is None else {"allow_private_networks": bool(allow_private_media_urls)}))
         # the server-wide settings; a prompt's own mm_processor_kwargs (and a chat's media_io_kwargs) overlay them
-        self.settings = SettingsSpace(self.adapter, model, media_io_kwargs=media_io_kwargs, policy=policy)
+        # decode_workers > 0: media bytes are decoded in that many worker processes (shared/media/decode_pool.py), so
+        # a crash or hang in a native decoder costs one item, not this process
+        self.decode_pool = None
+        if decode_workers:
+            from mmpipe.shared.media.decode_pool import DecodePool, DecodePoolConfig
+
+            self.decode_pool = DecodePool(DecodePoolConfig(workers=int(decode_workers)))
+        self.settings = SettingsSpace(self.adapter, model, media_io_kwargs=media_io_kwargs, policy=policy,
+                                      pool=self.decode_pool)
         cache = make_cache("off" if mm_cache is None else mm_cache,
                            max_bytes=int(mm_cache_gb * (1 << 30)))
         self.resolver = EmbeddingResolver(self.adapter, self.settings, cache)

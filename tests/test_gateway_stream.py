@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from media_craft import rgba_png_bomb
 from services_helpers import qwen2_vl_dir, scrape, stage_stack, start_gateway_process  # noqa: F401
 
 from mmpipe.services.common.convert import MediaSource
@@ -216,6 +217,22 @@ def test_ingest_refuses_a_key_without_uuid_or_source(stage_stack):
                  MediaSource("image", uuid="u-42", key="mmpipe:v1:x")):
         with pytest.raises(InvalidInputError, match="key"):
             asyncio.run(go(item))
+
+
+def test_media_over_the_decode_budget_is_an_openai_400_naming_the_limit(gateway):
+    """A 330 KB PNG of 9000x9000 RGBA pixels (issue 16): refused from its header by ingest, an OpenAI-shaped 400
+    through the official client; the next request is served."""
+    c = client(gateway)
+    bomb = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(rgba_png_bomb())}}, {"type": "text", "text": "Hi"}]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=bomb, max_tokens=2)
+    assert e.value.status_code == 400
+    err = e.value.body if isinstance(e.value.body, dict) else {}
+    assert "max-image-decode-pixels" in e.value.message and "9000x9000" in e.value.message, err
+    ok = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png(77))}},
+                                       {"type": "text", "text": "Hi"}]}]
+    assert c.chat.completions.create(model="tiny", messages=ok, max_tokens=2, temperature=0.0).choices[0].message
 
 
 # --- --api-server-count: two gateway processes, one port ------------------------------------------------------------

@@ -11,12 +11,15 @@ import time
 import grpc
 import numpy as np
 import pytest
+from media_craft import RSS_BOUND, hwm, long_720p_mp4, rgba_png_bomb
 from services_helpers import audio_stage_stack, qwen2_audio_dir, qwen2_vl_dir, stage_stack  # noqa: F401
+from services_helpers import start_stage_process, wait_healthy
 
 from mmpipe.services.common.convert import LookupItem, MediaSource
 from mmpipe.services.common.stage_clients import StageClients
 from mmpipe.shared.errors import (InvalidInputError, MediaPolicyError, MMPipeError, NotCachedError,
                                   NotFoundError, ServiceUnavailableError)
+from mmpipe.shared.media.decode_pool import TEST_FAULTS_ENV
 from mmpipe.shared.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -285,3 +288,71 @@ def test_killed_encoder_fails_fast_and_recovers(stage_stack):
                 raise
             time.sleep(0.3)
     assert refs[0].num_tokens > 0
+
+
+# --- media hardening on the real ingest process (issue 16; tests/media_craft.py builds the files) -----------------
+def _ingest(stack, item, **kw):
+    async def go():
+        c = StageClients.connect(ingest=stack.ingest_addr)
+        try:
+            return await c.ingest.ingest([item], request_id="budget-test", **kw)
+        finally:
+            await c.close()
+
+    return asyncio.run(go())
+
+
+def test_ingest_refuses_crafted_png_and_mp4_from_headers_with_bounded_memory(stage_stack):
+    from PIL import Image
+
+    pid = stage_stack.procs["ingest"].proc.pid
+    png, mp4 = rgba_png_bomb(), long_720p_mp4()
+    assert len(png) < 400_000 and len(mp4) < 40_000  # small on disk ...
+    before = hwm(pid)
+    with pytest.raises(InvalidInputError, match="max-image-decode-pixels") as e:
+        _ingest(stage_stack, MediaSource("image", data=png))
+    assert "9000x9000" in e.value.message
+    with pytest.raises(InvalidInputError, match="max-request-pixels") as e:
+        _ingest(stage_stack, MediaSource("video", data=mp4))
+    assert "350 frames of 1280x720" in e.value.message
+    grown = hwm(pid) - before
+    assert grown < RSS_BOUND, f"ingest's peak RSS grew by {grown >> 20} MiB"
+    # ... and the same ingest still serves a normal request
+    ok = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 4), dtype=np.uint8), "RGBA")
+    b = io.BytesIO()
+    ok.save(b, "PNG")
+    (ref,) = _ingest(stage_stack, MediaSource("image", data=b.getvalue()))
+    assert ref.key and ref.num_tokens > 0
+
+
+def test_ingest_with_decode_workers_survives_a_crashing_and_a_hanging_decoder(stage_stack, qwen2_vl_dir,
+                                                                               monkeypatch):
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")  # the ingest process and its workers only
+    sp = start_stage_process("ingest", qwen2_vl_dir, stage_stack.redis_url, encoder_addr=stage_stack.encoder_addr,
+                             extra=["--decode-workers", "2", "--decode-timeout", "2"], log_dir=stage_stack.log_dir)
+    try:
+        async def one(data: bytes):
+            c = StageClients.connect(ingest=sp.addr)
+            try:
+                return await c.ingest.ingest([MediaSource("image", data=data)], request_id="pool-test")
+            except InvalidInputError as e:
+                return e
+            finally:
+                await c.close()
+
+        async def load():
+            good = [image_png(100 + i) for i in range(8)]
+            bad = [b"MMPIPE-FAULT:abort", b"MMPIPE-FAULT:hang ", b"MMPIPE-FAULT:segv "]
+            return await asyncio.gather(*[one(d) for d in good[:4] + bad + good[4:]])
+
+        out = asyncio.run(load())
+        good, bad = out[:4] + out[7:], out[4:7]
+        assert all(isinstance(r, list) and r[0].num_tokens > 0 for r in good), good
+        assert all(isinstance(e, InvalidInputError) and "items[0]" in e.message for e in bad), bad
+        assert "SIGABRT" in bad[0].message and "longer than 2 s" in bad[1].message and "SIGSEGV" in bad[2].message
+        wait_healthy(sp.addr, 3.0, sp.proc, sp.log_path)  # still SERVING
+        assert sp.proc.poll() is None
+        (again,) = asyncio.run(one(image_png(120)))
+        assert again.num_tokens > 0
+    finally:
+        sp.stop()

@@ -29,6 +29,22 @@ class IngestConfig:
     stage_tls: ClientTLS | None = None  # --stage-tls-*: the channel to the encoder
     max_pending_items: int = 256
     encoder_timeout_s: float = 60.0
+    # the per-request decode budget and the per-image decode limit (None: MediaPolicy's env default)
+    max_request_pixels: int | None = None
+    max_request_audio_seconds: float | None = None
+    max_image_decode_pixels: int | None = None
+    # native decoders in worker processes (0: in the ingest process)
+    decode_workers: int = 0
+    decode_timeout_s: float = 30.0
+    decode_cpu_seconds: int = 30
+    decode_memory_mb: int = 8192
+
+    def media_limits(self) -> dict:
+        """The MediaPolicy overrides these flags set (only the ones given)."""
+        out = {"max_request_pixels": self.max_request_pixels,
+               "max_request_audio_seconds": self.max_request_audio_seconds,
+               "max_image_decode_pixels": self.max_image_decode_pixels}
+        return {k: v for k, v in out.items() if v is not None}
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +74,28 @@ class IngestConfig:
         g.add_argument("--max-pending-items", type=int, default=ca.env_int("MAX_PENDING_ITEMS", 256),
                        help="media items in progress (queued for or running on the workers) before Ingest answers "
                             "RESOURCE_EXHAUSTED (env MMPIPE_MAX_PENDING_ITEMS)")
+        g.add_argument("--max-request-pixels", type=int, default=None,
+                       help="decoded pixels one request's media may take in all (images + video frames), checked from "
+                            "the headers before decoding (env MMPIPE_MEDIA_MAX_REQUEST_PIXELS, default 268435456)")
+        g.add_argument("--max-request-audio-seconds", type=float, default=None,
+                       help="seconds of audio one request may carry in all, checked from the headers before "
+                            "decoding (env MMPIPE_MEDIA_MAX_REQUEST_AUDIO_SECONDS, default 1200)")
+        g.add_argument("--max-image-decode-pixels", type=int, default=None,
+                       help="pixels an image or video frame is decoded to, unless the model keeps more (then 4x its "
+                            "max_pixels); larger JPEGs decode downscaled, other formats are refused (env "
+                            "MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS, default 16777216)")
+        g.add_argument("--decode-workers", type=int, default=ca.env_int("DECODE_WORKERS", 0),
+                       help="decode media in this many worker processes, so that a crash or hang in a native decoder "
+                            "(Pillow, FFmpeg, libsndfile) costs one item, not the stage; 0 = in the ingest process "
+                            "(env MMPIPE_DECODE_WORKERS)")
+        g.add_argument("--decode-timeout", type=float, default=float(ca.env("DECODE_TIMEOUT", 30)),
+                       help="wall-clock seconds one item may take in a decode worker before it is stopped and replaced "
+                            "(env MMPIPE_DECODE_TIMEOUT)")
+        g.add_argument("--decode-cpu-seconds", type=int, default=ca.env_int("DECODE_CPU_SECONDS", 30),
+                       help="CPU seconds one item may use in a decode worker (RLIMIT_CPU; env MMPIPE_DECODE_CPU_SECONDS)")
+        g.add_argument("--decode-memory-mb", type=int, default=ca.env_int("DECODE_MEMORY_MB", 8192),
+                       help="address space of a decode worker, MB (RLIMIT_AS; 0 = unlimited; env "
+                            "MMPIPE_DECODE_MEMORY_MB)")
         g.add_argument("--encoder-timeout", type=float, default=float(ca.env("ENCODER_TIMEOUT", 60)),
                        help="deadline in seconds of each Lookup / Encode call to the encoder, shortened to the "
                             "caller's own deadline (env MMPIPE_ENCODER_TIMEOUT)")
@@ -78,4 +116,8 @@ class IngestConfig:
                    allow_private_media_urls=bool(a.allow_private_media_urls),
                    limit_mm_per_prompt={k: int(v) for k, v in limits.items()} if limits else None,
                    num_workers=a.num_workers, wire_dtype=a.wire_dtype, stage_tls=ca.stage_client_tls(a), max_pending_items=a.max_pending_items,
-                   encoder_timeout_s=a.encoder_timeout)
+                   encoder_timeout_s=a.encoder_timeout, max_request_pixels=a.max_request_pixels,
+                   max_request_audio_seconds=a.max_request_audio_seconds,
+                   max_image_decode_pixels=a.max_image_decode_pixels, decode_workers=a.decode_workers,
+                   decode_timeout_s=a.decode_timeout, decode_cpu_seconds=a.decode_cpu_seconds,
+                   decode_memory_mb=a.decode_memory_mb)

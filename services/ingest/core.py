@@ -30,6 +30,8 @@ from mmpipe.shared.errors import (
     InvalidInputError, LimitExceededError, MediaTimeoutError, OverloadedError,
 )
 from mmpipe.shared.inputs.media_settings import MediaSettings, SettingsSpace
+from mmpipe.shared.media.budget import RequestBudget
+from mmpipe.shared.media.decode_pool import DecodePool, DecodePoolConfig
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
 from mmpipe.shared.models.pixel_wire import float_wire_dtype, wire_tensors
@@ -46,9 +48,15 @@ class IngestCore:
         self.policy = MediaPolicy.from_env(
             allowed_media_domains=tuple(cfg.allowed_media_domains) if cfg.allowed_media_domains else None,
             allowed_local_media_path=cfg.allowed_local_media_path,
-            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
+            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}), **cfg.media_limits())
         # the server's --mm-processor-kwargs / --media-io-kwargs; a request's own overlay them (checked there)
-        self.settings = SettingsSpace(adapter, cfg.model, media_io_kwargs=cfg.media_io_kwargs, policy=self.policy)
+        self.decode_pool = None
+        if cfg.decode_workers > 0:  # native decoders out of this process (shared/media/decode_pool.py)
+            self.decode_pool = DecodePool(DecodePoolConfig(workers=cfg.decode_workers, timeout_s=cfg.decode_timeout_s,
+                                                           cpu_seconds=cfg.decode_cpu_seconds,
+                                                           memory_mb=cfg.decode_memory_mb))
+        self.settings = SettingsSpace(adapter, cfg.model, media_io_kwargs=cfg.media_io_kwargs, policy=self.policy,
+                                      pool=self.decode_pool)
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="ingest")
         self.pending = 0  # media items admitted and not finished (bounded by --max-pending-items)
         self.wire_dtype = float_wire_dtype(cfg.wire_dtype)  # the float fallback's; uint8 pixels stay uint8
@@ -81,10 +89,10 @@ class IngestCore:
                 raise LimitExceededError(f"at most {limits[modality]} {modality} item(s) per prompt "
                                          f"(--limit-mm-per-prompt), got {n}", param=modality)
 
-    def _load(self, loader: MediaLoader, it: MediaSource) -> MediaItem:
+    def _load(self, loader: MediaLoader, it: MediaSource, budget: RequestBudget, name: str) -> MediaItem:
         laps: list[tuple[str, float, float]] = []  # fetch, decode, hash
         item = loader.load(it.modality, it.source, target_sampling_rate=self.adapter.audio_sampling_rate,
-                           uuid=it.uuid, timings=laps)
+                           uuid=it.uuid, timings=laps, budget=budget, name=name)
         for step, start, end in laps:
             self.steps.record(step, start, end)
         self.m_loaded.labels(self.ml, it.modality).inc()
@@ -97,11 +105,14 @@ class IngestCore:
         self.m_pre.labels(self.ml, item.modality).inc()
         return pack_tensors(wire_tensors(p.tensors, self.wire_dtype), p.meta)
 
-    async def _load_all(self, loader: MediaLoader, items: list[MediaSource]) -> list[MediaItem]:
+    async def _load_all(self, loader: MediaLoader, items: dict[int, MediaSource], budget: RequestBudget
+                        ) -> list[MediaItem]:
+        """Load `items` (by their index in the request, which names them in errors: "items[2]") concurrently."""
         loop = asyncio.get_running_loop()
         # in the caller's context: each item's spans are children of the "load" step, its logs carry the request id
         return await asyncio.gather(*[loop.run_in_executor(self.pool, contextvars.copy_context().run, self._load,
-                                                           loader, it) for it in items])
+                                                           loader, it, budget, f"items[{i}]")
+                                      for i, it in items.items()])
 
     async def _timed(self, step: str, coro):
         return await self.steps.timed(step, coro)
@@ -165,7 +176,8 @@ class IngestCore:
 
         # 2. fetch + decode + hash the rest, then look the hashes up
         todo = [i for i in range(len(items)) if i not in result]
-        loaded_list = await self._timed("load", self._load_all(loader, [items[i] for i in todo]))
+        loaded_list = await self._timed("load", self._load_all(loader, {i: items[i] for i in todo},
+                                                               self.settings.budget(settings)))
         loaded = dict(zip(todo, loaded_list))
         hash_idx = [i for i in todo if i not in keys]
         if hash_idx:
@@ -212,4 +224,6 @@ class IngestCore:
 
     async def close(self) -> None:
         self.pool.shutdown(wait=True)
+        if self.decode_pool is not None:
+            self.decode_pool.close()
         await self.encoder.close()

@@ -5,7 +5,8 @@
                      shared/media/loader.py). Frozen: from the edge that resolved it to the processor call.
     resolve_settings the one check of a request's settings (adapter class + processor, no weights: the gateway too).
     SettingsSpace    one server's defaults; `resolve` turns a request's raw kwargs into MediaSettings, `keyspace`
-                     and `loader` give the cache keyspace and the loader of those settings (memoised).
+                     and `loader` give the cache keyspace and the loader of those settings (memoised), `budget`
+                     a fresh decode budget for one request under them (shared/media/budget.py).
 
 The keyspace digest is `settings_digest({"adapter": adapter.settings(mm), "media_io_kwargs": io})` over the
 EFFECTIVE settings, so the same image at two sizes never shares an entry, while a request that sets nothing (or
@@ -69,15 +70,17 @@ class SettingsSpace:
     """The settings of one served model: defaults, per-request resolution, keyspaces and loaders."""
 
     def __init__(self, adapter: Any, model: str, *, media_io_kwargs: Mapping[str, Any] | str | None = None,
-                 policy: Any = None, model_fp: str | None = None):
+                 policy: Any = None, model_fp: str | None = None, pool: Any = None):
+        """pool: a shared/media/decode_pool.DecodePool every loader decodes in (None: in this process)."""
         from mmpipe.shared.media.loader import MediaLoader
 
         self.adapter = adapter
         self.policy = policy
+        self.pool = pool
         self.model_fp = model_fp or model_fingerprint(model, adapter.model.config.to_dict())
         self.default_io = parse_kwargs_json(media_io_kwargs, "media_io_kwargs")
         self.default = MediaSettings(dict(adapter.mm_processor_kwargs), self.default_io)
-        self._loaders: dict[str, Any] = {canonical_json(self.default_io): MediaLoader(policy, self.default_io)}
+        self._loaders: dict[str, Any] = {canonical_json(self.default_io): MediaLoader(policy, self.default_io, pool)}
         self._keyspaces: dict[str, CacheKeyspace] = {}
         self._lock = threading.Lock()
 
@@ -95,11 +98,24 @@ class SettingsSpace:
         key = canonical_json(s.media_io_kwargs)
         loader = self._loaders.get(key)
         if loader is None:
-            loader = MediaLoader(self.policy, s.media_io_kwargs)
+            loader = MediaLoader(self.policy, s.media_io_kwargs, self.pool)
             with self._lock:
                 if len(self._loaders) < _MEMO:
                     self._loaders[key] = loader
         return loader
+
+    def budget(self, s: MediaSettings | None = None) -> Any:
+        """A fresh RequestBudget for one request: the policy's ceilings, its per-image decode limit derived from the
+        largest image the processor keeps under these settings (the request's max_pixels, else the server's)."""
+        from mmpipe.shared.media.policy import MediaPolicy
+
+        s = s or self.default
+        policy = self.policy
+        if policy is None:  # as MediaLoader does: the operator's environment
+            policy = self.policy = MediaPolicy.from_env()
+        ceilings = type(self.adapter).mm_kwargs_ceilings(self.adapter.processor, dict(self.adapter.mm_processor_kwargs))
+        kept = s.mm_processor_kwargs.get("max_pixels", ceilings.get("max_pixels"))
+        return policy.budget(int(kept) if isinstance(kept, (int, float)) and not isinstance(kept, bool) else None)
 
     def keyspace(self, s: MediaSettings | None = None) -> CacheKeyspace:
         s = s or self.default

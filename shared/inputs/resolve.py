@@ -60,9 +60,12 @@ class EmbeddingResolver:
         """The cache keyspace of the server's default settings."""
         return self.space.keyspace()
 
-    def load(self, ref: ItemRef, settings: MediaSettings | None = None) -> MediaItem:
-        loader = self.space.loader(settings or self.space.default)
-        item = loader.load(ref.modality, ref.source, target_sampling_rate=self.adapter.audio_sampling_rate)
+    def load(self, ref: ItemRef, settings: MediaSettings | None = None, budget: Any = None) -> MediaItem:
+        """`budget`: the prompt's decode budget (SettingsSpace.budget); None: a fresh one for this item alone."""
+        s = settings or self.space.default
+        loader = self.space.loader(s)
+        item = loader.load(ref.modality, ref.source, target_sampling_rate=self.adapter.audio_sampling_rate,
+                           budget=budget if budget is not None else self.space.budget(s))
         self.stats.add(media_loaded=1)
         return item
 
@@ -105,10 +108,13 @@ class EmbeddingResolver:
         # 2. load the rest, then look their content hashes up
         loaded: dict[tuple[int, int], MediaItem] = {}
         hash_lookups = []
+        budgets: dict[int, Any] = {}  # one decode budget per prompt (a request of the offline API)
         for p, i, ref in flat:
             if (p, i) in result:
                 continue
-            item = self.load(ref, per[p])
+            if p not in budgets:
+                budgets[p] = self.space.budget(per[p])
+            item = self.load(ref, per[p], budgets[p])
             loaded[(p, i)] = item
             if ref.uuid is None:
                 keys[(p, i)] = key_for(p, ref.modality, content_hash=item.content_hash) if use_cache else ""

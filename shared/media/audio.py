@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
+from .budget import RequestBudget
 
 INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 
@@ -43,8 +44,37 @@ def _to_mono(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode encoded audio bytes to (float32 mono waveform in [-1, 1], native sampling rate)."""
+def _check_samples(frames: int, channels: int, max_samples: int | None) -> None:
+    if max_samples is not None and frames * channels > max_samples:
+        raise LimitExceededError(
+            f"audio holds {frames} frames x {channels} channels = {frames * channels} samples, more than the limit "
+            f"of {max_samples} (MMPIPE_MEDIA_MAX_AUDIO_SAMPLES / --max-audio-samples); send fewer channels, a "
+            f"lower sampling rate or a shorter clip")
+
+
+# Frames read (and downmixed) at a time: the multichannel buffer stays a few MB whatever the file holds.
+_BLOCK_FRAMES = 1 << 16
+
+
+def _read_mono(f: Any, limit: int) -> np.ndarray:
+    """Read up to `limit` frames (-1: all) from an open SoundFile, downmixing each block as it comes."""
+    parts: list[np.ndarray] = []
+    left = limit
+    while left != 0:
+        n = _BLOCK_FRAMES if left < 0 else min(_BLOCK_FRAMES, left)
+        block = f.read(frames=n, dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        parts.append(_to_mono(block))
+        if left > 0:
+            left -= block.shape[0]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def decode_audio(data: bytes, *, max_seconds: float | None = None, max_samples: int | None = None,
+                 budget: RequestBudget | None = None) -> tuple[np.ndarray, int]:
+    """Decode encoded audio bytes to (float32 mono waveform in [-1, 1], native sampling rate).
+    `max_samples`: frames x channels cap from the header; `budget`: the request's, charged from the header."""
     if not data:
         raise MediaDecodeError("audio data is empty")
     import soundfile as sf
@@ -52,14 +82,20 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[np.n
     sf_error: Exception | None = None
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            sr = int(f.samplerate)
-            _check_header(sr, int(f.channels))
+            sr, channels = int(f.samplerate), int(f.channels)
+            _check_header(sr, channels)
             # The header's frame count: the duration cap is checked before the samples are decoded.
             _check_seconds(int(f.frames), sr, max_seconds)
-            # Header counts can lie (mp3 estimates, a forged Xing header): never decode more than the cap
-            # allows plus one frame, whatever the header said.
+            _check_samples(int(f.frames), channels, max_samples)
+            if budget is not None:
+                budget.charge_audio(int(f.frames) / sr)
+            # Header counts can lie (mp3 estimates, a forged Xing header): never decode more than the caps
+            # allow plus one frame, whatever the header said.
             limit = int(max_seconds * sr) + 1 if max_seconds is not None and sr > 0 else -1
-            wav = f.read(frames=limit, dtype="float32", always_2d=True)
+            if max_samples is not None:
+                by_samples = max_samples // channels + 1
+                limit = by_samples if limit < 0 else min(limit, by_samples)
+            wav = _read_mono(f, limit)
     except (LimitExceededError, MediaDecodeError):
         raise
     except Exception as e:  # sf.LibsndfileError (RuntimeError), TypeError for odd headers, ...
@@ -68,11 +104,16 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[np.n
         if wav.shape[0] == 0:
             raise MediaDecodeError("audio has no samples")
         _check_seconds(wav.shape[0], int(sr), max_seconds)  # header frame counts can be estimates (mp3)
-        return _to_mono(wav), int(sr)
-    return _decode_with_pyav(data, max_seconds, sf_error)
+        _check_samples(wav.shape[0], channels, max_samples)
+        return wav, int(sr)
+    wav, sr = _decode_with_pyav(data, max_seconds, sf_error, max_samples)
+    if budget is not None:
+        budget.charge_audio(wav.shape[0] / sr)
+    return wav, sr
 
 
-def _decode_with_pyav(data: bytes, max_seconds: float | None, sf_error: Exception | None) -> tuple[np.ndarray, int]:
+def _decode_with_pyav(data: bytes, max_seconds: float | None, sf_error: Exception | None,
+                      max_samples: int | None = None) -> tuple[np.ndarray, int]:
     # Fallback for formats libsndfile lacks. Not librosa/audioread: audioread needs an ffmpeg or
     # gstreamer binary on PATH (absent on these machines) and would fail on exactly these formats.
     try:
@@ -100,12 +141,13 @@ def _decode_with_pyav(data: bytes, max_seconds: float | None, sf_error: Exceptio
                 for out in resampler.resample(frame):
                     ch = out.layout.nb_channels
                     arr = out.to_ndarray().reshape(-1, ch)
-                    chunks.append(arr)
+                    chunks.append(_to_mono(arr))  # downmixed per frame: memory is mono whatever the layout
                     n += arr.shape[0]
                     _check_seconds(n, sr, max_seconds)  # during decode: stop early on long inputs
+                    _check_samples(n, ch, max_samples)
             for out in resampler.resample(None):
                 arr = out.to_ndarray().reshape(-1, out.layout.nb_channels)
-                chunks.append(arr)
+                chunks.append(_to_mono(arr))
                 n += arr.shape[0]
     except (MediaDecodeError, LimitExceededError):
         raise
@@ -116,7 +158,7 @@ def _decode_with_pyav(data: bytes, max_seconds: float | None, sf_error: Exceptio
     if n == 0 or sr <= 0:
         raise MediaDecodeError("audio has no decodable samples")
     _check_seconds(n, sr, max_seconds)
-    return _to_mono(np.concatenate(chunks, axis=0)), sr
+    return np.concatenate(chunks, axis=0), sr
 
 
 def resample(audio: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
@@ -180,8 +222,9 @@ def normalize_audio(obj: Any, *, max_seconds: float | None = None) -> tuple[np.n
     return np.ascontiguousarray(a, dtype=np.float32), sr
 
 
-def decode_input_audio(b64: str, fmt: str, *, max_seconds: float | None = None,
-                       max_bytes: int | None = None) -> tuple[np.ndarray, int]:
+def decode_input_audio(b64: str, fmt: str, *, max_seconds: float | None = None, max_bytes: int | None = None,
+                       max_samples: int | None = None, budget: RequestBudget | None = None
+                       ) -> tuple[np.ndarray, int]:
     """Decode an OpenAI `input_audio` part ({"data": base64, "format": "wav"|"mp3"|"flac"|"ogg"})."""
     from .fetch import b64decode_strict
 
@@ -200,4 +243,4 @@ def decode_input_audio(b64: str, fmt: str, *, max_seconds: float | None = None,
     raw = b64decode_strict(s, what="input_audio.data", param="input_audio.data")
     # The format name is only a hint: the decoders sniff the real container, so a mislabelled but valid
     # file still decodes instead of failing on a technicality.
-    return decode_audio(raw, max_seconds=max_seconds)
+    return decode_audio(raw, max_seconds=max_seconds, max_samples=max_samples, budget=budget)

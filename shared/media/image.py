@@ -8,6 +8,7 @@ Must not: fetch anything, resize, or apply model-specific preprocessing (that is
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
+from .budget import RequestBudget
 
 DEFAULT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 IMAGE_IO_KEYS = ("rgba_background_color",)
@@ -64,15 +66,77 @@ def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
             f"send a smaller image")
 
 
-def decode_image(data: bytes, opts: ImageIOOptions | None = None, *, max_pixels: int | None = 100_000_000
-                 ) -> Image.Image:
-    """Decode encoded image bytes to a fully loaded RGB PIL image (first frame of animations)."""
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_ICO_MAGIC = b"\x00\x00\x01\x00"
+
+
+def _ico_frame_sizes(data: bytes) -> list[tuple[int, int]]:
+    """(width, height) of every frame of an ICO, each from the frame's own header (PNG IHDR or BMP info header).
+    The directory's sizes can disagree with the frames, and PIL's ICO plugin decodes the first frame inside
+    Image.open (only warning afterwards when the size differs), so this is read before PIL sees the bytes."""
+    try:
+        (count,) = struct.unpack_from("<H", data, 4)
+        out = []
+        for k in range(count):
+            (offset,) = struct.unpack_from("<I", data, 6 + 16 * k + 12)
+            head = data[offset:offset + 24]
+            if head[:8] == _PNG_MAGIC:
+                w, h = struct.unpack_from(">II", head, 16)  # IHDR
+            else:
+                w, h = struct.unpack_from("<ii", head, 4)  # BITMAPINFOHEADER; its height spans XOR + AND masks
+                w, h = abs(w), abs(h) // 2
+            out.append((int(w), int(h)))
+    except struct.error:
+        raise MediaDecodeError(f"ICO image ({len(data)} bytes) has a truncated directory or frame header") from None
+    return out
+
+
+def _check_frames_first(data: bytes, max_pixels: int | None, budget: RequestBudget | None) -> None:
+    """Formats whose directory can disagree with the frames inside: every frame is checked on its own header
+    before PIL opens the file (which, for ICO, already decodes)."""
+    if data[:4] != _ICO_MAGIC:
+        return
+    limit = budget.image_limit() if budget is not None else None
+    for w, h in _ico_frame_sizes(data):
+        check_pixels(w, h, max_pixels)
+        if limit is not None and w * h > limit:
+            raise LimitExceededError(
+                f"ICO frame is {w}x{h} = {w * h} pixels, more than the {limit} this server decodes per image for "
+                f"this model (--max-image-decode-pixels / MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS)")
+
+
+def fit_budget(img: Image.Image, budget: RequestBudget | None) -> None:
+    """Before the pixels are decoded: shrink a JPEG that is larger than the request's per-image decode limit
+    (PIL draft: the DCT decodes at 1/2, 1/4 or 1/8 scale, so the full-size pixels are never allocated), refuse
+    any other image above it, then charge the request's pixel budget with what will be decoded."""
+    if budget is None:
+        return
+    limit = budget.image_limit()
+    w, h = img.size
+    if w * h > limit and img.format == "JPEG":
+        for scale in (2, 4, 8):
+            if -(-w // scale) * -(-h // scale) <= limit:
+                img.draft(img.mode, (-(-w // scale), -(-h // scale)))
+                break
+    if img.width * img.height > limit:
+        raise LimitExceededError(
+            f"image is {w}x{h} = {w * h} pixels, more than the {limit} this server decodes per image for this "
+            f"model (--max-image-decode-pixels / MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS; JPEGs up to 8x larger are "
+            f"decoded downscaled); send a smaller image")
+    budget.charge_pixels(img.width * img.height, f"image {img.width}x{img.height}")
+
+
+def decode_image(data: bytes, opts: ImageIOOptions | None = None, *, max_pixels: int | None = 100_000_000,
+                 budget: RequestBudget | None = None) -> Image.Image:
+    """Decode encoded image bytes to a fully loaded RGB PIL image (first frame of animations).
+    `budget`: the request's decode budget, checked and charged from the header (`fit_budget`)."""
     opts = opts or ImageIOOptions()
     if not data:
         raise MediaDecodeError("image data is empty")
     # PIL's own bomb check (process-global Image.MAX_IMAGE_PIXELS, 89M warns / 179M raises) still runs
     # inside open(); we do not touch that global (other code shares it) and apply the policy's cap
     # ourselves from the header below. Silencing its warning is skipped: catch_warnings is not thread-safe.
+    _check_frames_first(data, max_pixels, budget)
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -82,6 +146,7 @@ def decode_image(data: bytes, opts: ImageIOOptions | None = None, *, max_pixels:
                                f"format ({', '.join(ALLOWED_IMAGE_FORMATS)}): {type(e).__name__}") from None
     # Header parsed, pixels not yet decoded: refuse huge images before allocating them.
     check_pixels(img.width, img.height, max_pixels)
+    fit_budget(img, budget)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped the process-global switch; we still must not accept truncated files silently.
         raise MediaDecodeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled in this process; refusing "
@@ -122,10 +187,12 @@ def normalize_image(img: Image.Image, opts: ImageIOOptions | None = None) -> Ima
 
 
 def _composite(img: Image.Image, bg: tuple[int, int, int]) -> Image.Image:
-    """Alpha-composite over an opaque colour: out = round((fg*a + bg*(255-a)) / 255), exact in integers."""
-    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
-    a = rgba[..., 3:4]
-    fg = rgba[..., :3]
-    bgv = np.asarray(bg, dtype=np.uint32)
-    out = (fg * a + bgv * (255 - a) + 127) // 255  # +127: round half-down to nearest, no float error
-    return Image.fromarray(out.astype(np.uint8), "RGB")
+    """Alpha-composite over an opaque colour: out = round((fg*a + bg*(255-a)) / 255), exact in integers.
+
+    PIL's masked paste computes exactly that (its BLEND rounding is round-to-nearest of /255) in place, one
+    8-bit row at a time: the peak is the source plus the RGB result, never a wide-integer copy of the image."""
+    if img.mode == "LA":
+        img = img.convert("RGBA")  # L + alpha: the grey channel is expanded, the alpha band kept
+    out = Image.new("RGB", img.size, bg)
+    out.paste(img, (0, 0), mask=img)  # RGBA into RGB: the colour bands are pasted through the alpha band
+    return out

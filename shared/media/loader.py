@@ -16,6 +16,8 @@ from PIL import Image
 
 from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
 from ..types import MODALITIES, MediaItem
+from .budget import RequestBudget
+from .decode_pool import DecodePool, remaining
 from .audio import decode_audio, decode_input_audio, normalize_audio, resample
 from .fetch import fetch_bytes
 from .hashing import hash_audio, hash_image, hash_video
@@ -49,8 +51,11 @@ class _Laps:
 class MediaLoader:
     """Loads media items under one policy and one set of media_io_kwargs (thread-safe: no mutable state)."""
 
-    def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None):
+    def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None,
+                 pool: DecodePool | None = None):
+        """pool: decode encoded bytes in these worker processes (decode_pool.py) instead of this one."""
         self.policy = policy if policy is not None else MediaPolicy.from_env()
+        self.pool = pool
         kw = media_io_kwargs
         if isinstance(kw, str):  # the CLI flag is a JSON string, as in vLLM's --media-io-kwargs
             try:
@@ -77,7 +82,8 @@ class MediaLoader:
     # ------------------------------------------------------------------------------------------ public
 
     def load(self, modality: str, source: Any, *, target_sampling_rate: int | None = None,
-             uuid: str | None = None, timings: list[tuple[str, float, float]] | None = None) -> MediaItem:
+             uuid: str | None = None, timings: list[tuple[str, float, float]] | None = None,
+             budget: RequestBudget | None = None, name: str | None = None) -> MediaItem:
         """Decode/validate `source` as `modality` ("image" | "video" | "audio").
 
         source: URL (http(s), data:, file://) or local path string, raw bytes, or an in-memory object
@@ -86,6 +92,9 @@ class MediaLoader:
         timings: when given, gets ("fetch" | "decode" | "hash", start, end) in time.perf_counter seconds, in
         that order (fetch: the encoded bytes, from the URL or the caller; decode: to the normalised pixels,
         frames or resampled samples; hash: the content hash).
+        budget: the request's decode budget (`MediaPolicy.budget`, one per request, shared by its items):
+        charged from each item's header before it is decoded; None: only the policy's per-item caps apply.
+        name: how errors name the item (e.g. "items[2]"; default the modality).
         """
         if modality not in MODALITIES:
             raise InvalidInputError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}",
@@ -94,11 +103,11 @@ class MediaLoader:
             raise InvalidInputError(f"{modality} source is missing")
         laps = _Laps(timings)
         if modality == "image":
-            item = self._load_image(source, laps)
+            item = self._load_image(source, laps, budget, name or modality)
         elif modality == "video":
-            item = self._load_video(source, laps)
+            item = self._load_video(source, laps, budget, name or modality)
         else:
-            item = self._load_audio(source, target_sampling_rate, laps)
+            item = self._load_audio(source, target_sampling_rate, laps, budget, name or modality)
         item.uuid = uuid
         return item
 
@@ -107,10 +116,11 @@ class MediaLoader:
         return self.load("audio", source, target_sampling_rate=target_sr, uuid=uuid)
 
     def load_input_audio(self, data_b64: str, fmt: str, *, target_sampling_rate: int | None = None,
-                         uuid: str | None = None) -> MediaItem:
+                         uuid: str | None = None, budget: RequestBudget | None = None) -> MediaItem:
         """An OpenAI `input_audio` part ({"data": base64, "format": ...}) -> audio MediaItem."""
         wav, sr = decode_input_audio(data_b64, fmt, max_seconds=self.policy.max_audio_seconds,
-                                     max_bytes=self.policy.max_bytes)
+                                     max_bytes=self.policy.max_bytes, max_samples=self.policy.max_audio_samples,
+                                     budget=budget)
         item = self._finish_audio(wav, sr, target_sampling_rate)
         item.uuid = uuid
         return item
@@ -129,13 +139,30 @@ class MediaLoader:
             return b
         return None
 
-    def _load_image(self, source: Any, laps: _Laps) -> MediaItem:
+    def _in_pool(self, kind: str, data: bytes, opts: Any, budget: RequestBudget | None, name: str
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Decode in a worker process; the request's budget is charged with what the worker charged."""
+        assert self.pool is not None
+        arr, meta, (pixels, seconds) = self.pool.decode(
+            kind, data, {"opts": opts, "policy": self.policy, "limits": remaining(budget)}, name)
+        if budget is not None:
+            if pixels:
+                budget.charge_pixels(pixels, name)
+            if seconds:
+                budget.charge_audio(seconds, name)
+        return arr, meta
+
+    def _load_image(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str) -> MediaItem:
         data = self._bytes_of(source, "image")
         laps.lap("fetch")
-        if data is not None:
-            img = decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels)
+        if data is not None and self.pool is not None:
+            img = Image.fromarray(self._in_pool("image", data, self.image_opts, budget, name)[0], "RGB")
+        elif data is not None:
+            img = decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels, budget=budget)
         elif isinstance(source, Image.Image):
             check_pixels(source.width, source.height, self.policy.max_image_pixels)
+            if budget is not None:  # already decoded by the caller: only the request's total is charged
+                budget.charge_pixels(source.width * source.height, f"image {source.width}x{source.height}")
             try:
                 source.load()  # a lazily opened image may still be truncated on disk
             except Exception as e:
@@ -147,6 +174,8 @@ class MediaLoader:
                 raise InvalidInputError(f"image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), got "
                                         f"{arr.dtype} {arr.shape}")
             check_pixels(arr.shape[1], arr.shape[0], self.policy.max_image_pixels)
+            if budget is not None:
+                budget.charge_pixels(arr.shape[0] * arr.shape[1], f"image {arr.shape[1]}x{arr.shape[0]}")
             img = normalize_image(Image.fromarray(np.ascontiguousarray(arr)), self.image_opts)
         else:
             raise InvalidInputError(f"unsupported image source type {type(source).__name__}; send a URL, "
@@ -156,11 +185,14 @@ class MediaLoader:
         laps.lap("hash")
         return MediaItem("image", img, digest, meta={"width": img.width, "height": img.height})
 
-    def _load_video(self, source: Any, laps: _Laps) -> MediaItem:
+    def _load_video(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str) -> MediaItem:
         data = self._bytes_of(source, "video")
         laps.lap("fetch")
         if data is not None:
-            frames, meta = decode_video(data, self.video_opts, self.policy)
+            if self.pool is not None:
+                frames, meta = self._in_pool("video", data, self.video_opts, budget, name)
+            else:
+                frames, meta = decode_video(data, self.video_opts, self.policy, budget)
             laps.lap("decode")
             digest = hash_video(frames, meta.get("sampled_fps"))
             laps.lap("hash")
@@ -174,7 +206,9 @@ class MediaLoader:
         frames = normalize_video(source, max_frames=self.policy.max_video_frames,
                                  max_pixels=self.policy.max_image_pixels)
         t, h, w = (int(x) for x in frames.shape[:3])
-        check_frame_budget(t, h, w, self.policy)
+        check_frame_budget(t, h, w, self.policy, None)
+        if budget is not None:  # already decoded by the caller: only the request's total is charged
+            budget.charge_pixels(t * h * w, f"video: {t} frames of {w}x{h}")
         fps = given.get("fps")
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
             raise InvalidInputError(f"video metadata fps must be a number > 0, got {fps!r}")
@@ -187,13 +221,20 @@ class MediaLoader:
         laps.lap("hash")
         return MediaItem("video", frames, digest, meta=meta)
 
-    def _load_audio(self, source: Any, target_sr: int | None, laps: _Laps) -> MediaItem:
+    def _load_audio(self, source: Any, target_sr: int | None, laps: _Laps, budget: RequestBudget | None,
+                    name: str) -> MediaItem:
         data = self._bytes_of(source, "audio")
         laps.lap("fetch")
-        if data is not None:
-            wav, sr = decode_audio(data, max_seconds=self.policy.max_audio_seconds)
+        if data is not None and self.pool is not None:
+            wav, meta = self._in_pool("audio", data, None, budget, name)
+            sr = int(meta["sampling_rate"])
+        elif data is not None:
+            wav, sr = decode_audio(data, max_seconds=self.policy.max_audio_seconds,
+                                   max_samples=self.policy.max_audio_samples, budget=budget)
         else:
             wav, sr = normalize_audio(source, max_seconds=self.policy.max_audio_seconds)
+            if budget is not None:
+                budget.charge_audio(wav.shape[0] / sr)
         return self._finish_audio(wav, sr, target_sr, laps)
 
     def _finish_audio(self, wav: np.ndarray, sr: int, target_sr: int | None,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .budget import RequestBudget
 
 from ..errors import InvalidInputError
 
@@ -23,11 +26,17 @@ _FALSE = {"0", "false", "no", "off"}
 # Decode caps: defaults, and the variable that overrides each.
 _DECODE_CAPS: dict[str, Any] = {"max_image_pixels": 100_000_000, "max_video_frames": 1024,
                                 "max_video_seconds": 3600.0, "max_video_decoded_bytes": 2 * 1024 * MiB,
-                                "max_audio_seconds": 600.0}
+                                "max_audio_seconds": 600.0, "max_image_decode_pixels": 16 * MiB,
+                                "max_audio_samples": 600 * 48_000 * 2, "max_request_pixels": 256 * MiB,
+                                "max_request_audio_seconds": 1200.0}
 _CAP_ENV = {"max_image_pixels": "MMPIPE_MEDIA_MAX_IMAGE_PIXELS", "max_video_frames": "MMPIPE_MEDIA_MAX_VIDEO_FRAMES",
             "max_video_seconds": "MMPIPE_MEDIA_MAX_VIDEO_SECONDS",
             "max_video_decoded_bytes": "MMPIPE_MEDIA_MAX_VIDEO_DECODED_BYTES",
-            "max_audio_seconds": "MMPIPE_MEDIA_MAX_AUDIO_SECONDS"}
+            "max_audio_seconds": "MMPIPE_MEDIA_MAX_AUDIO_SECONDS",
+            "max_image_decode_pixels": "MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS",
+            "max_audio_samples": "MMPIPE_MEDIA_MAX_AUDIO_SAMPLES",
+            "max_request_pixels": "MMPIPE_MEDIA_MAX_REQUEST_PIXELS",
+            "max_request_audio_seconds": "MMPIPE_MEDIA_MAX_REQUEST_AUDIO_SECONDS"}
 
 
 # Fetch timeouts per modality, as vLLM's (VLLM_IMAGE_FETCH_TIMEOUT, ...): (field, MMPIPE_ name, vLLM name, default).
@@ -64,7 +73,9 @@ def env_defaults() -> dict[str, Any]:
     MMPIPE_MEDIA_ALLOW_PRIVATE_NETWORKS: boolean (default False): let http(s) media reach loopback, private,
         link-local, CGNAT ... addresses (cloud metadata endpoints stay refused).
     MMPIPE_MEDIA_MAX_IMAGE_PIXELS, MMPIPE_MEDIA_MAX_VIDEO_FRAMES, MMPIPE_MEDIA_MAX_VIDEO_SECONDS,
-    MMPIPE_MEDIA_MAX_VIDEO_DECODED_BYTES, MMPIPE_MEDIA_MAX_AUDIO_SECONDS: the decode caps (see MediaPolicy).
+    MMPIPE_MEDIA_MAX_VIDEO_DECODED_BYTES, MMPIPE_MEDIA_MAX_AUDIO_SECONDS, MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS,
+    MMPIPE_MEDIA_MAX_AUDIO_SAMPLES: the decode caps; MMPIPE_MEDIA_MAX_REQUEST_PIXELS,
+    MMPIPE_MEDIA_MAX_REQUEST_AUDIO_SECONDS: the per-request budget (see MediaPolicy).
     A malformed value raises InvalidInputError naming the variable: a typo in a security setting must not
     silently fall back to the permissive default.
     """
@@ -147,6 +158,13 @@ class MediaPolicy:
         link-local, CGNAT, ...; checked on the address actually connected to, every hop). Cloud metadata
         endpoints stay refused. Off by default: only trusted deployments should turn it on.
     max_video_seconds: longest video (from the container header) that is decoded at all.
+    max_image_pixels: header cap of any image / frame (decompression bombs).
+    max_image_decode_pixels: pixels an image or video frame is decoded to, unless the model keeps more (then
+        budget.IMAGE_OVERSIZE x its max_pixels, up to max_image_pixels); a JPEG above it is decoded downscaled
+        (PIL draft), any other format is refused.
+    max_audio_samples: samples x channels one audio item may hold (decoded in blocks, downmixed as it goes).
+    max_request_pixels / max_request_audio_seconds: the per-request budget of decoded pixels (images + video
+        frames) and audio seconds, charged from headers before decoding (shared/media/budget.py).
     """
 
     allowed_media_domains: tuple[str, ...] | None = None
@@ -166,6 +184,10 @@ class MediaPolicy:
     max_video_decoded_bytes: int = _env("max_video_decoded_bytes")
     allow_private_networks: bool = _env("allow_private_networks")
     max_video_seconds: float = _env("max_video_seconds")
+    max_image_decode_pixels: int = _env("max_image_decode_pixels")
+    max_audio_samples: int = _env("max_audio_samples")
+    max_request_pixels: int = _env("max_request_pixels")
+    max_request_audio_seconds: float = _env("max_request_audio_seconds")
 
     def __post_init__(self) -> None:
         doms = self.allowed_media_domains
@@ -176,7 +198,8 @@ class MediaPolicy:
             object.__setattr__(self, "allowed_media_domains", norm)
         for name in ("fetch_timeout_s", "image_fetch_timeout_s", "video_fetch_timeout_s", "audio_fetch_timeout_s",
                      "max_bytes", "max_image_pixels", "max_video_frames",
-                     "max_audio_seconds", "max_video_decoded_bytes", "max_video_seconds"):
+                     "max_audio_seconds", "max_video_decoded_bytes", "max_video_seconds", "max_image_decode_pixels",
+                     "max_audio_samples", "max_request_pixels", "max_request_audio_seconds"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise InvalidInputError(f"MediaPolicy.{name} must be a positive number, got {v!r}", param=name)
@@ -196,6 +219,15 @@ class MediaPolicy:
         if unknown:
             raise InvalidInputError(f"unknown MediaPolicy field(s): {sorted(unknown)}")
         return cls(**{**env_defaults(), **overrides})
+
+    def budget(self, model_max_pixels: int | None = None) -> "RequestBudget":
+        """A fresh decode budget for one request; `model_max_pixels`: the largest image the model's processor
+        keeps under the request's effective settings (Qwen-VL max_pixels), None when it does not cap them."""
+        from .budget import BudgetLimits, RequestBudget, item_image_pixels
+
+        return RequestBudget(BudgetLimits(
+            image_pixels=item_image_pixels(self.max_image_pixels, self.max_image_decode_pixels, model_max_pixels),
+            request_pixels=self.max_request_pixels, request_audio_seconds=self.max_request_audio_seconds))
 
     def fetch_timeout(self, modality: str | None) -> float:
         """Seconds one fetch (every redirect hop and the body) of `modality` may take."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
+from .budget import RequestBudget
 from .policy import MediaPolicy
 
 VIDEO_IO_KEYS = ("num_frames", "fps")
@@ -101,9 +102,10 @@ def sample_indices(total: int, src_fps: float, opts: VideoIOOptions, max_frames:
     return idx, rate
 
 
-def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
+def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy, budget: RequestBudget | None = None
                  ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode encoded video bytes to ((T, H, W, 3) uint8, meta) with decord.
+    `budget`: the request's decode budget, charged with frames sampled x frame size before any frame is decoded.
 
     meta: fps (source), sampled_fps, duration_s, frame_indices, total_num_frames, width, height.
     """
@@ -148,7 +150,7 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy
                 raise MediaDecodeError(f"cannot decode video frames: {type(e).__name__}: {e}") from None
             hw = int(first.shape[0]), int(first.shape[1])
         h, w = hw
-        check_frame_budget(len(idx), h, w, policy)
+        check_frame_budget(len(idx), h, w, policy, budget)
         try:
             frames = vr.get_batch(idx.tolist()).asnumpy()
         except Exception as e:
@@ -205,15 +207,22 @@ def _check_header(path: str, nbytes: int, policy: MediaPolicy) -> tuple[int, int
     return (h, w) if w and h else None
 
 
-def check_frame_budget(t: int, h: int, w: int, policy: MediaPolicy) -> None:
+def check_frame_budget(t: int, h: int, w: int, policy: MediaPolicy, budget: RequestBudget | None = None) -> None:
+    """Refuse `t` frames of `w`x`h` over a cap, then charge them to the request's budget (frames x frame size)."""
     if h * w > policy.max_image_pixels:
         raise LimitExceededError(f"video frames are {w}x{h}, more than the limit of {policy.max_image_pixels} "
                                  f"pixels per frame")
+    if budget is not None and h * w > budget.image_limit():
+        raise LimitExceededError(f"video frames are {w}x{h} = {h * w} pixels, more than the {budget.image_limit()} "
+                                 f"this server decodes per frame for this model (--max-image-decode-pixels / "
+                                 f"MMPIPE_MEDIA_MAX_IMAGE_DECODE_PIXELS)")
     nbytes = t * h * w * 3
     if nbytes > policy.max_video_decoded_bytes:
         raise LimitExceededError(
             f"decoding {t} frames of {w}x{h} would take {nbytes} bytes, more than the limit of "
             f"{policy.max_video_decoded_bytes}; request fewer frames (media_io_kwargs video num_frames/fps)")
+    if budget is not None:
+        budget.charge_pixels(t * h * w, f"video: {t} frames of {w}x{h}")
 
 
 def _to_numpy(x: Any) -> np.ndarray:
