@@ -101,8 +101,27 @@ def build_parser(subcommands: dict[str, SubcommandRef] | None = None) -> argpars
         sub = command.add_parser(subparsers)
         if sub.prog.split()[-1] != name:
             raise RuntimeError(f"subcommand registered as {name!r} added a parser named {sub.prog!r}")
+        sub.add_argument("--config", metavar="FILE.yaml",
+                         help="flag values from this YAML file, keys named as the flags (kebab or snake case); "
+                              "flags on the command line win")
         sub.set_defaults(_run=command.run)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with the subcommand's --config file applied (mmpipe/config_file.py); unchanged without one."""
+    from mmpipe.config_file import apply_config, config_path
+
+    sub = _subparser(parser, argv[0]) if argv else None
+    path = config_path(argv[1:]) if sub is not None else None
+    return argv if path is None else [argv[0], *apply_config(sub, argv[1:], path)]
 
 
 def _version() -> str:
@@ -113,7 +132,16 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mmpipe` console script. Returns the exit status."""
-    args = build_parser().parse_args(argv)
+    from mmpipe.config_file import ConfigFileError
+    from mmpipe.services.common.cli_args import EnvValueError, check_env_defaults
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_with_config(parser, list(sys.argv[1:] if argv is None else argv)))
+        check_env_defaults(args)  # a bad MMPIPE_* value fails here, once its flag's default is used
+    except (ConfigFileError, EnvValueError) as e:
+        print(f"mmpipe: {e}", file=sys.stderr)
+        return 2
     status = args._run(args)
     return int(status or 0)
 

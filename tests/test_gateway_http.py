@@ -376,3 +376,30 @@ def test_grpc_tokenize_and_detokenize_match_http(omni_dir, info):
     assert got["text"] == info.tokenizer.decode(want)
     assert isinstance(got["bad_ids"], InvalidInputError) and got["bad_ids"].param == "tokens"
     assert isinstance(got["bad_model"], NotFoundError) and isinstance(got["anon"], AuthenticationError)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_fastapi_docs_on_by_default_and_disable_flag(omni_dir, info, disabled):
+    async def go():
+        app = _app(omni_dir, info, disable_fastapi_docs=disabled)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            return [await c.get(p) for p in ("/docs", "/redoc", "/openapi.json")]
+
+    docs, redoc, spec = asyncio.run(go())
+    if disabled:
+        assert [r.status_code for r in (docs, redoc, spec)] == [404, 404, 404]
+        assert spec.json()["error"]["code"] == 404
+    else:
+        assert docs.status_code == 200 and "/openapi.json" in docs.text and "swagger" in docs.text.lower()
+        assert redoc.status_code == 200 and "redoc" in redoc.text.lower()
+        assert "/v1/chat/completions" in spec.json()["paths"]
+
+
+def test_disable_fastapi_docs_flag_reaches_the_config(omni_dir):
+    import argparse
+
+    from mmpipe.services.gateway.config import add_cli_args, config_from_args
+
+    parse = add_cli_args(argparse.ArgumentParser()).parse_args
+    assert config_from_args(parse(["--model", omni_dir])).disable_fastapi_docs is False
+    assert config_from_args(parse(["--model", omni_dir, "--disable-fastapi-docs"])).disable_fastapi_docs is True

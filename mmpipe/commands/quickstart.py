@@ -8,7 +8,6 @@ and the curl command to try next, and keeps serving until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from mmpipe.commands.demo import DEFAULT_FAMILY, _image_data_url, _video_file, _wav_b64
+from mmpipe.services.common.cli_args import env_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,8 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local model dir or hub id (default: a tiny random model)")
     p.add_argument("--family", default=DEFAULT_FAMILY, help="tiny model family used when --model is not given")
-    p.add_argument("--port", type=int, default=int(os.environ.get("MMPIPE_PORT", 8000)))
-    p.add_argument("--grpc-port", type=int, default=int(os.environ.get("MMPIPE_GRPC_PORT", 50050)))
+    p.add_argument("--port", type=int, default=env_int("PORT", 8000))
+    p.add_argument("--grpc-port", type=int, default=env_int("GRPC_PORT", 50050))
     p.add_argument("--once", action="store_true", help="stop after the first answer (for scripts and tests)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     return p

@@ -23,31 +23,31 @@ import time
 from dataclasses import dataclass, field
 
 from mmpipe.commands.serve_flags import add_stage_flags, child_args
+from mmpipe.services.common.cli_args import env, env_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run redis + ingest + encoder + generator + gateway on this machine",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e = os.environ.get
     p.add_argument("model", metavar="MODEL", help="model directory or hub id")
-    p.add_argument("--host", default=e("MMPIPE_HOST", "127.0.0.1"), help="gateway bind address")
-    p.add_argument("--port", type=int, default=int(e("MMPIPE_PORT", 8000)), help="gateway HTTP port")
-    p.add_argument("--grpc-port", type=int, default=int(e("MMPIPE_GRPC_PORT", 50050)), help="gateway gRPC port")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="gateway bind address")
+    p.add_argument("--port", type=int, default=env_int("PORT", 8000), help="gateway HTTP port")
+    p.add_argument("--grpc-port", type=int, default=env_int("GRPC_PORT", 50050), help="gateway gRPC port")
     p.add_argument("--ingest-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--encoder-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--generator-port", type=int, default=0, help="0 = a free port")
-    p.add_argument("--redis-url", default=e("MMPIPE_REDIS_URL"),
+    p.add_argument("--redis-url", default=env("REDIS_URL"),
                    help="use this Redis instead of starting an embedded redis-server")
     p.add_argument("--redis-maxmemory", default="1gb", help="maxmemory of the embedded redis-server")
     p.add_argument("--no-redis-auth", action="store_true",
                    help="start the embedded redis-server without a password (by default it gets a random one, "
                         "handed to the stages in MMPIPE_REDIS_PASSWORD, so no other local user can read the cache)")
-    p.add_argument("--api-key", default=e("MMPIPE_API_KEY"))
+    p.add_argument("--api-key", default=env("API_KEY"))
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
-    p.add_argument("--log-level", default=e("MMPIPE_LOG_LEVEL", "INFO"))
-    p.add_argument("--otlp-traces-endpoint", default=e("MMPIPE_OTLP_TRACES_ENDPOINT") or None,
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    p.add_argument("--otlp-traces-endpoint", default=env("OTLP_TRACES_ENDPOINT") or None,
                    help="OpenTelemetry spans of every stage and the gateway over OTLP/HTTP to this URL (vLLM's flag), "
                         "e.g. http://127.0.0.1:4318/v1/traces; passed to every child")
     from mmpipe.services.common.tls import add_client_tls_args, add_server_tls_args

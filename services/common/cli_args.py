@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
                                         client_tls_from_args, server_tls_from_args)
@@ -35,18 +35,64 @@ class ServerConfig:
     otlp_traces_endpoint: str | None = None  # --otlp-traces-endpoint: spans over OTLP/HTTP (services/common/tracing.py)
 
 
+class EnvValueError(ValueError):
+    """A MMPIPE_* variable whose value does not parse, raised only when its value is used (`check_env_defaults`)."""
+
+
+@dataclass(frozen=True)
+class BadEnv:
+    """The env default of a flag whose MMPIPE_* value does not parse as the flag's type.
+
+    Parsers are built for every subcommand at once (and `--help` prints the defaults), so a bad value must not
+    fail there: it stays this marker, and `check_env_defaults` turns it into a one-line error only if the flag
+    was left at its default, i.e. only when the value is used. A flag given on the command line wins."""
+
+    name: str  # the full variable name, MMPIPE_...
+    raw: str
+    kind: str  # "an integer", "a number"
+
+    def __str__(self) -> str:  # what --help shows for %(default)s
+        return self.raw
+
+    def error(self) -> EnvValueError:
+        return EnvValueError(f"{self.name}={self.raw!r} is not {self.kind}")
+
+
 def env(name: str, default: Any = None) -> Any:
+    """The MMPIPE_<name> variable (a string) or `default`: the one place the MMPIPE_* flag defaults are read."""
     return os.environ.get(f"MMPIPE_{name}", default)
 
 
-def env_int(name: str, default: int) -> int:
+def _typed_env(name: str, default: Any, parse: Callable[[str], Any], kind: str) -> Any:
     v = env(name)
-    return int(v) if v not in (None, "") else default
+    if v is None or not v.strip():
+        return default
+    try:
+        return parse(v)
+    except ValueError:
+        return BadEnv(f"MMPIPE_{name}", v, kind)
+
+
+def env_int(name: str, default: Any) -> Any:
+    """MMPIPE_<name> as an int, `default` when unset or empty, a `BadEnv` when it is not an integer."""
+    return _typed_env(name, default, int, "an integer")
+
+
+def env_float(name: str, default: Any) -> Any:
+    """MMPIPE_<name> as a float, `default` when unset or empty, a `BadEnv` when it is not a number."""
+    return _typed_env(name, default, float, "a number")
 
 
 def env_bool(name: str, default: bool = False) -> bool:
     v = env(name)
     return default if v in (None, "") else v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_env_defaults(args: argparse.Namespace) -> None:
+    """Raise EnvValueError naming the first MMPIPE_* variable whose bad value a parsed flag still holds."""
+    for value in vars(args).values():
+        if isinstance(value, BadEnv):
+            raise value.error()
 
 
 def add_server_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
@@ -63,7 +109,7 @@ def add_server_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     g.add_argument("--max-concurrent-rpcs", type=int, default=env_int("MAX_CONCURRENT_RPCS", 1024),
                    help="RPCs served at once; more get RESOURCE_EXHAUSTED at once, so memory stays bounded "
                         "(env MMPIPE_MAX_CONCURRENT_RPCS)")
-    g.add_argument("--shutdown-grace-s", type=float, default=float(env("SHUTDOWN_GRACE_S", 30)),
+    g.add_argument("--shutdown-grace-s", type=float, default=env_float("SHUTDOWN_GRACE_S", 30.0),
                    help="on SIGTERM, seconds in-flight RPCs get to finish (env MMPIPE_SHUTDOWN_GRACE_S)")
     g.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env MMPIPE_LOG_LEVEL")
     add_connection_age_args(g)

@@ -43,18 +43,18 @@ class EncoderConfig:
                        help="accept user-supplied embeddings (PutEmbeddings) (env MMPIPE_ENABLE_MM_EMBEDS)")
         g.add_argument("--max-batch-items", type=int, default=ca.env_int("MAX_BATCH_ITEMS", 16),
                        help="most items per tower batch (env MMPIPE_MAX_BATCH_ITEMS)")
-        g.add_argument("--batch-wait-ms", type=float, default=float(ca.env("BATCH_WAIT_MS", 5.0)),
+        g.add_argument("--batch-wait-ms", type=float, default=ca.env_float("BATCH_WAIT_MS", 5.0),
                        help="how long a batch waits for more items (env MMPIPE_BATCH_WAIT_MS)")
         g.add_argument("--max-queued-items", type=int, default=ca.env_int("MAX_QUEUED_ITEMS", 1024),
                        help="items waiting for a tower batch before Encode answers RESOURCE_EXHAUSTED "
                             "(env MMPIPE_MAX_QUEUED_ITEMS)")
-        g.add_argument("--tenant-cache-share", type=float, default=float(ca.env("TENANT_CACHE_SHARE", 0.25)),
+        g.add_argument("--tenant-cache-share", type=float, default=ca.env_float("TENANT_CACHE_SHARE", 0.25),
                        help="fraction of the cache one tenant's precomputed embeddings (PutEmbeddings) may fill "
                             "within --tenant-cache-window-s; beyond it 429 / RESOURCE_EXHAUSTED; 0: off "
                             "(env MMPIPE_TENANT_CACHE_SHARE)")
-        g.add_argument("--tenant-cache-window-s", type=float, default=float(ca.env("TENANT_CACHE_WINDOW_S", 600)),
+        g.add_argument("--tenant-cache-window-s", type=float, default=ca.env_float("TENANT_CACHE_WINDOW_S", 600),
                        help="the window of --tenant-cache-share (env MMPIPE_TENANT_CACHE_WINDOW_S)")
-        g.add_argument("--cache-capacity-mb", type=float, default=float(ca.env("CACHE_CAPACITY_MB", 0)) or None,
+        g.add_argument("--cache-capacity-mb", type=float, default=ca.env_float("CACHE_CAPACITY_MB", 0) or None,
                        help="the embedding cache's capacity for --tenant-cache-share; default: Redis maxmemory "
                             "(a cluster: set it) (env MMPIPE_CACHE_CAPACITY_MB)")
         g.add_argument("--cache-ttl-s", type=int, default=ca.env_int("CACHE_TTL_S", 0) or None,

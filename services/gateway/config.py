@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from mmpipe.services.common.cli_args import add_connection_age_args, add_tracing_arg, connection_age
+from mmpipe.services.common.cli_args import (add_connection_age_args, add_tracing_arg, connection_age, env,
+                                             env_float, env_int)
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
                                         client_tls_from_args, server_tls_from_args)
 from mmpipe.shared.cache.redis_options import RedisOptions
@@ -23,7 +23,7 @@ from mmpipe.shared.media.policy import parse_domain_list
 
 
 def _env(name: str, default: Any = None) -> Any:
-    return os.environ.get(f"MMPIPE_{name}", default)
+    return env(name, default)  # the one reader of MMPIPE_* flag defaults (services/common/cli_args.py)
 
 
 def _env_bool(name: str) -> bool:
@@ -116,6 +116,8 @@ class GatewayConfig:
     max_concurrent_requests: int = 256
     # The most samples (`n`) one request may ask for: each is a sequence in the generator's batch.
     max_n: int = 16
+    # FastAPI's /docs, /redoc and /openapi.json (on by default, as in vLLM; --disable-fastapi-docs turns them off)
+    disable_fastapi_docs: bool = False
     # The HTTP edge (docs/security.md, "Limits"): request bodies above this are a 413 (Content-Length, then
     # while reading); request headers must arrive within header_read_timeout_s and the body within
     # body_read_timeout_s, else 408 and the connection is closed.
@@ -160,8 +162,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="name(s) clients use in `model`; the first is listed by /v1/models (default: --model) "
                         "[MMPIPE_SERVED_MODEL_NAME, space separated]")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="HTTP bind address [MMPIPE_HOST]")
-    p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="HTTP port [MMPIPE_PORT]")
-    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50050)),
+    p.add_argument("--port", type=int, default=env_int("PORT", 8000), help="HTTP port [MMPIPE_PORT]")
+    p.add_argument("--grpc-port", type=int, default=env_int("GRPC_PORT", 50050),
                    help="port of the public gRPC API, on --host [MMPIPE_GRPC_PORT]")
     p.add_argument("--ingest-addr", default=_env("INGEST_ADDR", "127.0.0.1:50051"),
                    help="host:port of the ingest service [MMPIPE_INGEST_ADDR]")
@@ -176,14 +178,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "holds them); session: by the --session-key header; roundrobin [MMPIPE_ROUTING_LOGIC]")
     g.add_argument("--session-key", default=_env("SESSION_KEY"),
                    help="request header naming a session, for --routing-logic session [MMPIPE_SESSION_KEY]")
-    g.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", 16)),
+    g.add_argument("--block-size", type=int, default=env_int("BLOCK_SIZE", 16),
                    help="the generators' KV block size (their --block-size): prefixaware keys full blocks of it "
                         "[MMPIPE_BLOCK_SIZE]")
-    g.add_argument("--routing-prefix-blocks", type=int, default=int(_env("ROUTING_PREFIX_BLOCKS", 4)),
+    g.add_argument("--routing-prefix-blocks", type=int, default=env_int("ROUTING_PREFIX_BLOCKS", 4),
                    help="prefixaware hashes the prompt's first N full blocks (fewer when shorter) "
                         "[MMPIPE_ROUTING_PREFIX_BLOCKS]")
     g.add_argument("--routing-saturation-threshold", type=int,
-                   default=int(_env("ROUTING_SATURATION_THRESHOLD", 0)),
+                   default=env_int("ROUTING_SATURATION_THRESHOLD", 0),
                    help="a replica with this many requests in flight from this gateway is saturated: its requests "
                         "go to the least loaded replica; 0: never [MMPIPE_ROUTING_SATURATION_THRESHOLD]")
     p.add_argument("--redis-url", default=_env("REDIS_URL"),
@@ -213,7 +215,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='JSON, e.g. \'{"image": 2, "video": 1}\' [MMPIPE_LIMIT_MM_PER_PROMPT]')
     p.add_argument("--enable-mm-embeds", action="store_true", default=_env_bool("ENABLE_MM_EMBEDS"),
                    help="accept precomputed embeddings (image_embeds parts) [MMPIPE_ENABLE_MM_EMBEDS]")
-    p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", 0)) or None,
+    p.add_argument("--max-model-len", type=int, default=env_int("MAX_MODEL_LEN", 0) or None,
                    help="context length (default: the model's) [MMPIPE_MAX_MODEL_LEN]")
     p.add_argument("--allowed-media-domains", nargs="+", default=parse_domain_list(_env("ALLOWED_MEDIA_DOMAINS")),
                    help="hosts media URLs may point at; the gateway refuses others before any stage work "
@@ -242,27 +244,30 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mm-processor-kwargs", default=_env("MM_PROCESSOR_KWARGS"),
                    help='JSON, the stages\' --mm-processor-kwargs (e.g. \'{"max_pixels": 1003520}\'): the defaults and '
                         'ceilings a request\'s mm_processor_kwargs are checked against [MMPIPE_MM_PROCESSOR_KWARGS]')
-    p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 600)),
+    p.add_argument("--request-timeout", type=float, default=env_float("REQUEST_TIMEOUT", 600),
                    help="seconds before a request fails with 504 [MMPIPE_REQUEST_TIMEOUT]")
-    p.add_argument("--max-concurrent-requests", type=int, default=int(_env("MAX_CONCURRENT_REQUESTS", 256)),
+    p.add_argument("--max-concurrent-requests", type=int, default=env_int("MAX_CONCURRENT_REQUESTS", 256),
                    help="requests in flight before new ones get 429 [MMPIPE_MAX_CONCURRENT_REQUESTS]")
-    p.add_argument("--max-n", type=int, default=int(_env("MAX_N", 16)),
+    p.add_argument("--max-n", type=int, default=env_int("MAX_N", 16),
                    help="the most samples (n) one request may ask for [MMPIPE_MAX_N]")
-    p.add_argument("--max-request-body-mb", type=float, default=float(_env("MAX_REQUEST_BODY_MB", 64)),
+    p.add_argument("--max-request-body-mb", type=float, default=env_float("MAX_REQUEST_BODY_MB", 64),
                    help="largest HTTP request body in MiB; larger is a 413, from Content-Length or while reading "
                         "[MMPIPE_MAX_REQUEST_BODY_MB]")
-    p.add_argument("--header-read-timeout", type=float, default=float(_env("HEADER_READ_TIMEOUT", 10)),
+    p.add_argument("--header-read-timeout", type=float, default=env_float("HEADER_READ_TIMEOUT", 10),
                    help="seconds a client has to send a request's headers (from connecting, or from the previous "
                         "response); then 408 and the connection is closed [MMPIPE_HEADER_READ_TIMEOUT]")
-    p.add_argument("--body-read-timeout", type=float, default=float(_env("BODY_READ_TIMEOUT", 30)),
+    p.add_argument("--body-read-timeout", type=float, default=env_float("BODY_READ_TIMEOUT", 30),
                    help="seconds a client has to send a request's body once its headers arrived; then 408 "
                         "[MMPIPE_BODY_READ_TIMEOUT]")
-    p.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", 30)),
+    p.add_argument("--shutdown-grace-s", type=float, default=env_float("SHUTDOWN_GRACE_S", 30),
                    help="on SIGTERM, seconds in-flight requests get to finish [MMPIPE_SHUTDOWN_GRACE_S]")
     add_connection_age_args(p.add_argument_group("gRPC connection age of the public gRPC API"))
-    p.add_argument("--api-server-count", type=int, default=int(_env("API_SERVER_COUNT", 1)),
+    p.add_argument("--api-server-count", type=int, default=env_int("API_SERVER_COUNT", 1),
                    help="gateway processes serving the one --port and --grpc-port (vLLM's flag); their metrics are "
                         "merged on /metrics, process metrics labelled by worker [MMPIPE_API_SERVER_COUNT]")
+    p.add_argument("--disable-fastapi-docs", action="store_true", default=_env_bool("DISABLE_FASTAPI_DOCS"),
+                   help="do not serve FastAPI's /docs, /redoc and /openapi.json (vLLM's flag) "
+                        "[MMPIPE_DISABLE_FASTAPI_DOCS]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    type=str.lower, choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
     add_tracing_arg(p)
@@ -347,7 +352,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         enable_auto_tool_choice=tools.enable_auto_tool_choice, tool_call_parser=tools.tool_call_parser,
         mm_processor_kwargs=_json_dict(getattr(args, "mm_processor_kwargs", None), "--mm-processor-kwargs"),
         request_timeout_s=args.request_timeout, max_concurrent_requests=args.max_concurrent_requests,
-        max_n=args.max_n,
+        max_n=args.max_n, disable_fastapi_docs=bool(getattr(args, "disable_fastapi_docs", False)),
         max_request_body_mb=getattr(args, "max_request_body_mb", 64.0),
         header_read_timeout_s=getattr(args, "header_read_timeout", 10.0),
         body_read_timeout_s=getattr(args, "body_read_timeout", 30.0),

@@ -45,7 +45,7 @@ class GeneratorConfig:
         g.add_argument("--max-num-batched-tokens", type=int, default=ca.env_int("MAX_NUM_BATCHED_TOKENS", 2048))
         g.add_argument("--kv-cache-blocks", type=int, default=ca.env_int("KV_CACHE_BLOCKS", 0) or None)
         g.add_argument("--block-size", type=int, default=ca.env_int("BLOCK_SIZE", 16))
-        g.add_argument("--gpu-memory-utilization", type=float, default=float(ca.env("GPU_MEMORY_UTILIZATION", 0.9)))
+        g.add_argument("--gpu-memory-utilization", type=float, default=ca.env_float("GPU_MEMORY_UTILIZATION", 0.9))
         g.add_argument("--enforce-eager", action="store_true", default=ca.env_bool("ENFORCE_EAGER"),
                        help="no CUDA graphs")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,

@@ -88,7 +88,7 @@ class IngestConfig:
                        help="decode media in this many worker processes, so that a crash or hang in a native decoder "
                             "(Pillow, FFmpeg, libsndfile) costs one item, not the stage; 0 = in the ingest process "
                             "(env MMPIPE_DECODE_WORKERS)")
-        g.add_argument("--decode-timeout", type=float, default=float(ca.env("DECODE_TIMEOUT", 30)),
+        g.add_argument("--decode-timeout", type=float, default=ca.env_float("DECODE_TIMEOUT", 30),
                        help="wall-clock seconds one item may take in a decode worker before it is stopped and replaced "
                             "(env MMPIPE_DECODE_TIMEOUT)")
         g.add_argument("--decode-cpu-seconds", type=int, default=ca.env_int("DECODE_CPU_SECONDS", 30),
@@ -96,7 +96,7 @@ class IngestConfig:
         g.add_argument("--decode-memory-mb", type=int, default=ca.env_int("DECODE_MEMORY_MB", 8192),
                        help="address space of a decode worker, MB (RLIMIT_AS; 0 = unlimited; env "
                             "MMPIPE_DECODE_MEMORY_MB)")
-        g.add_argument("--encoder-timeout", type=float, default=float(ca.env("ENCODER_TIMEOUT", 60)),
+        g.add_argument("--encoder-timeout", type=float, default=ca.env_float("ENCODER_TIMEOUT", 60),
                        help="deadline in seconds of each Lookup / Encode call to the encoder, shortened to the "
                             "caller's own deadline (env MMPIPE_ENCODER_TIMEOUT)")
         g.add_argument("--wire-dtype", default=ca.env("WIRE_DTYPE", "auto"),

@@ -44,7 +44,9 @@ async def readiness(core: GatewayCore, redis: Any | None = None, timeout: float 
 def build_app(core: GatewayCore, *, redis: Any | None = None, worker: int | None = None) -> FastAPI:
     """The app over one core; `worker`: this process's index among --api-server-count workers (None: the only
     one), sent back in the X-MMPipe-Gateway-Worker header so load spread and logs can be matched up."""
-    app = FastAPI(title="mmpipe gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    docs = not core.cfg.disable_fastapi_docs  # --disable-fastapi-docs: none of the three routes
+    app = FastAPI(title="mmpipe gateway", docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.core = core
     app.state.cfg = core.cfg
     app.state.serving_chat = OpenAIServingChat(core)
