@@ -79,7 +79,10 @@ def env_int(name: str, default: Any) -> Any:
 
 
 def env_float(name: str, default: Any) -> Any:
-    """MMPIPE_<name> as a float, `default` when unset or empty, a `BadEnv` when it is not a number."""
+    """MMPIPE_<name> as a float, `default` (an int becomes a float) when unset or empty, a `BadEnv` when it is
+    not a number."""
+    if isinstance(default, int) and not isinstance(default, bool):
+        default = float(default)
     return _typed_env(name, default, float, "a number")
 
 
