@@ -59,7 +59,11 @@ def _tokens(opt: str, action: argparse.Action, key: str, value: Any, path: str) 
     if action.nargs == 0:  # store_true / store_false / count-less switches
         if not isinstance(value, bool):
             raise ConfigFileError(f"--config {path}: {key!r} is a switch: true or false, got {value!r}")
-        wanted = isinstance(action, argparse._StoreTrueAction)
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: either value is a token
+            negated = opt.startswith("--no-")
+            plain = "--" + opt[len("--no-"):] if negated else opt
+            return [plain if value != negated else "--no-" + plain[2:]]
+        wanted = not isinstance(action, argparse._StoreFalseAction)
         return [opt] if value == wanted else []
     if isinstance(value, list) and action.nargs in ("+", "*"):
         return [opt, *(_scalar(v) for v in value)]

@@ -80,6 +80,11 @@ def test_config_file_works_for_every_command(tmp_path):
         assert sub is not None and "--config" in sub._option_string_actions, name
     f.write_text("model: /m\nredis-url: redis://127.0.0.1:1\nmax_num_seqs: 9\n")
     assert _parse(["generator", "--config", str(f)]).max_num_seqs == 9
+    for text, want in (("enable-prefix-caching: false", False), ("enable_prefix_caching: true", True),
+                       ("no-enable-prefix-caching: true", False)):
+        f.write_text(f"model: /m\nredis-url: redis://127.0.0.1:1\n{text}\n")
+        assert _parse(["generator", "--config", str(f)]).enable_prefix_caching is want, text
+    assert _parse(["generator", "--config", str(f), "--enable-prefix-caching"]).enable_prefix_caching is True
     f.write_text("model: /m\nport: 8123\nno-gateway: true\n")
     a = _parse(["serve", "--config", str(f)])
     assert (a.model, a.port, a.no_gateway) == ("/m", 8123, True)
