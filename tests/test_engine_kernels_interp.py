@@ -1,6 +1,6 @@
 """The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
 references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, paged decode with the split
-merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels; and ("masked") decode
+merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels (and the grammar bitmask); and ("masked") decode
 and prefill under a sliding window, bidirectional image limits and a soft-cap, with Gemma's (1 + weight) norm.
 
 TRITON_INTERPRET must be set before triton is imported, so each test runs this file as a script in a fresh
@@ -183,6 +183,20 @@ def check_elementwise():
                 assert torch.equal(flat_k[slot], k2[t]) and torch.equal(flat_v[slot], v[t])
         written = set(s for s in slots.tolist() if s >= 0)
         assert all(torch.all(flat_k[i] == 0) for i in range(16) if i not in written)
+    # a grammar's packed bitmask on two of three rows, logits wider than the mask's tokens: one launch
+    from mmpipe.shared.engine.kernels.triton_bitmask import apply_token_bitmask
+
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(3, 1100).to(dtype)
+        bits = torch.randint(-2**31, 2**31 - 1, (2, 33), dtype=torch.int32)  # 1056 tokens: 44 columns of padding
+        want = logits.clone()
+        allowed = ((bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).reshape(2, -1).bool()
+        for k, row in enumerate((2, 0)):
+            want[row, :1056][~allowed[k]] = float("-inf")
+            want[row, 1056:] = float("-inf")
+        got = logits.clone()
+        apply_token_bitmask(got, bits, torch.tensor([2, 0], dtype=torch.int32))
+        assert torch.equal(got, want), dtype
     print("elementwise max rel errors:", {k: f"{v:.2e}" for k, v in worst.items()})
 
 

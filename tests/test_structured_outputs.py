@@ -109,6 +109,58 @@ def test_grammar_mask_handles_logits_wider_than_the_tokenizer():
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
 
 
+def test_prefetched_masks_are_used_only_for_the_state_they_were_made_for(model_dir):
+    """The next masks are computed in the background after each step; a request whose matcher moved on since
+    (or a slot handed to a new request) gets its mask recomputed, so every row's mask is its matcher's own."""
+    import types
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from mmpipe.shared.structured.masks import StructuredOutputs
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    so = StructuredOutputs(tok, len(tok) + 5)
+    specs = [StructuredOutputsParams(json=SCHEMA), StructuredOutputsParams(regex="(ab|cd)+e"),
+             StructuredOutputsParams(choice=["yes, certainly", "no, never"])]
+
+    def seq(i, spec):
+        s = types.SimpleNamespace(request_id=str(i), sampling=types.SimpleNamespace(structured_outputs=spec),
+                                  eos_token_ids=frozenset({tok.eos_token_id}), grammar=None, is_finished=False)
+        so.add(s)
+        return s
+
+    def check(batch):
+        mask = so.fill(batch)
+        for k, row in enumerate(mask.rows):
+            want = np.frombuffer(batch[row].grammar.compute_bitmask(), dtype=np.uint32).copy()
+            if batch[row].grammar.is_accepting():  # the request's own EOS is allowed where the grammar may end
+                e = tok.eos_token_id
+                want[e >> 5] |= np.uint32(1 << (e & 31))
+            assert np.array_equal(mask.bits[mask.slots[k]].numpy().view(np.uint32), want), batch[row].request_id
+        return mask
+
+    seqs = [seq(i, sp) for i, sp in enumerate(specs)]
+    check(seqs)
+    for step in range(3):
+        pairs = []
+        for s in seqs:
+            bits = np.unpackbits(np.frombuffer(s.grammar.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = [int(t) for t in bits.nonzero()[0] if t != tok.eos_token_id]
+            pairs.append((s, allowed[step % len(allowed)]))
+        done = so.advance(pairs)
+        for s in seqs:
+            s.is_finished = id(s) in done
+        so.prefetch(seqs[:2])  # the third is not prefetched: its mask must be recomputed at fill
+        seqs = [s for s in seqs if not s.is_finished]
+        check(seqs)
+    freed = seqs[0].grammar_slot
+    seqs[0].is_finished = True  # its slot goes to the next request
+    seqs[0] = seq(9, specs[2])
+    assert seqs[0].grammar_slot == freed
+    check(seqs)
+
+
 # ---- served --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(model_dir, redis_server):

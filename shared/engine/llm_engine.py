@@ -182,11 +182,14 @@ class LLMEngine:
         if result is None:
             return outputs
         tops = result.top_logprobs or [None] * len(sampled)
+        structured = self.runner.structured
+        constrained = [(sc.seq, tok) for sc, tok in zip(sampled, result.token_ids) if sc.seq.grammar is not None]
+        complete = structured.advance(constrained) if constrained else set()  # the grammars fed at once
         for sc, tok, lp, top in zip(sampled, result.token_ids, result.logprobs, tops):
             seq = sc.seq
             seq.token_ids.append(tok)
             reason = self._check_stop(seq, tok)
-            if reason is None and seq.grammar is not None and self.runner.structured.advance(seq, tok):
+            if reason is None and id(seq) in complete:
                 reason = FinishReason.STOP.value  # the grammar is complete
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -197,6 +200,8 @@ class LLMEngine:
             outputs.append(StepOutput(seq.request_id, [tok], [lp] if seq.want_logprobs else None,
                                       reason is not None, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
                                       [top] if top is not None else None, prompt_lps))
+        if constrained:  # their next masks are computed while the caller handles these outputs
+            structured.prefetch([seq for seq, _ in constrained])
         return outputs
 
     @staticmethod

@@ -62,6 +62,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the first admission
         self.admitted = False
         self.grammar = None  # llguidance matcher of a structured-outputs request (structured/masks.py)
+        self.grammar_slot = -1  # its row of the bitmask table, and the tokens its matcher has consumed
+        self.grammar_tokens = 0
 
         sp = req.sampling
         # EOS ends a sequence unless ignore_eos; both EOS and stop ids are held back until min_tokens are out.
