@@ -53,6 +53,26 @@ def test_chunked_prefill_splits_image_rows(family):
     assert res.tokens["c"] == c.ref
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_prefill_cap_per_step_keeps_greedy_parity(family):
+    """At most `max_prefills_per_step` prefill chunks per step (what keeps a step of many short prompts inside
+    the mixed CUDA graphs): the prompts past the cap start a step later, with the same tokens."""
+    case = get_case(family)
+    a, b, c = case.prompts
+    engine = LLMEngine(case.model, EngineConfig(max_prefills_per_step=1))
+    seen = []
+    real = engine.scheduler.schedule
+
+    def schedule():
+        out = real()
+        seen.append(len(out.scheduled) - out.num_decodes)
+        return out
+    engine.scheduler.schedule = schedule
+    res = run_engine(engine, {0: [a.request("a"), b.request("b", greedy(7)), c.request("c", greedy(11))]})
+    assert res.tokens["a"] == a.ref and res.tokens["b"] == b.ref[:7] and res.tokens["c"] == c.ref[:11]
+    assert max(seen) == 1 and seen[:3] == [1, 1, 1]  # one new prompt per step, not three in the first
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preemption_recomputes_with_same_embeddings(family):
     case = get_case(family)

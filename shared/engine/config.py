@@ -36,6 +36,10 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     enable_cuda_graphs: bool = True
     mixed_graph_max_prefills: int = 8
+    # prefill chunks one step may hold: None = mixed_graph_max_prefills when mixed graphs are captured (a step
+    # with more runs eagerly, which at 3B size costs more than making the extra prompts wait one step: prefix
+    # hits turn a batch of prompts into many short chunks), else no limit; 0 = no limit; n = at most n
+    max_prefills_per_step: int | None = None
     attention_backend: str = "auto"
     # triton backend: move each layer's q/k/v and gate/up weights into one buffer each (the HF parameters
     # become views of it; nothing is duplicated) so decode runs one GEMM instead of three / two.
@@ -55,6 +59,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.mixed_graph_max_prefills < 0:
             raise ValueError("mixed_graph_max_prefills must be >= 0")
+        if self.max_prefills_per_step is not None and self.max_prefills_per_step < 0:
+            raise ValueError("max_prefills_per_step must be >= 0 (0: no limit)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.attention_backend not in ("auto", "torch", "triton"):

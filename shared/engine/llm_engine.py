@@ -37,8 +37,12 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           enable_prefix_caching=self.config.enable_prefix_caching,
                                           namespace=self.config.prefix_cache_namespace, mrope=self.runner.mrope)
+        cap = self.config.max_prefills_per_step
+        if cap is None:
+            cap = self.config.mixed_graph_max_prefills if self.runner.mixed_graphs is not None else 0
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
-                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                   max_prefills=cap or None)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # finishes decided between steps (aborts)
         gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)

@@ -7,6 +7,9 @@ Every step it builds one mixed batch under the token budget (`max_num_batched_to
   3. waiting sequences are admitted, oldest first, while their whole prompt fits in the free blocks and the
      budget and `max_num_seqs` allow (not in a step that had to preempt). With prefix caching, admission takes
      the longest cached prefix first, and the prefill starts after it.
+Steps 2 and 3 together take at most `max_prefills` prefill chunks (the engine sets the mixed CUDA graphs' limit
+when they are captured, so a step of many short chunks, e.g. prompts mostly served from the prefix cache, still
+replays a graph; the prompts past the limit start one step later).
 Decodes come first in the batch, so the model runner can treat them as one block of one-token rows.
 For models whose multimodal runs attend bidirectionally (Gemma 3's images), a prefill chunk never ends inside a
 run: it stops before the run, and a run that does not fit in what is left of the budget waits for the next
@@ -61,10 +64,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefills: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefills = max_prefills  # prefill chunks per step (None: no limit)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
@@ -133,8 +138,9 @@ class Scheduler:
 
         # 2. prefill chunks of running sequences (their prompt blocks were allocated at admission).
         held_back = False  # a multimodal run did not fit: admit nobody this step
+        room = self.max_prefills if self.max_prefills is not None else len(self.running) + len(self.waiting)
         for seq in self.running:
-            if budget == 0:
+            if budget == 0 or room == 0:
                 break
             if seq.num_uncomputed_tokens > 1:
                 n = seq.fit_chunk(min(seq.num_uncomputed_tokens, budget))
@@ -144,11 +150,12 @@ class Scheduler:
                 bm.commit(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                room -= 1
 
         # 3. admissions: whole prompt (plus recomputed output) must fit in the free blocks, after its cached
         # prefix (at least one token is always left to compute).
         if not out.preempted and not held_back:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0 and room > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if not bm.allocate_prompt(seq):
                     break
@@ -163,4 +170,5 @@ class Scheduler:
                 bm.commit(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                room -= 1
         return out
