@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: install
-	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow" --ignore=tests/test_hardening_fuzz.py $(PYTEST_ARGS)
 	HYPOTHESIS_PROFILE=ci-long $(PY) -m pytest -q tests/test_hardening_fuzz.py $(PYTEST_ARGS)
 
 test-gpu: install

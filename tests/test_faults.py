@@ -40,7 +40,10 @@ REPORTS: dict[str, dict] = {}
 def stack():
     from mmpipe.shared.models.tiny import ensure_tiny_model
 
-    s = lt.Stack(str(ensure_tiny_model("qwen2_vl")), redis_maxmemory="256mb", gateway_args=GATEWAY_ARGS)
+    # ingest decodes in worker processes (--decode-workers), so that one can be killed under load; the generator
+    # keeps its prefix cache on (its default), so that concurrent requests for one image share cached blocks
+    s = lt.Stack(str(ensure_tiny_model("qwen2_vl")), redis_maxmemory="256mb", gateway_args=GATEWAY_ARGS,
+                 stage_args={"ingest": ["--decode-workers", "2"]})
     yield s
     s.stop()
     if REPORTS:
@@ -238,6 +241,167 @@ def test_stage_killed_and_restarted_under_load(stack, stage):
     for kind in ("text", "repeat_image", "fresh_image", "uuid"):
         r = _post(stack, mix.body(kind))
         assert r.status_code == 200, (kind, r.status_code, r.text)
+
+
+# --- faults on the new paths (issue 16) -------------------------------------------------------------------------
+def _pool_answers(llm, mix: lt.Mix) -> dict[int, list[int]]:
+    """The offline LLM's greedy token ids for each image of `mix`'s pool: the answers every 200 must equal."""
+    from mmpipe import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=mix.max_tokens, ignore_eos=True)
+    return {i: llm.chat(mix.pool_body(i)["messages"], sp, use_tqdm=False)[0].outputs[0].token_ids
+            for i in range(len(mix.pool))}
+
+
+def _wrong(report: dict, want: dict[int, list[int]]) -> list[str]:
+    """Kinds of the accepted pool-image answers that differ from `want` (fresh images are not compared)."""
+    accepted = [x for x in report["_results"] if x.outcome == "accepted" and x.kind.startswith("pool_image:")]
+    assert accepted, report["load"]
+    return [x.kind for x in accepted if x.token_ids != want[int(x.kind.split(":")[1])]]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.slow
+def test_generator_killed_while_requests_share_prefix_cached_blocks(stack, llm):
+    """Six images for 8 req/s: concurrent requests share each image's prompt prefix, cached KV blocks included
+    (prefix caching on). The generator is SIGKILLed mid-load and restarted: nothing lost, every failure a 503 with
+    Retry-After, every answer before and after the restart the offline LLM's tokens (no stale shared block)."""
+    mix = lt.Mix({"pool_image": 1}, seed=40)
+    want = _pool_answers(llm, mix)
+    cfg = lt.LoadConfig(rate=8, duration_s=10, timeout_s=25, seed=40, mix={"pool_image": 1})
+    t, box = _load_in_background(stack, cfg, keep_tokens=True)
+    time.sleep(3)
+    blocks = stack.stack.metric("generator", "mmpipe_generator_prefix_cache_cached_blocks")
+    stack.stack.procs["generator"].kill()
+    stack.stack.restart("generator")  # on the same port; the load goes on meanwhile (503 + Retry-After)
+    t.join(90)
+    report = REPORTS["generator killed (SIGKILL) while requests share prefix-cached blocks"] = box["report"]
+    assert blocks > 0, "the prefix cache held no blocks when the generator was killed"
+    _no_failures(report)
+    # after the restart (a cold prefix cache, then warm again): each image twice, the offline LLM's tokens
+    for i in list(range(len(mix.pool))) * 2:
+        r = _post(stack, mix.pool_body(i))
+        assert r.status_code == 200, r.text
+        report["_results"].append(lt.Result(f"pool_image:{i}", "accepted", 200, 0.0,
+                                            token_ids=r.json()["choices"][0]["token_ids"]))
+    wrong = _wrong(report, want)
+    report["wrong_answers"] = len(wrong)
+    assert not wrong, f"{len(wrong)} answers differ from the offline LLM: {wrong[:5]}"
+
+
+@pytest.mark.slow
+def test_decode_worker_killed_under_load(stack, llm):
+    """Fresh images (each decoded: a cache miss) and pooled ones at 8 req/s through ingest's decode workers;
+    a worker SIGKILLed twice mid-load (as the OOM killer would): its item is a retryable 503, the worker is
+    replaced, nothing is lost, every other request decodes, every pooled answer equals the offline LLM's."""
+    weights = {"fresh_image": 0.6, "pool_image": 0.4}
+    mix = lt.Mix(weights, seed=41)
+    want = _pool_answers(llm, mix)
+    cfg = lt.LoadConfig(rate=8, duration_s=8, timeout_s=25, seed=41, mix=weights)
+    t, box = _load_in_background(stack, cfg, keep_tokens=True)
+    killed = []
+    for _ in range(2):
+        time.sleep(2.5)
+        workers = _children(stack.stack.procs["ingest"].proc.pid)
+        assert workers, "ingest has no decode worker processes (--decode-workers)"
+        for w in workers:  # both: one is (most likely) decoding an item right now
+            os.kill(w, 9)
+        killed += workers
+    t.join(60)
+    report = REPORTS["decode worker killed (SIGKILL) under load, twice"] = box["report"]
+    _no_failures(report)
+    wrong = _wrong(report, want)
+    report["wrong_answers"] = len(wrong)
+    assert not wrong, f"{len(wrong)} answers differ from the offline LLM: {wrong[:5]}"
+    assert stack.stack.procs["ingest"].proc.poll() is None, "ingest died with its decode worker"
+    from services_helpers import wait_healthy
+
+    wait_healthy(stack.stack.procs["ingest"].addr, 10)
+    assert set(_children(stack.stack.procs["ingest"].proc.pid)).isdisjoint(killed)  # replaced
+    r = _post(stack, lt.Mix({"fresh_image": 1}, seed=42).body("fresh_image"))
+    assert r.status_code == 200, r.text
+
+
+def _read_stream(url: str, body: dict, out: list, i: int, started: threading.Event) -> None:
+    """One SSE stream: ("done", text) after [DONE], ("error", status or message) for a clean error, ("cut", ...)
+    when the connection ended without either."""
+    import json
+
+    text, t0 = [], time.monotonic()
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+            if r.status_code != 200:
+                out[i] = ("error", r.status_code, time.monotonic() - t0)
+                return
+            started.set()
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    out[i] = ("done", "".join(text), time.monotonic() - t0)
+                    return
+                msg = json.loads(data)
+                if "error" in msg:
+                    out[i] = ("error", msg["error"].get("message", ""), time.monotonic() - t0)
+                    return
+                for ch in msg.get("choices", []):
+                    text.append(ch.get("delta", {}).get("content") or "")
+        out[i] = ("cut", "".join(text), time.monotonic() - t0)
+    except httpx.TimeoutException:
+        out[i] = ("hung", "".join(text), time.monotonic() - t0)
+    except httpx.HTTPError as e:
+        out[i] = ("error", type(e).__name__, time.monotonic() - t0)
+
+
+@pytest.mark.slow
+def test_gateway_sigterm_with_streams_open(stack):
+    """A second gateway in front of the same stages gets SIGTERM while 8 streams (200 tokens each) are open:
+    each finishes (its text equal to the same request answered by the serving gateway) or ends with a clean error,
+    none hangs, and the gateway exits within its grace period."""
+    from services_helpers import start_gateway_process
+
+    addrs = {n: p.addr for n, p in stack.stack.procs.items()}
+    gw = start_gateway_process(stack.model_dir, addrs, stack.stack.log_dir, ["--shutdown-grace-s", "20"])
+    try:
+        gw.wait_healthy(60)
+        body = {"model": "tiny", "max_tokens": 200, "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "messages": [{"role": "user", "content": "Tell a long story."}]}
+        ref = _post(stack, {**body, "model": lt.MODEL_NAME, "stream": False}, timeout=60)
+        assert ref.status_code == 200, ref.text
+        want = ref.json()["choices"][0]["message"]["content"]
+        n = 8
+        out: list = [None] * n
+        started = threading.Event()
+        threads = [threading.Thread(target=_read_stream, args=(gw.url, body, out, i, started), daemon=True)
+                   for i in range(n)]
+        for th in threads:
+            th.start()
+        assert started.wait(20), "no stream started"
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        gw.proc.send_signal(15)
+        for th in threads:
+            th.join(40)
+        code = gw.proc.wait(30)
+        exited = time.monotonic() - t0
+    finally:
+        gw.stop()
+    kinds = [o[0] if o else "hung" for o in out]
+    finished = [o for o in out if o and o[0] == "done"]
+    wrong = [o for o in finished if o[1] != want]
+    print(f"gateway SIGTERM with {n} streams open: sent {n}, finished {len(finished)}, clean errors "
+          f"{kinds.count('error')}, lost {kinds.count('hung') + kinds.count('cut')}, wrong {len(wrong)}; "
+          f"exit {code} after {exited:.1f} s")
+    assert "hung" not in kinds and "cut" not in kinds, out
+    assert finished and not wrong, out
+    assert code == 0 and exited < 25, (code, exited)
 
 
 # --- overload ---------------------------------------------------------------------------------------------------

@@ -371,3 +371,79 @@ def test_one_tenant_cannot_fill_the_embedding_cache(redis_url):
     assert 0 < client.ttl(share._keys("key-a")[-1]) <= 61
     TenantCacheShare(client, limit_bytes=0, window_s=60).charge("key-a", 10**12)  # 0: off
     client.close()
+
+
+# --- issue 16, "the new surfaces fuzzed": structured outputs ---------------------------------------------------
+def _nested_schema(levels: int) -> dict:
+    s: dict = {"type": "string"}
+    for _ in range(levels):
+        s = {"type": "object", "properties": {"a": s}}
+    return s
+
+
+_MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "messages": _MSGS, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": _nested_schema(300)}}}, "response_format.json_schema.schema"),
+    ({"model": "tiny", "messages": _MSGS, "structured_outputs": {"json": _nested_schema(300)}},
+     "structured_outputs.json"),
+    ({"model": "tiny", "messages": _MSGS, "structured_outputs": {"json": "[" * 5000 + "]" * 5000}},
+     "structured_outputs.json"),
+    ({"model": "tiny", "messages": _MSGS, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": _nested_schema(300)}}]},
+     "tools[0].function.parameters"),
+])
+def test_deeply_nested_schema_was_500(gateway, body, param):
+    """A schema given as JSON text (structured_outputs.json as a string; the public gRPC API's field always is
+    one) nested 5,000 deep made json.loads raise RecursionError: a 500. Schemas given as objects got past Python
+    and were refused by llguidance's own recursion limit, in its words. Now one rule refuses every schema nested
+    deeper than 64 levels, before anything parses, hashes or compiles it: a 400 naming the field and the limit
+    (shared/structured/limits.py)."""
+    r = _post(gateway, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "levels deep" in err["message"], err
+
+
+def test_wide_schema_compile_time_is_bounded(gateway):
+    """One object of 10,000 optional properties (290 KB) took llguidance 3.4 s to validate and 10-50 s to build
+    a matcher: the gateway's worker thread and then the generator's engine loop (every request in the batch)
+    were held that long. Now a spec over 32 KiB is a 400 at once, and the costliest spec under the limit
+    (optional properties filling it) compiles, matcher included, in a bounded time."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+    from mmpipe.shared.structured import StructuredOutputsParams
+    from mmpipe.shared.structured.grammar import GrammarCompiler
+    from mmpipe.shared.structured.limits import SpecLimits
+
+    from mmpipe.shared.errors import LimitExceededError
+
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}
+    t0 = time.monotonic()
+    r = _post(gateway, "/v1/chat/completions", {"model": "tiny", "messages": _MSGS,
+                                                "structured_outputs": {"json": wide}})
+    limit = SpecLimits.from_env().max_bytes
+    assert r.status_code == 400 and f"at most {limit}" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - t0 < 2
+    def optional(n: int) -> dict:
+        return {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
+
+    n = limit // 20
+    while True:  # the most optional properties that fit the limit
+        try:
+            fits = StructuredOutputsParams(json=optional(n))
+            break
+        except LimitExceededError:
+            n -= 50
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(ensure_tiny_model("qwen2_vl")))
+    compiler.ll_tokenizer  # noqa: B018 - built once, outside the timing
+    t0 = time.monotonic()
+    compiler.matcher(fits)
+    took = time.monotonic() - t0
+    print(f"{n} optional properties ({len(fits.spec()[1])} bytes): compiled in {took:.2f} s")
+    assert took < 10, took

@@ -149,6 +149,26 @@ class _Worker:
         self.conn.close()
 
 
+def _exit_code(proc: Any, timeout_s: float) -> int | None:
+    """The exit status of a worker whose pipe reached EOF (None only if it is still running after `timeout_s`).
+
+    `Process.join()` / `.exitcode` alone are not enough: every `Process.start()` and `active_children()` in this
+    process (a replacement worker started by another thread, for one) runs multiprocessing's `_cleanup()`, which
+    reaps each finished child with waitpid(WNOHANG). When that reaps our worker first, this thread's waitpid fails
+    with ECHILD and `Popen.poll()` answers None for a dead process; the status reaches the shared Popen object only
+    when that other thread next holds the GIL. So: wait for the exit (the sentinel), then re-read the status until
+    it is there, sleeping (and so letting the other thread finish) in between."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout_s
+    wait([proc.sentinel], timeout_s)
+    while True:
+        code = proc.exitcode
+        if code is not None or time.monotonic() >= deadline:
+            return code
+        time.sleep(0.005)
+
+
 class DecodePool:
     """`decode(kind, data, args, what)` on one of `cfg.workers` spawned processes (thread-safe; callers block on a
     free worker). A dead or hung worker is replaced before the next item is given to it."""
@@ -198,8 +218,7 @@ class DecodePool:
         return self._unpack(reply, what)
 
     def _death(self, w: _Worker, what: str) -> MMPipeError:
-        w.proc.join(5)
-        code = w.proc.exitcode
+        code = _exit_code(w.proc, 5.0)
         if code is not None and code < 0 and -code in {int(s) for s in _INPUT_SIGNALS}:
             name = signal.Signals(-code).name
             why = "used more CPU time than allowed" if -code == signal.SIGXCPU else f"crashed ({name})"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from .limits import SpecLimits
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
@@ -19,13 +21,16 @@ _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 class StructuredOutputsParams:
     """Exactly one of: `json` (a JSON schema, as a dict or its JSON text), `regex` (the whole output fullmatches
     it), `choice` (the output is one of these strings), `grammar` (a Lark grammar, llguidance's dialect; GBNF is
-    accepted too), `json_object=True` (any JSON object)."""
+    accepted too), `json_object=True` (any JSON object). `source_param`: the request field the spec came from
+    when an edge took it from another one (response_format.json_schema.schema, tools[i].function.parameters),
+    so that errors name the field the client sent. Sizes are checked here, once (limits.py)."""
 
     json: dict[str, Any] | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    source_param: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         from mmpipe.shared.errors import InvalidInputError
@@ -33,27 +38,32 @@ class StructuredOutputsParams:
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise InvalidInputError("structured_outputs needs exactly one of json, regex, choice, grammar, "
-                                    f"json_object; got {given or 'none'}", param="structured_outputs")
+                                    f"json_object; got {given or 'none'}",
+                                    param=self.source_param or "structured_outputs")
+        where = self.param
+        limits = SpecLimits.from_env()
         if isinstance(self.json, str):
+            limits.check_size(self.json, where)
             try:
                 self.json = json.loads(self.json)
+            except RecursionError:  # nested past Python's own limit, so past ours too
+                raise limits.too_deep(where) from None
             except ValueError as e:
-                raise InvalidInputError(f"structured_outputs.json is not valid JSON: {e}",
-                                        param="structured_outputs.json") from None
+                raise InvalidInputError(f"{where} is not valid JSON: {e}", param=where) from None
         if self.json is not None and not isinstance(self.json, (dict, bool)):
-            raise InvalidInputError("structured_outputs.json must be a JSON schema object",
-                                    param="structured_outputs.json")
+            raise InvalidInputError(f"{where} must be a JSON schema object", param=where)
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
-                raise InvalidInputError(f"structured_outputs.{name} must be a non-empty string",
-                                        param=f"structured_outputs.{name}")
+                raise InvalidInputError(f"{where} must be a non-empty string", param=where)
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
-                raise InvalidInputError("structured_outputs.choice must be a non-empty list of non-empty strings",
-                                        param="structured_outputs.choice")
+                raise InvalidInputError(f"{where} must be a non-empty list of non-empty strings", param=where)
             self.choice = list(self.choice)
+        if self.json is not None:
+            limits.check_depth(self.json, where)  # before json.dumps in spec() can overflow the stack
+        limits.check_size(self.spec()[1], where)
 
     @property
     def kind(self) -> str:
@@ -61,9 +71,8 @@ class StructuredOutputsParams:
 
     @property
     def param(self) -> str:
-        """The request field an error about this spec names (`_param`: set by an edge that took the spec from
-        another field, e.g. response_format.json_schema.schema)."""
-        return getattr(self, "_param", None) or f"structured_outputs.{self.kind}"
+        """The request field an error about this spec names."""
+        return self.source_param or f"structured_outputs.{self.kind}"
 
     def spec(self) -> tuple[str, str]:
         """(kind, canonical text): the schema as sorted compact JSON, the choices as a JSON list."""

@@ -73,11 +73,11 @@ class ToolPlan:
         if compiler is not None:
             for i, t in enumerate(req.tools):
                 if req.function is None or t.name == req.function:
-                    spec = StructuredOutputsParams(json=t.parameters)
-                    spec._param = f"tools[{i}].function.parameters"  # errors name the tool
-                    compiler.compile(spec)
-        spec = StructuredOutputsParams(grammar=self.parser.forced_grammar(req.callable, req.parallel))
-        spec._param = "tools"
+                    # errors name the tool
+                    compiler.compile(StructuredOutputsParams(json=t.parameters,
+                                                             source_param=f"tools[{i}].function.parameters"))
+        spec = StructuredOutputsParams(grammar=self.parser.forced_grammar(req.callable, req.parallel),
+                                       source_param="tools")
         return dataclasses.replace(sampling, structured_outputs=spec)
 
     def new_parser(self) -> ToolParser | None:

@@ -141,9 +141,8 @@ class SamplingFields(OpenAIBaseModel):
             if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
                 raise InvalidInputError("response_format.json_schema must be an object with a JSON schema under "
                                         "'schema'", param="response_format.json_schema")
-            out = StructuredOutputsParams(json=js.get("schema", {}))
-            out._param = "response_format.json_schema.schema"  # errors name the field the client sent
-            return out
+            return StructuredOutputsParams(json=js.get("schema", {}),
+                                           source_param="response_format.json_schema.schema")
         return None
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
