@@ -163,3 +163,27 @@ def test_format_follows_the_terminal_unless_given(tmp_path):
     os.close(master)
     with pytest.raises(ValueError, match="--log-format"):
         resolve_format("xml")
+
+
+def test_serve_gives_its_log_format_to_every_child():
+    from mmpipe.cli import build_parser
+    from mmpipe.commands.serve import child_argvs
+
+    args = build_parser().parse_args(["serve", "m", "--log-format", "text", "--disable-uvicorn-access-log"])
+    argvs = child_argvs(args, {"encoder": 1, "generator": 2, "ingest": 3}, "redis://127.0.0.1:1")
+    assert set(argvs) == {"encoder", "generator", "ingest", "gateway"}
+    for name, argv in argvs.items():
+        i = argv.index("--log-format")
+        assert argv[i + 1] == "text" and argv.count("--log-format") == 1, name
+    assert "--disable-access-log" in argvs["gateway"] and "--disable-access-log" not in argvs["ingest"]
+
+
+def test_a_bad_log_format_variable_is_a_one_line_error():
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mmpipe.cli", "ingest", "--model", "m", "--redis-url", "redis://x",
+                          "--encoder-addr", "127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "MMPIPE_LOG_FORMAT": "xml"})
+    assert out.returncode == 2 and out.stderr.strip() == "mmpipe: MMPIPE_LOG_FORMAT='xml' is not one of text, json"
