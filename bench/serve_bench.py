@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import gc
 import io
 import json
 import os
-import random
 import re
 import resource
 import shutil
@@ -55,9 +53,13 @@ for _p in (str(REPO), str(REPO / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from mmpipe.bench.client import ClientConfig, pct, rnd, run_requests, summarize  # noqa: E402
+from mmpipe.bench.dataset import DEFAULT_PROMPT as QUESTION  # noqa: E402
+from mmpipe.bench.dataset import RandomMultimodalDataset, chat_messages  # noqa: E402
+
 T0 = time.monotonic()
-QUESTION = "What is in this image? Describe it in a few words."
 WORKLOADS = ("unique", "repeat80")
+REUSE = {"unique": 0.0, "repeat80": 0.8}  # workload -> fraction of requests whose image comes from the pool
 DEFAULT_3B_DIR = "/tmp/mmpipe-bench/qwen2_5_vl_3b_random"
 
 
@@ -65,167 +67,43 @@ def log(msg: str) -> None:
     print(f"[serve_bench {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def rnd(x: float | None, n: int = 2) -> float | None:
-    return None if x is None else round(x, n)
-
-
 # ------------------------------------------------------------------------------------------------------------
-# requests
+# the client side: the packaged `mmpipe bench serve` client (mmpipe/bench/), a closed loop per level
 # ------------------------------------------------------------------------------------------------------------
-def jpeg_bytes(seed: int, size: int) -> bytes:
-    """A random photo-like JPEG: smooth colour fields (upsampled noise) plus fine grain, quality 90."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    base = Image.fromarray(rng.integers(0, 256, (max(2, size // 16),) * 2 + (3,), dtype=np.uint8))
-    arr = np.asarray(base.resize((size, size), Image.BILINEAR), dtype=np.int16)
-    arr = np.clip(arr + rng.integers(-12, 13, arr.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+def client_config(args, base_url: str, model: str) -> ClientConfig:
+    return ClientConfig(base_url=base_url, model=model, api_key=args.api_key, output_tokens=args.output_tokens,
+                        request_timeout_s=args.request_timeout_s)
 
 
-def data_url(jpeg: bytes) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-
-
-def messages(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": QUESTION}]}]
-
-
-class RequestMaker:
-    """Fresh images never repeat within a run (one seed counter); the repeat pool is fixed."""
-
-    def __init__(self, image_size: int, pool_size: int, seed: int = 0):
-        self.size = image_size
-        self.next_seed = 1_000_000 * (seed + 1)
-        self.rng = random.Random(seed)
-        self.pool = [jpeg_bytes(10 + i, image_size) for i in range(pool_size)]
-
-    def fresh(self) -> bytes:
-        self.next_seed += 1
-        return jpeg_bytes(self.next_seed, self.size)
-
-    def make(self, workload: str, n: int) -> list[bytes]:
-        if workload == "unique":
-            return [self.fresh() for _ in range(n)]
-        if workload == "repeat80":
-            return [self.pool[self.rng.randrange(len(self.pool))] if self.rng.random() < 0.8 else self.fresh()
-                    for _ in range(n)]
-        raise ValueError(workload)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the client side: closed-loop streaming chat through AsyncOpenAI
-# ------------------------------------------------------------------------------------------------------------
-async def one_request(client, model: str, jpeg: bytes, args) -> dict:
-    rec: dict[str, Any] = {"start": time.perf_counter(), "first": None, "last": None, "n": 0, "error": None}
-    try:
-        async def run() -> None:
-            stream = await client.chat.completions.create(
-                model=model, messages=messages(data_url(jpeg)), max_tokens=args.output_tokens, temperature=0.0,
-                stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True, "return_token_ids": True})
-            async for chunk in stream:
-                now = time.perf_counter()
-                for ch in chunk.choices:
-                    ids = getattr(ch, "token_ids", None)
-                    n = len(ids) if ids is not None else (1 if ch.delta and ch.delta.content else 0)
-                    if n:
-                        rec["first"] = rec["first"] or now
-                        rec["last"] = now
-                        rec["n"] += n
-                if chunk.usage is not None:
-                    rec["usage_tokens"] = chunk.usage.completion_tokens
-
-        await asyncio.wait_for(run(), args.request_timeout_s)
-    except asyncio.TimeoutError:
-        rec["error"] = f"no full answer within {args.request_timeout_s:.0f} s"
-    except Exception as e:  # noqa: BLE001 - every failure is a counted error, with its message
-        rec["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-    rec["end"] = time.perf_counter()
-    if rec["error"] is None and rec["n"] != args.output_tokens:
-        rec["error"] = f"{rec['n']} tokens streamed, {args.output_tokens} asked for"
-    return rec
-
-
-async def closed_loop(base_url: str, model: str, jpegs: list[bytes], concurrency: int, time_limit_s: float,
-                      args) -> tuple[list[dict], int, float]:
+def closed_loop(cfg: ClientConfig, jpegs: list[bytes], concurrency: int,
+                time_limit_s: float) -> tuple[list[dict], int, float]:
     """Returns (records, requests not sent because the time limit passed, wall seconds)."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=base_url, api_key=args.api_key or "unused", max_retries=0,
-                         timeout=args.request_timeout_s + 5)
-    recs: list[dict] = []
-    todo = list(jpegs)
-    t0 = time.perf_counter()
-    deadline = t0 + time_limit_s
-
-    async def worker() -> None:
-        while todo and time.perf_counter() < deadline:
-            recs.append(await one_request(client, model, todo.pop(0), args))
-
-    try:
-        await asyncio.gather(*[worker() for _ in range(min(concurrency, len(jpegs)))])
-    finally:
-        await client.close()
-    wall = (max(r["end"] for r in recs) - t0) if recs else 0.0
-    return recs, len(todo), wall
+    return asyncio.run(run_requests(cfg, [(j,) for j in jpegs], max_concurrency=concurrency,
+                                    time_limit_s=time_limit_s))
 
 
 def _closed_loop_proc(job: tuple) -> tuple[list[dict], int, float]:
-    base_url, model, jpegs, concurrency, time_limit_s, args = job
-    return asyncio.run(closed_loop(base_url, model, jpegs, concurrency, time_limit_s, args))
+    return closed_loop(*job)
 
 
-def run_level(base_url: str, model: str, jpegs: list[bytes], concurrency: int, time_limit_s: float,
+def run_level(cfg: ClientConfig, jpegs: list[bytes], concurrency: int, time_limit_s: float,
               args) -> tuple[list[dict], int, float]:
     """One closed-loop level, its clients spread over --client-procs processes (one asyncio loop of the
     openai client saturates a core near 40 streams/s of 64 tokens; the client must not be what is measured).
     Timestamps are CLOCK_MONOTONIC (perf_counter) in every process, so records from all of them compare."""
     procs = max(1, min(args.client_procs, concurrency, len(jpegs)))
     if procs == 1:
-        return asyncio.run(closed_loop(base_url, model, jpegs, concurrency, time_limit_s, args))
+        return closed_loop(cfg, jpegs, concurrency, time_limit_s)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     t0 = time.perf_counter()
-    jobs = [(base_url, model, jpegs[i::procs], len(range(i, concurrency, procs)), time_limit_s, args)
-            for i in range(procs)]
+    jobs = [(cfg, jpegs[i::procs], len(range(i, concurrency, procs)), time_limit_s) for i in range(procs)]
     with ProcessPoolExecutor(procs, mp_context=mp.get_context("fork")) as ex:
         parts = list(ex.map(_closed_loop_proc, jobs))
     recs = [r for part in parts for r in part[0]]
     wall = (max(r["end"] for r in recs) - t0) if recs else 0.0
     return recs, sum(p[1] for p in parts), wall
-
-
-def summarize(recs: list[dict], not_sent: int, wall: float) -> dict:
-    ok = [r for r in recs if r["error"] is None]
-    ttft = [(r["first"] - r["start"]) * 1e3 for r in ok]
-    tpot = [(r["last"] - r["first"]) * 1e3 / (r["n"] - 1) for r in ok if r["n"] > 1]
-    lat = [(r["end"] - r["start"]) for r in ok]
-    errors: dict[str, int] = {}
-    for r in recs:
-        if r["error"] is not None:
-            errors[r["error"]] = errors.get(r["error"], 0) + 1
-    return {"sent": len(recs), "ok": len(ok), "errors": len(recs) - len(ok), "not_sent": not_sent,
-            "wall_s": rnd(wall, 3), "req_per_s": rnd(len(ok) / wall if wall > 0 else None),
-            "out_tokens_per_s": rnd(sum(r["n"] for r in ok) / wall if wall > 0 else None, 1),
-            "ttft_ms": {"p50": rnd(pct(ttft, 50), 1), "p99": rnd(pct(ttft, 99), 1)},
-            "tpot_ms": {"p50": rnd(pct(tpot, 50), 2), "p99": rnd(pct(tpot, 99), 2)},
-            "latency_s": {"p50": rnd(pct(lat, 50), 3), "p99": rnd(pct(lat, 99), 3)},
-            "error_messages": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -558,7 +436,7 @@ class ServedStack:
         self._log.close()
 
 
-def run_served(args, model: str, out: Path, res: dict, maker: RequestMaker, save) -> list[bytes]:
+def run_served(args, model: str, out: Path, res: dict, maker: RandomMultimodalDataset, save) -> list[bytes]:
     """The served section; returns the JPEGs of the largest unique level (the offline sections reuse them)."""
     stack = ServedStack(model, args, out)
     largest_unique: list[bytes] = []
@@ -579,8 +457,8 @@ def run_served(args, model: str, out: Path, res: dict, maker: RequestMaker, save
         n_warm = args.warmup_requests if args.warmup_requests is not None else warm_c
         t = time.monotonic()
         pool = maker.pool if "repeat80" in args.workloads else []
-        recs, _, _ = asyncio.run(closed_loop(base, name, [maker.fresh() for _ in range(n_warm)] + pool,
-                                             warm_c, args.level_time_s * 2, args))
+        cfg = client_config(args, base, name)
+        recs, _, _ = closed_loop(cfg, [maker.fresh() for _ in range(n_warm)] + pool, warm_c, args.level_time_s * 2)
         bad = [r["error"] for r in recs if r["error"]]
         log(f"warm-up: {len(recs)} requests in {time.monotonic() - t:.1f} s, {len(bad)} errors"
             + (f" (first: {bad[0]})" if bad else ""))
@@ -593,11 +471,11 @@ def run_served(args, model: str, out: Path, res: dict, maker: RequestMaker, save
                     res["served"]["skipped"].append(f"{workload} c={c}")
                     continue
                 n = args.requests or max(64, 4 * c)
-                jpegs = maker.make(workload, n)
+                jpegs = maker.sample(n, REUSE[workload])
                 if workload == "unique" and c == max(args.levels):
                     largest_unique = jpegs
                 before = snapshot(stack.proc.pid)
-                recs, not_sent, wall = run_level(base, name, jpegs, c, args.level_time_s, args)
+                recs, not_sent, wall = run_level(cfg, jpegs, c, args.level_time_s, args)
                 after = snapshot(stack.proc.pid)
                 s = summarize(recs, not_sent, wall)
                 lvl = {"workload": workload, "concurrency": c, "requests": n, **s,
@@ -612,7 +490,7 @@ def run_served(args, model: str, out: Path, res: dict, maker: RequestMaker, save
                     + (f"; errors: {s['error_messages']}" if s["errors"] else ""))
                 save()
         if not largest_unique:
-            largest_unique = maker.make("unique", args.requests or max(64, 4 * max(args.levels)))
+            largest_unique = maker.sample(args.requests or max(64, 4 * max(args.levels)))
     finally:
         log("stopping the stack")
         stack.stop()
@@ -635,15 +513,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_offline(args, model: str, jpegs: list[bytes], maker: RequestMaker) -> tuple[dict, Any]:
+def run_offline(args, model: str, jpegs: list[bytes], maker: RandomMultimodalDataset) -> tuple[dict, Any]:
     from mmpipe import LLM, SamplingParams
 
     t = time.monotonic()
     llm = LLM(model, device=args.device, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
     load_s = time.monotonic() - t
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
-    convs = [messages(data_url(j)) for j in jpegs]
-    llm.chat([messages(data_url(maker.fresh())) for _ in range(2)], sp, use_tqdm=False)  # warm-up
+    convs = [chat_messages((j,)) for j in jpegs]
+    llm.chat([chat_messages((maker.fresh(),)) for _ in range(2)], sp, use_tqdm=False)  # warm-up
     out: dict[str, Any] = {"requests": len(convs), "load_s": round(load_s, 1)}
     for tag in ("unique", "cached"):
         s0 = dict(llm.stats)
@@ -716,7 +594,7 @@ def vit_flops(vcfg: Any, grid_thw: list[int]) -> float | None:
     return f
 
 
-def run_tower(args, adapter, maker: RequestMaker) -> dict:
+def run_tower(args, adapter, maker: RandomMultimodalDataset) -> dict:
     from PIL import Image
 
     from mmpipe.shared.types import MediaItem
@@ -1026,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "serve_bench.json").write_text(json.dumps(res, indent=2, default=str))
         (out / "serve_bench.md").write_text(to_markdown(res))
 
-    maker = RequestMaker(args.image_size, args.pool_size)
+    maker = RandomMultimodalDataset(args.image_size, args.pool_size)
     status = 0
     try:
         jpegs: list[bytes] = []
@@ -1039,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 save()
         if not jpegs:
-            jpegs = maker.make("unique", args.requests or max(64, 4 * max(args.levels)))
+            jpegs = maker.sample(args.requests or max(64, 4 * max(args.levels)))
         if args.offline_requests:
             jpegs = jpegs[:args.offline_requests]
         llm = adapter = None

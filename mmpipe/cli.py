@@ -84,6 +84,7 @@ SUBCOMMANDS: dict[str, SubcommandRef] = {
     "generator": "mmpipe.commands.generator",
     "gateway": "mmpipe.commands.gateway",
     "serve": "mmpipe.commands.serve",
+    "bench": "mmpipe.commands.bench",
 }
 
 

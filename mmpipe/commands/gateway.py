@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     except MMPipeError as e:
         print(f"mmpipe gateway: error: {e.message}")
         return 2
-    setup_logging("gateway", cfg.log_level)
+    setup_logging("gateway", cfg.log_level, cfg.log_format)
     if cfg.api_server_count > 1:
         from mmpipe.services.gateway.workers import run_workers
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mmpipe.commands.demo import DEFAULT_FAMILY, _image_data_url, _video_file, _wav_b64
-from mmpipe.services.common.cli_args import env_int
+from mmpipe.services.common.cli_args import add_log_format_arg, env_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--grpc-port", type=int, default=env_int("GRPC_PORT", 50050))
     p.add_argument("--once", action="store_true", help="stop after the first answer (for scripts and tests)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
+    add_log_format_arg(p)  # passed on to `mmpipe serve`
     return p
 
 
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     modalities = adapter_class_for(AutoConfig.from_pretrained(model).model_type).modalities
     media_dir = Path(tempfile.mkdtemp(prefix="mmpipe-quickstart-"))
     cmd = [sys.executable, "-m", "mmpipe.cli", "serve", model, "--port", str(args.port), "--grpc-port",
-           str(args.grpc_port), "--allowed-local-media-path", str(media_dir)]
+           str(args.grpc_port), "--allowed-local-media-path", str(media_dir),
+           *(["--log-format", args.log_format] if args.log_format else [])]
     print(">> starting:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd)
     base = f"http://127.0.0.1:{args.port}"

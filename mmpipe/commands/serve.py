@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from mmpipe.commands.serve_flags import add_stage_flags, child_args
-from mmpipe.services.common.cli_args import env, env_int
+from mmpipe.services.common.cli_args import add_log_format_arg, env, env_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    add_log_format_arg(p)  # resolved here (serve's stderr is the children's) and given to every child
     p.add_argument("--otlp-traces-endpoint", default=env("OTLP_TRACES_ENDPOINT") or None,
                    help="OpenTelemetry spans of every stage and the gateway over OTLP/HTTP to this URL (vLLM's flag), "
                         "e.g. http://127.0.0.1:4318/v1/traces; passed to every child")
@@ -158,6 +159,7 @@ def child_argvs(args: argparse.Namespace, ports: dict[str, int], redis_url: str)
     then every stage flag the user gave serve that this child takes (serve_flags.child_args)."""
     from mmpipe.shared.cache.embedded_redis import free_port
 
+    from mmpipe.services.common.logs import resolve_format
     from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
 
     server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
@@ -165,11 +167,12 @@ def child_argvs(args: argparse.Namespace, ports: dict[str, int], redis_url: str)
     tls_client_args = client_tls.args() if client_tls is not None else []
     addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
     py = [sys.executable, "-m", "mmpipe.cli"]
+    log_args = ["--log-format", resolve_format(args.log_format)]
     trace_args = ["--otlp-traces-endpoint", args.otlp_traces_endpoint] if args.otlp_traces_endpoint else []
 
     def stage(name: str, *wiring: str) -> list[str]:
         return [*py, name, "--model", args.model, "--host", "127.0.0.1", "--port", str(ports[name]),
-                "--metrics-port", str(free_port()), "--log-level", args.log_level,
+                "--metrics-port", str(free_port()), "--log-level", args.log_level, *log_args,
                 "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *trace_args, *wiring,
                 *child_args(args, name)]
 
@@ -180,7 +183,7 @@ def child_argvs(args: argparse.Namespace, ports: dict[str, int], redis_url: str)
         out["gateway"] = [
             *py, "gateway", "--model", args.model, "--host", args.host, "--port", str(args.port),
             "--grpc-port", str(args.grpc_port), "--ingest-addr", addr["ingest"], "--encoder-addr", addr["encoder"],
-            "--generator-addr", addr["generator"], "--redis-url", redis_url, "--log-level", args.log_level.lower(),
+            "--generator-addr", addr["generator"], "--redis-url", redis_url, "--log-level", args.log_level.lower(), *log_args,
             "--shutdown-grace-s", str(args.shutdown_grace_s), *tls_server_args, *tls_client_args, *trace_args,
             *child_args(args, "gateway")]
     return out

@@ -36,6 +36,8 @@ WIRING: dict[str, str] = {
     "--encoder-addr": "serve wires the stages together",
     "--generator-addr": "serve wires the stages together",
     "--log-level": "serve's own --log-level, given to every stage",
+    "--log-format": "serve's own --log-format (resolved against serve's stderr, which the children share), given "
+                    "to every child",
     "--shutdown-grace-s": "serve's own --shutdown-grace-s, given to every child",
     "--otlp-traces-endpoint": "serve's own, given to every child",
     "--api-key": "serve's own --api-key, passed to the gateway in its environment (argv is visible in `ps`)",

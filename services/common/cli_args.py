@@ -31,6 +31,7 @@ class ServerConfig:
     # ... and then give its in-flight RPCs this long before cutting them (a long generation stream included)
     max_connection_age_grace_ms: int = 600_000  # MAX_CONNECTION_AGE_GRACE_MS
     log_level: str = "INFO"
+    log_format: str | None = None  # --log-format text / json; None: text on a terminal, else JSON (common/logs.py)
     tls: ServerTLS | None = None  # --tls-cert-file / --tls-key-file / --tls-ca-file (services/common/tls.py)
     otlp_traces_endpoint: str | None = None  # --otlp-traces-endpoint: spans over OTLP/HTTP (services/common/tracing.py)
 
@@ -86,6 +87,17 @@ def env_float(name: str, default: Any) -> Any:
     return _typed_env(name, default, float, "a number")
 
 
+def env_choice(name: str, default: Any, choices: tuple[str, ...]) -> Any:
+    """MMPIPE_<name> when it is one of `choices` (any case), `default` when unset or empty, a `BadEnv` otherwise."""
+
+    def parse(v: str) -> str:
+        if v.strip().lower() not in choices:
+            raise ValueError(v)
+        return v.strip().lower()
+
+    return _typed_env(name, default, parse, f"one of {', '.join(choices)}")
+
+
 def env_bool(name: str, default: bool = False) -> bool:
     v = env(name)
     return default if v in (None, "") else v.strip().lower() in ("1", "true", "yes", "on")
@@ -115,9 +127,21 @@ def add_server_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     g.add_argument("--shutdown-grace-s", type=float, default=env_float("SHUTDOWN_GRACE_S", 30.0),
                    help="on SIGTERM, seconds in-flight RPCs get to finish (env MMPIPE_SHUTDOWN_GRACE_S)")
     g.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env MMPIPE_LOG_LEVEL")
+    add_log_format_arg(g)
     add_connection_age_args(g)
     add_tracing_arg(g)
     add_server_tls_args(p.add_argument_group("grpc tls (server)"))
+
+
+def add_log_format_arg(g) -> None:
+    """--log-format, on every command that starts a service (the stages, the gateway, `mmpipe serve`)."""
+    from mmpipe.services.common.logs import LOG_FORMATS  # stdlib only
+
+    g.add_argument("--log-format", choices=LOG_FORMATS, type=str.lower,
+                   default=env_choice("LOG_FORMAT", None, LOG_FORMATS),
+                   help="text: one short line per event; json: one JSON object per line (ts, level, logger, stage, "
+                        "msg, request_id, fields); default: text when stderr is a terminal, else json "
+                        "(env MMPIPE_LOG_FORMAT)")
 
 
 MAX_CONNECTION_AGE_MS = 300_000
@@ -207,6 +231,7 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, max_message_mb=a.max_message_mb,
                         max_concurrent_rpcs=getattr(a, "max_concurrent_rpcs", 1024),
                         shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
+                        log_format=getattr(a, "log_format", None),
                         max_connection_age_ms=connection_age(a)[0], max_connection_age_grace_ms=connection_age(a)[1], tls=server_tls_from_args(a),
                         otlp_traces_endpoint=getattr(a, "otlp_traces_endpoint", None))
 

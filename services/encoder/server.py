@@ -62,6 +62,6 @@ async def run(cfg: EncoderConfig) -> None:
 
 
 def main(cfg: EncoderConfig) -> int:
-    setup_logging("encoder", cfg.server.log_level)
+    setup_logging("encoder", cfg.server.log_level, cfg.server.log_format)
     asyncio.run(run(cfg))
     return 0

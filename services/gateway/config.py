@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from mmpipe.services.common.cli_args import (add_connection_age_args, add_tracing_arg, connection_age, env,
-                                             env_float, env_int)
+from mmpipe.services.common.cli_args import (add_connection_age_args, add_log_format_arg, add_tracing_arg,
+                                             connection_age, env, env_float, env_int)
 from mmpipe.services.common.tls import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
                                         client_tls_from_args, server_tls_from_args)
 from mmpipe.shared.cache.redis_options import RedisOptions
@@ -127,6 +127,10 @@ class GatewayConfig:
     # On SIGTERM, seconds in-flight requests get to finish.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    log_format: str | None = None  # --log-format text / json; None: text on a terminal, else JSON (common/logs.py)
+    # One line per request (services/gateway/access_log.py), except for these paths; False: none at all.
+    access_log: bool = True
+    access_log_exclude: tuple[str, ...] = ()
     # Gateway processes serving the one HTTP (and gRPC) port (services/gateway/workers.py); 1: this process.
     api_server_count: int = 1
     # OTLP/HTTP URL for the request spans (services/common/tracing.py); None: no tracing.
@@ -270,6 +274,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "[MMPIPE_DISABLE_FASTAPI_DOCS]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    type=str.lower, choices=("debug", "info", "warning", "error"), help="[MMPIPE_LOG_LEVEL]")
+    add_log_format_arg(p)
+    p.add_argument("--disable-access-log", "--disable-uvicorn-access-log", dest="disable_access_log",
+                   action="store_true", default=_env_bool("DISABLE_ACCESS_LOG"),
+                   help="no access-log line per request (method, path, status, latency, tokens, request id; HTTP and "
+                        "gRPC); the second name is vLLM's [MMPIPE_DISABLE_ACCESS_LOG]")
+    p.add_argument("--disable-access-log-for-endpoints", default=_env("DISABLE_ACCESS_LOG_FOR_ENDPOINTS"),
+                   help="comma-separated HTTP paths without an access-log line, e.g. /health,/metrics (vLLM's flag) "
+                        "[MMPIPE_DISABLE_ACCESS_LOG_FOR_ENDPOINTS]")
     add_tracing_arg(p)
     return p
 
@@ -281,6 +293,16 @@ def split_addrs(value: str | Sequence[str]) -> tuple[str, ...]:
     if not addrs:
         raise InvalidInputError("--generator-addr names no generator", param="--generator-addr")
     return addrs
+
+
+def _paths(value: str | None) -> tuple[str, ...]:
+    """--disable-access-log-for-endpoints: each a path starting with '/'."""
+    out = tuple(p.strip() for p in (value or "").split(",") if p.strip())
+    for p in out:
+        if not p.startswith("/"):
+            raise InvalidInputError(f"--disable-access-log-for-endpoints: {p!r} is not a path (starts with '/')",
+                                    param="--disable-access-log-for-endpoints")
+    return out
 
 
 def split_api_keys(value: str | None) -> tuple[str, ...]:
@@ -357,6 +379,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         header_read_timeout_s=getattr(args, "header_read_timeout", 10.0),
         body_read_timeout_s=getattr(args, "body_read_timeout", 30.0),
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, api_server_count=count,
+        log_format=getattr(args, "log_format", None), access_log=not getattr(args, "disable_access_log", False),
+        access_log_exclude=_paths(getattr(args, "disable_access_log_for_endpoints", None)),
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
         grpc_max_connection_age_ms=connection_age(args)[0], grpc_max_connection_age_grace_ms=connection_age(args)[1],

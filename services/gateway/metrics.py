@@ -22,6 +22,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from mmpipe.services.common.steps import STEP_BUCKETS, STEP_DOC
 
+from . import access_log
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -133,6 +135,7 @@ class RequestMetrics:
             PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
         if self.n_tokens:
             GENERATION_TOKENS.labels(self.model).inc(self.n_tokens)
+        access_log.record_tokens(prompt_tokens, self.n_tokens)
         if self.n_tokens > 1 and self.first_token_at is not None and self.last_token_at is not None:
             TPOT.labels(self.model).observe((self.last_token_at - self.first_token_at) / (self.n_tokens - 1))
         if self.span is not None:

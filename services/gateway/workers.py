@@ -76,7 +76,7 @@ def _worker_main(cfg: GatewayConfig, sock: socket.socket, index: int) -> None:
     from .server import serve
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent sends SIGTERM
-    setup_logging("gateway", cfg.log_level)
+    setup_logging("gateway", cfg.log_level, cfg.log_format)
     asyncio.run(serve(cfg, http_socket=sock, worker=index))
 
 

@@ -71,7 +71,7 @@ def build_engine(cfg: GeneratorConfig) -> GeneratorEngine:
 
     if not cfg.engine_process:
         return _build_in_process(cfg)
-    from mmpipe.services.common.logs import setup_logging
+    from mmpipe.services.common.logs import resolve_format, setup_logging
     from mmpipe.shared.engine import EngineCoreClient, EngineCoreSpec
 
     adapter = load_front_adapter(cfg)
@@ -85,7 +85,8 @@ def build_engine(cfg: GeneratorConfig) -> GeneratorEngine:
                                                                      max_model_len=max_len),
                           load_kwargs={"model": cfg.model, "dtype": dtype, "device": device,
                                        "trust_remote_code": cfg.trust_remote_code},
-                          setup=functools.partial(setup_logging, "generator-engine-core", level))
+                          setup=functools.partial(setup_logging, "generator-engine-core", level,
+                                                  resolve_format(cfg.server.log_format)))
     client = EngineCoreClient(spec, max_waiting=cfg.max_waiting)
     log.info("engine core running in process %d", client.pid)
     return GeneratorEngine(adapter, client, client.load_info["weights"])

@@ -55,6 +55,6 @@ async def run(cfg: GeneratorConfig) -> None:
 
 
 def main(cfg: GeneratorConfig) -> int:
-    setup_logging("generator", cfg.server.log_level)
+    setup_logging("generator", cfg.server.log_level, cfg.server.log_format)
     asyncio.run(run(cfg))
     return 0

@@ -45,6 +45,6 @@ async def run(cfg: IngestConfig) -> None:
 
 
 def main(cfg: IngestConfig) -> int:
-    setup_logging("ingest", cfg.server.log_level)
+    setup_logging("ingest", cfg.server.log_level, cfg.server.log_format)
     asyncio.run(run(cfg))
     return 0

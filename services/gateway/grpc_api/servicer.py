@@ -24,6 +24,7 @@ from mmpipe.shared.tools.parsers import DeltaToolCall
 from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
+from ..access_log import AccessLog
 from ..core import GatewayCore, GenerationStream
 from ..http.auth import TENANT_HEADER, authenticate
 from ..http.request_id import HEADER as REQUEST_ID_HEADER
@@ -34,6 +35,7 @@ from ..types import ChatInput, CompletionInput, MediaKwargs, RequestContext, Tok
 logger = logging.getLogger(__name__)
 
 _URL_PARTS = ("image_url", "video_url", "audio_url")
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # mmpipe.v1.Gateway
 
 
 def sampling_from_pb(pb: gateway_pb2.SamplingOptions) -> SamplingParams:
@@ -190,6 +192,7 @@ def _tool_call_delta_pb(c: DeltaToolCall) -> gateway_pb2.ToolCallDelta:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, core: GatewayCore):
         self.core = core
+        self.access_log = AccessLog.of(core.cfg)
 
     async def Chat(self, request: gateway_pb2.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
@@ -238,6 +241,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         md = {k: v for k, v in (context.invocation_metadata() or ())}
         rid = sane_request_id(md.get(REQUEST_ID_HEADER))
         token = REQUEST_ID.set(rid)
+        access = self.access_log.open("GRPC", f"/{SERVICE}/{method}")
         code = "OK"
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
@@ -294,4 +298,5 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
         finally:
             count_request(self.core.model_name, f"grpc:{method}", code)
+            self.access_log.close(access, code, rid)
             REQUEST_ID.reset(token)

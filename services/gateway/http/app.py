@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..access_log import AccessLog, AccessLogMiddleware
 from ..core import GatewayCore
 from ..metrics import render
 from ..openai.chat_completion.api_router import router as chat_router
@@ -84,4 +85,6 @@ def build_app(core: GatewayCore, *, redis: Any | None = None, worker: int | None
 
     app.add_middleware(RequestGuard, core=core)  # inside the request id: its refusals are counted and carry the id
     app.add_middleware(RequestIdMiddleware, model=core.model_name, worker=worker)
+    # outermost: the line is written after the request id's middleware and the whole response (a stream's too)
+    app.add_middleware(AccessLogMiddleware, access_log=AccessLog.of(core.cfg))
     return app
