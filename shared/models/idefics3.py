@@ -44,11 +44,11 @@ class Idefics3Adapter(ModelAdapter):
 
     def __init__(self, model: Any, processor: Any, **kwargs: Any):
         super().__init__(model, processor, **kwargs)
-        tile = (self.mm_processor_kwargs.get("max_image_size") or {}).get("longest_edge")
+        tile = self.mm_processor_kwargs.get("max_image_size", processor.image_processor.max_image_size)
         size = int(model.config.vision_config.image_size)
-        if tile is not None and tile != size:
-            raise UnsupportedError(f"{self.family}: max_image_size.longest_edge must be the vision tower's input "
-                                   f"size ({size}), got {tile!r}", param=f"{PARAM}.max_image_size")
+        if not isinstance(tile, dict) or tile.get("longest_edge") != size:
+            raise UnsupportedError(f"{self.family}: max_image_size must be {{'longest_edge': {size}}}, the vision "
+                                   f"tower's input size; got {tile!r}", param=f"{PARAM}.max_image_size")
 
     def placeholder_token(self, modality: str) -> str:
         self.check_modality(modality)
