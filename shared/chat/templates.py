@@ -28,6 +28,15 @@ def _chatml(image: str, video: str, audio: str) -> str:
     return _CHATML_BODY.replace("IMAGE", image).replace("VIDEO", video).replace("AUDIO", audio)
 
 
+_IDEFICS3 = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}"
+    "{% if m['content'] is string %}: {{ m['content'] }}{% else %}"
+    "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
 FALLBACK_TEMPLATES: dict[str, str] = {
     "llava": (
         "{% for m in messages %}"
@@ -56,6 +65,10 @@ FALLBACK_TEMPLATES: dict[str, str] = {
         "{% endfor %}{% endif %}<end_of_turn>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     ),
+    # Idefics3 / SmolVLM's published format: "<bos>User:<image>question<end_of_utterance>\nAssistant:", the role
+    # followed by ':' when the message starts with an image, ': ' otherwise
+    "idefics3": _IDEFICS3,
+    "smolvlm": _IDEFICS3,
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                             "<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }

@@ -5,7 +5,7 @@ It reads `model.model.language_model` (embed_tokens, layers, norm, rotary_emb) a
 cos/sin come from the model's own `rotary_emb` (so M-RoPE sections, interleaved or not, are exact, and Gemma's
 per-layer-type tables too); positions are (T,) or, for M-RoPE models, (3, T). Attention goes through the paged
 KV cache via an attention backend, with each layer's window (model_spec.py: sliding layers, soft-caps, Gemma's
-layout).
+layout). Idefics3 / SmolVLM name the decoder `model.model.text_model`.
 
 Qwen3-style attention RMS-normalises q and k per head before RoPE (`q_norm` / `k_norm`, used when the layer
 has them). DeepStack (Qwen3-VL): a multimodal row is `hidden * (1 + num_deepstack)` wide, the base embedding
@@ -29,6 +29,8 @@ from .model_spec import DecoderSpec, read_spec
 def _find_text_decoder(hf_model: nn.Module) -> nn.Module:
     inner = getattr(hf_model, "model", hf_model)
     lm = getattr(inner, "language_model", None)
+    if lm is None:
+        lm = getattr(inner, "text_model", None)  # Idefics3 / SmolVLM
     if lm is None and hasattr(inner, "layers"):
         lm = inner  # a plain *ForCausalLM
     if lm is None or not hasattr(lm, "layers"):

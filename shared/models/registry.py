@@ -14,6 +14,7 @@ from typing import Any
 from mmpipe.shared.errors import UnsupportedError
 from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.models.gemma3 import Gemma3Adapter
+from mmpipe.shared.models.idefics3 import Idefics3Adapter
 from mmpipe.shared.models.llava import LlavaAdapter
 from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
@@ -21,12 +22,13 @@ from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
 from mmpipe.shared.models.qwen3_vl import Qwen3VLAdapter
 from mmpipe.shared.models.qwen_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from mmpipe.shared.models.smolvlm import SmolVLMAdapter
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
-    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter,
+    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter, Idefics3Adapter, SmolVLMAdapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)

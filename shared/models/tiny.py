@@ -6,7 +6,8 @@ tokenizer trained locally with the `tokenizers` library, the real image / video 
 chat template. The directory is written with `save_pretrained` and loads back with the ordinary Auto classes:
 
     AutoProcessor.from_pretrained(path)
-    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3
+    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3,
+                                                        # idefics3, smolvlm
     AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*)
 
 `mmpipe_tiny.json` in the directory names the family and which Auto class loads it (`load_tiny_model` reads it).
@@ -103,6 +104,8 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         # the prompt's placeholder is <start_of_image> (config.boi_token_id); the processor adds the soft tokens
         TinyFamilySpec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, ("image",), {"image": "<start_of_image>"},
                        {"image": "boi_token_id"}),
+        _spec("idefics3", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
+        _spec("smolvlm", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -654,6 +657,74 @@ def _build_gemma3() -> _Built:
     return model, processor
 
 
+# Idefics3 / SmolVLM: 56 px tiles of 4x4 patches, pixel-shuffled 2x2 into 4 tokens a tile; images are scaled to a
+# longest edge of at most 112 px, so a large image is split into up to 2x2 tiles plus the global one (4-20 tokens)
+IDEFICS3_TILE = 56
+IDEFICS3_LONGEST_EDGE = 112
+IDEFICS3_SCALE_FACTOR = 2
+IDEFICS3_TILE_TOKENS = (IDEFICS3_TILE // PATCH) ** 2 // IDEFICS3_SCALE_FACTOR ** 2
+
+
+def idefics3_template(bos: str, media_markers: Mapping[str, str]) -> str:
+    """Idefics3 / SmolVLM style: `<bos>User:<image>question<end_of_utterance>\nAssistant: answer...`, the role
+    capitalised and followed by ':' before a media part, ': ' otherwise; generation prompt `Assistant:`."""
+    return (
+        f"{{{{- {json.dumps(bos)} -}}}}\n"
+        "{%- for message in messages -%}\n"
+        + _CHECK_ROLE
+        + "{{- message['role'] | capitalize -}}\n"
+        "{%- if message['content'] is not string and message['content'][0]['type'] != 'text' -%}{{- ':' -}}"
+        "{%- else -%}{{- ': ' -}}{%- endif -%}\n"
+        + _content_block(media_markers)
+        + "{{- '<end_of_utterance>\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}\n"
+    )
+
+
+def _build_idefics3_like(family: str) -> _Built:
+    """Idefics3 / SmolVLM: a SigLIP-style tower over 56 px tiles (the image split into tiles plus a global one,
+    each tile's `<row_i_col_j>` and the `<fake_token_around_image>` / `<global-img>` markers in the prompt), the
+    pixel-shuffle connector, a Llama decoder."""
+    import transformers as tf
+
+    bos = "<|im_start|>" if family == "smolvlm" else "<|begin_of_text|>"
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    if family == "smolvlm":
+        named["video_token"] = "<video>"
+    tok = train_tokenizer(["<|endoftext|>", bos, *named.values(), *grid], bos=bos, eos="<end_of_utterance>",
+                          pad="<|endoftext|>", named_tokens=named)
+    text = _text_config(tok, model_type="llama", tie_word_embeddings=False)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IDEFICS3_TILE, patch_size=PATCH, initializer_range=0.2)
+    config_cls, model_cls, image_cls, processor_cls = {
+        "idefics3": (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration, tf.Idefics3ImageProcessor,
+                     tf.Idefics3Processor),
+        "smolvlm": (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration, tf.SmolVLMImageProcessor,
+                    tf.SmolVLMProcessor),
+    }[family]
+    config = config_cls(text_config=text, vision_config=vision, scale_factor=IDEFICS3_SCALE_FACTOR,
+                        image_token_id=tok.image_token_id, tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    model = model_cls(config)
+    sizes = dict(size={"longest_edge": IDEFICS3_LONGEST_EDGE}, max_image_size={"longest_edge": IDEFICS3_TILE})
+    kwargs: dict[str, Any] = dict(image_processor=image_cls(**sizes), tokenizer=tok,
+                                  image_seq_len=IDEFICS3_TILE_TOKENS)
+    if family == "smolvlm":  # the processor requires one; mmpipe serves SmolVLM images only (smolvlm.py says why)
+        kwargs["video_processor"] = tf.SmolVLMVideoProcessor(**sizes, num_frames=4, fps=1)
+    processor = processor_cls(**kwargs, chat_template=idefics3_template(bos, {"image": "<image>"}))
+    return model, processor
+
+
+def _build_idefics3() -> _Built:
+    return _build_idefics3_like("idefics3")
+
+
+def _build_smolvlm() -> _Built:
+    return _build_idefics3_like("smolvlm")
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
@@ -664,6 +735,8 @@ _BUILDERS = {
     "qwen3_vl": _build_qwen3_vl,
     "qwen2_5_omni_full": _build_qwen2_5_omni_full,
     "gemma3": _build_gemma3,
+    "idefics3": _build_idefics3,
+    "smolvlm": _build_smolvlm,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 
