@@ -22,6 +22,8 @@ FAMILY_MODALITIES = {
     "qwen2_5_omni": ("image", "video", "audio"),
     "qwen3_vl": ("image", "video"),
     "gemma3": ("image",),
+    "llava_next": ("image",),
+    "internvl": ("image",),
 }
 
 
