@@ -23,7 +23,7 @@ FAMILY_MODALITIES = {
     "qwen3_vl": ("image", "video"),
     "gemma3": ("image",),
     "llava_next": ("image",),
-    "internvl": ("image",),
+    "internvl": ("image", "video"),
 }
 
 

@@ -3,15 +3,18 @@ transformers' `model.generate(**processor(...))` (fp32, CPU).
 
 LLaVA-NeXT: anyres tiles, unpadded feature grid with an `image_newline` row after each feature row; InternVL:
 dynamic tiles plus a thumbnail, pixel shuffle, each image wrapped in `<img>` ... `</img>`. One-image chat parity
-is in test_offline_parity.py (the family matrix), stage-only weights in test_stage_weights.py."""
+and InternVL's image + mp4 video chat parity are in test_offline_parity.py (the family matrix), stage-only weights
+in test_stage_weights.py."""
 from __future__ import annotations
 
 import pytest
 import torch
-from offline_helpers import chat_prompt, hf_generate, make_image, oracle_model, tiny_model_dirs  # noqa: F401
+from offline_helpers import (  # noqa: F401 (tiny_model_dirs is a fixture)
+    chat_prompt, hf_generate, make_image, make_video, oracle_model, tiny_model_dirs,
+)
 
 from mmpipe import LLM, SamplingParams
-from mmpipe.shared.errors import InvalidInputError
+from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.types import MediaItem
 
 FAMILIES = ["llava_next", "internvl"]
@@ -121,6 +124,29 @@ def test_internvl_expansion_wraps_each_image(tiny_model_dirs):  # noqa: F811
     got = expand_prompt(ids, embeds, llm.adapter.placeholder_ids(), None, llm.adapter.item_tokens()).token_ids
     _, processor = oracle_model(path)
     assert got == processor(text=prompt, images=IMAGES[1:], return_tensors="pt")["input_ids"][0].tolist()
+
+
+def test_internvl_video_and_image_in_a_mixed_batch(tiny_model_dirs):  # noqa: F811
+    """Clips of different lengths (a `Frame{i}: <img>...</img>` line per frame), one beside an image, in a batch
+    with a text prompt; precomputed video embeddings are refused (the prompt needs each frame's line). One clip
+    per prompt: transformers' processor cannot stack clips of different lengths into one call."""
+    path = str(tiny_model_dirs["internvl"])
+    llm = LLM(path, device="cpu", enable_mm_embeds=True)
+    short, long = make_video(n=3, h=56, w=84, seed=5), make_video(n=5, h=64, w=64, seed=6)
+    both = chat_prompt(path, [{"role": "user", "content": [{"type": "video"}, {"type": "image"},
+                                                           {"type": "text", "text": TEXT}]}])
+    clip = chat_prompt(path, [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": TEXT}]}])
+    text = _prompts(path, [0])[0]
+    outs = llm.generate([{"prompt": both, "multi_modal_data": {"video": short, "image": IMAGES[0]}}, text,
+                         {"prompt": clip, "multi_modal_data": {"video": long}}],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        hf_generate(path, both, images=[IMAGES[0]], videos=[short], add_special_tokens=False),
+        hf_generate(path, text, add_special_tokens=False),
+        hf_generate(path, clip, videos=[long], add_special_tokens=False)]
+    with pytest.raises(UnsupportedError) as e:
+        llm.generate({"prompt": clip, "multi_modal_data": {"video": torch.zeros(1, 12, 64)}}, use_tqdm=False)
+    assert e.value.param == "video_embeds"
 
 
 @pytest.mark.parametrize("family,want", [

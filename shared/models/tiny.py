@@ -105,8 +105,10 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         TinyFamilySpec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, ("image",), {"image": "<start_of_image>"},
                        {"image": "boi_token_id"}),
         _spec("llava_next", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
-        # the prompt's placeholder is <IMG_CONTEXT>; the processor writes <img>, its rows per tile, </img>
-        _spec("internvl", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<IMG_CONTEXT>"}),
+        # the prompt's placeholders are <IMG_CONTEXT> (the processor writes <img>, its rows per tile, </img>) and
+        # <video> (a `Frame{i}: <img>...</img>` line per frame); frames are image rows, the config names no video id
+        TinyFamilySpec("internvl", LOADER_IMAGE_TEXT_TO_TEXT, ("image", "video"),
+                       {"image": "<IMG_CONTEXT>", "video": "<video>"}, {"image": "image_token_id"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -702,7 +704,8 @@ INTERNVL_MAX_TILES = 4
 def _build_internvl() -> _Built:
     """InternVL (transformers-format, InternVL3-hf style): InternViT tower over dynamic tiles (the best grid of
     up to INTERNVL_MAX_TILES 56 px tiles plus a thumbnail), pixel shuffle (downsample 0.5), MLP projector, Qwen2
-    decoder. Each image is `<img>` + rows + `</img>` in the prompt; the chat template writes `<IMG_CONTEXT>`."""
+    decoder. Each image is `<img>` + rows + `</img>` in the prompt; the chat template writes `<IMG_CONTEXT>` for an
+    image and `<video>` for a video (one 56 px tile a frame)."""
     from transformers import (
         GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
         InternVLVideoProcessor,
@@ -712,7 +715,7 @@ def _build_internvl() -> _Built:
              "video_token": "<video>"}
     tok = train_tokenizer(_CHATML + list(named.values()), eos="<|im_end|>", pad="<|endoftext|>", named_tokens=named)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.2)
+                  image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.2, layer_scale_init_value=1.0)
     config = InternVLConfig(vision_config=vision, text_config=_text_config(tok, model_type="qwen2"),
                             image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5,
@@ -723,7 +726,7 @@ def _build_internvl() -> _Built:
         image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1,
                                               max_patches=INTERNVL_MAX_TILES),
         video_processor=InternVLVideoProcessor(size=size), tokenizer=tok, image_seq_length=INTERNVL_TILE_TOKENS,
-        chat_template=chatml_template({"image": "<IMG_CONTEXT>\n"}))
+        chat_template=chatml_template({"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}))
     return model, processor
 
 
