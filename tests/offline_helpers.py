@@ -24,6 +24,8 @@ FAMILY_MODALITIES = {
     "gemma3": ("image",),
     "idefics3": ("image",),
     "smolvlm": ("image",),
+    "llava_next": ("image",),
+    "internvl": ("image", "video"),
 }
 
 

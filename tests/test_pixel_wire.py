@@ -22,6 +22,8 @@ PIXEL_FAMILIES = {
     "qwen2_5_vl": ("image", "video"),
     "llava_onevision": ("image", "video"),
     "qwen2_5_omni": ("image", "video"),
+    "llava_next": ("image",),
+    "internvl": ("image",),
 }
 CASES = [(f, m) for f, mods in PIXEL_FAMILIES.items() for m in mods]
 _ARG = {"image": "images", "video": "videos"}
@@ -93,7 +95,8 @@ def test_compact_then_finish_is_the_full_processor_bit_for_bit(family, modality,
 
 
 @pytest.mark.parametrize("family,modality", [("qwen2_5_vl", "image"), ("llava_onevision", "image"),
-                                             ("qwen2_vl", "video"), ("llava", "image")])
+                                             ("qwen2_vl", "video"), ("llava", "image"),
+                                             ("llava_next", "image"), ("internvl", "image")])
 def test_embedding_is_unchanged_by_the_wire_form(family, modality, adapters):
     """What the cache key promises: the compact item encodes to exactly the float item's embedding."""
     ad = adapters(family)

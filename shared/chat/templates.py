@@ -71,7 +71,11 @@ FALLBACK_TEMPLATES: dict[str, str] = {
     "smolvlm": _IDEFICS3,
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                             "<|audio_bos|><|AUDIO|><|audio_eos|>"),
+    # InternVL3-hf's format: an image part is <IMG_CONTEXT> (the processor / assemble.py add <img> ... </img>)
+    "internvl": _chatml("<IMG_CONTEXT>\n", "<video>\n", ""),
 }
+# llava-v1.6-vicuna writes LLaVA-1.5's format (the -mistral checkpoints ship their own [INST] template)
+FALLBACK_TEMPLATES["llava_next"] = FALLBACK_TEMPLATES["llava"]
 
 
 def resolve_template(family: str, processor: Any, override: str | None) -> str:

@@ -60,16 +60,18 @@ def expand_prompt(token_ids: Sequence[int], items: Sequence[MediaItem], placehol
             if wrap is not None:
                 out.extend(wrap.after)
         else:
-            spans.extend(_expand_item(out, positions, expansion, t, item.num_tokens, key))
+            spans.extend(_expand_item(out, positions, expansion, t if wrap is None else wrap.feature,
+                                      item.num_tokens, key))
         ordered.append(item)
     return ExpandedPrompt(out, positions, ordered, spans)
 
 
-def _expand_item(out: list[int], positions: list[int], expansion: list[int], placeholder: int, num_tokens: int,
+def _expand_item(out: list[int], positions: list[int], expansion: list[int], feature: int, num_tokens: int,
                  key: str | None) -> list[MMSpan]:
-    """Append an item whose processor expansion holds text tokens too (Qwen3-VL's frame timestamps); one span
-    per run of its rows, the n-th run keyed `key#n` (each run names different rows)."""
-    rows = [i for i, x in enumerate(expansion) if x == placeholder]
+    """Append an item whose processor expansion holds text tokens too (Qwen3-VL's frame timestamps, InternVL's
+    frame lines); its rows are the `feature` tokens; one span per run of rows, the n-th run keyed `key#n` (each
+    run names different rows)."""
+    rows = [i for i, x in enumerate(expansion) if x == feature]
     if len(rows) != num_tokens:
         raise InvalidInputError(f"an item's expansion has {len(rows)} placeholders for {num_tokens} embedding rows",
                                 param="embeddings")

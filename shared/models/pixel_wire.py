@@ -23,13 +23,15 @@ is trusted. The wire marks the compact form by dtype alone (uint8 under a pixel 
 instead of C*T*P*P values says the temporal copies were folded.
 
 Processors without a compact form keep today's float path, and the encoder refuses uint8 pixels for them:
-  - any class but the torchvision-backend CLIP, SigLIP, LLaVA-OneVision (image, video) and Qwen2-VL (image,
+  - any class but the torchvision-backend CLIP, SigLIP, LLaVA-OneVision (image, video), LLaVA-NeXT and
+    GOT-OCR2 (InternVL's tiles) image and Qwen2-VL (image,
     video; also Qwen2.5-VL's and the Omni thinker's) processors, exact class: a subclass or remote code may
     add float work after the normalisation. PIL-backend processors (`*Pil`) rescale in float64 numpy, which
     a float32 device op does not reproduce bit for bit;
   - CLIP / SigLIP with `do_pad`: their `_preprocess` pads after normalising (zeros of the normalised space),
     which uint8 zeros normalised later are not. OneVision pads its anyres canvas in uint8 before normalising
-    (exact) and pads only across items of one call, and ingest sends one item per call;
+    (exact) and pads only across items of one call, and ingest sends one item per call (so does LLaVA-NeXT,
+    whose tile padding comes after the normalisation, but across the items of one call only);
   - rescale / normalise (or Qwen patch size) settings given at call time through `mm_processor_kwargs` or the
     processor's own defaults: the remaining step must follow from the sub-processor's config alone;
   - a processor that neither rescales nor normalises: there is nothing to move.
@@ -63,7 +65,9 @@ _TF = "transformers.models."
 _CLIP_LIKE = frozenset({f"{_TF}clip.image_processing_clip.CLIPImageProcessor",
                         f"{_TF}siglip.image_processing_siglip.SiglipImageProcessor"})
 _PLANES = _CLIP_LIKE | {f"{_TF}llava_onevision.image_processing_llava_onevision.LlavaOnevisionImageProcessor",
-                        f"{_TF}llava_onevision.video_processing_llava_onevision.LlavaOnevisionVideoProcessor"}
+                        f"{_TF}llava_onevision.video_processing_llava_onevision.LlavaOnevisionVideoProcessor",
+                        f"{_TF}llava_next.image_processing_llava_next.LlavaNextImageProcessor",
+                        f"{_TF}got_ocr2.image_processing_got_ocr2.GotOcr2ImageProcessor"}
 _QWEN_PATCHES = frozenset({f"{_TF}qwen2_vl.image_processing_qwen2_vl.Qwen2VLImageProcessor",
                            f"{_TF}qwen2_vl.video_processing_qwen2_vl.Qwen2VLVideoProcessor"})
 

@@ -15,7 +15,9 @@ from mmpipe.shared.errors import UnsupportedError
 from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.models.gemma3 import Gemma3Adapter
 from mmpipe.shared.models.idefics3 import Idefics3Adapter
+from mmpipe.shared.models.internvl import InternVLAdapter
 from mmpipe.shared.models.llava import LlavaAdapter
+from mmpipe.shared.models.llava_next import LlavaNextAdapter
 from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
@@ -28,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
-    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter, Idefics3Adapter, SmolVLMAdapter,
+    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter, Idefics3Adapter, SmolVLMAdapter, LlavaNextAdapter,
+    InternVLAdapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)

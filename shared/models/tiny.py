@@ -7,7 +7,7 @@ chat template. The directory is written with `save_pretrained` and loads back wi
 
     AutoProcessor.from_pretrained(path)
     AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3,
-                                                        # idefics3, smolvlm
+                                                        # idefics3, smolvlm, llava_next, internvl
     AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*)
 
 `mmpipe_tiny.json` in the directory names the family and which Auto class loads it (`load_tiny_model` reads it).
@@ -106,6 +106,11 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
                        {"image": "boi_token_id"}),
         _spec("idefics3", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
         _spec("smolvlm", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
+        _spec("llava_next", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>"}),
+        # the prompt's placeholders are <IMG_CONTEXT> (the processor writes <img>, its rows per tile, </img>) and
+        # <video> (a `Frame{i}: <img>...</img>` line per frame); frames are image rows, the config names no video id
+        TinyFamilySpec("internvl", LOADER_IMAGE_TEXT_TO_TEXT, ("image", "video"),
+                       {"image": "<IMG_CONTEXT>", "video": "<video>"}, {"image": "image_token_id"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -723,6 +728,74 @@ def _build_idefics3() -> _Built:
 
 def _build_smolvlm() -> _Built:
     return _build_idefics3_like("smolvlm")
+# LLaVA-NeXT's anyres grid (multiples of the 56 px tile): a 112x84 image is tiled 2x2, a 56x112 one 1x2
+LLAVA_NEXT_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def _build_llava_next() -> _Built:
+    """LLaVA-NeXT (llava-v1.6-vicuna style): CLIP tower, anyres tiles of the best-fitting pinpoint plus the
+    whole image, unpadded to the image's aspect ratio with an `image_newline` row after each feature row;
+    Llama decoder. The number of rows depends on the image size."""
+    from transformers import (
+        CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
+                          named_tokens={"image_token": "<image>"})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_text_config(tok)),
+        image_token_index=tok.image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                              image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=llava_template({"image": "<image>\n"}))
+    return model, processor
+
+
+# InternVL: 56 px tiles of 4x4 patches, pixel-shuffled 2x2 into 4 rows a tile; up to 4 tiles plus a thumbnail
+INTERNVL_TILE_TOKENS = 4
+INTERNVL_MAX_TILES = 4
+
+
+def _build_internvl() -> _Built:
+    """InternVL (transformers-format, InternVL3-hf style): InternViT tower over dynamic tiles (the best grid of
+    up to INTERNVL_MAX_TILES 56 px tiles plus a thumbnail), pixel shuffle (downsample 0.5), MLP projector, Qwen2
+    decoder. Each image is `<img>` + rows + `</img>` in the prompt; the chat template writes `<IMG_CONTEXT>` for an
+    image and `<video>` for a video (one 56 px tile a frame)."""
+    from transformers import (
+        GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tok = train_tokenizer(_CHATML + list(named.values()), eos="<|im_end|>", pad="<|endoftext|>", named_tokens=named)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.2, layer_scale_init_value=1.0)
+    config = InternVLConfig(vision_config=vision, text_config=_text_config(tok, model_type="qwen2"),
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5,
+                            tie_word_embeddings=False)
+    model = InternVLForConditionalGeneration(config)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1,
+                                              max_patches=INTERNVL_MAX_TILES),
+        video_processor=InternVLVideoProcessor(size=size), tokenizer=tok, image_seq_length=INTERNVL_TILE_TOKENS,
+        chat_template=chatml_template({"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}))
+    return model, processor
 
 
 _BUILDERS = {
@@ -737,6 +810,8 @@ _BUILDERS = {
     "gemma3": _build_gemma3,
     "idefics3": _build_idefics3,
     "smolvlm": _build_smolvlm,
+    "llava_next": _build_llava_next,
+    "internvl": _build_internvl,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 
