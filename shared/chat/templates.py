@@ -56,6 +56,17 @@ FALLBACK_TEMPLATES: dict[str, str] = {
         "{% endfor %}{% endif %}<end_of_turn>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     ),
+    # Mistral-Small-3.1's format: the system message in [SYSTEM_PROMPT] tags, user turns in [INST] ... [/INST],
+    # assistant turns closed by </s>, an image part is [IMG] (the processor / assemble.py expand it)
+    "mistral3": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}[IMG]{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
+        "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    ),
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                             "<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }

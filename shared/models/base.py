@@ -169,6 +169,8 @@ class ModelAdapter(ABC):
         if item.modality == "video":
             kwargs.update(self._video_call_kwargs(item, mm))
         kwargs = self.pixel_wire.processor_kwargs(item.modality, kwargs)  # uint8 pixels where exact
+        if self.prompt_expansion:  # the expansion is the placeholder's alone: no BOS / EOS of the tokenizer's
+            kwargs["add_special_tokens"] = False
         try:
             out = self.processor(text=self.placeholder_token(item.modality), return_tensors="pt", **kwargs)
         except (ValueError, TypeError, RuntimeError) as e:  # the processor's own validation of the item

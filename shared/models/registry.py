@@ -16,6 +16,7 @@ from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.models.gemma3 import Gemma3Adapter
 from mmpipe.shared.models.llava import LlavaAdapter
 from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
+from mmpipe.shared.models.mistral3 import Mistral3Adapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
-    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter,
+    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter, Mistral3Adapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)

@@ -6,7 +6,8 @@ tokenizer trained locally with the `tokenizers` library, the real image / video 
 chat template. The directory is written with `save_pretrained` and loads back with the ordinary Auto classes:
 
     AutoProcessor.from_pretrained(path)
-    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3
+    AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3,
+                                                        # mistral3
     AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*)
 
 `mmpipe_tiny.json` in the directory names the family and which Auto class loads it (`load_tiny_model` reads it).
@@ -103,6 +104,7 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         # the prompt's placeholder is <start_of_image> (config.boi_token_id); the processor adds the soft tokens
         TinyFamilySpec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, ("image",), {"image": "<start_of_image>"},
                        {"image": "boi_token_id"}),
+        _spec("mistral3", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "[IMG]"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -654,6 +656,55 @@ def _build_gemma3() -> _Built:
     return model, processor
 
 
+# Mistral 3: 8 px Pixtral patches merged 2x2, so one image token per 16 px; images fit in 64 px (at most 4 x 4
+# tokens, each row closed by [IMG_BREAK], the last by [IMG_END]). Every decoder layer is windowed (Mistral's
+# `sliding_window` without `layer_types`), 24 tokens: the prompts in the tests are longer.
+MISTRAL3_PATCH = 8
+MISTRAL3_LONGEST_EDGE = 64
+MISTRAL3_SLIDING_WINDOW = 24
+
+
+def mistral_template(media_markers: Mapping[str, str]) -> str:
+    """Mistral style (Mistral-Small-3.1): `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>`;
+    the model answers right after `[/INST]`, so the generation prompt adds nothing."""
+    return (
+        "{{- bos_token -}}\n"
+        "{%- for message in messages -%}\n"
+        + _CHECK_ROLE
+        + "{%- if message['role'] == 'system' -%}{{- '[SYSTEM_PROMPT]' -}}\n"
+        "{%- elif message['role'] == 'user' -%}{{- '[INST]' -}}{%- endif -%}\n"
+        + _content_block(media_markers)
+        + "{%- if message['role'] == 'system' -%}{{- '[/SYSTEM_PROMPT]' -}}\n"
+        "{%- elif message['role'] == 'user' -%}{{- '[/INST]' -}}{%- else -%}{{- eos_token -}}{%- endif -%}\n"
+        "{%- endfor -%}\n"
+    )
+
+
+def _build_mistral3() -> _Built:
+    """Mistral 3: the Pixtral tower (2-D RoPE over each image's own patch grid, block-diagonal attention across
+    images), RMSNorm + 2x2 patch merger + MLP projector, a Mistral decoder with every layer windowed."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, \
+        PixtralProcessor
+
+    markers = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                           "[/SYSTEM_PROMPT]", *markers], bos="<s>", eos="</s>", pad="<pad>",
+                          named_tokens={"image_token": "[IMG]"})
+    text = _text_config(tok, model_type="mistral", head_dim=16, sliding_window=MISTRAL3_SLIDING_WINDOW,
+                        tie_word_embeddings=False)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=MISTRAL3_LONGEST_EDGE, patch_size=MISTRAL3_PATCH,
+                  initializer_range=0.2)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tok.image_token_id,
+                            spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(config)
+    image_processor = PixtralImageProcessor(size={"longest_edge": MISTRAL3_LONGEST_EDGE},
+                                            patch_size={"height": MISTRAL3_PATCH, "width": MISTRAL3_PATCH})
+    processor = PixtralProcessor(image_processor=image_processor, tokenizer=tok, patch_size=MISTRAL3_PATCH,
+                                 spatial_merge_size=2, chat_template=mistral_template({"image": "[IMG]"}))
+    return model, processor
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
@@ -664,6 +715,7 @@ _BUILDERS = {
     "qwen3_vl": _build_qwen3_vl,
     "qwen2_5_omni_full": _build_qwen2_5_omni_full,
     "gemma3": _build_gemma3,
+    "mistral3": _build_mistral3,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 
