@@ -22,6 +22,7 @@ FAMILY_MODALITIES = {
     "qwen2_5_omni": ("image", "video", "audio"),
     "qwen3_vl": ("image", "video"),
     "gemma3": ("image",),
+    "mistral3": ("image",),
 }
 
 

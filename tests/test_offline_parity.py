@@ -76,7 +76,7 @@ def _wav_b64(a: np.ndarray, sr: int = 16000) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "llava", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "llava", "gemma3", "mistral3"])
 def test_generate_several_images_in_one_prompt(family, llms, tiny_model_dirs):
     path = tiny_model_dirs[family]
     llm = llms(family)

@@ -28,7 +28,7 @@ EXPECTED_LOADER = {
     "llava": "image_text_to_text", "qwen2_vl": "image_text_to_text", "qwen2_5_vl": "image_text_to_text",
     "llava_onevision": "image_text_to_text", "qwen2_audio": "multimodal_lm", "qwen2_5_omni": "multimodal_lm",
     "qwen3_vl": "image_text_to_text", "qwen2_5_omni_full": "qwen2_5_omni_full",
-    "gemma3": "image_text_to_text",
+    "gemma3": "image_text_to_text", "mistral3": "image_text_to_text",
 }
 MAX_DIR_BYTES = 2_000_000
 
