@@ -57,6 +57,8 @@ class ModelAdapter(ABC):
     # belongs to exactly one of the two; shared/models/partial.py checks it at load.
     tower_modules: ClassVar[tuple[str, ...]] = ()
     lm_modules: ClassVar[tuple[str, ...]] = ("model.language_model", "lm_head")
+    # Extra keywords of `AutoProcessor.from_pretrained` for this family (registry.load_processor).
+    processor_kwargs: ClassVar[dict[str, Any]] = {}
     # The mm_processor_kwargs a request may set (shared/models/mm_kwargs.py); none unless a family allows some.
     request_mm_kwargs: ClassVar[dict[str, KwargRule]] = {}
 

@@ -105,6 +105,7 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         TinyFamilySpec("gemma3", LOADER_IMAGE_TEXT_TO_TEXT, ("image",), {"image": "<start_of_image>"},
                        {"image": "boi_token_id"}),
         _spec("mistral3", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "[IMG]"}),
+        _spec("voxtral", LOADER_MULTIMODAL_LM, {"audio": "[AUDIO]"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -705,6 +706,96 @@ def _build_mistral3() -> _Built:
     return model, processor
 
 
+# Voxtral: the real 30 s audio chunks (1500 encoder frames, 4 frames a token: 375 tokens a chunk), so the tiny
+# model's token counts are those of mistral-common's audio config; 16 mel bins and a 32-wide encoder keep it fast.
+VOXTRAL_TOKENS_PER_CHUNK = 375
+# mistral-common's Tekken special tokens, at the ranks of Voxtral's tekken.json (VoxtralProcessor hard-codes the
+# audio token id 24); the rest of the special range is filled with <SPECIAL_n> by mistral-common itself.
+_TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+                    "<SPECIAL_20>", "<SPECIAL_21>", "<SPECIAL_22>", "<SPECIAL_23>", "[AUDIO]", "[BEGIN_AUDIO]",
+                    "[TRANSCRIBE]")
+_TEKKEN_NUM_SPECIAL = 32
+# tiktoken's split pattern of Mistral's Tekken tokenizers
+_TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_tekken(path: Path, *, audio: Mapping[str, Any] | None = None) -> Path:
+    """A Tekken tokenizer file (mistral-common's `tekken.json`, version v7) with a byte-level BPE trained on the
+    fixed corpus: every byte, then the merges in the order they were learned (tiktoken's ranks)."""
+    import base64
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - _TEKKEN_NUM_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    to_byte = {u: b for b, u in bytes_to_unicode().items()}
+    merged = [bytes(to_byte[c] for c in t) for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])]
+    pieces = [bytes([b]) for b in range(256)] + [m for m in merged if len(m) > 1]
+    vocab = [{"rank": i, "token_bytes": base64.b64encode(b).decode(), "token_str": b.decode("utf-8", "replace")}
+             for i, b in enumerate(pieces)]
+    data: dict[str, Any] = {
+        "config": {"pattern": _TEKKEN_PATTERN, "num_vocab_tokens": len(vocab),
+                   "default_vocab_size": len(vocab) + _TEKKEN_NUM_SPECIAL,
+                   "default_num_special_tokens": _TEKKEN_NUM_SPECIAL, "version": "v7"},
+        "vocab": vocab,
+        "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(_TEKKEN_SPECIALS)],
+        "version": 1, "type": "Tekken"}
+    if audio is not None:
+        data["audio"] = dict(audio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _build_voxtral() -> _Built:
+    """Voxtral: a Whisper-style audio encoder over 30 s chunks of 16-bin log-mel (1500 frames each), 4 frames
+    concatenated into one token by the MLP projector, a Llama decoder.
+
+    Voxtral's processor takes audio only through mistral-common (`apply_chat_template` with a MistralCommonBackend
+    tokenizer), so the directory holds both: `tekken.json` (mistral-common's tokenizer, whose audio config pads
+    clips to 30 s and counts 12.5 tokens a second, what the oracle runs) and the same vocabulary as an HF
+    tokenizer (`tokenizer.json`, transformers' own tekken conversion) with a chat template, which mmpipe renders
+    prompts with. The builder returns the processor with the HF tokenizer; `_write_voxtral_tekken` adds the rest."""
+    from transformers import LlamaConfig, VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, \
+        WhisperFeatureExtractor
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = convert_tekken_tokenizer(str(write_tekken(Path(d) / "tekken.json", audio=_VOXTRAL_AUDIO)),
+                                       chat_template=mistral_template({"audio": "[AUDIO]"}))
+    tok.init_kwargs.pop("vocab_file", None)  # the temporary file: the saved tokenizer.json is the whole tokenizer
+    audio = dict(model_type="voxtral_encoder", hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_mel_bins=MEL_BINS, max_source_positions=1500, initializer_range=0.2)
+    text = LlamaConfig(**_text_config(tok, head_dim=16, tie_word_embeddings=False))
+    config = VoxtralConfig(audio_config=audio, text_config=text, audio_token_id=tok.convert_tokens_to_ids("[AUDIO]"))
+    model = VoxtralForConditionalGeneration(config)
+    fe = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE, hop_length=160, chunk_length=30,
+                                 n_fft=400)
+    processor = VoxtralProcessor(feature_extractor=fe, tokenizer=tok)
+    processor.chat_template = tok.chat_template  # its __init__ takes none; saved as chat_template.jinja
+    return model, processor
+
+
+_VOXTRAL_AUDIO = {"sampling_rate": SAMPLING_RATE, "frame_rate": 12.5, "chunk_length_s": 30.0,
+                  "audio_encoding_config": {"num_mel_bins": MEL_BINS, "hop_length": 160, "window_size": 400}}
+
+
+def _write_voxtral_tekken(out: Path) -> None:
+    """mistral-common's tokenizer beside the HF one: the same vocabulary, with the audio config."""
+    write_tekken(out / "tekken.json", audio=_VOXTRAL_AUDIO)
+
+
+_EXTRA_FILES["voxtral"] = _write_voxtral_tekken
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
@@ -716,6 +807,7 @@ _BUILDERS = {
     "qwen2_5_omni_full": _build_qwen2_5_omni_full,
     "gemma3": _build_gemma3,
     "mistral3": _build_mistral3,
+    "voxtral": _build_voxtral,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 
