@@ -28,6 +28,20 @@ def _chatml(image: str, video: str, audio: str) -> str:
     return _CHATML_BODY.replace("IMAGE", image).replace("VIDEO", video).replace("AUDIO", audio)
 
 
+def _mistral(media: str, marker: str) -> str:
+    """Mistral's format: the system message in [SYSTEM_PROMPT] tags, user turns in [INST] ... [/INST], assistant
+    turns closed by </s>; a `media` part is `marker`."""
+    return (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        f"{{% if c['type'] == '{media}' %}}{marker}{{% elif c['type'] == 'text' %}}{{{{ c['text'] }}}}{{% endif %}}"
+        "{% endfor %}{% endif %}"
+        "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
+        "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+
+
 FALLBACK_TEMPLATES: dict[str, str] = {
     "llava": (
         "{% for m in messages %}"
@@ -56,17 +70,11 @@ FALLBACK_TEMPLATES: dict[str, str] = {
         "{% endfor %}{% endif %}<end_of_turn>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     ),
-    # Mistral-Small-3.1's format: the system message in [SYSTEM_PROMPT] tags, user turns in [INST] ... [/INST],
-    # assistant turns closed by </s>, an image part is [IMG] (the processor / assemble.py expand it)
-    "mistral3": (
-        "{{ bos_token }}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% endif %}"
-        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}[IMG]{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}"
-        "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
-        "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
-    ),
+    # Mistral-Small-3.1's format; an image part is [IMG] (the processor / assemble.py expand it)
+    "mistral3": _mistral("image", "[IMG]"),
+    # Voxtral: the same format; an audio part is [AUDIO], which assemble.py expands to [BEGIN_AUDIO] + the rows
+    # (mistral-common's own encoding)
+    "voxtral": _mistral("audio", "[AUDIO]"),
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                             "<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }
