@@ -82,3 +82,4 @@ def test_image_embeds_is_a_400_naming_it(served):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": bad}], **GREEDY,
                                        extra_body=EXTRA)
     assert e.value.status_code == 400 and e.value.body["param"] == "image_embeds"
+    assert "pixels only" in e.value.body["message"]  # the family's refusal, not a generic one
