@@ -26,6 +26,8 @@ FAMILY_MODALITIES = {
     "smolvlm": ("image",),
     "llava_next": ("image",),
     "internvl": ("image", "video"),
+    "mistral3": ("image",),
+    "voxtral": ("audio",),
 }
 
 
@@ -74,6 +76,30 @@ def hf_generate(path: str | Path, text: str, *, images=None, videos=None, audio=
         kw["audio"] = audio
         kw["sampling_rate"] = processor.feature_extractor.sampling_rate
     inputs = processor(text=text, return_tensors="pt", add_special_tokens=add_special_tokens, **kw)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def wav_b64(a: np.ndarray, sr: int = 16000) -> str:
+    """A clip as a base64 float WAV (lossless: the same samples come back)."""
+    import base64
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, a, sr, format="WAV", subtype="FLOAT")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@torch.inference_mode()
+def hf_chat_generate(path: str | Path, content: list, *, max_new_tokens: int = 8) -> list[int]:
+    """Voxtral's oracle: its processor takes audio only through mistral-common's chat encoding, so one user turn
+    of `content` (text strings and audio arrays, in order) goes through `processor.apply_chat_template`, then
+    transformers' own `model.generate`."""
+    model, processor = oracle_model(str(path))
+    parts = [{"type": "text", "text": c} if isinstance(c, str) else {"type": "audio", "base64": wav_b64(c)}
+             for c in content]
+    inputs = processor.apply_chat_template([{"role": "user", "content": parts}])
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 

@@ -71,7 +71,7 @@ def _encode(adapter: ModelAdapter, items: list) -> list[MMEmbedding]:
 
 def _prompt_ids(adapter: ModelAdapter, family: str) -> list[int]:
     content = [{"type": m} for m in FAMILY_MODALITIES[family]] + [{"type": "text", "text": "Describe all of it."}]
-    text = adapter.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+    text = adapter.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                  tokenize=False)
     return adapter.tokenizer(text, add_special_tokens=False).input_ids
 

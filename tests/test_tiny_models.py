@@ -29,7 +29,7 @@ EXPECTED_LOADER = {
     "llava_onevision": "image_text_to_text", "qwen2_audio": "multimodal_lm", "qwen2_5_omni": "multimodal_lm",
     "qwen3_vl": "image_text_to_text", "qwen2_5_omni_full": "qwen2_5_omni_full",
     "gemma3": "image_text_to_text", "idefics3": "image_text_to_text", "smolvlm": "image_text_to_text",
-    "llava_next": "image_text_to_text", "internvl": "image_text_to_text",
+    "llava_next": "image_text_to_text", "internvl": "image_text_to_text", "mistral3": "image_text_to_text", "voxtral": "multimodal_lm",
 }
 MAX_DIR_BYTES = 2_000_000
 
@@ -76,7 +76,8 @@ def test_family_builds_loads_and_depends_on_media(family: str, tmp_path: Path) -
     assert info["family"] == family and info["loader"] == EXPECTED_LOADER[family]
     assert dir_bytes(path) < MAX_DIR_BYTES
 
-    processor = AutoProcessor.from_pretrained(path)
+    # Voxtral: the HF tokenizer files (what mmpipe reads); its tekken.json (mistral-common) is the oracle's, below
+    processor = AutoProcessor.from_pretrained(path, **({"mistral_format": False} if family == "voxtral" else {}))
     if info["loader"] in AUTO_CLASSES:
         model = AUTO_CLASSES[info["loader"]].from_pretrained(path).eval()
     else:  # a full Qwen2.5-Omni checkpoint: its thinker is the text model
@@ -95,12 +96,17 @@ def test_family_builds_loads_and_depends_on_media(family: str, tmp_path: Path) -
         {"role": "assistant", "content": "I am fine."},
         {"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]},
     ]
-    text_prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    # VoxtralProcessor.apply_chat_template always encodes through its tokenizer: render with the tokenizer
+    templater = processor.tokenizer if family == "voxtral" else processor
+    text_prompt = templater.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert "You are a helpful assistant." in text_prompt and "Tell me a story." in text_prompt
     assert len(greedy(model, processor, text_prompt)) >= 1
 
     if family == "qwen2_5_omni_full":
         return  # its thinker is the qwen2_5_omni builder's (that case runs the media); talker: test_stage_weights
+    if family == "voxtral":
+        _voxtral_depends_on_audio(path, model, processor)
+        return
     for modality in ("image", "video", "audio"):
         messages = [{"role": "user", "content": [{"type": modality}, {"type": "text", "text": "What is this?"}]}]
         if modality not in spec.modalities:
@@ -187,3 +193,21 @@ def test_load_tiny_model_uses_the_named_auto_class(tmp_path: Path) -> None:
     model, processor = load_tiny_model(build_tiny_model("qwen2_audio", tmp_path / "a"))
     assert type(model).__name__ == "Qwen2AudioForConditionalGeneration" and not model.training
     assert type(processor).__name__ == "Qwen2AudioProcessor"
+
+
+def _voxtral_depends_on_audio(path: Path, model, processor) -> None:
+    """Voxtral's processor takes audio only through mistral-common (tekken.json): the chat template writes one
+    [AUDIO] per clip, mistral-common's encoding of the clip is [BEGIN_AUDIO] + 375 [AUDIO] a 30 s chunk."""
+    from offline_helpers import hf_chat_generate
+
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is this?"}]}]
+    tok = processor.tokenizer
+    assert tok.apply_chat_template(messages, tokenize=False).count("[AUDIO]") == 1
+    with pytest.raises(TemplateError):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    oracle = AutoProcessor.from_pretrained(path)  # MistralCommonBackend, from tekken.json
+    assert type(oracle.tokenizer).__name__ == "MistralCommonBackend"
+    assert oracle.tokenizer.convert_tokens_to_ids("[INST]") == processor.tokenizer.convert_tokens_to_ids("[INST]")
+    first = hf_chat_generate(path, [make_audio(1, seconds=6.0), "What is this?"], max_new_tokens=4)
+    second = hf_chat_generate(path, [make_audio(2, seconds=6.0), "What is this?"], max_new_tokens=4)
+    assert len(first) == 4 and first != second, "voxtral: greedy tokens do not depend on the audio"

@@ -46,14 +46,12 @@ class ModelInfo:
 def load_model_info(model: str, *, chat_template: str | None = None, max_model_len: int | None = None,
                     trust_remote_code: bool = False) -> ModelInfo:
     """Load config + processor of `model` (a local directory or a hub id) without its weights."""
-    from transformers import AutoProcessor
-
-    from mmpipe.shared.models.registry import resolve_model
+    from mmpipe.shared.models.registry import load_processor, resolve_model
 
     t0 = time.perf_counter()
     resolved = resolve_model(model, trust_remote_code=trust_remote_code)
     cls, config = resolved.cls, resolved.config
-    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    processor = load_processor(model, cls, trust_remote_code=trust_remote_code)
     tokens = {m: str(getattr(processor, f"{m}_token")) for m in cls.modalities}
     ids = {m: int(processor.tokenizer.convert_tokens_to_ids(t)) for m, t in tokens.items()}
     try:

@@ -37,6 +37,21 @@ _IDEFICS3 = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
+
+def _mistral(media: str, marker: str) -> str:
+    """Mistral's format: the system message in [SYSTEM_PROMPT] tags, user turns in [INST] ... [/INST], assistant
+    turns closed by </s>; a `media` part is `marker`."""
+    return (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        f"{{% if c['type'] == '{media}' %}}{marker}{{% elif c['type'] == 'text' %}}{{{{ c['text'] }}}}{{% endif %}}"
+        "{% endfor %}{% endif %}"
+        "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
+        "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+
+
 FALLBACK_TEMPLATES: dict[str, str] = {
     "llava": (
         "{% for m in messages %}"
@@ -69,6 +84,11 @@ FALLBACK_TEMPLATES: dict[str, str] = {
     # followed by ':' when the message starts with an image, ': ' otherwise
     "idefics3": _IDEFICS3,
     "smolvlm": _IDEFICS3,
+    # Mistral-Small-3.1's format; an image part is [IMG] (the processor / assemble.py expand it)
+    "mistral3": _mistral("image", "[IMG]"),
+    # Voxtral: the same format; an audio part is [AUDIO], which assemble.py expands to [BEGIN_AUDIO] + the rows
+    # (mistral-common's own encoding)
+    "voxtral": _mistral("audio", "[AUDIO]"),
     "qwen2_5_omni": _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                             "<|audio_bos|><|AUDIO|><|audio_eos|>"),
     # InternVL3-hf's format: an image part is <IMG_CONTEXT> (the processor / assemble.py add <img> ... </img>)

@@ -3,7 +3,8 @@ its config and modules (the one place that interprets `layer_types`, `sliding_wi
 Gemma-specific layout). The decoder, the attention backends, the scheduler and the block manager read this
 object; none of them looks at the HF config for these rules again.
 
-- per layer: its attention window (None = global) and its rotary table key (Gemma 3 keeps one table per layer
+- per layer: its attention window (None = global; a config without `layer_types` but with a `sliding_window`,
+  Mistral's, windows every layer) and its rotary table key (Gemma 3 keeps one table per layer
   type: `rope_local_base_freq` for sliding layers, the scaled global rope for the others);
 - Gemma's layout: four norms per layer ("sandwich": post-attention and post-feed-forward norms on the branch
   outputs), RMSNorm scaled by (1 + weight), q/k norms, sqrt(hidden) embedding scale (done by the HF embedding
@@ -62,7 +63,7 @@ def has_bidirectional_mm(hf_model: nn.Module) -> bool:
 def read_spec(hf_model: nn.Module, lm: nn.Module) -> DecoderSpec:
     cfg: Any = lm.config
     n = len(lm.layers)
-    layer_types = list(getattr(cfg, "layer_types", None) or [_GLOBAL] * n)
+    layer_types = list(getattr(cfg, "layer_types", None) or [_default_layer_type(cfg)] * n)
     unknown = sorted(set(layer_types) - {_GLOBAL, _SLIDING})
     if unknown:
         raise UnsupportedError(f"attention layer types {unknown} are not supported by the engine")
@@ -87,6 +88,14 @@ def read_spec(hf_model: nn.Module, lm: nn.Module) -> DecoderSpec:
         mm_bidirectional=has_bidirectional_mm(hf_model),
         hidden_act=str(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"),
     )
+
+
+def _default_layer_type(cfg: Any) -> str:
+    """Every layer's type when the config lists none: windowed when it sets a `sliding_window` (Mistral's rule:
+    transformers' MistralModel then windows every layer), unless it switches windows off (`use_sliding_window`)."""
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return _SLIDING
+    return _GLOBAL
 
 
 def _positive(v: Any) -> float | None:

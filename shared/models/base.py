@@ -57,6 +57,8 @@ class ModelAdapter(ABC):
     # belongs to exactly one of the two; shared/models/partial.py checks it at load.
     tower_modules: ClassVar[tuple[str, ...]] = ()
     lm_modules: ClassVar[tuple[str, ...]] = ("model.language_model", "lm_head")
+    # Extra keywords of `AutoProcessor.from_pretrained` for this family (registry.load_processor).
+    processor_kwargs: ClassVar[dict[str, Any]] = {}
     # The mm_processor_kwargs a request may set (shared/models/mm_kwargs.py); none unless a family allows some.
     request_mm_kwargs: ClassVar[dict[str, KwargRule]] = {}
 
@@ -169,6 +171,8 @@ class ModelAdapter(ABC):
         if item.modality == "video":
             kwargs.update(self._video_call_kwargs(item, mm))
         kwargs = self.pixel_wire.processor_kwargs(item.modality, kwargs)  # uint8 pixels where exact
+        if self.prompt_expansion:  # the expansion is the placeholder's alone: no BOS / EOS of the tokenizer's
+            kwargs["add_special_tokens"] = False
         try:
             out = self.processor(text=self.placeholder_token(item.modality), return_tensors="pt", **kwargs)
         except (ValueError, TypeError, RuntimeError) as e:  # the processor's own validation of the item

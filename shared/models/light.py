@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from mmpipe.shared.models.base import ModelAdapter
-from mmpipe.shared.models.registry import resolve_model
+from mmpipe.shared.models.registry import load_processor, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def load_preprocess_adapter(model: str, *, mm_processor_kwargs: dict | None = No
                             trust_remote_code: bool = False) -> ModelAdapter:
     """The family adapter of `model` (local dir or hub id) with a weightless (meta-device) model."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     t0 = time.perf_counter()
     resolved = resolve_model(model, trust_remote_code=trust_remote_code)
@@ -29,7 +29,7 @@ def load_preprocess_adapter(model: str, *, mm_processor_kwargs: dict | None = No
     auto = AutoModelForMultimodalLM if cls.auto_class == "multimodal_lm" else AutoModelForImageTextToText
     with torch.device("meta"):
         hf_model = auto.from_config(resolved.config, trust_remote_code=trust_remote_code).eval()
-    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    processor = load_processor(model, cls, trust_remote_code=trust_remote_code)
     adapter = cls(hf_model, processor, mm_processor_kwargs=mm_processor_kwargs)
     logger.info("loaded %s processor (%s, no weights) in %.2f s", model, cls.family, time.perf_counter() - t0)
     return adapter

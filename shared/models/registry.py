@@ -19,19 +19,21 @@ from mmpipe.shared.models.internvl import InternVLAdapter
 from mmpipe.shared.models.llava import LlavaAdapter
 from mmpipe.shared.models.llava_next import LlavaNextAdapter
 from mmpipe.shared.models.llava_onevision import LlavaOnevisionAdapter
+from mmpipe.shared.models.mistral3 import Mistral3Adapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
 from mmpipe.shared.models.qwen3_vl import Qwen3VLAdapter
 from mmpipe.shared.models.qwen_vl import Qwen25VLAdapter, Qwen2VLAdapter
 from mmpipe.shared.models.smolvlm import SmolVLMAdapter
+from mmpipe.shared.models.voxtral import VoxtralAdapter
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
     Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter, Idefics3Adapter, SmolVLMAdapter, LlavaNextAdapter,
-    InternVLAdapter,
+    InternVLAdapter, Mistral3Adapter, VoxtralAdapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)
@@ -68,6 +70,13 @@ def resolve_model(model: str, *, trust_remote_code: bool = False) -> ResolvedMod
     return ResolvedModel(cls, getattr(config, f"{sub}_config"), f"{sub}.")
 
 
+def load_processor(model: str, cls: type[ModelAdapter], *, trust_remote_code: bool = False) -> Any:
+    """The HF processor of `model`, as every stage and the gateway load it (with the family's own keywords)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code, **cls.processor_kwargs)
+
+
 def resolve_dtype(dtype: Any, device: str):
     import torch
 
@@ -99,8 +108,6 @@ def load_adapter(model: str, *, dtype: Any = "auto", device: str | None = "auto"
     `part`: "all" (the offline LLM: every weight, through `from_pretrained`), or one stage's weights only —
     "towers" (the encoder) or "lm" (the generator) — read from the safetensors checkpoint into a model whose
     other modules stay on the meta device (shared/models/partial.py)."""
-    from transformers import AutoProcessor
-
     t0 = time.perf_counter()
     resolved = resolve_model(model, trust_remote_code=trust_remote_code)
     cls = resolved.cls
@@ -115,7 +122,7 @@ def load_adapter(model: str, *, dtype: Any = "auto", device: str | None = "auto"
         hf_model = _load_stage_model(model, resolved, (part,), torch_dtype, dev, trust_remote_code)
     else:
         raise UnsupportedError(f"unknown model part {part!r}; use all, {', '.join(STAGE_PARTS)}", param="part")
-    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    processor = load_processor(model, cls, trust_remote_code=trust_remote_code)
     adapter = cls(hf_model, processor, mm_processor_kwargs=mm_processor_kwargs, device=_concrete(dev), part=part)
     logger.info("loaded %s (%s, %s on %s) in %.2f s; %s", model, cls.family, torch_dtype, dev,
                 time.perf_counter() - t0, held_weights(adapter))

@@ -7,8 +7,8 @@ chat template. The directory is written with `save_pretrained` and loads back wi
 
     AutoProcessor.from_pretrained(path)
     AutoModelForImageTextToText.from_pretrained(path)   # llava, qwen2_vl, qwen2_5_vl, llava_onevision, gemma3,
-                                                        # idefics3, smolvlm, llava_next, internvl
-    AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*)
+                                                        # idefics3, smolvlm, llava_next, internvl, mistral3
+    AutoModelForMultimodalLM.from_pretrained(path)      # qwen2_audio, qwen2_5_omni (the Omni *thinker*), voxtral
 
 `mmpipe_tiny.json` in the directory names the family and which Auto class loads it (`load_tiny_model` reads it).
 
@@ -111,6 +111,8 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         # <video> (a `Frame{i}: <img>...</img>` line per frame); frames are image rows, the config names no video id
         TinyFamilySpec("internvl", LOADER_IMAGE_TEXT_TO_TEXT, ("image", "video"),
                        {"image": "<IMG_CONTEXT>", "video": "<video>"}, {"image": "image_token_id"}),
+        _spec("mistral3", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "[IMG]"}),
+        _spec("voxtral", LOADER_MULTIMODAL_LM, {"audio": "[AUDIO]"}),
     )
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_SPECS)
@@ -796,6 +798,143 @@ def _build_internvl() -> _Built:
         video_processor=InternVLVideoProcessor(size=size), tokenizer=tok, image_seq_length=INTERNVL_TILE_TOKENS,
         chat_template=chatml_template({"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}))
     return model, processor
+# Mistral 3: 8 px Pixtral patches merged 2x2, so one image token per 16 px; images fit in 64 px (at most 4 x 4
+# tokens, each row closed by [IMG_BREAK], the last by [IMG_END]). Every decoder layer is windowed (Mistral's
+# `sliding_window` without `layer_types`), 24 tokens: the prompts in the tests are longer.
+MISTRAL3_PATCH = 8
+MISTRAL3_LONGEST_EDGE = 64
+MISTRAL3_SLIDING_WINDOW = 24
+
+
+def mistral_template(media_markers: Mapping[str, str]) -> str:
+    """Mistral style (Mistral-Small-3.1): `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>`;
+    the model answers right after `[/INST]`, so the generation prompt adds nothing."""
+    return (
+        "{{- bos_token -}}\n"
+        "{%- for message in messages -%}\n"
+        + _CHECK_ROLE
+        + "{%- if message['role'] == 'system' -%}{{- '[SYSTEM_PROMPT]' -}}\n"
+        "{%- elif message['role'] == 'user' -%}{{- '[INST]' -}}{%- endif -%}\n"
+        + _content_block(media_markers)
+        + "{%- if message['role'] == 'system' -%}{{- '[/SYSTEM_PROMPT]' -}}\n"
+        "{%- elif message['role'] == 'user' -%}{{- '[/INST]' -}}{%- else -%}{{- eos_token -}}{%- endif -%}\n"
+        "{%- endfor -%}\n"
+    )
+
+
+def _build_mistral3() -> _Built:
+    """Mistral 3: the Pixtral tower (2-D RoPE over each image's own patch grid, block-diagonal attention across
+    images), RMSNorm + 2x2 patch merger + MLP projector, a Mistral decoder with every layer windowed."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, \
+        PixtralProcessor
+
+    markers = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                           "[/SYSTEM_PROMPT]", *markers], bos="<s>", eos="</s>", pad="<pad>",
+                          named_tokens={"image_token": "[IMG]"})
+    text = _text_config(tok, model_type="mistral", head_dim=16, sliding_window=MISTRAL3_SLIDING_WINDOW,
+                        tie_word_embeddings=False)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=MISTRAL3_LONGEST_EDGE, patch_size=MISTRAL3_PATCH,
+                  initializer_range=0.2)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tok.image_token_id,
+                            spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(config)
+    image_processor = PixtralImageProcessor(size={"longest_edge": MISTRAL3_LONGEST_EDGE},
+                                            patch_size={"height": MISTRAL3_PATCH, "width": MISTRAL3_PATCH})
+    processor = PixtralProcessor(image_processor=image_processor, tokenizer=tok, patch_size=MISTRAL3_PATCH,
+                                 spatial_merge_size=2, chat_template=mistral_template({"image": "[IMG]"}))
+    return model, processor
+
+
+# Voxtral: the real 30 s audio chunks (1500 encoder frames, 4 frames a token: 375 tokens a chunk), so the tiny
+# model's token counts are those of mistral-common's audio config; 16 mel bins and a 32-wide encoder keep it fast.
+VOXTRAL_TOKENS_PER_CHUNK = 375
+# mistral-common's Tekken special tokens, at the ranks of Voxtral's tekken.json (VoxtralProcessor hard-codes the
+# audio token id 24); the rest of the special range is filled with <SPECIAL_n> by mistral-common itself.
+_TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+                    "<SPECIAL_20>", "<SPECIAL_21>", "<SPECIAL_22>", "<SPECIAL_23>", "[AUDIO]", "[BEGIN_AUDIO]",
+                    "[TRANSCRIBE]")
+_TEKKEN_NUM_SPECIAL = 32
+# tiktoken's split pattern of Mistral's Tekken tokenizers
+_TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_tekken(path: Path, *, audio: Mapping[str, Any] | None = None) -> Path:
+    """A Tekken tokenizer file (mistral-common's `tekken.json`, version v7) with a byte-level BPE trained on the
+    fixed corpus: every byte, then the merges in the order they were learned (tiktoken's ranks)."""
+    import base64
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - _TEKKEN_NUM_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    to_byte = {u: b for b, u in bytes_to_unicode().items()}
+    merged = [bytes(to_byte[c] for c in t) for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])]
+    pieces = [bytes([b]) for b in range(256)] + [m for m in merged if len(m) > 1]
+    vocab = [{"rank": i, "token_bytes": base64.b64encode(b).decode(), "token_str": b.decode("utf-8", "replace")}
+             for i, b in enumerate(pieces)]
+    data: dict[str, Any] = {
+        "config": {"pattern": _TEKKEN_PATTERN, "num_vocab_tokens": len(vocab),
+                   "default_vocab_size": len(vocab) + _TEKKEN_NUM_SPECIAL,
+                   "default_num_special_tokens": _TEKKEN_NUM_SPECIAL, "version": "v7"},
+        "vocab": vocab,
+        "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(_TEKKEN_SPECIALS)],
+        "version": 1, "type": "Tekken"}
+    if audio is not None:
+        data["audio"] = dict(audio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _build_voxtral() -> _Built:
+    """Voxtral: a Whisper-style audio encoder over 30 s chunks of 16-bin log-mel (1500 frames each), 4 frames
+    concatenated into one token by the MLP projector, a Llama decoder.
+
+    Voxtral's processor takes audio only through mistral-common (`apply_chat_template` with a MistralCommonBackend
+    tokenizer), so the directory holds both: `tekken.json` (mistral-common's tokenizer, whose audio config pads
+    clips to 30 s and counts 12.5 tokens a second, what the oracle runs) and the same vocabulary as an HF
+    tokenizer (`tokenizer.json`, transformers' own tekken conversion) with a chat template, which mmpipe renders
+    prompts with. The builder returns the processor with the HF tokenizer; `_write_voxtral_tekken` adds the rest."""
+    from transformers import LlamaConfig, VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, \
+        WhisperFeatureExtractor
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = convert_tekken_tokenizer(str(write_tekken(Path(d) / "tekken.json", audio=_VOXTRAL_AUDIO)),
+                                       chat_template=mistral_template({"audio": "[AUDIO]"}))
+    tok.init_kwargs.pop("vocab_file", None)  # the temporary file: the saved tokenizer.json is the whole tokenizer
+    audio = dict(model_type="voxtral_encoder", hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_mel_bins=MEL_BINS, max_source_positions=1500, initializer_range=0.2)
+    text = LlamaConfig(**_text_config(tok, head_dim=16, tie_word_embeddings=False))
+    config = VoxtralConfig(audio_config=audio, text_config=text, audio_token_id=tok.convert_tokens_to_ids("[AUDIO]"))
+    model = VoxtralForConditionalGeneration(config)
+    fe = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE, hop_length=160, chunk_length=30,
+                                 n_fft=400)
+    processor = VoxtralProcessor(feature_extractor=fe, tokenizer=tok)
+    processor.chat_template = tok.chat_template  # its __init__ takes none; saved as chat_template.jinja
+    return model, processor
+
+
+_VOXTRAL_AUDIO = {"sampling_rate": SAMPLING_RATE, "frame_rate": 12.5, "chunk_length_s": 30.0,
+                  "audio_encoding_config": {"num_mel_bins": MEL_BINS, "hop_length": 160, "window_size": 400}}
+
+
+def _write_voxtral_tekken(out: Path) -> None:
+    """mistral-common's tokenizer beside the HF one: the same vocabulary, with the audio config."""
+    write_tekken(out / "tekken.json", audio=_VOXTRAL_AUDIO)
+
+
+_EXTRA_FILES["voxtral"] = _write_voxtral_tekken
 
 
 _BUILDERS = {
@@ -812,6 +951,8 @@ _BUILDERS = {
     "smolvlm": _build_smolvlm,
     "llava_next": _build_llava_next,
     "internvl": _build_internvl,
+    "mistral3": _build_mistral3,
+    "voxtral": _build_voxtral,
 }
 assert set(_BUILDERS) == set(TINY_FAMILIES)
 

@@ -71,7 +71,9 @@ class StructuredOutputs:
             if isinstance(tok, str):
                 from transformers import AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(tok)
+                # the HF tokenizer files, as the stages read them (registry.load_processor: a Voxtral checkpoint's
+                # tekken.json would give mistral-common's tokenizer, whose vocabulary llguidance cannot read)
+                tok = AutoTokenizer.from_pretrained(tok, mistral_format=False)
             self._compiler = GrammarCompiler(tok, self.vocab_size)
         return self._compiler
 
