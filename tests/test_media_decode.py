@@ -450,7 +450,23 @@ DECORD_CANNOT_OPEN = {"av1-mkv"}
 
 @pytest.fixture(scope="module")
 def clips() -> dict[str, bytes]:
-    return {c.name: encode_clip(c) for c in CLIPS}
+    """name -> encoded clip, for the clips whose encoder this PyAV build has (PyAV 12 lacks libsvtav1)."""
+    import av
+
+    out = {}
+    for c in CLIPS:
+        try:
+            av.codec.Codec(c.codec, "w")
+        except av.codec.codec.UnknownCodecError:
+            continue
+        out[c.name] = encode_clip(c)
+    return out
+
+
+def _clip(clips: dict[str, bytes], name: str) -> bytes:
+    if name not in clips:
+        pytest.skip(f"this PyAV build cannot encode the {name} test clip")
+    return clips[name]
 
 
 def _nearest_source_frames(frames: np.ndarray, src: np.ndarray) -> list[int]:
@@ -462,7 +478,7 @@ def _nearest_source_frames(frames: np.ndarray, src: np.ndarray) -> list[int]:
 
 @pytest.mark.parametrize("spec", CLIPS, ids=[c.name for c in CLIPS])
 def test_pyav_decodes_the_right_frames_of_every_clip(spec, clips):
-    frames, meta = decode_video(clips[spec.name], None, MediaPolicy(), backend="pyav")
+    frames, meta = decode_video(_clip(clips, spec.name), None, MediaPolicy(), backend="pyav")
     src = clip_frames(spec)
     assert frames.shape == src.shape and frames.dtype == np.uint8
     assert meta["total_num_frames"] == spec.frames and meta["fps"] == pytest.approx(spec.fps)
@@ -475,7 +491,7 @@ def test_pyav_decodes_the_right_frames_of_every_clip(spec, clips):
 @pytest.mark.parametrize("spec", CLIPS, ids=[c.name for c in CLIPS])
 def test_decord_and_pyav_sample_the_same_frames(spec, clips):
     pytest.importorskip("decord", reason="decord is optional (mmpipe[decord], x86-64 wheels only)")
-    data = clips[spec.name]
+    data = _clip(clips, spec.name)
     if spec.name in DECORD_CANNOT_OPEN:
         with pytest.raises(MediaDecodeError, match="not a readable video"):
             decode_video(data, None, MediaPolicy(), backend="decord")
