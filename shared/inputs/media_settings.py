@@ -70,17 +70,22 @@ class SettingsSpace:
     """The settings of one served model: defaults, per-request resolution, keyspaces and loaders."""
 
     def __init__(self, adapter: Any, model: str, *, media_io_kwargs: Mapping[str, Any] | str | None = None,
-                 policy: Any = None, model_fp: str | None = None, pool: Any = None):
-        """pool: a shared/media/decode_pool.DecodePool every loader decodes in (None: in this process)."""
+                 policy: Any = None, model_fp: str | None = None, pool: Any = None, video_backend: str | None = None):
+        """pool: a shared/media/decode_pool.DecodePool every loader decodes in (None: in this process);
+        video_backend: every loader's video decoder (shared/media/video_readers.py; None: the default, PyAV).
+        Not part of the keyspace: the content hash is taken over the decoded frames, so a cache entry always
+        belongs to the pixels it was computed from, whichever decoder produced them."""
         from mmpipe.shared.media.loader import MediaLoader
 
         self.adapter = adapter
         self.policy = policy
         self.pool = pool
+        self.video_backend = video_backend
         self.model_fp = model_fp or model_fingerprint(model, adapter.model.config.to_dict())
         self.default_io = parse_kwargs_json(media_io_kwargs, "media_io_kwargs")
         self.default = MediaSettings(dict(adapter.mm_processor_kwargs), self.default_io)
-        self._loaders: dict[str, Any] = {canonical_json(self.default_io): MediaLoader(policy, self.default_io, pool)}
+        default_loader = MediaLoader(policy, self.default_io, pool, video_backend)
+        self._loaders: dict[str, Any] = {canonical_json(self.default_io): default_loader}
         self._keyspaces: dict[str, CacheKeyspace] = {}
         self._lock = threading.Lock()
 
@@ -98,7 +103,7 @@ class SettingsSpace:
         key = canonical_json(s.media_io_kwargs)
         loader = self._loaders.get(key)
         if loader is None:
-            loader = MediaLoader(self.policy, s.media_io_kwargs, self.pool)
+            loader = MediaLoader(self.policy, s.media_io_kwargs, self.pool, self.video_backend)
             with self._lock:
                 if len(self._loaders) < _MEMO:
                     self._loaders[key] = loader

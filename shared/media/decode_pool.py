@@ -1,4 +1,4 @@
-"""Native decoders (Pillow, PyAV/FFmpeg via decord, libsndfile) isolated in a small pool of worker processes.
+"""Native decoders (Pillow, FFmpeg via PyAV or decord, libsndfile) isolated in a small pool of worker processes.
 
 Owns: `DecodePool` (N spawned workers, each decoding one item at a time under rlimits: CPU seconds per item and an
 address-space cap, plus a wall-clock timeout the parent enforces), replacing a worker that dies or hangs, and the
@@ -75,7 +75,7 @@ def _decode(kind: str, data: bytes, args: dict[str, Any]) -> tuple[np.ndarray, d
     if kind == "video":
         from .video import decode_video
 
-        frames, meta = decode_video(data, args["opts"], policy, budget)
+        frames, meta = decode_video(data, args["opts"], policy, budget, args["video_backend"])
         return frames, meta, budget
     from .audio import decode_audio
 

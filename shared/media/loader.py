@@ -23,6 +23,7 @@ from .fetch import fetch_bytes
 from .hashing import hash_audio, hash_image, hash_video
 from .image import ImageIOOptions, check_pixels, decode_image, normalize_image, parse_image_io_kwargs
 from .policy import MediaPolicy
+from .video_readers import parse_video_backend
 from .video import VideoIOOptions, check_frame_budget, decode_video, normalize_video, parse_video_io_kwargs
 
 _BYTES_TYPES = (bytes, bytearray, memoryview)
@@ -52,10 +53,12 @@ class MediaLoader:
     """Loads media items under one policy and one set of media_io_kwargs (thread-safe: no mutable state)."""
 
     def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None,
-                 pool: DecodePool | None = None):
-        """pool: decode encoded bytes in these worker processes (decode_pool.py) instead of this one."""
+                 pool: DecodePool | None = None, video_backend: str | None = None):
+        """pool: decode encoded bytes in these worker processes (decode_pool.py) instead of this one.
+        video_backend: the video decoder, "pyav" (None: the default) or "decord" (video_readers.py)."""
         self.policy = policy if policy is not None else MediaPolicy.from_env()
         self.pool = pool
+        self.video_backend = parse_video_backend(video_backend)
         kw = media_io_kwargs
         if isinstance(kw, str):  # the CLI flag is a JSON string, as in vLLM's --media-io-kwargs
             try:
@@ -144,7 +147,8 @@ class MediaLoader:
         """Decode in a worker process; the request's budget is charged with what the worker charged."""
         assert self.pool is not None
         arr, meta, (pixels, seconds) = self.pool.decode(
-            kind, data, {"opts": opts, "policy": self.policy, "limits": remaining(budget)}, name)
+            kind, data, {"opts": opts, "policy": self.policy, "limits": remaining(budget),
+                         "video_backend": self.video_backend}, name)
         if budget is not None:
             if pixels:
                 budget.charge_pixels(pixels, name)
@@ -192,7 +196,7 @@ class MediaLoader:
             if self.pool is not None:
                 frames, meta = self._in_pool("video", data, self.video_opts, budget, name)
             else:
-                frames, meta = decode_video(data, self.video_opts, self.policy, budget)
+                frames, meta = decode_video(data, self.video_opts, self.policy, budget, self.video_backend)
             laps.lap("decode")
             digest = hash_video(frames, meta.get("sampled_fps"))
             laps.lap("hash")

@@ -1,14 +1,13 @@
-"""Video decoding (decord), frame sampling, and normalisation of in-memory frame stacks.
+"""Video decoding, frame sampling, and normalisation of in-memory frame stacks.
 
 Owns: validating video media_io_kwargs (`num_frames`, `fps`), choosing which frames to decode, the duration,
 frame and decoded-size caps (checked from the container header before frames are decoded), and turning lists of PIL images / arrays / tensors into one (T, H, W, 3) uint8 array.
+The decoders themselves (PyAV by default, decord optionally) are in video_readers.py.
 Must not: fetch anything, resize frames, or import torch at module import time (tensors are detected by
 duck typing, so torch is only touched when the caller already passed a tensor).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from ..errors import InvalidInputError, LimitExceededError, MediaDecodeError
 from .budget import RequestBudget
 from .policy import MediaPolicy
+from .video_readers import DEFAULT_VIDEO_BACKEND, StreamHeader, open_video
 
 VIDEO_IO_KEYS = ("num_frames", "fps")
 
@@ -102,9 +102,9 @@ def sample_indices(total: int, src_fps: float, opts: VideoIOOptions, max_frames:
     return idx, rate
 
 
-def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy, budget: RequestBudget | None = None
-                 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode encoded video bytes to ((T, H, W, 3) uint8, meta) with decord.
+def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy, budget: RequestBudget | None = None,
+                 backend: str = DEFAULT_VIDEO_BACKEND) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode encoded video bytes to ((T, H, W, 3) uint8, meta) with `backend` (video_readers.VIDEO_BACKENDS).
     `budget`: the request's decode budget, charged with frames sampled x frame size before any frame is decoded.
 
     meta: fps (source), sampled_fps, duration_s, frame_indices, total_num_frames, width, height.
@@ -112,25 +112,11 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy, 
     opts = opts or VideoIOOptions()
     if not data:
         raise MediaDecodeError("video data is empty")
-    import decord  # lazy: decord pulls in FFmpeg libraries; only the video path should pay for that
-
-    # A temp file instead of decord's file-object reader: on failure decord logs the "uri", and for an
-    # in-memory reader that is the raw media bytes (megabytes of binary in the server log).
-    fd, path = tempfile.mkstemp(prefix="mmpipe-video-")
+    reader = open_video(data, backend)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # decord trusts the container header: a 2 KB mp4 whose sample table claims 2^31 frames makes it
-        # throw std::bad_alloc, which aborts the whole process. PyAV (same FFmpeg, Python exceptions) reads
-        # the header first, and decord only ever sees files whose header is plausible.
-        probed_hw = _check_header(path, len(data), policy)
-        try:
-            vr = decord.VideoReader(path, num_threads=1)
-            total = len(vr)
-            src_fps = float(vr.get_avg_fps() or 0.0)
-        except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError
-            raise MediaDecodeError(f"cannot decode video ({len(data)} bytes): not a readable video "
-                                   f"container/codec ({type(e).__name__})") from None
+        # The header first: implausible or over-limit values are refused before any decoder allocates for them.
+        probed_hw = _check_header(reader.header, len(data), policy)
+        total, src_fps = reader.index()
         if total <= 0:
             raise MediaDecodeError("video has no frames")
         # Duration from the container index, before a single frame is decoded.
@@ -141,28 +127,16 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy, 
                                      f"send a shorter clip")
         idx, rate = sample_indices(total, src_fps, opts, policy.max_video_frames)
         # Frame size from the stream header, so a tiny file claiming 16k x 16k frames is refused before
-        # a single frame buffer is allocated; only if the probe fails do we decode one frame to learn it.
+        # a single frame buffer is allocated; only if the header lacks it do we decode one frame to learn it.
         hw = probed_hw
         if hw is None:
-            try:
-                first = vr[int(idx[0])].asnumpy()
-            except Exception as e:
-                raise MediaDecodeError(f"cannot decode video frames: {type(e).__name__}: {e}") from None
-            hw = int(first.shape[0]), int(first.shape[1])
+            first = reader.frames(idx[:1])
+            hw = int(first.shape[1]), int(first.shape[2])
         h, w = hw
         check_frame_budget(len(idx), h, w, policy, budget)
-        try:
-            frames = vr.get_batch(idx.tolist()).asnumpy()
-        except Exception as e:
-            # Typically a truncated stream whose header promised more frames than it holds.
-            raise MediaDecodeError(f"video is truncated or corrupt: decoding {len(idx)} of {total} frames "
-                                   f"failed ({type(e).__name__}: {e})") from None
-        del vr
+        frames = reader.frames(idx)
     finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        reader.close()
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     h, w = int(frames.shape[1]), int(frames.shape[2])  # what was actually decoded (rotation etc.)
     duration = total / src_fps if src_fps > 0 else None
@@ -172,29 +146,9 @@ def decode_video(data: bytes, opts: VideoIOOptions | None, policy: MediaPolicy, 
     return frames, meta
 
 
-def _check_header(path: str, nbytes: int, policy: MediaPolicy) -> tuple[int, int] | None:
-    """Read the first video stream's header with PyAV and refuse implausible or over-limit values before any
-    decoder allocates for them. Returns (height, width) when the header gives them."""
-    import av
-
-    try:
-        with av.open(path, mode="r") as c:
-            if not c.streams.video:
-                raise MediaDecodeError(f"media ({nbytes} bytes) contains no video stream")
-            st = c.streams.video[0]
-            cc = st.codec_context
-            frames = int(st.frames or 0)
-            w, h = int(cc.width or 0), int(cc.height or 0)
-            seconds = None
-            if st.duration and st.time_base:
-                seconds = float(st.duration * st.time_base)
-            elif c.duration:
-                seconds = c.duration / 1e6  # AV_TIME_BASE microseconds
-    except (MediaDecodeError, LimitExceededError):
-        raise
-    except Exception as e:  # av.error.InvalidDataError and friends
-        raise MediaDecodeError(f"cannot decode video ({nbytes} bytes): not a readable video container "
-                               f"({type(e).__name__})") from None
+def _check_header(header: StreamHeader, nbytes: int, policy: MediaPolicy) -> tuple[int, int] | None:
+    """Refuse implausible or over-limit header values. Returns (height, width) when the header gives them."""
+    frames, w, h, seconds = header.frames, header.width, header.height, header.seconds
     if frames > nbytes:  # every frame costs at least one byte of payload
         raise MediaDecodeError(f"video header declares {frames} frames in a {nbytes}-byte file; it is corrupt")
     if w < 0 or h < 0 or (w and h and w * h > policy.max_image_pixels):

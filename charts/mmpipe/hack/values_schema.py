@@ -153,6 +153,7 @@ schema = {
         }),
         "logLevel": {"enum": ["debug", "info", "warning", "error"]},
         "bindHost": {"type": "string", "minLength": 1},
+        "ompNumThreads": {"type": "integer", "minimum": 0},
         "extraEnv": ENV_LIST,
         "extraVolumes": VOLUMES,
         "extraVolumeMounts": MOUNTS,

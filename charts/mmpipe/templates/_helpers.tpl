@@ -129,6 +129,15 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $v.bindHost | quote }}
 - name: MMPIPE_LOG_LEVEL
   value: {{ $v.logLevel | quote }}
+{{- $ownOmp := false -}}
+{{- range (concat ($v.extraEnv | default list) ($c.extraEnv | default list)) }}
+{{- if eq .name "OMP_NUM_THREADS" }}{{ $ownOmp = true }}{{ end }}
+{{- end }}
+{{- if and (gt (int $v.ompNumThreads) 0) (not $ownOmp) (or (has $comp (list "gateway" "ingest")) (gt $gpus 0)) }}
+# one OpenMP thread, as `mmpipe serve` gives its children (values.yaml ompNumThreads)
+- name: OMP_NUM_THREADS
+  value: {{ int $v.ompNumThreads | quote }}
+{{- end }}
 # connections close after this long, so callers re-resolve the headless Services and find new replicas
 - name: MMPIPE_GRPC_MAX_CONNECTION_AGE_MS
   value: {{ int $v.grpc.maxConnectionAgeMs | quote }}
