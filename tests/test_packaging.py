@@ -106,9 +106,12 @@ def test_editable_install_imports(tmp_path):
     PYTHONPATH pointing at the checkout, no other .pth file) imports both paths from the installed checkout."""
     src = _checkout_copy(tmp_path / "src")
     prefix = tmp_path / "prefix"
-    _pip("install", "-e", ".", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), cwd=src)
+    # --ignore-installed: pip would otherwise uninstall the mmpipe of the running venv first (it does with --prefix)
+    _pip("install", "-e", ".", "--no-deps", "--no-build-isolation", "--ignore-installed", "--prefix", str(prefix),
+         cwd=src)
     site_dir = next(prefix.rglob("site-packages"))
-    code = (f"import site; site.addsitedir({str(site_dir)!r}); "
+    # its site folder first: its editable finder module has the same name as the running venv's one, if any
+    code = (f"import site, sys; sys.path.insert(0, {str(site_dir)!r}); site.addsitedir({str(site_dir)!r}); "
             "import mmpipe.shared.types, mmpipe.services.common.logs, os; "
             "print(os.path.realpath(mmpipe.shared.types.__file__)); "
             "print(os.path.realpath(mmpipe.services.common.logs.__file__))")
