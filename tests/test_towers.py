@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mmpipe.shared.models.towers.compile_config import ENV_VAR, compile_towers_enabled
+from mmpipe.shared.models.towers.cuda_graphs import GraphCache
+from mmpipe.shared.models.towers.graph_chunks import graph_chunks
 from mmpipe.shared.models.towers.omni_audio import OmniAudioTower, find_audio_tower
 from mmpipe.shared.models.towers.qwen_vision import QwenVisionTower, build_layout, find_visual
 from mmpipe.shared.models.towers.varlen import VarlenPlan, varlen_sdpa
@@ -68,6 +70,34 @@ def test_vision_tower_matches_transformers(tiny, family, grids, video):
     ours = tower(px, grids)
     torch.testing.assert_close(ours, _hf(model, px, grids, video), **EXACT)
     assert [r.shape[0] for r in tower.split(ours, grids)] == [t * h * w // 4 for t, h, w in grids]
+
+
+def test_graph_chunks_cut_each_grid_into_power_of_two_pieces():
+    a, b = (1, 8, 8), (1, 4, 4)
+    rows = lambda g: g[0] * g[1] * g[2]  # noqa: E731
+    assert graph_chunks([a] * 11, rows, 16 * 64) == [list(range(8)), [8, 9], [10]]
+    # grouped by grid in first-appearance order; interleaved items keep their indices
+    assert graph_chunks([a, b, a, b, a], rows, 16 * 64) == [[0, 2], [4], [1, 3]]
+    # the row cap bounds a piece (64 rows each, 200 allowed: pieces of at most 2)
+    assert graph_chunks([a] * 5, rows, 200) == [[0, 1], [2, 3], [4]]
+    # an item over the cap alone is a piece of one (the graph cache runs it eagerly)
+    assert graph_chunks([a, a], rows, 10) == [[0], [1]]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_tower_run_as_graph_pieces_equals_the_whole_batch(tiny, family):
+    """The pieces path (what CUDA runs) on the CPU: a GraphCache runs CPU tensors as they are, so this checks
+    the cut and the reassembly into processor order against the one-batch forward and transformers."""
+    _, model, _ = tiny(family)
+    visual = find_visual(model)
+    tower = QwenVisionTower(visual, compile=False)
+    grids = [(1, 8, 8), (1, 6, 10), (1, 8, 8), (1, 8, 8), (1, 6, 10), (1, 2, 2)]
+    px = _pixels(visual, grids)
+    whole = tower(px, grids)
+    tower.graphs = GraphCache(max_rows=4 * 64)
+    pieces = tower(px, grids)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pieces, _hf(model, px, grids, False), **EXACT)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
@@ -307,4 +337,5 @@ def test_cuda_tower_eager_exact_compiled_and_graphs_close(tiny):
         runs = [fast(px, grids) for _ in range(3)]  # plain, captured, replayed
         torch.testing.assert_close(runs[0], ref, rtol=2e-2, atol=2e-2)
         assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
-    assert len(fast.graphs) == 2 and fast.ops.compiled and fast.graphs.enabled
+    # ONE is one graph; MIXED (four different grids) runs as four one-item pieces, ONE's grid among them
+    assert len(fast.graphs) == 4 and fast.ops.compiled and fast.graphs.enabled

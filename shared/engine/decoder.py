@@ -129,16 +129,16 @@ class PagedDecoder:
             q, k, v = ops.qkv(i, a, x)
             q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
             if spec.qk_norm:  # Qwen3 / Gemma 3: RMSNorm over each head's q and k, before RoPE
-                q, k = a.q_norm(q), a.k_norm(k)
+                q, k = ops.norm(q, a.q_norm), ops.norm(k, a.k_norm)
             kc, vc = kv_cache[0, i], kv_cache[1, i]
             cos, sin = tables[spec.layer_rope[i]]
             q, k = ops.rope_and_cache(q, k, v, cos, sin, kc, vc, meta.slot_mapping)
             o = attn.forward(q, k, v, kc, vc, meta, window=spec.layer_windows[i])
             h = a.o_proj(o.reshape(T, H * D))
             if spec.sandwich_norms:  # Gemma: norm the branch output, then add; norm again before the MLP
-                x, residual = ops.add_norm(layer.post_attention_layernorm(h), residual,
+                x, residual = ops.add_norm(ops.norm(h, layer.post_attention_layernorm), residual,
                                            layer.pre_feedforward_layernorm)
-                h = layer.post_feedforward_layernorm(ops.mlp(i, x, layer.mlp))
+                h = ops.norm(ops.mlp(i, x, layer.mlp), layer.post_feedforward_layernorm)
             else:
                 x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
                 h = ops.mlp(i, x, layer.mlp)

@@ -24,6 +24,10 @@ class TorchOps:
         residual = h if residual is None else residual + h
         return norm(residual), residual
 
+    def norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """norm(x) alone (Gemma's sandwich norms; q/k norms over (T, heads, D)): the HF module itself."""
+        return norm(x)
+
     def qkv(self, layer: int, attn: nn.Module, x: torch.Tensor):
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
 

@@ -73,6 +73,13 @@ class TritonOps:
     def add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
         return add_rmsnorm(h, residual, norm.weight, _eps(norm), unit_offset=self.unit_offset)
 
+    def norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """One fused kernel instead of the HF module's six or seven (per-head q/k norms flatten to rows)."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        return add_rmsnorm(rows, None, norm.weight, _eps(norm), unit_offset=self.unit_offset)[0].view(x.shape)
+
     def qkv(self, layer: int, attn: nn.Module, x: torch.Tensor):
         if self.qkv_packed:
             w, b, sizes = self.qkv_packed[layer]

@@ -34,7 +34,7 @@ class _Captured:
 
 
 class GraphCache:
-    def __init__(self, *, max_rows: int = 16384, max_graphs: int = 16, capture_after: int = 2, name: str = "tower"):
+    def __init__(self, *, max_rows: int = 16384, max_graphs: int = 32, capture_after: int = 2, name: str = "tower"):
         self.max_rows = max_rows
         self.max_graphs = max_graphs
         self.capture_after = capture_after

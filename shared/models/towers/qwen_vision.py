@@ -25,8 +25,9 @@ themselves; blocks.py mirrors the block arithmetic; rotary cos/sin in float32 fr
 `inv_freq`, as HF computes them), so on CPU fp32 the output matches `get_image_features` to float rounding.
 On CUDA (`compile=True`) the token-wise parts of each block run through torch.compile, the patch embed
 runs as one matmul over the same weights (a conv3d whose stride equals its kernel), and batches of up to
-16k rows (16 images of 448 px) replay as CUDA graphs, one per batch layout (cuda_graphs.py): at batch 1 the
-host, not the GPU, is otherwise the bottleneck.
+16k rows (16 images of 448 px) replay as CUDA graphs (cuda_graphs.py): at batch 1 the host, not the GPU, is
+otherwise the bottleneck. A batch runs as pieces of one grid in power-of-two counts (graph_chunks.py), so a
+workload of one image size needs a handful of graphs instead of one per batch composition.
 
 Owns: the Qwen vision forward and its per-batch layout. Must not: preprocess media or know about adapters.
 """
@@ -44,6 +45,7 @@ from torch import nn
 from mmpipe.shared.models.towers.blocks import BlockSpec, BlockWeights, TokenOps, describe_block
 from mmpipe.shared.models.towers.compile_config import compile_towers_enabled
 from mmpipe.shared.models.towers.cuda_graphs import GraphCache
+from mmpipe.shared.models.towers.graph_chunks import graph_chunks
 from mmpipe.shared.models.towers.varlen import VarlenPlan, varlen_sdpa
 
 Grid = tuple[int, int, int]
@@ -268,9 +270,35 @@ class QwenVisionTower:
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         if pixel_values.shape[0] != lay.num_rows:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but the grids need {lay.num_rows}")
-        if self.graphs is not None:
+        if self.graphs is None:
+            return self.forward(pixel_values, lay)
+        pieces = graph_chunks(key, lambda g: g[0] * g[1] * g[2], self.graphs.max_rows)
+        if len(pieces) == 1:
             return self.graphs.run(key, pixel_values, lambda px: self.forward(px, lay), keep=lay)
-        return self.forward(pixel_values, lay)
+        return self._run_pieces(pixel_values, key, pieces)
+
+    def _run_pieces(self, pixel_values: torch.Tensor, key: tuple[Grid, ...], pieces: list[list[int]]
+                    ) -> torch.Tensor:
+        """The batch as graph_chunks' pieces, each through its own graph, put back in processor order."""
+        in_rows = [t * h * w for t, h, w in key]
+        out_rows = [n // (self.merge ** 2) for n in in_rows]
+        in_at = np.concatenate([[0], np.cumsum(in_rows)]).tolist()
+        out_at = np.concatenate([[0], np.cumsum(out_rows)]).tolist()
+        out: torch.Tensor | None = None
+        for items in pieces:
+            sub = tuple(key[i] for i in items)
+            contiguous = items == list(range(items[0], items[-1] + 1))
+            px = (pixel_values[in_at[items[0]]:in_at[items[-1] + 1]] if contiguous
+                  else torch.cat([pixel_values[in_at[i]:in_at[i + 1]] for i in items]))
+            lay = self.layout(sub)
+            y = self.graphs.run(sub, px, lambda p, lay=lay: self.forward(p, lay), keep=lay)
+            if out is None:
+                out = y.new_empty((out_at[-1], y.shape[1]))
+            at = 0
+            for i in items:
+                out[out_at[i]:out_at[i + 1]] = y[at:at + out_rows[i]]
+                at += out_rows[i]
+        return out
 
     def forward(self, pixel_values: torch.Tensor, lay: VisionLayout) -> torch.Tensor:
         """The tower on device pixels (already in the tower's dtype) with a layout on the same device."""
