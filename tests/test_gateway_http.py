@@ -141,7 +141,8 @@ _CMPL = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {**_CMPL, "suffix": "!"}, "suffix"),
     ("/v1/completions", {**_CMPL, "best_of": 2}, "best_of"),
-    ("/v1/completions", {**_CMPL, "echo": True, "logprobs": 0, "stream": True}, "echo"),
+    ("/v1/completions", {**_CMPL, "echo": True, "logprobs": 0, "stream": True, "prompt_logprobs": 1},
+     "prompt_logprobs"),
     ("/v1/completions", {**_CMPL, "prompt_embeds": "AAAA"}, "prompt_embeds"),
     ("/v1/completions", {**_CMPL, "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", {**_CMPL, "spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
