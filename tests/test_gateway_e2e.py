@@ -269,6 +269,51 @@ def test_completions_list_of_prompts_and_echo_match_offline(env):
     assert getattr(ch, "prompt_logprobs", None) is None  # only when asked for by name (vLLM)
 
 
+def test_streamed_echo_logprobs_concatenate_to_the_whole_answer(env):
+    """echo + logprobs + stream (vLLM's shape): each choice's first chunk carries the echoed prompt with its
+    tokens' logprobs (the first one null) and its first generated tokens', later chunks the rest; a choice's
+    chunks, concatenated, are its non-streamed answer, for several prompts with n=2 seeded samples each."""
+    from transformers import AutoTokenizer
+
+    prompts = ["The quick brown fox", "A tiny random model says"]
+    kw = dict(model="tiny", prompt=prompts, echo=True, logprobs=2, n=2, temperature=1.0, seed=5, max_tokens=5,
+              extra_body={"ignore_eos": True})
+    c = env.client()
+    n_prompt = [len(ids) for ids in AutoTokenizer.from_pretrained(env.model)(prompts).input_ids]
+    whole = {ch.index: ch for ch in c.completions.create(**kw).choices}
+    assert sorted(whole) == [0, 1, 2, 3]
+    got: dict[int, dict] = {i: {"text": "", "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [],
+                                "chunks": 0} for i in whole}
+    finish, usage = {}, None
+    for chunk in c.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            g = got[ch.index]
+            if g["chunks"] == 0:  # the first chunk: the whole prompt with its logprobs, then generated tokens
+                assert ch.text.startswith(prompts[ch.index // 2])
+                assert len(ch.logprobs.tokens) > n_prompt[ch.index // 2]
+                assert ch.logprobs.token_logprobs[0] is None and ch.logprobs.top_logprobs[0] is None
+                assert ch.logprobs.text_offset[0] == 0
+            g["chunks"] += 1
+            g["text"] += ch.text
+            for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                g[f] += getattr(ch.logprobs, f) or []
+            finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+    assert usage.completion_tokens == 20 and finish == {i: "length" for i in whole}
+    texts = set()
+    for i, ch in whole.items():
+        g, lp = got[i], ch.logprobs
+        assert g["text"] == ch.text and g["tokens"] == lp.tokens and g["text_offset"] == lp.text_offset, i
+        assert g["token_logprobs"][0] is None and lp.token_logprobs[0] is None
+        assert g["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+        assert g["top_logprobs"][0] is None and len(g["top_logprobs"]) == len(lp.top_logprobs)
+        for a, b in zip(g["top_logprobs"][1:], lp.top_logprobs[1:]):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert g["chunks"] > 1  # the prompt's first chunk and more
+        texts.add(ch.text)
+    assert len(texts) == 4  # seeded samples differ: each choice was matched with its own stream
+
+
 def test_tokenize_counts_what_the_generation_endpoints_send(env):
     msgs = user({"type": "image_url", "image_url": {"url": data_url(png(3))}})
     auth = {"Authorization": f"Bearer {KEY}"}

@@ -141,7 +141,8 @@ _CMPL = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {**_CMPL, "suffix": "!"}, "suffix"),
     ("/v1/completions", {**_CMPL, "best_of": 2}, "best_of"),
-    ("/v1/completions", {**_CMPL, "echo": True, "logprobs": 0, "stream": True}, "echo"),
+    ("/v1/completions", {**_CMPL, "echo": True, "logprobs": 0, "stream": True, "prompt_logprobs": 1},
+     "prompt_logprobs"),
     ("/v1/completions", {**_CMPL, "prompt_embeds": "AAAA"}, "prompt_embeds"),
     ("/v1/completions", {**_CMPL, "return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", {**_CMPL, "spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
@@ -199,6 +200,27 @@ def test_tokenize_and_detokenize_as_vllm(omni_dir, info):
                                                                      tokenize=False)
 
 
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_tokenize_renders_tools_as_the_chat_endpoint_does(omni_dir, info):
+    """The oracle is transformers' template with the same tools; every tool choice renders all of them (the
+    choice and the server's --enable-auto-tool-choice only matter to generation)."""
+    plain = [{"role": "user", "content": "What is the weather in Paris?"}]
+    rs = _calls(omni_dir, info, *[("POST", "/tokenize", {"messages": plain, "tools": _TOOLS, **kw}, AUTH)
+                                  for kw in ({}, {"tool_choice": "required"}, {"tool_choice": "none"})],
+                ("POST", "/tokenize", {"messages": plain}, AUTH))
+    text = info.processor.apply_chat_template(plain, tools=_TOOLS, add_generation_prompt=True, tokenize=False)
+    assert "get_weather" in text
+    want = info.tokenizer(text, add_special_tokens=False).input_ids
+    for r in rs[:3]:
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == want
+    assert rs[3].json()["count"] < len(want)
+
+
 @pytest.mark.parametrize("path, body, status, param", [
     ("/tokenize", {"model": "tiny"}, 400, "prompt"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
@@ -208,6 +230,17 @@ def test_tokenize_and_detokenize_as_vllm(omni_dir, info):
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400,
      "continue_final_message"),
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+    # template inputs the chat endpoint does not implement either stay refused, named
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": 1}}, 400,
+     "chat_template_kwargs"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": "d"}]}, 400, "documents"),
+    # tools and media settings are checked by the chat endpoint's rules
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "bad name"}}]}, 400, "tools[0].function.name"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "tools": _TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}, 400, "tool_choice.function.name"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "mm_processor_kwargs": {"nope": 1}}, 400, None),
+    ("/tokenize", {"prompt": "hi", "tools": _TOOLS}, 400, "tools"),
     ("/tokenize", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
     ("/detokenize", {"tokens": [1, 10**7]}, 400, "tokens"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens"),

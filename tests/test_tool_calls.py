@@ -162,6 +162,24 @@ def test_served_tool_results_go_back_through_the_template(client, qwen2_vl_dir):
     assert c.prompt_token_ids == tok(text, add_special_tokens=False).input_ids
 
 
+def test_served_tokenize_with_tools_is_the_chat_prompt(client, gateway):
+    """POST /tokenize with messages and tools gives exactly the prompt the chat endpoint builds (its ids and
+    usage.prompt_tokens: no media here, so nothing is expanded); a template input that neither implements stays a
+    400 naming it."""
+    chat = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=2,
+                                          extra_body={"return_token_ids": True})
+    for kw in ({}, {"tool_choice": "required", "parallel_tool_calls": False}):
+        t = httpx.post(f"{gateway.url}/tokenize", json={"model": "tiny", "messages": ASK, "tools": TOOLS, **kw},
+                       timeout=60)
+        assert t.status_code == 200, t.text
+        assert t.json()["tokens"] == chat.prompt_token_ids and t.json()["count"] == chat.usage.prompt_tokens, kw
+    bare = httpx.post(f"{gateway.url}/tokenize", json={"messages": ASK}, timeout=60).json()
+    assert bare["count"] < chat.usage.prompt_tokens  # the tools are in the template's text
+    r = httpx.post(f"{gateway.url}/tokenize", json={"messages": ASK, "tools": TOOLS, "continue_final_message": True},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text
+
+
 @pytest.mark.parametrize("kw, param", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),

@@ -123,12 +123,8 @@ class GatewayCore:
         if (inp.prompt is None) == (inp.messages is None):
             raise InvalidInputError("give exactly one of prompt or messages", param="prompt")
         if inp.messages is not None:
-            special = False if inp.add_special_tokens is None else inp.add_special_tokens
             # templates are CPU work: off the event loop, as for generation requests
-            ids, _ = await asyncio.to_thread(self.preparer.render_chat, inp.messages,
-                                             chat_template=inp.chat_template,
-                                             add_generation_prompt=inp.add_generation_prompt,
-                                             add_special_tokens=special)
+            ids = await asyncio.to_thread(self.preparer.tokenize_chat, inp)
         else:
             special = True if inp.add_special_tokens is None else inp.add_special_tokens
             ids = await asyncio.to_thread(self.preparer.tokenize_prompt, inp.prompt, add_special_tokens=special)

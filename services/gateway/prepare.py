@@ -26,12 +26,13 @@ from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.structured.grammar import GrammarCompiler
 from mmpipe.shared.tools.plan import ToolPlan, ToolSettings
+from mmpipe.shared.tools.request import ToolRequest
 from mmpipe.shared.types import SamplingParams
 
 from .config import GatewayConfig
 from .metrics import STEP_DURATION
 from .model_info import ModelInfo
-from .types import ChatInput, CompletionInput, MediaKwargs
+from .types import ChatInput, CompletionInput, MediaKwargs, TokenizeInput
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,26 @@ class Preparer:
         media_kwargs = self.media_kwargs(inp.media_kwargs)
         ids, media = self.render_chat(inp.messages, chat_template=inp.chat_template,
                                       add_generation_prompt=inp.add_generation_prompt,
-                                      add_special_tokens=inp.add_special_tokens,
-                                      tools=tools.template_tools() if tools is not None else None)
+                                      add_special_tokens=inp.add_special_tokens, tools=inp.tools)
         self._check_prompt(ids, media, sampling)
         return PreparedPrompt(ids, media, sampling, tools, media_kwargs)
 
+    def tokenize_chat(self, inp: TokenizeInput) -> list[int]:
+        """POST /tokenize with messages: the ids `chat` would send the generator for the same messages, tools and
+        settings (the same `render_chat`); the server's tool flags are not applied, since nothing is generated."""
+        self.media_kwargs(inp.media_kwargs)  # no effect on these ids (media stay one placeholder), still a 400
+        special = False if inp.add_special_tokens is None else inp.add_special_tokens  # chat's default
+        ids, _ = self.render_chat(inp.messages or [], chat_template=inp.chat_template,
+                                  add_generation_prompt=inp.add_generation_prompt, add_special_tokens=special,
+                                  tools=inp.tools)
+        return ids
+
     def render_chat(self, messages: list[dict], *, chat_template: str | None = None,
                     add_generation_prompt: bool = True, add_special_tokens: bool = False,
-                    tools: list[dict] | None = None) -> tuple[list[int], list[ItemRef]]:
+                    tools: ToolRequest | None = None) -> tuple[list[int], list[ItemRef]]:
         """Messages -> prompt token ids (one placeholder per media item) and the items: the chat rules of every
-        chat request and of POST /tokenize (parse, limits, the media policy pre-check, the template)."""
+        chat request and of POST /tokenize (parse, limits, the media policy pre-check, the template with the
+        request's tools: all of them, whatever the tool choice)."""
         self._check_template_allowed(chat_template)
         t = time.perf_counter()
         chat = parse_messages(messages)
@@ -105,7 +116,8 @@ class Preparer:
                 self.precheck_url(ref.source, p.modality)
         t = self._step("parse", t)
         text = apply_template(self.info.processor, self.info.template(chat_template), chat.conversation,
-                              add_generation_prompt=add_generation_prompt, tools=tools)
+                              add_generation_prompt=add_generation_prompt,
+                              tools=tools.template_tools() if tools is not None else None)
         t = self._step("template", t)
         ids = self.info.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         self._step("tokenize", t)

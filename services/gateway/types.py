@@ -62,7 +62,8 @@ class CompletionInput:
 
 @dataclass(frozen=True)
 class TokenizeInput:
-    """One tokenize request (POST /tokenize, Gateway.Tokenize): a text prompt or chat messages (exactly one)."""
+    """One tokenize request (POST /tokenize, Gateway.Tokenize): a text prompt or chat messages (exactly one); the
+    chat-only fields (template, tools, media settings) are those of ChatInput."""
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -71,6 +72,8 @@ class TokenizeInput:
     add_generation_prompt: bool = True
     chat_template: str | None = None
     return_token_strs: bool = False
+    tools: ToolRequest | None = None  # rendered by the template as for a chat request (the choice changes nothing)
+    media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)  # checked as for a chat request
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.structured import StructuredOutputsParams
+from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
 from ..types import MediaKwargs
@@ -82,6 +83,18 @@ class MediaSettingsFields(OpenAIBaseModel):
 
     def media_kwargs(self) -> MediaKwargs:
         return MediaKwargs(mm_processor_kwargs=self.mm_processor_kwargs, media_io_kwargs=self.media_io_kwargs)
+
+
+class ToolFields(OpenAIBaseModel):
+    """OpenAI's tool fields (chat completions, and /tokenize with messages): kept as JSON here, validated once by
+    shared/tools (`tool_request()`: the offline API's rules), so both endpoints accept and refuse the same."""
+
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+
+    def tool_request(self) -> ToolRequest | None:
+        return parse_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 class SamplingFields(OpenAIBaseModel):

@@ -4,7 +4,7 @@ Messages stay plain dicts here: their content parts (text, image_url, video_url,
 image_embeds, each with an optional `uuid` and a payload that may be null) are parsed and checked by the
 shared chat parser, the same one the offline `LLM.chat` uses, so both accept exactly the same inputs.
 `tools` / `tool_choice` / `parallel_tool_calls` are kept as JSON here and validated by shared/tools
-(`tool_request()`), the offline API's rules too.
+(`ToolFields.tool_request()`, shared with /tokenize), the offline API's rules too.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
-from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, UsageInfo, _set
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, ToolFields, UsageInfo, _set
 
 
-class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
+class ChatCompletionRequest(SamplingFields, MediaSettingsFields, ToolFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -27,14 +26,8 @@ class ChatCompletionRequest(SamplingFields, MediaSettingsFields):
     chat_template: str | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # vLLM's extra: the template already writes the special tokens
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
 
     IMPLEMENTED: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice"})
-
-    def tool_request(self) -> ToolRequest | None:
-        return parse_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def to_sampling(self) -> SamplingParams:
         if _set((self.model_extra or {}).get("echo")):

@@ -1,7 +1,8 @@
 """Wire models of POST /v1/completions (OpenAI's legacy completions): one prompt or a list of them (one choice
 per prompt, `index` its place in the list), `echo` (the prompt's text before the completion), as vLLM does.
 `echo` with `logprobs` asks for the prompt tokens' logprobs too (vLLM's rule: prompt_logprobs = logprobs unless
-the request sets prompt_logprobs), which the logprobs then start with."""
+the request sets prompt_logprobs), which the logprobs then start with, streamed or not (a stream sends them in the
+first chunk of each choice, as vLLM)."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,6 @@ class CompletionRequest(SamplingFields, MediaSettingsFields):
         return self.echo and self.logprobs is not None
 
     def to_sampling(self) -> SamplingParams:
-        if self.echo_logprobs and self.stream:
-            raise UnsupportedError("echo with logprobs is not available with stream=true (the prompt tokens' "
-                                   "logprobs are not streamed); send stream=false", param="echo")
         if self.suffix:
             raise UnsupportedError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):

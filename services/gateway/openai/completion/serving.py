@@ -6,8 +6,9 @@ prompt (with n samples each, choice `index` = prompt index * n + sample index, a
 adds them up (each prompt counted once). Sub-requests are named `<request id>-<index>`
 in the stages' logs, as vLLM names them. With `echo`, each choice's text starts with its prompt's text (the
 prompt as sent, or the decoded token ids), in the first stream chunk of that choice; with `echo` and `logprobs`
-(not streamed) its logprobs start with the prompt tokens' (vLLM's shape: the first token's logprob and
-alternatives null, text_offset counting on over prompt and completion).
+its logprobs start with the prompt tokens' (vLLM's shape: the first token's logprob and alternatives null,
+text_offset counting on over prompt and completion), streamed in that first chunk too (logprobs.py writes both,
+so the chunks of a choice, concatenated, are its whole answer).
 
 Stream chunks have the shape of protocol.CompletionResponse (exclude_none) but are written by
 http/sse.ChunkEvents, without building a pydantic model per token."""
@@ -22,9 +23,10 @@ from fastapi.responses import JSONResponse, Response
 
 from ...core import GatewayCore, GenerationStream
 from ...http import sse
-from ...types import CompletionInput, RequestContext
+from ...types import CompletionInput, Delta, RequestContext
 from ..protocol import UsageInfo, prompt_logprobs_json
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from .logprobs import LogprobsWriter, choice_entries, chunk_json
+from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 ENDPOINT = "/v1/completions"
 T = TypeVar("T")
@@ -58,9 +60,10 @@ class OpenAIServingCompletion:
         n = sampling.n
         choices = [CompletionChoice(
             index=p * n + i, text=echo + r.text, finish_reason=r.finish_reason,
-            logprobs=self._logprobs(r.token_ids, r.logprobs, r.top_logprobs, 0,
-                                    prompt=(r.prompt_token_ids, r.prompt_logprobs, req.logprobs) if req.echo_logprobs
-                                    else None) if req.logprobs is not None else None,
+            logprobs=self._writer(req).write(choice_entries(
+                r.token_ids, r.logprobs, r.top_logprobs,
+                prompt=(r.prompt_token_ids, r.prompt_logprobs) if req.echo_logprobs else None))
+            if req.logprobs is not None else None,
             token_ids=r.token_ids if req.return_token_ids else None,
             prompt_token_ids=r.prompt_token_ids if req.return_token_ids else None,
             prompt_logprobs=prompt_logprobs_json(self.core.info.tokenizer, r.prompt_logprobs)
@@ -105,59 +108,52 @@ class OpenAIServingCompletion:
     async def _choices(self, req: CompletionRequest, prompt_index: int, stream: GenerationStream,
                        echo: str) -> AsyncIterator[dict[str, Any]]:
         """One prompt's stream as CompletionChoice dicts (fields in order, None ones left out: exclude_none); the
-        echo goes with the first chunk of each of its samples."""
+        echo (and with logprobs the prompt tokens' logprobs) goes with the first chunk of each of its samples."""
         n = len(stream.samples)
-        offsets = [0] * n  # per sample
+        writers = [self._writer(req) for _ in range(n)] if req.logprobs is not None else None
         firsts = [True] * n
+        # Sample 0's first message brings the prompt logprobs; a sample's delta that comes before it waits for it.
+        ready = not req.echo_logprobs
+        held: list[Delta] = []
+
+        def choice(d: Delta) -> dict[str, Any]:
+            first, firsts[d.index] = firsts[d.index], False
+            return self._choice(req, prompt_index * n + d.index, d, stream, echo if first else None,
+                                writers[d.index] if writers is not None else None)
+
         async with stream:
             async for d in stream:
-                first = firsts[d.index]
-                choice: dict[str, Any] = {"index": prompt_index * n + d.index,
-                                          "text": echo + d.text if first else d.text}
-                if req.logprobs is not None:
-                    lp = self._logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
-                    choice["logprobs"] = {"tokens": lp.tokens,
-                                          "token_logprobs": [sse.finite(x) for x in lp.token_logprobs],
-                                          **({"top_logprobs": lp.top_logprobs} if lp.top_logprobs else {}),
-                                          "text_offset": lp.text_offset}
-                if d.finish_reason is not None:
-                    choice["finish_reason"] = d.finish_reason
-                if req.return_token_ids:
-                    choice["token_ids"] = d.token_ids
-                    if first:
-                        choice["prompt_token_ids"] = stream.prepared.prompt_token_ids
-                offsets[d.index] += len(d.text)
-                firsts[d.index] = False
-                yield choice
+                if not ready:
+                    ready = d.index == 0 or stream.prompt_logprobs is not None
+                    if not ready:
+                        held.append(d)
+                        continue
+                    for h in held:
+                        yield choice(h)
+                    held.clear()
+                yield choice(d)
+        for h in held:  # the stream ended before sample 0 spoke (it cannot, but never drop output)
+            yield choice(h)
 
-    def _logprobs(self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None,
-                  offset: int, prompt: tuple[list[int], list | None, int] | None = None) -> CompletionLogprobs:
-        """OpenAI's legacy logprobs; `top_logprobs` maps each alternative's text to its logprob (vLLM's shape).
-        `prompt` (echo): the prompt's token ids, their prompt logprobs (None first) and the alternatives asked
-        for; they come first."""
-        tok = self.core.info.tokenizer
-        out = CompletionLogprobs(top_logprobs=[] if tops or (prompt and prompt[2]) else None)
+    def _choice(self, req: CompletionRequest, index: int, d: Delta, stream: GenerationStream, echo: str | None,
+                writer: LogprobsWriter | None) -> dict[str, Any]:
+        """One chunk's choice; `echo` is set on a sample's first chunk (its text, and the prompt's logprobs)."""
+        first = echo is not None
+        choice: dict[str, Any] = {"index": index, "text": echo + d.text if first else d.text}
+        if writer is not None:
+            prompt = (stream.prepared.prompt_token_ids, stream.prompt_logprobs) if first and req.echo_logprobs else None
+            lp = writer.write(choice_entries(d.token_ids, d.logprobs, d.top_logprobs, prompt=prompt))
+            choice["logprobs"] = chunk_json(lp, sse.finite)
+        if d.finish_reason is not None:
+            choice["finish_reason"] = d.finish_reason
+        if req.return_token_ids:
+            choice["token_ids"] = d.token_ids
+            if first:
+                choice["prompt_token_ids"] = stream.prepared.prompt_token_ids
+        return choice
 
-        def add(t: int, lp: float | None, alts: list[tuple[int, float]] | None) -> None:
-            nonlocal offset
-            s = tok.decode([t])
-            out.tokens.append(s)
-            out.token_logprobs.append(lp)
-            out.text_offset.append(offset)
-            if out.top_logprobs is not None:
-                out.top_logprobs.append(None if alts is None else {tok.decode([a]): v for a, v in alts})
-            offset += len(s)
-
-        if prompt is not None:
-            prompt_ids, entries, _ = prompt
-            for t, e in zip(prompt_ids, entries or [None] * len(prompt_ids)):
-                if e is None:  # the first prompt token: nothing before it
-                    add(t, None, None)
-                else:
-                    add(t, e[1], e[3])
-        for i, (t, lp) in enumerate(zip(ids, lps or [])):
-            add(t, lp, tops[i] if tops else None)
-        return out
+    def _writer(self, req: CompletionRequest) -> LogprobsWriter:
+        return LogprobsWriter(self.core.info.tokenizer, with_tops=bool(req.logprobs))
 
 
 async def _gather_all(aws: list[Any]) -> list[Any]:

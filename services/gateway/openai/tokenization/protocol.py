@@ -1,9 +1,12 @@
 """Wire models of POST /tokenize and POST /detokenize, with vLLM's request and response shapes.
 
 /tokenize takes a prompt (`TokenizeCompletionRequest`) or chat messages (`TokenizeChatRequest`: the chat
-template is applied exactly as for /v1/chat/completions); which one is decided by the presence of `messages`.
-Fields that would change the tokens and are not implemented are refused by the shared rule
-(`refuse_unimplemented`), as on the generation endpoints.
+template is applied exactly as for /v1/chat/completions, with the request's `tools` rendered by it); which one
+is decided by the presence of `messages`. The chat form takes the chat endpoint's own template inputs and checks
+them with its rules: the tool fields (`ToolFields`) and the media settings (`MediaSettingsFields`; they do not
+change these tokens, since a media item stays one placeholder here, but a bad one is the same 400). Fields that
+would change the tokens and are not implemented on the chat endpoint either (`chat_template_kwargs`,
+`continue_final_message`, `documents`, ...) are refused by the shared rule (`refuse_unimplemented`).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pydantic import Field, ValidationError
 
 from mmpipe.shared.errors import InvalidInputError
 
-from ..protocol import OpenAIBaseModel, refuse_unimplemented
+from ..protocol import MediaSettingsFields, OpenAIBaseModel, ToolFields, refuse_unimplemented
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):
@@ -23,7 +26,7 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
     return_token_strs: bool | None = False
 
 
-class TokenizeChatRequest(OpenAIBaseModel):
+class TokenizeChatRequest(MediaSettingsFields, ToolFields):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -44,8 +47,11 @@ def tokenize_request(body: Any) -> TokenizeCompletionRequest | TokenizeChatReque
         loc = ".".join(str(x) for x in err.get("loc", ())) or None
         raise InvalidInputError(f"invalid request: {loc}: {err.get('msg')}" if loc else str(err.get("msg")),
                                 param=loc) from None
-    # continue_final_message, chat_template_kwargs, tools, mm_processor_kwargs ... would change the tokens
-    refuse_unimplemented(dict(req.model_extra or {}))
+    extra = dict(req.model_extra or {})
+    if isinstance(req, TokenizeCompletionRequest) and extra.get("tools") is not None:
+        raise InvalidInputError("tools are rendered by the chat template: send messages, not prompt", param="tools")
+    # continue_final_message, chat_template_kwargs, documents ... would change the tokens
+    refuse_unimplemented(extra)
     return req
 
 

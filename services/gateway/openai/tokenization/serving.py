@@ -1,9 +1,9 @@
 """POST /tokenize and /detokenize: pydantic requests -> GatewayCore.tokenize / .detokenize -> vLLM's responses.
 
-Chat messages go through the same `Preparer.render_chat` as a chat request (parse, limits, media policy
-pre-check, template, tokenisation), so /tokenize returns exactly the ids /v1/chat/completions sends the
-generator: each media item is ONE placeholder token there, since expanding it to its embedding rows needs
-the decoded media, which /tokenize never fetches. No stage is called.
+Chat messages (and their tools) go through the same `Preparer.render_chat` as a chat request (parse, limits,
+media policy pre-check, template with the tools, tokenisation), so /tokenize returns exactly the ids
+/v1/chat/completions sends the generator: each media item is ONE placeholder token there, since expanding it to its
+embedding rows needs the decoded media, which /tokenize never fetches. No stage is called.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class OpenAIServingTokenization:
         if isinstance(req, TokenizeChatRequest):
             inp = TokenizeInput(messages=req.messages, model=req.model, add_special_tokens=req.add_special_tokens,
                                 add_generation_prompt=req.add_generation_prompt, chat_template=req.chat_template,
-                                return_token_strs=bool(req.return_token_strs))
+                                return_token_strs=bool(req.return_token_strs), tools=req.tool_request(),
+                                media_kwargs=req.media_kwargs())
         else:
             inp = TokenizeInput(prompt=req.prompt, model=req.model, add_special_tokens=req.add_special_tokens,
                                 return_token_strs=bool(req.return_token_strs))
