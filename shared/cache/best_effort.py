@@ -2,7 +2,8 @@
 
 A read that fails (the server down, a cluster node down, a timeout) is a miss for the keys it could not read,
 which the caller then recomputes; a write that fails is skipped. Both are logged and counted
-(`stats().errors`). On a cluster only the keys of the failing node are lost: after a failed read the keys are
+(`stats().errors`). A failure that is a configuration to fix, not an outage (a wrong password:
+`EmbeddingCache.is_outage`), is raised as before. On a cluster only the keys of the failing node are lost: after a failed read the keys are
 read again node by node (`EmbeddingCache.key_groups`), so a node that is down costs its own share of the entries.
 
 What the caller cannot recompute (a UUID-only reference, whose embedding exists only in the cache) it must refuse
@@ -32,6 +33,8 @@ def read_or_miss(cache: EmbeddingCache, keys: Sequence[str]) -> tuple[list[MMEmb
     try:
         return cache.get_many(keys), []
     except ServiceUnavailableError as e:
+        if not cache.is_outage(e):
+            raise
         error = e
     out: list[MMEmbedding | None] = [None] * len(keys)
     unreachable: list[int] = []
@@ -44,6 +47,8 @@ def read_or_miss(cache: EmbeddingCache, keys: Sequence[str]) -> tuple[list[MMEmb
                 for i, v in zip(group, cache.get_many([keys[i] for i in group])):
                     out[i] = v
             except ServiceUnavailableError as e:
+                if not cache.is_outage(e):
+                    raise
                 error = e
                 unreachable += group
     cache.record_errors(1)
@@ -59,6 +64,8 @@ def write_or_skip(cache: EmbeddingCache, items: Iterable[tuple[str, MMEmbedding]
         cache.put_many(items)
         return True
     except ServiceUnavailableError as e:
+        if not cache.is_outage(e):
+            raise
         cache.record_errors(len(items))
         log.warning("embedding cache write of %d item(s) failed, not cached: %s", len(items), e)
         return False

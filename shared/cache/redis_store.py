@@ -627,6 +627,9 @@ class RedisEmbeddingCache(EmbeddingCache):
             return super().key_groups(keys)
         return list(groups.values())
 
+    def is_outage(self, error: Exception) -> bool:
+        return not isinstance(error.__cause__, redis.exceptions.AuthenticationError)
+
     def record_errors(self, n: int) -> None:
         self._c.add(errors=n)
 
