@@ -220,6 +220,8 @@ def test_cluster_master_killed_and_restarted_under_load(cluster, stack):
     report = {
         "sent": len(sent), **{k: outcomes.count(k) for k in ("ok", "clean", "lost", "wrong", "other")},
         "statuses": {str(st): sum(1 for s in sent if s.status == st) for st in sorted({s.status or 0 for s in sent})},
+        "statuses_by_phase": {p: {str(st): sum(1 for s, q in zip(sent, phase) if q == p and s.status == st)
+                                  for st in sorted({s.status or 0 for s in sent})} for p in dict.fromkeys(phase)},
         "by_phase": {p: {k: sum(1 for o, q in zip(outcomes, phase) if q == p and o == k)
                          for k in ("ok", "clean", "lost", "wrong", "other")} for p in ("before", "outage", "settling",
                                                                                         "after")},
