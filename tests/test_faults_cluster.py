@@ -167,8 +167,11 @@ def test_cluster_master_killed_and_restarted_under_load(cluster, stack):
 
     images = Images()
     headers = stack.target().headers()
-    post = lambda name, **kw: httpx.post(f"{stack.url}/v1/chat/completions", json=images.body(name, **kw),  # noqa
-                                         headers=headers, timeout=TIMEOUT_S)
+
+    def post(name: str, register: bool = False) -> httpx.Response:
+        return httpx.post(f"{stack.url}/v1/chat/completions", json=images.body(name, register=register),
+                          headers=headers, timeout=TIMEOUT_S)
+
     for name in [*images.uuid, *(f"repeat:{i}" for i in range(6))]:  # registered, and the pool cached
         r = post(name, register=True)
         assert r.status_code == 200, r.text
