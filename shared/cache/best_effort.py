@@ -1,10 +1,10 @@
 """The rule for a cache that fails: it is a cache. One home, used by the in-process resolver (inputs/resolve.py).
 
 A read that fails (the server down, a cluster node down, a timeout) is a miss for the keys it could not read,
-which the caller then recomputes; a write that fails is skipped. Both are logged and counted
-(`stats().errors`). A failure that is a configuration to fix, not an outage (a wrong password:
-`EmbeddingCache.is_outage`), is raised as before. On a cluster only the keys of the failing node are lost: after a failed read the keys are
-read again node by node (`EmbeddingCache.key_groups`), so a node that is down costs its own share of the entries.
+which the caller then recomputes; a write that fails is skipped. Both are logged and counted (`stats().errors`).
+A failure that is a configuration to fix, not an outage (a wrong password: `EmbeddingCache.is_outage`), is raised
+as before. On a cluster only the keys of the failing node are lost: after a failed read the keys are read again
+node by node (`EmbeddingCache.key_groups`), so a node that is down costs its own share of the entries.
 
 What the caller cannot recompute (a UUID-only reference, whose embedding exists only in the cache) it must refuse
 itself, with the positions `read_or_miss` reports unreachable: a retryable ServiceUnavailableError, never a
