@@ -440,17 +440,22 @@ GATEWAY_ARGS = ("--max-concurrent-requests", "16", "--request-timeout", "20")
 
 
 class Stack:
-    """Redis + ingest + encoder + generator + gateway on 127.0.0.1 (tests/services_helpers.py)."""
+    """Redis + ingest + encoder + generator + gateway on 127.0.0.1 (tests/services_helpers.py).
+
+    `redis_url`: a Redis the caller runs (e.g. a redis+cluster:// URL); the stack then starts none and leaves it
+    alone when it stops (`redis` is None)."""
 
     def __init__(self, model_dir: str, *, redis_port: int | None = None, redis_maxmemory: str = "256mb",
                  gateway_args: tuple[str, ...] = GATEWAY_ARGS, api_key: str = "sk-load",
-                 stage_args: dict[str, list[str]] | None = None):
+                 stage_args: dict[str, list[str]] | None = None, redis_url: str | None = None):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from mmpipe.shared.cache.embedded_redis import EmbeddedRedis, free_port
 
         self.model_dir = model_dir
         self.api_key = api_key
-        self.redis = EmbeddedRedis(port=redis_port or free_port(), maxmemory=redis_maxmemory).start()
+        self.redis = None if redis_url else EmbeddedRedis(port=redis_port or free_port(),
+                                                          maxmemory=redis_maxmemory).start()
+        self.redis_url = redis_url or self.redis.url
         self.stack = None
         self.gw = None
         self.gateway_args = tuple(gateway_args)
@@ -468,13 +473,13 @@ class Stack:
 
         from mmpipe.shared.cache.embedded_redis import free_port
 
-        self.stack = StageStack(self.model_dir, self.redis.url)
+        self.stack = StageStack(self.model_dir, self.redis_url)
         sa = self.stage_args
-        enc = start_stage_process("encoder", self.model_dir, self.redis.url, log_dir=self.stack.log_dir, wait=False,
+        enc = start_stage_process("encoder", self.model_dir, self.redis_url, log_dir=self.stack.log_dir, wait=False,
                                   extra=sa.get("encoder"))
-        gen = start_stage_process("generator", self.model_dir, self.redis.url, log_dir=self.stack.log_dir,
+        gen = start_stage_process("generator", self.model_dir, self.redis_url, log_dir=self.stack.log_dir,
                                   wait=False, extra=sa.get("generator"))
-        ing = start_stage_process("ingest", self.model_dir, self.redis.url, encoder_addr=enc.addr,
+        ing = start_stage_process("ingest", self.model_dir, self.redis_url, encoder_addr=enc.addr,
                                   log_dir=self.stack.log_dir, wait=False, extra=sa.get("ingest"))
         self.stack.procs = {"encoder": enc, "generator": gen, "ingest": ing}
         port, gport = free_port(), free_port()
@@ -482,7 +487,7 @@ class Stack:
         argv = [sys.executable, "-m", "mmpipe.cli", "gateway", "--model", self.model_dir,
                 "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
                 "--grpc-port", str(gport), "--ingest-addr", ing.addr, "--encoder-addr", enc.addr,
-                "--generator-addr", gen.addr, "--redis-url", self.redis.url, "--api-key", self.api_key,
+                "--generator-addr", gen.addr, "--redis-url", self.redis_url, "--api-key", self.api_key,
                 "--shutdown-grace-s", "5", *self.gateway_args]
         with open(self.gw_log, "ab") as out:
             self.gw = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -504,7 +509,7 @@ class Stack:
         out = {n: p.proc.pid for n, p in self.stack.procs.items()} if self.stack else {}
         if self.gw is not None:
             out["gateway"] = self.gw.pid
-        if self.redis.pid:
+        if self.redis is not None and self.redis.pid:
             out["redis"] = self.redis.pid
         return out
 
@@ -524,7 +529,8 @@ class Stack:
                 self.gw.wait(5)
         if self.stack is not None:
             self.stack.stop()
-        self.redis.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,12 @@ cluster config (nodes-<port>.conf) in one directory, so a restarted node rejoins
     with EmbeddedRedisCluster() as c:
         c.url                      # redis+cluster://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3
         c.restart(1)               # stop node 1, start it again on its port (its data is gone)
+        c.kill_node(1)             # SIGKILL, as a crash or the OOM killer would; start_node(1) brings it back
 """
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +92,14 @@ class EmbeddedRedisCluster:
 
     def stop_node(self, i: int) -> None:
         self.nodes[i].stop()
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node i: no shutdown, its sockets reset; its cluster config file stays for start_node."""
+        node = self.nodes[i]
+        if node.proc is not None and node.proc.poll() is None:
+            os.kill(node.proc.pid, signal.SIGKILL)
+            node.proc.wait(5)
+        node.stop()  # reaps what is left: the process handle and its private (empty) working dir
 
     def start_node(self, i: int) -> None:
         self.nodes[i] = self._node(self.ports[i]).start()

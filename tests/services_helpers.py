@@ -145,9 +145,16 @@ class StageStack:
         return self.procs[name]
 
     def stop(self) -> None:
-        for name in ("ingest", "generator", "encoder"):
-            if name in self.procs:
-                self.procs[name].stop()
+        """SIGTERM to every stage at once, so that they shut down side by side, then wait for each."""
+        procs = [self.procs[n] for n in ("ingest", "generator", "encoder") if n in self.procs]
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def _extra_of(argv: list[str]) -> list[str]:

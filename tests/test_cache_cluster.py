@@ -1,6 +1,8 @@
 """The embedding cache on a real 3-node Redis Cluster (fixture `redis_cluster`, tests/redis_cluster_helpers.py):
 keys spread over every node, reads split per slot and answered in the caller's order, a stale slot map followed,
-and a node restart that never serves a wrong embedding. URL parsing of redis+cluster:// seeds.
+and a node restart that never serves a wrong embedding. A node that is down costs its own keys only: read as misses
+and re-encoded offline (shared/cache/best_effort.py), a uuid-only item on it a retryable error. URL parsing of
+redis+cluster:// seeds.
 """
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import random
 import pytest
 import torch
 
+from mmpipe.shared.cache.best_effort import read_or_miss, write_or_skip
 from mmpipe.shared.cache.factory import make_cache
 from mmpipe.shared.cache.keys import CacheKeyspace
 from mmpipe.shared.cache.redis_options import RedisOptions
 from mmpipe.shared.cache.redis_store import RedisEmbeddingCache, redact_url
 from mmpipe.shared.cache.meta_peek import peek_headers
 from mmpipe.shared.cache.redis_urls import parse_cluster_url, sync_client
-from mmpipe.shared.errors import InvalidInputError, ServiceUnavailableError
+from mmpipe.shared.errors import InvalidInputError, NotCachedError, ServiceUnavailableError
 from mmpipe.shared.types import MMEmbedding
 
 N = 48
@@ -163,6 +166,86 @@ def test_cluster_node_restart_serves_no_wrong_embedding(redis_cluster, redis_clu
     finally:
         cache.close()
         redis_cluster.wait_ok()
+
+
+def test_cluster_node_killed_reads_its_keys_as_misses_and_skips_its_writes(redis_cluster, redis_cluster_url: str
+                                                                           ) -> None:
+    """best_effort: with one master SIGKILLed, a read of keys on every node serves the live nodes' values exactly
+    and reports the dead node's keys unreachable (misses); a write to it is skipped and counted, not raised."""
+    cache = RedisEmbeddingCache(redis_cluster_url, socket_timeout_s=1.0)
+    ks = keys()
+    written = {k: emb(i) for i, k in enumerate(ks)}
+    victim = 2
+    try:
+        cache.put_many(written.items())
+        groups = cache.key_groups(ks)
+        assert len(groups) == redis_cluster.n and sorted(i for g in groups for i in g) == list(range(len(ks)))
+        redis_cluster.kill_node(victim)
+        got, unreachable = read_or_miss(cache, ks)
+        assert unreachable == [i for i, k in enumerate(ks) if redis_cluster.owner(k) == victim] != []
+        for i, (k, v) in enumerate(zip(ks, got)):
+            assert (v is None) if i in unreachable else same(v, written[k]), k
+        errors = cache.stats().errors
+        assert not write_or_skip(cache, [(ks[unreachable[0]], emb(999))])
+        assert write_or_skip(cache, [(k, written[k]) for i, k in enumerate(ks) if i not in unreachable])
+        assert cache.stats().errors > errors
+    finally:
+        redis_cluster.start_node(victim)
+        cache.close()
+    assert read_or_miss(cache_again := RedisEmbeddingCache(redis_cluster_url), ks)[1] == []  # the client recovers
+    cache_again.close()
+
+
+def _node_of_new_key(cluster, before: set[bytes]) -> tuple[int, bytes]:
+    new = [(i, k) for i in range(cluster.n) for k in cluster.client(i).scan_iter(match="mmpipe:*") if k not in before]
+    assert len(new) == 1, new
+    return new[0]
+
+
+def test_offline_llm_reencodes_while_a_cluster_node_is_down(redis_cluster, redis_cluster_url: str) -> None:
+    """The offline LLM on a cluster cache with one master SIGKILLed: every image with its media is answered (its
+    entry read from a live node, or re-encoded when its node is down: the write skipped), with the same greedy
+    tokens; only a uuid-only item on the dead node fails, retryably; after the restart it is simply not cached."""
+    import numpy as np
+    from PIL import Image
+
+    from mmpipe import LLM, SamplingParams
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+
+    llm = LLM(str(ensure_tiny_model("qwen2_vl")), device="cpu", mm_cache=redis_cluster_url)
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def ask(part: dict) -> list[int]:
+        msgs = [{"role": "user", "content": [part, {"type": "text", "text": "Describe it."}]}]
+        return list(llm.chat(msgs, sp, use_tqdm=False)[0].outputs[0].token_ids)
+
+    def image(i: int) -> dict:
+        arr = np.random.default_rng(7000 + i).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+        return {"type": "image_pil", "image_pil": Image.fromarray(arr)}
+
+    seen: set[bytes] = set()
+    want, node = {}, {}
+    for i in range(-1, 8):  # -1: the uuid item
+        part = {**image(i), "uuid": "cl-uuid"} if i < 0 else image(i)
+        want[i] = ask(part)
+        node[i], k = _node_of_new_key(redis_cluster, seen)
+        seen.add(k)
+    victim = node[-1]
+    on_victim = [i for i in range(8) if node[i] == victim]
+    assert on_victim and len(on_victim) < 8, node
+    redis_cluster.kill_node(victim)
+    try:
+        encoded = llm.resolver.stats.items_encoded
+        assert {i: ask(image(i)) for i in range(8)} == {i: want[i] for i in range(8)}
+        assert llm.resolver.stats.items_encoded - encoded == len(on_victim)  # the others were read from the cache
+        assert ask({**image(-1), "uuid": "cl-uuid"}) == want[-1]  # with its media: re-encoded
+        with pytest.raises(ServiceUnavailableError, match="cl-uuid.*unreachable"):
+            ask({"type": "image_pil", "image_pil": None, "uuid": "cl-uuid"})
+    finally:
+        redis_cluster.start_node(victim)
+    with pytest.raises(NotCachedError, match="cl-uuid"):  # back, empty: a miss, no longer an outage
+        ask({"type": "image_pil", "image_pil": None, "uuid": "cl-uuid"})
+    assert ask(image(on_victim[0])) == want[on_victim[0]]
 
 
 def test_cluster_url_parsing_and_redaction() -> None:

@@ -501,6 +501,18 @@ def test_redis_password_in_url() -> None:
             assert "wrong" not in str(ei.value)
         with RedisEmbeddingCache(srv.url) as anon, pytest.raises(ServiceUnavailableError):
             anon.get("mmpipe:p")
+        # a wrong password is a configuration to fix, not an outage to ride out: best_effort does not hide it
+        from mmpipe.shared.cache.best_effort import read_or_miss, write_or_skip
+
+        with RedisEmbeddingCache(srv.url.replace("redis://", "redis://:wrong@")) as bad:
+            with pytest.raises(ServiceUnavailableError, match="authentication failed"):
+                read_or_miss(bad, ["mmpipe:p"])
+            with pytest.raises(ServiceUnavailableError, match="authentication failed"):
+                write_or_skip(bad, [("mmpipe:p", emb())])
+    # the server away: a miss, and a skipped write
+    with RedisEmbeddingCache(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5) as away:
+        assert read_or_miss(away, ["mmpipe:p", "mmpipe:q"]) == ([None, None], [0, 1])
+        assert not write_or_skip(away, [("mmpipe:p", emb())]) and away.stats().errors == 2
 
 
 def test_redis_concurrent_clients_share_the_pool(redis_url: str) -> None:

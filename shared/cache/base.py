@@ -98,6 +98,20 @@ class EmbeddingCache(abc.ABC):
     def clear(self) -> None:
         """Remove every entry this cache owns."""
 
+    # --- failures (shared/cache/best_effort.py degrades with these) ----------------------------------
+    def key_groups(self, keys: Sequence[str]) -> list[list[int]]:
+        """Positions of `keys` grouped by the server that holds them, so that one that is down costs its own keys
+        only; local, no network. Default: one group (one server, or an in-process cache)."""
+        return [list(range(len(keys)))] if keys else []
+
+    def is_outage(self, error: Exception) -> bool:
+        """Whether `error` (from a read or write) is the backend being away, which a caller may ride out, rather
+        than a configuration to fix (a wrong password), which it must not hide. Default: every error."""
+        return True
+
+    def record_errors(self, n: int) -> None:
+        """Count `n` backend errors a caller swallowed (stats().errors). Default: nothing to count."""
+
     # --- bookkeeping -------------------------------------------------------------------------------
     @abc.abstractmethod
     def stats(self) -> CacheStats:

@@ -613,6 +613,26 @@ class RedisEmbeddingCache(EmbeddingCache):
             if batch:
                 self._r.unlink(*batch)
 
+    # --- failures ----------------------------------------------------------------------------------
+    def key_groups(self, keys: Sequence[str]) -> list[list[int]]:
+        """Positions of `keys` per cluster node, from the client's slot map (one group for one server)."""
+        if self._cluster is None or not keys:
+            return super().key_groups(keys)
+        groups: dict[str, list[int]] = {}
+        try:
+            for i, k in enumerate(keys):
+                node = self._cluster.nodes_manager.get_node_from_slot(self._cluster.keyslot(k))
+                groups.setdefault(node.name, []).append(i)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):  # a slot without a node
+            return super().key_groups(keys)
+        return list(groups.values())
+
+    def is_outage(self, error: Exception) -> bool:
+        return not isinstance(error.__cause__, redis.exceptions.AuthenticationError)
+
+    def record_errors(self, n: int) -> None:
+        self._c.add(errors=n)
+
     # --- bookkeeping -------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
         """Local counters plus server-wide numbers when the server answers (else those stay None)."""

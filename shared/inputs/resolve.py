@@ -6,6 +6,9 @@ Order of work, so that cached media costs nothing:
   3. misses: preprocess and encode in one batch per modality across the whole request batch (identical
      items inside the batch are encoded once), then write to the cache.
 The same steps run in separate processes in the services (gateway: 1, ingest: 2, encoder: 3).
+A cache that fails is a cache (shared/cache/best_effort.py): a read it cannot answer is a miss, re-encoded, and a
+write it cannot take is skipped; only a UUID-only item, whose embedding exists nowhere else, then fails, with a
+retryable ServiceUnavailableError.
 Each prompt may carry its own MediaSettings (shared/inputs/media_settings.py): its items are loaded, looked up,
 preprocessed and stored under those settings' loader and keyspace, so one image at two sizes is two entries.
 """
@@ -16,7 +19,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mmpipe.shared.errors import NotCachedError
+from mmpipe.shared.cache.best_effort import read_or_miss, write_or_skip
+from mmpipe.shared.errors import NotCachedError, ServiceUnavailableError
 from mmpipe.shared.inputs.media_settings import MediaSettings, SettingsSpace
 from mmpipe.shared.inputs.parse import ItemRef
 from mmpipe.shared.models.base import ModelAdapter
@@ -95,12 +99,15 @@ class EmbeddingResolver:
             if ref.is_embeds and ref.source is not None:
                 result[(p, i)] = ref.source
                 if use_cache and ref.uuid is not None:
-                    self.cache.put(key_for(p, ref.modality, uuid=ref.uuid, tenant=tenant), ref.source)
+                    write_or_skip(self.cache, [(key_for(p, ref.modality, uuid=ref.uuid, tenant=tenant), ref.source)])
             elif use_cache and ref.uuid is not None:
                 keys[(p, i)] = key_for(p, ref.modality, uuid=ref.uuid, tenant=tenant)
                 uuid_lookups.append((p, i, ref))
-        self._lookup(uuid_lookups, keys, result)
+        unreachable = self._lookup(uuid_lookups, keys, result)
         for p, i, ref in uuid_lookups:
+            if (p, i) in unreachable and ref.source is None:
+                raise ServiceUnavailableError(f"{ref.modality} item with uuid {ref.uuid!r}: the embedding cache is "
+                                              f"unreachable, and a uuid-only item exists only there; retry shortly")
             if (p, i) not in result and ref.source is None:
                 raise NotCachedError(f"{ref.modality} item with uuid {ref.uuid!r} is not in the embedding cache; "
                                      f"send the media together with the uuid once", param=ref.uuid)
@@ -138,7 +145,7 @@ class EmbeddingResolver:
             self.stats.add(items_encoded=len(embs))
             for (dedup, members), emb in zip(groups.items(), embs):
                 if use_cache:
-                    self.cache.put(keys[members[0]], emb)
+                    write_or_skip(self.cache, [(keys[members[0]], emb)])
                 for pi in members:
                     result[pi] = emb
 
@@ -152,13 +159,15 @@ class EmbeddingResolver:
 
         return [[(result[(p, i)], identity((p, i))) for i in range(len(refs))] for p, refs in enumerate(batch)]
 
-    def _lookup(self, todo: list[tuple[int, int, ItemRef]], keys: dict, result: dict) -> None:
+    def _lookup(self, todo: list[tuple[int, int, ItemRef]], keys: dict, result: dict) -> set[tuple[int, int]]:
+        """Hits into `result`; returns the items the cache could not be asked about (read as misses)."""
         if not todo or self.cache is None:
-            return
-        got = self.cache.get_many([keys[(p, i)] for p, i, _ in todo])
+            return set()
+        got, failed = read_or_miss(self.cache, [keys[(p, i)] for p, i, _ in todo])
         hits = 0
         for (p, i, ref), emb in zip(todo, got):
             if emb is not None and emb.modality == ref.modality:
                 result[(p, i)] = emb
                 hits += 1
         self.stats.add(cache_hits=hits, cache_misses=len(todo) - hits)
+        return {todo[j][:2] for j in failed}
