@@ -539,7 +539,8 @@ def _build_qwen3_vl_like(moe: bool) -> _Built:
     """Qwen3-VL: Qwen3 decoder with q/k norm, interleaved M-RoPE, DeepStack from two tower layers into the first
     two decoder layers, 16 px patches (64-128 px inputs), frame timestamps in video prompts. `moe`: the sparse-MoE
     decoder (`qwen3_vl_moe`): 4 experts, top-2, in every layer but the last (a dense MLP, `mlp_only_layers`), so a
-    model mixes both kinds of layer as the published ones can."""
+    model mixes both kinds of layer as the published ones can; 2 * moe_intermediate_size != hidden, so the
+    checkpoint's transposed expert layout cannot be read the wrong way round."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, \
         Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -551,7 +552,7 @@ def _build_qwen3_vl_like(moe: bool) -> _Built:
     text = _text_config(tok, num_hidden_layers=3, head_dim=16,
                         rope_parameters={**_MROPE, "mrope_interleaved": True})
     if moe:
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
                     mlp_only_layers=[2])
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=QWEN3_PATCH, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
