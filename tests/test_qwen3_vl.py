@@ -154,3 +154,21 @@ def test_moe_block_matches_transformers(tiny_model_dirs, norm_topk_prob):  # noq
                 g, u = (x[t] @ e.gate_up_proj[ids[t, j]].t()).chunk(2)
                 ref[t] += w[t, j] * (e.act_fn(g) * u) @ e.down_proj[ids[t, j]].t()
     torch.testing.assert_close(ours, ref)
+
+
+def test_moe_models_capture_cuda_graphs_in_bf16_only():
+    """The rule that keeps a MoE model out of CUDA graphs where torch's grouped GEMM syncs with the host (fp16 /
+    fp32 on CUDA); dense models and bf16 MoE models keep their graphs, the CPU has none to capture."""
+    from types import SimpleNamespace
+
+    from mmpipe.shared.engine.model_runner import ModelRunner
+
+    def runner(moe, device, dtype):
+        return SimpleNamespace(decoder=SimpleNamespace(spec=SimpleNamespace(moe=moe)), device=torch.device(device),
+                               dtype=dtype)
+
+    capturable = ModelRunner._moe_capturable
+    assert capturable(runner(object(), "cuda", torch.bfloat16))
+    assert not capturable(runner(object(), "cuda", torch.float32)) and not capturable(runner(object(), "cuda",
+                                                                                              torch.float16))
+    assert capturable(runner(None, "cuda", torch.float32)) and capturable(runner(object(), "cpu", torch.float32))
