@@ -5,8 +5,8 @@ parameter; every tensor a part holds (buffers included) is bit-identical to the 
 embeddings equal the full model's; and the LM-only model, fed those embeddings, generates through the engine
 the same tokens as the full model. Checkpoint layouts: the hub layout that save_pretrained writes (`visual.*`,
 `model.layers.*`, `language_model.model.*`), transformers 5 module names, tied embeddings without `lm_head`,
-Qwen3-VL-MoE's transposed hub layout of the fused experts, and a sharded checkpoint. No tensor a part does not need is read: corrupted bytes and a deleted shard of the
-other part change nothing.
+Qwen3-VL-MoE's transposed hub layout of the fused experts, and a sharded checkpoint. No tensor a part does not
+need is read: corrupted bytes and a deleted shard of the other part change nothing.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """TorchOps: the decoder's elementwise building blocks done by the HF modules themselves (exact HF numerics).
 
-The decoder calls `add_norm`, `rope_and_cache`, `mlp` and, for sparse-MoE layers, `moe`; the CUDA variant (kernels/triton_ops.py) fuses
-each into one or two kernels over the same weights.
+The decoder calls `add_norm`, `rope_and_cache`, `mlp` and, for sparse-MoE layers, `moe` (moe.py's router and
+grouped experts); the CUDA variant (kernels/triton_ops.py) fuses each into one or two kernels over the same weights.
 """
 from __future__ import annotations
 
