@@ -10,10 +10,11 @@ parameters `block.experts.gate_up_proj` (E, 2 * I, hidden; gate rows then up row
   (`F.grouped_mm`, offsets on the device), then weighted, put back in pair order and summed over the k, in
   transformers' `grouped_mm` experts order (its default), so fp32 results match it bit for bit on the CPU.
 
-No host sync and no Python loop over experts or tokens: every shape is fixed by T and k, the counts and offsets
-stay on the device, and the grouped GEMM reads them there, so a CUDA graph can capture the layer (the experts
-that receive no pair cost nothing but their offset). Padded rows of a graph bucket are routed like any row and
-their outputs are never read.
+No Python loop over experts or tokens and no `.tolist()` / `.item()`: every shape is fixed by T and k, the counts
+and offsets stay on the device (experts that receive no pair cost only an empty group). In bf16 on CUDA the
+grouped GEMM reads the offsets there, so a CUDA graph captures the layer; in fp16 / fp32 torch's grouped GEMM
+copies them to the host on each call, so ModelRunner runs such models eagerly (docs/architecture.md, "Sparse
+MoE"). Padded rows of a graph bucket are routed like any row and their outputs are never read.
 """
 from __future__ import annotations
 
