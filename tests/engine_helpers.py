@@ -98,7 +98,7 @@ def _media_parts(family: str) -> list[tuple[list[dict], dict]]:
         return [(img + txt("Describe the image."), {"images": [make_image(seed=0)]}),
                 (img + txt("What is in this picture? Tell me briefly."), {"images": [make_image(seed=1)]}),
                 (txt("Hello, how are you?"), {})]
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return [(img + vid + txt("Describe the image and the video."),
                  {"images": [make_image(112, 84, seed=0)], "videos": [make_video(4, 56, 84)]}),
                 (img + txt("What is in this picture?"), {"images": [make_image(84, 112, seed=1)]}),
@@ -194,7 +194,7 @@ def _flat(x) -> torch.Tensor:
 
 def _mrope(family: str, model, inputs) -> tuple[torch.Tensor | None, int]:
     ids, am = inputs["input_ids"], inputs["attention_mask"]
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         kw = dict(mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
                   video_grid_thw=inputs.get("video_grid_thw"), attention_mask=am)
         if family == "qwen2_5_vl" and "second_per_grid_ts" in inputs:

@@ -21,6 +21,7 @@ FAMILY_MODALITIES = {
     "llava_onevision": ("image", "video"),
     "qwen2_5_omni": ("image", "video", "audio"),
     "qwen3_vl": ("image", "video"),
+    "qwen3_vl_moe": ("image", "video"),
     "gemma3": ("image",),
     "idefics3": ("image",),
     "smolvlm": ("image",),

@@ -12,7 +12,8 @@ from mmpipe.shared.types import SamplingParams
 
 from engine_helpers import REF_TOKENS, first_mm_span, get_case, run_engine
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "llava_onevision", "qwen2_5_omni", "qwen3_vl"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "llava_onevision", "qwen2_5_omni", "qwen3_vl",
+            "qwen3_vl_moe"]
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,8 +1,12 @@
-"""Qwen3-VL through the offline LLM: several images of different sizes with a video (frame timestamps in the
-prompt), `image_embeds` in vLLM's layout (base embedding and deepstack features along the hidden dimension),
-checked against transformers' `model.generate(**processor(...))`. The engine-level cases (a batch mixed with
-other prompts, chunked prefill through image rows, preemption) run in test_engine_parity.py."""
+"""Qwen3-VL, dense and sparse-MoE (every test runs for both families), through the offline LLM: several images of
+different sizes with a video (frame timestamps in the prompt), `image_embeds` in vLLM's layout (base embedding
+and deepstack features along the hidden dimension), checked against transformers'
+`model.generate(**processor(...))`; the MoE block (router, experts) against transformers' own. The engine-level
+cases (staggered arrivals, chunked prefill through image rows, preemption, cancellation) run in
+test_engine_parity.py, the Triton path in test_engine_triton_interp.py."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -22,9 +26,9 @@ def _chat(content: str) -> str:
     return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def path(tiny_model_dirs):  # noqa: F811
-    return str(tiny_model_dirs["qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+def path(request, tiny_model_dirs):  # noqa: F811
+    return str(tiny_model_dirs[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +119,56 @@ def test_batch_mixed_with_other_prompts_under_preemption(path):
             hf_generate(path, prompts[1]["prompt"], images=imgs[::-1], max_new_tokens=12),
             hf_generate(path, prompts[2]["prompt"], max_new_tokens=12)]
     assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_block_matches_transformers(tiny_model_dirs, norm_topk_prob):  # noqa: F811
+    """The engine's router and grouped experts (both op sets call shared/engine/moe.py) over the HF block's own
+    weights, against transformers' block with both of its experts implementations (eager loop, grouped_mm);
+    without renormalisation (a Qwen3-MoE-style config's `norm_topk_prob: false`) against a by-hand reference."""
+    from mmpipe.shared.engine.model_spec import read_spec
+    from mmpipe.shared.engine.moe import sparse_moe
+
+    model, _ = oracle_model(str(tiny_model_dirs["qwen3_vl_moe"]))
+    lm = model.model.language_model
+    spec = read_spec(model, lm).moe
+    assert spec.layers == (True, True, False) and spec.top_k == 2 and spec.norm_topk_prob
+    spec = dataclasses.replace(spec, norm_topk_prob=norm_topk_prob)
+    block = lm.layers[0].mlp
+    e = block.experts
+    inter = e.gate_up_proj.shape[1] // 2
+    x = torch.randn(37, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = sparse_moe(x, block, spec, act=lambda gu: e.act_fn(gu[:, :inter]) * gu[:, inter:])
+        if norm_topk_prob:
+            for impl in ("grouped_mm", "eager"):
+                model.set_experts_implementation(impl)
+                assert torch.equal(ours, block(x[None])[0]), impl
+            model.set_experts_implementation("grouped_mm")
+            return
+        probs = torch.softmax(x @ block.gate.weight.t(), dim=-1)
+        w, ids = probs.topk(2, dim=-1)
+        ref = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j in range(2):
+                g, u = (x[t] @ e.gate_up_proj[ids[t, j]].t()).chunk(2)
+                ref[t] += w[t, j] * (e.act_fn(g) * u) @ e.down_proj[ids[t, j]].t()
+    torch.testing.assert_close(ours, ref)
+
+
+def test_moe_models_capture_cuda_graphs_in_bf16_only():
+    """The rule that keeps a MoE model out of CUDA graphs where torch's grouped GEMM syncs with the host (fp16 /
+    fp32 on CUDA); dense models and bf16 MoE models keep their graphs, the CPU has none to capture."""
+    from types import SimpleNamespace
+
+    from mmpipe.shared.engine.model_runner import ModelRunner
+
+    def runner(moe, device, dtype):
+        return SimpleNamespace(decoder=SimpleNamespace(spec=SimpleNamespace(moe=moe)), device=torch.device(device),
+                               dtype=dtype)
+
+    capturable = ModelRunner._moe_capturable
+    assert capturable(runner(object(), "cuda", torch.bfloat16))
+    assert not capturable(runner(object(), "cuda", torch.float32)) and not capturable(runner(object(), "cuda",
+                                                                                              torch.float16))
+    assert capturable(runner(None, "cuda", torch.float32)) and capturable(runner(object(), "cpu", torch.float32))

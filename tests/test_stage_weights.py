@@ -5,8 +5,8 @@ parameter; every tensor a part holds (buffers included) is bit-identical to the 
 embeddings equal the full model's; and the LM-only model, fed those embeddings, generates through the engine
 the same tokens as the full model. Checkpoint layouts: the hub layout that save_pretrained writes (`visual.*`,
 `model.layers.*`, `language_model.model.*`), transformers 5 module names, tied embeddings without `lm_head`,
-and a sharded checkpoint. No tensor a part does not need is read: corrupted bytes and a deleted shard of the
-other part change nothing.
+Qwen3-VL-MoE's transposed hub layout of the fused experts, and a sharded checkpoint. No tensor a part does not
+need is read: corrupted bytes and a deleted shard of the other part change nothing.
 """
 from __future__ import annotations
 
@@ -207,6 +207,29 @@ def test_tied_embeddings_without_lm_head(tiny_model_dirs, tmp_path):  # noqa: F8
     _assert_holds_exactly(load_adapter(str(d), device="cpu", part="towers"), full, "towers")
     ids = _prompt_ids(full, "qwen2_5_vl")
     embeds = _encode(full, _items(full, "qwen2_5_vl"))
+    assert _generate(lm, ids, embeds) == _generate(full, ids, embeds)
+
+
+def test_moe_experts_in_the_hub_layout_load_transposed(tiny_model_dirs, full_adapters, tmp_path):  # noqa: F811
+    """Qwen3-VL-MoE hub checkpoints store the fused experts as (E, hidden, 2I) and (E, I, hidden); transformers 5
+    transposes them on load (`Transpose(check_dims=True)`) and so does the LM part, which then generates the full
+    model's tokens; the towers part reads none of them."""
+    family = "qwen3_vl_moe"
+    full = full_adapters(family)
+    d = _copy_model_dir(tiny_model_dirs[family], tmp_path / family)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    experts = [k for k in sd if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]
+    assert len(experts) == 4  # two MoE layers, the third is dense
+    for k in experts:
+        assert sd[k].shape[1] != sd[k].shape[2]
+        sd[k] = sd[k].transpose(1, 2).contiguous()
+    save_file(sd, str(d / "model.safetensors"))
+    assert all(torch.equal(t, _tensors(full)[n]) for n, t in _tensors(load_adapter(str(d), device="cpu")).items())
+    lm = load_adapter(str(d), device="cpu", part="lm")
+    _assert_holds_exactly(lm, full, "lm")
+    _assert_holds_exactly(load_adapter(str(d), device="cpu", part="towers"), full, "towers")
+    ids, embeds = _prompt_ids(full, family), _encode(full, _items(full, family))
     assert _generate(lm, ids, embeds) == _generate(full, ids, embeds)
 
 

@@ -27,7 +27,8 @@ AUTO_CLASSES = {"image_text_to_text": AutoModelForImageTextToText, "multimodal_l
 EXPECTED_LOADER = {
     "llava": "image_text_to_text", "qwen2_vl": "image_text_to_text", "qwen2_5_vl": "image_text_to_text",
     "llava_onevision": "image_text_to_text", "qwen2_audio": "multimodal_lm", "qwen2_5_omni": "multimodal_lm",
-    "qwen3_vl": "image_text_to_text", "qwen2_5_omni_full": "qwen2_5_omni_full",
+    "qwen3_vl": "image_text_to_text", "qwen3_vl_moe": "image_text_to_text",
+    "qwen2_5_omni_full": "qwen2_5_omni_full",
     "gemma3": "image_text_to_text", "idefics3": "image_text_to_text", "smolvlm": "image_text_to_text",
     "llava_next": "image_text_to_text", "internvl": "image_text_to_text", "mistral3": "image_text_to_text", "voxtral": "multimodal_lm",
 }

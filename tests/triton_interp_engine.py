@@ -6,7 +6,10 @@ and the padding against HF `generate`, for each family named on the command line
 chunked prefill cutting through the first image / audio span, preemption with recompute, mixed-step
 graphs off (decode graphs only) and all graphs off (prefix caching on, the default, in all of them), and
 prefix-cache hits: a prompt repeated in the same step (the prefill kernel reads blocks written in that step)
-and again later, on the graphs' static staging. Exits non-zero on the first mismatch."""
+and again later, on the graphs' static staging. Exits non-zero on the first mismatch. A family in `SUBSET` runs
+only those configs: the sparse-MoE decoder adds its router and grouped experts to the same staging, so chunked
+prefill (decode graphs, mixed graphs, and the eager steps that carry DeepStack rows) and preemption cover what it
+changes, in 2/5 of the time."""
 from __future__ import annotations
 
 import os
@@ -21,6 +24,9 @@ from engine_helpers import first_mm_span, get_case, run_engine  # noqa: E402
 from mmpipe.shared.engine import EngineConfig, LLMEngine  # noqa: E402
 from mmpipe.shared.engine.block_manager import cdiv  # noqa: E402
 from mmpipe.shared.types import SamplingParams  # noqa: E402
+
+
+SUBSET = {"qwen3_vl_moe": ("mixed graphs, chunk inside the media span", "mixed graphs, preemption")}
 
 
 def check(family: str) -> None:
@@ -40,6 +46,8 @@ def check(family: str) -> None:
         "prefix cache hits": EngineConfig(attention_backend="triton", max_num_seqs=4, block_size=4),
     }
     for name, cfg in configs.items():
+        if name not in SUBSET.get(family, configs):
+            continue
         engine = LLMEngine(case.model, cfg)
         arrivals = {0: [a.request("a")], 1: [b.request("b", SamplingParams(max_tokens=9, temperature=0.0))],
                     3: [c.request("c")]}
@@ -58,9 +66,13 @@ def check(family: str) -> None:
             want = p.ref if k is None else p.ref[:k]
             assert res.tokens[rid] == want, f"{family} / {name} / {rid}: {res.tokens[rid]} != {want}"
         stats, info = engine.stats, engine.kv_cache_info()
+        # DeepStack: a step with image rows runs eagerly; with all three prompts admitted at once every prefill
+        # step of the preemption config carries some
+        all_rows_eager = "preemption" in name and engine.runner.decoder.num_deepstack
         if cfg.enable_cuda_graphs:
             assert stats["graph_steps"] > 0, (family, name, stats)
-            assert (stats["mixed_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (family, name, stats)
+            if not all_rows_eager:
+                assert (stats["mixed_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (family, name, stats)
         if "preemption" in name:
             assert info["num_preemptions"] > 0, (family, name, info)
         assert info["free_blocks"] == info["num_blocks"], (family, name, info)

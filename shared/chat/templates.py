@@ -96,6 +96,7 @@ FALLBACK_TEMPLATES: dict[str, str] = {
 }
 # llava-v1.6-vicuna writes LLaVA-1.5's format (the -mistral checkpoints ship their own [INST] template)
 FALLBACK_TEMPLATES["llava_next"] = FALLBACK_TEMPLATES["llava"]
+FALLBACK_TEMPLATES["qwen3_vl_moe"] = FALLBACK_TEMPLATES["qwen3_vl"]
 
 
 def resolve_template(family: str, processor: Any, override: str | None) -> str:

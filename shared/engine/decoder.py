@@ -10,7 +10,8 @@ layout). Idefics3 / SmolVLM name the decoder `model.model.text_model`.
 Qwen3-style attention RMS-normalises q and k per head before RoPE (`q_norm` / `k_norm`, used when the layer
 has them). DeepStack (Qwen3-VL): a multimodal row is `hidden * (1 + num_deepstack)` wide, the base embedding
 then one feature per deepstack layer (vLLM's layout); feature j is added to the hidden states at the row's
-position after decoder layer j, as transformers' `_deepstack_process` does.
+position after decoder layer j, as transformers' `_deepstack_process` does. Sparse-MoE layers (Qwen3-VL-MoE)
+run the router and the experts of moe.py (`feed_forward`), on either op set.
 """
 from __future__ import annotations
 
@@ -103,6 +104,13 @@ class PagedDecoder:
             return None
         return mm_rows[:, self.hidden_size:].reshape(mm_rows.shape[0], self.num_deepstack, self.hidden_size)
 
+    def feed_forward(self, i: int, x: torch.Tensor, mlp: nn.Module, ops: Any) -> torch.Tensor:
+        """Layer i's MLP: dense, or the sparse-MoE block (router + experts, moe.py) where the spec says so."""
+        moe = self.spec.moe
+        if moe is not None and moe.layers[i]:
+            return ops.moe(x, mlp, moe)
+        return ops.mlp(i, x, mlp)
+
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, attn: AttentionBackend, ops: Any,
@@ -138,10 +146,10 @@ class PagedDecoder:
             if spec.sandwich_norms:  # Gemma: norm the branch output, then add; norm again before the MLP
                 x, residual = ops.add_norm(ops.norm(h, layer.post_attention_layernorm), residual,
                                            layer.pre_feedforward_layernorm)
-                h = ops.norm(ops.mlp(i, x, layer.mlp), layer.post_feedforward_layernorm)
+                h = ops.norm(self.feed_forward(i, x, layer.mlp, ops), layer.post_feedforward_layernorm)
             else:
                 x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
-                h = ops.mlp(i, x, layer.mlp)
+                h = self.feed_forward(i, x, layer.mlp, ops)
             if ds is not None and i < self.num_deepstack:
                 # transformers adds the feature to the layer's output (residual + mlp) at the image rows; summing
                 # here, in that order, keeps its numerics, and the next add_norm starts from the sum

@@ -86,7 +86,7 @@ class ModelRunner:
 
         self.graphs = self.mixed_graphs = None
         self.stats_graph_steps = self.stats_mixed_graph_steps = 0
-        if backend == "triton" and config.enable_cuda_graphs:
+        if backend == "triton" and config.enable_cuda_graphs and self._moe_capturable():
             from .cuda_graphs import DecodeGraphs
 
             pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
@@ -97,6 +97,16 @@ class ModelRunner:
                 self.mixed_graphs.capture()  # the largest activations first, then the decode graphs share them
             self.graphs = DecodeGraphs(self, pool)
             self.graphs.capture()
+
+    def _moe_capturable(self) -> bool:
+        """Whether a CUDA graph can hold this decoder's sparse-MoE layers (moe.py): torch's grouped GEMM reads the
+        expert offsets on the device in bf16; in fp16 / fp32 on CUDA it copies them to the host on every call
+        (seen on an H200, torch 2.11), which a graph cannot capture, so such a model runs its steps eagerly."""
+        if self.decoder.spec.moe is None or self.device.type != "cuda" or self.dtype == torch.bfloat16:
+            return True
+        log.warning("CUDA graphs off: the sparse-MoE layers' grouped GEMM syncs with the host in %s (bf16 does "
+                    "not); every step runs eagerly", self.dtype)
+        return False
 
     # ---- sizing ----------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:

@@ -12,7 +12,9 @@ object; none of them looks at the HF config for these rules again.
 - soft-caps: `attn_logit_softcapping` (tanh cap on q.k * scale) and `final_logit_softcapping` (on the logits),
   applied whenever the config sets them (vLLM's rule; Gemma 2 sets both, Gemma 3 neither);
 - `mm_bidirectional`: during prefill, the rows of one multimodal run (contiguous multimodal positions, i.e.
-  transformers' `token_type_ids == 1` blocks) attend to each other both ways, as Gemma 3 does for images.
+  transformers' `token_type_ids == 1` blocks) attend to each other both ways, as Gemma 3 does for images;
+- `moe`: which layers hold a sparse-MoE block (Qwen3-VL-MoE: every `decoder_sparse_step`-th layer not in
+  `mlp_only_layers`, read from the modules transformers built), the experts, top-k and `norm_topk_prob` (moe.py).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from typing import Any
 from torch import nn
 
 from mmpipe.shared.errors import UnsupportedError
+
+from .moe import MoESpec
 
 # HF model types whose multimodal runs attend bidirectionally during prefill (transformers' token_type_ids mask)
 _BIDIRECTIONAL_MM = {"gemma3"}
@@ -39,6 +43,7 @@ class DecoderSpec:
     final_softcap: float | None
     mm_bidirectional: bool
     hidden_act: str
+    moe: MoESpec | None = None              # the sparse-MoE layers, or None for a dense decoder
 
     @property
     def has_sliding(self) -> bool:
@@ -87,7 +92,29 @@ def read_spec(hf_model: nn.Module, lm: nn.Module) -> DecoderSpec:
         final_softcap=_positive(getattr(cfg, "final_logit_softcapping", None)),
         mm_bidirectional=has_bidirectional_mm(hf_model),
         hidden_act=str(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"),
+        moe=_read_moe(cfg, lm.layers),
     )
+
+
+def _is_moe_block(mlp: nn.Module) -> bool:
+    return hasattr(mlp, "experts") and hasattr(mlp, "gate")
+
+
+def _read_moe(cfg: Any, layers) -> MoESpec | None:
+    """The MoE layout, from the modules transformers built. `norm_topk_prob` as the config says; a config without
+    it (transformers 5's Qwen3-VL-MoE config drops the field, and its router always renormalises) renormalises."""
+    flags = tuple(_is_moe_block(layer.mlp) for layer in layers)
+    if not any(flags):
+        return None
+    block = next(layer.mlp for layer, f in zip(layers, flags) if f)
+    e = block.experts
+    if hasattr(block, "shared_expert") or hasattr(block, "shared_experts"):
+        raise UnsupportedError("MoE blocks with shared experts are not supported by the engine")
+    if getattr(e, "has_bias", False) or getattr(e, "is_transposed", False) or not getattr(e, "is_concatenated", True) \
+            or getattr(e, "gate_up_proj", None) is None or e.gate_up_proj.dim() != 3:
+        raise UnsupportedError(f"{type(e).__name__}: the engine runs fused (E, 2I, hidden) gate/up experts only")
+    return MoESpec(layers=flags, num_experts=int(e.gate_up_proj.shape[0]), top_k=int(block.gate.top_k),
+                   norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", True)))
 
 
 def _default_layer_type(cfg: Any) -> str:

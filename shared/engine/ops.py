@@ -1,7 +1,7 @@
 """TorchOps: the decoder's elementwise building blocks done by the HF modules themselves (exact HF numerics).
 
-The decoder calls `add_norm`, `rope_and_cache` and `mlp`; the CUDA variant (kernels/triton_ops.py) fuses
-each into one or two kernels over the same weights.
+The decoder calls `add_norm`, `rope_and_cache`, `mlp` and, for sparse-MoE layers, `moe` (moe.py's router and
+grouped experts); the CUDA variant (kernels/triton_ops.py) fuses each into one or two kernels over the same weights.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .attention.torch_ref import write_kv_torch
+from .moe import MoESpec, sparse_moe
 
 
 class TorchOps:
@@ -39,3 +40,7 @@ class TorchOps:
 
     def mlp(self, layer: int, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
         return mlp(x)
+
+    def moe(self, x: torch.Tensor, block: nn.Module, spec: MoESpec) -> torch.Tensor:
+        act_fn, inter = block.experts.act_fn, block.experts.gate_up_proj.shape[1] // 2
+        return sparse_moe(x, block, spec, act=lambda gu: act_fn(gu[:, :inter]) * gu[:, inter:])

@@ -9,6 +9,9 @@ Owns two things:
     written by older versions (`visual.*`, `model.layers.*`, `language_model.model.*`) and by transformers 5
     (`model.visual.*`, `model.language_model.*`) both resolve.
 `read` fetches only the tensors asked for (`safe_open(...).get_tensor(key)`): no other tensor's bytes are read.
+A conversion that maps one stored tensor to one parameter by transposes only (Qwen3-VL-MoE's experts, stored
+(E, hidden, 2I) and loaded as (E, 2I, hidden)) is applied on read, as transformers' `Transpose` op does; a
+conversion that fuses or splits several tensors is not (`check_readable` names the parameter).
 Must not: build models or decide which parameters a stage needs (shared/models/partial.py does).
 """
 from __future__ import annotations
@@ -34,6 +37,16 @@ class StoredTensor:
 
     shard: str
     key: str
+    # one-to-one conversions done on read: (dim0, dim1) transposes, in order, each only while the tensor's shape
+    # is not `shape` (transformers' `Transpose(check_dims=True)`; without the check it always transposes)
+    transposes: tuple[tuple[int, int, bool], ...] = ()
+    shape: tuple[int, ...] = ()
+
+    def convert(self, t: torch.Tensor) -> torch.Tensor:
+        for d0, d1, check in self.transposes:
+            if not (check and tuple(t.shape) == self.shape):
+                t = t.transpose(d0, d1).contiguous()
+        return t
 
 
 class Checkpoint:
@@ -76,7 +89,8 @@ class Checkpoint:
         for shard, shard_names in sorted(by_shard.items()):
             with safe_open(self._path(shard), framework="pt", device=str(device)) as f:
                 for name in shard_names:
-                    yield name, f.get_tensor(self.stored[name].key)
+                    where = self.stored[name]
+                    yield name, where.convert(f.get_tensor(where.key))
 
     # ---- files ----------------------------------------------------------------------------------------------
     def _list_keys(self) -> dict[str, list[str]]:
@@ -124,7 +138,7 @@ def _by_parameter_name(hf_model: nn.Module, shard_keys: dict[str, list[str]], pr
     `WeightConverter`: merged experts, qkv) is not one parameter's tensor: it is kept apart, an error only for
     a stage that needs the parameter it would produce."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import Transpose, WeightConverter, WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(hf_model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -143,8 +157,15 @@ def _by_parameter_name(hf_model: nn.Module, shard_keys: dict[str, list[str]], pr
                 name, converted = rename_source_key(key, [], [], model_prefix, names)
             if name not in names:
                 continue
-            if converted is not None:
-                converted_keys[name] = stored_key
-            else:
+            if converted is None:
                 out[name] = StoredTensor(shard, stored_key)
+                continue
+            conv = next(c for c in converters if converted in c.source_patterns)
+            ops = getattr(conv, "operations", None) or []
+            if len(conv.source_patterns) == len(conv.target_patterns) == 1 and ops \
+                    and all(type(op) is Transpose for op in ops):
+                out[name] = StoredTensor(shard, stored_key, tuple((op.dim0, op.dim1, op.check_dims) for op in ops),
+                                         tuple(names[name].shape))
+            else:
+                converted_keys[name] = stored_key
     return out, converted_keys

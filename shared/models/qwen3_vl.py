@@ -1,4 +1,7 @@
-"""Qwen3-VL (dense): image and video into a Qwen3 decoder (q/k norm) with interleaved M-RoPE and DeepStack.
+"""Qwen3-VL, dense (`qwen3_vl`) and sparse-MoE (`qwen3_vl_moe`): image and video into a Qwen3 decoder (q/k norm)
+with interleaved M-RoPE and DeepStack. The two share the towers, the processor and every rule here; only the
+decoder's MLP differs (a router and experts in the MoE layers), which the engine reads from the modules
+(shared/engine/model_spec.py, moe.py), so the MoE family is this adapter under another model type.
 
 DeepStack: the tower also returns features from some of its layers (`deepstack_visual_indexes`); transformers
 adds feature j to the hidden states after decoder layer j at the image positions. Our embedding of an item is
@@ -69,3 +72,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         if not torch.isfinite(t).all():
             raise InvalidInputError(f"{param} must be finite floating point values", param=param)
         return MMEmbedding(modality=modality, tensor=t.to(self.model.dtype), meta=checked.meta)
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    family = "qwen3_vl_moe"
+    model_types = ("qwen3_vl_moe",)

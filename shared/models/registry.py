@@ -23,7 +23,7 @@ from mmpipe.shared.models.mistral3 import Mistral3Adapter
 from mmpipe.shared.models.partial import STAGE_PARTS, HeldWeights, held_bytes, load_part
 from mmpipe.shared.models.qwen2_5_omni import Qwen25OmniThinkerAdapter
 from mmpipe.shared.models.qwen2_audio import Qwen2AudioAdapter
-from mmpipe.shared.models.qwen3_vl import Qwen3VLAdapter
+from mmpipe.shared.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 from mmpipe.shared.models.qwen_vl import Qwen25VLAdapter, Qwen2VLAdapter
 from mmpipe.shared.models.smolvlm import SmolVLMAdapter
 from mmpipe.shared.models.voxtral import VoxtralAdapter
@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen2AudioAdapter, LlavaOnevisionAdapter,
-    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Gemma3Adapter, Idefics3Adapter, SmolVLMAdapter, LlavaNextAdapter,
-    InternVLAdapter, Mistral3Adapter, VoxtralAdapter,
+    Qwen25OmniThinkerAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter, Gemma3Adapter, Idefics3Adapter, SmolVLMAdapter,
+    LlavaNextAdapter, InternVLAdapter, Mistral3Adapter, VoxtralAdapter,
 )
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 FAMILIES = tuple(cls.family for cls in ADAPTERS)

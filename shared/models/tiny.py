@@ -98,6 +98,7 @@ TINY_SPECS: Mapping[str, TinyFamilySpec] = {
         _spec("llava_onevision", LOADER_IMAGE_TEXT_TO_TEXT, {"image": "<image>", "video": "<video>"}),
         _spec("qwen2_5_omni", LOADER_MULTIMODAL_LM, {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
         _spec("qwen3_vl", LOADER_IMAGE_TEXT_TO_TEXT, _QWEN_VL_PLACEHOLDERS),
+        _spec("qwen3_vl_moe", LOADER_IMAGE_TEXT_TO_TEXT, _QWEN_VL_PLACEHOLDERS),
         # a published-style Omni checkpoint: thinker + talker + token2wav (mmpipe serves the thinker only)
         _spec("qwen2_5_omni_full", LOADER_FULL_OMNI,
               {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}),
@@ -534,11 +535,14 @@ def _build_qwen2_5_omni() -> _Built:
     return model, processor
 
 
-def _build_qwen3_vl() -> _Built:
-    """Qwen3-VL (dense): Qwen3 decoder with q/k norm, interleaved M-RoPE, DeepStack from two tower layers into
-    the first two decoder layers, 16 px patches (64-128 px inputs), frame timestamps in video prompts."""
+def _build_qwen3_vl_like(moe: bool) -> _Built:
+    """Qwen3-VL: Qwen3 decoder with q/k norm, interleaved M-RoPE, DeepStack from two tower layers into the first
+    two decoder layers, 16 px patches (64-128 px inputs), frame timestamps in video prompts. `moe`: the sparse-MoE
+    decoder (`qwen3_vl_moe`): 4 experts, top-2, in every layer but the last (a dense MLP, `mlp_only_layers`), so a
+    model mixes both kinds of layer as the published ones can; 2 * moe_intermediate_size != hidden, so the
+    checkpoint's transposed expert layout cannot be read the wrong way round."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, \
-        Qwen3VLProcessor, Qwen3VLVideoProcessor
+        Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tok = train_tokenizer(_CHATML + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
                           eos="<|im_end|>", pad="<|endoftext|>",
@@ -547,10 +551,15 @@ def _build_qwen3_vl() -> _Built:
                      vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
     text = _text_config(tok, num_hidden_layers=3, head_dim=16,
                         rope_parameters={**_MROPE, "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                    mlp_only_layers=[2])
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=QWEN3_PATCH, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
                   deepstack_visual_indexes=[0, 1], initializer_range=0.2)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids))
+    config_cls, model_cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    model = model_cls(config_cls(text_config=text, vision_config=vision, **token_ids))
     common = dict(size=dict(_QWEN3_VISION_SIZE), patch_size=QWEN3_PATCH, temporal_patch_size=2, merge_size=2)
     image_processor = Qwen2VLImageProcessor(**common)
     video_processor = Qwen3VLVideoProcessor(**common, do_sample_frames=False, cap_pixels_per_frame=True)
@@ -559,6 +568,14 @@ def _build_qwen3_vl() -> _Built:
     processor = Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor, tokenizer=tok,
                                  chat_template=chatml_template(markers))
     return model, processor
+
+
+def _build_qwen3_vl() -> _Built:
+    return _build_qwen3_vl_like(moe=False)
+
+
+def _build_qwen3_vl_moe() -> _Built:
+    return _build_qwen3_vl_like(moe=True)
 
 
 def _build_qwen2_5_omni_full() -> _Built:
@@ -945,6 +962,7 @@ _BUILDERS = {
     "llava_onevision": _build_llava_onevision,
     "qwen2_5_omni": _build_qwen2_5_omni,
     "qwen3_vl": _build_qwen3_vl,
+    "qwen3_vl_moe": _build_qwen3_vl_moe,
     "qwen2_5_omni_full": _build_qwen2_5_omni_full,
     "gemma3": _build_gemma3,
     "idefics3": _build_idefics3,

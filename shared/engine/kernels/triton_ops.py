@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..moe import MoESpec, sparse_moe
 from .triton_fused import add_rmsnorm, rope_and_cache, silu_mul
 from .triton_gemv import skinny_gate_up_silu
 
@@ -50,7 +51,7 @@ class TritonOps:
         self.fuse_mlp = decoder.hidden_act in ("silu", "swish")
         self.unit_offset = decoder.spec.norm_unit_offset  # Gemma's RMSNorm: * (1 + weight), in fp32
         self.qkv_packed: list[tuple[torch.Tensor, torch.Tensor | None, list[int]]] = []
-        self.gate_up_packed: list[torch.Tensor] = []
+        self.gate_up_packed: dict[int, torch.Tensor] = {}  # dense layers only (a MoE layer's experts are fused)
         if pack:
             with torch.no_grad():
                 for layer in decoder.layers:
@@ -62,12 +63,13 @@ class TritonOps:
                     w, b = _pack(lins)
                     self.qkv_packed.append((w, b, [m.weight.shape[0] for m in lins]))
                 if self.fuse_mlp:
-                    for layer in decoder.layers:
+                    moe = decoder.spec.moe
+                    for i, layer in enumerate(decoder.layers):
                         m = layer.mlp
+                        if moe is not None and moe.layers[i]:
+                            continue
                         if m.gate_proj.bias is None and m.up_proj.bias is None:
-                            self.gate_up_packed.append(_pack([m.gate_proj, m.up_proj])[0])
-                    if len(self.gate_up_packed) != len(decoder.layers):
-                        self.gate_up_packed = []
+                            self.gate_up_packed[i] = _pack([m.gate_proj, m.up_proj])[0]
                 torch.cuda.empty_cache()
 
     def add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
@@ -92,8 +94,8 @@ class TritonOps:
     def mlp(self, layer: int, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
         if not self.fuse_mlp:
             return mlp(x)
-        if self.gate_up_packed:
-            w = self.gate_up_packed[layer]
+        w = self.gate_up_packed.get(layer)
+        if w is not None:
             if x.shape[0] <= SKINNY_MAX_ROWS and x.stride(-1) == 1:
                 # GEMV and silu(gate) * up in one launch; block_n=32 over a gate and an up tile moves what the
                 # unfused skinny_linear tile (block_n=64) moved per step, over as many programs
@@ -102,3 +104,13 @@ class TritonOps:
             inter = gu.shape[-1] // 2
             return mlp.down_proj(silu_mul(gu[:, :inter], gu[:, inter:]))
         return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    def moe(self, x: torch.Tensor, block: nn.Module, spec: MoESpec) -> torch.Tensor:
+        """Router and grouped expert GEMMs as in TorchOps (moe.py); silu(gate) * up fused into one kernel."""
+        inter = block.experts.gate_up_proj.shape[1] // 2
+        if self.fuse_mlp:
+            act = lambda gu: silu_mul(gu[:, :inter], gu[:, inter:])  # noqa: E731
+        else:
+            act_fn = block.experts.act_fn
+            act = lambda gu: act_fn(gu[:, :inter]) * gu[:, inter:]  # noqa: E731
+        return sparse_moe(x, block, spec, act)
