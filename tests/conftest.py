@@ -55,3 +55,46 @@ def redis_cluster_url(redis_cluster):
         c.flushall()
         c.close()
     return redis_cluster.url
+
+
+# --- the served-stack fixtures: defined here ONLY. A session-scoped fixture imported into test modules becomes
+# one fixture per module (pytest registers what each module's namespace holds), so each module started its own
+# "session" stack and kept it until the session ended: ten qwen2_vl stacks alive at once by the end of the suite.
+@pytest.fixture(scope="session")
+def qwen2_vl_dir() -> str:
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model("qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio_dir() -> str:
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model("qwen2_audio"))
+
+
+@pytest.fixture(scope="session")
+def stage_stack(qwen2_vl_dir, redis_server):
+    """ingest + encoder (--enable-mm-embeds) + generator on the tiny qwen2_vl model, one per test session.
+
+    Ingest only fetches from example.com (so any other URL host is refused) and has no local media folder.
+    Tests share its Redis and its processes: use distinct media per test when cache state matters, compare
+    metrics as deltas, and never stop or kill its processes (start your own stack for fault tests)."""
+    from services_helpers import start_stage_services
+
+    stack = start_stage_services(qwen2_vl_dir, redis_server, encoder_args=["--enable-mm-embeds"],
+                                 ingest_args=["--allowed-media-domains", "example.com",
+                                              "--limit-mm-per-prompt", '{"image": 3}'])
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def audio_stage_stack(qwen2_audio_dir, redis_server):
+    """The three stages on the tiny qwen2_audio model."""
+    from services_helpers import start_stage_services
+
+    stack = start_stage_services(qwen2_audio_dir, redis_server)
+    yield stack
+    stack.stop()

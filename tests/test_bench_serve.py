@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from services_helpers import qwen2_vl_dir, scrape, stage_stack, start_gateway_process  # noqa: F401
+from services_helpers import scrape, start_gateway_process
 
 from mmpipe.bench.client import pct, summarize
 from mmpipe.bench.dataset import RandomMultimodalDataset

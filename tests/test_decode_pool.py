@@ -134,9 +134,6 @@ def test_the_hop_to_a_worker_is_cheap(pool):
     assert t_pool - t_local < 0.05
 
 
-from services_helpers import qwen2_vl_dir  # noqa: E402,F401  (fixture)
-
-
 def test_offline_llm_opts_into_the_pool_and_applies_the_request_budget(qwen2_vl_dir, monkeypatch):
     from mmpipe import LLM, SamplingParams
     from offline_helpers import ENGINE, hf_generate, make_image, png_bytes

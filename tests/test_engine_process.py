@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from services_helpers import qwen2_vl_dir, start_stage_process  # noqa: F401
+from services_helpers import start_stage_process
 
 from mmpipe.services.generator.engine_setup import load_lm
 from mmpipe.shared.engine import AsyncLLMEngine, EngineConfig, EngineCoreClient, EngineCoreSpec, LLMEngine

@@ -566,6 +566,3 @@ def test_stage_errors_carry_retry_after_metadata():
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
         asyncio.run(StageInterceptor(_M())._fail(OverloadedError("full"), _Ctx(), "Encode"))
     assert (RETRY_AFTER_HEADER, "1") in _Ctx.md
-
-
-from services_helpers import qwen2_vl_dir, stage_stack  # noqa: E402,F401  (fixtures for the ingest test)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from services_helpers import qwen2_vl_dir, stage_stack, start_gateway_process  # noqa: F401
+from services_helpers import start_gateway_process
 
 from mmpipe.services.common.logs import JsonFormatter, TextFormatter, resolve_format
 

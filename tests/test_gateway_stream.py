@@ -18,7 +18,7 @@ import numpy as np
 import openai
 import pytest
 from media_craft import rgba_png_bomb
-from services_helpers import qwen2_vl_dir, scrape, stage_stack, start_gateway_process  # noqa: F401
+from services_helpers import scrape, start_gateway_process
 
 from mmpipe.services.common.convert import MediaSource
 from mmpipe.services.common.stage_clients import StageClients

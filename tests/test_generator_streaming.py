@@ -18,8 +18,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from services_helpers import (qwen2_vl_dir, scrape, stage_stack, start_gateway_process,  # noqa: F401
-                              start_stage_process)
+from services_helpers import scrape, start_gateway_process, start_stage_process
 
 from mmpipe.services.common.convert import TokenChunk
 from mmpipe.services.common.stage_clients import GeneratorClient, StageClients

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from services_helpers import qwen2_vl_dir, start_stage_process, wait_healthy  # noqa: F401  (fixture)
+from services_helpers import start_stage_process, wait_healthy
 from tls_helpers import Certs, certs  # noqa: F401  (fixture)
 
 from mmpipe.shared.cache.embedded_redis import EmbeddedRedis, find_redis_server, free_port

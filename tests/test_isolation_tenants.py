@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from services_helpers import GatewayProcess, qwen2_vl_dir, stage_stack, start_gateway_process  # noqa: F401
+from services_helpers import GatewayProcess, start_gateway_process
 from tls_helpers import Certs, certs  # noqa: F401  (fixture)
 
 from mmpipe.services.gateway.http import auth

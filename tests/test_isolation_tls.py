@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from services_helpers import qwen2_vl_dir, start_stage_process  # noqa: F401  (fixture)
+from services_helpers import start_stage_process
 from tls_helpers import Certs, certs  # noqa: F401  (fixture)
 
 from mmpipe.services.common.tls import ClientTLS, ServerTLS, client_tls_from_env

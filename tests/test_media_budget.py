@@ -25,7 +25,6 @@ from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
 
 from media_craft import RSS_BOUND, flac, rgba_png_bomb
-from services_helpers import qwen2_vl_dir  # noqa: F401  (fixture)
 
 
 # --- offline: a fresh process per measure -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from services_helpers import qwen2_vl_dir, stage_stack, start_gateway_process  # noqa: F401
+from services_helpers import start_gateway_process
 
 from offline_helpers import chat_prompt, oracle_model
 

@@ -21,8 +21,7 @@ from mmpipe.services.gateway.routing import Router
 from mmpipe.shared.engine.block_hash import prefix_keys, root_key
 from mmpipe.shared.errors import InvalidInputError
 
-from services_helpers import (qwen2_vl_dir, scrape, stage_stack, start_gateway_process,  # noqa: F401
-                             start_stage_process, wait_healthy)
+from services_helpers import scrape, start_gateway_process, start_stage_process, wait_healthy
 
 BS = 4
 IMG = 7  # placeholder id of the routers below

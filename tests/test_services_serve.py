@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from services_helpers import qwen2_vl_dir, wait_healthy  # noqa: F401
+from services_helpers import wait_healthy
 
 
 def _children(pid: int) -> list[int]:

@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 from media_craft import RSS_BOUND, hwm, long_720p_mp4, rgba_png_bomb
-from services_helpers import audio_stage_stack, qwen2_audio_dir, qwen2_vl_dir, stage_stack  # noqa: F401
 from services_helpers import start_stage_process, wait_healthy
 
 from mmpipe.services.common.convert import LookupItem, MediaSource

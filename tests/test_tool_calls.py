@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from services_helpers import qwen2_vl_dir, stage_stack, start_gateway_process  # noqa: F401
+from services_helpers import start_gateway_process
 
 from mmpipe import SamplingParams
 from mmpipe.shared.tools import get_tool_parser
