@@ -193,6 +193,12 @@ def load_lm_shard(source: ShardSource, rank: int, size: int) -> nn.Module:
     model = load_part(source.model, skeleton, cls.part_modules("lm"), {p: cls.part_modules(p) for p in STAGE_PARTS},
                       torch.device(source.device), resolved.prefix, slices=plan).eval()
     model.mmpipe_tp_layout = layout
+    try:  # the EOS ids the engine stops on by default, as from_pretrained reads them
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(source.model)
+    except OSError:
+        pass
     return model
 
 

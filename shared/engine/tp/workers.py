@@ -27,6 +27,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -80,8 +81,12 @@ class TPWorkers:
             self.procs.append(proc)
             self.conns.append(parent)
         atexit.register(self.stop)  # before multiprocessing's exit hook, which would wait for them forever
-        self._await("started", config.distributed_timeout_s)
-        self.group = TPGroup(0, self.size, self.store, rank_device(config, 0), self.timeout_s)
+        try:
+            self._await("started", config.distributed_timeout_s)
+            self.group = TPGroup(0, self.size, self.store, rank_device(config, 0), self.timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     # ---- start-up --------------------------------------------------------------------------------------------
     def _await(self, what: str, timeout_s: float) -> None:
@@ -109,10 +114,10 @@ class TPWorkers:
     # ---- steps -----------------------------------------------------------------------------------------------
     def send_step(self, plan: Any) -> None:
         self.check()
-        msg = ("step", plan)
+        msg = ForkingPickler.dumps(("step", plan))  # pickled once for every worker (their recv() unpickles)
         for rank, conn in enumerate(self.conns, start=1):
             try:
-                conn.send(msg)
+                conn.send_bytes(msg)
             except (BrokenPipeError, ConnectionResetError, OSError):
                 raise self._died(rank, "closed its pipe") from None
 
@@ -202,7 +207,9 @@ def start_rank0(hf_model: Any, config: Any) -> tuple[TPWorkers, Any, Any]:
 
 
 def worker_main(args: WorkerArgs, conn: Any) -> None:
-    """A worker's whole life (multiprocessing target): join, load, then run every step rank 0 sends."""
+    """A worker's whole life (multiprocessing target): join, load, then run every step rank 0 sends. It leaves
+    through `os._exit`: a normal interpreter exit would first tear down the process group, which waits on
+    its peers (seconds, or for ever when rank 0 is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: rank 0 decides
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     from ..model_runner import ModelRunner
@@ -213,24 +220,31 @@ def worker_main(args: WorkerArgs, conn: Any) -> None:
         torch.set_num_threads(args.cpu_threads)
     else:
         torch.cuda.set_device(dev)
+    code = 0
     try:
+        t0 = time.perf_counter()
         conn.send(("started", os.getpid()))
         group = TPGroup.join(args.rank, args.size, args.port, dev, args.config.distributed_timeout_s)
+        t1 = time.perf_counter()
         model = load_lm_shard(args.source, args.rank, args.size)
         runner = ModelRunner(model, args.config, tp=TPShard(model.mmpipe_tp_layout, group))
+        log.info("tensor-parallel rank %d/%d ready: joined in %.1f s, shard loaded in %.1f s, %d KV blocks",
+                 args.rank, args.size, t1 - t0, time.perf_counter() - t1, runner.num_blocks)
         conn.send(("ready", runner.num_blocks))
         while True:
             try:
                 kind, body = conn.recv()
             except EOFError:  # rank 0 is gone
-                return
+                break
             if kind == "stop":
-                return
+                break
             runner.run_plan(body)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - reported to rank 0, which names it in its EngineWorkerError
+        code = 1
         log.exception("tensor-parallel worker rank %d failed", args.rank)
         try:
             conn.send(("failed", f"{type(e).__name__}: {e}"))
         except OSError:
             pass
-        raise
+    logging.shutdown()
+    os._exit(code)
