@@ -26,7 +26,7 @@ from mmpipe.shared.types import SamplingParams
 
 from engine_helpers import REF_TOKENS, first_mm_span, get_case, run_engine
 
-pytestmark = pytest.mark.timeout(600)  # generous: a loaded shared box; ~80 s in all when idle
+pytestmark = pytest.mark.timeout(600)  # generous for a loaded shared box: the file takes ~30 s on an idle 2-core one
 
 
 @pytest.fixture(autouse=True)
