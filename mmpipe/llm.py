@@ -34,6 +34,9 @@ class LLM:
     `enable_prefix_caching` (mmpipe engine): reuse the KV of prompt prefixes seen before, media included (keyed
     by each item's embedding cache key); `RequestOutput.num_cached_tokens` says how many prompt tokens it served.
     `video_backend` decodes video bytes: "pyav" (the default) or "decord" (`pip install 'mmpipe[decord]'`, x86-64).
+    `tensor_parallel_size` N > 1 (mmpipe engine): the LM is sharded over N ranks, this process and N - 1 worker
+    processes; every rank reads only its shard of the LM from the safetensors checkpoint, and this process loads
+    the towers and no LM weight of its own beyond rank 0's shard.
     """
 
     def __init__(self, model: str, *, limit_mm_per_prompt: dict[str, int] | None = None,
@@ -46,14 +49,20 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, block_size: int = 16, enforce_eager: bool = False,
                  trust_remote_code: bool = False, allow_private_media_urls: bool | None = None,
                  enable_prefix_caching: bool = True, decode_workers: int = 0,
-                 video_backend: str | None = None):
+                 video_backend: str | None = None, tensor_parallel_size: int = 1):
         from mmpipe.shared.cache.factory import make_cache
         from mmpipe.shared.inputs.media_settings import SettingsSpace
         from mmpipe.shared.media.policy import MediaPolicy
         from mmpipe.shared.models.registry import load_adapter
 
+        if tensor_parallel_size < 1 or (tensor_parallel_size > 1 and engine != "mmpipe"):
+            raise InvalidInputError("tensor_parallel_size must be >= 1, and above 1 only with engine='mmpipe'",
+                                    param="tensor_parallel_size")
+        self.tensor_parallel_size = tensor_parallel_size
+        # tensor parallel: the LM stays on the meta device here; each rank, this one included, reads its shard
         self.adapter = load_adapter(model, dtype=dtype, device=device, mm_processor_kwargs=mm_processor_kwargs,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code,
+                                    part="towers" if tensor_parallel_size > 1 else "all")
         self.tokenizer = self.adapter.tokenizer
         self.model_name = model
         self.limit_mm_per_prompt = dict(limit_mm_per_prompt or {})
@@ -107,7 +116,8 @@ class LLM:
                            device=str(self.adapter.device), dtype=model.dtype,
                            enable_cuda_graphs=not kw["enforce_eager"],
                            enable_prefix_caching=kw["enable_prefix_caching"],
-                           prefix_cache_namespace=kw["prefix_cache_namespace"], tokenizer=self.tokenizer)
+                           prefix_cache_namespace=kw["prefix_cache_namespace"], tokenizer=self.tokenizer,
+                           tensor_parallel_size=self.tensor_parallel_size, model=self.model_name)
         return LLMEngine(model, cfg)
 
     @property

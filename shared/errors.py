@@ -116,6 +116,11 @@ class ServiceUnavailableError(MMPipeError):
     error_type = "service_unavailable"
 
 
+class EngineWorkerError(ServiceUnavailableError):
+    """A tensor-parallel worker process of the engine died or failed: the engine cannot step any more (503;
+    the generator's health turns to NOT_SERVING and the process is restarted)."""
+
+
 class CancelledError(MMPipeError):
     """The request was cancelled (client went away)."""
 

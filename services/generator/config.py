@@ -32,6 +32,7 @@ class GeneratorConfig:
     engine_process: bool = True  # the engine steps in its own process (engine_setup.py)
     redis_options: RedisOptions | None = None  # AUTH password / TLS files (--redis-password-file, ...)
     stream_interval: int = 1  # tokens per Generate message (--stream-interval; stream_interval.py)
+    tensor_parallel_size: int = 1  # ranks the LM is sharded over (shared/engine/tp/)
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,11 @@ class GeneratorConfig:
                        default=ca.env_bool("ENABLE_PREFIX_CACHING", True),
                        help="reuse the KV cache of shared prompt prefixes, media included (default on; env "
                             "MMPIPE_ENABLE_PREFIX_CACHING)")
+        g.add_argument("--tensor-parallel-size", "-tp", type=_at_least_one,
+                       default=str(ca.env("TENSOR_PARALLEL_SIZE", 1)),
+                       help="shard the LM over N ranks (vLLM's flag): the engine runs rank 0 and starts N - 1 worker "
+                            "processes, one per GPU (cuda:0..N-1) on CUDA, each reading only its shard of the "
+                            "weights (env MMPIPE_TENSOR_PARALLEL_SIZE)")
         g.add_argument("--max-waiting", type=int, default=ca.env_int("MAX_WAITING", 1024),
                        help="requests queued before RESOURCE_EXHAUSTED (env MMPIPE_MAX_WAITING)")
         g.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
@@ -75,7 +81,7 @@ class GeneratorConfig:
                    gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
                    enable_prefix_caching=a.enable_prefix_caching, max_waiting=a.max_waiting,
                    engine_process=a.engine_process, redis_options=ca.redis_options(a),
-                   stream_interval=a.stream_interval)
+                   stream_interval=a.stream_interval, tensor_parallel_size=a.tensor_parallel_size)
 
 
 def _at_least_one(value: str) -> int:

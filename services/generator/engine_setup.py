@@ -35,16 +35,26 @@ def engine_config(cfg: GeneratorConfig, *, device: str, dtype: Any, max_model_le
                         gpu_memory_utilization=cfg.gpu_memory_utilization, max_num_seqs=cfg.max_num_seqs,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=max_model_len,
                         device=device, dtype=dtype, enable_cuda_graphs=not cfg.enforce_eager,
-                        enable_prefix_caching=cfg.enable_prefix_caching)
+                        enable_prefix_caching=cfg.enable_prefix_caching,
+                        tensor_parallel_size=cfg.tensor_parallel_size, model=cfg.model)
 
 
-def load_lm(model: str, *, dtype: Any, device: str, trust_remote_code: bool) -> tuple[Any, dict[str, Any]]:
-    """The engine-core process's loader: the LM weights only, and what they hold (for the weights_bytes gauge)."""
+def load_lm(model: str, *, dtype: Any, device: str, trust_remote_code: bool,
+            tensor_parallel_size: int = 1) -> tuple[Any, dict[str, Any]]:
+    """The engine-core process's loader: the LM weights only, and what they hold (for the weights_bytes gauge).
+
+    Tensor parallel: rank 0's shard only (the engine starts the other ranks, which read their own)."""
     from transformers.utils.logging import disable_progress_bar
 
+    from mmpipe.shared.models.partial import HeldWeights, held_bytes
     from mmpipe.shared.models.registry import held_weights, load_adapter
 
     disable_progress_bar()  # a tqdm bar is noise in JSON logs
+    if tensor_parallel_size > 1:
+        from mmpipe.shared.engine.tp.sharding import ShardSource, load_lm_shard
+
+        shard = load_lm_shard(ShardSource(model, dtype, device, trust_remote_code), 0, tensor_parallel_size)
+        return shard, {"weights": HeldWeights(held_bytes(shard), "lm", (f"rank 0 of {tensor_parallel_size}",))}
     adapter = load_adapter(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, part="lm")
     return adapter.model, {"weights": held_weights(adapter)}
 
@@ -84,7 +94,8 @@ def build_engine(cfg: GeneratorConfig) -> GeneratorEngine:
     spec = EngineCoreSpec(load=load_lm, engine_config=engine_config(cfg, device=device, dtype=dtype,
                                                                      max_model_len=max_len),
                           load_kwargs={"model": cfg.model, "dtype": dtype, "device": device,
-                                       "trust_remote_code": cfg.trust_remote_code},
+                                       "trust_remote_code": cfg.trust_remote_code,
+                                       "tensor_parallel_size": cfg.tensor_parallel_size},
                           setup=functools.partial(setup_logging, "generator-engine-core", level,
                                                   resolve_format(cfg.server.log_format)))
     client = EngineCoreClient(spec, max_waiting=cfg.max_waiting)
@@ -96,8 +107,12 @@ def _build_in_process(cfg: GeneratorConfig) -> GeneratorEngine:
     from transformers.utils.logging import disable_progress_bar
 
     from mmpipe.shared.engine import AsyncLLMEngine, LLMEngine
+    from mmpipe.shared.errors import UnsupportedError
     from mmpipe.shared.models.registry import held_weights, load_adapter
 
+    if cfg.tensor_parallel_size > 1:
+        raise UnsupportedError("--tensor-parallel-size > 1 needs the engine process (drop --no-engine-process)",
+                               param="tensor_parallel_size")
     disable_progress_bar()
     adapter = load_adapter(cfg.model, dtype=cfg.dtype, device=cfg.device, mm_processor_kwargs=cfg.mm_processor_kwargs,
                            trust_remote_code=cfg.trust_remote_code, part="lm")

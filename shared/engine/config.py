@@ -24,6 +24,10 @@ class EngineConfig:
     enable_prefix_caching: reuse the K/V of full blocks whose tokens, positions and media items equal those of a
     block computed before (block_manager.py); prefix_cache_namespace goes into every block key (name the model
     and its settings there when keys are compared across engines, e.g. by a router).
+    tensor_parallel_size: ranks the LM is sharded over (tp/: Megatron-style; rank 0 is the engine's process,
+    ranks 1..N-1 worker processes it starts); 1 runs as before, with no process, group or collective.
+    model: the checkpoint each rank reads its shard from (None: the model's own name_or_path).
+    distributed_timeout_s: the longest any collective (and the workers' start-up) may wait before it is an error.
     """
 
     block_size: int = 16
@@ -51,6 +55,9 @@ class EngineConfig:
     # structured outputs: the tokenizer the grammars are compiled against (a path, or a tokenizer object
     # in-process); None takes the model's name_or_path
     tokenizer: Any = None
+    tensor_parallel_size: int = 1
+    model: str | None = None
+    distributed_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -65,6 +72,10 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError("distributed_timeout_s must be > 0")
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype)
 

@@ -12,6 +12,11 @@ has them). DeepStack (Qwen3-VL): a multimodal row is `hidden * (1 + num_deepstac
 then one feature per deepstack layer (vLLM's layout); feature j is added to the hidden states at the row's
 position after decoder layer j, as transformers' `_deepstack_process` does. Sparse-MoE layers (Qwen3-VL-MoE)
 run the router and the experts of moe.py (`feed_forward`), on either op set.
+
+Tensor parallelism (`tp`, tp/): the modules hold one rank's shard (tp/sharding.py), so the same forward runs
+on each rank over its heads and MLP columns; only four things are added: the vocab-parallel embedding's
+all-reduce, one all-reduce after o_proj and one after the MLP (row-parallel), and the gather of the logits to
+rank 0 (None on the other ranks). With `tp` None (size 1) none of it runs.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ def _find_text_decoder(hf_model: nn.Module) -> nn.Module:
 
 
 class PagedDecoder:
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, tp: Any = None):
         lm = _find_text_decoder(hf_model)
         self.lm = lm
         self.embed_tokens: nn.Embedding = lm.embed_tokens
@@ -63,6 +68,10 @@ class PagedDecoder:
         # the width of one multimodal row: the base embedding and each deepstack feature
         self.mm_width = self.hidden_size * (1 + self.num_deepstack)
         self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.tp = tp  # tp/group.TPShard, or None
+        if tp is not None:  # this rank's heads; the vocabulary stays the whole model's
+            self.num_heads, self.num_kv_heads = tp.layout.heads, tp.layout.kv_heads
+            self.vocab_size = tp.layout.vocab_size
         self.max_position_embeddings = int(getattr(cfg, "max_position_embeddings", 4096))
         self.spec: DecoderSpec = read_spec(hf_model, lm)
         self.hidden_act = self.spec.hidden_act
@@ -92,7 +101,10 @@ class PagedDecoder:
         return cos.reshape(T, -1), sin.reshape(T, -1)
 
     def embed(self, input_ids: torch.Tensor, mm_index: torch.Tensor | None, mm_rows: torch.Tensor | None):
-        h = self.embed_tokens(input_ids)
+        if self.tp is None:
+            h = self.embed_tokens(input_ids)
+        else:
+            h = self.tp.group.embed(self.embed_tokens, input_ids, self.tp.layout)
         if mm_index is not None:
             # the multimodal rows replace the placeholder embeddings (their deepstack columns come later)
             h[mm_index] = mm_rows[:, :self.hidden_size].to(h.dtype)
@@ -111,6 +123,9 @@ class PagedDecoder:
             return ops.moe(x, mlp, moe)
         return ops.mlp(i, x, mlp)
 
+    def _reduce(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.tp is None else self.tp.group.all_reduce(h)
+
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, attn: AttentionBackend, ops: Any,
@@ -126,7 +141,7 @@ class PagedDecoder:
         ds = self.deepstack(mm_rows)
         if ds is not None and inputs_embeds is not None:
             raise UnsupportedError("DeepStack rows need the eager forward (the multimodal rows, not inputs_embeds)")
-        spec = self.spec
+        spec, tp = self.spec, self.tp
         tables = {kind: self.rotary(positions, h, kind) for kind in spec.rope_kinds}
         T = h.shape[0]
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -143,13 +158,16 @@ class PagedDecoder:
             q, k = ops.rope_and_cache(q, k, v, cos, sin, kc, vc, meta.slot_mapping)
             o = attn.forward(q, k, v, kc, vc, meta, window=spec.layer_windows[i])
             h = a.o_proj(o.reshape(T, H * D))
+            if tp is not None:  # row-parallel: each rank holds a partial sum
+                tp.group.all_reduce(h)
             if spec.sandwich_norms:  # Gemma: norm the branch output, then add; norm again before the MLP
                 x, residual = ops.add_norm(ops.norm(h, layer.post_attention_layernorm), residual,
                                            layer.pre_feedforward_layernorm)
-                h = ops.norm(self.feed_forward(i, x, layer.mlp, ops), layer.post_feedforward_layernorm)
+                h = ops.norm(self._reduce(self.feed_forward(i, x, layer.mlp, ops)),
+                             layer.post_feedforward_layernorm)
             else:
                 x, residual = ops.add_norm(h, residual, layer.post_attention_layernorm)
-                h = self.feed_forward(i, x, layer.mlp, ops)
+                h = self._reduce(self.feed_forward(i, x, layer.mlp, ops))
             if ds is not None and i < self.num_deepstack:
                 # transformers adds the feature to the layer's output (residual + mlp) at the image rows; summing
                 # here, in that order, keeps its numerics, and the next add_norm starts from the sum
@@ -165,6 +183,10 @@ class PagedDecoder:
             logits = self.lm_head(x)
         else:
             logits = torch.mm(x, self.lm_head.weight.t(), out=logits_out)
+        if tp is not None:
+            logits = tp.group.gather_logits(logits, tp.layout)
+            if logits is None:  # not rank 0: it does not sample
+                return None
         if spec.final_softcap is not None:  # in place, so a CUDA graph's shared logits buffer holds the result
             c = spec.final_softcap
             logits.div_(c).tanh_().mul_(c)

@@ -6,6 +6,11 @@
         for out in engine.step(): ...
 
 Not thread-safe: one thread drives it (see async_engine.AsyncLLMEngine for the asyncio front).
+
+With `EngineConfig.tensor_parallel_size` N > 1 this process is rank 0: it starts ranks 1..N-1 (tp/workers.py),
+every rank loads its own shard of the LM from the checkpoint, the scheduler runs here once, and each step's
+plan goes to every rank; `hf_model` then only names the checkpoint (and its generation config) unless it is
+already rank 0's shard. `shutdown()` stops the workers (an exit hook does too).
 """
 from __future__ import annotations
 
@@ -32,7 +37,23 @@ class LLMEngine:
     def __init__(self, hf_model: nn.Module, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         t0 = time.perf_counter()
-        self.runner = ModelRunner(hf_model, self.config)
+        self.tp_workers = None
+        if self.config.tensor_parallel_size > 1:
+            from .tp.workers import start_rank0
+
+            self.tp_workers, shard, tp = start_rank0(hf_model, self.config)
+            try:
+                self.runner = ModelRunner(shard, self.config, tp=tp, workers=self.tp_workers)
+                self.tp_workers.wait_ready()
+            except RuntimeError as e:  # a start-up collective failed: most often a worker that could not load
+                err = self.tp_workers.failure(e)
+                self.tp_workers.stop()
+                raise err from e
+            except BaseException:
+                self.tp_workers.stop()
+                raise
+        else:
+            self.runner = ModelRunner(hf_model, self.config)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           enable_prefix_caching=self.config.enable_prefix_caching,
@@ -216,6 +237,11 @@ class LLMEngine:
         if n_out >= seq.max_tokens or seq.num_tokens >= seq.max_model_len:
             return FinishReason.LENGTH.value
         return None
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; nothing to do at size 1). The engine cannot step after."""
+        if self.tp_workers is not None:
+            self.tp_workers.stop()
 
     def kv_cache_info(self) -> dict:
         info = self.runner.kv_cache_info()

@@ -4,11 +4,17 @@ graph for steps with prefill chunks; eagerly when no graph fits) and samples.
 
 KV cache: one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim) for all layers; a token
 at index i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size.
+
+Tensor parallelism (`tp`, tp/): every rank has a runner over its shard, with a KV cache of its KV heads and the
+same number of blocks (the minimum over the ranks). Rank 0 stages each step into a `StepPlan`, sends it to the
+workers (`workers`, tp/workers.py) and runs `run_plan` like them; only rank 0 gets logits and samples. CUDA
+graphs are not captured with tp (the collectives are not captured yet), so every step is eager.
 """
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,11 +34,33 @@ from .staging import BlockTableRows, StepBuffers, stage_step
 log = logging.getLogger(__name__)
 
 
+class StepPlan(NamedTuple):
+    """One eager step's staged inputs, identical on every rank (views of the staging buffers on rank 0; what
+    rank 0 sends each tensor-parallel worker). The multimodal rows themselves are not in it: with tp they are
+    broadcast over the group inside the step (`mm_shape` tells the workers their shape)."""
+
+    ids: np.ndarray            # (T,)
+    pos: np.ndarray            # (T,) or (3, T)
+    slot: np.ndarray           # (T,)
+    lens: np.ndarray           # (S,)
+    qsl: np.ndarray            # (S + 1,)
+    bt: np.ndarray             # (S, W)
+    lim: np.ndarray | None     # (T,) or None
+    logits: np.ndarray         # rows whose logits are wanted
+    num_decodes: int
+    tables: list[list[int]]    # block tables, host lists (the torch attention backend reads them)
+    mm_index: np.ndarray | None
+    mm_shape: tuple[int, int] | None
+
+
 class ModelRunner:
-    def __init__(self, hf_model: nn.Module, config: EngineConfig):
+    def __init__(self, hf_model: nn.Module, config: EngineConfig, tp: Any = None, workers: Any = None):
+        """`tp`: this rank's tp/group.TPShard (None: no tensor parallelism); `workers`: rank 0's
+        tp/workers.TPWorkers, to which each step's plan is sent."""
         self.config = config
-        self.device = config.torch_device
-        self.decoder = PagedDecoder(hf_model)
+        self.tp, self.workers = tp, workers
+        self.device = config.torch_device if tp is None else tp.group.device
+        self.decoder = PagedDecoder(hf_model, tp)
         d = self.decoder
         if d.device.type != self.device.type or (self.device.index is not None and d.device != self.device):
             raise ValueError(f"the model is on {d.device} but EngineConfig.device is {config.device}; "
@@ -66,6 +94,8 @@ class ModelRunner:
                                             d.vocab_size)
 
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        if tp is not None:  # every rank must hold every block: the smallest cache of them all
+            num_blocks = tp.group.min_int(num_blocks)
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache")
         self.num_blocks = num_blocks
@@ -86,7 +116,7 @@ class ModelRunner:
 
         self.graphs = self.mixed_graphs = None
         self.stats_graph_steps = self.stats_mixed_graph_steps = 0
-        if backend == "triton" and config.enable_cuda_graphs and self._moe_capturable():
+        if backend == "triton" and config.enable_cuda_graphs and tp is None and self._moe_capturable():
             from .cuda_graphs import DecodeGraphs
 
             pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
@@ -193,24 +223,47 @@ class ModelRunner:
         """`extra_rows`: token rows whose logits are wanted too (prompt_logprobs), after the sampled ones."""
         buf = self.eager_buffers
         st = stage_step(sched, buf, self.eager_tables, block_size=self.block_size, chunk_row=sched.num_decodes)
-        T, S, dev = st.num_tokens, st.num_rows, self.device
+        T, S = st.num_tokens, st.num_rows
         tables = [sc.seq.block_table for sc in sched.scheduled]
         width = max(len(t) for t in tables)
+        mm_rows = torch.cat(st.mm_rows).to(self.device) if st.mm_rows else None
+        plan = StepPlan(
+            ids=buf.ids[:T], pos=buf.pos[:, :T] if self.mrope else buf.pos[0, :T], slot=buf.slot[:T],
+            lens=buf.lens[:S], qsl=buf.qsl[:S + 1], bt=np.ascontiguousarray(buf.bt[:S, :width]),
+            lim=buf.lim[:T] if buf.lim is not None else None,
+            logits=np.concatenate([buf.logits[:st.num_logits], np.asarray(extra_rows, dtype=buf.logits.dtype)])
+            if extra_rows else buf.logits[:st.num_logits],
+            num_decodes=sched.num_decodes, tables=tables,
+            mm_index=torch.cat(st.mm_index).numpy() if st.mm_index else None,
+            mm_shape=tuple(mm_rows.shape) if mm_rows is not None else None)
+        if self.workers is None:
+            return self.run_plan(plan, mm_rows)
+        self.workers.send_step(plan)
+        try:
+            return self.run_plan(plan, mm_rows)
+        except RuntimeError as e:  # a collective failed: a worker's death, named, or the error itself
+            raise self.workers.failure(e) from e
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan, mm_rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The forward of one staged step (every rank); logits on rank 0, None on the tensor-parallel workers."""
+        dev = self.device
 
         def up(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(dev, non_blocking=True)
 
+        if self.tp is not None and plan.mm_shape is not None:
+            if mm_rows is None:  # a worker: rank 0's rows arrive here
+                mm_rows = torch.empty(plan.mm_shape, dtype=self.dtype, device=dev)
+            self.tp.group.broadcast(mm_rows)
         meta = AttentionMetadata(
-            slot_mapping=up(buf.slot[:T]), seq_lens=up(buf.lens[:S]),
-            block_tables=up(np.ascontiguousarray(buf.bt[:S, :width])), num_decodes=sched.num_decodes,
-            query_start_loc_host=buf.qsl[:S + 1].tolist(), seq_lens_host=buf.lens[:S].tolist(),
-            block_tables_host=tables, attn_limit=up(buf.lim[:T]) if buf.lim is not None else None)
+            slot_mapping=up(plan.slot), seq_lens=up(plan.lens), block_tables=up(plan.bt),
+            num_decodes=plan.num_decodes, query_start_loc_host=plan.qsl.tolist(), seq_lens_host=plan.lens.tolist(),
+            block_tables_host=plan.tables, attn_limit=up(plan.lim) if plan.lim is not None else None)
         return self.decoder.forward(
-            up(buf.ids[:T]), up(buf.pos[:, :T] if self.mrope else buf.pos[0, :T]), meta, self.kv_cache, self.attn,
-            self.ops, mm_index=torch.cat(st.mm_index).to(dev) if st.mm_index else None,
-            mm_rows=torch.cat(st.mm_rows).to(dev) if st.mm_rows else None,
-            logits_index=up(np.concatenate([buf.logits[:st.num_logits], np.asarray(extra_rows, dtype=buf.logits.dtype)])
-                            if extra_rows else buf.logits[:st.num_logits]))
+            up(plan.ids), up(plan.pos), meta, self.kv_cache, self.attn, self.ops,
+            mm_index=torch.from_numpy(plan.mm_index).to(dev) if plan.mm_index is not None else None,
+            mm_rows=mm_rows, logits_index=up(plan.logits))
 
     def kv_cache_info(self) -> dict:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size,
@@ -220,4 +273,5 @@ class ModelRunner:
                 "cuda_graphs": self.graphs is not None,
                 "cuda_graph_batch_sizes": list(self.graphs.sizes) if self.graphs is not None else [],
                 "cuda_graph_token_sizes": list(self.mixed_graphs.sizes) if self.mixed_graphs is not None else [],
-                "max_tokens_in_cache": self.num_blocks * self.block_size}
+                "max_tokens_in_cache": self.num_blocks * self.block_size,
+                "tensor_parallel_size": 1 if self.tp is None else self.tp.layout.size}

@@ -8,7 +8,9 @@ Owns two things:
     (`get_model_conversion_mapping` + `rename_source_key`, what `from_pretrained` applies), so checkpoints
     written by older versions (`visual.*`, `model.layers.*`, `language_model.model.*`) and by transformers 5
     (`model.visual.*`, `model.language_model.*`) both resolve.
-`read` fetches only the tensors asked for (`safe_open(...).get_tensor(key)`): no other tensor's bytes are read.
+`read` fetches only the tensors asked for (`safe_open(...).get_tensor(key)`): no other tensor's bytes are read; a
+tensor given a `TensorSlice` is read through `get_slice`, so only that range's bytes are (a tensor-parallel rank's
+shard: shared/engine/tp/sharding.py).
 A conversion that maps one stored tensor to one parameter by transposes only (Qwen3-VL-MoE's experts, stored
 (E, hidden, 2I) and loaded as (E, 2I, hidden)) is applied on read, as transformers' `Transpose` op does; a
 conversion that fuses or splits several tensors is not (`check_readable` names the parameter).
@@ -19,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from mmpipe.shared.errors import ModelLoadError
+from mmpipe.shared.errors import ModelLoadError, UnsupportedError
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -47,6 +50,34 @@ class StoredTensor:
             if not (check and tuple(t.shape) == self.shape):
                 t = t.transpose(d0, d1).contiguous()
         return t
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Rows [start, stop) of dimension `dim` of a stored tensor, zero-padded to `size` along it (the last
+    vocabulary shard of a tensor-parallel rank when the vocabulary does not divide evenly)."""
+
+    dim: int
+    start: int
+    stop: int
+    size: int
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The same range of an in-memory tensor (a copy: the full tensor can be freed)."""
+        return self._pad(t.narrow(self.dim, self.start, self.stop - self.start).clone())
+
+    def read(self, stored: Any) -> torch.Tensor:
+        """The range of a safetensors `get_slice` handle: only its bytes are read."""
+        index = (slice(None),) * self.dim + (slice(self.start, self.stop),)
+        return self._pad(stored[index])
+
+    def _pad(self, t: torch.Tensor) -> torch.Tensor:
+        missing = self.size - (self.stop - self.start)
+        if missing <= 0:
+            return t.contiguous()
+        shape = list(t.shape)
+        shape[self.dim] = missing
+        return torch.cat([t, t.new_zeros(shape)], dim=self.dim)
 
 
 class Checkpoint:
@@ -77,8 +108,12 @@ class Checkpoint:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ModelLoadError(f"{self.model}: the checkpoint has no tensor for {shown}")
 
-    def read(self, names: Iterable[str], device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """(parameter name, tensor) for each of `names`, each shard opened once; nothing else is read."""
+    def read(self, names: Iterable[str], device: torch.device | str = "cpu",
+             slices: Mapping[str, TensorSlice] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(parameter name, tensor) for each of `names`, each shard opened once; nothing else is read.
+
+        `slices`: names read as one contiguous range of one dimension (zero-padded to its `size`)."""
+        slices = slices or {}
         names = list(names)
         self.check_readable(names)
         by_shard: dict[str, list[str]] = defaultdict(list)
@@ -89,8 +124,12 @@ class Checkpoint:
         for shard, shard_names in sorted(by_shard.items()):
             with safe_open(self._path(shard), framework="pt", device=str(device)) as f:
                 for name in shard_names:
-                    where = self.stored[name]
-                    yield name, where.convert(f.get_tensor(where.key))
+                    where, sl = self.stored[name], slices.get(name)
+                    if sl is not None and where.transposes:
+                        raise UnsupportedError(f"{name}: a converted (transposed) tensor cannot be read as a "
+                                               "tensor-parallel slice")
+                    yield name, (where.convert(f.get_tensor(where.key)) if sl is None
+                                 else sl.read(f.get_slice(where.key)))
 
     # ---- files ----------------------------------------------------------------------------------------------
     def _list_keys(self) -> dict[str, list[str]]:

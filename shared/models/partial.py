@@ -18,13 +18,14 @@ for the offline LLM).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mmpipe.shared.errors import ModelLoadError
-from mmpipe.shared.models.checkpoint import Checkpoint
+from mmpipe.shared.models.checkpoint import Checkpoint, TensorSlice
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,14 @@ def under(name: str, modules: tuple[str, ...]) -> bool:
 
 
 def load_part(model: str, skeleton: nn.Module, modules: tuple[str, ...], all_modules: dict[str, tuple[str, ...]],
-              device: torch.device, prefix: str = "") -> nn.Module:
+              device: torch.device, prefix: str = "", slices: Mapping[str, TensorSlice] | None = None) -> nn.Module:
     """Materialise the parameters and buffers of `skeleton` (a meta-device model of `model`) under `modules`.
 
     `all_modules` maps every part to its modules: each parameter must belong to exactly one part, so a family
     whose model grew a module no stage declares fails here instead of serving without it. `prefix`: where the
-    checkpoint keeps `skeleton`'s tensors (`thinker.` in a full Qwen2.5-Omni checkpoint; see Checkpoint)."""
+    checkpoint keeps `skeleton`'s tensors (`thinker.` in a full Qwen2.5-Omni checkpoint; see Checkpoint).
+    `slices`: parameters read as one range of the stored tensor (a tensor-parallel shard; the skeleton's meta
+    parameter already has the shard's shape), never whole."""
     _check_parts_cover(skeleton, all_modules)
     ckpt = Checkpoint(model, skeleton, prefix)
     params = {n: p for n, p in skeleton.named_parameters(remove_duplicate=False) if under(n, modules)}
@@ -79,7 +82,7 @@ def load_part(model: str, skeleton: nn.Module, modules: tuple[str, ...], all_mod
     buffers_read = [n for n in persistent if n in ckpt]
     loaded: set[str] = set()
     for name, tensor in ckpt.read([*to_read, *{s for s in tied_missing.values() if s not in params},
-                                   *buffers_read], device="cpu"):
+                                   *buffers_read], device="cpu", slices=slices):
         _place(skeleton, name, tensor, device)
         loaded.add(name)
     for target, source in tied_missing.items():
