@@ -1,4 +1,4 @@
-"""Qwen3-VL served: the real ingest, encoder, generator and gateway processes on free 127.0.0.1 ports with a real
+"""Qwen3-VL (dense and MoE) served: the real ingest, encoder, generator and gateway processes on free 127.0.0.1 ports with a real
 Redis, asked through the official `openai` client. The DeepStack features ride the encoder -> generator hop in
 the embedding cache (one row = base embedding + deepstack features); greedy tokens must equal transformers'
 `model.generate(**processor(...))`, and a malformed `image_embeds` is a 400 naming the field."""
@@ -20,11 +20,12 @@ GREEDY = dict(temperature=0.0, max_tokens=8)
 EXTRA = {"ignore_eos": True, "return_token_ids": True}
 
 
-@pytest.fixture(scope="module")
-def served(redis_server, tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+def served(request, redis_server, tmp_path_factory):
+    """One stack per family, the dense one and the sparse-MoE one (one at a time: module-scoped params)."""
     from mmpipe.shared.models.tiny import ensure_tiny_model
 
-    model = str(ensure_tiny_model("qwen3_vl"))
+    model = str(ensure_tiny_model(request.param))
     media = tmp_path_factory.mktemp("q3-media")
     stack = StageStack(model, redis_server)
     gw = None
