@@ -447,3 +447,90 @@ def test_wide_schema_compile_time_is_bounded(gateway):
     took = time.monotonic() - t0
     print(f"{n} optional properties ({len(fits.spec()[1])} bytes): compiled in {took:.2f} s")
     assert took < 10, took
+
+
+_I64_MIN = -2 ** 63
+# each of these segfaulted llguidance 1.9.1's grammar validation (found by the random fuzz run of 2026-12-02;
+# minimised by a sweep over numeric edges: every crash was an integer range whose bounds both land on i64::MIN)
+_ENGINE_CRASHERS = [
+    {"type": "integer", "minimum": _I64_MIN, "maximum": _I64_MIN},
+    {"type": "integer", "minimum": -1e300, "maximum": -1e300},
+    {"type": "integer", "exclusiveMinimum": -1e300, "maximum": _I64_MIN - 1},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": _I64_MIN, "maximum": _I64_MIN + 1}}},
+]
+
+
+@pytest.mark.parametrize("schema", _ENGINE_CRASHERS)
+def test_integer_range_at_i64_min_segfaulted_the_grammar_engine(gateway, schema):
+    """The gateway compiled response_format schemas in its own process, so one of these took it down with
+    every stream it served. Now a numeric bound past +-2**53 is a 400 naming the field before anything compiles
+    (shared/structured/limits.py), and the engine runs in a worker process (the next test)."""
+    r = _post(gateway, "/v1/chat/completions", {"model": "tiny", "messages": _MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format.json_schema.schema" and "2**53" in err["message"], err
+    ok = _post(gateway, "/v1/chat/completions", {"model": "tiny", "messages": _MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": -2 ** 53}}}})
+    assert ok.status_code == 503, ok.text  # compiled and passed; the stages of this fixture are down
+
+
+@pytest.mark.parametrize("spec", [{"json": "false"}, {"json": False}])
+def test_the_false_schema_as_text_was_500(gateway, spec):
+    """`structured_outputs.json` as the text "false" (the JSON schema no value satisfies) passed the "exactly one
+    kind" check as a string, then parsed to False, which the spec took for "not given": StopIteration, a 500.
+    Found by a random fuzz run. Now a 400 naming the field, as the object form is."""
+    r = _post(gateway, "/v1/chat/completions", {"model": "tiny", "messages": _MSGS, "structured_outputs": spec})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "structured_outputs.json" and "`false`" in err["message"], err
+
+
+@pytest.fixture()
+def isolated_compiler():
+    from transformers import AutoTokenizer
+
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+    from mmpipe.shared.structured.grammar import GrammarCompiler
+
+    c = GrammarCompiler(AutoTokenizer.from_pretrained(ensure_tiny_model("qwen2_vl")), isolate=True)
+    yield c
+    c.sandbox.close()
+
+
+def test_a_grammar_engine_crash_costs_one_spec_not_the_process(isolated_compiler, monkeypatch):
+    """Defence in depth for the next crash nobody has found yet: with the bound check switched off, the real
+    crashing schema reaches llguidance, in the gateway's grammar worker. The spec is a 400 naming the field,
+    the worker is replaced, this process lives on, a repeat is refused from the cache without a second crash,
+    and the next spec compiles."""
+    from mmpipe.shared.structured import StructuredOutputsParams, limits
+
+    monkeypatch.setattr(limits, "_check_bound", lambda *a: None)
+    crash = StructuredOutputsParams(json=_ENGINE_CRASHERS[0])
+    for _ in range(2):
+        with pytest.raises(InvalidInputError) as ei:
+            isolated_compiler.compile(crash)
+        assert ei.value.param == "structured_outputs.json"
+        assert "crashed (SIGSEGV)" in ei.value.message, (
+            f"{ei.value.message!r}: llguidance no longer crashes on this schema (upgraded?); pick another "
+            "crasher or switch this test to the worker's CPU/timeout path")
+    assert isolated_compiler.sandbox.replaced == 1
+    assert "integer" in isolated_compiler.compile(StructuredOutputsParams(json={"type": "integer", "maximum": 5}))
+
+
+def test_a_grammar_compile_past_its_time_is_a_400(isolated_compiler, monkeypatch):
+    """A spec the engine takes too long over (here 10,000 optional properties, 3+ s to validate, with the size
+    limit raised and the compile timeout at 1 s) is stopped: a 400 naming the field, the worker replaced."""
+    from mmpipe.shared.structured import StructuredOutputsParams
+    from mmpipe.shared.structured.limits import MAX_BYTES_ENV
+
+    monkeypatch.setenv(MAX_BYTES_ENV, str(1 << 20))
+    isolated_compiler.sandbox.timeout_s = 1.0
+    isolated_compiler.compile(StructuredOutputsParams(regex="[ab]+"))  # the worker started: startup not charged
+    wide = StructuredOutputsParams(json={"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(10_000)}})
+    with pytest.raises(InvalidInputError) as ei:
+        isolated_compiler.compile(wide)
+    assert "took longer than 1 s" in ei.value.message and ei.value.param == "structured_outputs.json", ei.value
+    assert isolated_compiler.sandbox.replaced == 1
+    assert isolated_compiler.compile(StructuredOutputsParams(choice=["yes", "no"]))

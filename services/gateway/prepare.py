@@ -64,10 +64,11 @@ class Preparer:
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
-        """Structured outputs: every grammar is compiled against the tokenizer here, once per spec (cached), so
-        an invalid or unsupported one is a 400 before any stage works; the generator compiles it again. Built
-        on the first request that has one."""
-        return GrammarCompiler(self.info.tokenizer, self.info.vocab_size)
+        """Structured outputs: every grammar is compiled against the tokenizer here, once per spec (cached), in
+        a worker process (a spec that crashes the native engine is a 400, not this process's end), so an invalid
+        or unsupported one is a 400 before any stage works; the generator compiles it again. Built on the first
+        request that has one."""
+        return GrammarCompiler(self.info.tokenizer, self.info.vocab_size, isolate=True)
 
     @property
     def parse_options(self) -> ParseOptions:

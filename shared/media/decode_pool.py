@@ -1,8 +1,8 @@
 """Native decoders (Pillow, FFmpeg via PyAV or decord, libsndfile) isolated in a small pool of worker processes.
 
-Owns: `DecodePool` (N spawned workers, each decoding one item at a time under rlimits: CPU seconds per item and an
-address-space cap, plus a wall-clock timeout the parent enforces), replacing a worker that dies or hangs, and the
-error of the item that was on it: `MediaDecodeError` naming the item when the input killed it (a signal such as
+Owns: `DecodePool` (N spawned workers of shared/isolated.py, each decoding one item at a time under rlimits: CPU
+seconds per item and an address-space cap, plus a wall-clock timeout the parent enforces), and the error of the
+item whose worker died or hung: `MediaDecodeError` naming the item when the input killed it (a signal such as
 SIGSEGV / SIGABRT / SIGXCPU, memory exhausted, or the timeout), `ServiceUnavailableError` (503, retryable) when
 the worker went away for a reason of its own (killed from outside). Every other item goes on.
 Decoded pixels / frames / samples come back in shared memory (one copy into the caller's memory), not pickled;
@@ -16,12 +16,7 @@ those bytes are just an undecodable file.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import os
-import queue
-import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import MediaDecodeError, MMPipeError, ServiceUnavailableError
+from ..isolated import IsolatedPool, WorkerFault, cpu_share, worker_setup
 
 TEST_FAULTS_ENV = "MMPIPE_TEST_DECODE_FAULTS"
 _FAULT = b"MMPIPE-FAULT:"
-# Signals that mean "this input broke the decoder" (SIGKILL does not: the OOM killer or an operator sent it).
-_INPUT_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGXCPU}
 
 
 @dataclass(frozen=True)
@@ -87,10 +81,7 @@ def _decode(kind: str, data: bytes, args: dict[str, Any]) -> tuple[np.ndarray, d
 def _worker_main(conn: Any, cfg: DecodePoolConfig) -> None:
     from multiprocessing import resource_tracker, shared_memory
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a worker ends
-    if cfg.memory_mb > 0:
-        cap = cfg.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    worker_setup(cfg.memory_mb)
     while True:
         try:
             msg = conn.recv()
@@ -99,12 +90,7 @@ def _worker_main(conn: Any, cfg: DecodePoolConfig) -> None:
         if msg is None:
             return
         kind, data, args = msg
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        spent = int(used.ru_utime + used.ru_stime)
-        # RLIMIT_CPU counts the process's whole life: move the soft limit to "now + this item's share".
-        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-        soft = spent + int(cfg.cpu_seconds) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+        cpu_share(cfg.cpu_seconds)
         try:
             _test_fault(data)
             arr, meta, budget = _decode(kind, data, args)
@@ -127,110 +113,37 @@ def _worker_main(conn: Any, cfg: DecodePoolConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- the parent
-class _Worker:
-    def __init__(self, ctx: Any, cfg: DecodePoolConfig):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, cfg), name="mmpipe-decode", daemon=True)
-        self.proc.start()
-        child.close()
-
-    def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            try:
-                self.conn.send(None)
-            except (OSError, ValueError):
-                self.proc.kill()
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.conn.close()
-
-
-def _exit_code(proc: Any, timeout_s: float) -> int | None:
-    """The exit status of a worker whose pipe reached EOF (None only if it is still running after `timeout_s`).
-
-    `Process.join()` / `.exitcode` alone are not enough: every `Process.start()` and `active_children()` in this
-    process (a replacement worker started by another thread, for one) runs multiprocessing's `_cleanup()`, which
-    reaps each finished child with waitpid(WNOHANG). When that reaps our worker first, this thread's waitpid fails
-    with ECHILD and `Popen.poll()` answers None for a dead process; the status reaches the shared Popen object only
-    when that other thread next holds the GIL. So: wait for the exit (the sentinel), then re-read the status until
-    it is there, sleeping (and so letting the other thread finish) in between."""
-    from multiprocessing.connection import wait
-
-    deadline = time.monotonic() + timeout_s
-    wait([proc.sentinel], timeout_s)
-    while True:
-        code = proc.exitcode
-        if code is not None or time.monotonic() >= deadline:
-            return code
-        time.sleep(0.005)
-
-
 class DecodePool:
     """`decode(kind, data, args, what)` on one of `cfg.workers` spawned processes (thread-safe; callers block on a
-    free worker). A dead or hung worker is replaced before the next item is given to it."""
+    free worker). A dead or hung worker is replaced before the next item is given to it (shared/isolated.py)."""
 
     def __init__(self, cfg: DecodePoolConfig | None = None):
         self.cfg = cfg or DecodePoolConfig()
         if self.cfg.workers < 1:
             raise ValueError("a DecodePool needs at least one worker")
-        # spawn, not fork: the parent runs gRPC / uvicorn threads, and a forked copy of them is not safe.
-        self._ctx = mp.get_context("spawn")
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._closed = False
-        self.replaced = 0  # workers replaced after a crash or a hang (a gauge for tests and metrics)
-        self._lock = threading.Lock()
-        for _ in range(self.cfg.workers):
-            self._idle.put(_Worker(self._ctx, self.cfg))
+        self._pool = IsolatedPool(_worker_main, (self.cfg,), workers=self.cfg.workers, name="mmpipe-decode")
+
+    @property
+    def replaced(self) -> int:
+        """Workers replaced after a crash or a hang (a gauge for tests and metrics)."""
+        return self._pool.replaced
 
     def decode(self, kind: str, data: bytes, args: dict[str, Any], what: str) -> tuple[np.ndarray, dict[str, Any],
                                                                                         tuple[int, float]]:
         """(decoded array: image (H, W, 3) uint8 / video (T, H, W, 3) uint8 / audio float32, metadata, (pixels,
         audio seconds) the worker charged). Decoder errors come back as the same domain errors."""
-        if self._closed:
+        if self._pool.closed:
             raise ServiceUnavailableError("the decode pool is shut down")
-        w = self._idle.get()
-        while not w.proc.is_alive():  # died while idle (killed from outside): replaced before it costs an item
-            self._replace(w)
-            w = self._idle.get()
-        healthy = False
         try:
-            try:
-                w.conn.send((kind, data, args))
-            except (OSError, ValueError, BrokenPipeError):
-                raise ServiceUnavailableError(f"{what}: the decode worker was unavailable; retry") from None
-            if not w.conn.poll(self.cfg.timeout_s):
-                raise MediaDecodeError(f"{what}: decoding took longer than {self.cfg.timeout_s:g} s and was stopped",
-                                       param=what)
-            try:
-                reply = w.conn.recv()
-            except (EOFError, OSError):
-                raise self._death(w, what) from None
-            healthy = True
-        finally:
-            if healthy:
-                self._idle.put(w)
-            else:
-                self._replace(w)
+            reply = self._pool.call((kind, data, args), self.cfg.timeout_s)
+        except WorkerFault as f:
+            if f.kind == "timeout":
+                raise MediaDecodeError(f"{what}: decoding {f.reason}", param=what) from None
+            if f.kind == "crash":
+                raise MediaDecodeError(f"{what}: the decoder {f.reason} on this input", param=what) from None
+            raise ServiceUnavailableError(f"{what}: {f.reason.replace('the worker', 'the decode worker')}; retry") \
+                from None
         return self._unpack(reply, what)
-
-    def _death(self, w: _Worker, what: str) -> MMPipeError:
-        code = _exit_code(w.proc, 5.0)
-        if code is not None and code < 0 and -code in {int(s) for s in _INPUT_SIGNALS}:
-            name = signal.Signals(-code).name
-            why = "used more CPU time than allowed" if -code == signal.SIGXCPU else f"crashed ({name})"
-            return MediaDecodeError(f"{what}: the decoder {why} on this input", param=what)
-        return ServiceUnavailableError(f"{what}: the decode worker exited unexpectedly (exit code {code}); retry")
-
-    def _replace(self, w: _Worker) -> None:
-        w.stop(kill=True)
-        with self._lock:
-            self.replaced += 1
-        if not self._closed:
-            self._idle.put(_Worker(self._ctx, self.cfg))
 
     @staticmethod
     def _unpack(reply: tuple, what: str) -> tuple[np.ndarray, dict[str, Any], tuple[int, float]]:
@@ -256,13 +169,7 @@ class DecodePool:
         return arr, meta, charged
 
     def close(self) -> None:
-        self._closed = True
-        while True:
-            try:
-                w = self._idle.get_nowait()
-            except queue.Empty:
-                return
-            w.stop()
+        self._pool.close()
 
 
 def remaining(budget: Any) -> Any:

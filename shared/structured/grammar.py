@@ -48,19 +48,42 @@ def grammar_of(params: StructuredOutputsParams) -> str:
         raise InvalidInputError(f"invalid {params.param}: {e}", param=params.param) from None
 
 
+def checked_grammar(params: StructuredOutputsParams, ll_tokenizer: Any) -> str:
+    """The grammar of `params`, validated against an llguidance tokenizer; InvalidInputError naming the field,
+    with llguidance's reason (an unimplemented schema keyword, a regex syntax error, ...), if it is refused."""
+    import llguidance
+
+    grammar = grammar_of(params)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
+    if is_error:
+        reason = messages[0] if messages else "rejected by the grammar engine"
+        raise InvalidInputError(f"invalid or unsupported {params.param}: {reason}", param=params.param)
+    return grammar
+
+
 class GrammarCompiler:
-    """Grammars against one tokenizer: validation and a cache of grammar texts by spec hash.
+    """Grammars against one tokenizer: validation and a cache of grammar texts (and of refusals) by spec hash.
 
     `tokenizer` is a Hugging Face fast tokenizer; `vocab_size` the width of the model's logits (>= the
     tokenizer's size; the ids in between, padding, are never allowed). The llguidance tokenizer is built on
-    first use (~0.5 s for a 64k vocabulary) so a server that never sees a grammar never pays for it."""
+    first use (~0.5 s for a 64k vocabulary) so a server that never sees a grammar never pays for it.
+    `isolate`: compile new specs in a worker process (sandbox.py), so a spec that crashes or hangs the native
+    engine is a 400 and this process lives on: the gateway's setting (it checks every spec before any stage works;
+    the engines then compile only specs that passed)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None, cache_size: int = 1024):
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None, cache_size: int = 1024,
+                 isolate: bool = False):
         self.hf_tokenizer = tokenizer
         self.vocab_size = max(int(vocab_size or 0), len(tokenizer))
-        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache: OrderedDict[str, str | InvalidInputError] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.sandbox = None
+        if isolate:
+            from .limits import SpecLimits
+            from .sandbox import GrammarSandbox
+
+            self.sandbox = GrammarSandbox(tokenizer, self.vocab_size, SpecLimits.from_env().compile_timeout_s)
 
     @functools.cached_property
     def ll_tokenizer(self) -> Any:
@@ -69,26 +92,35 @@ class GrammarCompiler:
         return llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size)
 
     def compile(self, params: StructuredOutputsParams) -> str:
-        """The validated grammar of `params` (cached by spec hash). InvalidInputError naming the field, with
-        llguidance's reason (an unimplemented schema keyword, a regex syntax error, ...), if it is refused."""
+        """The validated grammar of `params` (cached by spec hash, refusals too). InvalidInputError naming the
+        field, with llguidance's reason (an unimplemented schema keyword, a regex syntax error, ...; isolated:
+        also a crash or a timeout of the engine), if it is refused."""
         key = params.key()
+        refused_key = f"{params.param}\0{key}"  # a refusal's message names the field it came in
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        import llguidance
-
-        grammar = grammar_of(params)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
-        if is_error:
-            reason = messages[0] if messages else "rejected by the grammar engine"
-            raise InvalidInputError(f"invalid or unsupported {params.param}: {reason}", param=params.param)
+            for k in (key, refused_key):
+                hit = self._cache.get(k)
+                if hit is not None:
+                    self._cache.move_to_end(k)
+                    break
+        if isinstance(hit, InvalidInputError):
+            raise InvalidInputError(hit.message, param=params.param)
+        if hit is not None:
+            return hit
+        try:
+            if self.sandbox is not None:
+                result: str | InvalidInputError = self.sandbox.compile(params)
+            else:
+                result = checked_grammar(params, self.ll_tokenizer)
+        except InvalidInputError as e:
+            result = e
         with self._lock:
-            self._cache[key] = grammar
+            self._cache[refused_key if isinstance(result, InvalidInputError) else key] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return grammar
+        if isinstance(result, InvalidInputError):
+            raise result
+        return result
 
     def matcher(self, params: StructuredOutputsParams) -> Any:
         """A fresh llguidance LLMatcher for one request."""

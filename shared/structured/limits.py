@@ -22,28 +22,42 @@ from mmpipe.shared.errors import InvalidInputError, LimitExceededError
 
 MAX_BYTES_ENV = "MMPIPE_STRUCTURED_OUTPUTS_MAX_BYTES"
 MAX_DEPTH_ENV = "MMPIPE_STRUCTURED_OUTPUTS_MAX_DEPTH"
+COMPILE_TIMEOUT_ENV = "MMPIPE_STRUCTURED_OUTPUTS_COMPILE_TIMEOUT_S"
+
+# llguidance reads a schema's numeric bounds as doubles, then an integer range's as i64: past 2**53 a bound is no
+# longer exact, and an integer range whose bounds both land on i64's minimum (e.g. minimum = maximum = -2**63, or
+# -1e300) segfaulted its compile (llguidance 1.9.1, found by the fuzz run of 2026-12-02). So bounds stay within
+# the range every JSON implementation holds exactly (RFC 8259, section 6).
+MAX_BOUND = 2 ** 53
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 @dataclass(frozen=True)
 class SpecLimits:
     """max_bytes: UTF-8 size of the spec's canonical text (compact JSON schema, regex, grammar, choices);
-    max_depth: nesting of objects and arrays in a JSON schema."""
+    max_depth: nesting of objects and arrays in a JSON schema; compile_timeout_s: wall-clock seconds the
+    grammar engine may take to compile (or refuse) one spec where it runs isolated (sandbox.py)."""
 
     max_bytes: int = 32768
     max_depth: int = 64
+    compile_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls) -> "SpecLimits":
         return cls(max_bytes=_env_positive(MAX_BYTES_ENV, cls.max_bytes),
-                   max_depth=_env_positive(MAX_DEPTH_ENV, cls.max_depth))
+                   max_depth=_env_positive(MAX_DEPTH_ENV, cls.max_depth),
+                   compile_timeout_s=float(_env_positive(COMPILE_TIMEOUT_ENV, cls.compile_timeout_s)))
 
-    def check_depth(self, schema: Any, param: str) -> None:
-        """Refuse a schema nested deeper than max_depth (iteratively: a deep schema cannot overflow the stack)."""
+    def check_schema(self, schema: Any, param: str) -> None:
+        """Refuse a schema nested deeper than max_depth, or with a numeric bound past +-MAX_BOUND (one iterative
+        walk: a deep schema cannot overflow the stack)."""
         stack = [(schema, 1)]
         while stack:
             value, depth = stack.pop()
             if isinstance(value, dict):
                 kids = value.values()
+                for key in _BOUND_KEYS:
+                    _check_bound(value.get(key), key, param)
             elif isinstance(value, (list, tuple)):
                 kids = value
             else:
@@ -61,6 +75,12 @@ class SpecLimits:
         if size > self.max_bytes:
             raise LimitExceededError(f"{param} is {size} bytes; structured outputs take at most {self.max_bytes} "
                                      f"({MAX_BYTES_ENV})", param=param)
+
+
+def _check_bound(bound: Any, key: str, param: str) -> None:
+    if isinstance(bound, (int, float)) and not isinstance(bound, bool) and not -MAX_BOUND <= bound <= MAX_BOUND:
+        raise LimitExceededError(f"{param}: `{key}` is {bound:g}; numeric bounds must lie within +-2**53 "
+                                 f"({MAX_BOUND}), the range JSON numbers hold exactly", param=param)
 
 
 def _env_positive(name: str, default: int) -> int:

@@ -35,6 +35,9 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         from mmpipe.shared.errors import InvalidInputError
 
+        if self.json is False:  # the schema `false` (json_object=False, by contrast, means "not given")
+            raise InvalidInputError("structured_outputs.json is the schema `false`, which no output satisfies",
+                                    param=self.source_param or "structured_outputs.json")
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise InvalidInputError("structured_outputs needs exactly one of json, regex, choice, grammar, "
@@ -50,6 +53,8 @@ class StructuredOutputsParams:
                 raise limits.too_deep(where) from None
             except ValueError as e:
                 raise InvalidInputError(f"{where} is not valid JSON: {e}", param=where) from None
+            if self.json is False:
+                raise InvalidInputError(f"{where} is the schema `false`, which no output satisfies", param=where)
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise InvalidInputError(f"{where} must be a JSON schema object", param=where)
         for name in ("regex", "grammar"):
@@ -62,7 +67,7 @@ class StructuredOutputsParams:
                 raise InvalidInputError(f"{where} must be a non-empty list of non-empty strings", param=where)
             self.choice = list(self.choice)
         if self.json is not None:
-            limits.check_depth(self.json, where)  # before json.dumps in spec() can overflow the stack
+            limits.check_schema(self.json, where)  # before json.dumps in spec() can overflow the stack
         limits.check_size(self.spec()[1], where)
 
     @property
