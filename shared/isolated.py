@@ -19,7 +19,7 @@ import resource
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # Signals that mean "this input broke the native code" (SIGKILL does not: the OOM killer or an operator sent it).
 INPUT_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGXCPU}
@@ -57,6 +57,19 @@ def cpu_share(seconds: int) -> None:
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     soft = spent + int(seconds) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def items(conn: Any, cpu_seconds: int) -> Iterator[Any]:
+    """A worker loop's messages, until the parent sends None or goes away; each with its CPU share set."""
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        cpu_share(cpu_seconds)
+        yield msg
 
 
 # --------------------------------------------------------------------------------------------- in the parent

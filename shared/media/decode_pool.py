@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MediaDecodeError, MMPipeError, ServiceUnavailableError
-from ..isolated import IsolatedPool, WorkerFault, cpu_share, worker_setup
+from ..isolated import IsolatedPool, WorkerFault, items, worker_setup
 
 TEST_FAULTS_ENV = "MMPIPE_TEST_DECODE_FAULTS"
 _FAULT = b"MMPIPE-FAULT:"
@@ -82,15 +82,7 @@ def _worker_main(conn: Any, cfg: DecodePoolConfig) -> None:
     from multiprocessing import resource_tracker, shared_memory
 
     worker_setup(cfg.memory_mb)
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        kind, data, args = msg
-        cpu_share(cfg.cpu_seconds)
+    for kind, data, args in items(conn, cfg.cpu_seconds):
         try:
             _test_fault(data)
             arr, meta, budget = _decode(kind, data, args)

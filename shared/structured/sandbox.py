@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from mmpipe.shared.errors import InvalidInputError, ServiceUnavailableError
-from mmpipe.shared.isolated import IsolatedPool, WorkerFault, cpu_share, worker_setup
+from mmpipe.shared.isolated import IsolatedPool, WorkerFault, items, worker_setup
 
 from .params import StructuredOutputsParams
 
@@ -34,14 +34,7 @@ def _worker_main(conn: Any, tokenizer: Any, vocab_size: int, cpu_seconds: int) -
     worker_setup(_MEMORY_MB)
     ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
     conn.send(_READY)
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        cpu_share(cpu_seconds)
+    for msg in items(conn, cpu_seconds):
         try:
             conn.send(("ok", checked_grammar(msg, ll_tokenizer)))
         except InvalidInputError as e:
