@@ -96,6 +96,15 @@ class _Worker:
         self.conn.close()
 
 
+def _exited(proc: Any) -> bool:
+    """Whether a worker has exited, from its sentinel (readable once the process is gone), not `is_alive()`:
+    that asks waitpid, and when another thread's multiprocessing `_cleanup()` reaped the worker first it
+    answers "alive" for a dead process (see _exit_code)."""
+    from multiprocessing.connection import wait
+
+    return bool(wait([proc.sentinel], 0))
+
+
 def _exit_code(proc: Any, timeout_s: float) -> int | None:
     """The exit status of a worker whose pipe reached EOF (None only if it is still running after `timeout_s`).
 
@@ -150,7 +159,7 @@ class IsolatedPool:
         if self._closed:
             raise WorkerFault("gone", "the worker pool is shut down")
         w = self._idle.get()
-        while not w.proc.is_alive():  # died while idle (killed from outside): replaced before it costs an item
+        while _exited(w.proc):  # died while idle (killed from outside): replaced before it costs an item
             self._replace(w)
             w = self._idle.get()
         healthy = False

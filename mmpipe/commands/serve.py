@@ -46,6 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--no-gateway", action="store_true", help="run only Redis and the three stages")
+    p.add_argument("--stage-env", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="an environment variable for one stage's process only (repeatable), e.g. "
+                        "encoder:CUDA_VISIBLE_DEVICES=1 or generator:CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=60 "
+                        "(stages: encoder, generator, ingest, gateway)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     add_log_format_arg(p)  # resolved here (serve's stderr is the children's) and given to every child
     p.add_argument("--otlp-traces-endpoint", default=env("OTLP_TRACES_ENDPOINT") or None,
@@ -113,9 +117,26 @@ def _on_gpu(device: str) -> bool:
         return False
 
 
-def _child_env(base: dict[str, str], name: str, on_gpu: bool) -> dict[str, str]:
-    """One child's environment: OMP_NUM_THREADS=1 unless set (see the module docstring)."""
-    env = dict(base)
+_STAGES = ("encoder", "generator", "ingest", "gateway")
+
+
+def parse_stage_env(specs: list[str]) -> dict[str, dict[str, str]]:
+    """`--stage-env STAGE:KEY=VALUE` values -> {stage: {KEY: VALUE}}; ValueError naming a malformed one."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        stage, _, assign = spec.partition(":")
+        key, eq, value = assign.partition("=")
+        if stage not in _STAGES or not eq or not key or not key.replace("_", "").isalnum():
+            raise ValueError(f"--stage-env {spec!r}: expected STAGE:KEY=VALUE with STAGE one of "
+                             f"{', '.join(_STAGES)}")
+        out.setdefault(stage, {})[key] = value
+    return out
+
+
+def _child_env(base: dict[str, str], name: str, on_gpu: bool, own: dict[str, str] | None = None) -> dict[str, str]:
+    """One child's environment: OMP_NUM_THREADS=1 unless set (see the module docstring), then its own
+    `--stage-env` variables."""
+    env = {**base, **(own or {})}
     if "OMP_NUM_THREADS" not in env and (on_gpu or name in ("gateway", "ingest")):
         env["OMP_NUM_THREADS"] = "1"
     return env
@@ -162,6 +183,11 @@ def child_argvs(args: argparse.Namespace, ports: dict[str, int], redis_url: str)
     from mmpipe.services.common.logs import resolve_format
     from mmpipe.services.common.tls import client_tls_from_args, server_tls_from_args
 
+    try:
+        stage_env = parse_stage_env(getattr(args, "stage_env", None) or [])
+    except ValueError as e:
+        print(f"mmpipe serve: error: {e}", file=sys.stderr)
+        return 2
     server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
     tls_server_args = server_tls.args() if server_tls is not None else []
     tls_client_args = client_tls.args() if client_tls is not None else []
@@ -203,6 +229,11 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInputError as e:
         print(f"mmpipe serve: error: {e.message}", file=sys.stderr)
         return 2
+    try:
+        stage_env = parse_stage_env(getattr(args, "stage_env", None) or [])
+    except ValueError as e:
+        print(f"mmpipe serve: error: {e}", file=sys.stderr)
+        return 2
     server_tls, client_tls = server_tls_from_args(args), client_tls_from_args(args)
     if server_tls is not None and client_tls is None:
         print("mmpipe serve: with --tls-cert-file, also give --stage-tls-ca-file (and --stage-tls-cert-file / "
@@ -226,11 +257,11 @@ def run(args: argparse.Namespace) -> int:
     argv = child_argvs(args, ports, redis_url)
     # the stages' --device when given to serve, else their own default (MMPIPE_DEVICE, auto)
     on_gpu = _on_gpu(getattr(args, "device", None) or os.environ.get("MMPIPE_DEVICE") or "auto")
-    children = [Child(n, argv[n], ("grpc", addr[n]), env=_child_env(child_env, n, on_gpu), tls=client_tls)
-                for n in ("encoder", "generator", "ingest")]
+    children = [Child(n, argv[n], ("grpc", addr[n]), env=_child_env(child_env, n, on_gpu, stage_env.get(n)),
+                      tls=client_tls) for n in ("encoder", "generator", "ingest")]
     if "gateway" in argv:
         http_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        gw_env = {**_child_env(child_env, "gateway", on_gpu),
+        gw_env = {**_child_env(child_env, "gateway", on_gpu, stage_env.get("gateway")),
                   **({"MMPIPE_API_KEY": args.api_key} if args.api_key else {})}
         children.append(Child("gateway", argv["gateway"], ("http", f"http://{http_host}:{args.port}/health"),
                               env=gw_env))
