@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             lens = [len(o.outputs[0].token_ids) for o in outs]
             steps.append(max(lens))
             toks.append(sum(lens))
-        i = walls.index(statistics.median(walls))
+        i = walls.index(statistics.median_low(walls))
         row = {"batch": n, "grammar": grammar, "wall_s": round(walls[i], 4), "steps": steps[i],
                "out_tokens": toks[i], "ms_per_step": round(1e3 * walls[i] / max(1, steps[i]), 3),
                "out_tok_s": round(toks[i] / walls[i], 1)}

@@ -273,3 +273,33 @@ def test_two_api_servers_share_one_port_and_one_metrics_view(stage_stack, qwen2_
     finally:
         gw.stop()
     assert gw.proc.returncode == 0, gw.log.read_text()[-2000:]
+
+
+def test_the_shared_http_socket_streams_without_nagle():
+    """`--api-server-count N` serves on a socket the parent binds. It was made with proto 0, and asyncio sets
+    TCP_NODELAY only on IPPROTO_TCP sockets, so every accepted connection ran under Nagle: the SSE chunk of the
+    first token (a second small write) waited for the client's delayed ACK, about 40 ms on every request
+    (client TTFT 60 ms against the gateway's own 13 ms on the CPU box; BENCHMARKS.md). Accepted connections
+    must have TCP_NODELAY set, as uvicorn's own sockets do."""
+    import socket
+
+    from mmpipe.services.gateway.workers import bind_http_socket
+
+    sock = bind_http_socket("127.0.0.1", 0)
+
+    async def main() -> int:
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            w.close()
+            server.close()
+
+    assert asyncio.run(main()) != 0

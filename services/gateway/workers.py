@@ -40,7 +40,10 @@ _MAX_BACKOFF_S = 30.0
 def bind_http_socket(host: str, port: int) -> socket.socket:
     """The listening HTTP socket, bound once by the parent (as uvicorn binds for its own --workers)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on sockets whose proto
+    # is IPPROTO_TCP. With proto 0 every SSE response ran under Nagle: the first token's chunk, a second small
+    # write, waited for the client's delayed ACK, ~40 ms on every request (BENCHMARKS.md, "TTFT: 40 ms of Nagle").
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
