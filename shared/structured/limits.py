@@ -14,11 +14,11 @@ Must not import llguidance or torch (the gateway's request models import this).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from mmpipe.shared.errors import InvalidInputError, LimitExceededError
+from mmpipe.shared.env_limits import positive_int
+from mmpipe.shared.errors import LimitExceededError
 
 MAX_BYTES_ENV = "MMPIPE_STRUCTURED_OUTPUTS_MAX_BYTES"
 MAX_DEPTH_ENV = "MMPIPE_STRUCTURED_OUTPUTS_MAX_DEPTH"
@@ -34,8 +34,8 @@ class SpecLimits:
 
     @classmethod
     def from_env(cls) -> "SpecLimits":
-        return cls(max_bytes=_env_positive(MAX_BYTES_ENV, cls.max_bytes),
-                   max_depth=_env_positive(MAX_DEPTH_ENV, cls.max_depth))
+        return cls(max_bytes=positive_int(MAX_BYTES_ENV, cls.max_bytes),
+                   max_depth=positive_int(MAX_DEPTH_ENV, cls.max_depth))
 
     def check_depth(self, schema: Any, param: str) -> None:
         """Refuse a schema nested deeper than max_depth (iteratively: a deep schema cannot overflow the stack)."""
@@ -62,15 +62,3 @@ class SpecLimits:
             raise LimitExceededError(f"{param} is {size} bytes; structured outputs take at most {self.max_bytes} "
                                      f"({MAX_BYTES_ENV})", param=param)
 
-
-def _env_positive(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInputError(f"{name}={raw!r} is not an integer", param=name) from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be >= 1, got {value}", param=name)
-    return value
