@@ -12,7 +12,9 @@ import openai
 import pytest
 from services_helpers import start_gateway_process
 
-from chat_template_helpers import DOCUMENTS, PREFILL, QUESTION, image_url, messages, oracle_ids, oracle_text, rag_template
+from chat_template_helpers import (
+    DOCUMENTS, PREFILL, QUESTION, image_url, messages, oracle_ids, oracle_text, rag_template,
+)
 from mmpipe.shared.errors import InvalidInputError
 from offline_helpers import hf_generate
 
