@@ -18,6 +18,10 @@ message's `tool_calls` and a tool message's `tool_call_id`). Tools as in the cha
                           "parameters": {...}}}], tool_choice="required", max_tokens=128)
         out.tool_calls[0].name, json.loads(out.tool_calls[0].arguments), out.finish_reason  # "tool_calls"
 
+The chat template's inputs as in vLLM's chat API: `chat_template_kwargs={"enable_thinking": False}`,
+`documents=[{"title": ..., "text": ...}]`, and `continue_final_message=True, add_generation_prompt=False` to continue
+a final assistant message.
+
 Failures raise the mmpipe error the gateway raised (shared/errors.py: InvalidInputError, ServiceUnavailableError,
 ...). Light: grpcio, the generated stubs and the pure-Python shared/tools types, no torch.
 """
@@ -135,14 +139,17 @@ class MMPipeClient:
              add_special_tokens: bool | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
              media_io_kwargs: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
              tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,
-             **sampling: Any) -> Result | Iterator[Chunk]:
+             continue_final_message: bool | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             documents: list[dict[str, str]] | None = None, **sampling: Any) -> Result | Iterator[Chunk]:
         """Chat completion. `sampling`: temperature, top_p, top_k, max_tokens, min_tokens, seed, stop,
         stop_token_ids, ignore_eos, logprobs (bool), skip_special_tokens, and vLLM's n, top_logprobs,
         presence_penalty, frequency_penalty, repetition_penalty, min_p, logit_bias, bad_words, prompt_logprobs.
         `mm_processor_kwargs` (e.g. {"max_pixels": 200704}) / `media_io_kwargs`: this request's media settings, as
         vLLM's body fields. `tools` (OpenAI function tools), `tool_choice` ("none", "auto", "required" or
         {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls`: as the chat API's; the gateway
-        validates them."""
+        validates them. `continue_final_message` (with add_generation_prompt=False), `chat_template_kwargs` (e.g.
+        {"enable_thinking": False}) and `documents` (a list of {"title": ..., "text": ...}): the chat template's
+        inputs, as vLLM's chat API fields."""
         pb2 = _pb()[0]
         req = pb2.ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(messages)],
                               sampling=_sampling(sampling), chat_template=chat_template or "",
@@ -151,6 +158,7 @@ class MMPipeClient:
         if add_special_tokens is not None:
             req.add_special_tokens = add_special_tokens
         _set_tools(req, tools, tool_choice, parallel_tool_calls)
+        _set_template_inputs(req, continue_final_message, chat_template_kwargs, documents)
         chunks = self._call(self._stub.Chat, req, request_id)
         return chunks if stream else _collect(chunks)
 
@@ -174,8 +182,11 @@ class MMPipeClient:
     def tokenize(self, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None, model: str = "",
                  add_special_tokens: bool | None = None, add_generation_prompt: bool = True,
                  chat_template: str | None = None, return_token_strs: bool = False,
-                 request_id: str | None = None) -> Tokenized:
-        """Token ids of a prompt, or of chat messages through the chat template (POST /tokenize)."""
+                 request_id: str | None = None, continue_final_message: bool | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None,
+                 documents: list[dict[str, str]] | None = None) -> Tokenized:
+        """Token ids of a prompt, or of chat messages through the chat template (POST /tokenize); the template's
+        inputs as in `chat`."""
         pb2 = _pb()[0]
         req = pb2.TokenizeRequest(model=model, add_generation_prompt=add_generation_prompt,
                                   chat_template=chat_template or "", return_token_strs=return_token_strs)
@@ -187,6 +198,7 @@ class MMPipeClient:
             req.messages.messages.extend(_message(m, i) for i, m in enumerate(messages or []))
         if add_special_tokens is not None:
             req.add_special_tokens = add_special_tokens
+        _set_template_inputs(req, continue_final_message, chat_template_kwargs, documents)
         r = self._unary(self._stub.Tokenize, req, request_id)
         return Tokenized(count=r.count, max_model_len=r.max_model_len or None, tokens=list(r.tokens),
                          token_strs=list(r.token_strs) if return_token_strs else None)
@@ -346,6 +358,24 @@ def _set_tools(req: Any, tools: list[dict[str, Any]] | None, choice: str | dict[
         raise InvalidInputError("tool_choice must be a string or a named function", param="tool_choice")
     if parallel is not None:
         req.parallel_tool_calls = parallel
+
+
+def _set_template_inputs(req: Any, continue_final: bool | None, kwargs: dict[str, Any] | None,
+                         documents: list[dict[str, str]] | None) -> None:
+    """The chat template's inputs on a ChatRequest or TokenizeRequest (their values are checked by the gateway;
+    here only what the typed message cannot hold)."""
+    pb2 = _pb()[0]
+    if continue_final is not None:
+        req.continue_final_message = bool(continue_final)
+    if kwargs is not None:
+        try:
+            req.chat_template_kwargs_json = json.dumps(kwargs, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"chat_template_kwargs must be JSON: {e}", param="chat_template_kwargs") from None
+    for i, d in enumerate(documents or []):
+        if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+            raise InvalidInputError(f"documents[{i}] must be an object of string values", param=f"documents[{i}]")
+        req.documents.append(pb2.Document(fields=[pb2.DocumentField(key=k, value=v) for k, v in d.items()]))
 
 
 def _message(m: dict[str, Any], i: int) -> Any:

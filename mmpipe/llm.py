@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from mmpipe.shared.chat.messages import parse_messages
+from mmpipe.shared.chat.template_options import ChatTemplateOptions
 from mmpipe.shared.chat.templates import apply_template, load_template_arg, resolve_template
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.inputs.assemble import build_engine_request
@@ -207,13 +208,22 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
              parallel_tool_calls: bool | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
-             media_io_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             media_io_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             documents: list[dict[str, str]] | None = None) -> list[RequestOutput]:
         """vLLM's `LLM.chat`. `tools` (OpenAI's function tools) are rendered by the chat template, as in vLLM; the
         answer is text (parse it with `mmpipe.shared.tools.get_tool_parser("hermes")().extract(text)`).
         `tool_choice` "required" or `{"type": "function", "function": {"name": ...}}` (mmpipe's addition, the
         server's semantics) makes the answer such a call, in the hermes format, with arguments valid for the
-        schema. `mm_processor_kwargs` / `media_io_kwargs`: this call's own media settings over the LLM's (the
-        family's allow-list and the LLM's ceilings apply: shared/models/mm_kwargs.py)."""
+        schema. `continue_final_message` (with add_generation_prompt=False) leaves the final assistant message open
+        so the model continues it; `chat_template_kwargs` are extra template variables (e.g. {"enable_thinking":
+        False}); `documents` (mmpipe's addition, the chat API's field) go to RAG templates as `documents=` (the
+        server's rules for all three: shared/chat/template_options.py). `mm_processor_kwargs` / `media_io_kwargs`:
+        this call's own media settings over the LLM's (the family's allow-list and the LLM's ceilings apply:
+        shared/models/mm_kwargs.py)."""
+        options = ChatTemplateOptions.of(add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message,
+                                         chat_template_kwargs=chat_template_kwargs, documents=documents)
         settings = self.settings.resolve(mm_processor_kwargs, media_io_kwargs)
         conversations = messages if (isinstance(messages, list) and messages and isinstance(messages[0], list)) \
             else [messages]
@@ -224,8 +234,7 @@ class LLM:
         parsed = []
         for conv in conversations:
             chat = parse_messages(conv)
-            text = apply_template(self.adapter.processor, template, chat.conversation,
-                                  add_generation_prompt=add_generation_prompt,
+            text = apply_template(self.adapter.processor, template, chat.conversation, options=options,
                                   tools=plan.template_tools() if plan is not None else None)
             refs = chat_item_refs(chat.parts, self._parse_options())
             ids = self.tokenizer(text, add_special_tokens=False).input_ids

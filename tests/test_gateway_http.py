@@ -230,10 +230,14 @@ def test_tokenize_renders_tools_as_the_chat_endpoint_does(omni_dir, info):
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400,
      "continue_final_message"),
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"}, 400, "chat_template"),
-    # template inputs the chat endpoint does not implement either stay refused, named
-    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": 1}}, 400,
-     "chat_template_kwargs"),
-    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": "d"}]}, 400, "documents"),
+    # the template inputs are checked by the chat endpoint's rules (shared/chat/template_options.py)
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": True}}, 400,
+     "chat_template_kwargs.tokenize"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": 1}]}, 400,
+     "documents[0].text"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True,
+                   "add_generation_prompt": False}, 400, "continue_final_message"),  # the last message is the user's
+    ("/tokenize", {"prompt": "hi", "chat_template_kwargs": {"x": 1}}, 400, "chat_template_kwargs"),
     # tools and media settings are checked by the chat endpoint's rules
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
         "name": "bad name"}}]}, 400, "tools[0].function.name"),

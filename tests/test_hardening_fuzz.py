@@ -79,7 +79,8 @@ def test_parse_items_only_raises_mmpipe_errors(mm_data, mm_uuids, embeds, cache)
                                         "stream", "seed", "logprobs", "top_logprobs", "prompt", "chat_template",
                                         "max_completion_tokens", "stream_options", "presence_penalty",
                                         "frequency_penalty", "repetition_penalty", "min_p", "logit_bias",
-                                        "bad_words", "x"]), JSON, max_size=8))
+                                        "bad_words", "chat_template_kwargs", "documents", "continue_final_message",
+                                        "add_generation_prompt", "x"]), JSON, max_size=8))
 def test_gateway_request_models_only_raise_validation_errors(body):
     from pydantic import ValidationError
 
@@ -92,7 +93,9 @@ def test_gateway_request_models_only_raise_validation_errors(body):
         except ValidationError:
             continue
         try:
-            req.to_sampling()  # the domain conversion may refuse, but only with a 4xx
+            req.to_sampling()  # the domain conversions may refuse, but only with a 4xx
+            if hasattr(req, "template_options"):
+                req.template_options()
         except MMPipeError as e:
             assert 400 <= e.http_status < 500
 
@@ -541,6 +544,12 @@ _IO_KWARGS = st.one_of(
                     st.dictionaries(st.sampled_from(["num_frames", "fps", "mode", "x"]),
                                     st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                                               st.text(max_size=4)), max_size=2) | _SCALARS, max_size=2))
+_TEMPLATE_KWARGS = st.one_of(
+    JSON, st.dictionaries(st.sampled_from(["messages", "tools", "documents", "tokenize", "add_generation_prompt",
+                                           "bos_token", "enable_thinking", "x", ""]), JSON, max_size=3),
+    st.integers(1, 100_000).map(lambda n: {"x": "y" * n}))
+_DOCUMENTS = st.one_of(JSON, st.lists(st.dictionaries(st.text(max_size=4), JSON, max_size=3), max_size=3),
+                       st.integers(1, 300).map(lambda n: [{"text": "d"}] * n))
 _VALID_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                                 "parameters": {"type": "object", "properties": {
                                                     "city": {"type": "string"}}, "required": ["city"]}}}
@@ -574,6 +583,11 @@ _NEW_FIELDS = {
     "mm_processor_kwargs": _mostly(st.fixed_dictionaries({}, optional={
         "max_pixels": st.integers(-10, 10**7), "min_pixels": st.integers(-10, 10**6)}), _MM_KWARGS),
     "media_io_kwargs": _mostly(st.just({"video": {"num_frames": 4}}), _IO_KWARGS),
+    "chat_template_kwargs": _mostly(st.fixed_dictionaries({}, optional={
+        "enable_thinking": st.booleans(), "max_thoughts": st.integers(-5, 5)}), _TEMPLATE_KWARGS),
+    "documents": _mostly(st.lists(st.fixed_dictionaries({"title": st.text(max_size=8), "text": st.text(max_size=20)}),
+                                  max_size=3), _DOCUMENTS),
+    "continue_final_message": _mostly(st.booleans(), _SCALARS),
     "temperature": st.sampled_from([0.0, 0.7]),
     "seed": st.integers(0, 2**31),
 }
@@ -587,6 +601,10 @@ def _request(draw, *, prompt_words: int) -> dict:
     words = draw(st.one_of(st.integers(1, 8), st.integers(1, prompt_words)))
     text = draw(st.text(max_size=20)) + " hello" * words
     messages = [{"role": "user", "content": text}] + draw(_mostly(st.just([]), _TOOL_TURNS))
+    if body.get("continue_final_message") is True:  # mostly a valid continuation: an open assistant turn
+        body["add_generation_prompt"] = draw(_mostly(st.just(False), st.booleans()))
+        messages += draw(_mostly(st.builds(lambda t: [{"role": "assistant", "content": t}], st.text(max_size=10)),
+                                 st.just([])))
     return {"model": "tiny", "max_tokens": draw(st.integers(1, 3)), "messages": messages, **body}
 
 

@@ -254,7 +254,8 @@ def test_served_chat_without_max_tokens_runs_past_16(served):
     ({"extra_body": {"mm_processor_kwargs": {"do_rescale": False}}}, "mm_processor_kwargs.do_rescale"),
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
-    ({"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}},
+     "chat_template_kwargs.add_generation_prompt"),  # served: tests/test_chat_template_inputs_served.py
 ])
 def test_served_refusals_name_the_field(served, kw, param):
     client, _ = served

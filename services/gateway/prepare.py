@@ -17,6 +17,7 @@ from functools import cached_property
 
 from mmpipe.services.common.steps import StepTimer
 from mmpipe.shared.chat.messages import parse_messages
+from mmpipe.shared.chat.template_options import ChatTemplateOptions
 from mmpipe.shared.chat.templates import apply_template
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPolicyError
 from mmpipe.shared.inputs.chat_items import chat_item_refs
@@ -83,8 +84,7 @@ class Preparer:
         sampling = inp.sampling if tools is None else tools.sampling(inp.sampling, self.grammars)
         self._check_grammar(sampling)
         media_kwargs = self.media_kwargs(inp.media_kwargs)
-        ids, media = self.render_chat(inp.messages, chat_template=inp.chat_template,
-                                      add_generation_prompt=inp.add_generation_prompt,
+        ids, media = self.render_chat(inp.messages, chat_template=inp.chat_template, template=inp.template,
                                       add_special_tokens=inp.add_special_tokens, tools=inp.tools)
         self._check_prompt(ids, media, sampling)
         return PreparedPrompt(ids, media, sampling, tools, media_kwargs)
@@ -94,17 +94,16 @@ class Preparer:
         settings (the same `render_chat`); the server's tool flags are not applied, since nothing is generated."""
         self.media_kwargs(inp.media_kwargs)  # no effect on these ids (media stay one placeholder), still a 400
         special = False if inp.add_special_tokens is None else inp.add_special_tokens  # chat's default
-        ids, _ = self.render_chat(inp.messages or [], chat_template=inp.chat_template,
-                                  add_generation_prompt=inp.add_generation_prompt, add_special_tokens=special,
-                                  tools=inp.tools)
+        ids, _ = self.render_chat(inp.messages or [], chat_template=inp.chat_template, template=inp.template,
+                                  add_special_tokens=special, tools=inp.tools)
         return ids
 
     def render_chat(self, messages: list[dict], *, chat_template: str | None = None,
-                    add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                    template: ChatTemplateOptions | None = None, add_special_tokens: bool = False,
                     tools: ToolRequest | None = None) -> tuple[list[int], list[ItemRef]]:
         """Messages -> prompt token ids (one placeholder per media item) and the items: the chat rules of every
         chat request and of POST /tokenize (parse, limits, the media policy pre-check, the template with the
-        request's tools: all of them, whatever the tool choice)."""
+        request's template inputs and tools: all of them, whatever the tool choice)."""
         self._check_template_allowed(chat_template)
         t = time.perf_counter()
         chat = parse_messages(messages)
@@ -117,8 +116,7 @@ class Preparer:
                 self.precheck_url(ref.source, p.modality)
         t = self._step("parse", t)
         text = apply_template(self.info.processor, self.info.template(chat_template), chat.conversation,
-                              add_generation_prompt=add_generation_prompt,
-                              tools=tools.template_tools() if tools is not None else None)
+                              options=template, tools=tools.template_tools() if tools is not None else None)
         t = self._step("template", t)
         ids = self.info.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         self._step("tokenize", t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpipe.shared.chat.template_options import ChatTemplateOptions
 from mmpipe.shared.tools.request import ToolRequest
 from mmpipe.shared.types import SamplingParams
 
@@ -42,7 +43,8 @@ class ChatInput:
     sampling: SamplingParams
     model: str | None = None
     chat_template: str | None = None
-    add_generation_prompt: bool = True
+    # add_generation_prompt, continue_final_message, chat_template_kwargs, documents: validated
+    template: ChatTemplateOptions = field(default_factory=ChatTemplateOptions)
     add_special_tokens: bool = False  # vLLM's default for chat: the template already has them
     tools: ToolRequest | None = None  # tools, tool_choice, parallel_tool_calls, validated
     media_kwargs: MediaKwargs = field(default_factory=MediaKwargs)
@@ -63,13 +65,13 @@ class CompletionInput:
 @dataclass(frozen=True)
 class TokenizeInput:
     """One tokenize request (POST /tokenize, Gateway.Tokenize): a text prompt or chat messages (exactly one); the
-    chat-only fields (template, tools, media settings) are those of ChatInput."""
+    chat-only fields (chat template and its inputs, tools, media settings) are those of ChatInput."""
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     model: str | None = None
     add_special_tokens: bool | None = None  # None: the default of the kind (prompt: True, messages: False)
-    add_generation_prompt: bool = True
+    template: ChatTemplateOptions = field(default_factory=ChatTemplateOptions)  # as for a chat request
     chat_template: str | None = None
     return_token_strs: bool = False
     tools: ToolRequest | None = None  # rendered by the template as for a chat request (the choice changes nothing)

@@ -11,6 +11,8 @@ import jinja2
 
 from mmpipe.shared.errors import InvalidInputError
 
+from .template_options import ChatTemplateOptions
+
 _CHATML_BODY = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -126,13 +128,22 @@ def load_template_arg(value: str | None) -> str | None:
 
 
 def apply_template(processor: Any, template: str, conversation: list[dict[str, Any]], *,
-                   add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
-    """`tools`: the request's function tools in OpenAI's shape (shared/tools), rendered by the template."""
+                   options: ChatTemplateOptions | None = None, tools: list[dict[str, Any]] | None = None) -> str:
+    """The one rendering path of every chat prompt (gateway and offline `LLM`): transformers' `apply_chat_template`
+    with the request's checked template inputs (`options`: add_generation_prompt, continue_final_message,
+    chat_template_kwargs, documents; None: the defaults) and `tools` (the request's function tools in OpenAI's
+    shape, shared/tools)."""
+    options = options or ChatTemplateOptions()
+    options.check_conversation(conversation)
     try:
         return processor.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                                       add_generation_prompt=add_generation_prompt, tools=tools)
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
-        raise InvalidInputError(f"applying the chat template failed: {e}", param="messages") from e
+                                                       tools=tools, **options.render_kwargs())
+    # what a template raises on inputs it cannot render (chat_template_kwargs reach its expressions): a 400
+    except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
+        # transformers' own continue_final_message check: the template dropped the final message's text
+        cut = options.continue_final_message and "continue_final_message" in str(e)
+        raise InvalidInputError(f"applying the chat template failed: {e}",
+                                param="continue_final_message" if cut else "messages") from e
 
 
 _PROBE_TOOL = {"type": "function", "function": {"name": "mmpipe_probe_tool", "description": "probe",

@@ -14,11 +14,11 @@ Must not import llguidance or torch (the gateway's request models import this).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from mmpipe.shared.errors import InvalidInputError, LimitExceededError
+from mmpipe.shared.env_limits import positive_int
+from mmpipe.shared.errors import LimitExceededError
 
 MAX_BYTES_ENV = "MMPIPE_STRUCTURED_OUTPUTS_MAX_BYTES"
 MAX_DEPTH_ENV = "MMPIPE_STRUCTURED_OUTPUTS_MAX_DEPTH"
@@ -44,9 +44,9 @@ class SpecLimits:
 
     @classmethod
     def from_env(cls) -> "SpecLimits":
-        return cls(max_bytes=_env_positive(MAX_BYTES_ENV, cls.max_bytes),
-                   max_depth=_env_positive(MAX_DEPTH_ENV, cls.max_depth),
-                   compile_timeout_s=float(_env_positive(COMPILE_TIMEOUT_ENV, cls.compile_timeout_s)))
+        return cls(max_bytes=positive_int(MAX_BYTES_ENV, cls.max_bytes),
+                   max_depth=positive_int(MAX_DEPTH_ENV, cls.max_depth),
+                   compile_timeout_s=float(positive_int(COMPILE_TIMEOUT_ENV, int(cls.compile_timeout_s))))
 
     def check_schema(self, schema: Any, param: str) -> None:
         """Refuse a schema nested deeper than max_depth, or with a numeric bound past +-MAX_BOUND (one iterative
@@ -81,16 +81,3 @@ def _check_bound(bound: Any, key: str, param: str) -> None:
     if isinstance(bound, (int, float)) and not isinstance(bound, bool) and not -MAX_BOUND <= bound <= MAX_BOUND:
         raise LimitExceededError(f"{param}: `{key}` is {bound:g}; numeric bounds must lie within +-2**53 "
                                  f"({MAX_BOUND}), the range JSON numbers hold exactly", param=param)
-
-
-def _env_positive(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInputError(f"{name}={raw!r} is not an integer", param=name) from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be >= 1, got {value}", param=name)
-    return value

@@ -18,6 +18,7 @@ import grpc
 from mmpipe.services.common.grpc_server import error_status
 from mmpipe.services.common.logs import REQUEST_ID
 from mmpipe.services.common.pb import gateway_pb2, gateway_pb2_grpc
+from mmpipe.shared.chat.template_options import ChatTemplateOptions
 from mmpipe.shared.errors import AuthenticationError, InvalidInputError, MMPipeError
 from mmpipe.shared.tools.output import ToolCallStreams
 from mmpipe.shared.tools.parsers import DeltaToolCall
@@ -102,11 +103,30 @@ def media_kwargs_from_pb(ms: gateway_pb2.MediaSettings) -> MediaKwargs:
 
 def chat_input_from_pb(req: gateway_pb2.ChatRequest) -> ChatInput:
     return ChatInput(messages=_messages_from_pb(req.messages), sampling=sampling_from_pb(req.sampling), model=req.model or None,
-                     chat_template=req.chat_template or None,
-                     add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt")
-                     else True, media_kwargs=media_kwargs_from_pb(req.media_settings),
+                     chat_template=req.chat_template or None, template=template_options_from_pb(req),
+                     media_kwargs=media_kwargs_from_pb(req.media_settings),
                      add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else False,
                      tools=tool_request_from_pb(req))
+
+
+def template_options_from_pb(req: gateway_pb2.ChatRequest | gateway_pb2.TokenizeRequest) -> ChatTemplateOptions:
+    """The template inputs of a ChatRequest or a TokenizeRequest (the same field names), validated by shared/chat."""
+    kwargs = _json_field(req.chat_template_kwargs_json, "chat_template_kwargs") \
+        if req.chat_template_kwargs_json else None
+    documents = None
+    if req.documents:
+        documents = []
+        for i, d in enumerate(req.documents):
+            doc: dict[str, str] = {}
+            for f in d.fields:
+                if f.key in doc:
+                    raise InvalidInputError(f"documents[{i}] has the key {f.key!r} twice", param=f"documents[{i}]")
+                doc[f.key] = f.value
+            documents.append(doc)
+    return ChatTemplateOptions.of(
+        add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt") else True,
+        continue_final_message=req.continue_final_message if req.HasField("continue_final_message") else False,
+        chat_template_kwargs=kwargs, documents=documents)
 
 
 def tool_request_from_pb(req: gateway_pb2.ChatRequest) -> ToolRequest | None:
@@ -171,12 +191,18 @@ def tokenize_input_from_pb(req: gateway_pb2.TokenizeRequest) -> TokenizeInput:
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidInputError("set prompt or messages", param="prompt")
+    if which == "prompt":  # as POST /tokenize: the template's inputs mean nothing without messages
+        for name, given in (("chat_template_kwargs", req.chat_template_kwargs_json), ("documents", req.documents),
+                            ("continue_final_message", req.continue_final_message)):
+            if given:
+                raise InvalidInputError(f"{name} is an input of the chat template: send messages, not prompt",
+                                        param=name)
     return TokenizeInput(
         prompt=req.prompt if which == "prompt" else None,
         messages=_messages_from_pb(req.messages.messages) if which == "messages" else None,
         model=req.model or None,
         add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
-        add_generation_prompt=req.add_generation_prompt if req.HasField("add_generation_prompt") else True,
+        template=template_options_from_pb(req) if which == "messages" else ChatTemplateOptions(),
         chat_template=req.chat_template or None, return_token_strs=req.return_token_strs)
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mmpipe.shared.chat.template_options import ChatTemplateOptions
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.structured import StructuredOutputsParams
 from mmpipe.shared.tools.request import ToolRequest, parse_tool_request
@@ -35,8 +36,7 @@ UNIMPLEMENTED: dict[str, Any] = {
     "tool_choice": lambda v: _set(v) and v not in ("none", "auto"),
     "allowed_token_ids": _set, "logits_processors": _set, "use_beam_search": _set,
     "length_penalty": lambda v: v not in (None, 1, 1.0), "truncate_prompt_tokens": lambda v: v is not None,
-    "chat_template_kwargs": _set, "documents": _set,
-    "continue_final_message": _set, "prediction": _set, "audio": _set,
+    "prediction": _set, "audio": _set,
     "modalities": lambda v: _set(v) and v != ["text"],
     "guided_json": _set, "guided_regex": _set, "guided_choice": _set, "guided_grammar": _set,
     "guided_json_object": _set, "guided_decoding_backend": _set, "structural_tag": _set,
@@ -95,6 +95,21 @@ class ToolFields(OpenAIBaseModel):
 
     def tool_request(self) -> ToolRequest | None:
         return parse_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+
+class ChatTemplateFields(OpenAIBaseModel):
+    """vLLM's chat-template inputs (chat completions, and /tokenize with messages): kept as sent here, validated once
+    by shared/chat (`template_options()`: the offline API's rules), so both endpoints accept and refuse the same."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Any = None
+    documents: Any = None
+
+    def template_options(self) -> ChatTemplateOptions:
+        return ChatTemplateOptions.of(add_generation_prompt=self.add_generation_prompt,
+                                      continue_final_message=self.continue_final_message,
+                                      chat_template_kwargs=self.chat_template_kwargs, documents=self.documents)
 
 
 class SamplingFields(OpenAIBaseModel):

@@ -4,7 +4,9 @@ Messages stay plain dicts here: their content parts (text, image_url, video_url,
 image_embeds, each with an optional `uuid` and a payload that may be null) are parsed and checked by the
 shared chat parser, the same one the offline `LLM.chat` uses, so both accept exactly the same inputs.
 `tools` / `tool_choice` / `parallel_tool_calls` are kept as JSON here and validated by shared/tools
-(`ToolFields.tool_request()`, shared with /tokenize), the offline API's rules too.
+(`ToolFields.tool_request()`, shared with /tokenize), the offline API's rules too; so are the template inputs
+(`add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`, `documents`: `ChatTemplateFields`,
+validated by shared/chat/template_options.py).
 """
 from __future__ import annotations
 
@@ -15,16 +17,17 @@ from pydantic import BaseModel, Field
 from mmpipe.shared.errors import InvalidInputError, UnsupportedError
 from mmpipe.shared.types import SamplingParams
 
-from ..protocol import MediaSettingsFields, OpenAIBaseModel, SamplingFields, ToolFields, UsageInfo, _set
+from ..protocol import (
+    ChatTemplateFields, MediaSettingsFields, OpenAIBaseModel, SamplingFields, ToolFields, UsageInfo, _set,
+)
 
 
-class ChatCompletionRequest(SamplingFields, MediaSettingsFields, ToolFields):
+class ChatCompletionRequest(SamplingFields, MediaSettingsFields, ToolFields, ChatTemplateFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template: str | None = None
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False  # vLLM's extra: the template already writes the special tokens
 
     IMPLEMENTED: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice"})

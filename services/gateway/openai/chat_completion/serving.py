@@ -35,7 +35,7 @@ class OpenAIServingChat:
     async def create(self, req: ChatCompletionRequest, request_id: str, tenant: str | None = None,
                      session: str | None = None, admitted: bool = False) -> Response:
         inp = ChatInput(messages=req.messages, sampling=req.to_sampling(), model=req.model,
-                        chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
+                        chat_template=req.chat_template, template=req.template_options(),
                         add_special_tokens=req.add_special_tokens, tools=req.tool_request(),
                         media_kwargs=req.media_kwargs())
         ctx = RequestContext(request_id=request_id, endpoint=ENDPOINT, tenant=tenant, session=session,

@@ -3,10 +3,12 @@
 /tokenize takes a prompt (`TokenizeCompletionRequest`) or chat messages (`TokenizeChatRequest`: the chat
 template is applied exactly as for /v1/chat/completions, with the request's `tools` rendered by it); which one
 is decided by the presence of `messages`. The chat form takes the chat endpoint's own template inputs and checks
-them with its rules: the tool fields (`ToolFields`) and the media settings (`MediaSettingsFields`; they do not
-change these tokens, since a media item stays one placeholder here, but a bad one is the same 400). Fields that
-would change the tokens and are not implemented on the chat endpoint either (`chat_template_kwargs`,
-`continue_final_message`, `documents`, ...) are refused by the shared rule (`refuse_unimplemented`).
+them with its rules: `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs` and `documents`
+(`ChatTemplateFields`), the tool fields (`ToolFields`) and the media settings (`MediaSettingsFields`; they do not
+change these tokens, since a media item stays one placeholder here, but a bad one is the same 400). The prompt
+form takes none of them (a 400 naming the field: they only mean something to a chat template). Fields that would
+change the tokens and are not implemented on the chat endpoint either are refused by the shared rule
+(`refuse_unimplemented`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from pydantic import Field, ValidationError
 
 from mmpipe.shared.errors import InvalidInputError
 
-from ..protocol import MediaSettingsFields, OpenAIBaseModel, ToolFields, refuse_unimplemented
+from ..protocol import ChatTemplateFields, MediaSettingsFields, OpenAIBaseModel, ToolFields, refuse_unimplemented
+
+# the chat form's template inputs, refused on the prompt form (which has no template)
+_CHAT_ONLY = ("tools", "chat_template_kwargs", "documents", "continue_final_message")
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):
@@ -26,10 +31,9 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
     return_token_strs: bool | None = False
 
 
-class TokenizeChatRequest(MediaSettingsFields, ToolFields):
+class TokenizeChatRequest(MediaSettingsFields, ToolFields, ChatTemplateFields):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
-    add_generation_prompt: bool = True
     return_token_strs: bool | None = False
     add_special_tokens: bool = False  # vLLM's default for chat: the template already has them
     chat_template: str | None = None
@@ -48,10 +52,12 @@ def tokenize_request(body: Any) -> TokenizeCompletionRequest | TokenizeChatReque
         raise InvalidInputError(f"invalid request: {loc}: {err.get('msg')}" if loc else str(err.get("msg")),
                                 param=loc) from None
     extra = dict(req.model_extra or {})
-    if isinstance(req, TokenizeCompletionRequest) and extra.get("tools") is not None:
-        raise InvalidInputError("tools are rendered by the chat template: send messages, not prompt", param="tools")
-    # continue_final_message, chat_template_kwargs, documents ... would change the tokens
-    refuse_unimplemented(extra)
+    if isinstance(req, TokenizeCompletionRequest):
+        for name in _CHAT_ONLY:
+            if extra.get(name) not in (None, False):
+                raise InvalidInputError(f"{name} is an input of the chat template: send messages, not prompt",
+                                        param=name)
+    refuse_unimplemented(extra)  # fields that would change the tokens and that the chat endpoint lacks too
     return req
 
 

@@ -21,7 +21,7 @@ class OpenAIServingTokenization:
     async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         if isinstance(req, TokenizeChatRequest):
             inp = TokenizeInput(messages=req.messages, model=req.model, add_special_tokens=req.add_special_tokens,
-                                add_generation_prompt=req.add_generation_prompt, chat_template=req.chat_template,
+                                template=req.template_options(), chat_template=req.chat_template,
                                 return_token_strs=bool(req.return_token_strs), tools=req.tool_request(),
                                 media_kwargs=req.media_kwargs())
         else:
