@@ -78,6 +78,7 @@ def _targets() -> list[tuple[str, Any, str]]:
     from mmpipe.shared.engine.sequence import Sequence
     from mmpipe.shared.inputs.media_settings import SettingsSpace
     from mmpipe.shared.inputs.resolve import EmbeddingResolver
+    from mmpipe.shared.inputs.tokenize import PromptTokenizer
     from mmpipe.shared.models.base import ModelAdapter
     from mmpipe.shared.models.qwen_vl import Qwen2VLAdapter
 
@@ -89,7 +90,8 @@ def _targets() -> list[tuple[str, Any, str]]:
         ("chat: parse messages", llm_mod, "parse_messages"),
         ("chat: template render", llm_mod, "apply_template"),
         ("chat: item refs", llm_mod, "chat_item_refs"),
-        ("chat: tokenize", type(_TOKENIZER[0]), "__call__"),
+        ("chat: tokenize (split, memo)", PromptTokenizer, "encode"),
+        ("chat: tokenize (tokenizer call)", type(_TOKENIZER[0]), "__call__"),
         ("run: placeholder check", llm_mod.LLM, "_check"),
         ("run (other): output building", llm_mod.LLM, "_run"),
         ("resolve (other): keys", EmbeddingResolver, "resolve_keyed"),
