@@ -19,6 +19,7 @@ from mmpipe.shared.inputs.chat_items import chat_item_refs
 from mmpipe.shared.inputs.media_settings import MediaSettings
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders, parse_items
 from mmpipe.shared.inputs.resolve import EmbeddingResolver
+from mmpipe.shared.inputs.tokenize import PromptTokenizer
 from mmpipe.shared.tools.plan import ToolPlan, ToolSettings
 from mmpipe.shared.tools.request import parse_tool_request
 from mmpipe.shared.types import CompletionOutput, EngineRequest, RequestOutput, SamplingParams
@@ -65,6 +66,8 @@ class LLM:
                                     trust_remote_code=trust_remote_code,
                                     part="towers" if tensor_parallel_size > 1 else "all")
         self.tokenizer = self.adapter.tokenizer
+        # chat prompts re-send their history: the pieces between added tokens are tokenized once
+        self.prompt_tokens = PromptTokenizer(self.tokenizer)
         self.model_name = model
         self.limit_mm_per_prompt = dict(limit_mm_per_prompt or {})
         self.enable_mm_embeds = enable_mm_embeds
@@ -237,7 +240,7 @@ class LLM:
             text = apply_template(self.adapter.processor, template, chat.conversation, options=options,
                                   tools=plan.template_tools() if plan is not None else None)
             refs = chat_item_refs(chat.parts, self._parse_options())
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            ids = self.prompt_tokens.encode(text, add_special_tokens=False)
             parsed.append((text, ids, refs, settings))
         if plan is not None and plan.request.forced:
             sampling_params = [plan.sampling(sp, self._grammars()) for sp in _per_prompt(sampling_params, len(parsed))]

@@ -201,6 +201,9 @@ class MediaItem:
 
     data: image -> PIL.Image (RGB); video -> np.ndarray (T, H, W, 3) uint8; audio -> np.ndarray float32 mono
     at `meta["sampling_rate"]`. `content_hash` is a full-length blake3 hex digest of the decoded content.
+    `decode`: set (and `data` None) when the loader knew the content hash of these encoded bytes already and
+    left the decode until someone needs the pixels (`MediaLoader.load(defer_decode=True)`); `materialize()`
+    runs it. A cached item is then never decoded.
     """
 
     modality: str
@@ -208,6 +211,13 @@ class MediaItem:
     content_hash: str
     uuid: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    decode: Any = field(default=None, repr=False, compare=False)
+
+    def materialize(self) -> MediaItem:
+        """This item with its `data` decoded (a no-op unless the decode was deferred)."""
+        if self.decode is not None:
+            self.data, self.decode = self.decode(), None
+        return self
 
 
 @dataclass

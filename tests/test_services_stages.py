@@ -161,6 +161,35 @@ def test_repeated_image_skips_processor_and_encoder(stage_stack):
     assert found[0][0] and found[0][1].meta == first[0].meta and not found[1][0]
 
 
+def test_a_known_image_whose_embedding_is_gone_is_decoded_and_encoded_again(stage_stack):
+    """Ingest remembers the image bytes it decoded (it only hashes them when they come again): when the embedding
+    has left the cache meanwhile, the image is decoded, preprocessed and encoded again, under the same key."""
+    import redis
+
+    s = stage_stack
+    data = image_png(204)
+
+    def counts():
+        return (s.metric("ingest", "mmpipe_ingest_items_preprocessed_total"),
+                s.metric("encoder", "mmpipe_encoder_items_encoded_total"))
+
+    async def go():
+        c = StageClients.connect(ingest=s.ingest_addr, encoder=s.encoder_addr)
+        try:
+            first = await c.ingest.ingest([MediaSource("image", data=data)])
+            redis.Redis.from_url(s.redis_url).delete(first[0].key)
+            c1 = counts()
+            again = await c.ingest.ingest([MediaSource("image", data=data)])
+            return first, again, c1, counts()
+        finally:
+            await c.close()
+
+    first, again, c1, c2 = run(go())
+    assert not again[0].cache_hit and again[0].key == first[0].key
+    assert again[0].num_tokens == first[0].num_tokens and again[0].meta == first[0].meta
+    assert c2[0] == c1[0] + 1 and c2[1] == c1[1] + 1
+
+
 # --- bad input: clear 4xx-class codes, and the services keep serving ----------------------------------------------
 def test_bad_input_gets_client_errors_and_service_keeps_serving(stage_stack, offline_vl):
     import torch

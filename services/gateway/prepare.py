@@ -23,6 +23,7 @@ from mmpipe.shared.errors import InvalidInputError, LimitExceededError, MediaPol
 from mmpipe.shared.inputs.chat_items import chat_item_refs
 from mmpipe.shared.inputs.media_settings import resolve_settings
 from mmpipe.shared.inputs.parse import ItemRef, ParseOptions, check_placeholders
+from mmpipe.shared.inputs.tokenize import PromptTokenizer
 from mmpipe.shared.media.netguard import check_address, parse_ip_host
 from mmpipe.shared.media.policy import MediaPolicy, normalize_host
 from mmpipe.shared.structured.grammar import GrammarCompiler
@@ -62,6 +63,11 @@ class Preparer:
                                            **({"allow_private_networks": True} if cfg.allow_private_media_urls else {}))
         self.steps = StepTimer(STEP_DURATION, cfg.served_model_name)
         self.tool_settings = ToolSettings(cfg.enable_auto_tool_choice, cfg.tool_call_parser)
+
+    @cached_property
+    def prompt_tokens(self) -> PromptTokenizer:
+        """Chat prompts' tokenisation, the pieces between added tokens memoised (a chat re-sends its history)."""
+        return PromptTokenizer(self.info.tokenizer)
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
@@ -118,7 +124,7 @@ class Preparer:
         text = apply_template(self.info.processor, self.info.template(chat_template), chat.conversation,
                               options=template, tools=tools.template_tools() if tools is not None else None)
         t = self._step("template", t)
-        ids = self.info.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        ids = self.prompt_tokens.encode(text, add_special_tokens=add_special_tokens)
         self._step("tokenize", t)
         return ids, media
 

@@ -4,7 +4,8 @@ Order of work per request, so that cached media costs as little as possible:
   1. items with a UUID: ask the encoder (Lookup) -> a hit needs no fetch at all; a UUID-only miss is an error
      (services/common/uuids.py, the rule the gateway applies too); an item that comes with the key of its
      caller's own missed look-up is not looked up again;
-  2. the rest: fetch + decode + hash (thread pool; MediaLoader applies the MediaPolicy), then Lookup by hash;
+  2. the rest: fetch + decode + hash (thread pool; MediaLoader applies the MediaPolicy; an image it decoded
+     before is only hashed, and decoded in step 3 if it missed), then Lookup by hash;
   3. misses: HF processor (CPU) once per distinct key, then one Encode call with all processed tensors.
 Only keys and metadata go back to the caller. The encoder owns the key layout (services/encoder/keyspaces.py),
 so ingest needs neither Redis nor the model weights (the adapter is loaded on the meta device). Each step is
@@ -92,7 +93,7 @@ class IngestCore:
     def _load(self, loader: MediaLoader, it: MediaSource, budget: RequestBudget, name: str) -> MediaItem:
         laps: list[tuple[str, float, float]] = []  # fetch, decode, hash
         item = loader.load(it.modality, it.source, target_sampling_rate=self.adapter.audio_sampling_rate,
-                           uuid=it.uuid, timings=laps, budget=budget, name=name)
+                           uuid=it.uuid, timings=laps, budget=budget, name=name, defer_decode=True)
         for step, start, end in laps:
             self.steps.record(step, start, end)
         self.m_loaded.labels(self.ml, it.modality).inc()
@@ -101,7 +102,7 @@ class IngestCore:
     def _preprocess(self, item: MediaItem, settings: MediaSettings) -> bytes:
         from mmpipe.shared.cache.serde import pack_tensors
 
-        p = self.adapter.preprocess(item, settings.mm_processor_kwargs)
+        p = self.adapter.preprocess(item.materialize(), settings.mm_processor_kwargs)
         self.m_pre.labels(self.ml, item.modality).inc()
         return pack_tensors(wire_tensors(p.tensors, self.wire_dtype), p.meta)
 

@@ -150,7 +150,4 @@ class BlockManager:
 
     def _block_keys(self, seq: Sequence, n: int) -> list[bytes]:
         """Keys of the first `n` full blocks of `seq` (computed once per block, kept on the sequence)."""
-        keys = seq.block_hashes
-        while len(keys) < n:
-            keys.append(seq.block_key(keys[-1] if keys else self.root, len(keys), self.block_size, self.mrope))
-        return keys
+        return seq.extend_block_keys(n, self.root, self.block_size, self.mrope)

@@ -91,7 +91,7 @@ class LLMEngine:
         if cdiv(n, self.config.block_size) > self.runner.num_blocks:
             raise LimitExceededError(f"the prompt ({n} tokens) does not fit in the KV cache", param="prompt")
         vocab = self.runner.decoder.vocab_size
-        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise InvalidInputError("prompt token id out of the vocabulary", param="prompt_token_ids")
         if req.mm_embeds is not None:
             emb, pos = req.mm_embeds, req.mm_positions

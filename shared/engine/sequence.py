@@ -8,7 +8,7 @@ import torch
 
 from mmpipe.shared.types import EngineRequest, MMSpan
 
-from .block_hash import block_key, block_media
+from .block_hash import block_key, block_media, chain_key, media_bytes
 
 _NO_LIMIT = 1 << 62
 
@@ -49,7 +49,7 @@ class Sequence:
                  generator: torch.Generator | None, bidirectional_mm: bool = False):
         self.request_id = req.request_id
         self.sampling = req.sampling
-        self.token_ids: list[int] = [int(t) for t in req.prompt_token_ids]
+        self.token_ids: list[int] = list(map(int, req.prompt_token_ids))
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
@@ -115,6 +115,7 @@ class Sequence:
             last = self.mrope_positions[:, -1] + 1 - self.mrope_positions.shape[1]
             self.mrope_deltas = tuple(int(x) for x in last.tolist())  # type: ignore[assignment]
         self._mrope_i32: np.ndarray | None = None  # (3, L) int32 positions for block keys, built on first use
+        self._key_bytes: tuple[int, bool, bytes, bytes] | None = None  # _prompt_bytes, built on first use
         # Bidirectional multimodal runs (model_spec.py): [start, end) of each run of contiguous mm positions,
         # and per prompt index the last key position it may attend to during prefill.
         self.mm_runs: list[tuple[int, int]] = []
@@ -205,14 +206,52 @@ class Sequence:
         positions = self._position_bytes(a, b) if mrope else b""
         return block_key(parent, self.token_ids[a:b], positions, block_media(self.mm_spans, a, b))
 
-    def _position_bytes(self, a: int, b: int) -> bytes:
-        L = self.num_prompt_tokens
+    def extend_block_keys(self, n: int, root: bytes, block_size: int, mrope: bool) -> list[bytes]:
+        """`block_hashes` grown to the keys of the first `n` full blocks (chained from `root`). The prompt's
+        blocks are keyed from its ids and positions serialised once (`_prompt_bytes`, sliced per block); the
+        keys are `block_key`'s (tests/test_block_keys.py)."""
+        keys = self.block_hashes
+        full = min(n, self.num_prompt_tokens // block_size)
+        if len(keys) < full:
+            ids, pos = self._prompt_bytes(block_size, mrope)
+            tw, pw = 4 * block_size, (12 * block_size if mrope else 0)  # int32 ids; 3 rows of int32 positions
+            media = {i: media_bytes(block_media(self.mm_spans, i * block_size, (i + 1) * block_size))
+                     for off, length, _ in self.mm_spans
+                     for i in range(off // block_size, (off + length - 1) // block_size + 1)}  # blocks with rows
+            parent = keys[-1] if keys else root
+            for i in range(len(keys), full):
+                parent = chain_key(parent, ids[i * tw:(i + 1) * tw], pos[i * pw:(i + 1) * pw], media.get(i, b""))
+                keys.append(parent)
+        while len(keys) < n:  # blocks that hold generated tokens
+            keys.append(self.block_key(keys[-1] if keys else root, len(keys), block_size, mrope))
+        return keys
+
+    def _prompt_bytes(self, block_size: int, mrope: bool) -> tuple[bytes, bytes]:
+        """The prompt's ids as little-endian int32, and its M-RoPE positions block by block ((3, block_size)
+        int32 each, row-major: what `_position_bytes` gives one block), for its full blocks."""
+        if self._key_bytes is None or self._key_bytes[:2] != (block_size, mrope):
+            n = self.num_prompt_tokens // block_size * block_size
+            ids = np.asarray(self.token_ids[:n], dtype="<i4").tobytes()
+            pos = b""
+            if mrope and n:
+                rows = self._mrope_rows()[:, :n].reshape(3, n // block_size, block_size).transpose(1, 0, 2)
+                pos = np.ascontiguousarray(rows, dtype="<i4").tobytes()
+            self._key_bytes = (block_size, mrope, ids, pos)
+        return self._key_bytes[2], self._key_bytes[3]
+
+    def _mrope_rows(self) -> np.ndarray:
+        """(3, L) int32 prompt positions (the 1-D positions on every row for a text-only prompt)."""
         if self._mrope_i32 is None:
             src = self.mrope_positions if self.mrope_positions is not None else \
-                torch.arange(L, dtype=torch.long).expand(3, -1)
+                torch.arange(self.num_prompt_tokens, dtype=torch.long).expand(3, -1)
             self._mrope_i32 = np.ascontiguousarray(src.numpy(), dtype="<i4")
+        return self._mrope_i32
+
+    def _position_bytes(self, a: int, b: int) -> bytes:
+        L = self.num_prompt_tokens
+        rows = self._mrope_rows()
         if b <= L:
-            return self._mrope_i32[:, a:b].tobytes()
+            return rows[:, a:b].tobytes()
         tail = np.arange(max(a, L), b, dtype="<i4")[None, :] + np.asarray(self.mrope_deltas, dtype="<i4")[:, None]
-        return np.concatenate([self._mrope_i32[:, a:L], tail], axis=1).astype("<i4").tobytes() if a < L \
+        return np.concatenate([rows[:, a:L], tail], axis=1).astype("<i4").tobytes() if a < L \
             else tail.astype("<i4").tobytes()

@@ -9,6 +9,7 @@ processor does on the prompt string, done on token ids so cached items need no p
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError
@@ -41,14 +42,19 @@ def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list
     delta = 0
     if adapter.uses_mrope:
         # positions need each modality's items in their own order of appearance
-        pos_delta = adapter.mrope_positions(torch.tensor(ids, dtype=torch.long), ordered)
+        pos_delta = adapter.mrope_positions(_long_tensor(ids), ordered)
         if pos_delta is not None:
             mrope, delta = pos_delta
     return EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling, mm_embeds=mm,
-                         mm_positions=torch.tensor(positions, dtype=torch.long) if positions else None,
+                         mm_positions=_long_tensor(positions) if positions else None,
                          mrope_positions=mrope, mrope_delta=delta,
                          eos_token_ids=list(eos_token_ids or []), mm_spans=spans,
                          bad_words_token_ids=bad_words_token_ids(adapter.tokenizer, sampling.bad_words or []))
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """torch.tensor(values, dtype=torch.long), through numpy (torch.tensor of a Python list is ~4x slower)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:

@@ -179,8 +179,9 @@ def _check_uuids(per_mod: dict[str, tuple[list[Any], bool]], mm_uuids: dict[str,
 def check_placeholders(token_ids: list[int], items: list[ItemRef], placeholder_ids: dict[str, int],
                        tokens: dict[str, str]) -> None:
     """Each modality's placeholder count in the prompt must equal its number of items."""
+    ids = token_ids if isinstance(token_ids, list) else list(token_ids)
     for modality, pid in placeholder_ids.items():
-        n_ph = sum(1 for t in token_ids if t == pid)
+        n_ph = ids.count(pid)
         n_items = sum(1 for r in items if r.modality == modality)
         if n_ph != n_items:
             raise InvalidInputError(

@@ -2,7 +2,8 @@
 
 Order of work, so that cached media costs nothing:
   1. items with a UUID: look the UUID key up (no fetch, no decode); a UUID-only item that misses is an error;
-  2. other items: load (fetch + decode + hash), then look the content-hash key up;
+  2. other items: load (fetch + decode + hash; an image the loader decoded before is not decoded again until
+     step 3 needs its pixels), then look the content-hash key up;
   3. misses: preprocess and encode in one batch per modality across the whole request batch (identical
      items inside the batch are encoded once), then write to the cache.
 The same steps run in separate processes in the services (gateway: 1, ingest: 2, encoder: 3).
@@ -64,12 +65,14 @@ class EmbeddingResolver:
         """The cache keyspace of the server's default settings."""
         return self.space.keyspace()
 
-    def load(self, ref: ItemRef, settings: MediaSettings | None = None, budget: Any = None) -> MediaItem:
-        """`budget`: the prompt's decode budget (SettingsSpace.budget); None: a fresh one for this item alone."""
+    def load(self, ref: ItemRef, settings: MediaSettings | None = None, budget: Any = None, *,
+             defer_decode: bool = False) -> MediaItem:
+        """`budget`: the prompt's decode budget (SettingsSpace.budget); None: a fresh one for this item alone.
+        `defer_decode`: MediaLoader.load's (an image decoded before comes back undecoded: `materialize()`)."""
         s = settings or self.space.default
         loader = self.space.loader(s)
         item = loader.load(ref.modality, ref.source, target_sampling_rate=self.adapter.audio_sampling_rate,
-                           budget=budget if budget is not None else self.space.budget(s))
+                           budget=budget if budget is not None else self.space.budget(s), defer_decode=defer_decode)
         self.stats.add(media_loaded=1)
         return item
 
@@ -121,7 +124,7 @@ class EmbeddingResolver:
                 continue
             if p not in budgets:
                 budgets[p] = self.space.budget(per[p])
-            item = self.load(ref, per[p], budgets[p])
+            item = self.load(ref, per[p], budgets[p], defer_decode=True)
             loaded[(p, i)] = item
             if ref.uuid is None:
                 keys[(p, i)] = key_for(p, ref.modality, content_hash=item.content_hash) if use_cache else ""
@@ -138,7 +141,7 @@ class EmbeddingResolver:
             dedup = keys.get(pi) or f"{per[pi[0]].id}:{item.content_hash}"
             by_mod[item.modality].setdefault(dedup, []).append(pi)
         for modality, groups in by_mod.items():
-            processed = [self.adapter.preprocess(loaded[g[0]], per[g[0][0]].mm_processor_kwargs)
+            processed = [self.adapter.preprocess(loaded[g[0]].materialize(), per[g[0][0]].mm_processor_kwargs)
                          for g in groups.values()]
             self.stats.add(items_preprocessed=len(processed))
             embs = self.adapter.encode(modality, processed)

@@ -3,12 +3,18 @@
 Owns: dispatch on (modality, source type), applying the server's media_io_kwargs (validated once, at
 construction) and the MediaPolicy to every item, resampling audio to the model's rate, and computing
 `content_hash` over exactly the data handed to the processor (after compositing / sampling / resampling).
-Must not: run model processors, cache results, or import torch (tensors are handled by duck typing).
+Also: which encoded images it has decoded before (`KnownImages`: the digest of the encoded bytes, or of the
+`data:` URL, and the request's decode limit -> content hash and size), so that a chat re-sending its image every
+turn is fetched and hashed but not decoded again when the caller allows it (`defer_decode`: the item's decode
+runs only if its pixels are needed, `MediaItem.materialize`; the request's decode budget is charged the same).
+Must not: run model processors, cache embeddings, or import torch (tensors are handled by duck typing).
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -20,7 +26,7 @@ from .budget import RequestBudget
 from .decode_pool import DecodePool, remaining
 from .audio import decode_audio, decode_input_audio, normalize_audio, resample
 from .fetch import fetch_bytes
-from .hashing import hash_audio, hash_image, hash_video
+from .hashing import hash_audio, hash_bytes, hash_image, hash_video
 from .image import ImageIOOptions, check_pixels, decode_image, normalize_image, parse_image_io_kwargs
 from .policy import MediaPolicy
 from .video_readers import parse_video_backend
@@ -49,8 +55,38 @@ class _Laps:
             self.t = now
 
 
+class KnownImages:
+    """Encoded images decoded before: (kind, digest of the encoded form, decode limit) -> (content hash, width,
+    height). A bounded LRU, thread-safe. The decode limit is part of the key because it decides whether a large
+    JPEG decodes downscaled (`image.fit_budget`), so the same bytes under another limit are other pixels."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[str, int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[str, int, int] | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, value: tuple[str, int, int]) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def drop(self, key: tuple) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
 class MediaLoader:
-    """Loads media items under one policy and one set of media_io_kwargs (thread-safe: no mutable state)."""
+    """Loads media items under one policy and one set of media_io_kwargs (thread-safe: its only mutable state
+    is the KnownImages memo, which has its own lock)."""
 
     def __init__(self, policy: MediaPolicy | None = None, media_io_kwargs: dict[str, Any] | str | None = None,
                  pool: DecodePool | None = None, video_backend: str | None = None):
@@ -74,6 +110,7 @@ class MediaLoader:
         if unknown:
             raise InvalidInputError(f"unknown media_io_kwargs modality {unknown}; allowed keys: {list(MODALITIES)}",
                                     param="media_io_kwargs")
+        self.known_images = KnownImages()
         self.image_opts: ImageIOOptions = parse_image_io_kwargs(kw.get("image"))
         self.video_opts: VideoIOOptions = parse_video_io_kwargs(kw.get("video"))
         audio_kw = kw.get("audio")
@@ -86,7 +123,8 @@ class MediaLoader:
 
     def load(self, modality: str, source: Any, *, target_sampling_rate: int | None = None,
              uuid: str | None = None, timings: list[tuple[str, float, float]] | None = None,
-             budget: RequestBudget | None = None, name: str | None = None) -> MediaItem:
+             budget: RequestBudget | None = None, name: str | None = None,
+             defer_decode: bool = False) -> MediaItem:
         """Decode/validate `source` as `modality` ("image" | "video" | "audio").
 
         source: URL (http(s), data:, file://) or local path string, raw bytes, or an in-memory object
@@ -98,6 +136,9 @@ class MediaLoader:
         budget: the request's decode budget (`MediaPolicy.budget`, one per request, shared by its items):
         charged from each item's header before it is decoded; None: only the policy's per-item caps apply.
         name: how errors name the item (e.g. "items[2]"; default the modality).
+        defer_decode: an encoded image (URL, data: URL, bytes) this loader has decoded before under the same decode
+        limit comes back with its content hash, its size and `data` None: `item.materialize()` decodes it when the
+        pixels are needed (a caller that finds its embedding cached never does). The budget is charged as if decoded.
         """
         if modality not in MODALITIES:
             raise InvalidInputError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}",
@@ -106,7 +147,7 @@ class MediaLoader:
             raise InvalidInputError(f"{modality} source is missing")
         laps = _Laps(timings)
         if modality == "image":
-            item = self._load_image(source, laps, budget, name or modality)
+            item = self._load_image(source, laps, budget, name or modality, defer_decode)
         elif modality == "video":
             item = self._load_video(source, laps, budget, name or modality)
         else:
@@ -156,13 +197,25 @@ class MediaLoader:
                 budget.charge_audio(seconds, name)
         return arr, meta
 
-    def _load_image(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str) -> MediaItem:
+    def _load_image(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str,
+                    defer: bool = False) -> MediaItem:
+        limit = budget.image_limit() if budget is not None else None
+        known = None
+        if defer and isinstance(source, str) and source[:5].lower() == "data:":
+            # the same data: URL again: neither its base64 nor its image needs decoding
+            known = ("url", hash_bytes(source.encode("utf-8")), limit)
+            hit = self.known_images.get(known)
+            if hit is not None:
+                return self._deferred_image(hit, known, source, laps, budget, name)
         data = self._bytes_of(source, "image")
         laps.lap("fetch")
-        if data is not None and self.pool is not None:
-            img = Image.fromarray(self._in_pool("image", data, self.image_opts, budget, name)[0], "RGB")
-        elif data is not None:
-            img = decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels, budget=budget)
+        if defer and data is not None and known is None:
+            known = ("bytes", hash_bytes(data), limit)
+            hit = self.known_images.get(known)
+            if hit is not None:
+                return self._deferred_image(hit, known, data, laps, budget, name)
+        if data is not None:
+            img = self._decode_image(data, budget, name)
         elif isinstance(source, Image.Image):
             check_pixels(source.width, source.height, self.policy.max_image_pixels)
             if budget is not None:  # already decoded by the caller: only the request's total is charged
@@ -187,7 +240,36 @@ class MediaLoader:
         laps.lap("decode")
         digest = hash_image(img)
         laps.lap("hash")
+        if known is not None:
+            self.known_images.put(known, (digest, img.width, img.height))
         return MediaItem("image", img, digest, meta={"width": img.width, "height": img.height})
+
+    def _decode_image(self, data: bytes, budget: RequestBudget | None, name: str) -> Image.Image:
+        if self.pool is not None:
+            return Image.fromarray(self._in_pool("image", data, self.image_opts, budget, name)[0], "RGB")
+        return decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels, budget=budget)
+
+    def _deferred_image(self, hit: tuple[str, int, int], known: tuple, source: Any, laps: _Laps,
+                        budget: RequestBudget | None, name: str) -> MediaItem:
+        """An image decoded before: its hash and size now, its pixels when `materialize()` asks. The request's
+        budget is charged what the decode charged (the decoded size); the later decode runs under a copy of the
+        budget (the same per-image limit, so the same pixels; nothing charged twice) and must give the same hash."""
+        digest, width, height = hit
+        if budget is not None:
+            budget.charge_pixels(width * height, f"image {width}x{height}")
+        for step in ("fetch", "decode", "hash"):
+            laps.lap(step)
+        limits = budget.limits if budget is not None else None
+
+        def decode() -> Image.Image:
+            data = self._bytes_of(source, "image") if isinstance(source, str) else source
+            img = self._decode_image(data, RequestBudget(limits) if limits is not None else None, name)
+            if hash_image(img) != digest:  # a decoder that is not deterministic: never key another image's pixels
+                self.known_images.drop(known)
+                raise MediaDecodeError("the image decoded to other pixels than the first time; send it again")
+            return img
+
+        return MediaItem("image", None, digest, meta={"width": width, "height": height}, decode=decode)
 
     def _load_video(self, source: Any, laps: _Laps, budget: RequestBudget | None, name: str) -> MediaItem:
         data = self._bytes_of(source, "video")

@@ -54,6 +54,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return [torch.cat([base, *(layer[i] for layer in per_layer)], dim=-1)
                 for i, base in enumerate(out.pooler_output)]
 
+    def _video_rope_grids(self, videos: list[MMEmbedding]) -> list[list[int]]:
+        """One (1, h, w) grid per frame: the timestamps between frames split a video into runs (transformers'
+        Qwen3-VL `get_rope_index` splits `video_grid_thw` the same way)."""
+        return [[1, h, w] for e in videos for t, h, w in [e.meta["grid_thw"]] for _ in range(int(t))]
+
     def _embeds_from_dict(self, modality: str, value: dict) -> list[MMEmbedding]:
         if modality == "video":
             raise UnsupportedError("precomputed video embeddings are not supported for Qwen3-VL (the prompt needs "

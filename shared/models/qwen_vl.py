@@ -1,8 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL (dynamic-resolution ViT, Qwen2 text model with 3-D M-RoPE): image and video.
 
 M-RoPE needs each item's (t, h, w) grid, so the grid travels in the embedding's metadata; the LM side
-rebuilds the position ids from the expanded prompt with the model's own `get_rope_index`. Without them
-generation silently falls back to 1-D positions and gives different tokens.
+rebuilds the position ids from the expanded prompt with transformers' `get_rope_index` rules (in numpy:
+mrope.py). Without them generation silently falls back to 1-D positions and gives different tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mmpipe.shared.errors import InvalidInputError
 from mmpipe.shared.models._features import split_by_tokens
 from mmpipe.shared.models.base import ModelAdapter
 from mmpipe.shared.models.mm_kwargs import PARAM, KwargRule
+from mmpipe.shared.models.mrope import IMAGE, VIDEO, float32_interval, rope_index, token_types
 from mmpipe.shared.types import MMEmbedding, ProcessedItem
 
 
@@ -164,25 +165,30 @@ class Qwen2VLAdapter(QwenVLBase):
     def _encode_batch(self, modality: str, items: list[ProcessedItem]) -> list[torch.Tensor]:
         return self._encode_vision(modality, items)
 
-    def _rope_extra(self, embeddings: list[MMEmbedding]) -> dict[str, Any]:
-        return {}
-
     def mrope_positions(self, token_ids: torch.Tensor, embeddings: list[MMEmbedding]) -> tuple[torch.Tensor, int]:
-        ids = token_ids.reshape(1, -1)
-        types = torch.zeros_like(ids, dtype=torch.int32)
-        types[ids == self.placeholder_id("image")] = 1
-        types[ids == self.placeholder_id("video")] = 2
-        pos, delta = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=types, image_grid_thw=self._grids(embeddings, "image"),
-            video_grid_thw=self._grids(embeddings, "video"), attention_mask=torch.ones_like(ids),
-            **self._rope_extra(embeddings))
-        return pos[:, 0], int(delta.reshape(-1)[0])
+        """transformers' `get_rope_index` for this family, in numpy (shared/models/mrope.py: the same positions,
+        without its per-token Python loop)."""
+        ids = token_ids.reshape(-1).numpy()
+        types = token_types(ids, self.placeholder_id("image"), self.placeholder_id("video"))
+        grids = {IMAGE: [e.meta["grid_thw"] for e in embeddings if e.modality == "image"],
+                 VIDEO: self._video_rope_grids([e for e in embeddings if e.modality == "video"])}
+        pos, delta = rope_index(types, grids, self.merge_size,
+                                self._video_intervals([e for e in embeddings if e.modality == "video"]))
+        return torch.from_numpy(pos), delta
+
+    def _video_rope_grids(self, videos: list[MMEmbedding]) -> list[list[int]]:
+        return [e.meta["grid_thw"] for e in videos]
+
+    def _video_intervals(self, videos: list[MMEmbedding]) -> list[float | None] | None:
+        """Each video's temporal position step (None: the frame index; Qwen2-VL)."""
+        return None
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
 
-    def _rope_extra(self, embeddings: list[MMEmbedding]) -> dict[str, Any]:
-        s = [e.meta.get("second_per_grid_t", 1.0) for e in embeddings if e.modality == "video"]
-        return {"second_per_grid_ts": torch.tensor(s)} if s else {}
+    def _video_intervals(self, videos: list[MMEmbedding]) -> list[float | None] | None:
+        """tokens_per_second * second_per_grid_t per video, in float32 as transformers computes it."""
+        tps = self.model.config.vision_config.tokens_per_second
+        return [float32_interval(tps, e.meta.get("second_per_grid_t", 1.0)) for e in videos]
