@@ -112,3 +112,13 @@ def test_the_memo_is_bounded():
         text = f"<|im_start|>word {i}<|im_end|>" + "x" * 20
         assert pt.encode(text) == tok(text, add_special_tokens=False).input_ids
     assert len(pt._pieces) <= 3 and all(len(p) <= 10 for p in pt._pieces)
+
+
+def test_the_memo_is_bounded_in_characters_too():
+    """Many unique long pieces (an attacker's prompts) cannot grow the memo past max_chars in all."""
+    tok = train_tokenizer(CHATML, eos="<|im_end|>", pad="<|endoftext|>")
+    pt = PromptTokenizer(tok, max_pieces=1000, max_piece_chars=100, max_chars=250)
+    for i in range(40):
+        text = f"<|im_start|>{i:03d}" + "y" * 80 + "<|im_end|>"
+        assert pt.encode(text) == tok(text, add_special_tokens=False).input_ids
+    assert sum(len(p) for p in pt._pieces) == pt._chars <= 250 and len(pt._pieces) >= 2

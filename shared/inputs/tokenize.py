@@ -32,12 +32,16 @@ _PROBE = "a\n {tok} b{tok}{tok}\n\nc  {tok}d é 12 {tok}\t"
 
 class PromptTokenizer:
     """`tokenizer(text, add_special_tokens=...).input_ids`, memoising the pieces between added tokens (LRU of
-    `max_pieces` pieces of at most `max_piece_chars` characters each; thread-safe)."""
+    at most `max_pieces` pieces and `max_chars` characters in all, each piece at most `max_piece_chars`; the total
+    bounds what a stream of unique long prompts can make it hold, ~20 MB at the defaults; thread-safe)."""
 
-    def __init__(self, tokenizer: Any, *, max_pieces: int = 4096, max_piece_chars: int = 1 << 16):
+    def __init__(self, tokenizer: Any, *, max_pieces: int = 4096, max_piece_chars: int = 1 << 16,
+                 max_chars: int = 1 << 21):
         self.tokenizer = tokenizer
         self.max_pieces = max_pieces
         self.max_piece_chars = max_piece_chars
+        self.max_chars = max_chars
+        self._chars = 0
         self._pieces: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()
         found = piecewise_splitter(tokenizer)
@@ -64,10 +68,11 @@ class PromptTokenizer:
             fresh = dict(zip(todo, (tuple(x) for x in self.tokenizer(todo, add_special_tokens=False).input_ids)))
             with self._lock:
                 for p, ids in fresh.items():
-                    if len(p) <= self.max_piece_chars:
+                    if len(p) <= self.max_piece_chars and p not in self._pieces:
                         self._pieces[p] = ids
-                while len(self._pieces) > self.max_pieces:
-                    self._pieces.popitem(last=False)
+                        self._chars += len(p)
+                while len(self._pieces) > self.max_pieces or self._chars > self.max_chars:
+                    self._chars -= len(self._pieces.popitem(last=False)[0])
             for i in range(0, len(parts), 2):
                 if parts[i] and known[i] is None:
                     known[i] = fresh[parts[i]]
@@ -86,6 +91,7 @@ class PromptTokenizer:
         same = self.encode(text) == list(self.tokenizer(text, add_special_tokens=False).input_ids)
         with self._lock:
             self._pieces.clear()
+            self._chars = 0
         return same
 
 
