@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One GPU call for a session's end: the GPU tests (-m gpu over the whole suite), the served benchmark under MPS,
+# the prefix-cache TTFT section and the structured-outputs cost at batch 1 and 64 (under py-spy when its wheel
+# is in .whl). Carry .whl (see bench/gpu_serve_run.sh). Results under $OUT.
+#   bash bench/gpu_final.sh            # TESTS=0 / SERVE=0 / PREFIX=0 / STRUCTURED=0 skip a part
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_final_out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_final.log") 2>&1
+say() { echo "[gpu_final ${SECONDS}s] $*"; }
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { say "wheel install failed"; exit 1; }
+chmod +x .whl/bin/redis-server; export PATH="$PWD/.whl/bin:/tmp/site/bin:$PATH" PYTHONPATH="$PWD:/tmp/site"
+nvidia-smi --query-gpu=name,compute_mode,memory.total --format=csv,noheader
+if [ "${TESTS:-1}" = 1 ]; then
+  say "gpu tests"
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests --ignore tests/test_hardening_fuzz.py 2>&1 | tail -15
+fi
+MODEL=/tmp/mmpipe-bench/qwen2_5_vl_3b_random
+python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; }
+if [ "${PREFIX:-1}" = 1 ]; then
+  say "prefix cache ttft"
+  timeout 200 python3 bench/prefix_cache_bench.py --model "$MODEL" --sections ttft --out "$OUT/prefix_cache_ttft" \
+    | tail -12
+fi
+if [ "${STRUCTURED:-1}" = 1 ]; then
+  say "structured bench"
+  SB="python3 bench/structured_bench.py --model $MODEL --batches 1,64 --repeats 3 --out $OUT/structured"
+  if command -v py-spy >/dev/null; then
+    timeout 200 py-spy record --subprocesses --rate 100 --format raw -o "$OUT/structured.pyspy.txt" -- $SB \
+      || say "py-spy run failed"
+  else
+    timeout 200 $SB
+  fi
+fi
+if [ "${SERVE:-1}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d && say "MPS daemon started"
+  say "serve bench, MPS"
+  timeout 200 python3 bench/serve_bench.py --model "$MODEL" --out /tmp/w/final --budget-s 180 --reserve-s 0 \
+    --no-offline --no-hf --no-tower --client-procs 4 --serve-arg=--api-server-count --serve-arg=2 \
+    --levels "${LEVELS:-1,8,16,64}"
+  cp /tmp/w/final/serve_bench.json "$OUT/serve_mps.json"; cp /tmp/w/final/serve_bench.md "$OUT/serve_mps.md"
+  echo quit | nvidia-cuda-mps-control
+fi
+say done
