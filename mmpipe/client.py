@@ -184,12 +184,18 @@ class MMPipeClient:
                  chat_template: str | None = None, return_token_strs: bool = False,
                  request_id: str | None = None, continue_final_message: bool | None = None,
                  chat_template_kwargs: dict[str, Any] | None = None,
-                 documents: list[dict[str, str]] | None = None) -> Tokenized:
+                 documents: list[dict[str, str]] | None = None, tools: list[dict[str, Any]] | None = None,
+                 tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,
+                 mm_processor_kwargs: dict[str, Any] | None = None,
+                 media_io_kwargs: dict[str, Any] | None = None) -> Tokenized:
         """Token ids of a prompt, or of chat messages through the chat template (POST /tokenize); the template's
-        inputs as in `chat`."""
+        inputs, the tools it renders and the media settings as in `chat` (messages only)."""
         pb2 = _pb()[0]
         req = pb2.TokenizeRequest(model=model, add_generation_prompt=add_generation_prompt,
                                   chat_template=chat_template or "", return_token_strs=return_token_strs)
+        if mm_processor_kwargs or media_io_kwargs:
+            req.media_settings.CopyFrom(_media_settings(mm_processor_kwargs, media_io_kwargs))
+        _set_tools(req, tools, tool_choice, parallel_tool_calls)
         if (prompt is None) == (messages is None):
             raise InvalidInputError("give exactly one of prompt or messages", param="prompt")
         if prompt is not None:

@@ -175,6 +175,19 @@ def test_served_tokenize_with_tools_is_the_chat_prompt(client, gateway):
         assert t.json()["tokens"] == chat.prompt_token_ids and t.json()["count"] == chat.usage.prompt_tokens, kw
     bare = httpx.post(f"{gateway.url}/tokenize", json={"messages": ASK}, timeout=60).json()
     assert bare["count"] < chat.usage.prompt_tokens  # the tools are in the template's text
+    # the public gRPC API's Tokenize takes the same tools (and refuses them, by name, on a text prompt)
+    from mmpipe.client import MMPipeClient
+    from mmpipe.shared.errors import InvalidInputError
+
+    with MMPipeClient(gateway.grpc_addr, timeout=120) as c:
+        for kw in ({}, {"tool_choice": "required", "parallel_tool_calls": False}):
+            assert c.tokenize(messages=ASK, tools=TOOLS, **kw).tokens == chat.prompt_token_ids, kw
+        with pytest.raises(InvalidInputError) as ei:
+            c.tokenize(messages=ASK, tools=[{"type": "function", "function": {"name": "bad name"}}])
+        assert ei.value.param == "tools[0].function.name"
+        with pytest.raises(InvalidInputError) as ei:
+            c.tokenize("hi", tools=TOOLS)
+        assert ei.value.param == "tools"
     r = httpx.post(f"{gateway.url}/tokenize", json={"messages": ASK, "tools": TOOLS, "continue_final_message": True},
                    timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text

@@ -129,7 +129,7 @@ def template_options_from_pb(req: gateway_pb2.ChatRequest | gateway_pb2.Tokenize
         chat_template_kwargs=kwargs, documents=documents)
 
 
-def tool_request_from_pb(req: gateway_pb2.ChatRequest) -> ToolRequest | None:
+def tool_request_from_pb(req: gateway_pb2.ChatRequest | gateway_pb2.TokenizeRequest) -> ToolRequest | None:
     """The request's tools as the chat API's JSON, validated by the one owner of the rules (shared/tools)."""
     tools: list[dict[str, Any]] | None = None
     if req.tools:
@@ -193,7 +193,9 @@ def tokenize_input_from_pb(req: gateway_pb2.TokenizeRequest) -> TokenizeInput:
         raise InvalidInputError("set prompt or messages", param="prompt")
     if which == "prompt":  # as POST /tokenize: the template's inputs mean nothing without messages
         for name, given in (("chat_template_kwargs", req.chat_template_kwargs_json), ("documents", req.documents),
-                            ("continue_final_message", req.continue_final_message)):
+                            ("continue_final_message", req.continue_final_message), ("tools", req.tools),
+                            ("tool_choice", req.WhichOneof("tool_choice")),
+                            ("media_settings", req.HasField("media_settings"))):
             if given:
                 raise InvalidInputError(f"{name} is an input of the chat template: send messages, not prompt",
                                         param=name)
@@ -203,7 +205,9 @@ def tokenize_input_from_pb(req: gateway_pb2.TokenizeRequest) -> TokenizeInput:
         model=req.model or None,
         add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
         template=template_options_from_pb(req) if which == "messages" else ChatTemplateOptions(),
-        chat_template=req.chat_template or None, return_token_strs=req.return_token_strs)
+        chat_template=req.chat_template or None, return_token_strs=req.return_token_strs,
+        tools=tool_request_from_pb(req) if which == "messages" else None,
+        media_kwargs=media_kwargs_from_pb(req.media_settings) if which == "messages" else MediaKwargs())
 
 
 def _tool_call_delta_pb(c: DeltaToolCall) -> gateway_pb2.ToolCallDelta:
