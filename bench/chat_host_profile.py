@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=30, help="conversations measured")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the 3B-sized model on a GPU (the stages are "
+                                                   "host times: 'engine: sample' then holds the wait for the GPU)")
     p.add_argument("--no-prefix-cache", action="store_true", help="measure the cache-off side instead")
     p.add_argument("--image-source", choices=("pil", "data-url"), default="pil",
                    help="the image as prefix_cache_bench.py sends it (a PIL image), or as a PNG data: URL every "
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmpipe.shared.models.tiny import ensure_tiny_model
 
         a.model = str(ensure_tiny_model("qwen2_5_vl"))
-    llm = LLM(a.model, device="cpu", enable_prefix_caching=not a.no_prefix_cache, max_model_len=4096)
+    llm = LLM(a.model, device=a.device, enable_prefix_caching=not a.no_prefix_cache, max_model_len=4096)
     ns = argparse.Namespace(answer_tokens=a.answer_tokens, image_size=a.image_size, history_tokens=a.history_tokens)
     context, answer = pcb.calibrate_context(llm, ns)
     for r in range(3):  # warm-up: allocator, tokenizer caches, first-call paths

@@ -17,8 +17,15 @@ python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; 
 if [ "${PREFIX:-1}" = 1 ]; then
   say "prefix ttft under py-spy"
   timeout 240 py-spy record --rate ${RATE:-1000} --format raw -o "$OUT/prefix.pyspy.txt" -- \
-    python3 bench/prefix_cache_bench.py --model "$MODEL" --sections ttft --repeats ${REPEATS:-12} \
+    python3 bench/prefix_cache_bench.py --model "$MODEL" --sections ttft --repeats ${REPEATS:-8} \
     --out "$OUT/prefix_cache_ttft" | tail -12
+fi
+if [ "${STAGES:-1}" = 1 ]; then
+  say "cached-turn stages, cache on and off"
+  timeout 150 python3 bench/chat_host_profile.py --model "$MODEL" --device cuda --repeats 15 --threads 4 \
+    --json "$OUT/chat_stages_on.json" | tail -40
+  timeout 150 python3 bench/chat_host_profile.py --model "$MODEL" --device cuda --repeats 15 --threads 4 \
+    --no-prefix-cache --json "$OUT/chat_stages_off.json" | tail -40
 fi
 if [ "${STRUCTURED:-1}" = 1 ]; then
   say "structured bench under py-spy"
