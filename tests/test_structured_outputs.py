@@ -161,6 +161,26 @@ def test_prefetched_masks_are_used_only_for_the_state_they_were_made_for(model_d
     check(seqs)
 
 
+def test_matchers_of_one_spec_are_independent_copies(model_dir):
+    """matcher() hands out copies of one pristine matcher per grammar: each starts at the grammar's start,
+    whatever the others (and the first one handed out) have consumed since."""
+    from transformers import AutoTokenizer
+
+    from mmpipe.shared.structured.grammar import GrammarCompiler
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    compiler = GrammarCompiler(tok, len(tok))
+    spec = StructuredOutputsParams(json=SCHEMA)
+    whole = tok.encode(json.dumps({"name": "ab", "age": 7, "ok": True}, separators=(",", ":")),
+                       add_special_tokens=False)
+    first = compiler.matcher(spec)
+    assert first.consume_tokens(whole) and first.is_accepting()
+    second = compiler.matcher(spec)
+    assert not second.is_accepting() and second.compute_bitmask() != first.compute_bitmask()
+    assert second.consume_tokens(whole[:2]) and compiler.matcher(spec).validate_tokens(whole) == len(whole)
+    assert compiler.matcher(StructuredOutputsParams(regex="a+")).validate_tokens(whole) == 0  # its own grammar
+
+
 # ---- served --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(model_dir, redis_server):
