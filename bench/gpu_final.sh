@@ -3,17 +3,8 @@
 # the prefix-cache TTFT section and the structured-outputs cost at batch 1 and 64 (under py-spy when its wheel
 # is in .whl). Carry .whl (see bench/gpu_serve_run.sh). Results under $OUT.
 #   bash bench/gpu_final.sh            # TESTS=0 / SERVE=0 / PREFIX=0 / STRUCTURED=0 skip a part
-set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_final_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_final.log") 2>&1
-say() { echo "[gpu_final ${SECONDS}s] $*"; }
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { say "wheel install failed"; exit 1; }
-chmod +x .whl/bin/redis-server; export PATH="$PWD/.whl/bin:/tmp/site/bin:$PATH" PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,compute_mode,memory.total --format=csv,noheader
+NAME=gpu_final . bench/gpu_common.sh
 if [ "${TESTS:-1}" = 1 ]; then
   say "gpu tests"
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_engine_gpu.py tests/test_towers.py tests/test_pixel_wire.py} 2>&1 | tail -15

@@ -2,16 +2,8 @@
 # Host profiles on the GPU machine, one call: py-spy over the prefix-cache TTFT section (where a cached turn's
 # 7-8 ms go) and over the structured-outputs bench at batch 64 (what the grammar adds to a step). Carry .whl
 # (bench/gpu_wheels.sh fills it). Collapsed stacks under $OUT (*.pyspy.txt); bench/pyspy_top.py reads them.
-set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_profile_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_host_profile.log") 2>&1
-say() { echo "[gpu_host_profile ${SECONDS}s] $*"; }
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { say "wheel install failed"; exit 1; }
-export PATH="/tmp/site/bin:$PATH" PYTHONPATH="$PWD:/tmp/site"
+NAME=gpu_host_profile . bench/gpu_common.sh
 MODEL=/tmp/mmpipe-bench/qwen2_5_vl_3b_random
 python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; }
 if [ "${PREFIX:-1}" = 1 ]; then

@@ -4,17 +4,8 @@
 # which shares the GPU with decode, gets to the first token sooner. Then a host profile of the structured-outputs
 # bench at batch 64 (py-spy, if its wheel is in .whl). Carry .whl. Results under $OUT.
 #   CAPS="100 60 40" bash bench/gpu_mps_caps.sh
-set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_mps_caps_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_mps_caps.log") 2>&1
-say() { echo "[gpu_mps_caps ${SECONDS}s] $*"; }
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { say "wheel install failed"; exit 1; }
-chmod +x .whl/bin/redis-server; export PATH="$PWD/.whl/bin:/tmp/site/bin:$PATH" PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,compute_mode,memory.total --format=csv,noheader
+NAME=gpu_mps_caps . bench/gpu_common.sh
 MODEL=/tmp/mmpipe-bench/qwen2_5_vl_3b_random
 python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; }
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

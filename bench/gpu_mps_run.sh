@@ -3,17 +3,8 @@
 # then with the CUDA MPS control daemon running (the stages' kernels share the GPU concurrently), plus the
 # Gemma-3-sized decode row of `make bench`. Carry .whl (see bench/gpu_serve_run.sh). Results under $OUT.
 #   bash bench/gpu_mps_run.sh
-set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_mps_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_mps_run.log") 2>&1
-say() { echo "[gpu_mps_run ${SECONDS}s] $*"; }
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { say "wheel install failed"; exit 1; }
-chmod +x .whl/bin/redis-server; export PATH="$PWD/.whl/bin:$PATH" PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,compute_mode,memory.total --format=csv,noheader
+NAME=gpu_mps_run . bench/gpu_common.sh
 if [ -n "${GPU_TESTS:-}" ]; then  # e.g. GPU_TESTS="tests/test_towers.py tests/test_engine_gpu.py" GPU_K="gemma3 or cuda_tower"
   say "gpu tests: $GPU_TESTS"
   # shellcheck disable=SC2086
