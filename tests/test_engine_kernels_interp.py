@@ -347,13 +347,13 @@ def check_behind_window():
     k2, v2, bts = poisoned(prefix + [lens[2] - 1], FREED_BLOCK)
     dq = torch.randn(1, H, D)
     q3, k3, v3 = torch.cat([dq, q]), torch.cat([k[:1], k]), torch.cat([v[:1], v])
-    width = max(len(t) for t in bts)
+    rows = [bts[2]] + bts[:2]  # the decode row first, as the batch orders them
+    width = max(len(t) for t in rows)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(T + 1, dtype=torch.long), seq_lens=torch.tensor([lens[2]] + ctx, **i32),
-        block_tables=torch.tensor([bts[2] + [0] * (width - len(bts[2]))] + [t + [0] * (width - len(t)) for t in bts[:2]],
-                                  **i32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in rows], **i32),
         num_decodes=1, query_start_loc_host=[0, 1, 1 + chunk[0], 1 + T], seq_lens_host=[lens[2]] + ctx,
-        block_tables_host=[bts[2]] + bts[:2])
+        block_tables_host=rows)
     kw = dict(num_heads=H, num_kv_heads=KVH, head_dim=D, block_size=page, scale=scale)
     want3 = torch.cat([attend_one(dq, gather_kv(kc, tables[2], lens[2]), gather_kv(vc, tables[2], lens[2]), scale,
                                   window=window), want])
