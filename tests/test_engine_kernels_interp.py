@@ -1,7 +1,8 @@
 """The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
 references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, paged decode with the split
-merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels (and the grammar bitmask); and ("masked") decode
-and prefill under a sliding window, bidirectional image limits and a soft-cap, with Gemma's (1 + weight) norm.
+merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels (and the grammar bitmask); ("masked") decode
+and prefill under a sliding window, bidirectional image limits and a soft-cap, with Gemma's (1 + weight) norm; and
+("behind_window") that no windowed read, Triton or torch, touches a block behind the window (window.py).
 
 TRITON_INTERPRET must be set before triton is imported, so each test runs this file as a script in a fresh
 interpreter process; the script's checks assert and print their largest errors. The interpreter runs the
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("gate_up_silu", "paged_decode", "elementwise", "masked")
+CHECKS = ("gate_up_silu", "paged_decode", "elementwise", "masked", "behind_window")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -268,6 +269,100 @@ def check_masked():
     worst["gemma norm"] = _maxerr(got, norm(h + r))
     assert worst["gemma norm"] < 1e-5 and torch.equal(res, h + r), worst
     print("masked max abs errors:", {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+def check_behind_window():
+    """A windowed layer's decode and prefill read nothing behind the window: the blocks before each sequence's
+    first visible block (window.py) are overwritten with NaN, and their table entries are pointed at a NaN block
+    (Triton kernels) or set to FREED_BLOCK (the torch paths, whose index_select would raise on it); the results
+    stay those of the clean cache (to fp32 rounding: fewer keys are summed) and finite."""
+    import torch
+
+    from mmpipe.shared.engine.attention.base import AttentionMetadata
+    from mmpipe.shared.engine.attention.torch_ref import TorchRefBackend, attend_one, gather_kv
+    from mmpipe.shared.engine.attention.triton_paged import TritonPagedBackend
+    from mmpipe.shared.engine.kernels.triton_attention import paged_decode
+    from mmpipe.shared.engine.kernels.triton_prefill import prefill_attention, prefill_work
+    from mmpipe.shared.engine.window import FREED_BLOCK, first_visible_block
+
+    torch.manual_seed(0)
+    H, KVH, D, page, nb, window = 4, 2, 16, 4, 48, 6
+    scale = D ** -0.5
+    kc, vc = torch.randn(nb, page, KVH, D), torch.randn(nb, page, KVH, D)
+    perm = torch.randperm(nb - 1).tolist()  # block nb - 1 is the garbage block
+    tables = [perm[0:12], perm[12:24], perm[24:36]]
+
+    def poisoned(starts: list[int], entry: int):
+        """Caches with every block behind each sequence's window set to NaN, and tables whose entries for those
+        blocks are `entry`."""
+        k2, v2, bts = kc.clone(), vc.clone(), []
+        k2[nb - 1] = v2[nb - 1] = float("nan")
+        for t, start in zip(tables, starts):
+            first = first_visible_block(start, window, page)
+            assert first > 0, "each sequence must have blocks behind its window"
+            k2[t[:first]] = v2[t[:first]] = float("nan")
+            bts.append([entry] * first + t[first:])
+        return k2, v2, bts
+
+    worst: dict[str, float] = {}
+
+    def same(name, got, want):
+        assert torch.isfinite(got).all(), name
+        err = _maxerr(got, want)
+        assert err < 1e-5, (name, err)
+        worst[name] = max(worst.get(name, 0.0), err)
+
+    # decode: one query at the end of contexts of 13, 30 and 45 tokens
+    lens = [13, 30, 45]
+    q = torch.randn(3, H, D)
+    refs = [attend_one(q[i:i + 1], gather_kv(kc, tables[i], n), gather_kv(vc, tables[i], n), scale, window=window)
+            for i, n in enumerate(lens)]
+    k2, v2, bts = poisoned([n - 1 for n in lens], nb - 1)
+    for splits in (1, 4):
+        out = paged_decode(q, k2, v2, torch.tensor(bts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                           scale, splits, block_n=16, window=window)
+        for i in range(3):
+            same("triton decode", out[i:i + 1], refs[i])
+    # prefill: chunks of 9 and 14 tokens after cached prefixes of 16 and 26 (the chunks' K/V in the cache too)
+    chunk, prefix = [9, 14], [16, 26]
+    T = sum(chunk)
+    qsl = [0, chunk[0], T]
+    ctx = [p + c for p, c in zip(prefix, chunk)]
+    q, k, v = torch.randn(T, H, D), torch.randn(T, KVH, D), torch.randn(T, KVH, D)
+    for i in range(2):
+        for j in range(chunk[i]):
+            pos = prefix[i] + j
+            kc[tables[i][pos // page], pos % page] = k[qsl[i] + j]
+            vc[tables[i][pos // page], pos % page] = v[qsl[i] + j]
+    want = torch.cat([attend_one(q[qsl[i]:qsl[i + 1]], gather_kv(kc, tables[i], ctx[i]),
+                                 gather_kv(vc, tables[i], ctx[i]), scale, window=window) for i in range(2)])
+    k2, v2, bts = poisoned(prefix, nb - 1)
+    seqs, blks = prefill_work(chunk, 32)
+    work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
+    i32 = dict(dtype=torch.int32)
+    got = prefill_attention(q, k, v, k2, v2, torch.tensor(bts, **i32), torch.tensor(ctx, **i32),
+                            torch.tensor(qsl, **i32), work, scale, window=window)
+    same("triton prefill", got, want)
+    # the torch paths, through the backends' forward: a decode row (the third table) and the two chunks
+    k2, v2, bts = poisoned(prefix + [lens[2] - 1], FREED_BLOCK)
+    dq = torch.randn(1, H, D)
+    q3, k3, v3 = torch.cat([dq, q]), torch.cat([k[:1], k]), torch.cat([v[:1], v])
+    rows = [bts[2]] + bts[:2]  # the decode row first, as the batch orders them
+    width = max(len(t) for t in rows)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(T + 1, dtype=torch.long), seq_lens=torch.tensor([lens[2]] + ctx, **i32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in rows], **i32),
+        num_decodes=1, query_start_loc_host=[0, 1, 1 + chunk[0], 1 + T], seq_lens_host=[lens[2]] + ctx,
+        block_tables_host=rows)
+    kw = dict(num_heads=H, num_kv_heads=KVH, head_dim=D, block_size=page, scale=scale)
+    want3 = torch.cat([attend_one(dq, gather_kv(kc, tables[2], lens[2]), gather_kv(vc, tables[2], lens[2]), scale,
+                                  window=window), want])
+    same("torch_ref", TorchRefBackend(**kw).forward(q3, k3, v3, k2, v2, meta, window=window), want3)
+    sdpa = TritonPagedBackend(**kw)
+    sdpa.prefill_impl = "sdpa"
+    got = sdpa.forward(q3, k3, v3, k2, v2, meta, window=window)
+    same("triton backend, sdpa prefill", got[1:], want)
+    print("behind_window max abs errors:", {k: f"{v:.2e}" for k, v in worst.items()})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ and the padding against HF `generate`, for each family named on the command line
 chunked prefill cutting through the first image / audio span, preemption with recompute, mixed-step
 graphs off (decode graphs only) and all graphs off (prefix caching on, the default, in all of them), and
 prefix-cache hits: a prompt repeated in the same step (the prefill kernel reads blocks written in that step)
-and again later, on the graphs' static staging. Exits non-zero on the first mismatch. A family in `SUBSET` runs
-only those configs: the sparse-MoE decoder adds its router and grouped experts to the same staging, so chunked
+and again later, on the graphs' static staging; and ("mistral3") an all-sliding model whose blocks behind the
+window are given back, so the static tables hold FREED_BLOCK entries. Exits non-zero on the first mismatch. A
+family in `SUBSET` runs only those configs: the sparse-MoE decoder adds its router and grouped experts to the same staging, so chunked
 prefill (decode graphs, mixed graphs, and the eager steps that carry DeepStack rows) and preemption cover what it
 changes, in 2/5 of the time."""
 from __future__ import annotations
@@ -79,9 +80,54 @@ def check(family: str) -> None:
         print(f"ok {family} / {name}: {stats}", flush=True)
 
 
+def check_windowed() -> None:
+    """The tiny Mistral 3, every layer windowed: its KV blocks behind the window are given back mid-sequence
+    (window.py), so the kernels and both graph kinds' static block tables run with FREED_BLOCK entries; text
+    prompts longer than the window (test_window_kv.py's), against HF `generate`."""
+    import tempfile
+    from pathlib import Path
+
+    from engine_helpers import _load
+    from offline_helpers import chat_prompt, hf_generate
+    from test_window_kv import OUT, TEXTS
+
+    from mmpipe.shared.models.tiny import build_tiny_model
+    from mmpipe.shared.types import EngineRequest
+
+    tmp = tempfile.TemporaryDirectory(prefix="mmpipe-interp-window-")
+    path = build_tiny_model("mistral3", Path(tmp.name) / "mistral3")
+    model, processor = _load(path)
+    prompts = [chat_prompt(path, [{"role": "user", "content": t}]) for t in TEXTS]
+    refs = [hf_generate(path, p, max_new_tokens=OUT, add_special_tokens=False) for p in prompts]
+    ids = [processor.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    greedy = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
+    configs = {
+        "mixed graphs, tiny cache": EngineConfig(attention_backend="triton", max_num_seqs=4, block_size=4,
+                                                 num_kv_blocks=10, max_num_batched_tokens=16),
+        "decode graphs only, prefix cache hits": EngineConfig(attention_backend="triton", max_num_seqs=4,
+                                                              block_size=8, num_kv_blocks=32,
+                                                              mixed_graph_max_prefills=0),
+    }
+    for name, cfg in configs.items():
+        engine = LLMEngine(model, cfg)
+        arrivals = {0: [EngineRequest(str(i), t, greedy) for i, t in enumerate(ids)]}
+        if "prefix" in name:
+            arrivals[30] = [EngineRequest("again", ids[1], greedy)]
+        res = run_engine(engine, arrivals)
+        for i, ref in enumerate(refs):
+            assert res.tokens[str(i)] == ref, f"mistral3 / {name} / {i}: {res.tokens[str(i)]} != {ref}"
+        if "prefix" in name:
+            assert res.tokens["again"] == refs[1] and res.cached["again"] > 0, (name, res.cached)
+        stats, info = engine.stats, engine.kv_cache_info()
+        assert stats["window_freed_blocks"] > 0 and stats["graph_steps"] > 0, (name, stats)
+        assert (stats["mixed_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (name, stats)
+        assert info["free_blocks"] == info["num_blocks"], (name, info)
+        print(f"ok mistral3 / {name}: {stats}", flush=True)
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1")
     torch.set_num_threads(2)
     for fam in sys.argv[1:]:
-        check(fam)
+        check_windowed() if fam == "mistral3" else check(fam)

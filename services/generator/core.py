@@ -233,7 +233,8 @@ class GeneratorCore:
 class _EngineCounters:
     """Cumulative engine counters read at scrape time (the engine itself knows nothing of Prometheus):
     steps by how they ran (decode_graph: a CUDA graph of decodes; mixed_graph: prefill chunks in a CUDA graph;
-    eager), preemptions, and the prefix cache's queries, hits and cached blocks (from `engine.stats`)."""
+    eager), preemptions, the prefix cache's queries, hits and cached blocks, and the KV blocks given back behind
+    the sliding window (from `engine.stats`)."""
 
     def __init__(self, engine, model: str):
         self.engine, self.model = engine, model
@@ -250,6 +251,11 @@ class _EngineCounters:
                                   "sequences preempted to free KV blocks (recomputed later)", labels=["model"])
         pre.add_metric([self.model], self.engine.scheduler.num_preemptions)
         yield pre
+        freed = CounterMetricFamily("mmpipe_generator_engine_window_freed_blocks",
+                                    "KV blocks given back mid-sequence, behind every layer's sliding window "
+                                    "(models whose every layer is windowed)", labels=["model"])
+        freed.add_metric([self.model], st["window_freed_blocks"])
+        yield freed
         # prefix cache: hit rate = hits / queries (prompt tokens at admission), and blocks holding a key now
         for name, key, doc in (("mmpipe_generator_prefix_cache_queries_tokens", "prefix_cache_queries",
                                 "prompt tokens looked up (admissions)"),

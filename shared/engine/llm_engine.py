@@ -23,12 +23,13 @@ from torch import nn
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError
 from mmpipe.shared.types import EngineRequest, FinishReason
 
-from .block_manager import BlockManager, cdiv
+from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .outputs import StepOutput
 from .scheduler import Scheduler
 from .sequence import Sequence, mm_runs
+from .window import peak_blocks
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           enable_prefix_caching=self.config.enable_prefix_caching,
-                                          namespace=self.config.prefix_cache_namespace, mrope=self.runner.mrope)
+                                          namespace=self.config.prefix_cache_namespace, mrope=self.runner.mrope,
+                                          window=self.runner.decoder.spec.kv_free_window)
         cap = self.config.max_prefills_per_step
         if cap is None:
             cap = self.config.mixed_graph_max_prefills if self.runner.mixed_graphs is not None else 0
@@ -69,10 +71,10 @@ class LLMEngine:
         gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
         self._default_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
         # cumulative counters, plus the prefix cache's: prompt tokens looked up and found (first admissions),
-        # blocks evicted, and blocks holding a key now (a gauge)
+        # blocks evicted, and blocks holding a key now (a gauge); and blocks given back behind the window
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0, "mixed_graph_steps": 0,
                       "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_evictions": 0,
-                      "prefix_cache_cached_blocks": 0}
+                      "prefix_cache_cached_blocks": 0, "window_freed_blocks": 0}
         info = self.kv_cache_info()
         log.info("engine ready in %.1fs: KV cache %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d, "
                  "backend %s, cuda graphs %s", time.perf_counter() - t0, info["num_blocks"], info["block_size"],
@@ -88,7 +90,7 @@ class LLMEngine:
         if n > self.max_model_len:
             raise LimitExceededError(f"the prompt has {n} tokens; this engine takes at most {self.max_model_len}",
                                      param="prompt")
-        if cdiv(n, self.config.block_size) > self.runner.num_blocks:
+        if peak_blocks(n, self.config.block_size, self.block_manager.window) > self.runner.num_blocks:
             raise LimitExceededError(f"the prompt ({n} tokens) does not fit in the KV cache", param="prompt")
         vocab = self.runner.decoder.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
@@ -198,6 +200,7 @@ class LLMEngine:
         st["prefix_cache_hits"] = bm.num_hit_tokens
         st["prefix_cache_evictions"] = bm.num_evicted_blocks
         st["prefix_cache_cached_blocks"] = bm.num_cached_blocks
+        st["window_freed_blocks"] = bm.num_window_freed_blocks
         for sc in sched.scheduled:
             if sc.seq.num_computed_tokens < sc.seq.num_prompt_tokens:
                 self.stats["prefill_tokens"] += sc.num_new_tokens

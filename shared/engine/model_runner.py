@@ -30,6 +30,7 @@ from .prompt_logprobs import prompt_logprob_rows, record_prompt_logprobs
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .staging import BlockTableRows, StepBuffers, stage_step
+from .window import peak_blocks
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,11 @@ class ModelRunner:
         self.kv_cache = torch.zeros(2, d.num_layers, num_blocks, config.block_size, d.num_kv_heads, d.head_dim,
                                     dtype=self.dtype, device=self.device)
         mml = config.max_model_len or d.max_position_embeddings
-        # Cap by the cache, so that one sequence alone can always run to its end (preemption never loops).
-        self.max_model_len = min(mml, num_blocks * config.block_size)
+        # Cap by the cache, so that one sequence alone can always run to its end (preemption never loops); a
+        # model whose every layer is windowed gives blocks back behind the window, so one sequence needs only
+        # the blocks of its window (window.py) and no cap applies when those fit.
+        fits = peak_blocks(mml, config.block_size, d.spec.kv_free_window) <= num_blocks
+        self.max_model_len = mml if fits else min(mml, num_blocks * config.block_size)
         self.max_blocks_per_seq = cdiv(self.max_model_len, config.block_size) + 1
         # host staging of eager steps (pageable: each upload has consumed its source when it returns)
         T, S, rows = config.max_num_batched_tokens, config.max_num_seqs, 3 if self.mrope else 1

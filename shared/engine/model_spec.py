@@ -51,9 +51,15 @@ class DecoderSpec:
 
     @property
     def all_sliding(self) -> bool:
-        """Every layer is windowed: only then may KV blocks behind every window be given back (not done yet:
-        Gemma 3 has global layers, which read every block, so its blocks always stay)."""
+        """Every layer is windowed: only then may KV blocks behind every window be given back (window.py, the
+        block manager does it). Gemma 3 has global layers, which read every block, so its blocks always stay."""
         return self.has_sliding and all(w is not None for w in self.layer_windows)
+
+    @property
+    def kv_free_window(self) -> int | None:
+        """The window behind which a sequence's KV blocks are given back mid-sequence: the largest layer window
+        when every layer is windowed (a block is free only once it is behind every layer's window), else None."""
+        return max(w for w in self.layer_windows if w is not None) if self.all_sliding else None
 
     @property
     def rope_kinds(self) -> tuple[str | None, ...]:

@@ -16,6 +16,14 @@ run: it stops before the run, and a run that does not fit in what is left of the
 step (admissions stop meanwhile, so the decodes ahead of it drain and the budget comes back; runs longer than
 the whole budget are refused at add_request).
 Every scheduled entry registers the full blocks it completes with the block manager's prefix cache.
+
+When every layer is windowed (`BlockManager.window`, window.py) a sequence holds only the blocks its window
+and its next chunk span: before each decode or chunk is scheduled, the blocks behind the window of its first
+query are given back; a prompt is admitted with blocks for its first chunk (as many tokens as the free blocks
+hold), and each later chunk takes the blocks it writes when it is scheduled. A chunk that finds too few free
+blocks is cut to what they hold; one that gets none preempts the youngest running sequence not yet scheduled in
+this step (only younger ones), or waits, and then nobody is admitted this step. So a prompt longer than the
+whole KV cache runs when its window fits (`window.peak_blocks`).
 """
 from __future__ import annotations
 
@@ -118,6 +126,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted as a victim earlier in this loop
                 continue
+            bm.release_behind_window(seq, seq.num_computed_tokens)
             need = seq.num_computed_tokens + 1
             while not bm.can_allocate(seq, need):
                 victim = self.running[-1]
@@ -137,13 +146,17 @@ class Scheduler:
         out.num_decodes = len(out.scheduled)
 
         # 2. prefill chunks of running sequences (their prompt blocks were allocated at admission).
-        held_back = False  # a multimodal run did not fit: admit nobody this step
+        held_back = False  # a multimodal run did not fit, or a windowed chunk got no blocks: admit nobody
         room = self.max_prefills if self.max_prefills is not None else len(self.running) + len(self.waiting)
-        for seq in self.running:
+        for seq in list(self.running):
             if budget == 0 or room == 0:
                 break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted for an older chunk's blocks
+                continue
             if seq.num_uncomputed_tokens > 1:
                 n = seq.fit_chunk(min(seq.num_uncomputed_tokens, budget))
+                if n and bm.window is not None:
+                    n = self._window_chunk(seq, n, out)
                 if n == 0:
                     held_back = True
                     continue
@@ -157,9 +170,10 @@ class Scheduler:
         if not out.preempted and not held_back:
             while self.waiting and budget > 0 and room > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                if not bm.allocate_prompt(seq):
+                if not bm.allocate_prompt(seq, budget):
                     break
-                n = seq.fit_chunk(min(seq.num_uncomputed_tokens, budget))
+                # the blocks cover the whole sequence, or with a window at least the first token
+                n = seq.fit_chunk(min(seq.num_uncomputed_tokens, budget, bm.num_slots(seq) - seq.num_computed_tokens))
                 if n == 0:  # its first multimodal run does not fit in this step: give the blocks back, wait
                     bm.free(seq)
                     seq.num_computed_tokens = 0
@@ -172,3 +186,23 @@ class Scheduler:
                 budget -= n
                 room -= 1
         return out
+
+    def _window_chunk(self, seq: Sequence, n: int, out: SchedulerOutput) -> int:
+        """A windowed sequence's next prefill chunk of at most `n` tokens, with its blocks: the blocks behind its
+        window given back, then new ones for the chunk, cut to the free blocks; when none is free, younger
+        running sequences not scheduled in this step are preempted first. 0: no block to be had."""
+        bm, start = self.block_manager, seq.num_computed_tokens
+        bm.release_behind_window(seq, start)
+        if bm.room_end(seq) <= start:
+            scheduled = {id(sc.seq) for sc in out.scheduled}
+            for victim in reversed(list(self.running)):
+                if victim is seq or bm.room_end(seq) > start:
+                    break
+                if id(victim) not in scheduled:
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+        end = min(start + n, bm.room_end(seq))
+        if end <= start:
+            return 0
+        bm.allocate(seq, end)
+        return seq.fit_chunk(end - start)

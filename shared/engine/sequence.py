@@ -39,6 +39,10 @@ class Sequence:
     and the generated tokens (after whatever prefix the cache still holds), with the same multimodal rows and
     positions, so the output continues unchanged.
 
+    Sliding windows (window.py): when every layer is windowed, the blocks before the first one its next query
+    can see are given back as it advances; their entries stay in `block_table` as `FREED_BLOCK`, the first
+    `num_freed_blocks` entries, so entry i still holds tokens [i * block_size, (i + 1) * block_size).
+
     Prefix caching: `block_hashes` are the keys of its full blocks (block_hash.py), computed once per block and
     kept across preemptions (they depend on content only); `num_committed_blocks` of its table are registered
     in (or were taken from) the block manager's cache; tokens at and after `hash_limit` (the first row of an
@@ -53,6 +57,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.num_freed_blocks = 0  # leading table entries given back behind the window (window.FREED_BLOCK)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.generator = generator

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .scheduler import SchedulerOutput
+from .window import FREED_BLOCK
 
 
 class StepBuffers(NamedTuple):
@@ -45,28 +46,29 @@ class StagedStep(NamedTuple):
 
 
 class BlockTableRows:
-    """Host staging rows of the block table. A row is rewritten only where its sequence changed or got a new
-    block (a full rewrite per step costs ~4 us a row). The owner is the sequence's block-table list object,
-    which changes when a sequence is preempted and re-admitted; a running sequence's table only grows."""
+    """Host staging rows of the block table. A row is rewritten only where its sequence changed, got a new
+    block or gave blocks back behind its window (a full rewrite per step costs ~4 us a row). The owner is the
+    sequence's block-table list object, which changes when a sequence is preempted and re-admitted; a running
+    sequence's table only grows at its end and turns into `FREED_BLOCK` at its start (`num_freed` entries)."""
 
     def __init__(self, rows: int):
-        self.owner: list[tuple[object, int] | None] = [None] * rows
+        self.owner: list[tuple[object, int, int] | None] = [None] * rows
 
     def reset(self) -> None:
         self.owner = [None] * len(self.owner)
 
-    def write(self, bt: np.ndarray, row: int, table: list[int]) -> None:
+    def write(self, bt: np.ndarray, row: int, table: list[int], num_freed: int = 0) -> None:
         nb = len(table)
         own = self.owner[row]
-        if own is not None and own[0] is table:
-            if own[1] == nb:
-                return
+        if own is not None and own[0] is table and own[1] <= nb and own[2] <= num_freed:
             if own[1] < nb:
                 bt[row, own[1]:nb] = table[own[1]:]
-                self.owner[row] = (table, nb)
-                return
+            if own[2] < num_freed:
+                bt[row, own[2]:num_freed] = FREED_BLOCK
+            self.owner[row] = (table, nb, num_freed)
+            return
         bt[row, :nb] = table
-        self.owner[row] = (table, nb)
+        self.owner[row] = (table, nb, num_freed)
 
 
 def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows, *, block_size: int,
@@ -99,7 +101,7 @@ def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows,
         buf.logits[:nd] = rows  # every decode samples
         n_logits = nd
         for j, s in enumerate(seqs):
-            tables.write(buf.bt, j, s.block_table)
+            tables.write(buf.bt, j, s.block_table, s.num_freed_blocks)
         if sched.num_prompt_decodes:  # prompt tokens: the prompt's positions, and maybe a multimodal row
             for j, (s, i) in enumerate(zip(seqs, pos_list)):
                 if i < s.num_prompt_tokens:
@@ -134,7 +136,7 @@ def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows,
                 mm_index.append(mm[0] + t)
                 mm_rows.append(mm[1])
         buf.lens[row] = e
-        tables.write(buf.bt, row, seq.block_table)
+        tables.write(buf.bt, row, seq.block_table, seq.num_freed_blocks)
         t += n
         row += 1
         if sc.samples:

@@ -1,11 +1,15 @@
 """Reference attention in plain torch: per sequence, gather its K/V from the paged cache and run SDPA (GQA
 native, causal with the cached prefix as offset). Also the reference KV write (index_copy into the slots).
-Runs anywhere; CI tests the engine with it and the GPU kernels are checked against it."""
+Runs anywhere; CI tests the engine with it and the GPU kernels are checked against it.
+
+A windowed layer gathers from the first block its query rows can see (window.py's `first_visible_block`), not
+from block 0: blocks behind the window may have been given back (their table entries are `FREED_BLOCK`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..window import cdiv, first_visible_block
 from .base import AttentionBackend, AttentionMetadata
 
 
@@ -21,8 +25,8 @@ def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     vc.index_copy_(0, slots, v)
 
 
-def gather_kv(cache: torch.Tensor, blocks: list[int], n: int) -> torch.Tensor:
-    """(n, KVH, D) of one sequence, in token order, from its block list."""
+def gather_kv(cache: torch.Tensor, blocks: list[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """(n, KVH, D) of one sequence, in token order, from its block list (or a part of it)."""
     idx = torch.as_tensor(blocks, device=cache.device, dtype=torch.long)
     return cache.index_select(0, idx).flatten(0, 1)[:n]
 
@@ -78,22 +82,36 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     return o.squeeze(0).transpose(0, 1)
 
 
+def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks, ctx: int,
+                  block_size: int, scale: float, *, window: int | None = None, limit: torch.Tensor | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
+    """q (n, H, D): the last n of a sequence's `ctx` tokens, whose K/V are in the caches through `blocks` (its
+    block table: a host list or a device row). Only the blocks from the first one the rows can see are
+    gathered, and positions shift by that block's first key (the mask is translation-invariant; `limit`, in
+    absolute positions, shifts with them). Returns (n, H, D)."""
+    first = first_visible_block(ctx - q.shape[0], window, block_size)
+    off = first * block_size
+    part = blocks[first:cdiv(ctx, block_size)]
+    kk, vv = gather_kv(k_cache, part, ctx - off), gather_kv(v_cache, part, ctx - off)
+    lim = None if limit is None or off == 0 else limit - off
+    return attend_one(q, kk, vv, scale, window=window, limit=lim, softcap=softcap)
+
+
 class TorchRefBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         qsl, lens, bts = meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables_host
-        bs = self.block_size
         for i in range(meta.num_seqs):
             s, e, ctx = qsl[i], qsl[i + 1], lens[i]
             if e == s:
                 continue
-            if e - s == ctx:  # whole sequence in this chunk: its K/V are the fresh ones
-                kk, vv = k[s:e], v[s:e]
-            else:
-                blocks = bts[i][: -(-ctx // bs)]
-                kk, vv = gather_kv(k_cache, blocks, ctx), gather_kv(v_cache, blocks, ctx)
             lim = meta.attn_limit[s:e] if meta.attn_limit is not None and i >= meta.num_decodes else None
-            out[s:e] = attend_one(q[s:e], kk, vv, self.scale, window=window, limit=lim, softcap=self.softcap)
+            if e - s == ctx:  # whole sequence in this chunk: its K/V are the fresh ones
+                out[s:e] = attend_one(q[s:e], k[s:e], v[s:e], self.scale, window=window, limit=lim,
+                                      softcap=self.softcap)
+            else:
+                out[s:e] = attend_cached(q[s:e], k_cache, v_cache, bts[i], ctx, self.block_size, self.scale,
+                                         window=window, limit=lim, softcap=self.softcap)
         return out

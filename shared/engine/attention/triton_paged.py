@@ -12,7 +12,7 @@ import os
 import torch
 
 from .base import AttentionBackend, AttentionMetadata
-from .torch_ref import attend_one
+from .torch_ref import attend_cached, attend_one
 
 
 class TritonPagedBackend(AttentionBackend):
@@ -60,15 +60,13 @@ class TritonPagedBackend(AttentionBackend):
                           window=window, attn_limit=meta.attn_limit, softcap=self.softcap)
             return out
         lens = meta.seq_lens_host
-        bs = self.block_size
         for i in range(nd, meta.num_seqs):
             s, e, ctx = qsl[i], qsl[i + 1], lens[i]
-            if e - s == ctx:
-                kk, vv = k[s:e], v[s:e]
-            else:  # chunk after a cached prefix: gather the whole context from the blocks (device-side table)
-                blocks = meta.block_tables[i, : -(-ctx // bs)].long()
-                kk = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
-                vv = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
             lim = meta.attn_limit[s:e] if meta.attn_limit is not None else None
-            out[s:e] = attend_one(q[s:e], kk, vv, self.scale, window=window, limit=lim, softcap=self.softcap)
+            if e - s == ctx:
+                out[s:e] = attend_one(q[s:e], k[s:e], v[s:e], self.scale, window=window, limit=lim,
+                                      softcap=self.softcap)
+            else:  # chunk after a cached prefix: gather the visible context from the blocks (device-side table)
+                out[s:e] = attend_cached(q[s:e], k_cache, v_cache, meta.block_tables[i], ctx, self.block_size,
+                                         self.scale, window=window, limit=lim, softcap=self.softcap)
         return out

@@ -3,7 +3,8 @@
 Sequence s owns query rows [qsl[s], qsl[s+1]) of the flat batch: the last n = qsl[s+1] - qsl[s] of its
 ctx = seq_lens[s] tokens. Its keys are
   (a) the cached prefix, tokens [0, ctx - n), read from the paged cache through its block table: every query
-      sees all of them, so no mask;
+      sees all of them, so no mask; in a sliding layer a program starts at the first key its first row can
+      see (window.py's rule), so a block behind the window, which may have been given back, is never read;
   (b) the chunk itself, tokens [ctx - n, ctx), read from the step's fresh k / v rows (rotary applied), causal.
 One flash-attention pass (online softmax, exp2) covers both, so there is no gather, no dense mask and no
 per-shape plan: lengths are read on the device, and the same compiled kernel serves any chunk / context
