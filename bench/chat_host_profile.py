@@ -107,12 +107,12 @@ TARGETS = [
 ]
 
 
-def _targets(tokenizer: Any) -> list[tuple[str, Any, str]]:
+def _targets(tokenizer: Any, targets: list[tuple[str, str, str]] | None = None) -> list[tuple[str, Any, str]]:
     """(stage, owner, attribute) of the targets this tree has; the owner is a module or a class."""
     import importlib
 
     out = []
-    for name, module, path in TARGETS:
+    for name, module, path in TARGETS if targets is None else targets:
         try:
             owner: Any = type(tokenizer) if module == "<tokenizer>" else importlib.import_module(module)
             *classes, attr = path.split(".")
@@ -125,9 +125,10 @@ def _targets(tokenizer: Any) -> list[tuple[str, Any, str]]:
     return out
 
 
-def patch(timer: StageTimer, tokenizer: Any) -> Callable[[], None]:
+def patch(timer: StageTimer, tokenizer: Any, targets: list[tuple[str, str, str]] | None = None) -> Callable[[], None]:
+    """Wrap every target (default TARGETS) in `timer`; returns the function that takes the wrappers off."""
     undo = []
-    for name, owner, attr in _targets(tokenizer):
+    for name, owner, attr in _targets(tokenizer, targets):
         own = attr in vars(owner)  # an inherited method is shadowed, then the shadow removed
         orig = getattr(owner, attr)
         setattr(owner, attr, timer.wrap(name, orig))

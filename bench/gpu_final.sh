@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU call for a session's end: the GPU tests (-m gpu over the whole suite), the served benchmark under MPS,
-# the prefix-cache TTFT section and the structured-outputs cost at batch 1 and 64 (under py-spy when its wheel
-# is in .whl). Carry .whl (see bench/gpu_serve_run.sh). Results under $OUT.
-#   bash bench/gpu_final.sh            # TESTS=0 / SERVE=0 / PREFIX=0 / STRUCTURED=0 skip a part
+# One GPU call for a session's end: the GPU tests (-m gpu), the prefix-cache TTFT section, where a cached turn's
+# time goes (bench/chat_host_profile.py on the GPU, cache on and off), the structured-outputs cost at batch 1 and
+# 64 with its host stages, and the served benchmark under MPS. Carry .whl (bench/gpu_wheels.sh fills it).
+#   bash bench/gpu_final.sh     # TESTS=0 / PREFIX=0 / STAGES=0 / STRUCTURED=0 / SERVE=0 skip a part;
+#                               # PYSPY=1 runs the prefix section under py-spy (collapsed stacks; bench/pyspy_top.py)
 cd "$(dirname "$0")/.."
 NAME=gpu_final . bench/gpu_common.sh
 if [ "${TESTS:-1}" = 1 ]; then
@@ -13,18 +14,24 @@ MODEL=/tmp/mmpipe-bench/qwen2_5_vl_3b_random
 python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; }
 if [ "${PREFIX:-1}" = 1 ]; then
   say "prefix cache ttft"
-  timeout 200 python3 bench/prefix_cache_bench.py --model "$MODEL" --sections ttft --out "$OUT/prefix_cache_ttft" \
-    | tail -12
+  PB="python3 bench/prefix_cache_bench.py --model $MODEL --sections ttft --out $OUT/prefix_cache_ttft"
+  if [ "${PYSPY:-0}" = 1 ]; then
+    timeout 240 py-spy record --rate 1000 --format raw -o "$OUT/prefix.pyspy.txt" -- $PB | tail -12
+  else
+    timeout 200 $PB | tail -12
+  fi
+fi
+if [ "${STAGES:-1}" = 1 ]; then
+  for side in on off; do
+    say "cached-turn host stages, prefix cache $side"
+    timeout 150 python3 bench/chat_host_profile.py --model "$MODEL" --device cuda --repeats 15 --threads 4 \
+      $([ $side = off ] && echo --no-prefix-cache) --json "$OUT/chat_stages_$side.json" | tail -42
+  done
 fi
 if [ "${STRUCTURED:-1}" = 1 ]; then
   say "structured bench"
-  SB="python3 bench/structured_bench.py --model $MODEL --batches 1,64 --repeats 3 --out $OUT/structured"
-  if command -v py-spy >/dev/null; then
-    timeout 200 py-spy record --subprocesses --rate 100 --format raw -o "$OUT/structured.pyspy.txt" -- $SB \
-      || say "py-spy run failed"
-  else
-    timeout 200 $SB
-  fi
+  timeout 240 python3 bench/structured_bench.py --model "$MODEL" --batches 1,64 --repeats 3 --stages \
+    --out "$OUT/structured"
 fi
 if [ "${SERVE:-1}" = 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

@@ -22,9 +22,22 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (str(REPO), str(REPO / "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+STAGES = [  # (stage, module, attribute): exclusive host time per decode step
+    ("engine: step (other)", "mmpipe.shared.engine.llm_engine", "LLMEngine.step"),
+    ("engine: schedule", "mmpipe.shared.engine.scheduler", "Scheduler.schedule"),
+    ("engine: execute (other)", "mmpipe.shared.engine.model_runner", "ModelRunner.execute"),
+    ("engine: sample (other; GPU wait)", "mmpipe.shared.engine.sampler", "Sampler.__call__"),
+    ("grammar: add (matcher)", "mmpipe.shared.structured.masks", "StructuredOutputs.add"),
+    ("grammar: advance", "mmpipe.shared.structured.masks", "StructuredOutputs.advance"),
+    ("grammar: prefetch", "mmpipe.shared.structured.masks", "StructuredOutputs.prefetch"),
+    ("grammar: fill (waits for the prefetch)", "mmpipe.shared.structured.masks", "StructuredOutputs.fill"),
+    ("grammar: apply mask", "mmpipe.shared.engine.sampler", "apply_grammar_mask"),
+    ("run loop (other)", "mmpipe.shared.runner", "run_to_completion"),
+]
 DEFAULT_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 
 
@@ -42,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--schema", default=None, help="a JSON schema (default: one long string field)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--stages", action="store_true", help="also a run with the host stages timed")
     args = ap.parse_args(argv)
     import torch
 
@@ -80,8 +94,22 @@ def main(argv: list[str] | None = None) -> int:
                "out_tok_s": round(toks[i] / walls[i], 1)}
         if grammar:  # every answer must parse and hold the schema's field
             row["valid"] = sum(_valid(o.outputs[0].text) for o in outs)
+        if args.stages:
+            row["stages_ms_per_step"] = timed_stages(lambda: llm.generate(prompts, sp, use_tqdm=False))
         log(row)
         return row
+
+    def timed_stages(fn) -> dict[str, float]:
+        from chat_host_profile import StageTimer, patch
+
+        timer = StageTimer()
+        restore = patch(timer, llm.tokenizer, STAGES)
+        try:
+            outs = fn()
+        finally:
+            restore()
+        steps = max(len(o.outputs[0].token_ids) for o in outs)
+        return {k: round(1e3 * v / steps, 4) for k, v in sorted(timer.take().items(), key=lambda kv: -kv[1])}
 
     for n in batches:
         off, on = run(n, False), run(n, True)
@@ -99,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['batch']} | {'json schema' if r['grammar'] else 'none'} | {r['wall_s']} | {r['steps']} | "
                      f"{r['ms_per_step']} | {r['out_tok_s']} | {r.get('ratio_ms_per_step', '')} | "
                      f"{r.get('valid', '')} |")
+    if args.stages:
+        lines += ["", "Host stages, exclusive ms per step (a run of its own, wrappers on):", "",
+                  "| stage | " + " | ".join(f"batch {r['batch']} {'grammar' if r['grammar'] else 'none'}"
+                                            for r in res["rows"]) + " |",
+                  "|---|" + "---:|" * len(res["rows"])]
+        names = list(dict.fromkeys(k for r in res["rows"] for k in r["stages_ms_per_step"]))
+        for k in names:
+            lines.append(f"| {k} | " + " | ".join(str(r["stages_ms_per_step"].get(k, "")) for r in res["rows"]) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
