@@ -527,3 +527,33 @@ def test_gemma3_sliding_window_and_bidirectional_images_on_cuda():
         assert engine.stats["graph_steps"] > 0 and engine.stats["mixed_graph_steps"] > 0, engine.stats
         del engine
         _free_gpu()
+
+
+@pytest.mark.parametrize("kw", [dict(block_size=4, kv_cache_blocks=64),
+                                dict(block_size=8, kv_cache_blocks=6, max_num_batched_tokens=8),
+                                dict(block_size=4, kv_cache_blocks=10)], ids=["one-step", "chunked", "preemption"])
+def test_window_blocks_freed_on_cuda(kw):
+    """The all-sliding tiny Mistral 3 (window 24) in fp32 through the Triton kernels and both kinds of CUDA graphs
+    while the blocks behind the window are given back (their table entries FREED_BLOCK, the blocks reused by
+    other sequences): token-identical to transformers' generate on the CPU (test_window_kv.py's oracle)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from offline_helpers import chat_prompt, hf_generate
+    from test_window_kv import OUT, TEXTS, GREEDY
+
+    from mmpipe import LLM
+    from mmpipe.shared.models.tiny import ensure_tiny_model
+
+    path = str(ensure_tiny_model("mistral3"))
+    prompts = [chat_prompt(path, [{"role": "user", "content": t}]) for t in TEXTS]
+    refs = [hf_generate(path, p, max_new_tokens=OUT, add_special_tokens=False) for p in prompts]
+    llm = LLM(path, device="cuda", dtype="float32", **kw)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    eng = llm.engine
+    assert eng.stats["window_freed_blocks"] > 0 and eng.stats["graph_steps"] > 0, eng.stats
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    del llm, eng
+    _free_gpu()
