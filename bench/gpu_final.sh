@@ -32,6 +32,8 @@ if [ "${STRUCTURED:-1}" = 1 ]; then
   say "structured bench"
   timeout 240 python3 bench/structured_bench.py --model "$MODEL" --batches 1,64 --repeats 3 --stages \
     --out "$OUT/structured"
+  [ "${NO_PREFETCH:-1}" = 1 ] && timeout 120 python3 bench/structured_bench.py --model "$MODEL" --batches 64 \
+    --repeats 3 --no-prefetch --out "$OUT/structured_no_prefetch"
 fi
 if [ "${SERVE:-1}" = 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

@@ -56,18 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schema", default=None, help="a JSON schema (default: one long string field)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--stages", action="store_true", help="also a run with the host stages timed")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="experiment: no background mask computation (each step's fill computes its masks)")
     args = ap.parse_args(argv)
     import torch
 
     from mmpipe import LLM, SamplingParams
     from mmpipe.shared.structured.params import StructuredOutputsParams
 
+    if args.no_prefetch:
+        from mmpipe.shared.structured.masks import StructuredOutputs
+
+        StructuredOutputs.prefetch = lambda self, seqs: None  # fill() then computes every mask itself
     schema = json.loads(args.schema) if args.schema else DEFAULT_SCHEMA
     batches = [int(x) for x in args.batches.split(",") if x]
     llm = LLM(args.model, device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
               max_num_seqs=max(64, max(batches)), enable_prefix_caching=False)
     cuda = str(llm.adapter.device).startswith("cuda")
-    res: dict[str, Any] = {"model": args.model, "device": str(llm.adapter.device),
+    res: dict[str, Any] = {"model": args.model, "device": str(llm.adapter.device), "prefetch": not args.no_prefetch,
                            "gpu": torch.cuda.get_device_name(0) if cuda else None, "tokens": args.tokens,
                            "schema": schema, "rows": []}
 
