@@ -5,7 +5,7 @@
 #   bash bench/gpu_final.sh     # TESTS=0 / PREFIX=0 / STAGES=0 / STRUCTURED=0 / SERVE=0 skip a part;
 #                               # PYSPY=1 runs the prefix section under py-spy (collapsed stacks; bench/pyspy_top.py)
 cd "$(dirname "$0")/.."
-NAME=gpu_final . bench/gpu_common.sh
+NAME=gpu_final; . bench/gpu_common.sh
 if [ "${TESTS:-1}" = 1 ]; then
   say "gpu tests"
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_engine_gpu.py tests/test_towers.py tests/test_pixel_wire.py} 2>&1 | tail -15

@@ -5,7 +5,7 @@
 # bench at batch 64 (py-spy, if its wheel is in .whl). Carry .whl. Results under $OUT.
 #   CAPS="100 60 40" bash bench/gpu_mps_caps.sh
 cd "$(dirname "$0")/.."
-NAME=gpu_mps_caps . bench/gpu_common.sh
+NAME=gpu_mps_caps; . bench/gpu_common.sh
 MODEL=/tmp/mmpipe-bench/qwen2_5_vl_3b_random
 python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; }
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

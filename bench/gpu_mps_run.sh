@@ -4,7 +4,7 @@
 # Gemma-3-sized decode row of `make bench`. Carry .whl (see bench/gpu_serve_run.sh). Results under $OUT.
 #   bash bench/gpu_mps_run.sh
 cd "$(dirname "$0")/.."
-NAME=gpu_mps_run . bench/gpu_common.sh
+NAME=gpu_mps_run; . bench/gpu_common.sh
 if [ -n "${GPU_TESTS:-}" ]; then  # e.g. GPU_TESTS="tests/test_towers.py tests/test_engine_gpu.py" GPU_K="gemma3 or cuda_tower"
   say "gpu tests: $GPU_TESTS"
   # shellcheck disable=SC2086
