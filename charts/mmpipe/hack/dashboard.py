@@ -138,11 +138,14 @@ def build() -> dict:
         (f'max by (pod) (mmpipe_generator_engine_kv_cache_usage_ratio{{{SEL}}})', "{{pod}}")],
         "percentunit", 0, y, max_=1, description="Near 1 with waiting requests: admission is limited by KV memory "
                                                  "(raise gpu_memory_utilization or add replicas)."))
-    p.append(panel(16, "Engine steps per second by kind, and preemptions", [
+    p.append(panel(16, "Engine steps per second by kind, preemptions, blocks freed behind the window", [
         (f'sum by (kind) (rate(mmpipe_generator_engine_steps_total{{{SEL}}}[{RI}]))', "steps {{kind}}"),
-        (f'sum (rate(mmpipe_generator_engine_preemptions_total{{{SEL}}}[{RI}]))', "preemptions")],
+        (f'sum (rate(mmpipe_generator_engine_preemptions_total{{{SEL}}}[{RI}]))', "preemptions"),
+        (f'sum (rate(mmpipe_generator_engine_window_freed_blocks_total{{{SEL}}}[{RI}]))', "window-freed blocks")],
         "short", 12, y, description="eager steps on a GPU mean steps no CUDA graph fits (over 8 prefill chunks or "
-                                    "--enforce-eager); preemptions mean the KV cache ran out.")); y += 8
+                                    "--enforce-eager); preemptions mean the KV cache ran out; window-freed blocks "
+                                    "are KV blocks given back mid-sequence behind the sliding window (models "
+                                    "whose every layer is windowed).")); y += 8
     p.append(panel(40, "Prefix cache hit rate (prompt tokens served from cached KV blocks)", [
         (f'sum (rate(mmpipe_generator_prefix_cache_hits_tokens_total{{{SEL}}}[{RI}])) / '
          f'clamp_min(sum (rate(mmpipe_generator_prefix_cache_queries_tokens_total{{{SEL}}}[{RI}])), 1)', "hit rate")],
