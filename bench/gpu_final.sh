@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU call for a session's end: the GPU tests (-m gpu), the prefix-cache TTFT section, where a cached turn's
-# time goes (bench/chat_host_profile.py on the GPU, cache on and off), the structured-outputs cost at batch 1 and
-# 64 with its host stages, and the served benchmark under MPS. Carry .whl (bench/gpu_wheels.sh fills it).
-#   bash bench/gpu_final.sh     # TESTS=0 / PREFIX=0 / STAGES=0 / STRUCTURED=0 / SERVE=0 skip a part;
+# One GPU call for a session's end: the GPU tests (-m gpu), the prefill kernel's key splits and the kernels of a
+# cached turn (bench/prefill_attn_probe.py --splits, bench/cached_turn_kernels.py), the prefix-cache TTFT
+# section, where a cached turn's time goes (bench/chat_host_profile.py on the GPU, cache on and off), the
+# structured-outputs cost at batch 1 and 64 with its host stages, and the served benchmark under MPS. Carry .whl (bench/gpu_wheels.sh fills it).
+#   bash bench/gpu_final.sh     # TESTS=0 / KERNELS=0 / PREFIX=0 / STAGES=0 / STRUCTURED=0 / SERVE=0 skip a part;
 #                               # PYSPY=1 runs the prefix section under py-spy (collapsed stacks; bench/pyspy_top.py)
 cd "$(dirname "$0")/.."
 NAME=gpu_final; . bench/gpu_common.sh
@@ -12,6 +13,13 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 MODEL=/tmp/mmpipe-bench/qwen2_5_vl_3b_random
 python3 bench/build_3b_model.py "$MODEL" || { say "model build failed"; exit 1; }
+if [ "${KERNELS:-1}" = 1 ]; then
+  say "prefill attention probe, key splits"
+  timeout 150 python3 bench/prefill_attn_probe.py --skip-old --splits 1,2,4,8 --out "$OUT/prefill_attn_splits.json" \
+    | grep -v "^\[sdpa"
+  say "cached-turn kernels"
+  timeout 240 python3 bench/cached_turn_kernels.py --model "$MODEL" --out "$OUT/cached_turn_kernels"
+fi
 if [ "${PREFIX:-1}" = 1 ]; then
   say "prefix cache ttft"
   PB="python3 bench/prefix_cache_bench.py --model $MODEL --sections ttft --out $OUT/prefix_cache_ttft"

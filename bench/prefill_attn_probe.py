@@ -7,6 +7,10 @@ call (no sync) and GPU time per call (events over 20 calls). Shapes of a 3B mode
 
     python bench/prefill_attn_probe.py --out bench/results/prefill_attn_probe.json
     python bench/prefill_attn_probe.py --skip-old --tiles 64x64w4s2,128x64w8s3,128x32w4s3 --out ...
+    python bench/prefill_attn_probe.py --skip-old --splits 1,2,4,8 --out ...   # key splits per query block
+
+`--splits` times the kernel with each fixed number of key splits per query block ("triton" itself uses the
+engine's choice, `choose_prefill_splits` on this GPU's SM count).
 
 `--tiles` times the Triton kernel at each (BLOCK_M x BLOCK_N, warps, stages) tile against the default one.
 """
@@ -21,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from mmpipe.shared.engine.attention.torch_ref import attend_one
-from mmpipe.shared.engine.kernels.triton_prefill import prefill_attention, prefill_block_m, prefill_work
+from mmpipe.shared.engine.kernels.triton_prefill import (choose_prefill_splits, prefill_attention, prefill_block_m,
+                                                          prefill_work)
 
 SHAPES = [(1000, 0), (2048, 0), (731, 0), (500, 500), (1000, 1000), (137, 863), (731, 269), (389, 611),
-          (1523, 477), (64, 936)]
+          (1523, 477), (64, 936), (104, 896), (104, 992), (256, 0), (512, 512)]
 
 
 def main(argv=None):
@@ -36,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=36, help="only scales the per-step estimate")
     ap.add_argument("--tiles", default="", help="Triton tiles to compare, e.g. 64x64w4s2,128x64w8s3")
     ap.add_argument("--skip-old", action="store_true", help="skip the previous SDPA path")
+    ap.add_argument("--splits", default="", help="fixed key splits per query block to compare, e.g. 1,2,4,8")
     args = ap.parse_args(argv)
     H, KVH, D, page = args.heads, args.kv_heads, args.head_dim, 16
     dev, dt = "cuda", torch.bfloat16
@@ -71,6 +77,7 @@ def main(argv=None):
             print(f"[sdpa first chunk 1000, bf16] {b.name:20s} enable_gqa={gqa}: {r}", flush=True)
 
     perm = torch.randperm(nb, device=dev)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for n, pre in SHAPES:
         ctx = n + pre
         nblk = -(-ctx // page)
@@ -95,10 +102,13 @@ def main(argv=None):
                 vv = vc.index_select(0, blocks).flatten(0, 1)[:ctx]
             return attend_one(q, kk, vv, scale)
 
-        def triton_fn(tile=None):
+        def triton_fn(tile=None, splits=None):
             work = tuple(torch.tensor(w, dtype=torch.int32, device=dev)
                          for w in prefill_work([n], tile[0] if tile else prefill_block_m(q.dtype)))
-            return lambda: prefill_attention(q, k, v, kc, vc, bt, sl, qsl, work, scale, tile=tile)
+            if splits is None:  # the engine's choice (attention/triton_paged.py)
+                splits = choose_prefill_splits(work[0].shape[0], H, sms)
+            return lambda: prefill_attention(q, k, v, kc, vc, bt, sl, qsl, work, scale, tile=tile,
+                                             num_splits=splits)
 
         variants = ([] if args.skip_old else [("sdpa_old", old)]) + [("triton", triton_fn())]
         for spec in [x for x in args.tiles.split(",") if x]:
@@ -106,6 +116,8 @@ def main(argv=None):
             bn, rest = rest.split("w")
             warps, stages = rest.split("s")
             variants.append((f"triton_{spec}", triton_fn((int(bm), int(bn), int(warps), int(stages)))))
+        for sp in [int(x) for x in args.splits.split(",") if x]:
+            variants.append((f"triton_splits{sp}", triton_fn(splits=sp)))
 
         row = {"n": n, "prefix": pre}
         ref = None

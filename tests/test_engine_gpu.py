@@ -91,6 +91,13 @@ def test_prefill_with_prefix_matches_reference(dtype, tol, heads, kv_heads, head
     for i, (n, pre) in enumerate(rows):
         s, e = qsl[i], qsl[i + 1]
         assert _rel(got[s:e], want[s:e]) < tol, (i, n, pre, _rel(got[s:e], want[s:e]))
+    for splits in (2, 4, 8):  # each query block's keys split over programs and merged agree too
+        tri.prefill_splits = lambda *_, n=splits: n
+        got = tri.forward(q, k, v, kc, vc, meta)
+        for i, (n, pre) in enumerate(rows):
+            s, e = qsl[i], qsl[i + 1]
+            assert _rel(got[s:e], want[s:e]) < tol, (splits, i, n, pre, _rel(got[s:e], want[s:e]))
+    del tri.prefill_splits
     tri.prefill_impl = "sdpa"  # the previous path stays available for A/B runs and agrees too
     old = tri.forward(q, k, v, kc, vc, meta)
     assert _rel(old[3:], want[3:]) < tol

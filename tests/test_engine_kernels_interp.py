@@ -1,7 +1,8 @@
 """The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
 references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, paged decode with the split
 merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels (and the grammar bitmask); ("masked") decode
-and prefill under a sliding window, bidirectional image limits and a soft-cap, with Gemma's (1 + weight) norm; and
+and prefill (one program per query block, and split over programs) under a sliding window, bidirectional
+image limits and a soft-cap, with Gemma's (1 + weight) norm; and
 ("behind_window") that no windowed read, Triton or torch, touches a block behind the window (window.py).
 
 TRITON_INTERPRET must be set before triton is imported, so each test runs this file as a script in a fresh
@@ -243,11 +244,14 @@ def check_masked():
                 vcs[tables[i][pos // page], pos % page] = v[qsl[i] + j]
         lim = torch.cat([torch.arange(prefix[0], ctx[0]), torch.arange(prefix[1], ctx[1])]).to(torch.int32)
         lim[chunk[0] + 3:chunk[0] + 9] = prefix[1] + 8
-        seqs, blks = prefill_work(chunk, 32)
-        work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
-        for limits in (None, lim):
+        # one program per query block, and each block's keys split over 3 programs of 16-key tiles (pieces
+        # that cross the prefix / chunk boundary, and an empty one for the shorter sequence) merged after
+        for limits, tile, splits in ((None, None, 1), (lim, None, 1), (None, (16, 16, 4, 2), 3),
+                                     (lim, (16, 16, 4, 2), 3)):
+            seqs, blks = prefill_work(chunk, tile[0] if tile else 32)
+            work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
             out = prefill_attention(q, k, v, kcs, vcs, bt[:2], ctx, qsl, work, scale, window=window,
-                                    attn_limit=limits, softcap=softcap)
+                                    attn_limit=limits, softcap=softcap, tile=tile, num_splits=splits)
             for i in range(2):
                 s, e, n = int(qsl[i]), int(qsl[i + 1]), int(ctx[i])
                 want = attend_one(q[s:e], gather_kv(kcs, tables[i], n), gather_kv(vcs, tables[i], n), scale,
@@ -337,12 +341,13 @@ def check_behind_window():
     want = torch.cat([attend_one(q[qsl[i]:qsl[i + 1]], gather_kv(kc, tables[i], ctx[i]),
                                  gather_kv(vc, tables[i], ctx[i]), scale, window=window) for i in range(2)])
     k2, v2, bts = poisoned(prefix, nb - 1)
-    seqs, blks = prefill_work(chunk, 32)
-    work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
     i32 = dict(dtype=torch.int32)
-    got = prefill_attention(q, k, v, k2, v2, torch.tensor(bts, **i32), torch.tensor(ctx, **i32),
-                            torch.tensor(qsl, **i32), work, scale, window=window)
-    same("triton prefill", got, want)
+    for tile, splits in ((None, 1), ((16, 16, 4, 2), 2)):
+        seqs, blks = prefill_work(chunk, tile[0] if tile else 32)
+        work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
+        got = prefill_attention(q, k, v, k2, v2, torch.tensor(bts, **i32), torch.tensor(ctx, **i32),
+                                torch.tensor(qsl, **i32), work, scale, window=window, tile=tile, num_splits=splits)
+        same(f"triton prefill, {splits} split(s)", got, want)
     # the torch paths, through the backends' forward: a decode row (the third table) and the two chunks
     k2, v2, bts = poisoned(prefix + [lens[2] - 1], FREED_BLOCK)
     dq = torch.randn(1, H, D)

@@ -23,13 +23,15 @@ class TritonPagedBackend(AttentionBackend):
         if self.head_dim & (self.head_dim - 1) or self.head_dim < 16:
             raise ValueError(f"the triton backend needs a power-of-two head_dim >= 16, got {self.head_dim}")
         from ..kernels.triton_attention import choose_num_splits, paged_decode
-        from ..kernels.triton_prefill import prefill_attention, prefill_block_m, prefill_work
+        from ..kernels.triton_prefill import choose_prefill_splits, prefill_attention, prefill_block_m, prefill_work
 
         self._paged_decode = paged_decode
         self._prefill = prefill_attention
         self._prefill_work = prefill_work
         self._prefill_block_m = prefill_block_m
         self._choose = choose_num_splits
+        self._choose_prefill = choose_prefill_splits
+        self.prefill_max_splits = 8  # 1: one program per query block and head (benchmarks' A/B)
         # the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) runs without a GPU; its SM count is moot
         self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
                         if torch.cuda.is_available() else 8)
@@ -39,6 +41,12 @@ class TritonPagedBackend(AttentionBackend):
 
     def num_splits(self, num_seqs: int) -> int:
         return self._choose(num_seqs, self.num_kv_heads, self.num_sms)
+
+    def prefill_splits(self, work_items: int, num_rows: int, block_m: int) -> int:
+        """Key splits per query block: from the work list's length, or in a CUDA graph (whose list is padded)
+        from the most query blocks the step's rows can hold, whichever is smaller."""
+        items = min(work_items, -(-num_rows // block_m))
+        return self._choose_prefill(items, self.num_heads, self.num_sms, self.prefill_max_splits)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
@@ -55,9 +63,11 @@ class TritonPagedBackend(AttentionBackend):
                                                   self._prefill_block_m(q.dtype))
                 meta.prefill_work = tuple(torch.tensor(w, dtype=torch.int32).to(q.device, non_blocking=True)
                                           for w in (seqs, blocks))
+            block_m = self._prefill_block_m(q.dtype)
+            splits = self.prefill_splits(meta.prefill_work[0].shape[0], q.shape[0], block_m)
             self._prefill(q, k, v, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
                           meta.query_start_loc_device(q.device)[nd:], meta.prefill_work, self.scale, out=out,
-                          window=window, attn_limit=meta.attn_limit, softcap=self.softcap)
+                          window=window, attn_limit=meta.attn_limit, softcap=self.softcap, num_splits=splits)
             return out
         lens = meta.seq_lens_host
         for i in range(nd, meta.num_seqs):

@@ -10,9 +10,12 @@ One flash-attention pass (online softmax, exp2) covers both, so there is no gath
 per-shape plan: lengths are read on the device, and the same compiled kernel serves any chunk / context
 lengths.
 
-Grid (work item, head). A work item is one (sequence, query block) pair from a device-side work list, so the
-grid has exactly as many live programs as the step has query blocks, and a CUDA graph can hold a list of
-fixed length whose unused entries (sequence -1) exit at once. `prefill_work` builds the list on the host.
+Grid (work item, head, split). A work item is one (sequence, query block) pair from a device-side work list,
+so the grid has exactly as many live programs as the step has query blocks, and a CUDA graph can hold a list
+of fixed length whose unused entries (sequence -1) exit at once. `prefill_work` builds the list on the host.
+With few work items (a short chunk after a long cached prefix) each query block's keys are split over
+`num_splits` programs, each keeping its own online softmax, and a second small kernel merges their partial
+outputs by their sum-exp (the decode kernel's split-K, by query block).
 """
 from __future__ import annotations
 
@@ -56,14 +59,15 @@ def _scores(q, k, qk_scale, cap_l2, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                    work_seq_ptr, work_blk_ptr, out_ptr, lim_ptr, qk_scale, window, cap_l2,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    work_seq_ptr, work_blk_ptr, out_ptr, part_o_ptr, part_lse_ptr, lim_ptr, qk_scale, window,
+                    cap_l2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                    HAS_LIM: tl.constexpr, SOFTCAP: tl.constexpr):
+                    HAS_LIM: tl.constexpr, SOFTCAP: tl.constexpr, NUM_SPLITS: tl.constexpr):
     w = tl.program_id(0)
     h = tl.program_id(1)
+    sp = tl.program_id(2)
     s_idx = tl.load(work_seq_ptr + w)
     if s_idx < 0:
         return
@@ -92,12 +96,26 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
     else:
         lim = offs_m
     first = pid_m * BLOCK_M - window + 1  # the first key any row of this block sees (sliding layers)
+    hi = tl.minimum(n, tl.max(tl.where(m_mask, lim, 0), axis=0) + 1)  # chunk keys [.., hi) are ever visible
+
+    # The block's keys, as absolute positions: [a0, prefix) from the cache, then [prefix, prefix + hi) from the
+    # chunk. Split sp takes the sp-th of NUM_SPLITS equal, BLOCK_N-aligned pieces of that span.
+    a0 = tl.maximum(prefix + first, 0)
+    a1 = prefix + hi
+    if NUM_SPLITS == 1:
+        s0 = a0
+        s1 = a1
+    else:
+        per = tl.cdiv(tl.cdiv(a1 - a0, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        s0 = a0 + sp * per
+        s1 = tl.minimum(s0 + per, a1)
 
     # (a) the cached prefix, through the block table; every row sees it, within its window
     bt_row = block_tables_ptr + s_idx.to(tl.int64) * stride_bt
-    for n0 in range(tl.maximum(prefix + first, 0), prefix, BLOCK_N):
+    pre_end = tl.minimum(s1, prefix)
+    for n0 in range(s0, pre_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nm = offs_n < prefix
+        nm = offs_n < pre_end
         page = tl.load(bt_row + offs_n // PAGE, mask=nm, other=0).to(tl.int64)
         off = page * stride_cb + (offs_n % PAGE).to(tl.int64) * stride_cs + kvh * stride_ch
         k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
@@ -107,10 +125,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
         m_i, l_i, acc = _online_update(s, vis, m_i, l_i, acc, v, IEEE)
 
     # (b) the chunk itself, from the fresh k / v rows; key j visible to row i when j <= lim[i] (causal: i)
-    hi = tl.minimum(n, tl.max(tl.where(m_mask, lim, 0), axis=0) + 1)
-    for n0 in range(tl.maximum(first, 0), hi, BLOCK_N):
+    c_end = s1 - prefix
+    for n0 in range(tl.maximum(s0, prefix) - prefix, c_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nm = offs_n < n
+        nm = offs_n < c_end
         krow = (q_start + offs_n).to(tl.int64)
         k = tl.load(k_ptr + krow[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=nm[:, None], other=0.0)
         s = _scores(q, k, qk_scale, cap_l2, IEEE, SOFTCAP)
@@ -119,7 +137,47 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
         m_i, l_i, acc = _online_update(s, vis, m_i, l_i, acc, v, IEEE)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+    else:  # this split's normalised partial and its log2-sum-exp2 (-inf: it saw no key), merged by _merge_kernel
+        part = (rows * tl.num_programs(1) + h) * NUM_SPLITS + sp
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=m_mask[:, None])
+        tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf")), mask=m_mask)
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, work_seq_ptr, work_blk_ptr, out_ptr, stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """The rows of one work item's query block, one head: its splits' partials weighted by their sum-exp."""
+    w = tl.program_id(0)
+    h = tl.program_id(1)
+    s_idx = tl.load(work_seq_ptr + w)
+    if s_idx < 0:
+        return
+    pid_m = tl.load(work_blk_ptr + w)
+    q_start = tl.load(qsl_ptr + s_idx)
+    n = tl.load(qsl_ptr + s_idx + 1) - q_start
+    if pid_m * BLOCK_M >= n:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    d = tl.arange(0, HEAD_DIM)
+    rows = (q_start + offs_m).to(tl.int64)
+    base = (rows * tl.num_programs(1) + h) * NUM_SPLITS
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for sp in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(part_lse_ptr + base + sp, mask=m_mask, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for sp in tl.static_range(NUM_SPLITS):
+        wt = tl.exp2(tl.load(part_lse_ptr + base + sp, mask=m_mask, other=float("-inf")) - m)
+        o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=m_mask[:, None], other=0.0)
+        acc += o * wt[:, None]
+        den += wt
+    res = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], res.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None])
 
 
@@ -139,12 +197,24 @@ def prefill_work(chunk_lens: list[int], block_m: int) -> tuple[list[int], list[i
     return [i for i, _ in items], [m for _, m in items]
 
 
+def choose_prefill_splits(work_items: int, num_heads: int, num_sms: int, max_splits: int = 8) -> int:
+    """Splits of each query block's keys, so that a step with few query blocks (a short chunk after a long
+    cached prefix: 104 new tokens after 896 are 2 blocks x 16 heads = 32 programs for 132 SMs, each walking the
+    whole prefix alone) still fills the GPU about twice over; 1 when the blocks alone do. A power of two, so few
+    kernel variants exist."""
+    programs = max(1, work_items * num_heads)
+    if programs >= num_sms:
+        return 1
+    return min(max_splits, triton.next_power_of_2(-(-2 * num_sms // programs)))
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], scale: float,
                       out: torch.Tensor | None = None,
                       tile: tuple[int, int, int, int] | None = None, *, window: int | None = None,
-                      attn_limit: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+                      attn_limit: torch.Tensor | None = None, softcap: float | None = None,
+                      num_splits: int = 1) -> torch.Tensor:
     """Causal attention of S prefill chunks packed in q (T, H, D).
 
     k, v (T, KVH, D): this step's rotated keys / values, rows aligned with q (unit stride on D; other strides
@@ -153,7 +223,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     (need not start at 0). work: two (N,) int32 device tensors, sequence index and query block of each work
     item (`prefill_work` with `prefill_block_m(q.dtype)`, or with tile[0] when `tile` overrides TILES;
     sequence -1: nothing to do). `window`: a sliding layer's window; `attn_limit` (T,) int32: the last key
-    position each row may see (attention/base.py); `softcap`: tanh cap on the scaled scores.
+    position each row may see (attention/base.py); `softcap`: tanh cap on the scaled scores. `num_splits` > 1
+    splits each query block's keys over that many programs and merges their partials in a second launch
+    (`choose_prefill_splits`); the result is the same to rounding.
     Returns out (T, H, D): only the rows of the chunks are written."""
     T, H, D = q.shape
     KVH = k.shape[1]
@@ -163,13 +235,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         return out
     ieee = q.dtype == torch.float32
     block_m, block_n, warps, stages = tile or TILES[q.dtype]
-    _prefill_kernel[(work_seq.shape[0], H)](
+    if num_splits > 1:  # indexed by absolute row, like out: rows outside the work list are never read
+        part_o = torch.empty(T, H, num_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    _prefill_kernel[(work_seq.shape[0], H, num_splits)](
         q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, work_seq, work_blk, out,
-        attn_limit if attn_limit is not None else seq_lens, scale * _LOG2E,
+        part_o, part_lse, attn_limit if attn_limit is not None else seq_lens, scale * _LOG2E,
         NO_WINDOW if window is None else int(window), float(softcap or 1.0) * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        HAS_LIM=attn_limit is not None, SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages)
+        HAS_LIM=attn_limit is not None, SOFTCAP=softcap is not None, NUM_SPLITS=num_splits, num_warps=warps,
+        num_stages=stages)
+    if num_splits > 1:
+        _merge_kernel[(work_seq.shape[0], H)](
+            part_o, part_lse, query_start_loc, work_seq, work_blk, out, out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_M=block_m, NUM_SPLITS=num_splits, num_warps=4)
     return out

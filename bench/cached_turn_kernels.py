@@ -1,0 +1,125 @@
+"""Where the GPU time of a cached chat turn goes, kernel by kernel (issue 12's TTFT target, on the GPU).
+
+    python bench/cached_turn_kernels.py --out bench/results/cached_turn_kernels_h200     # the 3B-sized model
+
+bench/prefix_cache_bench.py's 3-turn conversation (one 448 px image, a ~1,000-token history by turn 3; each
+conversation over its own image, turn 1 encodes it and is not counted), on offline `LLM`s over the same model:
+the prefix cache on with the prefill kernel's key splits as the engine chooses them, on with one program per
+query block (`prefill_max_splits = 1`, the kernel before the splits), and the cache off. For each: the median
+wall time of turn 2 (`LLM.chat(max_tokens=1)`, the TTFT) over --repeats conversations, then one more turn 2
+under torch.profiler, whose CUDA kernels (CUDA-graph replays included) are summed by name: the GPU time of the
+turn, the kernels that take it, and the host time the GPU sat idle.
+
+Bounded: --repeats conversations a variant; writes <out>.json and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (str(REPO), str(REPO / "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+def kernel_table(prof) -> tuple[float, list[tuple[str, float, int]]]:
+    """(total GPU kernel us, [(kernel name, us, calls)] by time) of one profiled region."""
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            rec = per[e.name]
+            rec[0] += e.device_time
+            rec[1] += 1
+    rows = sorted(((n, t, int(c)) for n, (t, c) in per.items()), key=lambda r: -r[1])
+    return sum(t for _, t, _ in rows), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import prefix_cache_bench as pcb
+    from mmpipe import LLM
+    from transformers.utils.logging import disable_progress_bar
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=pcb.DEFAULT_3B_DIR)
+    p.add_argument("--image-size", type=int, default=448)
+    p.add_argument("--history-tokens", type=int, default=1000)
+    p.add_argument("--answer-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7, help="conversations timed per variant")
+    p.add_argument("--top", type=int, default=14, help="kernels listed per variant")
+    p.add_argument("--out", default="/tmp/cached_turn_kernels")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the harness (the tiny model, no kernels)")
+    a = p.parse_args(argv)
+    disable_progress_bar()
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    if a.device == "cpu":
+        from mmpipe.shared.models.tiny import ensure_tiny_model
+
+        a.model = str(ensure_tiny_model("qwen2_5_vl"))
+    elif not Path(a.model).exists():
+        import build_3b_model
+
+        build_3b_model.main([a.model])
+    # gpu_memory_utilization caps the whole GPU (vLLM's meaning): the second LLM's cap includes the first's share
+    llms = {side: LLM(a.model, device=a.device, enable_prefix_caching=side == "on", max_model_len=4096,
+                      gpu_memory_utilization=u) for side, u in (("on", 0.4), ("off", 0.8))}
+    ns = argparse.Namespace(answer_tokens=a.answer_tokens, image_size=a.image_size, history_tokens=a.history_tokens)
+    context, answer = pcb.calibrate_context(llms["off"], ns)
+    variants = [("cache on, key splits (engine's choice)", "on", 8), ("cache on, one program a query block", "on", 1),
+                ("cache off", "off", 8)]
+    res: dict = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__, "variants": {}}
+    seed = 0
+    for name, side, splits in variants:
+        llm = llms[side]
+        llm.engine.runner.attn.prefill_max_splits = splits
+        walls, info = [], None
+        for r in range(2 + a.repeats + 1):  # two warm-ups, the timed ones, one profiled
+            seed += 1
+            turns = pcb.conversation(seed, pcb.image(2000 + seed, a.image_size), context, answer)
+            pcb.timed_chat(llm, turns[0])
+            sync()
+            if r < 2 + a.repeats:
+                dt, outs = pcb.timed_chat(llm, turns[1])
+                if r >= 2:
+                    walls.append(dt * 1e3)
+                    info = (len(outs[0].prompt_token_ids), outs[0].num_cached_tokens)
+                continue
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                pcb.timed_chat(llm, turns[1])
+                sync()
+                prof_wall = (time.perf_counter() - t) * 1e3
+        gpu_us, rows = kernel_table(prof)
+        v = {"ttft_ms_median": statistics.median(walls), "ttft_ms": walls, "prompt_tokens": info[0],
+             "cached_tokens": info[1], "profiled_wall_ms": prof_wall, "gpu_kernel_ms": gpu_us / 1e3,
+             "kernels": [{"name": n, "us": t, "calls": c} for n, t, c in rows[:40]]}
+        res["variants"][name] = v
+        print(f"\n## {name}: TTFT median {v['ttft_ms_median']:.2f} ms ({info[0]} prompt tokens, {info[1]} cached); "
+              f"profiled turn: wall {prof_wall:.2f} ms, GPU kernels {gpu_us / 1e3:.2f} ms", flush=True)
+        for n, t, c in rows[:a.top]:
+            print(f"  {t:9.1f} us {c:5d}x  {n[:110]}")
+    on, off = (res["variants"][variants[i][0]]["ttft_ms_median"] for i in (0, 2))
+    res["on_over_off"] = on / off
+    print(f"\nTTFT turn 2, cache on / off: {on:.2f} / {off:.2f} ms = {on / off:.3f} (target <= 0.30)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(res, indent=1))
+    md = [f"# Cached-turn kernels, {res['device']}", "", "| variant | TTFT ms | GPU kernels ms | top kernel |",
+          "|---|---:|---:|---|"]
+    for name, v in res["variants"].items():
+        top = v["kernels"][0] if v["kernels"] else {"name": "-", "us": 0.0}
+        md.append(f"| {name} | {v['ttft_ms_median']:.2f} | {v['gpu_kernel_ms']:.2f} | {top['name'][:60]} "
+                  f"({top['us']:.0f} us) |")
+    Path(a.out + ".md").write_text("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
