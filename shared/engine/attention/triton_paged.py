@@ -17,6 +17,9 @@ from .torch_ref import attend_cached, attend_one
 
 class TritonPagedBackend(AttentionBackend):
     name = "triton"
+    # Most key splits per prefill query block (choose_prefill_splits). Read when a step runs, so a CUDA graph
+    # keeps the value it was captured with; benchmarks set the class attribute before building an engine.
+    prefill_max_splits = 8
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -31,7 +34,6 @@ class TritonPagedBackend(AttentionBackend):
         self._prefill_block_m = prefill_block_m
         self._choose = choose_num_splits
         self._choose_prefill = choose_prefill_splits
-        self.prefill_max_splits = 8  # 1: one program per query block and head (benchmarks' A/B)
         # the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) runs without a GPU; its SM count is moot
         self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
                         if torch.cuda.is_available() else 8)

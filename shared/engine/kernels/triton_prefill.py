@@ -148,8 +148,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
 
 @triton.jit
 def _merge_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, work_seq_ptr, work_blk_ptr, out_ptr, stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """The rows of one work item's query block, one head: its splits' partials weighted by their sum-exp."""
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  SPLITS_PAD: tl.constexpr):
+    """MERGE_M rows of one work item's query block, one head: the splits' partials weighted by their sum-exp.
+    Grid (work item, head, BLOCK_M // MERGE_M), so the merge reads the partials with many programs at once."""
     w = tl.program_id(0)
     h = tl.program_id(1)
     s_idx = tl.load(work_seq_ptr + w)
@@ -158,24 +160,24 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, work_seq_ptr, work_blk_ptr,
     pid_m = tl.load(work_blk_ptr + w)
     q_start = tl.load(qsl_ptr + s_idx)
     n = tl.load(qsl_ptr + s_idx + 1) - q_start
-    if pid_m * BLOCK_M >= n:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.program_id(2) * MERGE_M + tl.arange(0, MERGE_M)
     m_mask = offs_m < n
+    if pid_m * BLOCK_M + tl.program_id(2) * MERGE_M >= n:
+        return
     d = tl.arange(0, HEAD_DIM)
     rows = (q_start + offs_m).to(tl.int64)
     base = (rows * tl.num_programs(1) + h) * NUM_SPLITS
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for sp in tl.static_range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(part_lse_ptr + base + sp, mask=m_mask, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for sp in tl.static_range(NUM_SPLITS):
-        wt = tl.exp2(tl.load(part_lse_ptr + base + sp, mask=m_mask, other=float("-inf")) - m)
-        o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=m_mask[:, None], other=0.0)
-        acc += o * wt[:, None]
-        den += wt
+    sp = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(part_lse_ptr + base[:, None] + sp[None, :], mask=m_mask[:, None] & (sp < NUM_SPLITS)[None, :],
+                  other=float("-inf"))
+    m = tl.max(lse, axis=1)
+    wt = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # (MERGE_M, NUM_SPLITS)
+    den = tl.sum(wt, axis=1)
+    acc = tl.zeros([MERGE_M, HEAD_DIM], tl.float32)
+    for j in tl.static_range(NUM_SPLITS):
+        w_j = tl.sum(tl.where(sp[None, :] == j, wt, 0.0), axis=1)
+        o = tl.load(part_o_ptr + (base + j)[:, None] * HEAD_DIM + d[None, :], mask=m_mask[:, None], other=0.0)
+        acc += o * w_j[:, None]
     res = acc / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], res.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None])
@@ -251,7 +253,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         HAS_LIM=attn_limit is not None, SOFTCAP=softcap is not None, NUM_SPLITS=num_splits, num_warps=warps,
         num_stages=stages)
     if num_splits > 1:
-        _merge_kernel[(work_seq.shape[0], H)](
+        merge_m = min(16, block_m)
+        _merge_kernel[(work_seq.shape[0], H, block_m // merge_m)](
             part_o, part_lse, query_start_loc, work_seq, work_blk, out, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_M=block_m, NUM_SPLITS=num_splits, num_warps=4)
+            HEAD_DIM=D, BLOCK_M=block_m, MERGE_M=merge_m, NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
     return out
