@@ -17,8 +17,10 @@ if [ "${KERNELS:-1}" = 1 ]; then
   say "prefill attention probe, key splits"
   timeout 150 python3 bench/prefill_attn_probe.py --skip-old --splits 1,2,4,8 --out "$OUT/prefill_attn_splits.json" \
     | grep -v "^\[sdpa"
+  say "projection GEMMs at short-step sizes, default against TunableOp"
+  timeout 150 python3 bench/gemm_shapes_probe.py --out "$OUT/gemm_shapes.json"
   say "cached-turn kernels"
-  timeout 240 python3 bench/cached_turn_kernels.py --model "$MODEL" --out "$OUT/cached_turn_kernels"
+  timeout 300 python3 bench/cached_turn_kernels.py --model "$MODEL" --out "$OUT/cached_turn_kernels"
 fi
 if [ "${PREFIX:-1}" = 1 ]; then
   say "prefix cache ttft"
