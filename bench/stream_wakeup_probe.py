@@ -4,7 +4,8 @@ A server sends 64 small messages (40 bytes, a token's chunk) `--gap-ms` apart on
 own process receives them, and its CPU time (getrusage, user + system) per message is printed for three ways to
 receive: grpc.aio (what the gateway uses), a sync gRPC stream read in a thread that hands each message to the
 event loop, and a raw asyncio TCP stream (the floor for any Python asyncio receiver that sleeps between
-messages). Run: `python bench/stream_wakeup_probe.py --gap-ms 2` (and `--gap-ms 0` for back-to-back messages).
+messages). Run: `python bench/stream_wakeup_probe.py --gap-ms 2` (and `--gap-ms 0` for back-to-back messages;
+`--uvloop` receives on uvloop's event loop).
 """
 from __future__ import annotations
 
@@ -104,13 +105,15 @@ async def _client(mode: str, port: int, reps: int) -> float:
     return (_cpu() - t) / reps / N
 
 
-async def _main(gap_ms: float, reps: int) -> None:
+async def _main(gap_ms: float, reps: int, uv: bool) -> None:
     for mode, port in (("aio", 50991), ("thread", 50992), ("raw", 50993)):
         server = await (_raw_server if mode == "raw" else _grpc_server)(port, gap_ms / 1000)
         p = await asyncio.create_subprocess_exec(sys.executable, __file__, "--client", mode, "--port", str(port),
-                                                 "--reps", str(reps), stdout=asyncio.subprocess.PIPE)
+                                                 "--reps", str(reps), *(["--uvloop"] if uv else []),
+                                                 stdout=asyncio.subprocess.PIPE)
         out, _ = await p.communicate()
-        print(f"{mode:>6}  gap {gap_ms:g} ms: {float(out) * 1e6:.0f} us of receiver CPU per message", flush=True)
+        print(f"{mode:>6}{' uvloop' if uv else ''}  gap {gap_ms:g} ms: {float(out) * 1e6:.0f} us of receiver CPU "
+              "per message", flush=True)
         if mode == "raw":
             server.close()
         else:
@@ -123,8 +126,14 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--client")
     ap.add_argument("--port", type=int)
+    ap.add_argument("--uvloop", action="store_true", help="receive on uvloop's event loop instead of asyncio's")
     a = ap.parse_args()
     if a.client:
-        print(asyncio.run(_client(a.client, a.port, a.reps)))
+        if a.uvloop:
+            import uvloop
+
+            print(uvloop.run(_client(a.client, a.port, a.reps)))
+        else:
+            print(asyncio.run(_client(a.client, a.port, a.reps)))
     else:
-        asyncio.run(_main(a.gap_ms, a.reps))
+        asyncio.run(_main(a.gap_ms, a.reps, a.uvloop))

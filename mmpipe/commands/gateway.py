@@ -19,8 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from mmpipe.services.common import event_loop
     from mmpipe.services.common.logs import setup_logging
     from mmpipe.services.gateway.config import config_from_args
     from mmpipe.services.gateway.server import serve
@@ -36,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
         from mmpipe.services.gateway.workers import run_workers
 
         return run_workers(cfg)
-    asyncio.run(serve(cfg))
+    event_loop.run(serve(cfg))
     return 0

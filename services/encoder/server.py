@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from mmpipe.services.common import event_loop
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
 from mmpipe.services.common.metrics import ServiceMetrics
@@ -63,5 +64,5 @@ async def run(cfg: EncoderConfig) -> None:
 
 def main(cfg: EncoderConfig) -> int:
     setup_logging("encoder", cfg.server.log_level, cfg.server.log_format)
-    asyncio.run(run(cfg))
+    event_loop.run(run(cfg))
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mmpipe.services.common import event_loop
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
 from mmpipe.services.common.metrics import ServiceMetrics
@@ -46,5 +47,5 @@ async def run(cfg: IngestConfig) -> None:
 
 def main(cfg: IngestConfig) -> int:
     setup_logging("ingest", cfg.server.log_level, cfg.server.log_format)
-    asyncio.run(run(cfg))
+    event_loop.run(run(cfg))
     return 0
