@@ -32,8 +32,8 @@ def _definition(parent: bytes, token_ids, positions: bytes, media) -> bytes:
 def _reference_keys(seq: Sequence, n: int, bs: int, mrope: bool) -> list[bytes]:
     """The chain as block_hash defines it, from the sequence's tokens, positions and spans."""
     L = seq.num_prompt_tokens
-    rows = (seq.mrope_positions if seq.mrope_positions is not None
-            else torch.arange(L).expand(3, -1)).numpy().astype("<i4")
+    rows = np.asarray(seq.mrope_positions if seq.mrope_positions is not None
+                      else torch.arange(L).expand(3, -1)).astype("<i4")
     keys, parent = [], root_key("ns", bs, mrope)
     for i in range(n):
         a, b = i * bs, (i + 1) * bs

@@ -47,7 +47,13 @@ def block_key(parent: bytes, token_ids: Sequence[int], positions: bytes = b"",
     with rows in the block. Every part is fixed-length or length-prefixed, so distinct inputs never
     serialise alike.
     """
-    return chain_key(parent, struct.pack(f"<{len(token_ids)}i", *token_ids), positions, media_bytes(media))
+    return chain_key(parent, token_bytes(token_ids), positions, media_bytes(media))
+
+
+def token_bytes(token_ids: Sequence[int]) -> bytes:
+    """Token ids as a block key holds them: little-endian int32, in one C call (struct.error when an id is not
+    an integer or outside int32)."""
+    return struct.pack(f"<{len(token_ids)}i", *token_ids)
 
 
 def chain_key(parent: bytes, token_bytes: bytes, positions: bytes = b"", media: bytes = b"") -> bytes:
@@ -55,6 +61,23 @@ def chain_key(parent: bytes, token_bytes: bytes, positions: bytes = b"", media: 
     One digest call over their concatenation (the same digest as feeding them one by one): the engine slices a
     whole prompt's serialised ids and positions once instead of packing every block."""
     return hashlib.blake2b(parent + token_bytes + positions + media, digest_size=KEY_BYTES).digest()
+
+
+def chain_keys(parent: bytes, records: bytes, width: int, first: int, end: int,
+               media: dict[int, bytes]) -> list[bytes]:
+    """`chain_key` of blocks first..end-1 after `parent`, each block's ids and positions serialised one after the
+    other in `records` (`width` bytes a block: the ids, then the positions); `media[i]`: block i's `media_bytes`
+    (absent: none). The same keys as calling `chain_key` block by block, in one loop."""
+    out: list[bytes] = []
+    fresh, rec, get, append = hashlib.blake2b(digest_size=KEY_BYTES), memoryview(records), media.get, out.append
+    for i in range(first, end):  # copies of one fresh state: no constructor argument parsing per block
+        h = fresh.copy()
+        h.update(parent)
+        h.update(rec[i * width:(i + 1) * width])
+        h.update(get(i, b""))
+        parent = h.digest()
+        append(parent)
+    return out
 
 
 def media_bytes(media: Iterable[tuple[str, int, int]]) -> bytes:

@@ -144,8 +144,7 @@ class BlockManager:
         seq.num_committed_blocks = n
 
     def free(self, seq: Sequence) -> None:
-        for b in reversed(seq.block_table[seq.num_freed_blocks:]):
-            self._release(b)
+        self._release_many(reversed(seq.block_table[seq.num_freed_blocks:]))
         seq.block_table = []
         seq.num_committed_blocks = 0
         seq.num_freed_blocks = 0
@@ -169,13 +168,19 @@ class BlockManager:
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _release(self, b: int) -> None:
-        """One reference less on block `b`; at none it goes to the free queue (keyed: to the evictable end)."""
-        self._refs[b] -= 1
-        if self._refs[b] == 0:
-            self._free[b] = None
-            if self._keys[b] is None:
-                # key-less blocks go to the front: used first, and recently used memory is warm in caches
-                self._free.move_to_end(b, last=False)
+        self._release_many((b,))
+
+    def _release_many(self, blocks) -> None:
+        """One reference less on each block, in order; at none a block goes to the free queue (keyed: to the
+        evictable end)."""
+        refs, keys, free = self._refs, self._keys, self._free
+        for b in blocks:
+            refs[b] -= 1
+            if refs[b] == 0:
+                free[b] = None
+                if keys[b] is None:
+                    # key-less blocks go to the front: used first, and recently used memory is warm in caches
+                    free.move_to_end(b, last=False)
 
     def _take(self) -> int:
         b, _ = self._free.popitem(last=False)
@@ -198,7 +203,10 @@ class BlockManager:
         n = min(seq.num_tokens - 1, seq.hash_limit) // self.block_size
         if n == 0:
             return 0, []
-        found = [self._cached.get(k) for k in self._block_keys(seq, n)[:n]]
+        found = list(map(self._cached.get, self._block_keys(seq, n)[:n]))
+        if self.window is None:  # every block of the prefix is needed: it ends at the first miss
+            best = found.index(None) if None in found else n
+            return 0, found[:best]  # type: ignore[return-value]
         best, run = 0, 0  # blocks of the best prefix; cached blocks in a row ending at block m - 1
         for m in range(1, n + 1):
             run = run + 1 if found[m - 1] is not None else 0

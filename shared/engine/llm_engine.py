@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +29,7 @@ from .config import EngineConfig
 from .model_runner import ModelRunner
 from .outputs import StepOutput
 from .scheduler import Scheduler
-from .sequence import Sequence, mm_runs
+from .sequence import Sequence, host_array, mm_runs, prompt_ids_array
 from .window import peak_blocks
 
 log = logging.getLogger(__name__)
@@ -93,28 +94,34 @@ class LLMEngine:
         if peak_blocks(n, self.config.block_size, self.block_manager.window) > self.runner.num_blocks:
             raise LimitExceededError(f"the prompt ({n} tokens) does not fit in the KV cache", param="prompt")
         vocab = self.runner.decoder.vocab_size
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+        try:
+            ids = prompt_ids_array(req.prompt_token_ids)
+        except ValueError:
+            ids = None
+        if ids is None or int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise InvalidInputError("prompt token id out of the vocabulary", param="prompt_token_ids")
+        pos = None
         if req.mm_embeds is not None:
-            emb, pos = req.mm_embeds, req.mm_positions
-            if pos is None or emb.dim() != 2 or emb.shape[1] != self.runner.decoder.mm_width:
+            emb = req.mm_embeds
+            if req.mm_positions is None or emb.dim() != 2 or emb.shape[1] != self.runner.decoder.mm_width:
                 raise InvalidInputError(f"mm_embeds must be (N, {self.runner.decoder.mm_width}) with "
                                         "mm_positions", param="mm_embeds")
-            pos = torch.as_tensor(pos).reshape(-1)
-            if pos.numel() != emb.shape[0] or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n)):
+            pos = host_array(req.mm_positions, np.int64).reshape(-1)
+            if pos.size != emb.shape[0] or (pos.size and (int(pos.min()) < 0 or int(pos.max()) >= n)):
                 raise InvalidInputError("mm_positions must give one prompt index per mm_embeds row",
                                         param="mm_positions")
-            if self.runner.bidirectional_mm and pos.numel():
+            if self.runner.bidirectional_mm and pos.size:
                 longest = max(b - a for a, b in mm_runs(pos))
                 if longest > self.config.max_num_batched_tokens:  # a run is prefilled in one chunk
                     raise LimitExceededError(
                         f"a multimodal item of {longest} tokens attends bidirectionally and must be prefilled in "
                         f"one step, but max_num_batched_tokens is {self.config.max_num_batched_tokens}",
                         param="max_num_batched_tokens")
-        if req.mrope_positions is not None and tuple(torch.as_tensor(req.mrope_positions).shape) != (3, n):
+        mp = req.mrope_positions
+        if mp is not None and tuple(mp.shape if hasattr(mp, "shape") else np.shape(mp)) != (3, n):
             raise InvalidInputError(f"mrope_positions must be (3, {n})", param="mrope_positions")
         if req.mm_spans:
-            self._validate_spans(req)
+            self._validate_spans(req, pos)
         bias = req.sampling.logit_bias or {}
         bad = [t for t in bias if t >= vocab]
         if bad:
@@ -127,7 +134,7 @@ class LLMEngine:
                                     "shared.fanout.child_requests", param="n")
 
     @staticmethod
-    def _validate_spans(req: EngineRequest) -> None:
+    def _validate_spans(req: EngineRequest, pos: np.ndarray | None) -> None:
         """The spans must describe exactly the rows and positions given: a span's key names those rows in the
         prefix cache, so a span that pointed elsewhere could hand one prompt's K/V to another."""
         if req.mm_embeds is None:
@@ -139,9 +146,9 @@ class LLMEngine:
             end = sp.offset + sp.length
         if end > len(req.prompt_token_ids):
             raise InvalidInputError("mm_spans run past the prompt", param="mm_spans")
-        want = torch.cat([torch.arange(sp.offset, sp.offset + sp.length) for sp in req.mm_spans])
-        pos = torch.as_tensor(req.mm_positions).reshape(-1).long()
-        if pos.shape != want.shape or not torch.equal(pos, want):
+        # `pos`: the rows' positions (validate_request's); disjoint spans in order cover them iff they are equal
+        want = np.concatenate([np.arange(sp.offset, sp.offset + sp.length) for sp in req.mm_spans])
+        if pos is None or pos.shape != want.shape or not np.array_equal(pos, want):
             raise InvalidInputError("mm_spans must cover exactly the mm_positions, in row order", param="mm_spans")
 
     def add_request(self, req: EngineRequest) -> None:
@@ -156,8 +163,9 @@ class LLMEngine:
                        eos_token_ids=list(req.eos_token_ids) or self._default_eos, generator=gen,
                        bidirectional_mm=self.runner.bidirectional_mm)
         if seq.mm_embeds is not None:
-            # One upload (and cast) at admission, not one per chunk; the caller's tensor is left alone.
-            seq.mm_embeds = seq.mm_embeds.to(device=self.runner.device, dtype=self.runner.dtype)
+            # One upload (and cast), when a chunk first needs rows, not one per chunk; none when the prefix cache
+            # serves every row; the caller's tensor is left alone.
+            seq.place_mm_embeds(self.runner.device, self.runner.dtype)
         self.runner.structured.add(seq)  # compiles its grammar, if any (InvalidInputError: refused)
         self._seqs[req.request_id] = seq
         self.scheduler.add(seq)

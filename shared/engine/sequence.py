@@ -2,18 +2,37 @@
 from __future__ import annotations
 
 import enum
+import struct
+from typing import Any
 
 import numpy as np
 import torch
 
 from mmpipe.shared.types import EngineRequest, MMSpan
 
-from .block_hash import block_key, block_media, chain_key, media_bytes
+from .block_hash import block_key, block_media, chain_keys, media_bytes, token_bytes
 
 _NO_LIMIT = 1 << 62
 
 
-def mm_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+def prompt_ids_array(token_ids: Any) -> np.ndarray:
+    """The prompt's ids as an (L,) little-endian int32 array (read-only), packed in one C call. ValueError when
+    an id is not an integer or outside int32 (no vocabulary is that large)."""
+    ids = token_ids if isinstance(token_ids, (list, tuple)) else list(token_ids)
+    try:
+        return np.frombuffer(token_bytes(ids), dtype="<i4")
+    except struct.error as e:
+        raise ValueError(f"prompt token ids must be integers in int32 range ({e})") from None
+
+
+def host_array(x: Any, dtype: Any) -> np.ndarray:
+    """A CPU tensor, array or list as a numpy array of `dtype` (no copy when it already is one)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def mm_runs(positions: Any) -> list[tuple[int, int]]:
     """[start, end) of each run of contiguous prompt positions (transformers' token_type_ids blocks)."""
     pos = sorted(set(int(p) for p in positions.reshape(-1).tolist()))
     runs: list[tuple[int, int]] = []
@@ -53,7 +72,10 @@ class Sequence:
                  generator: torch.Generator | None, bidirectional_mm: bool = False):
         self.request_id = req.request_id
         self.sampling = req.sampling
-        self.token_ids: list[int] = list(map(int, req.prompt_token_ids))
+        # the prompt as int32 (validated ids: packed once, then the block keys and chunk staging read it) and as
+        # Python ints (the list that grows with the generated tokens)
+        self._prompt_i32 = prompt_ids_array(req.prompt_token_ids)
+        self.token_ids: list[int] = self._prompt_i32.tolist()
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
@@ -92,40 +114,46 @@ class Sequence:
         self.num_prompt_logprobs: int | None = sp.prompt_logprobs
         self.prompt_logprobs: list[tuple[int, float, int, list[tuple[int, float]]]] = []
 
-        # Multimodal rows, kept on the CPU side until a chunk needs them (they are moved per chunk).
+        # Multimodal rows: the request's tensor, moved (and cast) to the model's device the first time a chunk
+        # needs rows (`place_mm_embeds` says where); a prompt whose media rows the prefix cache serves never moves
+        # them. `mm_positions`: (N,) int64 prompt index of each row, on the host.
         self.mm_embeds: torch.Tensor | None = req.mm_embeds
-        self.mm_positions: torch.Tensor | None = None
+        self._mm_place: tuple[Any, Any] | None = None
+        self.mm_positions: np.ndarray | None = None
+        self._mm_sorted = True  # rows in ascending position order: a chunk's rows are one slice of them
         # Media items in prompt order, as (start, length, key): what a block key holds for the rows in it.
         self.mm_spans: list[tuple[int, int, str]] = []
         self.hash_limit = _NO_LIMIT  # generated tokens are keyed too
         if req.mm_embeds is not None:
-            pos = torch.as_tensor(req.mm_positions, dtype=torch.long).reshape(-1)
+            pos = host_array(req.mm_positions, np.int64).reshape(-1)
             self.mm_positions = pos
+            self._mm_sorted = bool(pos.size < 2 or (pos[1:] > pos[:-1]).all())
             spans: list[MMSpan] = sorted(req.mm_spans, key=lambda m: m.offset)
-            if not spans and pos.numel():  # unnamed rows: nothing from the first one on is shareable
+            if not spans and pos.size:  # unnamed rows: nothing from the first one on is shareable
                 self.hash_limit = int(pos.min())
             for span in spans:
                 if span.key is None:
                     self.hash_limit = min(self.hash_limit, span.offset)
                 else:
                     self.mm_spans.append((span.offset, span.length, span.key))
-        # M-RoPE: (3, L) prompt positions. A token at index i >= L sits at i + deltas[r] on row r, where
-        # each row continues from the prompt's LAST position on that row (transformers' generate advances
-        # every row by one per step from there; a prompt ending in image rows has unequal rows).
-        self.mrope_positions: torch.Tensor | None = None
+        # M-RoPE: (3, L) int32 prompt positions (what the step buffers and the block keys take). A token at index
+        # i >= L sits at i + deltas[r] on row r, where each row continues from the prompt's LAST position on that
+        # row (transformers' generate advances every row by one per step from there; a prompt ending in image rows
+        # has unequal rows).
+        self.mrope_positions: np.ndarray | None = None
         delta = int(req.mrope_delta or 0)
         self.mrope_deltas: tuple[int, int, int] = (delta, delta, delta)
         if req.mrope_positions is not None:
-            self.mrope_positions = torch.as_tensor(req.mrope_positions, dtype=torch.long).reshape(3, -1)
-            last = self.mrope_positions[:, -1] + 1 - self.mrope_positions.shape[1]
-            self.mrope_deltas = tuple(int(x) for x in last.tolist())  # type: ignore[assignment]
-        self._mrope_i32: np.ndarray | None = None  # (3, L) int32 positions for block keys, built on first use
-        self._key_bytes: tuple[int, bool, bytes, bytes] | None = None  # _prompt_bytes, built on first use
+            rows = np.ascontiguousarray(host_array(req.mrope_positions, "<i4").reshape(3, -1))
+            self.mrope_positions = rows
+            if rows.shape[1]:
+                self.mrope_deltas = tuple((rows[:, -1].astype(np.int64) + 1 - rows.shape[1]).tolist())  # type: ignore[assignment]
+        self._key_bytes: tuple[int, bool, bytes] | None = None  # _prompt_records, built on first use
         # Bidirectional multimodal runs (model_spec.py): [start, end) of each run of contiguous mm positions,
         # and per prompt index the last key position it may attend to during prefill.
         self.mm_runs: list[tuple[int, int]] = []
         self._limits: np.ndarray | None = None
-        if bidirectional_mm and self.mm_positions is not None and self.mm_positions.numel():
+        if bidirectional_mm and self.mm_positions is not None and self.mm_positions.size:
             self.mm_runs = mm_runs(self.mm_positions)
             lim = np.arange(self.num_prompt_tokens, dtype=np.int32)
             for a, b in self.mm_runs:
@@ -154,21 +182,28 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     # ---- model inputs for tokens [start, end) --------------------------------------------------------------
-    def position_ids(self, start: int, end: int, mrope: bool) -> torch.Tensor:
-        """(end-start,) positions, or (3, end-start) for an M-RoPE model."""
+    def input_ids(self, start: int, end: int) -> np.ndarray | list[int]:
+        """Token ids [start, end): a view of the int32 prompt when the range is inside it, else a list."""
+        return self._prompt_i32[start:end] if end <= self.num_prompt_tokens else self.token_ids[start:end]
+
+    def position_ids(self, start: int, end: int, mrope: bool) -> np.ndarray:
+        """(end-start,) positions, or (3, end-start) for an M-RoPE model (int32 views of the prompt's rows where
+        they can be)."""
         if not mrope:
-            return torch.arange(start, end, dtype=torch.long)
+            return np.arange(start, end, dtype=np.int64)
         L = self.num_prompt_tokens
+        if end <= L and self.mrope_positions is not None:
+            return self.mrope_positions[:, start:end]
         parts = []
         if start < L:
             if self.mrope_positions is not None:
                 parts.append(self.mrope_positions[:, start:min(end, L)])
             else:  # text-only prompt on an M-RoPE model: all three rows are the 1-D positions
-                parts.append(torch.arange(start, min(end, L), dtype=torch.long).expand(3, -1))
+                parts.append(np.broadcast_to(np.arange(start, min(end, L), dtype=np.int64), (3, min(end, L) - start)))
         if end > L:
-            tail = torch.arange(max(start, L), end, dtype=torch.long)
-            parts.append(tail[None, :] + torch.tensor(self.mrope_deltas, dtype=torch.long)[:, None])
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            tail = np.arange(max(start, L), end, dtype=np.int64)
+            parts.append(tail[None, :] + np.asarray(self.mrope_deltas, dtype=np.int64)[:, None])
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def attn_limits(self, start: int, end: int) -> np.ndarray:
         """(end-start,) int32: the last key position each token of [start, end) may attend to in prefill."""
@@ -194,15 +229,32 @@ class Sequence:
         """Positions of a post-prompt token at `index`: one per M-RoPE row, or a 1-tuple."""
         return tuple(index + d for d in self.mrope_deltas) if mrope else (index,)
 
+    def place_mm_embeds(self, device: Any, dtype: Any) -> None:
+        """Where the model reads the multimodal rows: they are moved (and cast) there once, when a chunk first
+        needs some (the caller's tensor is left alone)."""
+        self._mm_place = (device, dtype)
+
     def mm_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(offsets within [start, end), embedding rows) of the multimodal rows that fall in the chunk."""
-        if self.mm_positions is None or start >= self.num_prompt_tokens:
+        pos = self.mm_positions
+        if pos is None or start >= self.num_prompt_tokens:
             return None
-        sel = (self.mm_positions >= start) & (self.mm_positions < end)
-        if not bool(sel.any()):
+        if self._mm_sorted:  # the chunk's rows are one slice
+            i, j = np.searchsorted(pos, (start, end)).tolist()
+            if i == j:
+                return None
+            return torch.from_numpy(pos[i:j] - start), self._mm_source()[i:j]
+        idx = np.flatnonzero((pos >= start) & (pos < end))
+        if not idx.size:
             return None
-        idx = sel.nonzero(as_tuple=True)[0]
-        return self.mm_positions[idx] - start, self.mm_embeds[idx]
+        return torch.from_numpy(pos[idx] - start), self._mm_source()[torch.from_numpy(idx)]
+
+    def _mm_source(self) -> torch.Tensor:
+        if self._mm_place is not None:
+            device, dtype = self._mm_place
+            self.mm_embeds = self.mm_embeds.to(device=device, dtype=dtype)  # type: ignore[union-attr]
+            self._mm_place = None
+        return self.mm_embeds  # type: ignore[return-value]
 
     # ---- prefix-cache keys -----------------------------------------------------------------------------------
     def block_key(self, parent: bytes, index: int, block_size: int, mrope: bool) -> bytes:
@@ -213,50 +265,47 @@ class Sequence:
 
     def extend_block_keys(self, n: int, root: bytes, block_size: int, mrope: bool) -> list[bytes]:
         """`block_hashes` grown to the keys of the first `n` full blocks (chained from `root`). The prompt's
-        blocks are keyed from its ids and positions serialised once (`_prompt_bytes`, sliced per block); the
-        keys are `block_key`'s (tests/test_block_keys.py)."""
+        blocks are keyed from one record per block (its ids and positions serialised once, `_prompt_records`);
+        the keys are `block_key`'s (tests/test_block_keys.py)."""
         keys = self.block_hashes
         full = min(n, self.num_prompt_tokens // block_size)
         if len(keys) < full:
-            ids, pos = self._prompt_bytes(block_size, mrope)
-            tw, pw = 4 * block_size, (12 * block_size if mrope else 0)  # int32 ids; 3 rows of int32 positions
+            records = self._prompt_records(block_size, mrope)
             media = {i: media_bytes(block_media(self.mm_spans, i * block_size, (i + 1) * block_size))
                      for off, length, _ in self.mm_spans
                      for i in range(off // block_size, (off + length - 1) // block_size + 1)}  # blocks with rows
-            parent = keys[-1] if keys else root
-            for i in range(len(keys), full):
-                parent = chain_key(parent, ids[i * tw:(i + 1) * tw], pos[i * pw:(i + 1) * pw], media.get(i, b""))
-                keys.append(parent)
+            keys.extend(chain_keys(keys[-1] if keys else root, records, (16 if mrope else 4) * block_size,
+                                   len(keys), full, media))
         while len(keys) < n:  # blocks that hold generated tokens
             keys.append(self.block_key(keys[-1] if keys else root, len(keys), block_size, mrope))
         return keys
 
-    def _prompt_bytes(self, block_size: int, mrope: bool) -> tuple[bytes, bytes]:
-        """The prompt's ids as little-endian int32, and its M-RoPE positions block by block ((3, block_size)
-        int32 each, row-major: what `_position_bytes` gives one block), for its full blocks."""
+    def _prompt_records(self, block_size: int, mrope: bool) -> bytes:
+        """The prompt's full blocks serialised as `block_key` takes them, block after block: its ids as
+        little-endian int32, then (M-RoPE) its (3, block_size) int32 positions, row-major (what
+        `_position_bytes` gives one block)."""
         if self._key_bytes is None or self._key_bytes[:2] != (block_size, mrope):
-            n = self.num_prompt_tokens // block_size * block_size
-            ids = np.asarray(self.token_ids[:n], dtype="<i4").tobytes()
-            pos = b""
-            if mrope and n:
-                rows = self._mrope_rows()[:, :n].reshape(3, n // block_size, block_size).transpose(1, 0, 2)
-                pos = np.ascontiguousarray(rows, dtype="<i4").tobytes()
-            self._key_bytes = (block_size, mrope, ids, pos)
-        return self._key_bytes[2], self._key_bytes[3]
+            nb = self.num_prompt_tokens // block_size
+            ids = self._prompt_i32[:nb * block_size].reshape(nb, block_size)
+            if mrope and nb:
+                rows = self._mrope_rows()[:, :nb * block_size].reshape(3, nb, block_size).transpose(1, 0, 2)
+                rec = np.concatenate([ids, rows.reshape(nb, 3 * block_size)], axis=1)
+            else:
+                rec = ids
+            self._key_bytes = (block_size, mrope, np.ascontiguousarray(rec, dtype="<i4").tobytes())
+        return self._key_bytes[2]
 
     def _mrope_rows(self) -> np.ndarray:
         """(3, L) int32 prompt positions (the 1-D positions on every row for a text-only prompt)."""
-        if self._mrope_i32 is None:
-            src = self.mrope_positions if self.mrope_positions is not None else \
-                torch.arange(self.num_prompt_tokens, dtype=torch.long).expand(3, -1)
-            self._mrope_i32 = np.ascontiguousarray(src.numpy(), dtype="<i4")
-        return self._mrope_i32
+        if self.mrope_positions is None:
+            return np.broadcast_to(np.arange(self.num_prompt_tokens, dtype="<i4"), (3, self.num_prompt_tokens))
+        return self.mrope_positions
 
     def _position_bytes(self, a: int, b: int) -> bytes:
         L = self.num_prompt_tokens
         rows = self._mrope_rows()
         if b <= L:
-            return rows[:, a:b].tobytes()
+            return np.ascontiguousarray(rows[:, a:b], dtype="<i4").tobytes()
         tail = np.arange(max(a, L), b, dtype="<i4")[None, :] + np.asarray(self.mrope_deltas, dtype="<i4")[:, None]
         return np.concatenate([rows[:, a:L], tail], axis=1).astype("<i4").tobytes() if a < L \
             else tail.astype("<i4").tobytes()

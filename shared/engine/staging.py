@@ -105,7 +105,7 @@ def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows,
         if sched.num_prompt_decodes:  # prompt tokens: the prompt's positions, and maybe a multimodal row
             for j, (s, i) in enumerate(zip(seqs, pos_list)):
                 if i < s.num_prompt_tokens:
-                    buf.pos[:, j] = s.position_ids(i, i + 1, mrope).reshape(-1).numpy()
+                    buf.pos[:, j] = s.position_ids(i, i + 1, mrope).reshape(-1)
                     mm = s.mm_rows(i, i + 1)
                     if mm is not None:
                         mm_index.append(mm[0] + j)
@@ -125,10 +125,12 @@ def stage_step(sched: SchedulerOutput, buf: StepBuffers, tables: BlockTableRows,
             if buf.lim is not None:
                 buf.lim[t] = s
         else:
-            buf.ids[t:t + n] = seq.token_ids[s:e]
-            buf.pos[:, t:t + n] = seq.position_ids(s, e, mrope).numpy()
+            buf.ids[t:t + n] = seq.input_ids(s, e)
+            buf.pos[:, t:t + n] = seq.position_ids(s, e, mrope)
             idx = np.arange(s, e)
-            buf.slot[t:t + n] = np.asarray(seq.block_table, dtype=np.int64)[idx // bs] * bs + idx % bs
+            first = s // bs  # the chunk's blocks only
+            blocks = np.asarray(seq.block_table[first:(e - 1) // bs + 1], dtype=np.int64)
+            buf.slot[t:t + n] = blocks[idx // bs - first] * bs + idx % bs
             if buf.lim is not None:
                 buf.lim[t:t + n] = seq.attn_limits(s, e)
             mm = seq.mm_rows(s, e)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmpipe.shared.engine.sequence import prompt_ids_array
 from mmpipe.shared.errors import InvalidInputError, LimitExceededError
 from mmpipe.shared.models.base import ItemTokens, ModelAdapter
 from mmpipe.shared.types import EngineRequest, MMEmbedding, SamplingParams
@@ -36,13 +37,14 @@ def build_engine_request(adapter: ModelAdapter, request_id: str, token_ids: list
                 f"the prompt is {len(ids)} tokens after expanding media placeholders; with max_tokens="
                 f"{sampling.max_tokens} it needs {need} > max_model_len={max_model_len}", param="max_tokens")
     mm = None
-    if ordered:
-        mm = torch.cat([e.tensor.reshape(-1, e.tensor.shape[-1]) for e in ordered], dim=0)
+    if ordered:  # one item: its tensor as it is (the engine reads the rows, never writes them)
+        rows = [e.tensor.reshape(-1, e.tensor.shape[-1]) for e in ordered]
+        mm = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     mrope = None
     delta = 0
     if adapter.uses_mrope:
         # positions need each modality's items in their own order of appearance
-        pos_delta = adapter.mrope_positions(_long_tensor(ids), ordered)
+        pos_delta = adapter.mrope_positions(torch.from_numpy(prompt_ids_array(ids).astype(np.int64)), ordered)
         if pos_delta is not None:
             mrope, delta = pos_delta
     return EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling, mm_embeds=mm,

@@ -94,7 +94,12 @@ class ModelAdapter(ABC):
         """The token string that stands for one item of `modality` in an (unexpanded) prompt."""
 
     def placeholder_id(self, modality: str) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality)))
+        """The id of `placeholder_token` (looked up once per modality: the tokenizer is fixed after loading)."""
+        memo = self.__dict__.setdefault("_placeholder_id_memo", {})
+        pid = memo.get(modality)
+        if pid is None:
+            pid = memo[modality] = int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality)))
+        return pid
 
     def placeholder_ids(self) -> dict[str, int]:
         return {m: self.placeholder_id(m) for m in self.modalities}
