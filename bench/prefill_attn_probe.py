@@ -41,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=36, help="only scales the per-step estimate")
     ap.add_argument("--tiles", default="", help="Triton tiles to compare, e.g. 64x64w4s2,128x64w8s3")
     ap.add_argument("--skip-old", action="store_true", help="skip the previous SDPA path")
+    ap.add_argument("--shapes", default="", help="chunk x cached prefix shapes to run, e.g. 104x896,256x0")
     ap.add_argument("--splits", default="", help="fixed key splits per query block to compare, e.g. 1,2,4,8")
     args = ap.parse_args(argv)
     H, KVH, D, page = args.heads, args.kv_heads, args.head_dim, 16
@@ -57,7 +58,9 @@ def main(argv=None):
     q = torch.randn(1, H, 1000, D, device=dev, dtype=dt)
     k = torch.randn(1, KVH, 1000, D, device=dev, dtype=dt)
     v = torch.randn_like(k)
-    for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+    backends = () if args.skip_old else (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+    for b in backends:
         for gqa in (True, False):
             kk, vv = (k, v) if gqa else (k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1))
             try:
@@ -78,7 +81,8 @@ def main(argv=None):
 
     perm = torch.randperm(nb, device=dev)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for n, pre in SHAPES:
+    shapes = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",") if x] or SHAPES
+    for n, pre in shapes:
         ctx = n + pre
         nblk = -(-ctx // page)
         table = perm[:nblk].to(torch.int32)

@@ -244,14 +244,18 @@ def check_masked():
                 vcs[tables[i][pos // page], pos % page] = v[qsl[i] + j]
         lim = torch.cat([torch.arange(prefix[0], ctx[0]), torch.arange(prefix[1], ctx[1])]).to(torch.int32)
         lim[chunk[0] + 3:chunk[0] + 9] = prefix[1] + 8
-        # one program per query block, and each block's keys split over 3 programs of 16-key tiles (pieces
-        # that cross the prefix / chunk boundary, and an empty one for the shorter sequence) merged after
-        for limits, tile, splits in ((None, None, 1), (lim, None, 1), (None, (16, 16, 4, 2), 3),
-                                     (lim, (16, 16, 4, 2), 3)):
+        # one program per query block, and each block's keys split over up to 3 programs of 16-key tiles:
+        # pieces of at least 32 keys (the default, 2 tiles: the shorter sequence's block stays whole and writes
+        # its output itself, the longer one's goes to 2 splits) or of 16 (3 splits, an empty one for the shorter
+        # sequence, pieces that cross the prefix / chunk boundary), merged after
+        t16 = (16, 16, 4, 2)
+        for limits, tile, splits, min_keys in ((None, None, 1, None), (lim, None, 1, None), (None, t16, 3, None),
+                                               (lim, t16, 3, None), (None, t16, 3, 16), (lim, t16, 3, 16)):
             seqs, blks = prefill_work(chunk, tile[0] if tile else 32)
             work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
             out = prefill_attention(q, k, v, kcs, vcs, bt[:2], ctx, qsl, work, scale, window=window,
-                                    attn_limit=limits, softcap=softcap, tile=tile, num_splits=splits)
+                                    attn_limit=limits, softcap=softcap, tile=tile, num_splits=splits,
+                                    split_min_keys=min_keys)
             for i in range(2):
                 s, e, n = int(qsl[i]), int(qsl[i + 1]), int(ctx[i])
                 want = attend_one(q[s:e], gather_kv(kcs, tables[i], n), gather_kv(vcs, tables[i], n), scale,
@@ -346,7 +350,8 @@ def check_behind_window():
         seqs, blks = prefill_work(chunk, tile[0] if tile else 32)
         work = (torch.tensor(seqs, dtype=torch.int32), torch.tensor(blks, dtype=torch.int32))
         got = prefill_attention(q, k, v, k2, v2, torch.tensor(bts, **i32), torch.tensor(ctx, **i32),
-                                torch.tensor(qsl, **i32), work, scale, window=window, tile=tile, num_splits=splits)
+                                torch.tensor(qsl, **i32), work, scale, window=window, tile=tile, num_splits=splits,
+                                split_min_keys=16 if tile else None)
         same(f"triton prefill, {splits} split(s)", got, want)
     # the torch paths, through the backends' forward: a decode row (the third table) and the two chunks
     k2, v2, bts = poisoned(prefix + [lens[2] - 1], FREED_BLOCK)

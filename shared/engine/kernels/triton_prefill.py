@@ -58,13 +58,40 @@ def _scores(q, k, qk_scale, cap_l2, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _block_span(seq_lens_ptr, lim_ptr, s_idx, pid_m, q_start, n, window, BLOCK_M: tl.constexpr,
+                HAS_LIM: tl.constexpr):
+    """What query block pid_m of sequence s_idx attends: (prefix, lim, a0, a1). Its keys are the absolute
+    positions [a0, a1): cached ones below `prefix`, the chunk's from it; lim is each row's last visible key,
+    relative to the chunk's first token (query row i sits at i, prefix keys are < 0)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    prefix = tl.load(seq_lens_ptr + s_idx) - n
+    if HAS_LIM:  # the last key each row may see, as an absolute position
+        lim = tl.load(lim_ptr + (q_start + offs_m).to(tl.int64), mask=m_mask, other=0) - prefix
+    else:
+        lim = offs_m
+    first = pid_m * BLOCK_M - window + 1  # the first key any row of this block sees (sliding layers)
+    hi = tl.minimum(n, tl.max(tl.where(m_mask, lim, 0), axis=0) + 1)  # chunk keys [.., hi) are ever visible
+    return prefix, lim, tl.maximum(prefix + first, 0), prefix + hi
+
+
+@triton.jit
+def _split_size(a0, a1, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexpr):
+    """(keys per split, splits that get any): NUM_SPLITS equal BLOCK_N-aligned pieces of [a0, a1), none
+    shorter than MIN_KEYS, so a short span (a first chunk's early blocks) stays whole in one program."""
+    per = tl.maximum(tl.cdiv(tl.cdiv(a1 - a0, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_KEYS)
+    return per, tl.cdiv(a1 - a0, per)
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
                     work_seq_ptr, work_blk_ptr, out_ptr, part_o_ptr, part_lse_ptr, lim_ptr, qk_scale, window,
                     cap_l2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                    HAS_LIM: tl.constexpr, SOFTCAP: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                    HAS_LIM: tl.constexpr, SOFTCAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    MIN_KEYS: tl.constexpr):
     w = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -76,8 +103,19 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
     n = tl.load(qsl_ptr + s_idx + 1) - q_start
     if pid_m * BLOCK_M >= n:
         return
-    ctx = tl.load(seq_lens_ptr + s_idx)
-    prefix = ctx - n
+    prefix, lim, a0, a1 = _block_span(seq_lens_ptr, lim_ptr, s_idx, pid_m, q_start, n, window, BLOCK_M, HAS_LIM)
+    # Split sp takes the sp-th piece of the block's keys; with one piece it writes the output itself
+    if NUM_SPLITS == 1:
+        s0 = a0
+        s1 = a1
+        whole = True
+    else:
+        per, active = _split_size(a0, a1, NUM_SPLITS, BLOCK_N, MIN_KEYS)
+        if sp >= active:
+            return
+        s0 = a0 + sp * per
+        s1 = tl.minimum(s0 + per, a1)
+        whole = active == 1
     kvh = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,26 +127,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # positions are relative to the chunk's first token: query row i sits at i, key j at j (prefix keys < 0)
-    if HAS_LIM:  # the last key each row may see, as an absolute position
-        lim = tl.load(lim_ptr + rows, mask=m_mask, other=0) - prefix
-    else:
-        lim = offs_m
-    first = pid_m * BLOCK_M - window + 1  # the first key any row of this block sees (sliding layers)
-    hi = tl.minimum(n, tl.max(tl.where(m_mask, lim, 0), axis=0) + 1)  # chunk keys [.., hi) are ever visible
-
-    # The block's keys, as absolute positions: [a0, prefix) from the cache, then [prefix, prefix + hi) from the
-    # chunk. Split sp takes the sp-th of NUM_SPLITS equal, BLOCK_N-aligned pieces of that span.
-    a0 = tl.maximum(prefix + first, 0)
-    a1 = prefix + hi
-    if NUM_SPLITS == 1:
-        s0 = a0
-        s1 = a1
-    else:
-        per = tl.cdiv(tl.cdiv(a1 - a0, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        s0 = a0 + sp * per
-        s1 = tl.minimum(s0 + per, a1)
 
     # (a) the cached prefix, through the block table; every row sees it, within its window
     bt_row = block_tables_ptr + s_idx.to(tl.int64) * stride_bt
@@ -137,21 +155,24 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
         m_i, l_i, acc = _online_update(s, vis, m_i, l_i, acc, v, IEEE)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if whole:
         tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
     else:  # this split's normalised partial and its log2-sum-exp2 (-inf: it saw no key), merged by _merge_kernel
         part = (rows * tl.num_programs(1) + h) * NUM_SPLITS + sp
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=m_mask[:, None])
-        tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf")), mask=m_mask)
+        tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf")),
+                 mask=m_mask)
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, work_seq_ptr, work_blk_ptr, out_ptr, stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr):
+def _merge_kernel(part_o_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, work_seq_ptr, work_blk_ptr, out_ptr, lim_ptr,
+                  window, stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MERGE_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  SPLITS_PAD: tl.constexpr, MIN_KEYS: tl.constexpr, HAS_LIM: tl.constexpr):
     """MERGE_M rows of one work item's query block, one head: the splits' partials weighted by their sum-exp.
-    Grid (work item, head, BLOCK_M // MERGE_M), so the merge reads the partials with many programs at once."""
+    Grid (work item, head, BLOCK_M // MERGE_M), so the merge reads the partials with many programs at once. A
+    block whose keys went to one split was written by it (the same span arithmetic says so here)."""
     w = tl.program_id(0)
     h = tl.program_id(1)
     s_idx = tl.load(work_seq_ptr + w)
@@ -160,23 +181,28 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, work_seq_ptr, work_blk_ptr,
     pid_m = tl.load(work_blk_ptr + w)
     q_start = tl.load(qsl_ptr + s_idx)
     n = tl.load(qsl_ptr + s_idx + 1) - q_start
-    offs_m = pid_m * BLOCK_M + tl.program_id(2) * MERGE_M + tl.arange(0, MERGE_M)
-    m_mask = offs_m < n
     if pid_m * BLOCK_M + tl.program_id(2) * MERGE_M >= n:
         return
+    _, _, a0, a1 = _block_span(seq_lens_ptr, lim_ptr, s_idx, pid_m, q_start, n, window, BLOCK_M, HAS_LIM)
+    _, active = _split_size(a0, a1, NUM_SPLITS, BLOCK_N, MIN_KEYS)
+    if active == 1:
+        return
+    offs_m = pid_m * BLOCK_M + tl.program_id(2) * MERGE_M + tl.arange(0, MERGE_M)
+    m_mask = offs_m < n
     d = tl.arange(0, HEAD_DIM)
     rows = (q_start + offs_m).to(tl.int64)
     base = (rows * tl.num_programs(1) + h) * NUM_SPLITS
     sp = tl.arange(0, SPLITS_PAD)
-    lse = tl.load(part_lse_ptr + base[:, None] + sp[None, :], mask=m_mask[:, None] & (sp < NUM_SPLITS)[None, :],
+    lse = tl.load(part_lse_ptr + base[:, None] + sp[None, :], mask=m_mask[:, None] & (sp < active)[None, :],
                   other=float("-inf"))
     m = tl.max(lse, axis=1)
-    wt = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # (MERGE_M, NUM_SPLITS)
+    wt = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # (MERGE_M, SPLITS_PAD)
     den = tl.sum(wt, axis=1)
     acc = tl.zeros([MERGE_M, HEAD_DIM], tl.float32)
     for j in tl.static_range(NUM_SPLITS):
         w_j = tl.sum(tl.where(sp[None, :] == j, wt, 0.0), axis=1)
-        o = tl.load(part_o_ptr + (base + j)[:, None] * HEAD_DIM + d[None, :], mask=m_mask[:, None], other=0.0)
+        o = tl.load(part_o_ptr + (base + j)[:, None] * HEAD_DIM + d[None, :], mask=m_mask[:, None] & (j < active),
+                    other=0.0)
         acc += o * w_j[:, None]
     res = acc / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], res.to(out_ptr.dtype.element_ty),
@@ -216,7 +242,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                       out: torch.Tensor | None = None,
                       tile: tuple[int, int, int, int] | None = None, *, window: int | None = None,
                       attn_limit: torch.Tensor | None = None, softcap: float | None = None,
-                      num_splits: int = 1) -> torch.Tensor:
+                      num_splits: int = 1, split_min_keys: int | None = None) -> torch.Tensor:
     """Causal attention of S prefill chunks packed in q (T, H, D).
 
     k, v (T, KVH, D): this step's rotated keys / values, rows aligned with q (unit stride on D; other strides
@@ -227,7 +253,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     sequence -1: nothing to do). `window`: a sliding layer's window; `attn_limit` (T,) int32: the last key
     position each row may see (attention/base.py); `softcap`: tanh cap on the scaled scores. `num_splits` > 1
     splits each query block's keys over that many programs and merges their partials in a second launch
-    (`choose_prefill_splits`); the result is the same to rounding.
+    (`choose_prefill_splits`); the result is the same to rounding. No split takes fewer than `split_min_keys`
+    keys (default 2 x BLOCK_N), so a block with a short span (no cached prefix) stays in one program, which
+    writes its output itself.
     Returns out (T, H, D): only the rows of the chunks are written."""
     T, H, D = q.shape
     KVH = k.shape[1]
@@ -242,20 +270,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         part_lse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
+    lim = attn_limit if attn_limit is not None else seq_lens  # unused without a limit
+    win = NO_WINDOW if window is None else int(window)
+    min_keys = split_min_keys or 2 * block_n
     _prefill_kernel[(work_seq.shape[0], H, num_splits)](
         q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, work_seq, work_blk, out,
-        part_o, part_lse, attn_limit if attn_limit is not None else seq_lens, scale * _LOG2E,
-        NO_WINDOW if window is None else int(window), float(softcap or 1.0) * _LOG2E,
+        part_o, part_lse, lim, scale * _LOG2E, win, float(softcap or 1.0) * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=H // KVH, HEAD_DIM=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        HAS_LIM=attn_limit is not None, SOFTCAP=softcap is not None, NUM_SPLITS=num_splits, num_warps=warps,
-        num_stages=stages)
+        HAS_LIM=attn_limit is not None, SOFTCAP=softcap is not None, NUM_SPLITS=num_splits,
+        MIN_KEYS=min_keys, num_warps=warps, num_stages=stages)
     if num_splits > 1:
         merge_m = min(16, block_m)
         _merge_kernel[(work_seq.shape[0], H, block_m // merge_m)](
-            part_o, part_lse, query_start_loc, work_seq, work_blk, out, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_M=block_m, MERGE_M=merge_m, NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+            part_o, part_lse, seq_lens, query_start_loc, work_seq, work_blk, out, lim, win,
+            out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, MERGE_M=merge_m,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), MIN_KEYS=min_keys,
+            HAS_LIM=attn_limit is not None, num_warps=4)
     return out
