@@ -226,14 +226,15 @@ def prefill_work(chunk_lens: list[int], block_m: int) -> tuple[list[int], list[i
 
 
 def choose_prefill_splits(work_items: int, num_heads: int, num_sms: int, max_splits: int = 8) -> int:
-    """Splits of each query block's keys, so that a step with few query blocks (a short chunk after a long
-    cached prefix: 104 new tokens after 896 are 2 blocks x 16 heads = 32 programs for 132 SMs, each walking the
-    whole prefix alone) still fills the GPU about twice over; 1 when the blocks alone do. A power of two, so few
-    kernel variants exist."""
+    """Splits of each query block's keys, for a step with few query blocks: a short chunk after a long cached
+    prefix (104 new tokens after 896 are 2 blocks x 16 heads = 32 programs for 132 SMs, each walking the whole
+    prefix alone) then fills the GPU about once over. 1 when the blocks alone fill half of it: on an H200 the
+    partial writes and the merge cost more than the splits save from there on (BENCHMARKS.md, "Prefix caching",
+    session 7). A power of two, so few kernel variants exist."""
     programs = max(1, work_items * num_heads)
-    if programs >= num_sms:
+    if 2 * programs > num_sms:
         return 1
-    return min(max_splits, triton.next_power_of_2(-(-2 * num_sms // programs)))
+    return min(max_splits, triton.next_power_of_2(-(-num_sms // programs)))
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
