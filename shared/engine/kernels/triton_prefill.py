@@ -58,6 +58,16 @@ def _scores(q, k, qk_scale, cap_l2, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _work_item(work_seq_ptr, work_blk_ptr, qsl_ptr, w):
+    """(sequence, query block, first row, chunk length) of work item w; sequence -1: an unused entry."""
+    s_idx = tl.load(work_seq_ptr + w)
+    live = s_idx >= 0
+    q_start = tl.load(qsl_ptr + s_idx, mask=live, other=0)
+    n = tl.load(qsl_ptr + s_idx + 1, mask=live, other=0) - q_start
+    return s_idx, tl.load(work_blk_ptr + w), q_start, n
+
+
+@triton.jit
 def _block_span(seq_lens_ptr, lim_ptr, s_idx, pid_m, q_start, n, window, BLOCK_M: tl.constexpr,
                 HAS_LIM: tl.constexpr):
     """What query block pid_m of sequence s_idx attends: (prefix, lim, a0, a1). Its keys are the absolute
@@ -92,15 +102,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                     HAS_LIM: tl.constexpr, SOFTCAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
                     MIN_KEYS: tl.constexpr):
-    w = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
-    s_idx = tl.load(work_seq_ptr + w)
+    s_idx, pid_m, q_start, n = _work_item(work_seq_ptr, work_blk_ptr, qsl_ptr, tl.program_id(0))
     if s_idx < 0:
         return
-    pid_m = tl.load(work_blk_ptr + w)
-    q_start = tl.load(qsl_ptr + s_idx)
-    n = tl.load(qsl_ptr + s_idx + 1) - q_start
     if pid_m * BLOCK_M >= n:
         return
     prefix, lim, a0, a1 = _block_span(seq_lens_ptr, lim_ptr, s_idx, pid_m, q_start, n, window, BLOCK_M, HAS_LIM)
@@ -173,14 +179,10 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, work_seq_ptr,
     """MERGE_M rows of one work item's query block, one head: the splits' partials weighted by their sum-exp.
     Grid (work item, head, BLOCK_M // MERGE_M), so the merge reads the partials with many programs at once. A
     block whose keys went to one split was written by it (the same span arithmetic says so here)."""
-    w = tl.program_id(0)
     h = tl.program_id(1)
-    s_idx = tl.load(work_seq_ptr + w)
+    s_idx, pid_m, q_start, n = _work_item(work_seq_ptr, work_blk_ptr, qsl_ptr, tl.program_id(0))
     if s_idx < 0:
         return
-    pid_m = tl.load(work_blk_ptr + w)
-    q_start = tl.load(qsl_ptr + s_idx)
-    n = tl.load(qsl_ptr + s_idx + 1) - q_start
     if pid_m * BLOCK_M + tl.program_id(2) * MERGE_M >= n:
         return
     _, _, a0, a1 = _block_span(seq_lens_ptr, lim_ptr, s_idx, pid_m, q_start, n, window, BLOCK_M, HAS_LIM)
