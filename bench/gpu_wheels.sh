@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PKGS="blake3 redis hiredis fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection
 typing_extensions openai httpx2 httpcore2 truststore jiter distro sniffio anyio idna certifi h11 click httpx httpcore
 grpcio grpcio-health-checking grpcio-reflection protobuf prometheus_client llguidance opentelemetry-api PyYAML
-num2words tqdm uvloop"
+num2words tqdm"
 pins=()
 for p in $PKGS; do
   v=$(grep -i "^${p}==" constraints.txt | head -1 || true)

@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpipe.services.common import event_loop
+    import asyncio
+
     from mmpipe.services.common.logs import setup_logging
     from mmpipe.services.gateway.config import config_from_args
     from mmpipe.services.gateway.server import serve
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
         from mmpipe.services.gateway.workers import run_workers
 
         return run_workers(cfg)
-    event_loop.run(serve(cfg))
+    asyncio.run(serve(cfg))
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mmpipe.services.common import event_loop
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
 from mmpipe.services.common.metrics import ServiceMetrics
@@ -64,5 +63,5 @@ async def run(cfg: EncoderConfig) -> None:
 
 def main(cfg: EncoderConfig) -> int:
     setup_logging("encoder", cfg.server.log_level, cfg.server.log_format)
-    event_loop.run(run(cfg))
+    asyncio.run(run(cfg))
     return 0

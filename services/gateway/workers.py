@@ -72,14 +72,15 @@ def worker_pids(mp_dir: str) -> dict[str, int]:
 
 def _worker_main(cfg: GatewayConfig, sock: socket.socket, index: int) -> None:
     """One worker process: a whole gateway on the inherited HTTP socket."""
-    from mmpipe.services.common import event_loop
+    import asyncio
+
     from mmpipe.services.common.logs import setup_logging
 
     from .server import serve
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent sends SIGTERM
     setup_logging("gateway", cfg.log_level, cfg.log_format)
-    event_loop.run(serve(cfg, http_socket=sock, worker=index))
+    asyncio.run(serve(cfg, http_socket=sock, worker=index))
 
 
 class _Worker:

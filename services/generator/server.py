@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mmpipe.services.common import event_loop
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
 from mmpipe.services.common.metrics import ServiceMetrics
@@ -57,5 +56,5 @@ async def run(cfg: GeneratorConfig) -> None:
 
 def main(cfg: GeneratorConfig) -> int:
     setup_logging("generator", cfg.server.log_level, cfg.server.log_format)
-    event_loop.run(run(cfg))
+    asyncio.run(run(cfg))
     return 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 
-from mmpipe.services.common import event_loop
 from mmpipe.services.common.grpc_server import serve
 from mmpipe.services.common.logs import setup_logging
 from mmpipe.services.common.metrics import ServiceMetrics
@@ -47,5 +46,5 @@ async def run(cfg: IngestConfig) -> None:
 
 def main(cfg: IngestConfig) -> int:
     setup_logging("ingest", cfg.server.log_level, cfg.server.log_format)
-    event_loop.run(run(cfg))
+    asyncio.run(run(cfg))
     return 0
