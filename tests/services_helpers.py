@@ -153,7 +153,7 @@ class StageStack:
         stop_together(self)
 
 
-def stop_together(*parts: "StageStack | StageProcess | GatewayProcess | None") -> None:
+def stop_together(*parts: StageStack | StageProcess | GatewayProcess | None) -> None:
     """SIGTERM to every process of `parts` (stacks, stage processes, gateways; None skipped) at once, so that they
     shut down side by side, then wait for each (SIGKILL after 15 s)."""
     procs: list[subprocess.Popen] = []
