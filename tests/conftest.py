@@ -9,6 +9,32 @@ from typing import Iterator
 
 import pytest
 
+# --- background subprocesses (tests/background_runs.py) ----------------------------------------------------------
+# The Triton-interpreter checks run in idle-priority processes started when collection ends, beside the rest of the
+# suite; their tests, moved to the end of the session, then collect the results.
+_BACKGROUND: list = []
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(items):
+    from background_runs import move_to_end
+
+    move_to_end(items)
+
+
+def pytest_collection_finish(session):
+    from background_runs import start_selected
+
+    if not session.config.option.collectonly:
+        _BACKGROUND.extend(start_selected(session.items))
+
+
+def pytest_sessionfinish(session):
+    from background_runs import stop_all
+
+    stop_all(_BACKGROUND)
+
+
 # --- Redis -------------------------------------------------------------------------------------------
 
 

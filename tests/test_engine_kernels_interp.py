@@ -6,9 +6,10 @@ image limits and a soft-cap, with Gemma's (1 + weight) norm; and
 ("behind_window") that no windowed read, Triton or torch, touches a block behind the window (window.py).
 
 TRITON_INTERPRET must be set before triton is imported, so each test runs this file as a script in a fresh
-interpreter process; the script's checks assert and print their largest errors. The interpreter runs the
-programs of a grid one after another, so it checks the math and the counter bookkeeping of the fused merge,
-not its memory ordering between concurrent programs on a GPU (tests/test_engine_gpu.py covers that).
+interpreter process (all started in the background when collection ends: tests/background_runs.py); the script's
+checks assert and print their largest errors. The interpreter runs the programs of a grid one after another, so it
+checks the math and the counter bookkeeping of the fused merge, not its memory ordering between concurrent
+programs on a GPU (tests/test_engine_gpu.py covers that).
 
 The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton-lang/triton#11584, not
 supported yet), so the kernels built on tl.dot are checked in float16 as their 16-bit case (which also checks
@@ -16,27 +17,27 @@ the rounding steps exactly: float16 casts round to nearest even there); the othe
 from float32 the interpreter truncates, so bfloat16 results are checked to a tolerance, not bit for bit."""
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from background_runs import BackgroundRuns, failure
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("gate_up_silu", "paged_decode", "elementwise", "masked", "behind_window")
 
 
+RUNS = BackgroundRuns("check", lambda check: [sys.executable, str(Path(__file__).resolve()), check],
+                      env={"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                      cwd=ROOT, timeout_s=300, needs="triton")
+
+
 @pytest.mark.parametrize("check", CHECKS)
 def test_kernel_in_triton_interpreter(check):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), check], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"{check}: ok" in r.stdout, r.stdout
+    r = RUNS.result(check)
+    assert r.returncode == 0, failure(check, r)
+    assert f"{check}: ok" in r.stdout, failure(check, r, "no ok line")
 
 
 # ---- the checks, run in the subprocess --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 import openai
 import pytest
 from services_helpers import (GatewayProcess, StageStack, scrape, start_gateway_process, start_stage_process,
-                             wait_healthy)
+                             stop_together, wait_healthy)
 
 
 
@@ -145,9 +145,7 @@ def env(redis_server, tmp_path_factory):
         gw.wait_healthy()
         yield Env(model, stack, gw, media_dir, f"http://127.0.0.1:{http.server_port}", llm)
     finally:
-        if gw is not None:
-            gw.stop()
-        stack.stop()
+        stop_together(gw, stack)
         http.shutdown()
         for k, v in saved.items():
             if v is None:

@@ -18,7 +18,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from services_helpers import scrape, start_gateway_process, start_stage_process
+from services_helpers import scrape, start_gateway_process, start_stage_process, stop_together
 
 from mmpipe.services.common.convert import TokenChunk
 from mmpipe.services.common.stage_clients import GeneratorClient, StageClients
@@ -106,23 +106,22 @@ def gen4(stage_stack, qwen2_vl_dir):
 
 def _gateway(stage_stack, qwen2_vl_dir, tmp_path_factory, generator_addr: str):
     addrs = {"ingest": stage_stack.ingest_addr, "encoder": stage_stack.encoder_addr, "generator": generator_addr}
-    gw = start_gateway_process(qwen2_vl_dir, addrs, tmp_path_factory.mktemp("gw"), ["--shutdown-grace-s", "5"])
-    gw.wait_healthy()
-    return gw
+    return start_gateway_process(qwen2_vl_dir, addrs, tmp_path_factory.mktemp("gw"), ["--shutdown-grace-s", "5"])
 
 
 @pytest.fixture(scope="module")
 def gateways(stage_stack, gen4, qwen2_vl_dir, tmp_path_factory):
-    """{1: a gateway in front of the stack's generator, N: one in front of the --stream-interval N generator}"""
-    gw1 = _gateway(stage_stack, qwen2_vl_dir, tmp_path_factory, stage_stack.generator_addr)
+    """{1: a gateway in front of the stack's generator, N: one in front of the --stream-interval N generator},
+    started at once"""
+    gws = {}
     try:
-        gwn = _gateway(stage_stack, qwen2_vl_dir, tmp_path_factory, gen4.addr)
-    except BaseException:
-        gw1.stop()
-        raise
-    yield {1: gw1, N: gwn}
-    gw1.stop()
-    gwn.stop()
+        gws[1] = _gateway(stage_stack, qwen2_vl_dir, tmp_path_factory, stage_stack.generator_addr)
+        gws[N] = _gateway(stage_stack, qwen2_vl_dir, tmp_path_factory, gen4.addr)
+        for gw in gws.values():
+            gw.wait_healthy()
+        yield gws
+    finally:
+        stop_together(*gws.values())
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import openai
 import pytest
-from services_helpers import StageStack, scrape, start_gateway_process, start_stage_process, wait_healthy
+from services_helpers import scrape, served_stack
 
 SERVER = 2  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_SERVER
 STEPS = {
@@ -91,30 +91,17 @@ def traced(redis_server, tmp_path_factory):
     trace = ["--otlp-traces-endpoint", url]
     saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # ms; the children inherit it
-    stack = StageStack(model, redis_server)
-    gw = None
     try:
-        enc = start_stage_process("encoder", model, redis_server, extra=trace, log_dir=stack.log_dir, wait=False)
-        gen = start_stage_process("generator", model, redis_server, extra=trace, log_dir=stack.log_dir, wait=False)
-        ing = start_stage_process("ingest", model, redis_server, encoder_addr=enc.addr, extra=trace,
-                                  log_dir=stack.log_dir, wait=False)
-        stack.procs = {"encoder": enc, "generator": gen, "ingest": ing}
-        gw = start_gateway_process(model, {s: p.addr for s, p in stack.procs.items()}, stack.log_dir,
-                                   [*trace, "--shutdown-grace-s", "5"])
-        for p in stack.procs.values():
-            wait_healthy(p.addr, 120, p.proc, p.log_path)
-        gw.wait_healthy()
-        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="none", max_retries=0)
-        stream = client.chat.completions.create(
-            model="tiny", stream=True, max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True},
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}},
-                                                   {"type": "text", "text": "Describe it."}]}])
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
-        yield stack, gw, _Collector.spans
+        with served_stack(model, redis_server, [*trace, "--shutdown-grace-s", "5"], encoder_args=trace,
+                          generator_args=trace, ingest_args=trace, timeout_s=120) as (stack, gw):
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="none", max_retries=0)
+            stream = client.chat.completions.create(
+                model="tiny", stream=True, max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}},
+                                                       {"type": "text", "text": "Describe it."}]}])
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
+            yield stack, gw, _Collector.spans
     finally:
-        if gw is not None:
-            gw.stop()
-        stack.stop()
         collector.shutdown()
         if saved is None:
             os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)

@@ -12,7 +12,7 @@ import io
 import openai
 import pytest
 import torch
-from services_helpers import StageStack, start_gateway_process, start_stage_process, wait_healthy
+from services_helpers import served_stack
 
 from mmpipe.shared.media.embeds import encode_tensor_b64
 from offline_helpers import chat_prompt, hf_generate, make_image, make_video, oracle_model, write_mp4
@@ -29,26 +29,11 @@ def served(request, redis_server, tmp_path_factory):
     family = request.param
     model = str(ensure_tiny_model(family))
     media = tmp_path_factory.mktemp(f"{family}-media")
-    stack = StageStack(model, redis_server)
-    gw = None
-    try:
-        enc = start_stage_process("encoder", model, redis_server, extra=["--enable-mm-embeds"], log_dir=stack.log_dir,
-                                  wait=False)
-        gen = start_stage_process("generator", model, redis_server, log_dir=stack.log_dir, wait=False)
-        ing = start_stage_process("ingest", model, redis_server, encoder_addr=enc.addr, log_dir=stack.log_dir,
-                                  wait=False, extra=["--allowed-local-media-path", str(media)])
-        stack.procs = {"encoder": enc, "generator": gen, "ingest": ing}
-        gw = start_gateway_process(model, {s: p.addr for s, p in stack.procs.items()}, stack.log_dir, [
-            "--redis-url", redis_server, "--api-key", KEY, "--enable-mm-embeds", "--allowed-local-media-path",
-            str(media), "--shutdown-grace-s", "5"])
-        for p in stack.procs.values():  # bounds, not expectations: start-up is ~10 s on an idle 2-core box
-            wait_healthy(p.addr, 300, p.proc, p.log_path)
-        gw.wait_healthy(300)
+    with served_stack(model, redis_server, ["--redis-url", redis_server, "--api-key", KEY, "--enable-mm-embeds",
+                                            "--allowed-local-media-path", str(media), "--shutdown-grace-s", "5"],
+                      encoder_args=["--enable-mm-embeds"], ingest_args=["--allowed-local-media-path", str(media)]
+                      ) as (_, gw):
         yield family, model, media, openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0)
-    finally:
-        if gw is not None:
-            gw.stop()
-        stack.stop()
 
 
 def _png_url(img) -> str:

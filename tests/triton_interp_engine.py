@@ -128,6 +128,6 @@ def check_windowed() -> None:
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # its share of the cores (background_runs.py)
     for fam in sys.argv[1:]:
         check_windowed() if fam == "mistral3" else check(fam)
