@@ -150,17 +150,21 @@ def test_redis_full_reencodes_and_never_serves_a_wrong_embedding(stack, llm):
     r.config_set("maxmemory", str(base + max(8 * entry, 2**20)))
     evicted0 = int(r.info("stats")["evicted_keys"])
     # another writer keeps the cache full (as other traffic would), so entries are evicted throughout the run,
-    # whatever Redis' memory accounting does with the few small embeddings of the tiny model
+    # whatever Redis' memory accounting does with the few small embeddings of the tiny model: it writes without a
+    # pause until Redis first evicts (the room above is measured after earlier tests, whose client buffers may
+    # since have been freed, so it can be several MiB), then one entry every 50 ms
     stop = threading.Event()
 
     def filler() -> None:
-        i = 0
-        while not stop.wait(0.05) and i < 2000:
+        full = False
+        for i in range(20_000):
+            if stop.is_set() or (full and stop.wait(0.05)):
+                break
             try:
                 r.set(f"filler:{i}", os.urandom(entry))
+                full = full or int(r.info("stats")["evicted_keys"]) > evicted0
             except Exception:  # OOM refusals are part of the scenario; keep filling
                 pass
-            i += 1
 
     th = threading.Thread(target=filler, daemon=True)
     th.start()
