@@ -184,7 +184,7 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
         results[f"profile_{c}"] = profile_engine(engine, lambda i: req(f"p{c}-{i}", prompts[i], SamplingParams(
             max_tokens=new_tokens, temperature=0.0, ignore_eos=True)), c)
     runner, attn = engine.runner, engine.runner.attn
-    captured = runner.mixed_graphs
+    captured, captured_prefill = runner.mixed_graphs, runner.prefill_graphs
     # A/B in one process: prefill attention ("triton" / "sdpa", the previous per-sequence SDPA path) and mixed
     # steps as CUDA graphs or eager. The captured graphs hold the Triton prefill kernel, so sdpa runs eagerly.
     modes = [(impl, mg) for impl in (list(prefill_attn) or [getattr(attn, "prefill_impl", None)])
@@ -192,7 +192,7 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
     for impl, mg in modes:
         if impl is not None:
             attn.prefill_impl = impl
-        runner.mixed_graphs = captured if mg else None
+        runner.mixed_graphs, runner.prefill_graphs = (captured, captured_prefill) if mg else (None, None)
         sfx = (f"_{impl}" if prefill_attn else "") + (("_graph" if mg else "_eager") if mixed_graphs else "")
         for c in profile_mixed:
             log(f"[profile mixed] prefill attention: {impl}, mixed graphs: {mg}")
@@ -204,7 +204,7 @@ def bench_engine(vl, prompts, concs, new_tokens, max_model_len, kv_blocks, pack=
             results[f"profile_chunked{sfx}"] = profile_chunked_prefill(engine, lambda i: req(
                 f"k{sfx}-{i}", prompts[i % len(prompts)], SamplingParams(max_tokens=2, temperature=0.0,
                                                                          ignore_eos=True)), profile_chunked)
-    runner.mixed_graphs = captured
+    runner.mixed_graphs, runner.prefill_graphs = captured, captured_prefill
     if modes and modes[0][0] is not None:
         attn.prefill_impl = modes[0][0]
     info = engine.kv_cache_info()

@@ -74,6 +74,9 @@ def check(family: str) -> None:
             assert stats["graph_steps"] > 0, (family, name, stats)
             if not all_rows_eager:
                 assert (stats["mixed_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (family, name, stats)
+                if not engine.runner.decoder.num_deepstack:  # steps of prefills alone: the prefill-only graphs
+                    assert (stats["prefill_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (family, name,
+                                                                                                      stats)
         if "preemption" in name:
             assert info["num_preemptions"] > 0, (family, name, info)
         assert info["free_blocks"] == info["num_blocks"], (family, name, info)
@@ -121,6 +124,7 @@ def check_windowed() -> None:
         stats, info = engine.stats, engine.kv_cache_info()
         assert stats["window_freed_blocks"] > 0 and stats["graph_steps"] > 0, (name, stats)
         assert (stats["mixed_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (name, stats)
+        assert (stats["prefill_graph_steps"] > 0) == (cfg.mixed_graph_max_prefills > 0), (name, stats)
         assert info["free_blocks"] == info["num_blocks"], (name, info)
         print(f"ok mistral3 / {name}: {stats}", flush=True)
 

@@ -74,6 +74,7 @@ class LLMEngine:
         # cumulative counters, plus the prefix cache's: prompt tokens looked up and found (first admissions),
         # blocks evicted, and blocks holding a key now (a gauge); and blocks given back behind the window
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "graph_steps": 0, "mixed_graph_steps": 0,
+                      "prefill_graph_steps": 0,
                       "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_evictions": 0,
                       "prefix_cache_cached_blocks": 0, "window_freed_blocks": 0}
         info = self.kv_cache_info()
@@ -203,7 +204,8 @@ class LLMEngine:
         self.stats["steps"] += 1
         st, bm = self.stats, self.block_manager
         st["graph_steps"] = self.runner.stats_graph_steps
-        st["mixed_graph_steps"] = self.runner.stats_mixed_graph_steps
+        st["mixed_graph_steps"] = self.runner.stats_mixed_graph_steps  # the prefill-only set's steps included
+        st["prefill_graph_steps"] = self.runner.stats_prefill_graph_steps
         st["prefix_cache_queries"] = bm.num_queried_tokens
         st["prefix_cache_hits"] = bm.num_hit_tokens
         st["prefix_cache_evictions"] = bm.num_evicted_blocks

@@ -13,6 +13,11 @@ Static layout of a step of bucket T, with D = min(max_num_seqs, T) decode rows a
 - logits are computed for D + P rows: the sampling rows first, then row 0 as padding.
 The embedding lookup (and the multimodal rows written over it) runs eagerly into a static hidden-state
 buffer before the replay: that is two kernels, and the multimodal scatter's size varies from step to step.
+
+A second, prefill-only set (`decodes=False`, D = 0, buckets up to PREFILL_ONLY_MAX_TOKENS) takes the short
+steps that hold no decode: a turn's new tokens after a cached prefix on an idle server, a small prompt. There the
+full set's D decode rows would still run the decode kernel and its merge in every layer over empty rows (175 us
+of a 3.6 ms cached-turn step on an H200, BENCHMARKS.md) and add D rows to the LM head.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ from .cuda_graphs import StepGraphs
 from .kernels.triton_prefill import prefill_block_m, prefill_work
 from .scheduler import SchedulerOutput
 from .staging import BlockTableRows, StagedStep, StepBuffers, stage_step
+
+# Largest bucket of the prefill-only set: past it a step's prefill outweighs the empty decode rows' kernels.
+PREFILL_ONLY_MAX_TOKENS = 256
 
 
 def mixed_token_sizes(max_tokens: int) -> list[int]:
@@ -41,11 +49,15 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
 class MixedGraphs(StepGraphs):
     kind = "mixed"
 
-    def __init__(self, runner, max_prefills: int, pool=None):
+    def __init__(self, runner, max_prefills: int, pool=None, decodes: bool = True):
         cfg = runner.config
         sizes = mixed_token_sizes(cfg.max_num_batched_tokens)
+        if not decodes:
+            self.kind = "prefill-only"
+            sizes = [s for s in sizes if s <= PREFILL_ONLY_MAX_TOKENS] or sizes[:1]
+        self.decodes = decodes
         self.max_tokens = sizes[-1]
-        self.max_decodes = min(cfg.max_num_seqs, self.max_tokens)
+        self.max_decodes = min(cfg.max_num_seqs, self.max_tokens) if decodes else 0
         self.max_prefills = max_prefills
         self.block_m = prefill_block_m(runner.dtype)
         self.width = runner.max_blocks_per_seq
@@ -86,7 +98,8 @@ class MixedGraphs(StepGraphs):
                                  logits_out=self.logits[:S])
 
     def can_run(self, sched: SchedulerOutput) -> bool:
-        return (len(sched.scheduled) - sched.num_decodes <= self.max_prefills
+        return ((self.decodes or not sched.num_decodes)
+                and len(sched.scheduled) - sched.num_decodes <= self.max_prefills
                 and sched.num_tokens <= self.max_tokens
                 and not (self.runner.decoder.num_deepstack and _has_mm_rows(sched)))
 
@@ -130,6 +143,7 @@ class MixedGraphs(StepGraphs):
         out = self.replay(T)
         self.last_size = T
         r.stats_mixed_graph_steps += 1
+        r.stats_prefill_graph_steps += not self.decodes
         return out[:st.num_logits]
 
     def _set_padding(self) -> None:

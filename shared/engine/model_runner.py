@@ -1,6 +1,7 @@
 """ModelRunner: owns the KV cache, stages a scheduled batch as flat model inputs (staging.py, shared with the
-CUDA graphs), runs the decoder (through a captured CUDA graph: a decode graph for pure-decode steps, a mixed
-graph for steps with prefill chunks; eagerly when no graph fits) and samples.
+CUDA graphs), runs the decoder (through a captured CUDA graph: a decode graph for pure-decode steps, a
+prefill-only graph for short steps without decodes, a mixed graph for other steps with prefill chunks;
+eagerly when no graph fits) and samples.
 
 KV cache: one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim) for all layers; a token
 at index i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size.
@@ -118,8 +119,8 @@ class ModelRunner:
             lim=np.zeros(T, i32) if self.bidirectional_mm else None)
         self.eager_tables = BlockTableRows(S)
 
-        self.graphs = self.mixed_graphs = None
-        self.stats_graph_steps = self.stats_mixed_graph_steps = 0
+        self.graphs = self.mixed_graphs = self.prefill_graphs = None
+        self.stats_graph_steps = self.stats_mixed_graph_steps = self.stats_prefill_graph_steps = 0
         if backend == "triton" and config.enable_cuda_graphs and tp is None and self._moe_capturable():
             from .cuda_graphs import DecodeGraphs
 
@@ -128,7 +129,9 @@ class ModelRunner:
                 from .mixed_graphs import MixedGraphs
 
                 self.mixed_graphs = MixedGraphs(self, config.mixed_graph_max_prefills, pool)
-                self.mixed_graphs.capture()  # the largest activations first, then the decode graphs share them
+                self.mixed_graphs.capture()  # the largest activations first, then the others share them
+                self.prefill_graphs = MixedGraphs(self, config.mixed_graph_max_prefills, pool, decodes=False)
+                self.prefill_graphs.capture()
             self.graphs = DecodeGraphs(self, pool)
             self.graphs.capture()
 
@@ -213,6 +216,8 @@ class ModelRunner:
             logits = logits[:n]
         elif self.graphs is not None and self.graphs.can_run(sched):
             logits = self.graphs.run(sched)
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(sched):
+            logits = self.prefill_graphs.run(sched)
         elif self.mixed_graphs is not None and self.mixed_graphs.can_run(sched):
             logits = self.mixed_graphs.run(sched)
         else:
@@ -277,5 +282,7 @@ class ModelRunner:
                 "cuda_graphs": self.graphs is not None,
                 "cuda_graph_batch_sizes": list(self.graphs.sizes) if self.graphs is not None else [],
                 "cuda_graph_token_sizes": list(self.mixed_graphs.sizes) if self.mixed_graphs is not None else [],
+                "cuda_graph_prefill_token_sizes": (list(self.prefill_graphs.sizes) if self.prefill_graphs is not None
+                                                   else []),
                 "max_tokens_in_cache": self.num_blocks * self.block_size,
                 "tensor_parallel_size": 1 if self.tp is None else self.tp.layout.size}
