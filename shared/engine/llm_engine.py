@@ -84,8 +84,9 @@ class LLMEngine:
                  info["cuda_graph_batch_sizes"] or "off")
 
     # ---- requests --------------------------------------------------------------------------------------------
-    def validate_request(self, req: EngineRequest) -> None:
-        """Raise if `req` can never run (thread-safe: reads only immutable settings)."""
+    def validate_request(self, req: EngineRequest) -> np.ndarray:
+        """Raise if `req` can never run (thread-safe: reads only immutable settings). Returns the prompt's ids
+        as `prompt_ids_array` packs them (checked here; the Sequence keeps them instead of packing again)."""
         n = len(req.prompt_token_ids)
         if n == 0:
             raise InvalidInputError("the prompt is empty", param="prompt")
@@ -133,6 +134,7 @@ class LLMEngine:
         if req.sampling.n != 1:
             raise InvalidInputError("the engine runs one sample per request: fan n > 1 out with "
                                     "shared.fanout.child_requests", param="n")
+        return ids
 
     @staticmethod
     def _validate_spans(req: EngineRequest, pos: np.ndarray | None) -> None:
@@ -155,14 +157,14 @@ class LLMEngine:
     def add_request(self, req: EngineRequest) -> None:
         if req.request_id in self._seqs:
             raise InvalidInputError(f"duplicate request id {req.request_id!r}", param="request_id")
-        self.validate_request(req)
+        ids = self.validate_request(req)
         gen = None
         if req.sampling.seed is not None:
             gen = torch.Generator(device=self.runner.device)
             gen.manual_seed(int(req.sampling.seed))
         seq = Sequence(req, max_model_len=self.max_model_len,
                        eos_token_ids=list(req.eos_token_ids) or self._default_eos, generator=gen,
-                       bidirectional_mm=self.runner.bidirectional_mm)
+                       bidirectional_mm=self.runner.bidirectional_mm, prompt_ids=ids)
         if seq.mm_embeds is not None:
             # One upload (and cast), when a chunk first needs rows, not one per chunk; none when the prefix cache
             # serves every row; the caller's tensor is left alone.

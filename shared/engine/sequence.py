@@ -69,12 +69,14 @@ class Sequence:
     """
 
     def __init__(self, req: EngineRequest, *, max_model_len: int, eos_token_ids: list[int],
-                 generator: torch.Generator | None, bidirectional_mm: bool = False):
+                 generator: torch.Generator | None, bidirectional_mm: bool = False,
+                 prompt_ids: np.ndarray | None = None):
+        """`prompt_ids`: `prompt_ids_array(req.prompt_token_ids)` when the caller has it (validation packs it)."""
         self.request_id = req.request_id
         self.sampling = req.sampling
         # the prompt as int32 (validated ids: packed once, then the block keys and chunk staging read it) and as
         # Python ints (the list that grows with the generated tokens)
-        self._prompt_i32 = prompt_ids_array(req.prompt_token_ids)
+        self._prompt_i32 = prompt_ids_array(req.prompt_token_ids) if prompt_ids is None else prompt_ids
         self.token_ids: list[int] = self._prompt_i32.tolist()
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0

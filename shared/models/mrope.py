@@ -47,15 +47,16 @@ def rope_index(types: np.ndarray, grids: dict[int, Sequence[Sequence[int]]], mer
     out = np.empty((3, n), dtype=np.int64)
     if n == 0:
         return out, 0
-    starts = np.flatnonzero(types[1:] != types[:-1]) + 1
-    bounds = [0, *starts.tolist(), n]
+    bounds = [0, *(np.flatnonzero(types[1:] != types[:-1]) + 1).tolist(), n]
     kinds = types[bounds[:-1]].tolist()
     nxt = {IMAGE: 0, VIDEO: 0}
     cur = 0
+    top = 0  # the highest position so far (the delta's max, tracked instead of reduced)
     for kind, a, b in zip(kinds, bounds[:-1], bounds[1:]):
         if kind == TEXT:
             out[:, a:b] = np.arange(cur, cur + b - a, dtype=np.int64)
             cur += b - a
+            top = max(top, cur - 1)
             continue
         items = grids.get(kind) or ()
         k = nxt[kind]
@@ -68,15 +69,16 @@ def rope_index(types: np.ndarray, grids: dict[int, Sequence[Sequence[int]]], mer
             raise ValueError(f"a run of {b - a} placeholder tokens for a grid of {lt * lh * lw} merged patches")
         interval = intervals[k] if (kind == VIDEO and intervals is not None) else None
         if interval is None:
-            frames = np.arange(lt, dtype=np.int64)
+            frames = np.arange(cur, cur + lt, dtype=np.int64)
         else:  # float32 as transformers' `(torch.arange(t) * interval).long()` (interval a float32 scalar)
-            frames = (np.arange(lt, dtype=np.float32) * np.float32(interval)).astype(np.int64)
-        shape = (lt, lh, lw)
-        out[0, a:b] = np.broadcast_to((frames + cur)[:, None, None], shape).reshape(-1)
-        out[1, a:b] = np.broadcast_to(np.arange(cur, cur + lh, dtype=np.int64)[None, :, None], shape).reshape(-1)
-        out[2, a:b] = np.broadcast_to(np.arange(cur, cur + lw, dtype=np.int64)[None, None, :], shape).reshape(-1)
+            frames = (np.arange(lt, dtype=np.float32) * np.float32(interval)).astype(np.int64) + cur
+        # each row of the run as its (t, h, w) grid: a view (a contiguous slice), filled by broadcasting
+        out[0, a:b].reshape(lt, lh, lw)[...] = frames[:, None, None]
+        out[1, a:b].reshape(lt, lh, lw)[...] = np.arange(cur, cur + lh, dtype=np.int64)[:, None]
+        out[2, a:b].reshape(lt, lh, lw)[...] = np.arange(cur, cur + lw, dtype=np.int64)
+        top = max(top, int(frames.max()), cur + max(lh, lw) - 1)
         cur += max(h, w) // merge
-    return out, int(out.max()) + 1 - n
+    return out, top + 1 - n
 
 
 def float32_interval(tokens_per_second: float, second_per_grid_t: float) -> float:

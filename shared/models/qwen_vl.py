@@ -6,6 +6,7 @@ mrope.py). Without them generation silently falls back to 1-D positions and give
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,8 +25,10 @@ class QwenVLBase(ModelAdapter):
     uses_mrope = True
     tower_modules = ("model.visual",)
 
-    @property
+    @functools.cached_property
     def merge_size(self) -> int:
+        """Read once: the config is fixed after loading, and a transformers config attribute costs microseconds
+        (this is read on every request's M-RoPE positions)."""
         return int(self.model.config.vision_config.spatial_merge_size)
 
     def _grid_tokens(self, grid: list[int]) -> int:
@@ -170,10 +173,10 @@ class Qwen2VLAdapter(QwenVLBase):
         without its per-token Python loop)."""
         ids = token_ids.reshape(-1).numpy()
         types = token_types(ids, self.placeholder_id("image"), self.placeholder_id("video"))
+        videos = [e for e in embeddings if e.modality == "video"]
         grids = {IMAGE: [e.meta["grid_thw"] for e in embeddings if e.modality == "image"],
-                 VIDEO: self._video_rope_grids([e for e in embeddings if e.modality == "video"])}
-        pos, delta = rope_index(types, grids, self.merge_size,
-                                self._video_intervals([e for e in embeddings if e.modality == "video"]))
+                 VIDEO: self._video_rope_grids(videos)}
+        pos, delta = rope_index(types, grids, self.merge_size, self._video_intervals(videos) if videos else None)
         return torch.from_numpy(pos), delta
 
     def _video_rope_grids(self, videos: list[MMEmbedding]) -> list[list[int]]:
