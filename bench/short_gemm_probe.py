@@ -9,6 +9,13 @@ DISTINCT random weights, so that each timed call reads its weight from HBM as th
 20 times would sit in L2: 10 MB of q/k/v fits). Each variant runs the 36 layers' calls in one CUDA graph; the
 time is GPU us per layer. gate_up is timed with its epilogue: cuBLAS's F.linear then the engine's silu_mul
 kernel, against the Triton kernel with silu(gate) * up fused. Prints the best tiles per projection and row count.
+
+    python bench/short_gemm_probe.py --proj gate_up --rows 16,32,64 --engine /tmp/mmpipe-bench/qwen2_5_vl_3b_random
+
+--engine also times whole engine steps on that model: two offline `LLM`s, one with the MLP's short-step GEMM up
+to 64 rows (`TritonOps.short_gemm_max_rows`, fixed when the CUDA graphs are captured) and one with cuBLAS past
+the GEMV's 8 rows; the GPU time of one replay of each captured decode graph (batch 16-64) and small mixed /
+prefill-only graph, on the graphs' padding inputs (every GEMM runs in full; attention over empty rows).
 """
 from __future__ import annotations
 
@@ -62,11 +69,49 @@ def tiles(name: str):
         yield GemmTile(**t)
 
 
+def replay_us(graph, reps: int = 20) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / reps
+
+
+def engine_ab(model: str) -> dict:
+    from mmpipe import LLM
+    from mmpipe.shared.engine.kernels.triton_ops import SKINNY_MAX_ROWS, TritonOps
+
+    out: dict = {}
+    for i, (name, cap) in enumerate((("cublas", SKINNY_MAX_ROWS), ("short", 64))):
+        TritonOps.short_gemm_max_rows = cap
+        llm = LLM(model, max_num_seqs=64, max_model_len=4096, gpu_memory_utilization=0.3 * (i + 1))
+        r = llm.engine.runner
+        sets = [("decode", r.graphs), ("mixed", r.mixed_graphs), ("prefill-only", r.prefill_graphs)]
+        for kind, gs in sets:
+            for size in (16, 32, 48, 64, 128):
+                if gs is not None and size in gs.graphs:
+                    us = replay_us(gs.graphs[size])
+                    out.setdefault(f"{kind}@{size}", {})[name] = us
+        del llm, r
+        torch.cuda.empty_cache()
+    TritonOps.short_gemm_max_rows = 64
+    for key, v in out.items():
+        if len(v) == 2:
+            print(f"[engine {key:16s}] cublas {v['cublas']:7.1f} us, short-step GEMM {v['short']:7.1f} us: "
+                  f"x{v['cublas'] / v['short']:.3f}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="128,64")
     ap.add_argument("--proj", default=",".join(PROJ))
     ap.add_argument("--out", default="")
+    ap.add_argument("--engine", default="", help="a model dir: A/B whole engine steps (see above)")
     a = ap.parse_args(argv)
     dt = torch.bfloat16
     torch.manual_seed(0)
@@ -119,6 +164,8 @@ def main(argv=None) -> int:
     for m, (b, t) in total.items():
         print(f"M={m}: a layer's projections cublas {b:.1f} us, best triton {t:.1f} us; x36 = {36 * b / 1e3:.2f} "
               f"against {36 * t / 1e3:.2f} ms")
+    if a.engine:
+        res["engine"] = engine_ab(a.engine)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -342,6 +342,35 @@ def test_skinny_gate_up_silu_matches_unfused(dtype, tol):
                 assert (got != old).float().mean().item() <= 0.01, (inter, K, M)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_short_gemm_matches_cublas(dtype, tol):
+    """The short-step GEMM (17-128 rows) at the engine's tile and split over K, against cuBLAS (F.linear, then
+    the engine's silu_mul for gate/up) and a float64 reference; bf16 gate/up equal but for rare last-bit flips."""
+    from mmpipe.shared.engine.kernels.triton_fused import silu_mul
+    from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu, short_linear
+    from mmpipe.shared.engine.kernels.triton_ops import SHORT_GATE_UP_TILE
+
+    torch.manual_seed(0)
+    for n, K in ((11008, 2048), (1000, 200)):
+        wg = (torch.randn(2 * n, K, device="cuda") * K ** -0.5).to(dtype)
+        w, b = wg[:n].contiguous(), torch.randn(n, device="cuda").to(dtype)
+        for M in (9, 17, 64, 104, 128):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            got = short_gate_up_silu(x, wg, SHORT_GATE_UP_TILE)
+            gu = (x.double() @ wg.double().T).to(dtype)
+            want = (torch.nn.functional.silu(gu[:, :n].float()).to(dtype).float() * gu[:, n:].float()).to(dtype)
+            assert _rel(got, want) < tol, (n, K, M, _rel(got, want))
+            gu_c = torch.nn.functional.linear(x, wg)
+            old = silu_mul(gu_c[:, :n], gu_c[:, n:])
+            assert _rel(got, old) < tol, (n, K, M)
+            if dtype == torch.bfloat16:
+                assert (got != old).float().mean().item() <= 0.02, (n, K, M)
+            for split in (1, 4):
+                lin = short_linear(x, w, b, GemmTile(block_n=64, block_k=64, split_k=split))
+                want_l = (x.double() @ w.double().T + b.double()).to(dtype)
+                assert _rel(lin, want_l) < tol, (n, K, M, split, _rel(lin, want_l))
+
+
 def _decode_case(dtype, heads, kv_heads, head_dim, lens, page=16, nb=400, width=72, seed=0):
     torch.manual_seed(seed)
     kc = torch.randn(nb, page, kv_heads, head_dim, device="cuda", dtype=dtype)

@@ -1,5 +1,6 @@
 """The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
-references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, paged decode with the split
+references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, the short-step GEMM
+(17-128 rows; split over K or not; bias; gate/up with SiLU-mul in the epilogue), paged decode with the split
 merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels (and the grammar bitmask); ("masked") decode
 and prefill (one program per query block, and split over programs) under a sliding window, bidirectional
 image limits and a soft-cap, with Gemma's (1 + weight) norm; and
@@ -25,7 +26,7 @@ import pytest
 from background_runs import BackgroundRuns, failure
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("gate_up_silu", "paged_decode", "elementwise", "masked", "behind_window")
+CHECKS = ("gate_up_silu", "short_gemm", "paged_decode", "elementwise", "masked", "behind_window")
 
 
 RUNS = BackgroundRuns("check", lambda check: [sys.executable, str(Path(__file__).resolve()), check],
@@ -87,6 +88,41 @@ def check_gate_up_silu():
                         worst["float16 share unequal"] = max(worst.get("float16 share unequal", 0.0), differ)
         assert skinny_gate_up_silu(torch.randn(0, K).to(dtype), w).shape == (0, inter)
     print("gate_up_silu max errors:", {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+def check_short_gemm():
+    import torch
+
+    from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu, short_linear
+
+    torch.manual_seed(0)
+    worst: dict[str, float] = {}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+        for n, K in ((96, 256), (80, 200)):  # N a multiple of block_n or not, K a multiple of block_k or not
+            w = (torch.randn(n, K) * K ** -0.5).to(dtype)
+            wg = (torch.randn(2 * n, K) * K ** -0.5).to(dtype)
+            b = torch.randn(n).to(dtype)
+            for M in (9, 17, 64, 100, 128):
+                x = torch.randn(M, K).to(dtype)
+                exact = x.double() @ w.double().T
+                gu = (x.double() @ wg.double().T).to(dtype)  # exact sums, rounded once as a GEMM output is
+                want_g = _round_silu_mul(gu[:, :n], gu[:, n:])
+                for split in (1, 3):  # 3 ranges of K: one of them shorter (K = 200) or empty of a full tile
+                    tile = GemmTile(block_n=32, block_k=64, split_k=split)
+                    for bias in (None, b):
+                        want = (exact + (0 if bias is None else bias.double())).to(dtype)
+                        got = short_linear(x, w, bias, tile)
+                        assert got.shape == (M, n) and got.dtype == dtype
+                        err = _maxerr(got, want) / want.float().abs().max().item()
+                        assert err < tol, (dtype, n, K, M, split, bias is not None, err)
+                        worst[f"{dtype} linear"] = max(worst.get(f"{dtype} linear", 0.0), err)
+                    got = short_gate_up_silu(x, wg, tile)
+                    assert got.shape == (M, n) and got.dtype == dtype
+                    err = _maxerr(got, want_g) / want_g.float().abs().max().item()
+                    assert err < tol, (dtype, n, K, M, split, "gate_up", err)
+                    worst[f"{dtype} gate_up"] = max(worst.get(f"{dtype} gate_up", 0.0), err)
+        assert short_linear(torch.randn(0, K).to(dtype), w).shape == (0, n)
+    print("short_gemm max errors:", {k: f"{v:.2e}" for k, v in worst.items()})
 
 
 def check_paged_decode():

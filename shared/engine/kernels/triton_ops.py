@@ -14,12 +14,17 @@ from torch import nn
 
 from ..moe import MoESpec, sparse_moe
 from .triton_fused import add_rmsnorm, rope_and_cache, silu_mul
+from .triton_gemm import GemmTile, short_gate_up_silu
 from .triton_gemv import skinny_gate_up_silu
 
 # Rows up to which the packed gate/up projection runs through the Triton skinny GEMM instead of cuBLAS
 # (H100, bench/engine_gemv_probe.py: 32.9 vs 35.1 us at batch 1, 91% vs 85% of the copy bandwidth; for q/k/v,
 # o_proj and down_proj cuBLAS was as fast or faster, so they stay on cuBLAS).
 SKINNY_MAX_ROWS = 8
+# From there up to TritonOps.short_gemm_max_rows rows it runs through the short-step GEMM with silu(gate) * up
+# in its epilogue (H200, bench/short_gemm_probe.py, 36 layers of distinct weights from a CUDA graph: see
+# BENCHMARKS.md, "Short-step GEMM"); past it cuBLAS's tiles win and the MLP is F.linear then silu_mul.
+SHORT_GATE_UP_TILE = GemmTile(block_n=32, block_k=64, split_k=1, num_warps=4, num_stages=4)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -46,6 +51,9 @@ def _pack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 class TritonOps:
     name = "triton"
+    # Read when a step runs, so a CUDA graph keeps the value it was captured with; benchmarks set the class
+    # attribute before building an engine (SKINNY_MAX_ROWS or less: cuBLAS for every row count past the GEMV).
+    short_gemm_max_rows = 64
 
     def __init__(self, decoder, pack: bool = False):
         self.fuse_mlp = decoder.hidden_act in ("silu", "swish")
@@ -100,6 +108,8 @@ class TritonOps:
                 # GEMV and silu(gate) * up in one launch; block_n=32 over a gate and an up tile moves what the
                 # unfused skinny_linear tile (block_n=64) moved per step, over as many programs
                 return mlp.down_proj(skinny_gate_up_silu(x, w, block_n=32, block_k=128, num_warps=4, num_stages=4))
+            if x.shape[0] <= self.short_gemm_max_rows and x.stride(-1) == 1:
+                return mlp.down_proj(short_gate_up_silu(x, w, SHORT_GATE_UP_TILE))
             gu = F.linear(x, w)
             inter = gu.shape[-1] // 2
             return mlp.down_proj(silu_mul(gu[:, :inter], gu[:, inter:]))
