@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=14, help="kernels listed per variant")
     p.add_argument("--max-splits", default="8,4,1", type=lambda v: [int(x) for x in v.split(",")],
                    help="cache-on variants: most key splits per prefill query block (1: one program a block)")
+    p.add_argument("--no-prefill-graphs-ab", action="store_true",
+                   help="also the first cap without the prefill-only CUDA graphs (mixed graphs with decode rows)")
     p.add_argument("--out", default="/tmp/cached_turn_kernels")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the harness (the tiny model, no kernels)")
     a = p.parse_args(argv)
@@ -75,19 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     # (name, prefix cache, most key splits per prefill query block); the splits are fixed when an engine
     # captures its CUDA graphs, so each variant is an LLM of its own. gpu_memory_utilization caps the whole GPU
     # (vLLM's meaning): each LLM's cap includes the earlier ones' shares.
-    variants = [(f"cache on, key splits <= {n}", "on", n) for n in a.max_splits] + [("cache off", "off", 8)]
+    # --no-prefill-graphs-ab adds the first cap again with the runner's prefill-only graphs dropped (such steps
+    # then run as mixed graphs, decode rows and all, as before those graphs existed)
+    variants = [(f"cache on, key splits <= {n}", "on", n, True) for n in a.max_splits]
+    if a.no_prefill_graphs_ab:
+        variants.append((f"cache on, key splits <= {a.max_splits[0]}, no prefill-only graphs", "on",
+                         a.max_splits[0], False))
+    variants.append(("cache off", "off", 8, True))
     llms = {}
-    for i, (name, side, splits) in enumerate(variants):
+    for i, (name, side, splits, prefill_graphs) in enumerate(variants):
         TritonPagedBackend.prefill_max_splits = splits
         llms[name] = LLM(a.model, device=a.device, enable_prefix_caching=side == "on", max_model_len=4096,
                          gpu_memory_utilization=min(0.9, 0.18 * (i + 1)))
+        if not prefill_graphs:
+            llms[name].engine.runner.prefill_graphs = None
     TritonPagedBackend.prefill_max_splits = 8
     ns = argparse.Namespace(answer_tokens=a.answer_tokens, image_size=a.image_size, history_tokens=a.history_tokens)
     context, answer = pcb.calibrate_context(llms["cache off"], ns)
     res: dict = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
                  "variants": {}}
     seed = 0
-    for name, side, splits in variants:
+    for name, *_ in variants:
         llm = llms[name]
         walls, info = [], None
         for r in range(2 + a.repeats + 1):  # two warm-ups, the timed ones, one profiled
