@@ -1,11 +1,11 @@
-"""Short-step GEMM (17-128 rows) in Triton: out (M, N) = x (M, K) @ W (N, K)^T (+ bias), and the MLP's packed
+"""Short-step GEMM (9-128 rows) in Triton: out (M, N) = x (M, K) @ W (N, K)^T (+ bias), and the MLP's packed
 gate/up projection with silu(gate) * up in its epilogue.
 
-A step of up to 128 tokens (a chunk after a cached prefix, a small mixed step) is weight-read-bound: every
-weight byte is read once and the rows hardly matter. cuBLAS's tiles for these shapes leave the GPU part idle:
-the packed gate/up weight of a 3B LM (N = 22,016) is 172 tiles of 128 columns for 132 SMs (1.3 waves), and the
-narrow projections (q/k/v, o_proj: N = 2,048-2,560) are 16-40 tiles, so a few SMs stream the whole weight
-(BENCHMARKS.md, "Prefix caching", session 8: 1.3-3.0 TB/s of weight on an H200). Here one program holds all
+A step of a few dozen rows (a decode batch of 16-64, a small mixed step) is weight-read-bound: every weight
+byte is read once and the rows hardly matter. The engine runs the gate/up variant from 9 to 64 rows
+(triton_ops.TritonOps.short_gemm_max_rows), where it is 8-13% faster than cuBLAS's GEMM plus the separate
+silu_mul kernel on an H200; at 96 rows it is even and at 128 cuBLAS wins, as it does for q/k/v, o_proj and
+down_proj at every size measured (BENCHMARKS.md, "Prefix caching", session 8). Here one program holds all
 M rows (BLOCK_M >= M, so each weight tile is read once) and BLOCK_N columns over a contiguous K range:
 - grid (cdiv(N, BLOCK_N), SPLIT_K): SPLIT_K > 1 cuts K into equal ranges of whole BLOCK_K tiles, so narrow
   weights are streamed by enough programs to fill the GPU;
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import _dot_acc
+from .triton_gemv import _dot_acc, _gated
 
 MAX_ROWS = 128
 
@@ -37,14 +37,6 @@ class GemmTile:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-
-
-@triton.jit
-def _gated(g, u, dt: tl.constexpr):
-    """silu(g) * u with the unfused path's roundings (g, u rounded to dt; silu(g) rounded; the product)."""
-    g = g.to(dt).to(tl.float32)
-    a = (g * tl.sigmoid(g)).to(dt)
-    return (a.to(tl.float32) * u.to(dt).to(tl.float32)).to(dt)
 
 
 @triton.jit

@@ -26,6 +26,14 @@ def _dot_acc(acc, x, w, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _gated(g, u, dt: tl.constexpr):
+    """silu(g) * u with the unfused path's roundings (g, u rounded to dt; silu(g) rounded; the product)."""
+    g = g.to(dt).to(tl.float32)
+    a = (g * tl.sigmoid(g)).to(dt)
+    return (a.to(tl.float32) * u.to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    IEEE: tl.constexpr):
@@ -88,10 +96,7 @@ def _skinny_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, strid
         x = tl.load(x_ptrs + k0, mask=mm[:, None] & km[None, :], other=0.0)
         acc_g = _dot_acc(acc_g, x, wg, IEEE)
         acc_u = _dot_acc(acc_u, x, wu, IEEE)
-    dt = out_ptr.dtype.element_ty
-    g = acc_g.to(dt).to(tl.float32)
-    a = (g * tl.sigmoid(g)).to(dt)
-    o = (a.to(tl.float32) * acc_u.to(dt).to(tl.float32)).to(dt)
+    o = _gated(acc_g, acc_u, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], o, mask=mm[:, None] & nm[None, :])
 
 

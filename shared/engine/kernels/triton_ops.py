@@ -22,9 +22,11 @@ from .triton_gemv import skinny_gate_up_silu
 # o_proj and down_proj cuBLAS was as fast or faster, so they stay on cuBLAS).
 SKINNY_MAX_ROWS = 8
 # From there up to TritonOps.short_gemm_max_rows rows it runs through the short-step GEMM with silu(gate) * up
-# in its epilogue (H200, bench/short_gemm_probe.py, 36 layers of distinct weights from a CUDA graph: see
-# BENCHMARKS.md, "Short-step GEMM"); past it cuBLAS's tiles win and the MLP is F.linear then silu_mul.
-SHORT_GATE_UP_TILE = GemmTile(block_n=32, block_k=64, split_k=1, num_warps=4, num_stages=4)
+# in its epilogue (H200, bench/short_gemm_probe.py, 36 layers of distinct weights in a CUDA graph: 8-13% faster
+# than cuBLAS + silu_mul at 16-64 rows, even at 96, slower at 128; BENCHMARKS.md, "Prefix caching", session 8);
+# past it the MLP is F.linear then silu_mul. The tile is the one within 1.3 us of the best at every size from 16
+# to 64 rows (32 x 64 was best at 16, 48 and 64 but no faster than cuBLAS at 32).
+SHORT_GATE_UP_TILE = GemmTile(block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=4)
 
 
 def _eps(norm: nn.Module) -> float:
