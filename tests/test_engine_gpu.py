@@ -348,7 +348,7 @@ def test_short_gemm_matches_cublas(dtype, tol):
     the engine's silu_mul for gate/up) and a float64 reference; bf16 gate/up equal but for rare last-bit flips."""
     from mmpipe.shared.engine.kernels.triton_fused import silu_mul
     from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu, short_linear
-    from mmpipe.shared.engine.kernels.triton_ops import SHORT_GATE_UP_TILE
+    from mmpipe.shared.engine.kernels.triton_ops import short_gate_up_tile
 
     torch.manual_seed(0)
     for n, K in ((11008, 2048), (1000, 200)):
@@ -356,7 +356,7 @@ def test_short_gemm_matches_cublas(dtype, tol):
         w, b = wg[:n].contiguous(), torch.randn(n, device="cuda").to(dtype)
         for M in (9, 17, 64, 104, 128):
             x = torch.randn(M, K, device="cuda").to(dtype)
-            got = short_gate_up_silu(x, wg, SHORT_GATE_UP_TILE)
+            got = short_gate_up_silu(x, wg, short_gate_up_tile(M))
             gu = (x.double() @ wg.double().T).to(dtype)
             want = (torch.nn.functional.silu(gu[:, :n].float()).to(dtype).float() * gu[:, n:].float()).to(dtype)
             assert _rel(got, want) < tol, (n, K, M, _rel(got, want))

@@ -24,9 +24,15 @@ SKINNY_MAX_ROWS = 8
 # From there up to TritonOps.short_gemm_max_rows rows it runs through the short-step GEMM with silu(gate) * up
 # in its epilogue (H200, bench/short_gemm_probe.py, 36 layers of distinct weights in a CUDA graph: 8-13% faster
 # than cuBLAS + silu_mul at 16-64 rows, even at 96, slower at 128; BENCHMARKS.md, "Prefix caching", session 8);
-# past it the MLP is F.linear then silu_mul. The tile is the one within 1.3 us of the best at every size from 16
-# to 64 rows (32 x 64 was best at 16, 48 and 64 but no faster than cuBLAS at 32).
-SHORT_GATE_UP_TILE = GemmTile(block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=4)
+# past it the MLP is F.linear then silu_mul. Tiles by rows, from whole captured steps of the 3B-sized model
+# (runs 16 and 18): 32 x 64 at 16, 48 and 64 rows (1.043-1.048x the cuBLAS step) but 0.993x at 32, where 64 x 64
+# gives 1.020x (and 1.031-1.040x elsewhere).
+SHORT_GATE_UP_TILES = ((16, GemmTile(block_n=32, block_k=64)), (32, GemmTile(block_n=64, block_k=64)),
+                       (128, GemmTile(block_n=32, block_k=64)))
+
+
+def short_gate_up_tile(rows: int) -> GemmTile:
+    return next(t for most, t in SHORT_GATE_UP_TILES if rows <= most)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -111,7 +117,7 @@ class TritonOps:
                 # unfused skinny_linear tile (block_n=64) moved per step, over as many programs
                 return mlp.down_proj(skinny_gate_up_silu(x, w, block_n=32, block_k=128, num_warps=4, num_stages=4))
             if x.shape[0] <= self.short_gemm_max_rows and x.stride(-1) == 1:
-                return mlp.down_proj(short_gate_up_silu(x, w, SHORT_GATE_UP_TILE))
+                return mlp.down_proj(short_gate_up_silu(x, w, short_gate_up_tile(x.shape[0])))
             gu = F.linear(x, w)
             inter = gu.shape[-1] // 2
             return mlp.down_proj(silu_mul(gu[:, :inter], gu[:, inter:]))
