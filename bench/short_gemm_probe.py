@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine_bench import replay_ms  # bench/ is the script's folder
 from mmpipe.shared.engine.kernels.triton_fused import silu_mul
 from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu, short_linear
 
@@ -69,18 +70,6 @@ def tiles(name: str):
         yield GemmTile(**t)
 
 
-def replay_us(graph, reps: int = 20) -> float:
-    graph.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        graph.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / reps
-
-
 def engine_ab(model: str) -> dict:
     from mmpipe import LLM
     from mmpipe.shared.engine.kernels.triton_ops import SKINNY_MAX_ROWS, TritonOps
@@ -94,7 +83,7 @@ def engine_ab(model: str) -> dict:
         for kind, gs in sets:
             for size in (16, 32, 48, 64, 128):
                 if gs is not None and size in gs.graphs:
-                    us = replay_us(gs.graphs[size])
+                    us = replay_ms(gs.graphs[size], 20) * 1e3
                     out.setdefault(f"{kind}@{size}", {})[name] = us
         del llm, r
         torch.cuda.empty_cache()
