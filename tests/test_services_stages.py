@@ -284,6 +284,7 @@ def test_cancelled_stream_frees_the_request(stage_stack, offline_vl):
     assert s.metric("generator", "mmpipe_generator_engine_kv_cache_usage_ratio") == 0
     assert s.metric("generator", "mmpipe_generator_engine_steps_total", kind="eager") > 0
     assert s.metric("generator", "mmpipe_generator_engine_steps_total", kind="mixed_graph") == 0
+    assert s.metric("generator", "mmpipe_generator_engine_steps_total", kind="prefill_graph") == 0
     assert s.metric("generator", "mmpipe_generator_engine_preemptions_total") == 0  # the default KV budget fits
 
 

@@ -244,7 +244,8 @@ class _EngineCounters:
         steps = CounterMetricFamily("mmpipe_generator_engine_steps", "engine steps by how they ran",
                                     labels=["model", "kind"])
         steps.add_metric([self.model, "decode_graph"], st["graph_steps"])
-        steps.add_metric([self.model, "mixed_graph"], st["mixed_graph_steps"])
+        steps.add_metric([self.model, "prefill_graph"], st["prefill_graph_steps"])
+        steps.add_metric([self.model, "mixed_graph"], st["mixed_graph_steps"] - st["prefill_graph_steps"])
         steps.add_metric([self.model, "eager"], st["steps"] - st["graph_steps"] - st["mixed_graph_steps"])
         yield steps
         pre = CounterMetricFamily("mmpipe_generator_engine_preemptions",
