@@ -17,7 +17,7 @@ from PIL import Image
 
 from mmpipe.shared.errors import (InvalidInputError, LimitExceededError, MediaDecodeError)
 from mmpipe.shared.media.audio import decode_audio, decode_input_audio, normalize_audio, resample
-from mmpipe.shared.media.hashing import hash_audio, hash_bytes, hash_image, hash_video
+from mmpipe.shared.media.hashing import hash_audio, hash_bytes, hash_image, hash_rgb_array, hash_video
 from mmpipe.shared.media.image import (ImageIOOptions, decode_image, normalize_image, parse_image_io_kwargs)
 from mmpipe.shared.media.loader import MediaLoader
 from mmpipe.shared.media.policy import MediaPolicy
@@ -309,6 +309,13 @@ def test_hashing_properties():
     # same bytes, different shape / mode -> different hash
     assert hash_image(Image.frombytes("RGB", (6, 8), img.tobytes())) != h
     assert hash_image(Image.frombytes("L", (24, 6), img.tobytes())) != h
+    # the decode pool's arrays are hashed from their own buffer: the same digest as the image built from them
+    arr = np.asarray(img)
+    assert hash_rgb_array(arr) == h and hash_rgb_array(np.asfortranarray(arr)) == h
+    assert hash_rgb_array(np.ascontiguousarray(arr[:, ::-1])) == hash_image(img.transpose(Image.FLIP_LEFT_RIGHT))
+    for bad in (arr[..., :2], arr.astype(np.int16), arr[..., 0]):
+        with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+            hash_rgb_array(bad)
     v = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
     hv = hash_video(v)
     assert len(hv) == 64 and hash_video(v.copy()) == hv

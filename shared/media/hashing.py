@@ -40,6 +40,15 @@ def hash_image(img: Any) -> str:
     return _digest(f"image:{img.mode}:{img.width}x{img.height}", data, len(data))
 
 
+def hash_rgb_array(arr: np.ndarray) -> str:
+    """`hash_image(Image.fromarray(arr, "RGB"))` of an (H, W, 3) uint8 array, from the array's own buffer (which
+    holds exactly the bytes that image's tobytes() would build again: ~1 ms saved on a 448 px image)."""
+    a = np.ascontiguousarray(arr)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {a.dtype} {a.shape}")
+    return _digest(f"image:RGB:{a.shape[1]}x{a.shape[0]}", a.reshape(-1), a.nbytes)
+
+
 def _array_digest(kind: str, arr: np.ndarray, extra: str = "") -> str:
     a = np.ascontiguousarray(arr)  # no copy when already contiguous; hashing the buffer avoids tobytes()
     shape = "x".join(str(d) for d in a.shape)

@@ -26,7 +26,7 @@ from .budget import RequestBudget
 from .decode_pool import DecodePool, remaining
 from .audio import decode_audio, decode_input_audio, normalize_audio, resample
 from .fetch import fetch_bytes
-from .hashing import hash_audio, hash_bytes, hash_image, hash_video
+from .hashing import hash_audio, hash_bytes, hash_image, hash_rgb_array, hash_video
 from .image import ImageIOOptions, check_pixels, decode_image, normalize_image, parse_image_io_kwargs
 from .policy import MediaPolicy
 from .video_readers import parse_video_backend
@@ -214,8 +214,9 @@ class MediaLoader:
             hit = self.known_images.get(known)
             if hit is not None:
                 return self._deferred_image(hit, known, data, laps, budget, name)
+        digest = None
         if data is not None:
-            img = self._decode_image(data, budget, name)
+            img, digest = self._decode_image(data, budget, name, laps)
         elif isinstance(source, Image.Image):
             check_pixels(source.width, source.height, self.policy.max_image_pixels)
             if budget is not None:  # already decoded by the caller: only the request's total is charged
@@ -233,21 +234,34 @@ class MediaLoader:
             check_pixels(arr.shape[1], arr.shape[0], self.policy.max_image_pixels)
             if budget is not None:
                 budget.charge_pixels(arr.shape[0] * arr.shape[1], f"image {arr.shape[1]}x{arr.shape[0]}")
-            img = normalize_image(Image.fromarray(np.ascontiguousarray(arr)), self.image_opts)
+            arr = np.ascontiguousarray(arr)
+            img = normalize_image(Image.fromarray(arr), self.image_opts)
+            if arr.ndim == 3 and arr.shape[-1] == 3:  # an RGB image as it is: its pixels are the array's bytes
+                laps.lap("decode")
+                digest = hash_rgb_array(arr)
         else:
             raise InvalidInputError(f"unsupported image source type {type(source).__name__}; send a URL, "
                                     f"bytes or a PIL image")
-        laps.lap("decode")
-        digest = hash_image(img)
+        if digest is None:
+            laps.lap("decode")
+            digest = hash_image(img)
         laps.lap("hash")
         if known is not None:
             self.known_images.put(known, (digest, img.width, img.height))
         return MediaItem("image", img, digest, meta={"width": img.width, "height": img.height})
 
-    def _decode_image(self, data: bytes, budget: RequestBudget | None, name: str) -> Image.Image:
+    def _decode_image(self, data: bytes, budget: RequestBudget | None, name: str,
+                      laps: _Laps | None = None) -> tuple[Image.Image, str]:
+        """The decoded RGB image and its content hash (from the decode pool's array where it made one)."""
         if self.pool is not None:
-            return Image.fromarray(self._in_pool("image", data, self.image_opts, budget, name)[0], "RGB")
-        return decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels, budget=budget)
+            arr = self._in_pool("image", data, self.image_opts, budget, name)[0]
+            img = Image.fromarray(arr, "RGB")
+        else:
+            arr, img = None, decode_image(data, self.image_opts, max_pixels=self.policy.max_image_pixels,
+                                          budget=budget)
+        if laps is not None:
+            laps.lap("decode")
+        return img, hash_rgb_array(arr) if arr is not None else hash_image(img)
 
     def _deferred_image(self, hit: tuple[str, int, int], known: tuple, source: Any, laps: _Laps,
                         budget: RequestBudget | None, name: str) -> MediaItem:
@@ -263,8 +277,8 @@ class MediaLoader:
 
         def decode() -> Image.Image:
             data = self._bytes_of(source, "image") if isinstance(source, str) else source
-            img = self._decode_image(data, RequestBudget(limits) if limits is not None else None, name)
-            if hash_image(img) != digest:  # a decoder that is not deterministic: never key another image's pixels
+            img, again = self._decode_image(data, RequestBudget(limits) if limits is not None else None, name)
+            if again != digest:  # a decoder that is not deterministic: never key another image's pixels
                 self.known_images.drop(known)
                 raise MediaDecodeError("the image decoded to other pixels than the first time; send it again")
             return img
