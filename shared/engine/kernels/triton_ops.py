@@ -60,7 +60,9 @@ def _pack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 class TritonOps:
     name = "triton"
     # Read when a step runs, so a CUDA graph keeps the value it was captured with; benchmarks set the class
-    # attribute before building an engine (SKINNY_MAX_ROWS or less: cuBLAS for every row count past the GEMV).
+    # attributes before building an engine (short_gemm_max_rows at skinny_max_rows or less: cuBLAS for every row
+    # count past the GEMV; skinny_max_rows 0: the short-step GEMM from one row).
+    skinny_max_rows = SKINNY_MAX_ROWS
     short_gemm_max_rows = 64
 
     def __init__(self, decoder, pack: bool = False):
@@ -112,7 +114,7 @@ class TritonOps:
             return mlp(x)
         w = self.gate_up_packed.get(layer)
         if w is not None:
-            if x.shape[0] <= SKINNY_MAX_ROWS and x.stride(-1) == 1:
+            if x.shape[0] <= self.skinny_max_rows and x.stride(-1) == 1:
                 # GEMV and silu(gate) * up in one launch; block_n=32 over a gate and an up tile moves what the
                 # unfused skinny_linear tile (block_n=64) moved per step, over as many programs
                 return mlp.down_proj(skinny_gate_up_silu(x, w, block_n=32, block_k=128, num_warps=4, num_stages=4))
