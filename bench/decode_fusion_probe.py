@@ -4,8 +4,9 @@ weights and KV come from HBM and every layer is its own launch, as in a real ste
 
 - attention: paged_decode with the split merge fused into the decode kernel vs the separate merge kernel
   (H=16, KVH=2, D=128, page 16, seq_len 1000, splits from choose_num_splits with the device's SM count);
-- MLP: skinny_gate_up_silu (one launch) vs skinny_linear + silu_mul (two), M=1, K=2048, I=11008, bf16, over
-  a few tiles of the fused kernel (the first is the one TritonOps uses).
+- MLP: the short-step GEMM with silu(gate) * up fused (one launch, triton_gemm.short_gate_up_silu) vs cuBLAS's
+  F.linear + silu_mul (two), K=2048, I=11008, bf16, over a few tiles of the fused kernel (the first is the one
+  TritonOps uses at that batch).
 
     python bench/decode_fusion_probe.py [--out results.json] [--batches 1,4] [--layers 36]
 """
@@ -20,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GATE_UP_CONFIGS = [(32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 8, 3)]
+# (block_n, block_k, num_warps, num_stages) tried after the engine's own tile for the batch
+GATE_UP_CONFIGS = [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)]
 
 
 def _rel(a, b) -> float:
@@ -61,25 +63,31 @@ def probe_attention(batch: int, layers: int, sms: int, seq_len: int = 1000, head
 
 def probe_gate_up(batch: int, layers: int, K: int = 2048, inter: int = 11008) -> dict:
     from mmpipe.shared.engine.kernels.triton_fused import silu_mul
-    from mmpipe.shared.engine.kernels.triton_gemv import skinny_gate_up_silu, skinny_linear
+    from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu
+    from mmpipe.shared.engine.kernels.triton_ops import short_gate_up_tile
 
     dev, dt = "cuda", torch.bfloat16
     ws = [torch.randn(2 * inter, K, device=dev, dtype=dt) * K ** -0.5 for _ in range(layers)]
     x = torch.randn(batch, K, device=dev, dtype=dt)
 
     def unfused(w):
-        gu = skinny_linear(x, w, None, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        gu = torch.nn.functional.linear(x, w)
         return silu_mul(gu[:, :inter], gu[:, inter:])
 
+    engine = short_gate_up_tile(batch)
+    tiles = [engine] + [GemmTile(block_n=n, block_k=k, num_warps=nw, num_stages=ns)
+                        for n, k, nw, ns in GATE_UP_CONFIGS]
     ref = unfused(ws[0])
-    got = skinny_gate_up_silu(x, ws[0], *GATE_UP_CONFIGS[0])
+    got = short_gate_up_silu(x, ws[0], engine)
     row = dict(kernel="gate_up_silu", batch=batch, K=K, I=inter, rel_err=_rel(got, ref),
                unequal=(got != ref).float().mean().item(),
                unfused_us=_time_us(lambda: [unfused(w) for w in ws], layers), fused_tiles_us={})
-    for cfg in GATE_UP_CONFIGS:  # (block_n, block_k, num_warps, num_stages)
-        t = _time_us(lambda cfg=cfg: [skinny_gate_up_silu(x, w, *cfg) for w in ws], layers)
-        row["fused_tiles_us"]["{}_{}_{}_{}".format(*cfg)] = t
-    row["fused_us"] = row["fused_tiles_us"]["{}_{}_{}_{}".format(*GATE_UP_CONFIGS[0])]
+    def name(t: GemmTile) -> str:
+        return f"{t.block_n}_{t.block_k}_{t.num_warps}_{t.num_stages}"
+
+    for t in tiles:
+        row["fused_tiles_us"][name(t)] = _time_us(lambda t=t: [short_gate_up_silu(x, w, t) for w in ws], layers)
+    row["fused_us"] = row["fused_tiles_us"][name(engine)]
     return row
 
 
@@ -94,12 +102,12 @@ def main(argv=None):
     res = {"device": torch.cuda.get_device_name(), "sms": sms, "layers": args.layers, "rows": []}
     print(f"{res['device']}, {sms} SMs, {args.layers} layers per graph; times per layer (median)", flush=True)
     print(f"{'kernel':14s} {'B':>3s} {'before us':>10s} {'after us':>9s} {'saved/step us':>14s}  notes", flush=True)
-    from mmpipe.shared.engine.kernels.triton_ops import SKINNY_MAX_ROWS
+    from mmpipe.shared.engine.kernels.triton_ops import TritonOps
 
     for B in [int(b) for b in args.batches.split(",")]:
         a = probe_attention(B, args.layers, sms)
         probes = [(a, a["two_kernel_us"], f"splits {a['splits']}, rel err {a['rel_err']:.1e}")]
-        if B <= SKINNY_MAX_ROWS:  # larger batches take cuBLAS for gate/up: nothing fused to compare
+        if B <= TritonOps.short_gemm_max_rows:  # larger batches take cuBLAS for gate/up: nothing fused
             g = probe_gate_up(B, args.layers)
             tiles = ", ".join(f"{k} {v:.2f}" for k, v in g["fused_tiles_us"].items())
             probes.append((g, g["unfused_us"], f"rel err {g['rel_err']:.1e}, {100 * g['unequal']:.2f}% of outputs "

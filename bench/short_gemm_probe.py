@@ -13,9 +13,9 @@ kernel, against the Triton kernel with silu(gate) * up fused. Prints the best ti
     python bench/short_gemm_probe.py --proj gate_up --rows 16,32,64 --engine /tmp/mmpipe-bench/qwen2_5_vl_3b_random
 
 --engine also times whole engine steps on that model: two offline `LLM`s, one with the MLP's short-step GEMM up
-to 64 rows (`TritonOps.short_gemm_max_rows`, fixed when the CUDA graphs are captured) and one with cuBLAS past
-the GEMV's 8 rows; the GPU time of one replay of each captured decode graph (batch 16-64) and small mixed /
-prefill-only graph, on the graphs' padding inputs (every GEMM runs in full; attention over empty rows).
+to 64 rows (`TritonOps.short_gemm_max_rows`, fixed when the CUDA graphs are captured) and one with cuBLAS and
+silu_mul at every row count; the GPU time of one replay of each captured decode graph (batch 1-64) and small
+mixed / prefill-only graph, on the graphs' padding inputs (every GEMM runs in full; attention over empty rows).
 """
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ import torch.nn.functional as F
 from engine_bench import replay_ms  # bench/ is the script's folder
 from mmpipe.shared.engine.kernels.triton_fused import silu_mul
 from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu, short_linear
-from mmpipe.shared.engine.kernels.triton_gemv import skinny_gate_up_silu
-from mmpipe.shared.engine.kernels.triton_ops import SKINNY_MAX_ROWS
 
 LAYERS = 36
 PROJ = {"qkv": (2048, 2560, True), "o_proj": (2048, 2048, False), "gate_up": (2048, 22016, False),
@@ -72,42 +70,34 @@ def tiles(name: str):
         yield GemmTile(**t)
 
 
-def engine_ab(model: str, gemv: bool = False) -> dict:
-    """GPU us of one replay of each captured graph, A against B, on two engines over `model`. Default: cuBLAS past
-    the GEMV's rows (A) against the short-step GEMM to 64 rows (B), at 16-128 rows. gemv: the decode GEMV for
-    1-8 rows (A) against the short-step GEMM from one row (B), decode graphs at batch 1-8."""
+def engine_ab(model: str) -> dict:
+    """GPU us of one replay of each captured graph on two engines over `model`: cuBLAS and silu_mul at every row
+    count (short_gemm_max_rows 0) against the short-step GEMM up to 64 rows (the engine's default). Session 9's
+    run 22 timed the fused decode GEMV this replaced at 1-8 rows with the probe of its commit (BENCHMARKS.md)."""
     from mmpipe import LLM
     from mmpipe.shared.engine.kernels.triton_ops import TritonOps
 
-    if gemv:
-        sides = (("gemv", dict(skinny_max_rows=SKINNY_MAX_ROWS)), ("short", dict(skinny_max_rows=0)))
-        sizes = (1, 2, 4, 8)
-    else:
-        sides = (("cublas", dict(short_gemm_max_rows=SKINNY_MAX_ROWS)), ("short", dict(short_gemm_max_rows=64)))
-        sizes = (16, 32, 48, 64, 128)
-    defaults = {"skinny_max_rows": TritonOps.skinny_max_rows, "short_gemm_max_rows": TritonOps.short_gemm_max_rows}
+    default = TritonOps.short_gemm_max_rows
     out: dict = {}
     try:
-        for i, (name, attrs) in enumerate(sides):
-            for k, v in attrs.items():
-                setattr(TritonOps, k, v)
+        for i, (name, cap) in enumerate((("cublas", 0), ("short", 64))):
+            TritonOps.short_gemm_max_rows = cap
             llm = LLM(model, max_num_seqs=64, max_model_len=4096, gpu_memory_utilization=0.3 * (i + 1))
             r = llm.engine.runner
             sets = [("decode", r.graphs), ("mixed", r.mixed_graphs), ("prefill-only", r.prefill_graphs)]
             for kind, gs in sets:
-                for size in sizes:
+                for size in (1, 2, 4, 8, 16, 32, 48, 64, 128):
                     if gs is not None and size in gs.graphs:
                         us = replay_ms(gs.graphs[size], 20) * 1e3
                         out.setdefault(f"{kind}@{size}", {})[name] = us
             del llm, r
             torch.cuda.empty_cache()
     finally:
-        for k, v in defaults.items():
-            setattr(TritonOps, k, v)
-    a, b = (name for name, _ in sides)
+        TritonOps.short_gemm_max_rows = default
     for key, v in out.items():
         if len(v) == 2:
-            print(f"[engine {key:16s}] {a} {v[a]:7.1f} us, {b} {v[b]:7.1f} us: x{v[a] / v[b]:.3f}", flush=True)
+            print(f"[engine {key:16s}] cublas {v['cublas']:7.1f} us, short-step GEMM {v['short']:7.1f} us: "
+                  f"x{v['cublas'] / v['short']:.3f}", flush=True)
     return out
 
 
@@ -117,8 +107,6 @@ def main(argv=None) -> int:
     ap.add_argument("--proj", default=",".join(PROJ))
     ap.add_argument("--out", default="")
     ap.add_argument("--engine", default="", help="a model dir: A/B whole engine steps (see above)")
-    ap.add_argument("--engine-gemv", action="store_true",
-                    help="with --engine: the decode GEMV against the short-step GEMM at batch 1-8 instead")
     a = ap.parse_args(argv)
     dt = torch.bfloat16
     torch.manual_seed(0)
@@ -138,12 +126,6 @@ def main(argv=None) -> int:
                     gu = F.linear(x, w)
                     return silu_mul(gu[:, :half], gu[:, half:])
                 tri_fn = lambda w, b, t: short_gate_up_silu(x, w, t)  # noqa: E731
-                if m <= SKINNY_MAX_ROWS:  # the engine's decode GEMV at these rows: what the GEMM would replace
-                    gemv = graph_us(lambda: [skinny_gate_up_silu(x, w, block_n=32, block_k=128, num_warps=4,
-                                                                 num_stages=4) for w in ws])
-                    res["rows"].append({"proj": name, "rows": m, "tile": "gemv", "us": gemv})
-                    print(f"[{name:7s} M={m:3d}] decode GEMV (skinny_gate_up_silu): {gemv:6.1f} us "
-                          f"({wbytes / gemv / 1e6:4.2f} TB/s)", flush=True)
             else:
                 ref_fn = lambda w, b: F.linear(x, w, b)  # noqa: E731
                 tri_fn = lambda w, b, t: short_linear(x, w, b, t)  # noqa: E731
@@ -178,7 +160,7 @@ def main(argv=None) -> int:
         print(f"M={m}: a layer's projections cublas {b:.1f} us, best triton {t:.1f} us; x36 = {36 * b / 1e3:.2f} "
               f"against {36 * t / 1e3:.2f} ms")
     if a.engine:
-        res["engine"] = engine_ab(a.engine, gemv=a.engine_gemv)
+        res["engine"] = engine_ab(a.engine)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

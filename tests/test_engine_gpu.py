@@ -319,32 +319,8 @@ def test_auto_kv_sizing_and_seeded_sampling_on_cuda():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_skinny_gate_up_silu_matches_unfused(dtype, tol):
-    """The fused gate/up GEMV + SiLU-mul against the path it replaces (skinny_linear, then silu_mul): same sums
-    and roundings, so equal but for rare last-bit flips; and against a float64 torch reference."""
-    from mmpipe.shared.engine.kernels.triton_fused import silu_mul
-    from mmpipe.shared.engine.kernels.triton_gemv import skinny_gate_up_silu, skinny_linear
-
-    torch.manual_seed(0)
-    for inter, K in ((11008, 2048), (1000, 200)):
-        w = (torch.randn(2 * inter, K, device="cuda") * K ** -0.5).to(dtype)
-        for M in (1, 2, 3, 8, 16):
-            x = torch.randn(M, K, device="cuda").to(dtype)
-            got = skinny_gate_up_silu(x, w)
-            gu = (x.double() @ w.double().T).to(dtype)
-            g, u = gu[:, :inter], gu[:, inter:]
-            want = (torch.nn.functional.silu(g.float()).to(dtype).float() * u.float()).to(dtype)
-            assert _rel(got, want) < tol, (inter, K, M, _rel(got, want))
-            gu_t = skinny_linear(x, w, None, block_n=64, block_k=128, num_warps=4, num_stages=4)
-            old = silu_mul(gu_t[:, :inter], gu_t[:, inter:])
-            assert _rel(got, old) < tol, (inter, K, M)
-            if dtype == torch.bfloat16:
-                assert (got != old).float().mean().item() <= 0.01, (inter, K, M)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_short_gemm_matches_cublas(dtype, tol):
-    """The short-step GEMM (17-128 rows) at the engine's tile and split over K, against cuBLAS (F.linear, then
+    """The short-step GEMM (1-128 rows) at the engine's tile and split over K, against cuBLAS (F.linear, then
     the engine's silu_mul for gate/up) and a float64 reference; bf16 gate/up equal but for rare last-bit flips."""
     from mmpipe.shared.engine.kernels.triton_fused import silu_mul
     from mmpipe.shared.engine.kernels.triton_gemm import GemmTile, short_gate_up_silu, short_linear
@@ -354,7 +330,7 @@ def test_short_gemm_matches_cublas(dtype, tol):
     for n, K in ((11008, 2048), (1000, 200)):
         wg = (torch.randn(2 * n, K, device="cuda") * K ** -0.5).to(dtype)
         w, b = wg[:n].contiguous(), torch.randn(n, device="cuda").to(dtype)
-        for M in (9, 17, 64, 104, 128):
+        for M in (1, 2, 3, 8, 9, 17, 64, 104, 128):
             x = torch.randn(M, K, device="cuda").to(dtype)
             got = short_gate_up_silu(x, wg, short_gate_up_tile(M))
             gu = (x.double() @ wg.double().T).to(dtype)

@@ -1,6 +1,6 @@
 """The engine's Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1), against torch
-references on tiny shapes, in fp32 and a 16-bit dtype: the fused gate/up GEMV + SiLU-mul, the short-step GEMM
-(17-128 rows; split over K or not; bias; gate/up with SiLU-mul in the epilogue), paged decode with the split
+references on tiny shapes, in fp32 and a 16-bit dtype: the short-step GEMM (1-128 rows; split over K or not;
+bias; gate/up with SiLU-mul in the epilogue, which the engine runs from one row), paged decode with the split
 merge fused in (and the two-kernel path), the skinny GEMM and the fused elementwise kernels (and the grammar bitmask); ("masked") decode
 and prefill (one program per query block, and split over programs) under a sliding window, bidirectional
 image limits and a soft-cap, with Gemma's (1 + weight) norm; and
@@ -26,7 +26,7 @@ import pytest
 from background_runs import BackgroundRuns, failure
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("gate_up_silu", "short_gemm", "paged_decode", "elementwise", "masked", "behind_window")
+CHECKS = ("short_gemm", "paged_decode", "elementwise", "masked", "behind_window")
 
 
 RUNS = BackgroundRuns("check", lambda check: [sys.executable, str(Path(__file__).resolve()), check],
@@ -56,40 +56,6 @@ def _round_silu_mul(g, u):
     return (a.float() * u.float()).to(g.dtype)
 
 
-def check_gate_up_silu():
-    import torch
-
-    from mmpipe.shared.engine.kernels.triton_fused import silu_mul
-    from mmpipe.shared.engine.kernels.triton_gemv import skinny_gate_up_silu, skinny_linear
-
-    torch.manual_seed(0)
-    worst = {}
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
-        for inter, K in ((96, 256), (80, 200)):  # I a multiple of block_n or not, K a multiple of block_k or not
-            w = (torch.randn(2 * inter, K) * K ** -0.5).to(dtype)
-            for M in range(1, 17):
-                x = torch.randn(M, K).to(dtype)
-                got = skinny_gate_up_silu(x, w, block_n=32, block_k=128)
-                assert got.shape == (M, inter) and got.dtype == dtype
-                gu = (x.double() @ w.double().T).to(dtype)  # exact sums, rounded once as a GEMM output is
-                want = _round_silu_mul(gu[:, :inter], gu[:, inter:])
-                err = _maxerr(got, want) / want.float().abs().max().item()
-                assert err < tol, (dtype, inter, K, M, err)
-                worst[f"{dtype} rel vs torch"] = max(worst.get(f"{dtype} rel vs torch", 0.0), err)
-                if M in (1, 8, 16):  # the unfused Triton path it replaces (skinny_linear, then silu_mul)
-                    gu_t = skinny_linear(x, w, None, block_n=64, block_k=128)
-                    old = silu_mul(gu_t[:, :inter], gu_t[:, inter:])
-                    e = _maxerr(got, old) / old.float().abs().max().item()
-                    assert e <= (1e-6 if dtype == torch.float32 else 2 ** -10), (dtype, inter, K, M, e)
-                    worst[f"{dtype} rel vs unfused"] = max(worst.get(f"{dtype} rel vs unfused", 0.0), e)
-                    if dtype == torch.float16:  # same sums, same roundings: equal but for a rare last-bit flip
-                        differ = (got != old).float().mean().item()
-                        assert differ <= 0.01, (inter, K, M, e, differ)
-                        worst["float16 share unequal"] = max(worst.get("float16 share unequal", 0.0), differ)
-        assert skinny_gate_up_silu(torch.randn(0, K).to(dtype), w).shape == (0, inter)
-    print("gate_up_silu max errors:", {k: f"{v:.2e}" for k, v in worst.items()})
-
-
 def check_short_gemm():
     import torch
 
@@ -102,7 +68,7 @@ def check_short_gemm():
             w = (torch.randn(n, K) * K ** -0.5).to(dtype)
             wg = (torch.randn(2 * n, K) * K ** -0.5).to(dtype)
             b = torch.randn(n).to(dtype)
-            for M in (9, 17, 64, 100, 128):
+            for M in (1, 2, 8, 9, 17, 64, 100, 128):
                 x = torch.randn(M, K).to(dtype)
                 exact = x.double() @ w.double().T
                 gu = (x.double() @ wg.double().T).to(dtype)  # exact sums, rounded once as a GEMM output is
@@ -122,6 +88,7 @@ def check_short_gemm():
                     assert err < tol, (dtype, n, K, M, split, "gate_up", err)
                     worst[f"{dtype} gate_up"] = max(worst.get(f"{dtype} gate_up", 0.0), err)
         assert short_linear(torch.randn(0, K).to(dtype), w).shape == (0, n)
+        assert short_gate_up_silu(torch.randn(0, K).to(dtype), wg).shape == (0, n)
     print("short_gemm max errors:", {k: f"{v:.2e}" for k, v in worst.items()})
 
 

@@ -1,11 +1,12 @@
-"""Short-step GEMM (9-128 rows) in Triton: out (M, N) = x (M, K) @ W (N, K)^T (+ bias), and the MLP's packed
+"""Short-step GEMM (1-128 rows) in Triton: out (M, N) = x (M, K) @ W (N, K)^T (+ bias), and the MLP's packed
 gate/up projection with silu(gate) * up in its epilogue.
 
-A step of a few dozen rows (a decode batch of 16-64, a small mixed step) is weight-read-bound: every weight
-byte is read once and the rows hardly matter. The engine runs the gate/up variant from 9 to 64 rows
+A step of a few dozen rows or fewer (a decode batch of 1-64, a small mixed step) is weight-read-bound: every
+weight byte is read once and the rows hardly matter. The engine runs the gate/up variant from 1 to 64 rows
 (triton_ops.TritonOps.short_gemm_max_rows), where it is 8-13% faster than cuBLAS's GEMM plus the separate
-silu_mul kernel on an H200; at 96 rows it is even and at 128 cuBLAS wins, as it does for q/k/v, o_proj and
-down_proj at every size measured (BENCHMARKS.md, "Prefix caching", session 8). Here one program holds all
+silu_mul kernel on an H200 (and at 1-8 rows a little faster than the fused GEMV it replaced); at 96 rows it is
+even and at 128 cuBLAS wins, as it does for q/k/v, o_proj and down_proj at every size measured (BENCHMARKS.md,
+"Prefix caching", sessions 8 and 9). Here one program holds all
 M rows (BLOCK_M >= M, so each weight tile is read once) and BLOCK_N columns over a contiguous K range:
 - grid (cdiv(N, BLOCK_N), SPLIT_K): SPLIT_K > 1 cuts K into equal ranges of whole BLOCK_K tiles, so narrow
   weights are streamed by enough programs to fill the GPU;
@@ -24,9 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import _dot_acc, _gated
+from .triton_gemv import _dot_acc
 
 MAX_ROWS = 128
+
+
+@triton.jit
+def _gated(g, u, dt: tl.constexpr):
+    """silu(g) * u with the unfused path's roundings (g, u rounded to dt; silu(g) rounded; the product)."""
+    g = g.to(dt).to(tl.float32)
+    a = (g * tl.sigmoid(g)).to(dt)
+    return (a.to(tl.float32) * u.to(dt).to(tl.float32)).to(dt)
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,16 @@ from torch import nn
 from ..moe import MoESpec, sparse_moe
 from .triton_fused import add_rmsnorm, rope_and_cache, silu_mul
 from .triton_gemm import GemmTile, short_gate_up_silu
-from .triton_gemv import skinny_gate_up_silu
 
-# Rows up to which the packed gate/up projection runs through the Triton skinny GEMM instead of cuBLAS
-# (H100, bench/engine_gemv_probe.py: 32.9 vs 35.1 us at batch 1, 91% vs 85% of the copy bandwidth; for q/k/v,
-# o_proj and down_proj cuBLAS was as fast or faster, so they stay on cuBLAS).
-SKINNY_MAX_ROWS = 8
-# From there up to TritonOps.short_gemm_max_rows rows it runs through the short-step GEMM with silu(gate) * up
-# in its epilogue (H200, bench/short_gemm_probe.py, 36 layers of distinct weights in a CUDA graph: 8-13% faster
-# than cuBLAS + silu_mul at 16-64 rows, even at 96, slower at 128; BENCHMARKS.md, "Prefix caching", session 8);
-# past it the MLP is F.linear then silu_mul. Tiles by rows, from whole captured steps of the 3B-sized model
-# (runs 16 and 18): 32 x 64 at 16, 48 and 64 rows (1.043-1.048x the cuBLAS step) but 0.993x at 32, where 64 x 64
-# gives 1.020x (and 1.031-1.040x elsewhere).
+# Up to TritonOps.short_gemm_max_rows rows the packed gate/up projection runs through the short-step GEMM with
+# silu(gate) * up in its epilogue (H200, bench/short_gemm_probe.py, 36 layers of distinct weights in a CUDA
+# graph: 8-13% faster than cuBLAS + silu_mul at 16-64 rows, even at 96, slower at 128; BENCHMARKS.md, "Prefix
+# caching", session 8); past it the MLP is F.linear then silu_mul (q/k/v, o_proj and down_proj stay on cuBLAS at
+# every size: it was as fast or faster than a Triton GEMV or GEMM). From one row: at batch 1-8 it replaced the
+# fused gate/up GEMV (23.5-24.2 us a layer against 24.0-24.8; whole decode steps 1.010-1.024x; session 9, run 22).
+# Tiles by rows, from whole captured steps of the 3B-sized model (runs 16 and 18): 32 x 64 up to 16 rows and at
+# 48 and 64 (1.043-1.048x the cuBLAS step) but 0.993x at 32, where 64 x 64 gives 1.020x (and 1.031-1.040x
+# elsewhere).
 SHORT_GATE_UP_TILES = ((16, GemmTile(block_n=32, block_k=64)), (32, GemmTile(block_n=64, block_k=64)),
                        (128, GemmTile(block_n=32, block_k=64)))
 
@@ -60,9 +58,7 @@ def _pack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 class TritonOps:
     name = "triton"
     # Read when a step runs, so a CUDA graph keeps the value it was captured with; benchmarks set the class
-    # attributes before building an engine (short_gemm_max_rows at skinny_max_rows or less: cuBLAS for every row
-    # count past the GEMV; skinny_max_rows 0: the short-step GEMM from one row).
-    skinny_max_rows = SKINNY_MAX_ROWS
+    # attribute before building an engine (0: cuBLAS and silu_mul for every row count).
     short_gemm_max_rows = 64
 
     def __init__(self, decoder, pack: bool = False):
@@ -114,10 +110,6 @@ class TritonOps:
             return mlp(x)
         w = self.gate_up_packed.get(layer)
         if w is not None:
-            if x.shape[0] <= self.skinny_max_rows and x.stride(-1) == 1:
-                # GEMV and silu(gate) * up in one launch; block_n=32 over a gate and an up tile moves what the
-                # unfused skinny_linear tile (block_n=64) moved per step, over as many programs
-                return mlp.down_proj(skinny_gate_up_silu(x, w, block_n=32, block_k=128, num_warps=4, num_stages=4))
             if x.shape[0] <= self.short_gemm_max_rows and x.stride(-1) == 1:
                 return mlp.down_proj(short_gate_up_silu(x, w, short_gate_up_tile(x.shape[0])))
             gu = F.linear(x, w)
