@@ -316,6 +316,11 @@ def test_hashing_properties():
     for bad in (arr[..., :2], arr.astype(np.int16), arr[..., 0]):
         with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
             hash_rgb_array(bad)
+    # the loader keys an RGB array (hashed from its buffer), the same PIL image and its PNG bytes alike
+    loader = MediaLoader(MediaPolicy())
+    keys = {loader.load("image", src).content_hash for src in (arr, np.asfortranarray(arr), img, _encode(img, "PNG"))}
+    assert keys == {h}
+    assert loader.load("image", np.ascontiguousarray(arr[::-1])).content_hash != h
     v = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
     hv = hash_video(v)
     assert len(hv) == 64 and hash_video(v.copy()) == hv
