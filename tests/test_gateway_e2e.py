@@ -269,8 +269,8 @@ def test_completions_list_of_prompts_and_echo_match_offline(env):
 
 def test_streamed_echo_logprobs_concatenate_to_the_whole_answer(env):
     """echo + logprobs + stream (vLLM's shape): each choice's first chunk carries the echoed prompt with its
-    tokens' logprobs (the first one null) and its first generated tokens', later chunks the rest; a choice's
-    chunks, concatenated, are its non-streamed answer, for several prompts with n=2 seeded samples each."""
+    tokens' logprobs (the first one null) and its first generated tokens', later chunks (if any) the rest; a
+    choice's chunks, concatenated, are its non-streamed answer, for several prompts with n=2 seeded samples each."""
     from transformers import AutoTokenizer
 
     prompts = ["The quick brown fox", "A tiny random model says"]
@@ -307,7 +307,8 @@ def test_streamed_echo_logprobs_concatenate_to_the_whole_answer(env):
         assert g["top_logprobs"][0] is None and len(g["top_logprobs"]) == len(lp.top_logprobs)
         for a, b in zip(g["top_logprobs"][1:], lp.top_logprobs[1:]):
             assert a == pytest.approx(b, abs=1e-4)
-        assert g["chunks"] > 1  # the prompt's first chunk and more
+        # how many chunks follow the first is timing, not asserted: tokens made while a write waits are coalesced
+        # into one message (test_generator_streaming.py), so on a loaded box all five can ride in the first chunk
         texts.add(ch.text)
     assert len(texts) == 4  # seeded samples differ: each choice was matched with its own stream
 
